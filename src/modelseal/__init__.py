@@ -1,0 +1,45 @@
+"""modelseal: ship model weights encrypted, load them straight into memory at full speed.
+
+The top-level API mirrors ``safetensors`` so that most code changes one import::
+
+    import modelseal
+    modelseal.seal("model.safetensors", "model.sealed.safetensors", ["x25519:..."])
+    with modelseal.safe_open("model.sealed.safetensors", "pt", identity="host.key") as f:
+        w = f.get_tensor("weight")
+
+Framework loaders live in ``modelseal.torch``, ``modelseal.numpy``, ``modelseal.onnx`` and
+``modelseal.transformers``; errors in ``modelseal.errors``.
+"""
+
+from modelseal.artifacts import open_artifact
+from modelseal.bundles import open_bundle, read_bytes
+from modelseal.crypto.signing import Signer
+from modelseal.errors import (
+    AuthenticationError,
+    FormatError,
+    ModelsealError,
+    NoMatchingIdentityError,
+    SignatureError,
+)
+from modelseal.recipients import load_identity, parse_recipient
+from modelseal.recipients.hpke import KEMS, HpkeIdentity
+from modelseal.recipients.passphrase import Passphrase
+from modelseal.recipients.symmetric import SymmetricKey
+from modelseal.sealing import seal
+from modelseal.tensors import safe_open
+
+__version__ = "0.1.0"
+
+
+def generate_identity(kind: str = "x25519") -> HpkeIdentity:
+    """A new host identity: ``x25519`` or ``mlkem768x25519`` (post-quantum hybrid)."""
+    if kind not in KEMS:
+        raise ValueError(f"identity kind must be one of {', '.join(KEMS)}")
+    return HpkeIdentity.generate(KEMS[kind])
+
+
+__all__ = [
+    "AuthenticationError", "FormatError", "ModelsealError", "NoMatchingIdentityError", "Passphrase",
+    "SignatureError", "Signer", "SymmetricKey", "generate_identity", "load_identity", "open_artifact",
+    "open_bundle", "parse_recipient", "read_bytes", "safe_open", "seal", "__version__",
+]

@@ -1,0 +1,50 @@
+"""Open any sealed file: detect its kind, unlock it with an identity, optionally check its signer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from modelseal.errors import UsageError
+from modelseal.format.bundle import SealedBundle, is_bundle
+from modelseal.format.container import Artifact, Progress
+from modelseal.format.safetensors import SealedSafetensors
+from modelseal.recipients.base import Identity
+from modelseal.recipients.parse import IdentitySpec, load_identity
+
+IDENTITY_ENV = "MODELSEAL_IDENTITY"
+
+
+def resolve_identity(identity: IdentitySpec | None) -> Identity:
+    """``identity`` as given, or the spec in ``$MODELSEAL_IDENTITY``."""
+    if identity is None:
+        spec = os.environ.get(IDENTITY_ENV)
+        if not spec:
+            raise UsageError(f"no identity given: pass identity=... (-i on the command line) or set {IDENTITY_ENV}")
+        return load_identity(spec)
+    return load_identity(identity)
+
+
+def open_locked(path: str | os.PathLike[str]) -> Artifact:
+    """Open a sealed file without a key (header only)."""
+    return SealedBundle.open(path) if is_bundle(path) else SealedSafetensors.open(path)
+
+
+def open_artifact(
+    path: str | os.PathLike[str],
+    identity: IdentitySpec | None = None,
+    *,
+    trusted_signers: Sequence[str] | None = None,
+    dek_cache: dict[bytes, bytearray] | None = None,
+    progress: Progress | None = None,
+) -> Artifact:
+    """Open and unlock a sealed file; with ``trusted_signers`` also require a valid trusted signature."""
+    art = open_locked(path)
+    try:
+        art.unlock(resolve_identity(identity), dek_cache)
+        if trusted_signers:
+            art.verify_signature(list(trusted_signers), progress)
+        return art
+    except BaseException:
+        art.close()
+        raise

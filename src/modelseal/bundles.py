@@ -1,0 +1,46 @@
+"""Read files out of sealed bundles and sealed directories, into memory only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from modelseal.artifacts import open_artifact
+from modelseal.errors import UsageError
+from modelseal.format.bundle import SealedBundle
+from modelseal.recipients.parse import IdentitySpec
+
+
+def open_bundle(
+    path: str | os.PathLike[str],
+    identity: IdentitySpec | None = None,
+    *,
+    trusted_signers: Sequence[str] | None = None,
+    dek_cache: dict[bytes, bytearray] | None = None,
+) -> SealedBundle:
+    art = open_artifact(path, identity, trusted_signers=trusted_signers, dek_cache=dek_cache)
+    if not isinstance(art, SealedBundle):
+        art.close()
+        raise UsageError(f"{path} is sealed safetensors, not a bundle: use modelseal.safe_open")
+    return art
+
+
+def read_bytes(
+    path: str | os.PathLike[str],
+    name: str | None = None,
+    *,
+    identity: IdentitySpec | None = None,
+    trusted_signers: Sequence[str] | None = None,
+) -> bytearray:
+    """The decrypted content of one file of a bundle (the only one if ``name`` is None).
+
+    ``path`` may also be a sealed directory, with ``name`` the file's relative path in it.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if name is None:
+            raise UsageError(f"{p} is a sealed directory: name the file to read")
+        p, name = p / name, None
+    with open_bundle(p, identity, trusted_signers=trusted_signers) as b:
+        return b.read(name)

@@ -1,0 +1,48 @@
+"""Convert a pickle-based PyTorch checkpoint (.pt/.pth/.bin) to safetensors bytes, in memory.
+
+The checkpoint is read with ``torch.load(weights_only=True)``: no arbitrary code runs, whatever the
+file contains. The result never touches the disk; it is sealed straight from memory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from modelseal.errors import FormatError, MissingDependencyError
+
+
+def checkpoint_to_safetensors(path: str | os.PathLike[str]) -> bytes:
+    try:
+        import torch
+        from safetensors.torch import save
+    except ImportError:
+        raise MissingDependencyError("converting .pt checkpoints needs PyTorch: pip install 'modelseal[torch]'") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as exc:  # torch raises many types for unreadable or unsafe pickles
+        raise FormatError(f"{path} is not a PyTorch checkpoint that loads with weights_only=True ({type(exc).__name__})") from None
+    state = _state_dict(obj, str(path))
+    seen: set[int] = set()
+    tensors = {}
+    for name, t in state.items():
+        t = t.detach().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()  # safetensors stores no shared storage: tied weights are written twice
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+    return save(tensors, metadata={"format": "pt", "converted_from": os.path.basename(path)})
+
+
+def _state_dict(obj: Any, source: str) -> dict[str, Any]:
+    import torch
+
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    raise FormatError(f"{source} holds no state dict of tensors (a module or nested object? save model.state_dict())")

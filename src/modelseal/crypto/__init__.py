@@ -1,0 +1,1 @@
+"""Cryptographic building blocks over ``cryptography``: key schedule, segment AEAD, signatures."""

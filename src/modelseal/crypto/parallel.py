@@ -1,0 +1,68 @@
+"""Run segment jobs on all cores.
+
+``cryptography`` >= 50 releases the GIL inside AES-GCM, so plain threads scale across cores. A failed
+job stops the jobs that have not started yet, and :func:`run_all` waits for the running ones before it
+re-raises, so the caller can wipe every output buffer knowing no thread still writes into it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def worker_count() -> int:
+    """Threads used for decryption: ``MODELSEAL_THREADS`` or the number of usable cores."""
+    env = os.environ.get("MODELSEAL_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=worker_count(), thread_name_prefix="modelseal")
+        return _pool
+
+
+def run_all(job: Callable[[T], object], items: Iterable[T], progress: Callable[[T], None] | None = None) -> None:
+    """Run ``job`` on every item in parallel; raise the first failure after all workers stopped."""
+    items = list(items)
+    if len(items) <= 1 or worker_count() == 1:
+        for item in items:
+            job(item)
+            if progress:
+                progress(item)
+        return
+    failed = threading.Event()
+
+    def guarded(item: T) -> None:
+        if failed.is_set():
+            return
+        try:
+            job(item)
+        except BaseException:
+            failed.set()
+            raise
+        if progress:
+            progress(item)
+
+    futures = [_executor().submit(guarded, item) for item in items]
+    wait(futures)
+    for fut in futures:
+        exc = fut.exception()
+        if exc is not None:
+            raise exc

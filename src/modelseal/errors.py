@@ -1,0 +1,45 @@
+"""The modelseal exception hierarchy.
+
+Every expected failure (bad input, wrong key, tampering, missing dependency) raises a subclass of
+:class:`ModelsealError` whose message says what failed, where, and what to do next. Messages never
+contain key material or plaintext weights. The CLI turns these into one-line errors and exit code 1;
+anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class ModelsealError(Exception):
+    """Base class of every error modelseal raises on purpose."""
+
+
+class FormatError(ModelsealError):
+    """The file is not a sealed artifact, is truncated, or its structure is malformed."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The artifact was written by a newer (or unknown) format version."""
+
+
+class NoMatchingIdentityError(ModelsealError):
+    """None of the given identities can unwrap the artifact's data key (wrong key)."""
+
+
+class AuthenticationError(ModelsealError):
+    """A header, tensor or segment failed authentication: corrupt, tampered, swapped or rolled back."""
+
+
+class SignatureError(ModelsealError):
+    """The publisher signature is missing, invalid, or not from a trusted signer."""
+
+
+class KeyFileError(ModelsealError):
+    """A key, identity or recipient file or string is malformed or unreadable."""
+
+
+class UsageError(ModelsealError):
+    """The caller asked for something that cannot work (bad option combination, unknown tensor...)."""
+
+
+class MissingDependencyError(ModelsealError):
+    """An optional framework (torch, onnxruntime, ...) is needed but not installed."""

@@ -1,0 +1,1 @@
+"""The sealed formats (spec: docs/format.md): envelope, sealed safetensors, sealed bundle, directories."""

@@ -1,0 +1,219 @@
+"""Sealed bundle: any file or directory as one segmented AEAD artifact with an encrypted manifest.
+
+Layout::
+
+    b"MSEALBN1" | u64 LE N | envelope JSON (N bytes, space padded) | payload | tags
+
+The payload is the concatenation of the files' ciphertexts; the index (the manifest: relative paths,
+offsets, permission bits, empty directories) is always encrypted, so file names do not leak. Sealing
+and extraction stream one segment at a time, so a file larger than RAM can be sealed and verified;
+any segment can be decrypted on its own (random access).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from modelseal.crypto import keys
+from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE
+from modelseal.crypto.signing import Signer
+from modelseal.errors import FormatError, UsageError
+from modelseal.format.container import Artifact, Entry, Progress, SealRequest, map_file, write_artifact
+from modelseal.format.envelope import Envelope, EnvelopeBuilder
+from modelseal.recipients.base import Recipient
+
+MAGIC = b"MSEALBN1"
+HEADER_ALIGN = 4096
+HEADER_SLACK = 4096
+
+
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == MAGIC
+    except OSError:
+        return False
+
+
+def _header_bytes(env: Envelope, size: int | None) -> bytes:
+    raw = env.to_json().encode()
+    if size is None:
+        size = -(-(16 + len(raw) + HEADER_SLACK) // HEADER_ALIGN) * HEADER_ALIGN
+    if 16 + len(raw) > size:
+        raise FormatError("the new header does not fit in the space reserved for it")
+    return MAGIC + struct.pack("<Q", size - 16) + raw + b" " * (size - 16 - len(raw))
+
+
+def safe_relpath(name: str, source: str) -> str:
+    """Reject absolute paths, '..' and other names that would escape the extraction directory."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or any(part in ("", ".", "..") for part in name.split("/")) or "\x00" in name:
+        raise FormatError(f"{source}: unsafe path {name!r} in the manifest")
+    return name
+
+
+def collect_files(src: Path) -> tuple[list[tuple[str, Path, int, int]], list[str]]:
+    """Files (relative name, path, size, mode) and empty directories under ``src`` (or ``src`` itself)."""
+    if src.is_file():
+        st = src.stat()
+        return [(src.name, src, st.st_size, stat.S_IMODE(st.st_mode))], []
+    if not src.is_dir():
+        raise UsageError(f"{src} does not exist or is not a regular file or directory")
+    files, empty_dirs = [], []
+    for root, dirs, names in os.walk(src):
+        dirs.sort()
+        rel_root = Path(root).relative_to(src)
+        if not names and not dirs and rel_root != Path("."):
+            empty_dirs.append(rel_root.as_posix())
+        for n in sorted(names):
+            p = Path(root) / n
+            if p.is_symlink() or not p.is_file():
+                raise UsageError(f"{p} is a link or special file; bundles hold regular files only")
+            st = p.stat()
+            files.append(((rel_root / n).as_posix(), p, st.st_size, stat.S_IMODE(st.st_mode)))
+    return files, empty_dirs
+
+
+def seal_path(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    recipients: list[Recipient],
+    *,
+    builder: EnvelopeBuilder,
+    signer: Signer | None = None,
+    group: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> Envelope:
+    """Seal a file or a directory tree into one bundle, streaming, in bounded memory."""
+    src = Path(src)
+    files, empty_dirs = collect_files(src)
+    entries, index_entries, pos = [], [], 0
+    for i, (name, _p, size, mode) in enumerate(files):
+        entries.append(Entry(i, name, pos, pos + size))
+        index_entries.append({"name": name, "offsets": [pos, pos + size], "mode": mode})
+        pos += size
+    index = {"root": "dir" if src.is_dir() else "file", "entries": index_entries, "dirs": empty_dirs}
+    starts = [e.begin for e in entries]
+    fds: dict[int, int] = {}
+
+    def read_plain(off: int, n: int) -> bytes:
+        i = bisect.bisect_right(starts, off) - 1  # segments never span files; empty files read nothing
+        if i not in fds:
+            fds[i] = os.open(files[i][1], os.O_RDONLY)
+        data = os.pread(fds[i], n, off - entries[i].begin)
+        if len(data) != n:
+            raise UsageError(f"{files[i][1]} changed size while it was being sealed")
+        return data
+
+    try:
+        return write_artifact(dst, SealRequest(builder, entries, index, read_plain, recipients, True, signer, group),
+                              _header_bytes, progress)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def new_builder(model_id: str, model_version: str, dek: bytearray, segment_size: int = DEFAULT_SEGMENT_SIZE) -> EnvelopeBuilder:
+    return EnvelopeBuilder("bundle", model_id, model_version, segment_size, dek)
+
+
+class SealedBundle(Artifact):
+    """A sealed bundle opened for reading."""
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SealedBundle:
+        mm = map_file(path)
+        try:
+            if mm[:8] != MAGIC:
+                raise FormatError(f"{path} is not a sealed bundle (bad magic)")
+            if len(mm) < 16:
+                raise FormatError(f"{path} is truncated")
+            (n,) = struct.unpack("<Q", mm[8:16])
+            if 16 + n > len(mm):
+                raise FormatError(f"{path} is truncated inside its header")
+            env = Envelope.parse(bytes(mm[16 : 16 + n]).rstrip(b" "), str(path))
+            if env.protected["kind"] != "bundle":
+                raise FormatError(f"{path}: envelope kind is {env.protected['kind']!r}, expected 'bundle'")
+            return cls(path, env, 16 + n, mm)
+        except BaseException:
+            mm.close()
+            raise
+
+    def _load_index(self, index: dict[str, Any]) -> None:
+        super()._load_index(index)
+        for e in self.entries:
+            safe_relpath(e.name, self.path)
+        for d in index.get("dirs", []):
+            safe_relpath(d, self.path)
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def read(self, name: str | None = None) -> bytearray:
+        """Decrypt one file (the only one if ``name`` is None) into a new buffer. Caller owns it."""
+        entry = self._pick(name)
+        out = bytearray(entry.length)
+        self.decrypt_many([(entry, memoryview(out))])
+        return out
+
+    def read_range(self, name: str, offset: int, length: int) -> bytearray:
+        """Decrypt only the segments covering ``[offset, offset+length)`` of one file."""
+        entry = self.entry(name)
+        if offset < 0 or length < 0 or offset + length > entry.length:
+            raise UsageError(f"range {offset}+{length} is outside {name!r} ({entry.length} bytes)")
+        seg = self.segment_size
+        first, last = offset // seg, max(offset, offset + length - 1) // seg
+        segs = self._plans[entry.name][first : last + 1]
+        buf = bytearray(sum(s.length for s in segs))
+        view = memoryview(buf)
+        cipher = self._cipher
+        if cipher is None:
+            raise UsageError("artifact is locked: call unlock() with an identity first")
+        pos = 0
+        try:
+            for s in segs:
+                with self._view(s) as ct:
+                    cipher.decrypt_into(s, ct, self._tag(s), view[pos : pos + s.length])
+                pos += s.length
+            start = offset - first * seg
+            return bytearray(view[start : start + length])
+        finally:
+            view.release()
+            keys.wipe(buf)
+
+    def iter_chunks(self, name: str) -> Iterator[memoryview]:
+        """Stream one file, one authenticated segment at a time, in bounded memory.
+
+        The yielded view is reused (and finally wiped): consume it before the next iteration.
+        """
+        entry = self.entry(name)
+        cipher = self._cipher
+        if cipher is None:
+            raise UsageError("artifact is locked: call unlock() with an identity first")
+        buf = bytearray(self.segment_size)
+        view = memoryview(buf)
+        try:
+            for s in self._plans[entry.name]:
+                out = view[: s.length]
+                with self._view(s) as ct:
+                    cipher.decrypt_into(s, ct, self._tag(s), out)
+                yield out
+        finally:
+            keys.wipe(buf)
+
+    def _pick(self, name: str | None) -> Entry:
+        if name is not None:
+            return self.entry(name)
+        if len(self.entries) != 1:
+            raise UsageError(f"{self.path} holds {len(self.entries)} files; name the one to read")
+        return self.entries[0]
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.index))

@@ -1,0 +1,345 @@
+"""What sealed safetensors and sealed bundles share: ``header | payload | tags``.
+
+The payload holds every entry's ciphertext at the entry's own offset (so a sealed safetensors file
+keeps its tensors where they were); the tag region holds one 16-byte GCM tag per segment, in entry
+order then segment order. The two formats differ only in how the header embeds the envelope
+(``safetensors.py``, ``bundle.py``); writing, reading and verifying the payload live here.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelseal.crypto import keys
+from modelseal.crypto.parallel import run_all, worker_count
+from modelseal.crypto.segments import TAG_SIZE, Segment, SegmentCipher, plan_entry, segment_count
+from modelseal.crypto.signing import Signer, content_digest, segment_digest, signed_message
+from modelseal.crypto import signing
+from modelseal.encoding import b64d, b64e
+from modelseal.errors import FormatError, ModelsealError, SignatureError, UsageError
+from modelseal.format.envelope import Envelope, EnvelopeBuilder
+from modelseal.recipients.base import Identity, Recipient
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor or file: its name, where its bytes lie in the payload, and its descriptive fields."""
+
+    ordinal: int
+    name: str
+    begin: int
+    end: int
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+
+def entries_from_index(index: dict[str, Any], payload_size: int, source: str) -> list[Entry]:
+    """Validate the index (names unique, offsets ordered, inside the payload) and build entries."""
+    out: list[Entry] = []
+    seen: set[str] = set()
+    pos = 0
+    for i, raw in enumerate(index["entries"]):
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise FormatError(f"{source}: index entry {i} is malformed")
+        offs = raw.get("offsets")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise FormatError(f"{source}: index entry {raw['name']!r} has malformed offsets")
+        begin, end = offs
+        if begin != pos or end < begin or end > payload_size:
+            raise FormatError(f"{source}: index entry {raw['name']!r} has offsets outside the payload or out of order")
+        if raw["name"] in seen:
+            raise FormatError(f"{source}: duplicate entry name {raw['name']!r}")
+        seen.add(raw["name"])
+        out.append(Entry(i, raw["name"], begin, end, raw))
+        pos = end
+    if pos != payload_size:
+        raise FormatError(f"{source}: the index does not cover the payload")
+    return out
+
+
+def plan_segments(entries: list[Entry], segment_size: int) -> dict[str, list[Segment]]:
+    """Every entry's segments, with tag indices counted across the artifact in entry order."""
+    plans: dict[str, list[Segment]] = {}
+    tag = 0
+    for e in entries:
+        plans[e.name] = plan_entry(e.ordinal, e.name, e.begin, e.length, segment_size, tag)
+        tag += len(plans[e.name])
+    return plans
+
+
+def total_tags(entries: list[Entry], segment_size: int) -> int:
+    return sum(segment_count(e.length, segment_size) for e in entries)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+HeaderCodec = Callable[[Envelope, int | None], bytes]
+PlainReader = Callable[[int, int], "bytes | memoryview"]
+
+
+@dataclass
+class SealRequest:
+    """Everything needed to write one artifact's payload behind a header."""
+
+    builder: EnvelopeBuilder
+    entries: list[Entry]
+    index: dict[str, Any]
+    read_plain: PlainReader  # (payload offset, length) -> plaintext bytes
+    recipients: list[Recipient]
+    hidden: bool
+    signer: Signer | None = None
+    group: dict[str, Any] | None = None
+
+
+def write_artifact(dst: str | os.PathLike[str], req: SealRequest, header: HeaderCodec, progress: Progress | None = None) -> Envelope:
+    """Encrypt the payload segment by segment into ``dst`` (atomically), in bounded memory, in parallel."""
+    if not req.recipients:
+        raise UsageError("at least one recipient is needed, or nobody could ever open the artifact")
+    seg_size = req.builder.segment_size
+    payload_size = req.entries[-1].end if req.entries else 0
+    tag_count = total_tags(req.entries, seg_size)
+    env = req.builder.build(req.index, hidden=req.hidden, payload_size=payload_size, tag_count=tag_count,
+                            recipients=req.recipients, group=req.group)
+    if req.signer is not None:
+        env.signature = {"signer": req.signer.public, "sig": b64e(bytes(64))}  # placeholder of final size
+    head = header(env, None)
+    offset = len(head)
+    cipher = SegmentCipher(req.builder.payload_key(), req.builder.model_id, req.builder.model_version)
+    tags = bytearray(tag_count * TAG_SIZE)
+    digests: list[bytes] = [b""] * tag_count
+    segments = [s for plan in plan_segments(req.entries, seg_size).values() for s in plan]
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, head, 0)
+
+        def encrypt(seg: Segment) -> None:
+            ct, tag = cipher.encrypt(seg, req.read_plain(seg.offset, seg.length))
+            os.pwrite(fd, ct, offset + seg.offset)
+            tags[seg.tag_index * TAG_SIZE : (seg.tag_index + 1) * TAG_SIZE] = tag
+            if req.signer is not None:
+                digests[seg.tag_index] = segment_digest(ct, tag)
+            if progress:
+                progress(seg.length)
+
+        batch = max(2, 2 * worker_count())  # bounds memory to a few segments per worker
+        for i in range(0, len(segments), batch):
+            run_all(encrypt, segments[i : i + batch])
+        os.pwrite(fd, bytes(tags), offset + payload_size)
+        if req.signer is not None:
+            sig = req.signer.sign(signed_message(env.protected_raw, content_digest(digests)))
+            env.signature = {"signer": req.signer.public, "sig": b64e(sig)}
+            os.pwrite(fd, header(env, len(head)), 0)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, dst)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return env
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class Artifact:
+    """A sealed artifact opened read-only through mmap; decrypts entries on demand.
+
+    Construction parses and validates the header without a key; :meth:`unlock` unwraps the data key
+    and authenticates the header; then entries can be decrypted into caller buffers.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], envelope: Envelope, payload_offset: int, mm: mmap.mmap) -> None:
+        self.path = str(path)
+        self.envelope = envelope
+        self.payload_offset = payload_offset
+        self._mm = mm
+        p = envelope.protected
+        self.segment_size: int = p["segment_size"]
+        self.payload_size: int = p["payload_size"]
+        self.tag_count: int = p["tag_count"]
+        expected = payload_offset + self.payload_size + self.tag_count * TAG_SIZE
+        if len(mm) < expected:
+            raise FormatError(f"{self.path} is truncated: expected {expected} bytes, found {len(mm)}")
+        if len(mm) > expected:
+            raise FormatError(f"{self.path} has {len(mm) - expected} unexpected trailing bytes (appended data?)")
+        self._dek: bytearray | None = None
+        self._cipher: SegmentCipher | None = None
+        self._entries: list[Entry] | None = None
+        self._plans: dict[str, list[Segment]] = {}
+        self.index: dict[str, Any] = {}
+        if not envelope.hidden:
+            self._load_index(envelope.protected["index"])
+
+    # -- keys
+    def unlock(self, identity: Identity, dek_cache: dict[bytes, bytearray] | None = None) -> None:
+        """Unwrap the data key with ``identity`` and authenticate the header."""
+        dek = bytearray(self.envelope.unwrap(identity, self.path, dek_cache))  # own copy: close() wipes it
+        self._dek = dek
+        self._cipher = SegmentCipher(keys.derive(dek, self.envelope.artifact_id, keys.PURPOSE_PAYLOAD),
+                                     self.envelope.model_id, self.envelope.model_version)
+        if self.envelope.hidden:
+            self._load_index(self.envelope.index(dek, self.path))
+
+    @property
+    def dek(self) -> bytearray:
+        if self._dek is None:
+            raise UsageError("artifact is locked: call unlock() with an identity first")
+        return self._dek
+
+    def _load_index(self, index: dict[str, Any]) -> None:
+        self.index = index
+        self._entries = entries_from_index(index, self.payload_size, self.path)
+        self._plans = plan_segments(self._entries, self.segment_size)
+        if sum(len(p) for p in self._plans.values()) != self.tag_count:
+            raise FormatError(f"{self.path}: tag count does not match the index")
+
+    @property
+    def entries(self) -> list[Entry]:
+        if self._entries is None:
+            raise UsageError("the index of this artifact is hidden: unlock() it with an identity first")
+        return self._entries
+
+    def entry(self, name: str) -> Entry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise UsageError(f"{self.path} has no entry named {name!r}")
+
+    # -- payload access
+    def _ct(self, seg: Segment) -> memoryview:
+        start = self.payload_offset + seg.offset
+        return memoryview(self._mm)[start : start + seg.length]
+
+    def _tag(self, seg: Segment) -> bytes:
+        start = self.payload_offset + self.payload_size + seg.tag_index * TAG_SIZE
+        return self._mm[start : start + TAG_SIZE]
+
+    def decrypt_many(self, jobs: list[tuple[Entry, memoryview]], progress: Progress | None = None) -> None:
+        """Decrypt entries into their destination buffers on all cores; on any failure wipe them all."""
+        cipher = self._cipher
+        if cipher is None:
+            raise UsageError("artifact is locked: call unlock() with an identity first")
+        work: list[tuple[Segment, memoryview]] = []
+        for entry, out in jobs:
+            if len(out) != entry.length:
+                raise UsageError(f"buffer for {entry.name!r} has {len(out)} bytes, the entry has {entry.length}")
+            for seg in self._plans[entry.name]:
+                rel = seg.offset - entry.begin
+                work.append((seg, out[rel : rel + seg.length]))
+
+        def one(item: tuple[Segment, memoryview]) -> None:
+            seg, out = item
+            with self._view(seg) as ct:
+                cipher.decrypt_into(seg, ct, self._tag(seg), out)
+
+        try:
+            run_all(one, work, (lambda item: progress(item[0].length)) if progress else None)
+        except BaseException:
+            for _entry, out in jobs:
+                keys.wipe(out)
+            raise
+
+    @contextmanager
+    def _view(self, seg: Segment) -> Iterator[memoryview]:
+        view = self._ct(seg)
+        try:
+            yield view
+        finally:
+            view.release()
+
+    def verify_payload(self, progress: Progress | None = None) -> None:
+        """Authenticate every segment, decrypting into per-thread scratch buffers that are then wiped."""
+        cipher = self._cipher
+        if cipher is None:
+            raise UsageError("artifact is locked: call unlock() with an identity first")
+        local = threading.local()
+
+        def one(seg: Segment) -> None:
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = bytearray(self.segment_size)
+            out = memoryview(buf)[: seg.length]
+            try:
+                with self._view(seg) as ct:
+                    cipher.decrypt_into(seg, ct, self._tag(seg), out)
+            finally:
+                keys.wipe(out)
+                out.release()
+
+        run_all(one, [s for p in self._plans.values() for s in p], (lambda s: progress(s.length)) if progress else None)
+
+    def verify_signature(self, trusted: list[str], progress: Progress | None = None) -> str:
+        """Check the publisher signature against ``trusted`` keys; needs no data key. Returns the signer."""
+        sig = self.envelope.signature
+        if sig is None:
+            raise SignatureError(f"{self.path} is not signed, but a trusted signer was required")
+        digests: list[bytes] = [b""] * self.tag_count
+        # Segment boundaries come from the index: the public one, or the hidden one once unlocked.
+        segments = [s for p in self._plans.values() for s in p]
+        if not segments and self.tag_count:
+            raise UsageError("the index of this artifact is hidden: unlock() it to check the signature")
+
+        def one(seg: Segment) -> None:
+            with self._view(seg) as ct:
+                digests[seg.tag_index] = segment_digest(ct, self._tag(seg))
+
+        run_all(one, segments, (lambda s: progress(s.length)) if progress else None)
+        signing.verify(sig["signer"], b64d(sig["sig"], what="signature", length=64),
+                       signed_message(self.envelope.protected_raw, content_digest(digests)), trusted)
+        return sig["signer"]
+
+    def close(self) -> None:
+        if self._dek is not None:
+            keys.wipe(self._dek)
+            self._dek = None
+        self._cipher = None
+        try:
+            self._mm.close()
+        except BufferError:  # a caller still holds a view; the mapping closes when it is released
+            pass
+
+    def __enter__(self) -> Artifact:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def map_file(path: str | os.PathLike[str]) -> mmap.mmap:
+    """Map a sealed file read-only; an empty or unreadable file is a clear FormatError."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise FormatError(f"{path} is empty, not a sealed artifact")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory; use the directory loaders") from None
+    except OSError as exc:
+        if isinstance(exc, ModelsealError):
+            raise
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        mm.madvise(mmap.MADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass
+    return mm

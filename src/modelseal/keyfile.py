@@ -1,0 +1,59 @@
+"""Text key files: one ``LABEL:base64url`` line per key, ``#`` comments allowed.
+
+Secret key files are created with mode 0600 and never echoed; public keys are single strings of the
+form ``scheme:base64url`` that can be pasted on a command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from modelseal.encoding import b64d, b64e
+from modelseal.errors import FormatError, KeyFileError
+
+
+def key_lines(text: str, source: str) -> list[tuple[str, bytes]]:
+    """Parse ``LABEL:base64url`` lines (comments and blank lines skipped) from ``text``."""
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        label, sep, value = line.partition(":")
+        if not sep:
+            raise KeyFileError(f"{source}, line {number}: expected LABEL:BASE64, not a key line")
+        try:
+            out.append((label.strip(), b64d(value.strip(), what=f"{source}, line {number}")))
+        except FormatError as exc:
+            raise KeyFileError(str(exc)) from None
+    if not out:
+        raise KeyFileError(f"{source}: no key found")
+    return out
+
+
+def write_secret(path: str | os.PathLike[str], label: str, secret: bytes, comments: list[str], force: bool = False) -> None:
+    """Write a secret key file with mode 0600; refuse to overwrite unless ``force``."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"{path} already exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        for c in comments:
+            f.write(f"# {c}\n")
+        f.write(f"{label}:{b64e(secret)}\n")
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """Read a key file as text with a clear error for missing or binary files."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path} is not a modelseal key file (not text)") from None

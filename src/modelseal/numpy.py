@@ -1,0 +1,20 @@
+"""``modelseal.numpy``: like ``safetensors.numpy``, for sealed files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from modelseal.recipients.parse import IdentitySpec
+from modelseal.tensors import load_file as _load_file
+
+
+def load_file(
+    filename: str | os.PathLike[str],
+    *,
+    identity: IdentitySpec | None = None,
+    trusted_signers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Decrypt every tensor of a sealed safetensors file into numpy arrays."""
+    return _load_file(filename, "np", identity=identity, trusted_signers=trusted_signers)

@@ -1,0 +1,11 @@
+"""Who can unwrap an artifact's data key.
+
+A *recipient* wraps a data key into a JSON stanza stored in the artifact's header; an *identity*
+unwraps the stanzas meant for it. These two small interfaces are all the format knows, so new kinds
+(the key service, a KMS) are added by registering a recipient scheme, without touching the format.
+"""
+
+from modelseal.recipients.base import Identity, Recipient, register_scheme
+from modelseal.recipients.parse import load_identity, parse_identities, parse_recipient
+
+__all__ = ["Identity", "Recipient", "load_identity", "parse_identities", "parse_recipient", "register_scheme"]

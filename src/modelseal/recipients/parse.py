@@ -1,0 +1,123 @@
+"""Turn command-line strings and key files into recipients and identities.
+
+Recipient strings: ``x25519:B64``, ``mlkem768x25519:B64``, ``symmetric:PATH``, any registered scheme
+(``keyserver:URL#MODEL`` later), or the path of a public-key or identity file.
+Identity specs: an :class:`Identity` object, a list of them, a key-file path, ``env:VAR`` (the variable
+holds identity-file text), ``passphrase-env:VAR`` (the variable holds a passphrase).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+from modelseal.errors import KeyFileError, UsageError
+from modelseal.keyfile import key_lines, read_text
+from modelseal.recipients import hpke, symmetric
+from modelseal.recipients.base import Identity, Recipient, known_schemes, scheme
+from modelseal.recipients.passphrase import Passphrase
+
+IdentitySpec = Union[Identity, str, os.PathLike, Sequence[Union[Identity, str, os.PathLike]]]  # type: ignore[type-arg]
+
+_LABELS = {k.label: k for k in hpke.KEMS.values()}
+
+
+def parse_recipient(text: str) -> Recipient:
+    """Parse one recipient string (see module docstring)."""
+    text = text.strip()
+    prefix, sep, rest = text.partition(":")
+    factory = scheme(prefix) if sep else None
+    if factory is not None:
+        return factory(rest)
+    if os.path.isfile(text):
+        return _recipient_from_file(text)
+    raise KeyFileError(
+        f"unrecognised recipient {text[:60]!r}: expected one of {', '.join(s + ':...' for s in known_schemes())}, "
+        "or the path of a public-key or identity file"
+    )
+
+
+def _recipient_from_file(path: str) -> Recipient:
+    text = read_text(path)
+    for line in text.splitlines():
+        line = line.strip().removeprefix("# recipient: ")
+        prefix = line.partition(":")[0]
+        if prefix in hpke.KEMS and not line.startswith("#"):
+            return parse_recipient(line)
+    if symmetric.LABEL in text:
+        return symmetric.SymmetricKey.load(path)
+    raise KeyFileError(f"{path} holds no recipient (expected a line like x25519:BASE64)")
+
+
+def identities_from_text(text: str, source: str) -> list[Identity]:
+    """Parse identity-file text (one or more identity lines)."""
+    out: list[Identity] = []
+    for label, raw in key_lines(text, source):
+        if label in _LABELS:
+            out.append(hpke.HpkeIdentity(_LABELS[label], raw))
+        elif label == symmetric.LABEL:
+            out.append(symmetric.SymmetricKey(raw))
+    if not out:
+        raise KeyFileError(f"{source} holds no identity (make one with `modelseal keygen`)")
+    return out
+
+
+def parse_identities(spec: IdentitySpec) -> list[Identity]:
+    """Resolve an identity spec to a list of identities (see module docstring)."""
+    if isinstance(spec, Identity):
+        return [spec]
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        if text.startswith("env:"):
+            var = text[4:]
+            value = os.environ.get(var)
+            if not value:
+                raise UsageError(f"environment variable {var} is not set or empty (it should hold an identity)")
+            return identities_from_text(value, f"${var}")
+        if text.startswith("passphrase-env:"):
+            return [Passphrase.from_env(text[len("passphrase-env:"):])]
+        prefix = text.partition(":")[0]
+        if prefix != text and not os.path.exists(text) and scheme(prefix) is not None:
+            raise UsageError(f"{text[:60]!r} is a recipient, not an identity; pass the matching key file")
+        raw = _read_binary(text)
+        if len(raw) == 32 and not raw.isascii():
+            return [symmetric.SymmetricKey(raw)]
+        return identities_from_text(read_text(text), text)
+    if isinstance(spec, Sequence):
+        out: list[Identity] = []
+        for item in spec:
+            out.extend(parse_identities(item))
+        return out
+    raise UsageError(f"identity must be an Identity, a key-file path, env:VAR or a list of them, not {type(spec).__name__}")
+
+
+def _read_binary(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read identity file {path}: {exc.strerror}") from None
+
+
+class _IdentitySet:
+    """Several identities tried in turn, presented as one."""
+
+    def __init__(self, identities: list[Identity]) -> None:
+        self.identities = identities
+
+    def describe(self) -> str:
+        return ", ".join(i.describe() for i in self.identities)
+
+    def unwrap(self, stanza: dict, context: bytes) -> bytearray | None:  # type: ignore[type-arg]
+        for identity in self.identities:
+            dek = identity.unwrap(stanza, context)
+            if dek is not None:
+                return dek
+        return None
+
+
+def load_identity(spec: IdentitySpec) -> Identity:
+    """Load an identity (or several, combined) from a key file, ``env:VAR`` or objects."""
+    ids = parse_identities(spec)
+    return ids[0] if len(ids) == 1 else _IdentitySet(ids)

@@ -1,0 +1,145 @@
+"""``seal()``: one entry point that picks the right container for any source.
+
+* ``*.safetensors``: sealed safetensors (per-tensor, in place).
+* ``*.pt``/``*.pth``/``*.bin``: converted in memory (``weights_only=True``) to safetensors, then sealed.
+* a directory: every file sealed under the same relative path (safetensors per tensor, the rest as
+  bundles), all bound into one group.
+* anything else (ONNX, TorchScript, configs...): a sealed bundle. ``as_bundle=True`` forces this.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelseal.crypto import keys
+from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE
+from modelseal.crypto.signing import Signer
+from modelseal.errors import UsageError
+from modelseal.format import bundle, directory
+from modelseal.format import safetensors as sst
+from modelseal.format.container import Progress
+from modelseal.format.envelope import check_id
+from modelseal.recipients import parse_recipient
+from modelseal.recipients.base import Recipient
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+@dataclass
+class SealResult:
+    """What was written: one row per output file."""
+
+    outputs: list[dict[str, object]]
+    model_id: str
+    model_version: str
+
+
+def _recipients(recipients: Sequence[Recipient | str]) -> list[Recipient]:
+    out = [parse_recipient(r) if isinstance(r, str) else r for r in recipients]
+    if not out:
+        raise UsageError("no recipient given: pass at least one -r RECIPIENT (or a passphrase)")
+    return out
+
+
+def plan_size(src: Path) -> int:
+    """Bytes that sealing ``src`` will encrypt (for progress bars)."""
+    if src.is_dir():
+        return sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    return src.stat().st_size
+
+
+def seal(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    recipients: Sequence[Recipient | str],
+    *,
+    model_id: str | None = None,
+    model_version: str = "1",
+    hide_header: bool = False,
+    signer: Signer | str | os.PathLike[str] | None = None,
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    as_bundle: bool = False,
+    progress: Progress | None = None,
+) -> SealResult:
+    """Seal ``src`` (file or directory) into ``dst`` for ``recipients``; see the module docstring."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise UsageError(f"{src} does not exist")
+    if dst.resolve() == src.resolve():
+        raise UsageError("the output must differ from the source (sealing never overwrites the plaintext in place)")
+    if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+        raise UsageError(f"segment size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes")
+    model_id = check_id(model_id or src.name.split(".")[0] or "model", "model id")
+    check_id(model_version, "model version")
+    if isinstance(signer, (str, os.PathLike)):
+        signer = Signer.load(signer)
+    recips = _recipients(recipients)
+    dek = keys.new_dek()
+    try:
+        if src.is_dir():
+            outputs = _seal_dir(src, dst, recips, dek, model_id, model_version, hide_header, signer, segment_size, progress)
+        else:
+            outputs = [_seal_file(src, dst, recips, dek, model_id, model_version, hide_header, signer, segment_size,
+                                  as_bundle, progress, None)]
+    finally:
+        keys.wipe(dek)
+    return SealResult(outputs, model_id, model_version)
+
+
+def _seal_file(
+    src: Path, dst: Path, recips: list[Recipient], dek: bytearray, model_id: str, version: str, hidden: bool,
+    signer: Signer | None, segment_size: int, as_bundle: bool, progress: Progress | None, group: dict | None,  # type: ignore[type-arg]
+) -> dict[str, object]:
+    name = src.name.lower()
+    if not as_bundle and name.endswith(".safetensors"):
+        kind = "safetensors"
+        with open(src, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        try:
+            view = memoryview(mm) if mm is not None else memoryview(b"")
+            env = sst.seal_buffer(view, dst, recips, builder=sst.new_builder(model_id, version, dek, segment_size),
+                                  hidden=hidden, signer=signer, group=group, source=str(src), progress=progress)
+            view.release()
+        finally:
+            if mm is not None:
+                mm.close()
+    elif not as_bundle and name.endswith(CHECKPOINT_SUFFIXES):
+        from modelseal.convert import checkpoint_to_safetensors
+
+        kind = "safetensors"
+        data = bytearray(checkpoint_to_safetensors(src))
+        try:
+            env = sst.seal_buffer(memoryview(data), dst, recips, builder=sst.new_builder(model_id, version, dek, segment_size),
+                                  hidden=hidden, signer=signer, group=group, source=str(src), progress=progress)
+        finally:
+            keys.wipe(data)
+    else:
+        kind = "bundle"
+        env = bundle.seal_path(src, dst, recips, builder=bundle.new_builder(model_id, version, dek, segment_size),
+                               signer=signer, group=group, progress=progress)
+    return {"source": str(src), "output": str(dst), "kind": kind, "artifact_id": env.protected["artifact_id"],
+            "hidden_header": env.hidden, "signed": env.signature is not None, "size": dst.stat().st_size}
+
+
+def _seal_dir(
+    src: Path, dst: Path, recips: list[Recipient], dek: bytearray, model_id: str, version: str, hidden: bool,
+    signer: Signer | None, segment_size: int, progress: Progress | None,
+) -> list[dict[str, object]]:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UsageError(f"{dst} exists and is not an empty directory")
+    members = directory.list_members(src)
+    if not members:
+        raise UsageError(f"{src} contains no files to seal")
+    group = directory.new_group(members)
+    outputs = []
+    for rel in members:
+        out = dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        outputs.append(_seal_file(src / rel, out, recips, dek, model_id, version, hidden, signer, segment_size,
+                                  not rel.endswith(".safetensors"), progress, directory.member_group(group, rel)))
+    return outputs

@@ -1,0 +1,146 @@
+"""Tensors straight out of a sealed safetensors file, mirroring the ``safetensors`` API.
+
+Each tensor's memory is allocated once and the ciphertext is decrypted directly into it, segment by
+segment, on all cores; no plaintext copy exists besides the tensor itself, and none reaches a disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from modelseal.artifacts import open_artifact
+from modelseal.errors import MissingDependencyError, UsageError
+from modelseal.format.container import Entry, Progress
+from modelseal.format.safetensors import SealedSafetensors
+from modelseal.recipients.parse import IdentitySpec
+
+FRAMEWORKS = ("pt", "torch", "np", "numpy")
+
+
+def _numpy_dtype(dtype: str) -> Any:
+    import numpy as np
+
+    table = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
+             "I32": np.int32, "U32": np.uint32, "F32": np.float32, "F64": np.float64, "I64": np.int64,
+             "U64": np.uint64, "C64": np.complex64}
+    if dtype not in table:
+        raise UsageError(f"dtype {dtype} has no numpy equivalent: load with framework='pt'")
+    return table[dtype]
+
+
+def _torch_dtype(dtype: str) -> Any:
+    torch = require_torch()
+    from safetensors.torch import _TYPES
+
+    if dtype not in _TYPES:
+        raise UsageError(f"dtype {dtype} is not supported by this PyTorch build")
+    return _TYPES[dtype]
+
+
+def require_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("this needs PyTorch: pip install 'modelseal[torch]'") from None
+    return torch
+
+
+Allocator = Callable[[Entry], tuple[Any, memoryview]]
+
+
+def numpy_allocator(entry: Entry) -> tuple[Any, memoryview]:
+    import numpy as np
+
+    raw = np.empty(entry.length, dtype=np.uint8)
+    arr = raw.view(_numpy_dtype(entry.info["dtype"])).reshape(entry.info["shape"])
+    return arr, memoryview(raw)
+
+
+def torch_allocator(pin: bool = False) -> Allocator:
+    torch = require_torch()
+
+    def alloc(entry: Entry) -> tuple[Any, memoryview]:
+        raw = torch.empty(entry.length, dtype=torch.uint8, pin_memory=pin)
+        t = raw.view(_torch_dtype(entry.info["dtype"])).reshape(entry.info["shape"])
+        return t, memoryview(raw.numpy())
+
+    return alloc
+
+
+def _normalise_framework(framework: str) -> str:
+    if framework not in FRAMEWORKS:
+        raise UsageError(f"framework must be one of {', '.join(FRAMEWORKS)}, not {framework!r}")
+    return "pt" if framework in ("pt", "torch") else "np"
+
+
+class safe_open:  # noqa: N801 - mirrors safetensors.safe_open
+    """Open a sealed safetensors file like ``safetensors.safe_open``; tensors decrypt on access.
+
+    ``identity`` is an identity object, a key-file path, ``env:VAR`` or ``passphrase-env:VAR`` (default:
+    ``$MODELSEAL_IDENTITY``). ``trusted_signers`` (Ed25519 public keys) makes a valid publisher
+    signature mandatory; it costs one SHA-256 pass over the file.
+    """
+
+    def __init__(
+        self,
+        filename: str | os.PathLike[str],
+        framework: str = "pt",
+        device: str = "cpu",
+        *,
+        identity: IdentitySpec | None = None,
+        trusted_signers: Sequence[str] | None = None,
+    ) -> None:
+        self._framework = _normalise_framework(framework)
+        self._device = device
+        art = open_artifact(filename, identity, trusted_signers=trusted_signers)
+        if not isinstance(art, SealedSafetensors):
+            art.close()
+            raise UsageError(f"{filename} is a sealed bundle, not sealed safetensors: use modelseal.open_bundle")
+        self._art: SealedSafetensors = art
+
+    def keys(self) -> list[str]:
+        return [e.name for e in self._art.entries]
+
+    def metadata(self) -> dict[str, str]:
+        return self._art.metadata()
+
+    def get_tensor(self, name: str) -> Any:
+        return self.get_tensors([name])[name]
+
+    def get_tensors(self, names: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+        """Decrypt several tensors at once (all cores across tensors and segments)."""
+        entries = self._art.entries if names is None else [self._art.entry(n) for n in names]
+        alloc = numpy_allocator if self._framework == "np" else torch_allocator(self._pin())
+        made = [(e, *alloc(e)) for e in entries]
+        self._art.decrypt_many([(e, view) for e, _t, view in made], progress)
+        out = {e.name: t for e, t, _v in made}
+        if self._framework == "pt" and self._device != "cpu":
+            out = {k: v.to(self._device, non_blocking=True) for k, v in out.items()}
+        return out
+
+    def _pin(self) -> bool:
+        return self._device != "cpu" and require_torch().cuda.is_available()
+
+    def close(self) -> None:
+        self._art.close()
+
+    def __enter__(self) -> safe_open:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_file(
+    filename: str | os.PathLike[str],
+    framework: str,
+    device: str = "cpu",
+    *,
+    identity: IdentitySpec | None = None,
+    trusted_signers: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    with safe_open(filename, framework, device, identity=identity, trusted_signers=trusted_signers) as f:
+        return f.get_tensors(progress=progress)

@@ -1,0 +1,98 @@
+"""``modelseal.transformers``: Hugging Face model directories sealed with ``modelseal seal DIR``.
+
+The sealed directory keeps its layout: ``config.json``, tokenizer files and so on are sealed bundles
+under their own names, weight shards are sealed safetensors. Loading checks that every file belongs to
+the same sealed directory, sits at its sealed path, and that none is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from modelseal.artifacts import open_artifact, resolve_identity
+from modelseal.errors import UsageError
+from modelseal.format import directory
+from modelseal.format.bundle import SealedBundle
+from modelseal.format.container import Artifact
+from modelseal.format.safetensors import SealedSafetensors
+from modelseal.recipients.parse import IdentitySpec
+from modelseal.tensors import numpy_allocator, torch_allocator
+
+
+def _open_all(root: Path, identity: IdentitySpec | None, trusted_signers: Sequence[str] | None,
+              cache: dict[bytes, bytearray]) -> dict[str, Artifact]:
+    ident = resolve_identity(identity)
+    arts: dict[str, Artifact] = {}
+    try:
+        for rel in directory.list_members(root):
+            arts[rel] = open_artifact(root / rel, ident, trusted_signers=trusted_signers, dek_cache=cache)
+        directory.check_group(root, arts)
+    except BaseException:
+        for a in arts.values():
+            a.close()
+        raise
+    return arts
+
+
+def load_state_dict(
+    model_dir: str | os.PathLike[str],
+    *,
+    identity: IdentitySpec | None = None,
+    framework: str = "pt",
+    device: str = "cpu",
+    trusted_signers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Every tensor of every sealed shard of a model directory, in one dict."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory")
+    cache: dict[bytes, bytearray] = {}
+    arts = _open_all(root, identity, trusted_signers, cache)
+    try:
+        shards = [a for a in arts.values() if isinstance(a, SealedSafetensors)]
+        if not shards:
+            raise UsageError(f"{root} contains no sealed .safetensors files")
+        alloc = numpy_allocator if framework in ("np", "numpy") else torch_allocator()
+        state: dict[str, Any] = {}
+        for shard in shards:
+            made = [(e, *alloc(e)) for e in shard.entries]
+            shard.decrypt_many([(e, v) for e, _t, v in made])
+            for e, t, _v in made:
+                if e.name in state:
+                    raise UsageError(f"tensor {e.name!r} appears in two shards of {root}")
+                state[e.name] = t
+        if device != "cpu":
+            state = {k: v.to(device) for k, v in state.items()}
+        return state
+    finally:
+        for a in arts.values():
+            a.close()
+        directory.wipe_cache(cache)
+
+
+def read_file(model_dir: str | os.PathLike[str], name: str, *, identity: IdentitySpec | None = None) -> bytearray:
+    """Decrypt one non-weight file (e.g. ``config.json``) of a sealed model directory."""
+    root = Path(model_dir)
+    cache: dict[bytes, bytearray] = {}
+    arts = _open_all(root, identity, None, cache)
+    try:
+        art = arts.get(name)
+        if not isinstance(art, SealedBundle):
+            raise UsageError(f"{root} has no sealed file {name!r} (weights load with load_state_dict)")
+        return art.read()
+    finally:
+        for a in arts.values():
+            a.close()
+        directory.wipe_cache(cache)
+
+
+def load_config(model_dir: str | os.PathLike[str], *, identity: IdentitySpec | None = None) -> dict[str, Any]:
+    """The model's ``config.json`` as a dict."""
+    cfg = json.loads(bytes(read_file(model_dir, "config.json", identity=identity)))
+    if not isinstance(cfg, dict):
+        raise UsageError("config.json is not a JSON object")
+    return cfg
