@@ -21,7 +21,10 @@ def checkpoint_to_safetensors(path: str | os.PathLike[str]) -> bytes:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # torch raises many types for unreadable or unsafe pickles
-        raise FormatError(f"{path} is not a PyTorch checkpoint that loads with weights_only=True ({type(exc).__name__})") from None
+        raise FormatError(
+            f"{path} is not a PyTorch checkpoint that loads with weights_only=True ({type(exc).__name__}); "
+            "to seal it as an opaque file instead, use --as-bundle (as_bundle=True)"
+        ) from None
     state = _state_dict(obj, str(path))
     seen: set[int] = set()
     tensors = {}

@@ -94,9 +94,11 @@ def _external_initializers(model: bytearray, files: dict[str, bytearray], base: 
         raise MissingDependencyError("models with external data need the onnx package: pip install 'modelseal[onnx]'") from None
     import numpy as np
 
+    from google.protobuf.message import DecodeError
+
     try:
-        proto = onnx.load_model_from_string(bytes(model), load_external_data=False)
-    except Exception:  # protobuf decode errors
+        proto = onnx.load_model_from_string(bytes(model))  # never reads external data itself
+    except DecodeError:
         raise FormatError(f"{source}: the decrypted model is not a valid ONNX protobuf") from None
     out: dict[str, Any] = {}
     for init in proto.graph.initializer:

@@ -101,10 +101,9 @@ def _seal_file(
             size = os.fstat(f.fileno()).st_size
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         try:
-            view = memoryview(mm) if mm is not None else memoryview(b"")
-            env = sst.seal_buffer(view, dst, recips, builder=sst.new_builder(model_id, version, dek, segment_size),
+            env = sst.seal_buffer(mm if mm is not None else b"", dst, recips,
+                                  builder=sst.new_builder(model_id, version, dek, segment_size),
                                   hidden=hidden, signer=signer, group=group, source=str(src), progress=progress)
-            view.release()
         finally:
             if mm is not None:
                 mm.close()

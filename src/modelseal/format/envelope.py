@@ -188,12 +188,23 @@ def _validate_protected(p: dict[str, Any], source: str) -> None:
         raise FormatError(f"{source}: unknown artifact kind {p.get('kind')!r}")
     check_id(p.get("model_id"), "model id")  # type: ignore[arg-type]
     check_id(p.get("model_version"), "model version")  # type: ignore[arg-type]
+    b64d(p.get("artifact_id"), what=f"{source}: artifact_id", length=keys.ARTIFACT_ID_SIZE)
     seg = p.get("segment_size")
     if not isinstance(seg, int) or not MIN_SEGMENT_SIZE <= seg <= MAX_SEGMENT_SIZE:
         raise FormatError(f"{source}: segment size {seg!r} is out of range")
     for name in ("payload_size", "tag_count"):
         if not isinstance(p.get(name), int) or p[name] < 0:
             raise FormatError(f"{source}: {name} is missing or negative")
+    group = p.get("group")
+    if group is not None and not (
+        isinstance(group, dict) and isinstance(group.get("id"), str) and isinstance(group.get("path"), str)
+        and isinstance(group.get("members"), list) and all(isinstance(m, str) for m in group["members"])
+    ):
+        raise FormatError(f"{source}: the directory group field is malformed")
+    if "index_ct" in p and not isinstance(p["index_ct"], str):
+        raise FormatError(f"{source}: the encrypted index is malformed")
+    if "index" in p and not (isinstance(p["index"], dict) and isinstance(p["index"].get("entries"), list)):
+        raise FormatError(f"{source}: the index is malformed")
     if ("index" in p) == ("index_ct" in p):
         raise FormatError(f"{source}: the header must hold exactly one of index / index_ct")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from typing import Any
@@ -23,7 +24,15 @@ from typing import Any
 from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE, TAG_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
-from modelseal.format.container import Artifact, Entry, Progress, SealRequest, map_file, write_artifact
+from modelseal.format.container import (
+    Artifact,
+    Entry,
+    Progress,
+    SealRequest,
+    entries_from_index,
+    map_file,
+    write_artifact,
+)
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Recipient
 
@@ -40,7 +49,7 @@ DTYPE_SIZES = {
 }
 
 
-def parse_plain_header(buf: memoryview | bytes, source: str) -> tuple[dict[str, Any], int]:
+def parse_plain_header(buf: memoryview | bytes | mmap.mmap, source: str) -> tuple[dict[str, Any], int]:
     """Parse a safetensors header; return (header dict, byte offset of the data buffer)."""
     if len(buf) < 8:
         raise FormatError(f"{source} is too short to be a safetensors file")
@@ -105,7 +114,7 @@ def _header_bytes(env: Envelope, entries: list[dict[str, Any]], metadata: dict[s
 
 
 def seal_buffer(
-    plain: memoryview | bytes,
+    plain: memoryview | bytes | bytearray | mmap.mmap,
     dst: str | os.PathLike[str],
     recipients: list[Recipient],
     *,
@@ -124,17 +133,15 @@ def seal_buffer(
         raise FormatError(f"{source}: __metadata__ must map strings to strings")
     metadata = {k: v for k, v in metadata.items() if k != "modelseal"}
     index = {"entries": entries, "metadata": metadata}
-    view = memoryview(plain)
     ents = [Entry(i, e["name"], e["offsets"][0], e["offsets"][1]) for i, e in enumerate(entries)]
     payload = ents[-1].end if ents else 0
-    if data_start + payload != len(view):
+    if data_start + payload != len(plain):
         raise FormatError(f"{source}: the safetensors data buffer does not match its header (truncated?)")
-    req = SealRequest(builder, ents, index, lambda off, n: view[data_start + off : data_start + off + n],
-                      recipients, hidden, signer, group)
-    from modelseal.format.container import entries_from_index
-
-    entries_from_index(index, payload, source)  # same validation the reader applies
-    return write_artifact(dst, req, lambda env, size: _header_bytes(env, entries, metadata, size), progress)
+    entries_from_index(index, payload, source)  # the same validation the reader applies
+    with memoryview(plain) as view:
+        req = SealRequest(builder, ents, index, lambda off, n: view[data_start + off : data_start + off + n],
+                          recipients, hidden, signer, group)
+        return write_artifact(dst, req, lambda env, size: _header_bytes(env, entries, metadata, size), progress)
 
 
 def new_builder(model_id: str, model_version: str, dek: bytearray, segment_size: int = DEFAULT_SEGMENT_SIZE) -> EnvelopeBuilder:
@@ -148,7 +155,7 @@ class SealedSafetensors(Artifact):
     def open(cls, path: str | os.PathLike[str]) -> SealedSafetensors:
         mm = map_file(path)
         try:
-            header, data_start = parse_plain_header(memoryview(mm), str(path))
+            header, data_start = parse_plain_header(mm, str(path))
             env_text = (header.get("__metadata__") or {}).get("modelseal")
             if not isinstance(env_text, str):
                 raise FormatError(f"{path} is a plain safetensors file, not a sealed one (no modelseal envelope)")

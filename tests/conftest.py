@@ -1,0 +1,58 @@
+"""Shared fixtures: identities, signers and small models built on the fly (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import modelseal  # noqa: E402
+from modelseal.recipients.hpke import KEMS, HpkeIdentity  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def host() -> HpkeIdentity:
+    return HpkeIdentity.generate(KEMS["x25519"])
+
+
+@pytest.fixture(scope="session")
+def other_host() -> HpkeIdentity:
+    return HpkeIdentity.generate(KEMS["x25519"])
+
+
+@pytest.fixture(scope="session")
+def signer() -> modelseal.Signer:
+    return modelseal.Signer.generate()
+
+
+@pytest.fixture
+def host_key(tmp_path: Path, host: HpkeIdentity) -> Path:
+    p = tmp_path / "host.key"
+    host.save(p)
+    return p
+
+
+def make_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "embed.weight": rng.standard_normal((300, 64)).astype(np.float32),
+        "layer.0.weight": rng.standard_normal((64, 64)).astype(np.float16),
+        "layer.0.bias": rng.standard_normal(64).astype(np.float64),
+        "counts": rng.integers(-1000, 1000, size=(7, 3), dtype=np.int64),
+        "mask": rng.integers(0, 2, size=(5,), dtype=np.uint8).astype(bool),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+        "scalar": np.array(3.5, dtype=np.float32),
+    }
+
+
+@pytest.fixture
+def plain_file(tmp_path: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    p = tmp_path / "plain.safetensors"
+    save_file(make_tensors(), str(p), metadata={"format": "np", "author": "tests"})
+    return p

@@ -1,0 +1,119 @@
+"""The CLI as a user runs it: real subprocesses, exit codes, JSON, no tracebacks, no secrets in output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from tests.conftest import make_tensors
+
+
+def ms(*args: str | Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "modelseal.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, str]:
+    host = json.loads(ms("keygen", "-o", tmp_path / "host.key", "--json").stdout)
+    pq = json.loads(ms("keygen", "--kind", "mlkem768x25519", "-o", tmp_path / "pq.key", "--json").stdout)
+    sign = json.loads(ms("keygen", "--signing", "-o", tmp_path / "owner.sign", "--json").stdout)
+    other = json.loads(ms("keygen", "-o", tmp_path / "other.key", "--json").stdout)
+    assert oct((tmp_path / "host.key").stat().st_mode & 0o777) == "0o600"
+    return {"host": host["public"], "pq": pq["public"], "sign": sign["public"], "other": other["public"]}
+
+
+def test_full_cli_flow(tmp_path: Path, keys: dict[str, str]) -> None:
+    plain = tmp_path / "m.safetensors"
+    save_file(make_tensors(), str(plain))
+    sealed = tmp_path / "m.sealed.safetensors"
+    out = json.loads(ms("seal", plain, "-o", sealed, "-r", keys["host"], "-r", keys["pq"], "--model-id", "demo",
+                        "--model-version", "3", "--sign-key", tmp_path / "owner.sign", "--json").stdout)
+    assert out["outputs"][0]["signed"] and out["model_version"] == "3"
+
+    info = json.loads(ms("inspect", sealed, "--json").stdout)
+    assert info["model_id"] == "demo" and {t["name"] for t in info["tensors"]} == set(make_tensors())
+    assert [r["type"] for r in info["recipients"]] == ["x25519", "mlkem768x25519"]
+    assert info["signer"] == keys["sign"]
+
+    ok = json.loads(ms("verify", sealed, "-i", tmp_path / "pq.key", "--trusted-signer", keys["sign"], "--json").stdout)
+    assert ok["ok"] and ok["files"][0]["payload"] == "authentic"
+    # the signature can be checked with no key at all
+    ms("verify", sealed, "--trusted-signer", tmp_path / "owner.sign")
+
+    bad = ms("verify", sealed, "-i", tmp_path / "other.key", check=False)
+    assert bad.returncode == 1 and "none of your identities" in bad.stderr
+    wrong_signer = ms("verify", sealed, "-i", tmp_path / "host.key", "--trusted-signer", keys["host"].replace("x25519", "ed25519"), check=False)
+    assert wrong_signer.returncode == 1
+
+    ms("open", sealed, "-i", tmp_path / "host.key", "-o", tmp_path / "opened.safetensors")
+    from safetensors.numpy import load_file
+
+    opened = load_file(str(tmp_path / "opened.safetensors"))
+    for k, v in make_tensors().items():
+        np.testing.assert_array_equal(opened[k], v)
+
+    rk = json.loads(ms("rekey", sealed, "-i", tmp_path / "host.key", "--add-recipient", keys["other"],
+                       "--remove-recipient", keys["host"], "--json").stdout)
+    assert rk[0]["rewritten"] == "header only"
+    ms("verify", sealed, "-i", tmp_path / "other.key", "--trusted-signer", keys["sign"])  # signature survives rekey
+    assert ms("verify", sealed, "-i", tmp_path / "host.key", check=False).returncode == 1
+
+
+def test_errors_are_one_line_and_leak_no_secret(tmp_path: Path, keys: dict[str, str]) -> None:
+    plain = tmp_path / "m.safetensors"
+    save_file(make_tensors(), str(plain))
+    sealed = tmp_path / "s.safetensors"
+    ms("seal", plain, "-o", sealed, "-r", keys["host"])
+    raw = bytearray(sealed.read_bytes())
+    raw[-40] ^= 1
+    sealed.write_bytes(raw)
+    secret = (tmp_path / "host.key").read_text().strip().splitlines()[-1].split(":", 1)[1]
+    proc = ms("verify", sealed, "-i", tmp_path / "host.key", check=False)
+    assert proc.returncode == 1 and "failed authentication" in proc.stderr
+    assert secret not in proc.stderr + proc.stdout
+    for args in (["seal", plain, "-o", tmp_path / "x", "-r", "x25519:notbase64!"],
+                 ["seal", plain, "-o", tmp_path / "x"],
+                 ["open", sealed, "-o", tmp_path / "y"],
+                 ["inspect", plain],
+                 ["verify", sealed, "-i", plain]):
+        proc = ms(*args, check=False, env={"MODELSEAL_IDENTITY": ""})
+        assert proc.returncode in (1, 2), args
+        assert proc.stderr.strip() and secret not in proc.stderr
+    assert not (tmp_path / "y").exists()
+
+
+def test_passphrase_and_directory(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(make_tensors(), str(src / "model.safetensors"))
+    (src / "config.json").write_text("{}")
+    env = {"PW": "hunter2 hunter2"}
+    ms("seal", src, "-o", tmp_path / "sealed", "--passphrase-env", "PW", "--hide-header", env=env)
+    rep = json.loads(ms("verify", tmp_path / "sealed", "--passphrase-env", "PW", "--json", env=env).stdout)
+    assert len(rep["files"]) == 2
+    ms("open", tmp_path / "sealed", "--passphrase-env", "PW", "-o", tmp_path / "out", env=env)
+    assert (tmp_path / "out" / "config.json").read_text() == "{}"
+    wrong = ms("verify", tmp_path / "sealed", "--passphrase-env", "PW", check=False, env={"PW": "nope"})
+    assert wrong.returncode == 1 and "wrong passphrase" in wrong.stderr
+
+
+def test_every_command_has_help() -> None:
+    for cmd in ("keygen", "seal", "inspect", "verify", "open", "rekey", "demo"):
+        assert "Usage" in ms(cmd, "--help").stdout
+
+
+def test_demo_json(tmp_path: Path) -> None:
+    rep = json.loads(ms("demo", "--workdir", tmp_path / "d", "--json").stdout)
+    assert rep["identical_to_plain"] is True

@@ -1,0 +1,227 @@
+"""Tampering of every kind fails closed with a specific modelseal error, never with wrong weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import save_file
+
+import modelseal
+import modelseal.numpy
+from modelseal.errors import (
+    AuthenticationError,
+    FormatError,
+    ModelsealError,
+    NoMatchingIdentityError,
+    UnsupportedVersionError,
+)
+from modelseal.recipients.hpke import KEMS, HpkeIdentity
+
+SEG = 4096
+IDENT = HpkeIdentity.generate(KEMS["x25519"])
+TENSORS = {
+    "a": np.arange(3000, dtype=np.float32),  # 12000 bytes: 3 segments
+    "b": np.arange(3000, 6000, dtype=np.float32),  # same size as a, for swaps
+    "c": np.arange(10, dtype=np.int16),
+}
+
+
+def seal_to(tmp: Path, name: str, tensors: dict[str, np.ndarray] = TENSORS, version: str = "1", hidden: bool = False,
+            seg: int = SEG) -> Path:
+    plain = tmp / f"{name}.plain.safetensors"
+    save_file(tensors, str(plain))
+    out = tmp / f"{name}.safetensors"
+    modelseal.seal(plain, out, [IDENT.recipient], model_id="m", model_version=version, hide_header=hidden, segment_size=seg)
+    plain.unlink()
+    return out
+
+
+@pytest.fixture(scope="module")
+def sealed_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("pair")
+    return seal_to(d, "public"), seal_to(d, "hidden", hidden=True)
+
+
+def load_ok_or_error(path: Path) -> dict[str, np.ndarray] | ModelsealError:
+    try:
+        return modelseal.numpy.load_file(path, identity=IDENT)
+    except ModelsealError as exc:
+        return exc
+
+
+def assert_fails_or_exact(result: dict[str, np.ndarray] | ModelsealError) -> None:
+    """The only acceptable outcomes: a modelseal error, or exactly the original weights."""
+    if isinstance(result, ModelsealError):
+        assert str(result)
+        return
+    assert result.keys() == TENSORS.keys()
+    for k, v in TENSORS.items():
+        np.testing.assert_array_equal(result[k], v)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_flipped_byte(tmp_path: Path, sealed_pair: tuple[Path, Path], data: st.DataObject) -> None:
+    for src in sealed_pair:
+        raw = bytearray(src.read_bytes())
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] ^= data.draw(st.integers(1, 255))
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(raw)
+        assert_fails_or_exact(load_ok_or_error(bad))
+
+
+def test_flip_in_ciphertext_and_tags_is_authentication_error(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
+    src = sealed_pair[0]
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    data_start = 8 + n
+    for offset in (0, 5000, 12000 + 7, 24000 + 3, 24020 + 5):  # a, a seg 1, b, c, tags
+        bad = bytearray(raw)
+        bad[data_start + offset] ^= 1
+        p = tmp_path / "bad.safetensors"
+        p.write_bytes(bad)
+        with pytest.raises(AuthenticationError):
+            modelseal.numpy.load_file(p, identity=IDENT)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_truncation_and_appending(tmp_path: Path, sealed_pair: tuple[Path, Path], data: st.DataObject) -> None:
+    for src in sealed_pair:
+        raw = src.read_bytes()
+        cut = data.draw(st.integers(0, len(raw) - 1))
+        p = tmp_path / "cut.safetensors"
+        p.write_bytes(raw[:cut])
+        with pytest.raises((FormatError, modelseal.errors.UsageError)):
+            modelseal.numpy.load_file(p, identity=IDENT)
+        p.write_bytes(raw + data.draw(st.binary(min_size=1, max_size=64)))
+        with pytest.raises(FormatError, match="trailing"):
+            modelseal.numpy.load_file(p, identity=IDENT)
+
+
+def _data_start(raw: bytes) -> int:
+    return 8 + struct.unpack("<Q", raw[:8])[0]
+
+
+def test_swapped_tensors(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
+    raw = bytearray(sealed_pair[0].read_bytes())
+    d = _data_start(raw)
+    a, b = raw[d : d + 12000], raw[d + 12000 : d + 24000]
+    raw[d : d + 12000], raw[d + 12000 : d + 24000] = b, a
+    p = tmp_path / "swapped.safetensors"
+    p.write_bytes(raw)
+    with pytest.raises(AuthenticationError, match="'a'|'b'"):
+        modelseal.numpy.load_file(p, identity=IDENT)
+
+
+def test_swapped_segments_with_their_tags(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
+    raw = bytearray(sealed_pair[0].read_bytes())
+    d = _data_start(raw)
+    tags = d + 24020
+    s0, s1 = raw[d : d + SEG], raw[d + SEG : d + 2 * SEG]
+    t0, t1 = raw[tags : tags + 16], raw[tags + 16 : tags + 32]
+    raw[d : d + SEG], raw[d + SEG : d + 2 * SEG] = s1, s0
+    raw[tags : tags + 16], raw[tags + 16 : tags + 32] = t1, t0
+    p = tmp_path / "segswap.safetensors"
+    p.write_bytes(raw)
+    with pytest.raises(AuthenticationError, match="segment"):
+        modelseal.numpy.load_file(p, identity=IDENT)
+
+
+def test_public_header_edits_are_caught(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
+    """Changing a dtype/shape in the plain safetensors listing cannot reinterpret the weights."""
+    raw = sealed_pair[0].read_bytes()
+    d = _data_start(raw)
+    header = json.loads(raw[8:d])
+    header["a"]["shape"] = [1000, 3]
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (d - 8 - len(new))
+    p = tmp_path / "edited.safetensors"
+    p.write_bytes(raw[:8] + new + raw[d:])
+    with pytest.raises(FormatError, match="disagrees"):
+        modelseal.numpy.load_file(p, identity=IDENT)
+
+
+def _splice_header(header_from: Path, data_from: Path, out: Path) -> None:
+    h, dd = header_from.read_bytes(), data_from.read_bytes()
+    out.write_bytes(h[: _data_start(h)] + dd[_data_start(dd) :])
+
+
+def test_header_from_another_version(tmp_path: Path) -> None:
+    v1, v2 = seal_to(tmp_path, "v1", version="1"), seal_to(tmp_path, "v2", version="2")
+    _splice_header(v1, v2, tmp_path / "mixed.safetensors")
+    with pytest.raises(AuthenticationError):
+        modelseal.numpy.load_file(tmp_path / "mixed.safetensors", identity=IDENT)
+
+
+def test_files_swapped_between_models(tmp_path: Path) -> None:
+    """A tensor file from model B dropped into model A's sealed directory is refused."""
+    rng = np.random.default_rng(3)
+    for name in ("A", "B"):
+        src = tmp_path / f"src{name}"
+        src.mkdir()
+        save_file({"w": rng.standard_normal(100).astype(np.float32)}, str(src / "model.safetensors"))
+        (src / "config.json").write_text('{"name": "%s"}' % name)
+        modelseal.seal(src, tmp_path / f"sealed{name}", [IDENT.recipient], model_id="m")
+    shutil.copy(tmp_path / "sealedB/config.json", tmp_path / "sealedA/config.json")
+    import modelseal.transformers as mt
+
+    with pytest.raises(AuthenticationError, match="different sealed models"):
+        mt.load_state_dict(tmp_path / "sealedA", identity=IDENT)
+
+
+def test_wrong_key(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
+    stranger = HpkeIdentity.generate(KEMS["x25519"])
+    for src in sealed_pair:
+        with pytest.raises(NoMatchingIdentityError, match="sealed to: x25519"):
+            modelseal.numpy.load_file(src, identity=stranger)
+
+
+def test_newer_format_version(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
+    raw = sealed_pair[0].read_bytes()
+    d = _data_start(raw)
+    header = json.loads(raw[8:d])
+    env = json.loads(header["__metadata__"]["modelseal"])
+    prot = json.loads(modelseal.encoding.b64d(env["protected"]))
+    prot["format"] = "modelseal/9"
+    env["protected"] = modelseal.encoding.b64e(json.dumps(prot).encode())
+    header["__metadata__"]["modelseal"] = json.dumps(env)
+    new = json.dumps(header).encode()
+    p = tmp_path / "v9.safetensors"
+    p.write_bytes(struct.pack("<Q", len(new)) + new + raw[d:])
+    with pytest.raises(UnsupportedVersionError, match="upgrade"):
+        modelseal.numpy.load_file(p, identity=IDENT)
+
+
+def test_plain_safetensors_is_not_mistaken_for_sealed(tmp_path: Path) -> None:
+    p = tmp_path / "plain.safetensors"
+    save_file(TENSORS, str(p))
+    with pytest.raises(FormatError, match="plain safetensors"):
+        modelseal.numpy.load_file(p, identity=IDENT)
+
+
+def test_failed_load_leaves_no_plaintext_in_buffers(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
+    """If the last segment fails, earlier decrypted segments are wiped before the error propagates."""
+    raw = bytearray(sealed_pair[0].read_bytes())
+    d = _data_start(raw)
+    raw[d + 11999] ^= 1  # last segment of 'a'
+    p = tmp_path / "late.safetensors"
+    p.write_bytes(raw)
+    from modelseal.artifacts import open_artifact
+    from modelseal.tensors import numpy_allocator
+
+    art = open_artifact(p, IDENT)
+    entry = art.entry("a")
+    arr, view = numpy_allocator(entry)
+    with pytest.raises(AuthenticationError):
+        art.decrypt_many([(entry, view)])
+    assert not arr.any()
+    art.close()
