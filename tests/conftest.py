@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-import modelseal  # noqa: E402
-from modelseal.recipients.hpke import KEMS, HpkeIdentity  # noqa: E402
+import modelseal
+from modelseal.recipients.hpke import KEMS, HpkeIdentity
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,13 @@ from tests.conftest import make_tensors
 
 
 def ms(*args: str | Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "modelseal.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelseal.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
     assert "Traceback" not in proc.stderr, proc.stderr
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -38,8 +43,25 @@ def test_full_cli_flow(tmp_path: Path, keys: dict[str, str]) -> None:
     plain = tmp_path / "m.safetensors"
     save_file(make_tensors(), str(plain))
     sealed = tmp_path / "m.sealed.safetensors"
-    out = json.loads(ms("seal", plain, "-o", sealed, "-r", keys["host"], "-r", keys["pq"], "--model-id", "demo",
-                        "--model-version", "3", "--sign-key", tmp_path / "owner.sign", "--json").stdout)
+    out = json.loads(
+        ms(
+            "seal",
+            plain,
+            "-o",
+            sealed,
+            "-r",
+            keys["host"],
+            "-r",
+            keys["pq"],
+            "--model-id",
+            "demo",
+            "--model-version",
+            "3",
+            "--sign-key",
+            tmp_path / "owner.sign",
+            "--json",
+        ).stdout
+    )
     assert out["outputs"][0]["signed"] and out["model_version"] == "3"
 
     info = json.loads(ms("inspect", sealed, "--json").stdout)
@@ -54,7 +76,15 @@ def test_full_cli_flow(tmp_path: Path, keys: dict[str, str]) -> None:
 
     bad = ms("verify", sealed, "-i", tmp_path / "other.key", check=False)
     assert bad.returncode == 1 and "none of your identities" in bad.stderr
-    wrong_signer = ms("verify", sealed, "-i", tmp_path / "host.key", "--trusted-signer", keys["host"].replace("x25519", "ed25519"), check=False)
+    wrong_signer = ms(
+        "verify",
+        sealed,
+        "-i",
+        tmp_path / "host.key",
+        "--trusted-signer",
+        keys["host"].replace("x25519", "ed25519"),
+        check=False,
+    )
     assert wrong_signer.returncode == 1
 
     ms("open", sealed, "-i", tmp_path / "host.key", "-o", tmp_path / "opened.safetensors")
@@ -64,8 +94,19 @@ def test_full_cli_flow(tmp_path: Path, keys: dict[str, str]) -> None:
     for k, v in make_tensors().items():
         np.testing.assert_array_equal(opened[k], v)
 
-    rk = json.loads(ms("rekey", sealed, "-i", tmp_path / "host.key", "--add-recipient", keys["other"],
-                       "--remove-recipient", keys["host"], "--json").stdout)
+    rk = json.loads(
+        ms(
+            "rekey",
+            sealed,
+            "-i",
+            tmp_path / "host.key",
+            "--add-recipient",
+            keys["other"],
+            "--remove-recipient",
+            keys["host"],
+            "--json",
+        ).stdout
+    )
     assert rk[0]["rewritten"] == "header only"
     ms("verify", sealed, "-i", tmp_path / "other.key", "--trusted-signer", keys["sign"])  # signature survives rekey
     assert ms("verify", sealed, "-i", tmp_path / "host.key", check=False).returncode == 1
@@ -83,11 +124,13 @@ def test_errors_are_one_line_and_leak_no_secret(tmp_path: Path, keys: dict[str, 
     proc = ms("verify", sealed, "-i", tmp_path / "host.key", check=False)
     assert proc.returncode == 1 and "failed authentication" in proc.stderr
     assert secret not in proc.stderr + proc.stdout
-    for args in (["seal", plain, "-o", tmp_path / "x", "-r", "x25519:notbase64!"],
-                 ["seal", plain, "-o", tmp_path / "x"],
-                 ["open", sealed, "-o", tmp_path / "y"],
-                 ["inspect", plain],
-                 ["verify", sealed, "-i", plain]):
+    for args in (
+        ["seal", plain, "-o", tmp_path / "x", "-r", "x25519:notbase64!"],
+        ["seal", plain, "-o", tmp_path / "x"],
+        ["open", sealed, "-o", tmp_path / "y"],
+        ["inspect", plain],
+        ["verify", sealed, "-i", plain],
+    ):
         proc = ms(*args, check=False, env={"MODELSEAL_IDENTITY": ""})
         assert proc.returncode in (1, 2), args
         assert proc.stderr.strip() and secret not in proc.stderr

@@ -23,8 +23,19 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-FIELDS = ["format", "kind", "model_id", "model_version", "artifact_id", "segment_size", "payload_size", "tag_count",
-          "group", "index", "index_ct"]
+FIELDS = [
+    "format",
+    "kind",
+    "model_id",
+    "model_version",
+    "artifact_id",
+    "segment_size",
+    "payload_size",
+    "tag_count",
+    "group",
+    "index",
+    "index_ct",
+]
 
 
 def _good_envelope(tmp: Path) -> tuple[dict, dict]:  # type: ignore[type-arg]

@@ -48,18 +48,22 @@ def test_loading_opens_nothing_for_writing(tmp_path: Path, host: HpkeIdentity, h
 
     save_file({"w": np.ones((64, 64), np.float32)}, str(tmp_path / "w.safetensors"))
     modelseal.seal(tmp_path / "w.safetensors", tmp_path / "w.sealed.safetensors", [host.recipient])
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-                          [numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")],
+    )
     onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
     modelseal.seal(tmp_path / "m.onnx", tmp_path / "m.onnx.sealed", [host.recipient])
     (tmp_path / "hfsrc").mkdir()
     save_file({"a": np.zeros(3, np.float32)}, str(tmp_path / "hfsrc" / "model.safetensors"))
     (tmp_path / "hfsrc" / "config.json").write_text("{}")
     modelseal.seal(tmp_path / "hfsrc", tmp_path / "hf", [host.recipient])
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), str(host_key)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path), str(host_key)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     import json
 

@@ -28,7 +28,9 @@ def small_cnn() -> onnx.ModelProto:
         helper.make_node("MatMul", ["f", "w2"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 10])],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")],
     )
@@ -53,8 +55,14 @@ def test_single_file_onnx(tmp_path: Path, host: HpkeIdentity) -> None:
 def test_onnx_with_external_data(tmp_path: Path, host: HpkeIdentity, as_directory: bool) -> None:
     src = tmp_path / "model"
     src.mkdir()
-    onnx.save_model(small_cnn(), src / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        small_cnn(),
+        src / "model.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     assert (src / "weights.bin").stat().st_size > 0
     sealed = tmp_path / ("sealed_dir" if as_directory else "model.msb")
     if as_directory:

@@ -15,14 +15,32 @@ import modelseal.torch
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 from tests.conftest import make_tensors
 
-ALL_TORCH_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-                    torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16,
-                    torch.uint32, torch.uint64, torch.complex64, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
+ALL_TORCH_DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.complex64,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+]
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    raw = torch.randint(0, 256, (int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size(),),
-                        dtype=torch.uint8, generator=gen)
+    raw = torch.randint(
+        0, 256, (int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size(),), dtype=torch.uint8, generator=gen
+    )
     return raw.view(dtype).reshape(shape)
 
 
@@ -31,7 +49,9 @@ def bits(t: torch.Tensor) -> bytes:
 
 
 @pytest.mark.parametrize("hidden", [False, True])
-def test_every_safetensors_dtype_round_trips_bit_exact(tmp_path: Path, host: HpkeIdentity, host_key: Path, hidden: bool) -> None:
+def test_every_safetensors_dtype_round_trips_bit_exact(
+    tmp_path: Path, host: HpkeIdentity, host_key: Path, hidden: bool
+) -> None:
     gen = torch.Generator().manual_seed(1)
     tensors = {f"t_{str(d).split('.')[-1]}": random_tensor(d, (3, 5, 7), gen) for d in ALL_TORCH_DTYPES}
     tensors["big"] = random_tensor(torch.float32, (70_000,), gen)  # spans several 64 KiB segments
@@ -111,8 +131,9 @@ def test_single_tensor_random_access(tmp_path: Path, plain_file: Path, host: Hpk
     np.testing.assert_array_equal(t.numpy(), make_tensors()["layer.0.bias"])
 
 
-def test_identity_from_env(tmp_path: Path, plain_file: Path, host: HpkeIdentity, host_key: Path,
-                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_identity_from_env(
+    tmp_path: Path, plain_file: Path, host: HpkeIdentity, host_key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sealed = tmp_path / "s.safetensors"
     modelseal.seal(plain_file, sealed, [host.recipient])
     monkeypatch.setenv("HOSTKEY", host_key.read_text())

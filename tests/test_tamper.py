@@ -33,12 +33,20 @@ TENSORS = {
 }
 
 
-def seal_to(tmp: Path, name: str, tensors: dict[str, np.ndarray] = TENSORS, version: str = "1", hidden: bool = False,
-            seg: int = SEG) -> Path:
+def seal_to(
+    tmp: Path,
+    name: str,
+    tensors: dict[str, np.ndarray] = TENSORS,
+    version: str = "1",
+    hidden: bool = False,
+    seg: int = SEG,
+) -> Path:
     plain = tmp / f"{name}.plain.safetensors"
     save_file(tensors, str(plain))
     out = tmp / f"{name}.safetensors"
-    modelseal.seal(plain, out, [IDENT.recipient], model_id="m", model_version=version, hide_header=hidden, segment_size=seg)
+    modelseal.seal(
+        plain, out, [IDENT.recipient], model_id="m", model_version=version, hide_header=hidden, segment_size=seg
+    )
     plain.unlink()
     return out
 
@@ -118,7 +126,7 @@ def test_swapped_tensors(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None
     raw[d : d + 12000], raw[d + 12000 : d + 24000] = b, a
     p = tmp_path / "swapped.safetensors"
     p.write_bytes(raw)
-    with pytest.raises(AuthenticationError, match="'a'|'b'"):
+    with pytest.raises(AuthenticationError, match=r"'a'|'b'"):
         modelseal.numpy.load_file(p, identity=IDENT)
 
 
@@ -169,7 +177,7 @@ def test_files_swapped_between_models(tmp_path: Path) -> None:
         src = tmp_path / f"src{name}"
         src.mkdir()
         save_file({"w": rng.standard_normal(100).astype(np.float32)}, str(src / "model.safetensors"))
-        (src / "config.json").write_text('{"name": "%s"}' % name)
+        (src / "config.json").write_text(json.dumps({"name": name}))
         modelseal.seal(src, tmp_path / f"sealed{name}", [IDENT.recipient], model_id="m")
     shutil.copy(tmp_path / "sealedB/config.json", tmp_path / "sealedA/config.json")
     import modelseal.transformers as mt

@@ -35,7 +35,8 @@ def test_load_state_dict_and_config(tmp_path: Path, hf_dir: tuple[Path, dict], h
     sealed = tmp_path / "sealed"
     res = modelseal.seal(src, sealed, [host.recipient], model_id="toy", hide_header=True)
     assert sorted(p.relative_to(sealed).as_posix() for p in sealed.rglob("*") if p.is_file()) == sorted(
-        p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+        p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()
+    )
     assert {o["kind"] for o in res.outputs} == {"safetensors", "bundle"}
     state = mt.load_state_dict(sealed, identity=host, framework="np")
     assert state.keys() == tensors.keys()

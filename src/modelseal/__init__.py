@@ -39,7 +39,21 @@ def generate_identity(kind: str = "x25519") -> HpkeIdentity:
 
 
 __all__ = [
-    "AuthenticationError", "FormatError", "ModelsealError", "NoMatchingIdentityError", "Passphrase",
-    "SignatureError", "Signer", "SymmetricKey", "generate_identity", "load_identity", "open_artifact",
-    "open_bundle", "parse_recipient", "read_bytes", "safe_open", "seal", "__version__",
+    "AuthenticationError",
+    "FormatError",
+    "ModelsealError",
+    "NoMatchingIdentityError",
+    "Passphrase",
+    "SignatureError",
+    "Signer",
+    "SymmetricKey",
+    "__version__",
+    "generate_identity",
+    "load_identity",
+    "open_artifact",
+    "open_bundle",
+    "parse_recipient",
+    "read_bytes",
+    "safe_open",
+    "seal",
 ]

@@ -42,5 +42,8 @@ def read_bytes(
         if name is None:
             raise UsageError(f"{p} is a sealed directory: name the file to read")
         p, name = p / name, None
-    with open_bundle(p, identity, trusted_signers=trusted_signers) as b:
+    b = open_bundle(p, identity, trusted_signers=trusted_signers)
+    try:
         return b.read(name)
+    finally:
+        b.close()

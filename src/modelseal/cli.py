@@ -46,17 +46,29 @@ def fail_closed(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
+def emit(as_json: bool, data: Any, human: Callable[[], None] | list[str]) -> None:
+    """Print ``data`` as JSON, or the human form: a list of lines or a function that prints."""
     if as_json:
         click.echo(json.dumps(data, indent=2))
-    else:
+    elif callable(human):
         human()
+    else:
+        for line in human:
+            click.echo(line)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
-identity_option = click.option("-i", "--identity", "identities", multiple=True, metavar="KEYFILE|env:VAR",
-                               help="Identity to unwrap the data key (repeatable). Default: $MODELSEAL_IDENTITY.")
-passphrase_option = click.option("--passphrase-env", metavar="VAR", help="Read a passphrase from this environment variable.")
+identity_option = click.option(
+    "-i",
+    "--identity",
+    "identities",
+    multiple=True,
+    metavar="KEYFILE|env:VAR",
+    help="Identity to unwrap the data key (repeatable). Default: $MODELSEAL_IDENTITY.",
+)
+passphrase_option = click.option(
+    "--passphrase-env", metavar="VAR", help="Read a passphrase from this environment variable."
+)
 
 
 def identity_spec(identities: tuple[str, ...], passphrase_env: str | None) -> list[Any] | None:
@@ -73,11 +85,22 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the secret key file (mode 0600).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the secret key file (mode 0600).",
+)
 @click.option("--signing", is_flag=True, help="Make an Ed25519 publisher signing key instead of a host identity.")
 @click.option("--symmetric", is_flag=True, help="Make a raw 256-bit symmetric key file.")
-@click.option("--kind", type=click.Choice(sorted(KEMS)), default="x25519", show_default=True,
-              help="Host identity type; mlkem768x25519 is the post-quantum hybrid.")
+@click.option(
+    "--kind",
+    type=click.Choice(sorted(KEMS)),
+    default="x25519",
+    show_default=True,
+    help="Host identity type; mlkem768x25519 is the post-quantum hybrid.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @json_option
 @fail_closed
@@ -97,27 +120,52 @@ def keygen(output: str, signing: bool, symmetric: bool, kind: str, force: bool, 
         ident = HpkeIdentity.generate(KEMS[kind])
         ident.save(output, force)
         public, what = ident.recipient.describe(), f"{kind} identity"
-    emit(as_json, {"file": output, "type": what, "public": public},
-         lambda: (click.echo(f"wrote {what} to {output}", err=True), click.echo(public)))
+    emit(
+        as_json,
+        {"file": output, "type": what, "public": public},
+        [public],
+    )
+    if not as_json:
+        click.echo(f"wrote {what} to {output}", err=True)
 
 
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Sealed file (or directory, for a directory SRC).")
-@click.option("-r", "--recipient", "recipients", multiple=True, metavar="RECIPIENT",
-              help="x25519:..., mlkem768x25519:..., symmetric:PATH, a public-key file... (repeatable).")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(), help="Sealed file (or directory, for a directory SRC)."
+)
+@click.option(
+    "-r",
+    "--recipient",
+    "recipients",
+    multiple=True,
+    metavar="RECIPIENT",
+    help="x25519:..., mlkem768x25519:..., symmetric:PATH, a public-key file... (repeatable).",
+)
 @passphrase_option
 @click.option("--model-id", help="Model id bound into every segment (default: SRC's name).")
 @click.option("--model-version", default="1", show_default=True, help="Model version bound into every segment.")
 @click.option("--hide-header", is_flag=True, help="Encrypt tensor names, dtypes and shapes too.")
 @click.option("--sign-key", type=click.Path(exists=True, dir_okay=False), help="Ed25519 key from `keygen --signing`.")
 @click.option("--segment-size", type=int, default=4 << 20, show_default=True, help="Bytes per authenticated segment.")
-@click.option("--as-bundle", is_flag=True, help="Seal SRC as an opaque bundle even if it is safetensors or a checkpoint.")
+@click.option(
+    "--as-bundle", is_flag=True, help="Seal SRC as an opaque bundle even if it is safetensors or a checkpoint."
+)
 @json_option
 @fail_closed
-def seal(src: str, output: str, recipients: tuple[str, ...], passphrase_env: str | None, model_id: str | None,
-         model_version: str, hide_header: bool, sign_key: str | None, segment_size: int, as_bundle: bool,
-         as_json: bool) -> None:
+def seal(
+    src: str,
+    output: str,
+    recipients: tuple[str, ...],
+    passphrase_env: str | None,
+    model_id: str | None,
+    model_version: str,
+    hide_header: bool,
+    sign_key: str | None,
+    segment_size: int,
+    as_bundle: bool,
+    as_json: bool,
+) -> None:
     """Encrypt SRC (.safetensors, .pt/.pth/.bin, .onnx, any file, or a directory) for RECIPIENTs."""
     from modelseal.sealing import plan_size
     from modelseal.sealing import seal as do_seal
@@ -126,12 +174,29 @@ def seal(src: str, output: str, recipients: tuple[str, ...], passphrase_env: str
     if passphrase_env:
         recips.append(Passphrase.from_env(passphrase_env))
     with byte_progress("sealing", plan_size(Path(src)), not as_json) as advance:
-        result = do_seal(src, output, recips, model_id=model_id, model_version=model_version, hide_header=hide_header,
-                         signer=sign_key, segment_size=segment_size, as_bundle=as_bundle, progress=advance)
+        result = do_seal(
+            src,
+            output,
+            recips,
+            model_id=model_id,
+            model_version=model_version,
+            hide_header=hide_header,
+            signer=sign_key,
+            segment_size=segment_size,
+            as_bundle=as_bundle,
+            progress=advance,
+        )
     data = {"model_id": result.model_id, "model_version": result.model_version, "outputs": result.outputs}
-    emit(as_json, data, lambda: [click.echo(f"sealed {o['source']} -> {o['output']} ({o['kind']}"
-                                            f"{', hidden header' if o['hidden_header'] else ''}"
-                                            f"{', signed' if o['signed'] else ''})") for o in result.outputs])
+    emit(
+        as_json,
+        data,
+        [
+            f"sealed {o['source']} -> {o['output']} ({o['kind']}"
+            f"{', hidden header' if o['hidden_header'] else ''}"
+            f"{', signed' if o['signed'] else ''})"
+            for o in result.outputs
+        ],
+    )
 
 
 @main.command()
@@ -145,9 +210,14 @@ def inspect(path: str, as_json: bool) -> None:
     def human() -> None:
         for r in reports:
             out.print(f"[bold]{r['file']}[/]: {r['kind']} {r['format']}, model {r['model_id']} v{r['model_version']}")
-            out.print(f"  payload {r['payload_bytes']} bytes in {r['segments']} segments of {r['segment_size']}; "
-                      f"index {'hidden' if r['hidden_index'] else 'public'}; signer {r['signer'] or 'none'}")
-            out.print("  recipients: " + ", ".join(s["type"] + (f" ({s['kid']})" if "kid" in s else "") for s in r["recipients"]))
+            out.print(
+                f"  payload {r['payload_bytes']} bytes in {r['segments']} segments of {r['segment_size']}; "
+                f"index {'hidden' if r['hidden_index'] else 'public'}; signer {r['signer'] or 'none'}"
+            )
+            out.print(
+                "  recipients: "
+                + ", ".join(s["type"] + (f" ({s['kid']})" if "kid" in s else "") for s in r["recipients"])
+            )
             if "tensors" in r:
                 table = Table("tensor", "dtype", "shape")
                 for t in r["tensors"][:50]:
@@ -163,17 +233,27 @@ def inspect(path: str, as_json: bool) -> None:
 @click.argument("path", type=click.Path(exists=True))
 @identity_option
 @passphrase_option
-@click.option("--trusted-signer", "signers", multiple=True, metavar="ed25519:...|FILE",
-              help="Require a valid signature from this publisher key (repeatable).")
+@click.option(
+    "--trusted-signer",
+    "signers",
+    multiple=True,
+    metavar="ed25519:...|FILE",
+    help="Require a valid signature from this publisher key (repeatable).",
+)
 @json_option
 @fail_closed
-def verify(path: str, identities: tuple[str, ...], passphrase_env: str | None, signers: tuple[str, ...], as_json: bool) -> None:
+def verify(
+    path: str, identities: tuple[str, ...], passphrase_env: str | None, signers: tuple[str, ...], as_json: bool
+) -> None:
     """Authenticate every byte of a sealed file or directory; exit 0 if authentic, 1 if not."""
     spec = identity_spec(identities, passphrase_env)
     with byte_progress("verifying", operations.payload_bytes(path), not as_json) as advance:
         reports = operations.verify(path, spec, list(signers), advance)
-    emit(as_json, {"ok": True, "files": reports},
-         lambda: [click.echo(f"OK {r['file']}: payload {r['payload']}; signature {r['signature']}") for r in reports])
+    emit(
+        as_json,
+        {"ok": True, "files": reports},
+        [f"OK {r['file']}: payload {r['payload']}; signature {r['signature']}" for r in reports],
+    )
 
 
 @main.command(name="open")
@@ -184,12 +264,14 @@ def verify(path: str, identities: tuple[str, ...], passphrase_env: str | None, s
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @json_option
 @fail_closed
-def open_cmd(path: str, output: str, identities: tuple[str, ...], passphrase_env: str | None, force: bool, as_json: bool) -> None:
+def open_cmd(
+    path: str, output: str, identities: tuple[str, ...], passphrase_env: str | None, force: bool, as_json: bool
+) -> None:
     """Decrypt a sealed artifact to plaintext files (the owner's explicit, on-disk decrypt)."""
     spec = identity_spec(identities, passphrase_env)
     with byte_progress("opening", operations.payload_bytes(path), not as_json) as advance:
         written = operations.open_to_disk(path, output, spec, force=force, progress=advance)
-    emit(as_json, {"written": written}, lambda: [click.echo(f"wrote {w}") for w in written])
+    emit(as_json, {"written": written}, [f"wrote {w}" for w in written])
 
 
 @main.command()
@@ -197,21 +279,40 @@ def open_cmd(path: str, output: str, identities: tuple[str, ...], passphrase_env
 @identity_option
 @passphrase_option
 @click.option("--add-recipient", "add", multiple=True, metavar="RECIPIENT", help="Recipient to add (repeatable).")
-@click.option("--remove-recipient", "remove", multiple=True, metavar="RECIPIENT", help="Recipient to remove (repeatable).")
+@click.option(
+    "--remove-recipient", "remove", multiple=True, metavar="RECIPIENT", help="Recipient to remove (repeatable)."
+)
 @json_option
 @fail_closed
-def rekey(path: str, identities: tuple[str, ...], passphrase_env: str | None, add: tuple[str, ...],
-          remove: tuple[str, ...], as_json: bool) -> None:
+def rekey(
+    path: str,
+    identities: tuple[str, ...],
+    passphrase_env: str | None,
+    add: tuple[str, ...],
+    remove: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Add or remove recipients; rewrites headers only, never the encrypted weights."""
     spec = identity_spec(identities, passphrase_env)
     reports = operations.rekey(path, spec, add, remove)
-    emit(as_json, reports, lambda: [click.echo(f"{r['file']}: +{r['added']} -{r['removed']} -> {r['recipients']} "
-                                               f"recipients ({r['rewritten']})") for r in reports])
+    emit(
+        as_json,
+        reports,
+        [
+            f"{r['file']}: +{r['added']} -{r['removed']} -> {r['recipients']} recipients ({r['rewritten']})"
+            for r in reports
+        ],
+    )
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(file_okay=False), default="demo", show_default=True,
-              help="Where to put the demo's sealed model and host key (no plaintext model is written).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default="demo",
+    show_default=True,
+    help="Where to put the demo's sealed model and host key (no plaintext model is written).",
+)
 @json_option
 @fail_closed
 def demo(workdir: str, as_json: bool) -> None:

@@ -17,7 +17,9 @@ def checkpoint_to_safetensors(path: str | os.PathLike[str]) -> bytes:
         import torch
         from safetensors.torch import save
     except ImportError:
-        raise MissingDependencyError("converting .pt checkpoints needs PyTorch: pip install 'modelseal[torch]'") from None
+        raise MissingDependencyError(
+            "converting .pt checkpoints needs PyTorch: pip install 'modelseal[torch]'"
+        ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # torch raises many types for unreadable or unsafe pickles

@@ -61,7 +61,9 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
 
     sealed = host / "classifier.sealed.safetensors"
     t0 = time.perf_counter()
-    seal(plain, sealed, [ident.recipient], model_id="demo-classifier", model_version="1", hide_header=True, signer=signer)
+    seal(
+        plain, sealed, [ident.recipient], model_id="demo-classifier", model_version="1", hide_header=True, signer=signer
+    )
     say(f"owner: sealed it to the host, hidden header, signed by {signer.public[:20]}... -> {sealed}")
 
     t1 = time.perf_counter()
@@ -78,5 +80,11 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
     say(f"check: outputs identical to the plaintext model: {identical}")
     if not identical:
         raise AssertionError("sealed model output differs from the plaintext model")
-    return {"sealed": str(sealed), "class": label, "logits": sealed_logits.tolist(), "identical_to_plain": identical,
-            "seal_ms": 1000 * (t1 - t0), "load_ms": 1000 * (t2 - t1)}
+    return {
+        "sealed": str(sealed),
+        "class": label,
+        "logits": sealed_logits.tolist(),
+        "identical_to_plain": identical,
+        "seal_ms": 1000 * (t1 - t0),
+        "load_ms": 1000 * (t2 - t1),
+    }

@@ -32,7 +32,9 @@ def key_lines(text: str, source: str) -> list[tuple[str, bytes]]:
     return out
 
 
-def write_secret(path: str | os.PathLike[str], label: str, secret: bytes, comments: list[str], force: bool = False) -> None:
+def write_secret(
+    path: str | os.PathLike[str], label: str, secret: bytes, comments: list[str], force: bool = False
+) -> None:
     """Write a secret key file with mode 0600; refuse to overwrite unless ``force``."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     try:

@@ -13,15 +13,15 @@ import os
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ORT writes a telemetry DB under ~/.cache otherwise
 
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from modelseal.bundles import open_bundle  # noqa: E402
-from modelseal.crypto import keys  # noqa: E402
-from modelseal.errors import FormatError, MissingDependencyError, UsageError  # noqa: E402
-from modelseal.format import directory  # noqa: E402
-from modelseal.recipients.parse import IdentitySpec  # noqa: E402
+from modelseal.bundles import open_bundle
+from modelseal.crypto import keys
+from modelseal.errors import FormatError, MissingDependencyError, UsageError
+from modelseal.format import directory
+from modelseal.recipients.parse import IdentitySpec
 
 
 def _files(path: Path, identity: IdentitySpec | None, trusted_signers: Sequence[str] | None) -> dict[str, bytearray]:
@@ -44,8 +44,11 @@ def _files(path: Path, identity: IdentitySpec | None, trusted_signers: Sequence[
                 a.close()
             directory.wipe_cache(cache)
         return out
-    with open_bundle(path, ident, trusted_signers=trusted_signers) as b:
+    b = open_bundle(path, ident, trusted_signers=trusted_signers)
+    try:
         return {name: b.read(name) for name in b.names()}
+    finally:
+        b.close()
 
 
 def InferenceSession(  # noqa: N802 - mirrors onnxruntime.InferenceSession
@@ -74,10 +77,16 @@ def InferenceSession(  # noqa: N802 - mirrors onnxruntime.InferenceSession
         base = str(Path(model_name).parent)
         external = _external_initializers(files[model_name], files, "" if base == "." else base + "/", str(path))
         if external:
-            opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
+            opts.add_external_initializers(
+                list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
+            )
         try:
-            return ort.InferenceSession(bytes(files[model_name]), sess_options=opts,
-                                        providers=list(providers or ["CPUExecutionProvider"]), **kwargs)
+            return ort.InferenceSession(
+                bytes(files[model_name]),
+                sess_options=opts,
+                providers=list(providers or ["CPUExecutionProvider"]),
+                **kwargs,
+            )
         except Exception as exc:  # ORT raises its own exception types for invalid models
             raise FormatError(f"{path}: ONNX Runtime cannot load the decrypted model: {str(exc)[:200]}") from None
     finally:
@@ -91,9 +100,10 @@ def _external_initializers(model: bytearray, files: dict[str, bytearray], base: 
         import onnx
         from onnx.helper import tensor_dtype_to_np_dtype
     except ImportError:
-        raise MissingDependencyError("models with external data need the onnx package: pip install 'modelseal[onnx]'") from None
+        raise MissingDependencyError(
+            "models with external data need the onnx package: pip install 'modelseal[onnx]'"
+        ) from None
     import numpy as np
-
     from google.protobuf.message import DecodeError
 
     try:

@@ -44,9 +44,16 @@ def describe(art: Artifact) -> dict[str, Any]:
     env = art.envelope
     p = env.protected
     out: dict[str, Any] = {
-        "file": art.path, "kind": p["kind"], "format": p["format"], "model_id": p["model_id"],
-        "model_version": p["model_version"], "artifact_id": p["artifact_id"], "segment_size": p["segment_size"],
-        "payload_bytes": p["payload_size"], "segments": p["tag_count"], "hidden_index": env.hidden,
+        "file": art.path,
+        "kind": p["kind"],
+        "format": p["format"],
+        "model_id": p["model_id"],
+        "model_version": p["model_version"],
+        "artifact_id": p["artifact_id"],
+        "segment_size": p["segment_size"],
+        "payload_bytes": p["payload_size"],
+        "segments": p["tag_count"],
+        "hidden_index": env.hidden,
         "recipients": [{k: s[k] for k in ("type", "kid") if k in s} for s in env.recipients],
         "signer": env.signature["signer"] if env.signature else None,
     }
@@ -178,14 +185,18 @@ def _open_one(art: Artifact, target: Path, progress: Progress | None) -> list[Pa
     assert isinstance(art, bundle.SealedBundle)
     if art.index.get("root") == "file":
         e = art.entries[0]
-        return [_write_file(target, e.info.get("mode", 0o600), lambda fd: _stream_entries(art, [(e.name, fd)], progress))]
+        return [
+            _write_file(target, e.info.get("mode", 0o600), lambda fd: _stream_entries(art, [(e.name, fd)], progress))
+        ]
     out = []
     for d in art.index.get("dirs", []):
         (target / d).mkdir(parents=True, exist_ok=True)
     for e in art.entries:
         dest = target / e.name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        out.append(_write_file(dest, e.info.get("mode", 0o600), lambda fd, e=e: _stream_entries(art, [(e.name, fd)], progress)))
+        out.append(
+            _write_file(dest, e.info.get("mode", 0o600), lambda fd, e=e: _stream_entries(art, [(e.name, fd)], progress))
+        )
     return out
 
 
@@ -243,8 +254,15 @@ def rekey(
                     raise UsageError(f"{art.path}: refusing to remove every recipient (nobody could open it)")
                 env.recipients = kept
                 in_place = _rewrite_header(art)
-                reports.append({"file": art.path, "added": len(adds), "removed": removed,
-                                "recipients": len(kept), "rewritten": "header only" if in_place else "header moved"})
+                reports.append(
+                    {
+                        "file": art.path,
+                        "added": len(adds),
+                        "removed": removed,
+                        "recipients": len(kept),
+                        "rewritten": "header only" if in_place else "header moved",
+                    }
+                )
     finally:
         directory.wipe_cache(cache)
     return reports

@@ -81,18 +81,44 @@ def seal(
     dek = keys.new_dek()
     try:
         if src.is_dir():
-            outputs = _seal_dir(src, dst, recips, dek, model_id, model_version, hide_header, signer, segment_size, progress)
+            outputs = _seal_dir(
+                src, dst, recips, dek, model_id, model_version, hide_header, signer, segment_size, progress
+            )
         else:
-            outputs = [_seal_file(src, dst, recips, dek, model_id, model_version, hide_header, signer, segment_size,
-                                  as_bundle, progress, None)]
+            outputs = [
+                _seal_file(
+                    src,
+                    dst,
+                    recips,
+                    dek,
+                    model_id,
+                    model_version,
+                    hide_header,
+                    signer,
+                    segment_size,
+                    as_bundle,
+                    progress,
+                    None,
+                )
+            ]
     finally:
         keys.wipe(dek)
     return SealResult(outputs, model_id, model_version)
 
 
 def _seal_file(
-    src: Path, dst: Path, recips: list[Recipient], dek: bytearray, model_id: str, version: str, hidden: bool,
-    signer: Signer | None, segment_size: int, as_bundle: bool, progress: Progress | None, group: dict | None,  # type: ignore[type-arg]
+    src: Path,
+    dst: Path,
+    recips: list[Recipient],
+    dek: bytearray,
+    model_id: str,
+    version: str,
+    hidden: bool,
+    signer: Signer | None,
+    segment_size: int,
+    as_bundle: bool,
+    progress: Progress | None,
+    group: dict | None,  # type: ignore[type-arg]
 ) -> dict[str, object]:
     name = src.name.lower()
     if not as_bundle and name.endswith(".safetensors"):
@@ -101,9 +127,17 @@ def _seal_file(
             size = os.fstat(f.fileno()).st_size
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         try:
-            env = sst.seal_buffer(mm if mm is not None else b"", dst, recips,
-                                  builder=sst.new_builder(model_id, version, dek, segment_size),
-                                  hidden=hidden, signer=signer, group=group, source=str(src), progress=progress)
+            env = sst.seal_buffer(
+                mm if mm is not None else b"",
+                dst,
+                recips,
+                builder=sst.new_builder(model_id, version, dek, segment_size),
+                hidden=hidden,
+                signer=signer,
+                group=group,
+                source=str(src),
+                progress=progress,
+            )
         finally:
             if mm is not None:
                 mm.close()
@@ -113,21 +147,52 @@ def _seal_file(
         kind = "safetensors"
         data = bytearray(checkpoint_to_safetensors(src))
         try:
-            env = sst.seal_buffer(memoryview(data), dst, recips, builder=sst.new_builder(model_id, version, dek, segment_size),
-                                  hidden=hidden, signer=signer, group=group, source=str(src), progress=progress)
+            env = sst.seal_buffer(
+                memoryview(data),
+                dst,
+                recips,
+                builder=sst.new_builder(model_id, version, dek, segment_size),
+                hidden=hidden,
+                signer=signer,
+                group=group,
+                source=str(src),
+                progress=progress,
+            )
         finally:
             keys.wipe(data)
     else:
         kind = "bundle"
-        env = bundle.seal_path(src, dst, recips, builder=bundle.new_builder(model_id, version, dek, segment_size),
-                               signer=signer, group=group, progress=progress)
-    return {"source": str(src), "output": str(dst), "kind": kind, "artifact_id": env.protected["artifact_id"],
-            "hidden_header": env.hidden, "signed": env.signature is not None, "size": dst.stat().st_size}
+        env = bundle.seal_path(
+            src,
+            dst,
+            recips,
+            builder=bundle.new_builder(model_id, version, dek, segment_size),
+            signer=signer,
+            group=group,
+            progress=progress,
+        )
+    return {
+        "source": str(src),
+        "output": str(dst),
+        "kind": kind,
+        "artifact_id": env.protected["artifact_id"],
+        "hidden_header": env.hidden,
+        "signed": env.signature is not None,
+        "size": dst.stat().st_size,
+    }
 
 
 def _seal_dir(
-    src: Path, dst: Path, recips: list[Recipient], dek: bytearray, model_id: str, version: str, hidden: bool,
-    signer: Signer | None, segment_size: int, progress: Progress | None,
+    src: Path,
+    dst: Path,
+    recips: list[Recipient],
+    dek: bytearray,
+    model_id: str,
+    version: str,
+    hidden: bool,
+    signer: Signer | None,
+    segment_size: int,
+    progress: Progress | None,
 ) -> list[dict[str, object]]:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UsageError(f"{dst} exists and is not an empty directory")
@@ -139,6 +204,20 @@ def _seal_dir(
     for rel in members:
         out = dst / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        outputs.append(_seal_file(src / rel, out, recips, dek, model_id, version, hidden, signer, segment_size,
-                                  not rel.endswith(".safetensors"), progress, directory.member_group(group, rel)))
+        outputs.append(
+            _seal_file(
+                src / rel,
+                out,
+                recips,
+                dek,
+                model_id,
+                version,
+                hidden,
+                signer,
+                segment_size,
+                not rel.endswith(".safetensors"),
+                progress,
+                directory.member_group(group, rel),
+            )
+        )
     return outputs

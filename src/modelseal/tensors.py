@@ -22,16 +22,28 @@ FRAMEWORKS = ("pt", "torch", "np", "numpy")
 def _numpy_dtype(dtype: str) -> Any:
     import numpy as np
 
-    table = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
-             "I32": np.int32, "U32": np.uint32, "F32": np.float32, "F64": np.float64, "I64": np.int64,
-             "U64": np.uint64, "C64": np.complex64}
+    table = {
+        "BOOL": np.bool_,
+        "U8": np.uint8,
+        "I8": np.int8,
+        "I16": np.int16,
+        "U16": np.uint16,
+        "F16": np.float16,
+        "I32": np.int32,
+        "U32": np.uint32,
+        "F32": np.float32,
+        "F64": np.float64,
+        "I64": np.int64,
+        "U64": np.uint64,
+        "C64": np.complex64,
+    }
     if dtype not in table:
         raise UsageError(f"dtype {dtype} has no numpy equivalent: load with framework='pt'")
     return table[dtype]
 
 
 def _torch_dtype(dtype: str) -> Any:
-    torch = require_torch()
+    require_torch()
     from safetensors.torch import _TYPES
 
     if dtype not in _TYPES:
@@ -55,7 +67,7 @@ def numpy_allocator(entry: Entry) -> tuple[Any, memoryview]:
 
     raw = np.empty(entry.length, dtype=np.uint8)
     arr = raw.view(_numpy_dtype(entry.info["dtype"])).reshape(entry.info["shape"])
-    return arr, memoryview(raw)
+    return arr, memoryview(raw.data)
 
 
 def torch_allocator(pin: bool = False) -> Allocator:

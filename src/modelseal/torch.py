@@ -50,8 +50,13 @@ def load_model(
     return model.load_state_dict(state, strict=strict, assign=True)
 
 
-def _from_bytes(path: str | os.PathLike[str], name: str | None, identity: IdentitySpec | None,
-                trusted_signers: Sequence[str] | None, loader: Any) -> Any:
+def _from_bytes(
+    path: str | os.PathLike[str],
+    name: str | None,
+    identity: IdentitySpec | None,
+    trusted_signers: Sequence[str] | None,
+    loader: Any,
+) -> Any:
     data = read_bytes(path, name, identity=identity, trusted_signers=trusted_signers)
     try:
         return loader(io.BytesIO(data))
@@ -71,8 +76,9 @@ def load(
 ) -> Any:
     """``torch.load(..., weights_only=True)`` of a checkpoint sealed as a bundle."""
     torch = require_torch()
-    return _from_bytes(path, name, identity, trusted_signers,
-                       lambda f: torch.load(f, map_location=map_location, weights_only=True))
+    return _from_bytes(
+        path, name, identity, trusted_signers, lambda f: torch.load(f, map_location=map_location, weights_only=True)
+    )
 
 
 def load_torchscript(

@@ -23,8 +23,9 @@ from modelseal.recipients.parse import IdentitySpec
 from modelseal.tensors import numpy_allocator, torch_allocator
 
 
-def _open_all(root: Path, identity: IdentitySpec | None, trusted_signers: Sequence[str] | None,
-              cache: dict[bytes, bytearray]) -> dict[str, Artifact]:
+def _open_all(
+    root: Path, identity: IdentitySpec | None, trusted_signers: Sequence[str] | None, cache: dict[bytes, bytearray]
+) -> dict[str, Artifact]:
     ident = resolve_identity(identity)
     arts: dict[str, Artifact] = {}
     try:

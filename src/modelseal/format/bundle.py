@@ -113,14 +113,20 @@ def seal_path(
         return data
 
     try:
-        return write_artifact(dst, SealRequest(builder, entries, index, read_plain, recipients, True, signer, group),
-                              _header_bytes, progress)
+        return write_artifact(
+            dst,
+            SealRequest(builder, entries, index, read_plain, recipients, True, signer, group),
+            _header_bytes,
+            progress,
+        )
     finally:
         for fd in fds.values():
             os.close(fd)
 
 
-def new_builder(model_id: str, model_version: str, dek: bytearray, segment_size: int = DEFAULT_SEGMENT_SIZE) -> EnvelopeBuilder:
+def new_builder(
+    model_id: str, model_version: str, dek: bytearray, segment_size: int = DEFAULT_SEGMENT_SIZE
+) -> EnvelopeBuilder:
     return EnvelopeBuilder("bundle", model_id, model_version, segment_size, dek)
 
 

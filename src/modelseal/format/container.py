@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelseal.crypto import keys
+from modelseal.crypto import keys, signing
 from modelseal.crypto.parallel import run_all, worker_count
 from modelseal.crypto.segments import TAG_SIZE, Segment, SegmentCipher, plan_entry, segment_count
 from modelseal.crypto.signing import Signer, content_digest, segment_digest, signed_message
-from modelseal.crypto import signing
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError, SignatureError, UsageError
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
@@ -103,15 +102,23 @@ class SealRequest:
     group: dict[str, Any] | None = None
 
 
-def write_artifact(dst: str | os.PathLike[str], req: SealRequest, header: HeaderCodec, progress: Progress | None = None) -> Envelope:
+def write_artifact(
+    dst: str | os.PathLike[str], req: SealRequest, header: HeaderCodec, progress: Progress | None = None
+) -> Envelope:
     """Encrypt the payload segment by segment into ``dst`` (atomically), in bounded memory, in parallel."""
     if not req.recipients:
         raise UsageError("at least one recipient is needed, or nobody could ever open the artifact")
     seg_size = req.builder.segment_size
     payload_size = req.entries[-1].end if req.entries else 0
     tag_count = total_tags(req.entries, seg_size)
-    env = req.builder.build(req.index, hidden=req.hidden, payload_size=payload_size, tag_count=tag_count,
-                            recipients=req.recipients, group=req.group)
+    env = req.builder.build(
+        req.index,
+        hidden=req.hidden,
+        payload_size=payload_size,
+        tag_count=tag_count,
+        recipients=req.recipients,
+        group=req.group,
+    )
     if req.signer is not None:
         env.signature = {"signer": req.signer.public, "sig": b64e(bytes(64))}  # placeholder of final size
     head = header(env, None)
@@ -192,8 +199,11 @@ class Artifact:
         """Unwrap the data key with ``identity`` and authenticate the header."""
         dek = bytearray(self.envelope.unwrap(identity, self.path, dek_cache))  # own copy: close() wipes it
         self._dek = dek
-        self._cipher = SegmentCipher(keys.derive(dek, self.envelope.artifact_id, keys.PURPOSE_PAYLOAD),
-                                     self.envelope.model_id, self.envelope.model_version)
+        self._cipher = SegmentCipher(
+            keys.derive(dek, self.envelope.artifact_id, keys.PURPOSE_PAYLOAD),
+            self.envelope.model_id,
+            self.envelope.model_version,
+        )
         if self.envelope.hidden:
             self._load_index(self.envelope.index(dek, self.path))
 
@@ -301,8 +311,12 @@ class Artifact:
                 digests[seg.tag_index] = segment_digest(ct, self._tag(seg))
 
         run_all(one, segments, (lambda s: progress(s.length)) if progress else None)
-        signing.verify(sig["signer"], b64d(sig["sig"], what="signature", length=64),
-                       signed_message(self.envelope.protected_raw, content_digest(digests)), trusted)
+        signing.verify(
+            sig["signer"],
+            b64d(sig["sig"], what="signature", length=64),
+            signed_message(self.envelope.protected_raw, content_digest(digests)),
+            trusted,
+        )
         return sig["signer"]
 
     def close(self) -> None:

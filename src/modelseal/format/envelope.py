@@ -125,10 +125,14 @@ class Envelope:
             raise FormatError(f"{source}: unknown format {fmt!r}")
         _validate_protected(protected, source)
         recipients = obj["recipients"]
-        if not isinstance(recipients, list) or not all(isinstance(s, dict) and isinstance(s.get("type"), str) for s in recipients):
+        if not isinstance(recipients, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("type"), str) for s in recipients
+        ):
             raise FormatError(f"{source}: recipient stanzas are malformed")
         sig = obj.get("signature")
-        if sig is not None and not (isinstance(sig, dict) and isinstance(sig.get("signer"), str) and isinstance(sig.get("sig"), str)):
+        if sig is not None and not (
+            isinstance(sig, dict) and isinstance(sig.get("signer"), str) and isinstance(sig.get("sig"), str)
+        ):
             raise FormatError(f"{source}: signature block is malformed")
         return cls(raw, protected, recipients, b64d(obj["mac"], what=f"{source}: mac", length=32), sig)
 
@@ -151,7 +155,9 @@ class Envelope:
             if dek_cache is not None and group_id is not None:
                 dek_cache[group_id] = dek
             return dek
-        kinds = ", ".join(sorted({f"{s['type']}" + (f" (kid {s['kid']})" if "kid" in s else "") for s in self.recipients}))
+        kinds = ", ".join(
+            sorted({f"{s['type']}" + (f" (kid {s['kid']})" if "kid" in s else "") for s in self.recipients})
+        )
         raise NoMatchingIdentityError(
             f"{source}: none of your identities ({identity.describe()}) can unwrap its data key; "
             f"it is sealed to: {kinds or 'nobody'}"
@@ -197,8 +203,11 @@ def _validate_protected(p: dict[str, Any], source: str) -> None:
             raise FormatError(f"{source}: {name} is missing or negative")
     group = p.get("group")
     if group is not None and not (
-        isinstance(group, dict) and isinstance(group.get("id"), str) and isinstance(group.get("path"), str)
-        and isinstance(group.get("members"), list) and all(isinstance(m, str) for m in group["members"])
+        isinstance(group, dict)
+        and isinstance(group.get("id"), str)
+        and isinstance(group.get("path"), str)
+        and isinstance(group.get("members"), list)
+        and all(isinstance(m, str) for m in group["members"])
     ):
         raise FormatError(f"{source}: the directory group field is malformed")
     if "index_ct" in p and not isinstance(p["index_ct"], str):

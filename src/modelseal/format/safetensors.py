@@ -44,12 +44,29 @@ HEADER_SLACK = 4096  # room for rekey to add recipients without moving the paylo
 MAX_HEADER = 100 << 20  # the safetensors limit
 
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8, "F64": 8, "I64": 8, "U64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "C64": 8,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
 }
 
 
-def parse_plain_header(buf: memoryview | bytes | mmap.mmap, source: str) -> tuple[dict[str, Any], int]:
+def parse_plain_header(buf: memoryview | bytes | bytearray | mmap.mmap, source: str) -> tuple[dict[str, Any], int]:
     """Parse a safetensors header; return (header dict, byte offset of the data buffer)."""
     if len(buf) < 8:
         raise FormatError(f"{source} is too short to be a safetensors file")
@@ -129,7 +146,9 @@ def seal_buffer(
     header, data_start = parse_plain_header(plain, source)
     entries = tensor_entries(header, source)
     metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise FormatError(f"{source}: __metadata__ must map strings to strings")
     metadata = {k: v for k, v in metadata.items() if k != "modelseal"}
     index = {"entries": entries, "metadata": metadata}
@@ -139,12 +158,22 @@ def seal_buffer(
         raise FormatError(f"{source}: the safetensors data buffer does not match its header (truncated?)")
     entries_from_index(index, payload, source)  # the same validation the reader applies
     with memoryview(plain) as view:
-        req = SealRequest(builder, ents, index, lambda off, n: view[data_start + off : data_start + off + n],
-                          recipients, hidden, signer, group)
+        req = SealRequest(
+            builder,
+            ents,
+            index,
+            lambda off, n: view[data_start + off : data_start + off + n],
+            recipients,
+            hidden,
+            signer,
+            group,
+        )
         return write_artifact(dst, req, lambda env, size: _header_bytes(env, entries, metadata, size), progress)
 
 
-def new_builder(model_id: str, model_version: str, dek: bytearray, segment_size: int = DEFAULT_SEGMENT_SIZE) -> EnvelopeBuilder:
+def new_builder(
+    model_id: str, model_version: str, dek: bytearray, segment_size: int = DEFAULT_SEGMENT_SIZE
+) -> EnvelopeBuilder:
     return EnvelopeBuilder("safetensors", model_id, model_version, segment_size, dek)
 
 
@@ -177,9 +206,15 @@ class SealedSafetensors(Artifact):
         if not self.envelope.hidden:
             for e in self.entries:
                 t = header.get(e.name)
-                if not isinstance(t, dict) or t.get("data_offsets") != [e.begin, e.end] or t.get("dtype") != e.info["dtype"] \
-                        or t.get("shape") != e.info["shape"]:
-                    raise FormatError(f"{self.path}: tensor {e.name!r} in the safetensors header disagrees with the sealed index")
+                if (
+                    not isinstance(t, dict)
+                    or t.get("data_offsets") != [e.begin, e.end]
+                    or t.get("dtype") != e.info["dtype"]
+                    or t.get("shape") != e.info["shape"]
+                ):
+                    raise FormatError(
+                        f"{self.path}: tensor {e.name!r} in the safetensors header disagrees with the sealed index"
+                    )
 
     def _load_index(self, index: dict[str, Any]) -> None:
         super()._load_index(index)

@@ -36,8 +36,7 @@ class Identity(Protocol):
         """
         ...
 
-    def describe(self) -> str:
-        ...
+    def describe(self) -> str: ...
 
 
 _SCHEMES: dict[str, Callable[[str], Recipient]] = {}

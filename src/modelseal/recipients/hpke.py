@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from modelseal.encoding import b64d, b64e
@@ -108,8 +109,13 @@ class HpkeIdentity:
         return cls(kem, os.urandom(64) + os.urandom(32))
 
     def save(self, path: str | os.PathLike[str], force: bool = False) -> None:
-        write_secret(path, self.kem.label, self._secret, [f"modelseal {self.kem.name} identity",
-                                                          f"recipient: {self.recipient.describe()}"], force)
+        write_secret(
+            path,
+            self.kem.label,
+            self._secret,
+            [f"modelseal {self.kem.name} identity", f"recipient: {self.recipient.describe()}"],
+            force,
+        )
 
     def describe(self) -> str:
         return f"{self.kem.name} identity (kid {self._kid})"
@@ -127,5 +133,9 @@ class HpkeIdentity:
             ) from None
 
 
+def _scheme(kem: _Kem) -> Callable[[str], HpkeRecipient]:
+    return lambda text: HpkeRecipient.parse(kem, text)
+
+
 for _k in KEMS.values():
-    register_scheme(_k.name, lambda text, _k=_k: HpkeRecipient.parse(_k, text))
+    register_scheme(_k.name, _scheme(_k))

@@ -77,7 +77,7 @@ def parse_identities(spec: IdentitySpec) -> list[Identity]:
                 raise UsageError(f"environment variable {var} is not set or empty (it should hold an identity)")
             return identities_from_text(value, f"${var}")
         if text.startswith("passphrase-env:"):
-            return [Passphrase.from_env(text[len("passphrase-env:"):])]
+            return [Passphrase.from_env(text[len("passphrase-env:") :])]
         prefix = text.partition(":")[0]
         if prefix != text and not os.path.exists(text) and scheme(prefix) is not None:
             raise UsageError(f"{text[:60]!r} is a recipient, not an identity; pass the matching key file")
@@ -90,7 +90,9 @@ def parse_identities(spec: IdentitySpec) -> list[Identity]:
         for item in spec:
             out.extend(parse_identities(item))
         return out
-    raise UsageError(f"identity must be an Identity, a key-file path, env:VAR or a list of them, not {type(spec).__name__}")
+    raise UsageError(
+        f"identity must be an Identity, a key-file path, env:VAR or a list of them, not {type(spec).__name__}"
+    )
 
 
 def _read_binary(path: str) -> bytes:
