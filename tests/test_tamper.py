@@ -224,11 +224,11 @@ def test_failed_load_leaves_no_plaintext_in_buffers(tmp_path: Path, sealed_pair:
     p = tmp_path / "late.safetensors"
     p.write_bytes(raw)
     from modelseal.artifacts import open_artifact
-    from modelseal.tensors import numpy_allocator
+    from modelseal.tensors import allocate
 
     art = open_artifact(p, IDENT)
     entry = art.entry("a")
-    arr, view = numpy_allocator(entry)
+    [(arr, view)] = allocate([entry], "np")
     with pytest.raises(AuthenticationError):
         art.decrypt_many([(entry, view)])
     assert not arr.any()

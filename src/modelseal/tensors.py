@@ -7,9 +7,10 @@ segment, on all cores; no plaintext copy exists besides the tensor itself, and n
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from modelseal import arena
 from modelseal.artifacts import open_artifact
 from modelseal.errors import MissingDependencyError, UsageError
 from modelseal.format.container import Entry, Progress
@@ -59,26 +60,41 @@ def require_torch() -> Any:
     return torch
 
 
-Allocator = Callable[[Entry], tuple[Any, memoryview]]
+def allocate(entries: Sequence[Entry], framework: str, pin: bool = False) -> list[tuple[Any, memoryview]]:
+    """Empty tensors (numpy or torch) for ``entries``, with a writable byte view of each.
 
+    All tensors of one call share one huge-page arena (see ``arena.py``); with ``pin`` (for a CUDA
+    copy) each torch tensor gets its own page-locked buffer instead.
+    """
+    offsets, total = arena.layout([e.length for e in entries])
+    small = total < arena.MIN_ARENA
+    if framework == "np":
+        import numpy as np
 
-def numpy_allocator(entry: Entry) -> tuple[Any, memoryview]:
-    import numpy as np
-
-    raw = np.empty(entry.length, dtype=np.uint8)
-    arr = raw.view(_numpy_dtype(entry.info["dtype"])).reshape(entry.info["shape"])
-    return arr, memoryview(raw.data)
-
-
-def torch_allocator(pin: bool = False) -> Allocator:
+        buf = None if small else arena.allocate(total)
+        out = []
+        for e, off in zip(entries, offsets, strict=True):
+            if buf is None or not e.length:
+                raw = np.empty(e.length, np.uint8)
+            else:
+                raw = np.frombuffer(buf, dtype=np.uint8, count=e.length, offset=off)
+            out.append((raw.view(_numpy_dtype(e.info["dtype"])).reshape(e.info["shape"]), memoryview(raw.data)))
+        return out
     torch = require_torch()
-
-    def alloc(entry: Entry) -> tuple[Any, memoryview]:
-        raw = torch.empty(entry.length, dtype=torch.uint8, pin_memory=pin)
-        t = raw.view(_torch_dtype(entry.info["dtype"])).reshape(entry.info["shape"])
-        return t, memoryview(raw.numpy())
-
-    return alloc
+    if pin or small:
+        raws = [torch.empty(e.length, dtype=torch.uint8, pin_memory=pin) for e in entries]
+    else:
+        buf = arena.allocate(total)
+        raws = [
+            torch.frombuffer(buf, dtype=torch.uint8, count=e.length, offset=off)
+            if e.length
+            else torch.empty(0, dtype=torch.uint8)
+            for e, off in zip(entries, offsets, strict=True)
+        ]
+    return [
+        (raw.view(_torch_dtype(e.info["dtype"])).reshape(e.info["shape"]), memoryview(raw.numpy().data))
+        for e, raw in zip(entries, raws, strict=True)
+    ]
 
 
 def _normalise_framework(framework: str) -> str:
@@ -124,10 +140,9 @@ class safe_open:  # noqa: N801 - mirrors safetensors.safe_open
     def get_tensors(self, names: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, Any]:
         """Decrypt several tensors at once (all cores across tensors and segments)."""
         entries = self._art.entries if names is None else [self._art.entry(n) for n in names]
-        alloc = numpy_allocator if self._framework == "np" else torch_allocator(self._pin())
-        made = [(e, *alloc(e)) for e in entries]
-        self._art.decrypt_many([(e, view) for e, _t, view in made], progress)
-        out = {e.name: t for e, t, _v in made}
+        made = allocate(entries, self._framework, self._pin())
+        self._art.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)], progress)
+        out = {e.name: t for e, (t, _v) in zip(entries, made, strict=True)}
         if self._framework == "pt" and self._device != "cpu":
             out = {k: v.to(self._device, non_blocking=True) for k, v in out.items()}
         return out

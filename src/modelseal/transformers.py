@@ -20,7 +20,7 @@ from modelseal.format.bundle import SealedBundle
 from modelseal.format.container import Artifact
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.recipients.parse import IdentitySpec
-from modelseal.tensors import numpy_allocator, torch_allocator
+from modelseal.tensors import allocate
 
 
 def _open_all(
@@ -57,12 +57,12 @@ def load_state_dict(
         shards = [a for a in arts.values() if isinstance(a, SealedSafetensors)]
         if not shards:
             raise UsageError(f"{root} contains no sealed .safetensors files")
-        alloc = numpy_allocator if framework in ("np", "numpy") else torch_allocator()
+        fw = "np" if framework in ("np", "numpy") else "pt"
         state: dict[str, Any] = {}
         for shard in shards:
-            made = [(e, *alloc(e)) for e in shard.entries]
-            shard.decrypt_many([(e, v) for e, _t, v in made])
-            for e, t, _v in made:
+            made = allocate(shard.entries, fw)
+            shard.decrypt_many([(e, v) for e, (_t, v) in zip(shard.entries, made, strict=True)])
+            for e, (t, _v) in zip(shard.entries, made, strict=True):
                 if e.name in state:
                     raise UsageError(f"tensor {e.name!r} appears in two shards of {root}")
                 state[e.name] = t
