@@ -214,7 +214,8 @@ def main() -> None:
     print("  single-tensor access (file with a 256 MiB filler):")
     for r in single:
         print(
-            f"    {r['tensor_kib']:>6} KiB: plain {r['plain_ms']:8.3f} ms, sealed {r['sealed_ms']:8.3f} ms, {r['ratio']:.2f}x"
+            f"    {r['tensor_kib']:>6} KiB: plain {r['plain_ms']:8.3f} ms, "
+            f"sealed {r['sealed_ms']:8.3f} ms, {r['ratio']:.2f}x"
         )
 
 
