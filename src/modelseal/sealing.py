@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,14 +122,11 @@ def _seal_file(
     group: dict | None,  # type: ignore[type-arg]
 ) -> dict[str, object]:
     name = src.name.lower()
-    if not as_bundle and name.endswith(".safetensors"):
+    if not as_bundle and name.endswith((".safetensors", *CHECKPOINT_SUFFIXES)):
         kind = "safetensors"
-        with open(src, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        try:
+        with _safetensors_bytes(src) as plain:
             env = sst.seal_buffer(
-                mm if mm is not None else b"",
+                plain,
                 dst,
                 recips,
                 builder=sst.new_builder(model_id, version, dek, segment_size),
@@ -138,28 +136,6 @@ def _seal_file(
                 source=str(src),
                 progress=progress,
             )
-        finally:
-            if mm is not None:
-                mm.close()
-    elif not as_bundle and name.endswith(CHECKPOINT_SUFFIXES):
-        from modelseal.convert import checkpoint_to_safetensors
-
-        kind = "safetensors"
-        data = bytearray(checkpoint_to_safetensors(src))
-        try:
-            env = sst.seal_buffer(
-                memoryview(data),
-                dst,
-                recips,
-                builder=sst.new_builder(model_id, version, dek, segment_size),
-                hidden=hidden,
-                signer=signer,
-                group=group,
-                source=str(src),
-                progress=progress,
-            )
-        finally:
-            keys.wipe(data)
     else:
         kind = "bundle"
         env = bundle.seal_path(
@@ -180,6 +156,30 @@ def _seal_file(
         "signed": env.signature is not None,
         "size": dst.stat().st_size,
     }
+
+
+@contextmanager
+def _safetensors_bytes(src: Path) -> Iterator[mmap.mmap | bytes | bytearray]:
+    """The plaintext safetensors bytes of ``src``: the file mapped read-only, or a checkpoint converted
+    in memory (wiped afterwards)."""
+    if src.name.lower().endswith(CHECKPOINT_SUFFIXES):
+        from modelseal.convert import checkpoint_to_safetensors
+
+        data = bytearray(checkpoint_to_safetensors(src))
+        try:
+            yield data
+        finally:
+            keys.wipe(data)
+        return
+    with open(src, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield mm
+    finally:
+        mm.close()
 
 
 def _seal_dir(
