@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.crypto import keys
-from modelseal.encoding import b64d, b64e
+from modelseal.encoding import b64e
 from modelseal.errors import AuthenticationError, FormatError, UsageError
 from modelseal.format.container import Artifact
-from modelseal.format.safetensors import SealedSafetensors
 
 MARKER_KEY = "group"
 
@@ -61,21 +60,6 @@ def check_group(root: Path, artifacts: dict[str, Artifact]) -> None:
         missing = [m for m in members if m not in present]
         if missing:
             raise AuthenticationError(f"{root} is missing sealed files: {', '.join(missing[:5])}")
-
-
-def group_id(art: Artifact) -> bytes | None:
-    g = art.envelope.protected.get(MARKER_KEY)
-    return b64d(g["id"], what="group id") if isinstance(g, dict) else None
-
-
-def open_safetensors_dir(root: Path) -> dict[str, SealedSafetensors]:
-    """Open (locked) every sealed safetensors file of a sealed directory, in name order."""
-    if not root.is_dir():
-        raise UsageError(f"{root} is not a directory")
-    files = sorted(p for p in root.rglob("*.safetensors") if p.is_file())
-    if not files:
-        raise UsageError(f"{root} contains no .safetensors files")
-    return {p.relative_to(root).as_posix(): SealedSafetensors.open(p) for p in files}
 
 
 def wipe_cache(cache: dict[bytes, bytearray]) -> None:
