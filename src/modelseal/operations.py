@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.artifacts import open_artifact, open_locked, resolve_identity
-from modelseal.crypto import keys
 from modelseal.crypto.segments import TAG_SIZE
 from modelseal.errors import FormatError, UsageError
 from modelseal.format import bundle, directory
@@ -125,22 +124,11 @@ def _write_plain_safetensors(art: sst.SealedSafetensors, out_fd: int, progress: 
 
 def _stream_entries(art: Artifact, targets: list[tuple[str, int]], progress: Progress | None) -> None:
     """Decrypt entries segment by segment (bounded memory) and append them to their target fds."""
-    buf = bytearray(art.segment_size)
-    view = memoryview(buf)
-    cipher = art._cipher
-    assert cipher is not None
-    try:
-        for name, fd in targets:
-            for seg in art._plans[name]:
-                out = view[: seg.length]
-                with art._view(seg) as ct:
-                    cipher.decrypt_into(seg, ct, art._tag(seg), out)
-                os.write(fd, out)
-                if progress:
-                    progress(seg.length)
-    finally:
-        view.release()
-        keys.wipe(buf)
+    for name, fd in targets:
+        for chunk in art.iter_chunks(name):
+            os.write(fd, chunk)
+            if progress:
+                progress(len(chunk))
 
 
 def open_to_disk(

@@ -17,7 +17,6 @@ import json
 import os
 import stat
 import struct
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -192,26 +191,6 @@ class SealedBundle(Artifact):
             return bytearray(view[start : start + length])
         finally:
             view.release()
-            keys.wipe(buf)
-
-    def iter_chunks(self, name: str) -> Iterator[memoryview]:
-        """Stream one file, one authenticated segment at a time, in bounded memory.
-
-        The yielded view is reused (and finally wiped): consume it before the next iteration.
-        """
-        entry = self.entry(name)
-        cipher = self._cipher
-        if cipher is None:
-            raise UsageError("artifact is locked: call unlock() with an identity first")
-        buf = bytearray(self.segment_size)
-        view = memoryview(buf)
-        try:
-            for s in self._plans[entry.name]:
-                out = view[: s.length]
-                with self._view(s) as ct:
-                    cipher.decrypt_into(s, ct, self._tag(s), out)
-                yield out
-        finally:
             keys.wipe(buf)
 
     def _pick(self, name: str | None) -> Entry:

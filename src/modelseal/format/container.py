@@ -274,6 +274,26 @@ class Artifact:
         finally:
             view.release()
 
+    def iter_chunks(self, name: str) -> Iterator[memoryview]:
+        """Stream one entry, one authenticated segment at a time, in bounded memory.
+
+        The yielded view is reused (and finally wiped): consume it before the next iteration.
+        """
+        entry = self.entry(name)
+        cipher = self._cipher
+        if cipher is None:
+            raise UsageError("artifact is locked: call unlock() with an identity first")
+        buf = bytearray(self.segment_size)
+        view = memoryview(buf)
+        try:
+            for s in self._plans[entry.name]:
+                out = view[: s.length]
+                with self._view(s) as ct:
+                    cipher.decrypt_into(s, ct, self._tag(s), out)
+                yield out
+        finally:
+            keys.wipe(buf)
+
     def verify_payload(self, progress: Progress | None = None) -> None:
         """Authenticate every segment, decrypting into per-thread scratch buffers that are then wiped."""
         cipher = self._cipher
