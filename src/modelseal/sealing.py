@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modelseal.crypto import keys
 from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE
@@ -23,7 +24,7 @@ from modelseal.errors import UsageError
 from modelseal.format import bundle, directory
 from modelseal.format import safetensors as sst
 from modelseal.format.container import Progress
-from modelseal.format.envelope import check_id
+from modelseal.format.envelope import EnvelopeBuilder, check_id
 from modelseal.recipients import parse_recipient
 from modelseal.recipients.base import Recipient
 
@@ -37,6 +38,23 @@ class SealResult:
     outputs: list[dict[str, object]]
     model_id: str
     model_version: str
+
+
+@dataclass
+class _Job:
+    """The settings every file of one ``seal()`` call shares (one DEK for a whole directory)."""
+
+    recipients: list[Recipient]
+    dek: bytearray
+    model_id: str
+    model_version: str
+    hidden: bool
+    signer: Signer | None
+    segment_size: int
+    progress: Progress | None
+
+    def builder(self, kind: str) -> EnvelopeBuilder:
+        return EnvelopeBuilder(kind, self.model_id, self.model_version, self.segment_size, self.dek)
 
 
 def _recipients(recipients: Sequence[Recipient | str]) -> list[Recipient]:
@@ -79,73 +97,42 @@ def seal(
     if isinstance(signer, (str, os.PathLike)):
         signer = Signer.load(signer)
     recips = _recipients(recipients)
-    dek = keys.new_dek()
+    job = _Job(recips, keys.new_dek(), model_id, model_version, hide_header, signer, segment_size, progress)
     try:
         if src.is_dir():
-            outputs = _seal_dir(
-                src, dst, recips, dek, model_id, model_version, hide_header, signer, segment_size, progress
-            )
+            outputs = _seal_dir(src, dst, job)
         else:
-            outputs = [
-                _seal_file(
-                    src,
-                    dst,
-                    recips,
-                    dek,
-                    model_id,
-                    model_version,
-                    hide_header,
-                    signer,
-                    segment_size,
-                    as_bundle,
-                    progress,
-                    None,
-                )
-            ]
+            outputs = [_seal_file(src, dst, job, as_bundle, None)]
     finally:
-        keys.wipe(dek)
+        keys.wipe(job.dek)
     return SealResult(outputs, model_id, model_version)
 
 
-def _seal_file(
-    src: Path,
-    dst: Path,
-    recips: list[Recipient],
-    dek: bytearray,
-    model_id: str,
-    version: str,
-    hidden: bool,
-    signer: Signer | None,
-    segment_size: int,
-    as_bundle: bool,
-    progress: Progress | None,
-    group: dict | None,  # type: ignore[type-arg]
-) -> dict[str, object]:
-    name = src.name.lower()
-    if not as_bundle and name.endswith((".safetensors", *CHECKPOINT_SUFFIXES)):
+def _seal_file(src: Path, dst: Path, job: _Job, as_bundle: bool, group: dict[str, Any] | None) -> dict[str, object]:
+    if not as_bundle and src.name.lower().endswith((".safetensors", *CHECKPOINT_SUFFIXES)):
         kind = "safetensors"
         with _safetensors_bytes(src) as plain:
             env = sst.seal_buffer(
                 plain,
                 dst,
-                recips,
-                builder=sst.new_builder(model_id, version, dek, segment_size),
-                hidden=hidden,
-                signer=signer,
+                job.recipients,
+                builder=job.builder("safetensors"),
+                hidden=job.hidden,
+                signer=job.signer,
                 group=group,
                 source=str(src),
-                progress=progress,
+                progress=job.progress,
             )
     else:
         kind = "bundle"
         env = bundle.seal_path(
             src,
             dst,
-            recips,
-            builder=bundle.new_builder(model_id, version, dek, segment_size),
-            signer=signer,
+            job.recipients,
+            builder=job.builder("bundle"),
+            signer=job.signer,
             group=group,
-            progress=progress,
+            progress=job.progress,
         )
     return {
         "source": str(src),
@@ -182,18 +169,7 @@ def _safetensors_bytes(src: Path) -> Iterator[mmap.mmap | bytes | bytearray]:
         mm.close()
 
 
-def _seal_dir(
-    src: Path,
-    dst: Path,
-    recips: list[Recipient],
-    dek: bytearray,
-    model_id: str,
-    version: str,
-    hidden: bool,
-    signer: Signer | None,
-    segment_size: int,
-    progress: Progress | None,
-) -> list[dict[str, object]]:
+def _seal_dir(src: Path, dst: Path, job: _Job) -> list[dict[str, object]]:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UsageError(f"{dst} exists and is not an empty directory")
     members = directory.list_members(src)
@@ -205,19 +181,6 @@ def _seal_dir(
         out = dst / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         outputs.append(
-            _seal_file(
-                src / rel,
-                out,
-                recips,
-                dek,
-                model_id,
-                version,
-                hidden,
-                signer,
-                segment_size,
-                not rel.endswith(".safetensors"),
-                progress,
-                directory.member_group(group, rel),
-            )
+            _seal_file(src / rel, out, job, not rel.endswith(".safetensors"), directory.member_group(group, rel))
         )
     return outputs

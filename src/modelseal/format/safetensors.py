@@ -21,7 +21,7 @@ import os
 import struct
 from typing import Any
 
-from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE, TAG_SIZE
+from modelseal.crypto.segments import TAG_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
 from modelseal.format.container import (
@@ -169,12 +169,6 @@ def seal_buffer(
             group,
         )
         return write_artifact(dst, req, lambda env, size: _header_bytes(env, entries, metadata, size), progress)
-
-
-def new_builder(
-    model_id: str, model_version: str, dek: bytearray, segment_size: int = DEFAULT_SEGMENT_SIZE
-) -> EnvelopeBuilder:
-    return EnvelopeBuilder("safetensors", model_id, model_version, segment_size, dek)
 
 
 class SealedSafetensors(Artifact):
