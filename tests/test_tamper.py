@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -144,16 +145,19 @@ def test_swapped_segments_with_their_tags(tmp_path: Path, sealed_pair: tuple[Pat
         modelseal.numpy.load_file(p, identity=IDENT)
 
 
-def test_public_header_edits_are_caught(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
-    """Changing a dtype/shape in the plain safetensors listing cannot reinterpret the weights."""
-    raw = sealed_pair[0].read_bytes()
+def _with_header(raw: bytes, edit: Callable[[dict], None]) -> bytes:  # type: ignore[type-arg]
+    """``raw`` with its safetensors JSON header parsed, edited in place by ``edit``, and re-serialised."""
     d = _data_start(raw)
     header = json.loads(raw[8:d])
-    header["a"]["shape"] = [1000, 3]
+    edit(header)
     new = json.dumps(header, separators=(",", ":")).encode()
-    new += b" " * (d - 8 - len(new))
+    return struct.pack("<Q", len(new)) + new + raw[d:]
+
+
+def test_public_header_edits_are_caught(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
+    """Changing a dtype/shape in the plain safetensors listing cannot reinterpret the weights."""
     p = tmp_path / "edited.safetensors"
-    p.write_bytes(raw[:8] + new + raw[d:])
+    p.write_bytes(_with_header(sealed_pair[0].read_bytes(), lambda h: h["a"].update(shape=[1000, 3])))
     with pytest.raises(FormatError, match="disagrees"):
         modelseal.numpy.load_file(p, identity=IDENT)
 
@@ -194,17 +198,16 @@ def test_wrong_key(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
 
 
 def test_newer_format_version(tmp_path: Path, sealed_pair: tuple[Path, Path]) -> None:
-    raw = sealed_pair[0].read_bytes()
-    d = _data_start(raw)
-    header = json.loads(raw[8:d])
-    env = json.loads(header["__metadata__"]["modelseal"])
-    prot = json.loads(modelseal.encoding.b64d(env["protected"]))
-    prot["format"] = "modelseal/9"
-    env["protected"] = modelseal.encoding.b64e(json.dumps(prot).encode())
-    header["__metadata__"]["modelseal"] = json.dumps(env)
-    new = json.dumps(header).encode()
+
+    def bump_format(header: dict) -> None:  # type: ignore[type-arg]
+        env = json.loads(header["__metadata__"]["modelseal"])
+        prot = json.loads(modelseal.encoding.b64d(env["protected"]))
+        prot["format"] = "modelseal/9"
+        env["protected"] = modelseal.encoding.b64e(json.dumps(prot).encode())
+        header["__metadata__"]["modelseal"] = json.dumps(env)
+
     p = tmp_path / "v9.safetensors"
-    p.write_bytes(struct.pack("<Q", len(new)) + new + raw[d:])
+    p.write_bytes(_with_header(sealed_pair[0].read_bytes(), bump_format))
     with pytest.raises(UnsupportedVersionError, match="upgrade"):
         modelseal.numpy.load_file(p, identity=IDENT)
 

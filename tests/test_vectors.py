@@ -58,8 +58,11 @@ def independent_safetensors(path: Path) -> dict[str, bytes]:
     mac = hmac.new(hkdf(dek, aid, b"modelseal/1 header-mac"), protected_raw, hashlib.sha256).digest()
     assert hmac.compare_digest(mac, b64(env["mac"]))
     if "index_ct" in p:
-        index = json.loads(AESGCM(hkdf(dek, aid, b"modelseal/1 index")).decrypt(
-            bytes(12), b64(p["index_ct"]), lp(b"modelseal/1 index") + aid))
+        index = json.loads(
+            AESGCM(hkdf(dek, aid, b"modelseal/1 index")).decrypt(
+                bytes(12), b64(p["index_ct"]), lp(b"modelseal/1 index") + aid
+            )
+        )
     else:
         index = p["index"]
     key = AESGCM(hkdf(dek, aid, b"modelseal/1 payload"))
@@ -72,8 +75,15 @@ def independent_safetensors(path: Path) -> dict[str, bytes]:
         pieces = []
         for i in range(count):
             s, t = data + begin + i * seg, min(data + end, data + begin + (i + 1) * seg)
-            aad = b"".join([lp(b"modelseal/1 segment"), lp(p["model_id"].encode()), lp(p["model_version"].encode()),
-                            lp(e["name"].encode()), struct.pack(">QB", i, int(i == count - 1))])
+            aad = b"".join(
+                [
+                    lp(b"modelseal/1 segment"),
+                    lp(p["model_id"].encode()),
+                    lp(p["model_version"].encode()),
+                    lp(e["name"].encode()),
+                    struct.pack(">QB", i, int(i == count - 1)),
+                ]
+            )
             nonce = struct.pack(">IQ", ordinal, i)
             pieces.append(key.decrypt(nonce, raw[s:t] + raw[tags + 16 * tag_i : tags + 16 * tag_i + 16], aad))
             tag_i += 1
