@@ -1,9 +1,9 @@
 """One allocation for all the tensors of a load, backed by transparent huge pages where possible.
 
-Decrypting into fresh memory is dominated by page faults on 4 KiB pages (measured here: 1.8 GB/s
-into fresh 4 KiB pages vs 5.0 GB/s into fresh huge pages, the AES-GCM ceiling). Linux kernels in
-``madvise`` THP mode give huge pages only to regions that ask, so the arena is an anonymous mapping
-advised with ``MADV_HUGEPAGE``. Tensors are views into it: the memory is released when the last of
+One page-aligned mapping per load means one allocation instead of one per tensor, and fewer page
+faults: Linux kernels in ``madvise`` THP mode give huge pages only to regions that ask, so the arena
+is an anonymous mapping advised with ``MADV_HUGEPAGE``. The gain is modest (``bench/decrypt.py``,
+1 GiB, two threads: 5.4 GB/s into fresh huge pages vs 5.1 GB/s into fresh 4 KiB pages). Tensors are views into it: the memory is released when the last of
 them is garbage collected (like tensors mmapped by ``safetensors``).
 """
 
