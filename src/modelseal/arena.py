@@ -3,8 +3,9 @@
 One page-aligned mapping per load means one allocation instead of one per tensor, and fewer page
 faults: Linux kernels in ``madvise`` THP mode give huge pages only to regions that ask, so the arena
 is an anonymous mapping advised with ``MADV_HUGEPAGE``. The gain is modest (``bench/decrypt.py``,
-1 GiB, two threads: 5.4 GB/s into fresh huge pages vs 5.1 GB/s into fresh 4 KiB pages). Tensors are views into it: the memory is released when the last of
-them is garbage collected (like tensors mmapped by ``safetensors``).
+1 GiB, two threads: 5.4 GB/s into fresh huge pages vs 5.1 GB/s into fresh 4 KiB pages).
+Tensors are views into the arena: the memory is released when the last of them is garbage
+collected (like tensors mmapped by ``safetensors``).
 """
 
 from __future__ import annotations
