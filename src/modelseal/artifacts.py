@@ -13,14 +13,20 @@ from modelseal.recipients.base import Identity
 from modelseal.recipients.parse import IdentitySpec, load_identity
 
 IDENTITY_ENV = "MODELSEAL_IDENTITY"
+AGENT_SOCKET_ENV = "MODELSEAL_AGENT_SOCKET"
 
 
 def resolve_identity(identity: IdentitySpec | None) -> Identity:
-    """``identity`` as given, or the spec in ``$MODELSEAL_IDENTITY``."""
+    """``identity`` as given, else ``$MODELSEAL_IDENTITY``, else the agent at ``$MODELSEAL_AGENT_SOCKET``."""
     if identity is None:
-        spec = os.environ.get(IDENTITY_ENV)
+        spec = os.environ.get(IDENTITY_ENV) or (
+            f"agent:{os.environ[AGENT_SOCKET_ENV]}" if os.environ.get(AGENT_SOCKET_ENV) else None
+        )
         if not spec:
-            raise UsageError(f"no identity given: pass identity=... (-i on the command line) or set {IDENTITY_ENV}")
+            raise UsageError(
+                f"no identity given: pass identity=... (-i on the command line), or set {IDENTITY_ENV} "
+                f"or {AGENT_SOCKET_ENV}"
+            )
         return load_identity(spec)
     return load_identity(identity)
 

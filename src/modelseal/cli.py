@@ -6,58 +6,21 @@ Every command has ``--help``; those that report take ``--json``. Expected failur
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from modelseal import operations
+from modelseal.clikit import emit, fail_closed, json_option, out
 from modelseal.crypto.signing import Signer
-from modelseal.errors import ModelsealError
 from modelseal.progress import byte_progress
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 from modelseal.recipients.passphrase import Passphrase
 from modelseal.recipients.symmetric import SymmetricKey
 
-F = TypeVar("F", bound=Callable[..., Any])
-out = Console()
-
-
-def fail_closed(fn: F) -> F:
-    """Turn modelseal errors into a clean message and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ModelsealError as exc:
-            click.echo(f"modelseal: error: {exc}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("modelseal: interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def emit(as_json: bool, data: Any, human: Callable[[], None] | list[str]) -> None:
-    """Print ``data`` as JSON, or the human form: a list of lines or a function that prints."""
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    elif callable(human):
-        human()
-    else:
-        for line in human:
-            click.echo(line)
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 identity_option = click.option(
     "-i",
     "--identity",
@@ -326,3 +289,15 @@ def demo(workdir: str, as_json: bool) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _register_service_commands() -> None:
+    from modelseal.agent.cli import agent
+    from modelseal.keyserver.cli import keyserver, pki_group
+
+    main.add_command(keyserver, "keyserver")
+    main.add_command(agent, "agent")
+    main.add_command(pki_group, "pki")
+
+
+_register_service_commands()

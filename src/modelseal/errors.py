@@ -43,3 +43,23 @@ class UsageError(ModelsealError):
 
 class MissingDependencyError(ModelsealError):
     """An optional framework (torch, onnxruntime, ...) is needed but not installed."""
+
+
+class KeyReleaseError(ModelsealError):
+    """The key service or the host agent refused (or could not) release a data key.
+
+    ``code`` is a stable machine-readable reason (``revoked``, ``expired``, ``not_granted``,
+    ``agent_unavailable``, ...); the message says what to do next.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ServiceError(ModelsealError):
+    """A modelseal service (key service, agent) answered with an error, or could not be reached."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code

@@ -1,9 +1,10 @@
 """Turn command-line strings and key files into recipients and identities.
 
 Recipient strings: ``x25519:B64``, ``mlkem768x25519:B64``, ``symmetric:PATH``, any registered scheme
-(``keyserver:URL#MODEL`` later), or the path of a public-key or identity file.
+(``keyserver:URL#MODEL``), or the path of a public-key or identity file.
 Identity specs: an :class:`Identity` object, a list of them, a key-file path, ``env:VAR`` (the variable
-holds identity-file text), ``passphrase-env:VAR`` (the variable holds a passphrase).
+holds identity-file text), ``passphrase-env:VAR`` (the variable holds a passphrase), ``agent:SOCKET``
+(keys released by the key service through the host agent).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Union
 
 from modelseal.errors import KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text
-from modelseal.recipients import hpke, symmetric
+from modelseal.recipients import hpke, keyserver, symmetric  # noqa: F401  (keyserver registers its scheme)
 from modelseal.recipients.base import Identity, Recipient, known_schemes, scheme
 from modelseal.recipients.passphrase import Passphrase
 
@@ -78,6 +79,10 @@ def parse_identities(spec: IdentitySpec) -> list[Identity]:
             return identities_from_text(value, f"${var}")
         if text.startswith("passphrase-env:"):
             return [Passphrase.from_env(text[len("passphrase-env:") :])]
+        if text.startswith("agent:"):
+            from modelseal.agent.identity import AgentIdentity
+
+            return [AgentIdentity(text[len("agent:") :])]
         prefix = text.partition(":")[0]
         if prefix != text and not os.path.exists(text) and scheme(prefix) is not None:
             raise UsageError(f"{text[:60]!r} is a recipient, not an identity; pass the matching key file")

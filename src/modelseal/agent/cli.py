@@ -1,0 +1,59 @@
+"""``modelseal agent ...``: run the host agent, ask it for its status."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import click
+
+from modelseal.clikit import emit, fail_closed, json_option
+
+
+@click.group()
+def agent() -> None:
+    """The host agent: fetches granted keys, keeps them in memory only, serves local loaders."""
+
+
+@agent.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("-v", "--verbose", is_flag=True)
+@fail_closed
+def agent_run(config_path: str, verbose: bool) -> None:
+    """Serve keys on the configured unix socket until SIGINT/SIGTERM (keys are wiped on exit)."""
+    from modelseal.agent.config import AgentConfig
+    from modelseal.agent.daemon import run
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    cfg = AgentConfig.load(config_path)
+    run(
+        cfg.client(),
+        cfg.socket,
+        cfg.acl,
+        mode=cfg.socket_mode,
+        prefetch=cfg.prefetch,
+        max_grace_s=cfg.max_grace_s,
+        retry_s=cfg.retry_s,
+    )
+
+
+@agent.command("status")
+@click.option("--socket", "socket_path", required=True, envvar="MODELSEAL_AGENT_SOCKET", help="Agent socket.")
+@json_option
+@fail_closed
+def agent_status(socket_path: str, as_json: bool) -> None:
+    """Keys the agent holds (never their bytes), their lease expiry, and keys it dropped and why."""
+    from modelseal.agent.wire import ask
+
+    answer, _ = ask(socket_path, {"op": "status"})
+    answer.pop("ok", None)
+
+    def when(t: int) -> str:
+        return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
+
+    lines = [f"{k['model']}\t{k['key_id']}\tlease until {when(k['expires_at'])}" for k in answer["keys"]]
+    lines += [f"dropped {key_id}: {d['code']} ({d['message']})" for key_id, d in answer["dropped"].items()]
+    emit(as_json, answer, lines or ["no keys held"])

@@ -1,0 +1,26 @@
+"""``identity="agent:/path/to.sock"``: loaders get ``keyserver`` data keys from the host agent."""
+
+from __future__ import annotations
+
+from modelseal.agent.wire import ask
+from modelseal.errors import FormatError, KeyReleaseError
+from modelseal.recipients.base import Stanza
+
+
+class AgentIdentity:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    def describe(self) -> str:
+        return f"agent at {self.socket_path}"
+
+    def unwrap(self, stanza: Stanza, context: bytes) -> bytearray | None:
+        if stanza.get("type") != "keyserver":
+            return None
+        key_id, model = stanza.get("key_id"), stanza.get("model")
+        if not isinstance(key_id, str) or not isinstance(model, str):
+            raise FormatError("malformed keyserver stanza: key_id and model must be strings")
+        _answer, key = ask(self.socket_path, {"op": "key", "key_id": key_id, "model": model})
+        if len(key) != 32:
+            raise KeyReleaseError("agent_unavailable", "the agent sent a malformed key")
+        return key

@@ -1,0 +1,76 @@
+"""The agent's client of the key service's host API: challenge, evidence, release, verify, unwrap."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from modelseal.agent.evidence import collect
+from modelseal.encoding import b64d, b64e
+from modelseal.errors import FormatError, ServiceError
+from modelseal.keyserver.client import _httpx, decode
+from modelseal.keyserver.protocol import EphemeralKey, Lease, binding, load_service_public_key
+from modelseal.pki import client_context, identity_of_cert_file
+
+
+class ReleaseClient:
+    def __init__(
+        self,
+        url: str,
+        *,
+        ca: str | os.PathLike[str],
+        cert: str,
+        key: str,
+        service_key: str | None = None,
+        evidence: list[str] | None = None,
+        timeout: float = 10,
+    ) -> None:
+        httpx = _httpx()
+        self.url = url.rstrip("/")
+        self.identity = identity_of_cert_file(cert)
+        self._http = httpx.AsyncClient(base_url=self.url, verify=client_context(ca, cert, key), timeout=timeout)
+        self._errors = httpx.HTTPError
+        self._service_key = load_service_public_key(service_key) if service_key else None
+        self.evidence = evidence or ["mtls"]
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            response = await self._http.request(method, path, json=body)
+        except self._errors as exc:
+            raise ServiceError(0, "unreachable", f"cannot reach the key service at {self.url}: {exc}") from None
+        return decode(response)
+
+    async def service_key(self) -> Any:
+        """The pinned lease-signing key, or the one the (TLS-authenticated) service publishes."""
+        if self._service_key is None:
+            info = await self._call("GET", "/v1/info")
+            self._service_key = load_service_public_key(str(info.get("lease_public_key", "")))
+        return self._service_key
+
+    async def granted_keys(self) -> list[dict[str, str]]:
+        return list((await self._call("GET", "/v1/keys"))["keys"])
+
+    async def fetch(self, key_id: str) -> tuple[Lease, bytearray]:
+        """One full exchange for ``key_id``; raises :class:`ServiceError` or :class:`KeyReleaseError`."""
+        service_key = await self.service_key()
+        challenge = await self._call("POST", "/v1/challenge", {"key_id": key_id})
+        try:
+            nonce = b64d(challenge.get("nonce"), what="nonce", length=32)
+        except FormatError as exc:
+            raise ServiceError(0, "bad_answer", f"the key service sent a malformed challenge: {exc}") from None
+        ephemeral = EphemeralKey()
+        bind = binding(nonce, self.identity.spki_hash, ephemeral.public)
+        kinds = [*self.evidence, *(challenge.get("evidence") or [])]
+        body = {
+            "key_id": key_id,
+            "nonce": b64e(nonce),
+            "ephemeral_key": b64e(ephemeral.public),
+            "evidence": collect(kinds, bind, nonce),
+        }
+        answer = await self._call("POST", "/v1/release", body)
+        return ephemeral.open_release(
+            answer, nonce=nonce, client_spki_hash=self.identity.spki_hash, key_id=key_id, service_key=service_key
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,27 @@
+"""The ``mtls`` verifier: the host proved possession of its client-certificate key in the TLS handshake.
+
+It proves *who* the host is (its key, its SANs), not *what software* it runs; grants that need more
+require TEE or TPM evidence as well. The TLS channel carries the nonce and the ephemeral key, so the
+binding holds by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelseal.attest.base import Claims, VerificationContext, register_verifier
+
+
+class MtlsVerifier:
+    kind = "mtls"
+
+    def verify(self, evidence: dict[str, Any], ctx: VerificationContext) -> Claims:
+        return Claims(
+            kind=self.kind,
+            measurements={"spki": ctx.peer.spki, **{f"uri{i}": u for i, u in enumerate(ctx.peer.uris)}},
+            report_data_bound=True,
+            details={"subject": ctx.peer.subject},
+        )
+
+
+register_verifier(MtlsVerifier())

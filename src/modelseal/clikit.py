@@ -1,0 +1,48 @@
+"""Shared pieces of the command line: fail-closed error handling, JSON or human output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from modelseal.errors import ModelsealError
+
+F = TypeVar("F", bound=Callable[..., Any])
+out = Console()
+
+
+def fail_closed(fn: F) -> F:
+    """Turn modelseal errors into a clean message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ModelsealError as exc:
+            click.echo(f"modelseal: error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("modelseal: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit(as_json: bool, data: Any, human: Callable[[], None] | list[str]) -> None:
+    """Print ``data`` as JSON, or the human form: a list of lines or a function that prints."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif callable(human):
+        human()
+    else:
+        for line in human:
+            click.echo(line)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")

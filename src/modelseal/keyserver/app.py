@@ -1,0 +1,290 @@
+"""The key service's HTTP API on aiohttp (chosen because it exposes the TLS client certificate).
+
+Host endpoints (mTLS required): ``POST /v1/challenge``, ``POST /v1/release``, ``GET /v1/keys``.
+Admin endpoints (bearer token): ``/v1/admin/...``. Public: ``GET /v1/health``, ``GET /v1/info``,
+``GET /openapi.json``. Every error is a JSON body ``{"error": {"code", "message"}}`` with a 4xx
+status; refusals are audited. Request bodies are strict JSON objects with bounded sizes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from modelseal.attest.base import known_kinds
+from modelseal.encoding import b64d
+from modelseal.errors import FormatError, ModelsealError
+from modelseal.keyserver.config import token_hash
+from modelseal.keyserver.openapi import openapi_document
+from modelseal.keyserver.protocol import service_public_key_text
+from modelseal.keyserver.service import KeyService, Refused
+from modelseal.pki import PeerIdentity, peer_identity
+
+log = logging.getLogger("modelseal.keyserver")
+SERVICE: web.AppKey[KeyService] = web.AppKey("service", KeyService)
+TOKEN_HASH: web.AppKey[str] = web.AppKey("token_hash", str)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _actor(request: web.Request) -> dict[str, Any]:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return {"remote": peer[0] if peer else "unknown", "path": request.path}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every failure to a JSON error; audit refusals on host and admin endpoints."""
+    started = time.perf_counter()
+    service = request.app[SERVICE]
+    try:
+        response = await handler(request)
+    except Refused as refusal:
+        response = error_response(refusal.status, refusal.code, str(refusal))
+    except web.HTTPException as exc:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
+        message = exc.reason if exc.status != 413 else f"request body exceeds {request.app._client_max_size} bytes"
+        if exc.status == 413 or request.path.startswith(("/v1/release", "/v1/challenge", "/v1/admin")):
+            service.audit_refusal({"event": "request", **_actor(request)}, exc.status, code, message)
+        response = error_response(exc.status, code, message)
+    except ModelsealError as exc:  # a configuration or backend problem: the caller cannot fix it
+        log.error("request %s %s failed: %s", request.method, request.path, exc)
+        response = error_response(503, "unavailable", "the key service cannot complete this request now")
+    log.info(
+        "%s %s -> %d in %.1f ms", request.method, request.path, response.status, (time.perf_counter() - started) * 1e3
+    )
+    return response
+
+
+# --- request parsing -------------------------------------------------------------------------------
+
+
+async def _body(request: web.Request, event: str) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _refuse(request, event, 400, "malformed_json", "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _refuse(request, event, 400, "malformed_json", "the request body must be a JSON object")
+    return data
+
+
+def _refuse(request: web.Request, event: str, status: int, code: str, message: str) -> Refused:
+    return request.app[SERVICE].audit_refusal({"event": event, **_actor(request)}, status, code, message)
+
+
+class Fields:
+    """Typed access to a JSON object's fields; a bad field is an audited 400."""
+
+    def __init__(self, request: web.Request, event: str, data: dict[str, Any]) -> None:
+        self.request, self.event, self.data = request, event, data
+
+    def bad(self, message: str) -> Refused:
+        return _refuse(self.request, self.event, 400, "bad_request", message)
+
+    def text(self, name: str, max_len: int = 200, required: bool = True) -> str | None:
+        value = self.data.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value or len(value) > max_len:
+            raise self.bad(f"field {name!r} must be a non-empty string of at most {max_len} characters")
+        return value
+
+    def integer(self, name: str, lo: int = 0, hi: int = 2**53) -> int | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise self.bad(f"field {name!r} must be an integer from {lo} to {hi}")
+        return value
+
+    def objects(self, name: str, max_items: int = 8) -> list[dict[str, Any]]:
+        value = self.data.get(name, [])
+        if (
+            not isinstance(value, list)
+            or len(value) > max_items
+            or not all(isinstance(v, dict) and isinstance(v.get("kind"), str) for v in value)
+        ):
+            raise self.bad(f"field {name!r} must be a list of at most {max_items} objects with a 'kind'")
+        return value
+
+
+def _peer(request: web.Request, event: str) -> PeerIdentity:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    if not der:
+        raise _refuse(
+            request, event, 401, "no_client_cert", "this endpoint needs a client certificate issued by the service's CA"
+        )
+    return peer_identity(der)
+
+
+def _admin(request: web.Request) -> dict[str, Any]:
+    header = request.headers.get("Authorization", "")
+    token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    expected = request.app[TOKEN_HASH]
+    if not token or not expected or not hmac.compare_digest(token_hash(token), expected):
+        raise _refuse(request, "admin.auth", 401, "unauthorised", "admin endpoints need a valid bearer token")
+    return {**_actor(request), "actor": "admin"}
+
+
+# --- host endpoints --------------------------------------------------------------------------------
+
+
+async def challenge(request: web.Request) -> web.Response:
+    peer = _peer(request, "challenge")
+    fields = Fields(request, "challenge", await _body(request, "challenge"))
+    key_id = fields.text("key_id", 64)
+    assert key_id is not None
+    result = request.app[SERVICE].challenge(peer, key_id, _actor(request))
+    return web.json_response(result)
+
+
+async def release(request: web.Request) -> web.Response:
+    peer = _peer(request, "release")
+    fields = Fields(request, "release", await _body(request, "release"))
+    key_id, nonce = fields.text("key_id", 64), fields.text("nonce", 64)
+    evidence = fields.objects("evidence")
+    try:
+        ephemeral = b64d(fields.data.get("ephemeral_key"), what="ephemeral_key", length=32)
+    except FormatError as exc:
+        raise fields.bad(str(exc)) from None
+    assert key_id is not None and nonce is not None
+    result = request.app[SERVICE].release(peer, key_id, nonce, ephemeral, evidence, _actor(request))
+    return web.json_response(result)
+
+
+async def my_keys(request: web.Request) -> web.Response:
+    peer = _peer(request, "keys")
+    return web.json_response({"host": peer.spki, "keys": request.app[SERVICE].granted_keys(peer)})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def info(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return web.json_response(
+        {"lease_public_key": service_public_key_text(service.signer), "evidence_kinds": known_kinds()}
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+# --- admin endpoints -------------------------------------------------------------------------------
+
+
+async def add_model(request: web.Request) -> web.Response:
+    actor = _admin(request)
+    fields = Fields(request, "model.add", await _body(request, "model.add"))
+    name = fields.text("model")
+    assert name is not None
+    description = fields.text("description", 2000, required=False) or ""
+    return web.json_response(request.app[SERVICE].add_model(name, description, actor), status=201)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response({"models": request.app[SERVICE].list_models()})
+
+
+async def register_key(request: web.Request) -> web.Response:
+    actor = _admin(request)
+    fields = Fields(request, "key.register", await _body(request, "key.register"))
+    model = fields.text("model")
+    try:
+        dek = b64d(fields.data.get("key"), what="key", length=32)
+    except FormatError as exc:
+        raise fields.bad(str(exc)) from None
+    assert model is not None
+    return web.json_response(request.app[SERVICE].register_key(model, dek, actor), status=201)
+
+
+async def add_grant(request: web.Request) -> web.Response:
+    actor = _admin(request)
+    fields = Fields(request, "grant.add", await _body(request, "grant.add"))
+    model = fields.text("model")
+    identity = fields.text("identity", 500)
+    assert model is not None and identity is not None
+    spec = {
+        "identity": identity,
+        "not_before": fields.integer("not_before"),
+        "not_after": fields.integer("not_after"),
+        "max_hosts": fields.integer("max_hosts", 1, 1_000_000),
+        "max_releases": fields.integer("max_releases", 1, 2**31 - 1),
+        "grace_s": fields.integer("grace_s", 0, 30 * 86400),
+        "policy": fields.text("policy", 4096, required=False),
+        "evidence": fields.objects("evidence"),
+    }
+    if not (identity.startswith(("spki:", "spiffe://")) or "://" in identity):
+        raise fields.bad("identity must be spki:BASE64URL (a certificate key hash) or a URI SAN (spiffe://...)")
+    if spec["grace_s"] is None:
+        del spec["grace_s"]
+    return web.json_response(request.app[SERVICE].add_grant(model, spec, actor), status=201)
+
+
+async def list_grants(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response({"grants": request.app[SERVICE].list_grants(request.query.get("model"))})
+
+
+async def revoke_grant(request: web.Request) -> web.Response:
+    actor = _admin(request)
+    fields = Fields(request, "grant.revoke", await _body(request, "grant.revoke"))
+    reason = fields.text("reason", 500, required=False) or "revoked by the model owner"
+    return web.json_response(request.app[SERVICE].revoke_grant(request.match_info["grant_id"], reason, actor))
+
+
+async def rotate_master_key(request: web.Request) -> web.Response:
+    actor = _admin(request)
+    return web.json_response(request.app[SERVICE].rotate_master_key(actor))
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    _admin(request)
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError:
+        raise _refuse(request, "audit.read", 400, "bad_request", "after and limit must be integers") from None
+    if after < 0 or not 1 <= limit <= 10000:
+        raise _refuse(request, "audit.read", 400, "bad_request", "after must be >= 0 and limit from 1 to 10000")
+    return web.json_response({"entries": request.app[SERVICE].audit_log(after, limit)})
+
+
+def build_app(service: KeyService, admin_token_sha256: str, max_body_bytes: int = 64 * 1024) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+    app[SERVICE] = service
+    app[TOKEN_HASH] = admin_token_sha256
+    app.add_routes(
+        [
+            web.get("/v1/health", health),
+            web.get("/v1/info", info),
+            web.get("/openapi.json", openapi),
+            web.post("/v1/challenge", challenge),
+            web.post("/v1/release", release),
+            web.get("/v1/keys", my_keys),
+            web.post("/v1/admin/models", add_model),
+            web.get("/v1/admin/models", list_models),
+            web.post("/v1/admin/keys", register_key),
+            web.post("/v1/admin/grants", add_grant),
+            web.get("/v1/admin/grants", list_grants),
+            web.post("/v1/admin/grants/{grant_id}/revoke", revoke_grant),
+            web.post("/v1/admin/master-key/rotate", rotate_master_key),
+            web.get("/v1/admin/audit", audit_log),
+        ]
+    )
+    return app

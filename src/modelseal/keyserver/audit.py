@@ -1,0 +1,102 @@
+"""The append-only, hash-chained audit log of every decision the key service makes.
+
+Entry ``n`` stores the canonical JSON of the event and ``hash_n = SHA-256(hash_{n-1} ‖ seq ‖ ts ‖ json)``
+(hex; ``hash_0`` is 64 zeros). Changing, inserting or deleting any entry breaks every later hash;
+:func:`verify_entries` finds the first broken link. Dropping the newest entries is only detectable
+against an exported head (``seq`` and ``hash``), so operators should export regularly
+(docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from modelseal.keyserver import schema
+
+GENESIS = "0" * 64
+
+
+def _link(prev_hash: str, seq: int, ts_ms: int, entry: str) -> str:
+    h = hashlib.sha256()
+    h.update(bytes.fromhex(prev_hash))
+    h.update(f"{seq}\n{ts_ms}\n".encode())
+    h.update(entry.encode())
+    return h.hexdigest()
+
+
+def lock_head(conn: Connection) -> tuple[int, str]:
+    """Lock the chain head for this transaction (serialises all writers); return (seq, hash)."""
+    row = conn.execute(select(schema.audit_head).where(schema.audit_head.c.id == 1).with_for_update()).one()
+    return int(row.seq), str(row.hash)
+
+
+def append(conn: Connection, head: tuple[int, str], event: dict[str, Any]) -> tuple[int, str]:
+    """Append one event after ``head`` (from :func:`lock_head`, same transaction); return the new head."""
+    seq, prev = head[0] + 1, head[1]
+    ts_ms = int(time.time() * 1000)
+    entry = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
+    digest = _link(prev, seq, ts_ms, entry)
+    conn.execute(schema.audit.insert().values(seq=seq, ts_ms=ts_ms, entry=entry, prev_hash=prev, hash=digest))
+    conn.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1).values(seq=seq, hash=digest))
+    return seq, digest
+
+
+def record(conn: Connection, event: dict[str, Any]) -> tuple[int, str]:
+    """Lock the head and append one event (for transactions that did not lock it already)."""
+    return append(conn, lock_head(conn), event)
+
+
+def entries(conn: Connection, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    query = select(schema.audit).where(schema.audit.c.seq > after).order_by(schema.audit.c.seq)
+    if limit is not None:
+        query = query.limit(limit)
+    return [dict(row._mapping) for row in conn.execute(query)]
+
+
+@dataclass
+class ChainReport:
+    ok: bool
+    count: int
+    head_seq: int
+    head_hash: str
+    problem: str = ""
+
+
+def verify_entries(rows: Iterable[dict[str, Any]], expected_head: tuple[int, str] | None = None) -> ChainReport:
+    """Check every link; with ``expected_head`` (e.g. from an earlier export), also detect a cut tail."""
+    prev, seq, count = GENESIS, 0, 0
+    seen_at_expected = None
+    for row in rows:
+        count += 1
+        if int(row["seq"]) != seq + 1:
+            return ChainReport(False, count, seq, prev, f"entry {seq + 1} is missing (found {row['seq']} next)")
+        if row["prev_hash"] != prev:
+            return ChainReport(False, count, seq, prev, f"entry {row['seq']} does not link to entry {seq}")
+        if _link(prev, int(row["seq"]), int(row["ts_ms"]), row["entry"]) != row["hash"]:
+            return ChainReport(False, count, seq, prev, f"entry {row['seq']} was modified (hash mismatch)")
+        seq, prev = int(row["seq"]), row["hash"]
+        if expected_head is not None and seq == expected_head[0]:
+            seen_at_expected = prev
+    if expected_head is not None:
+        want_seq, want_hash = expected_head
+        if seq < want_seq:
+            return ChainReport(False, count, seq, prev, f"the log ends at entry {seq}, but entry {want_seq} existed")
+        if want_seq > 0 and seen_at_expected != want_hash:
+            return ChainReport(False, count, seq, prev, f"entry {want_seq} differs from the exported head")
+    return ChainReport(True, count, seq, prev)
+
+
+def read_jsonl(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except ValueError:
+                yield {"seq": -number, "ts_ms": 0, "entry": "", "prev_hash": "", "hash": "unparseable line"}

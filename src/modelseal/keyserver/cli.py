@@ -1,0 +1,383 @@
+"""``modelseal keyserver ...`` and ``modelseal pki ...``: run the key service and administer it.
+
+Admin commands talk to the running service's admin API: ``--url`` (or ``$MODELSEAL_KEYSERVER_URL``),
+``--ca`` (or ``$MODELSEAL_KEYSERVER_CA``) and a token in ``$MODELSEAL_ADMIN_TOKEN`` or
+``$MODELSEAL_ADMIN_TOKEN_FILE``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from modelseal import pki
+from modelseal.clikit import emit, fail_closed, json_option
+from modelseal.errors import UsageError
+
+URL_ENV = "MODELSEAL_KEYSERVER_URL"
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+
+
+def _admin(ctx: click.Context) -> Any:
+    from modelseal.keyserver.client import AdminClient
+
+    url, ca = ctx.obj["url"], ctx.obj["ca"]
+    if not url:
+        raise UsageError(f"no key-service URL: pass --url or set {URL_ENV}")
+    return AdminClient(url, ca=ca)
+
+
+def _time(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{value!r} is not an ISO 8601 time (e.g. 2027-01-31T00:00:00Z)") from None
+    return int((parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp())
+
+
+# --- pki -----------------------------------------------------------------------------------------------
+
+
+@click.group()
+def pki_group() -> None:
+    """A small CA for a first deployment: key-service server and host client certificates."""
+
+
+@pki_group.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="modelseal CA", show_default=True, help="CA common name.")
+@click.option("--force", is_flag=True, help="Overwrite an existing CA key.")
+@json_option
+@fail_closed
+def pki_init(directory: str, name: str, force: bool, as_json: bool) -> None:
+    """Create ca.pem and ca.key (0600) in DIRECTORY."""
+    cert = pki.init_ca(directory, name, force=force)
+    emit(as_json, {"ca": str(cert)}, [f"CA certificate: {cert} (keep {pki.CA_KEY} offline)"])
+
+
+@pki_group.command("issue")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.argument("name")
+@click.option("--server-name", "server_names", multiple=True, help="DNS name or IP: makes a server certificate.")
+@click.option("--uri", "uris", multiple=True, help="URI SAN for a host certificate, e.g. spiffe://example.org/host/a.")
+@click.option("--days", default=825, show_default=True, help="Validity in days.")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@json_option
+@fail_closed
+def pki_issue(
+    directory: str,
+    name: str,
+    server_names: tuple[str, ...],
+    uris: tuple[str, ...],
+    days: int,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Issue NAME.pem / NAME.key signed by the CA in DIRECTORY; print the identity a grant names."""
+    cert, key = pki.issue(directory, name, server_names=list(server_names), uris=list(uris), days=days, force=force)
+    ident = pki.identity_of_cert_file(cert)
+    emit(
+        as_json,
+        {"cert": str(cert), "key": str(key), "identity": ident.spki, "uris": list(ident.uris)},
+        [
+            f"certificate: {cert}",
+            f"key:         {key}",
+            f"identity:    {ident.spki}",
+            *(f"uri:         {u}" for u in ident.uris),
+        ],
+    )
+
+
+@pki_group.command("identity")
+@click.argument("cert", type=click.Path(dir_okay=False, exists=True))
+@json_option
+@fail_closed
+def pki_identity(cert: str, as_json: bool) -> None:
+    """Print the identities a grant can name for the host holding CERT."""
+    ident = pki.identity_of_cert_file(cert)
+    emit(as_json, {"identity": ident.spki, "uris": list(ident.uris)}, list(ident.names()))
+
+
+# --- keyserver: local ------------------------------------------------------------------------------------
+
+
+@click.group()
+@click.option("--url", envvar=URL_ENV, help=f"Key-service URL for admin commands [env {URL_ENV}].")
+@click.option(
+    "--ca", envvar="MODELSEAL_KEYSERVER_CA", help="CA certificate of the key service [env MODELSEAL_KEYSERVER_CA]."
+)
+@click.pass_context
+def keyserver(ctx: click.Context, url: str | None, ca: str | None) -> None:
+    """Run the key service (init, run, migrate) and administer it (model, grant, master-key, audit)."""
+    ctx.obj = {"url": url, "ca": ca}
+
+
+@keyserver.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--db", "database", help="Database URL (default: SQLite in DIRECTORY). postgresql://... for replicas.")
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT to serve on.")
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    help="Names for the server certificate (default localhost, 127.0.0.1).",
+)
+@click.option("--transit-url", help="Keep the master key in OpenBao/Vault transit at this URL instead of a local file.")
+@click.option("--transit-token-env", default="BAO_TOKEN", show_default=True, help="Variable holding the transit token.")
+@json_option
+@fail_closed
+def ks_init(
+    directory: str,
+    database: str | None,
+    listen: str,
+    server_names: tuple[str, ...],
+    transit_url: str | None,
+    transit_token_env: str,
+    as_json: bool,
+) -> None:
+    """Create a key-service state directory: config, CA and server certificate, master key, admin token."""
+    from modelseal.keyserver import db
+    from modelseal.keyserver.config import KeyServerConfig, init_state
+
+    transit = {"url": transit_url, "token_env": transit_token_env} if transit_url else None
+    result = init_state(directory, database=database, listen=listen, server_names=list(server_names), transit=transit)
+    cfg = KeyServerConfig.load(result["config"])
+    result["schema"] = db.migrate(db.connect(cfg.database))
+    emit(
+        as_json,
+        result,
+        [
+            f"config:            {result['config']}",
+            f"CA for clients:    {result['ca']}",
+            f"admin token file:  {result['admin_token_file']} (0600; set MODELSEAL_ADMIN_TOKEN_FILE to it)",
+            f"lease signing key: {result['lease_public_key']} (pin it in agent configs)",
+            f"next: modelseal keyserver run --config {result['config']}",
+        ],
+    )
+
+
+@keyserver.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--no-migrate", is_flag=True, help="Refuse to start on an old schema instead of migrating it.")
+@click.option("-v", "--verbose", is_flag=True)
+@fail_closed
+def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
+    """Serve the key service (HTTPS, TLS 1.3) until SIGINT/SIGTERM."""
+    from modelseal.keyserver.config import KeyServerConfig
+    from modelseal.keyserver.server import run
+
+    _logging(verbose)
+    run(KeyServerConfig.load(config_path), migrate=not no_migrate)
+
+
+@keyserver.command("migrate")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True))
+@json_option
+@fail_closed
+def ks_migrate(config_path: str, as_json: bool) -> None:
+    """Upgrade the database schema to this version (Alembic). Back up first."""
+    from modelseal.keyserver import db
+    from modelseal.keyserver.config import KeyServerConfig
+
+    revision = db.migrate(db.connect(KeyServerConfig.load(config_path).database))
+    emit(as_json, {"revision": revision}, [f"schema at revision {revision}"])
+
+
+# --- keyserver: admin API ------------------------------------------------------------------------------
+
+
+@keyserver.group("model")
+def model_group() -> None:
+    """Register and list models."""
+
+
+@model_group.command("add")
+@click.argument("name")
+@click.option("--description", default="", help="Free text shown in listings.")
+@json_option
+@click.pass_context
+@fail_closed
+def model_add(ctx: click.Context, name: str, description: str, as_json: bool) -> None:
+    """Register model NAME (then seal with -r keyserver:URL#NAME)."""
+    with _admin(ctx) as admin:
+        result = admin.call("POST", "/v1/admin/models", {"model": name, "description": description})
+    emit(as_json, result, [f"registered model {name}"])
+
+
+@model_group.command("list")
+@json_option
+@click.pass_context
+@fail_closed
+def model_list(ctx: click.Context, as_json: bool) -> None:
+    """List models and how many keys each has."""
+    with _admin(ctx) as admin:
+        models = admin.call("GET", "/v1/admin/models")["models"]
+    emit(as_json, models, [f"{m['name']}\t{m['keys']} key(s)\t{m['description']}" for m in models])
+
+
+@keyserver.group("grant")
+def grant_group() -> None:
+    """Grant hosts access to a model's keys, list and revoke grants."""
+
+
+@grant_group.command("add")
+@click.argument("model")
+@click.argument("identity", required=False)
+@click.option("--cert", type=click.Path(dir_okay=False, exists=True), help="Grant the host holding this certificate.")
+@click.option("--not-before", help="Start of validity (ISO 8601).")
+@click.option("--not-after", help="End of validity (ISO 8601).")
+@click.option("--days", type=int, help="Validity from now, in days (instead of --not-after).")
+@click.option("--max-hosts", type=int, help="How many distinct hosts may use this grant (for URI patterns).")
+@click.option("--max-releases", type=int, help="Licence: total key releases allowed.")
+@click.option("--grace", "grace_s", type=int, help="Seconds a host may keep serving when the key service is down.")
+@click.option("--policy", help="CEL expression over identity, licence, claims, now (docs/key-release.md).")
+@click.option("--evidence", "evidence", multiple=True, help="Required evidence: a kind (tpm) or a JSON requirement.")
+@json_option
+@click.pass_context
+@fail_closed
+def grant_add(ctx: click.Context, model: str, identity: str | None, cert: str | None, **opts: Any) -> None:
+    """Grant IDENTITY (spki:..., a URI SAN, or a spiffe://.../* prefix) access to MODEL's keys."""
+    as_json = opts.pop("as_json")
+    if bool(identity) == bool(cert):
+        raise UsageError("give exactly one of IDENTITY or --cert")
+    who = pki.identity_of_cert_file(cert).spki if cert else identity
+    body: dict[str, Any] = {"model": model, "identity": who}
+    not_after = _time(opts["not_after"])
+    if opts["days"] is not None:
+        not_after = int(dt.datetime.now(dt.UTC).timestamp()) + opts["days"] * 86400
+    for name, value in (("not_before", _time(opts["not_before"])), ("not_after", not_after)):
+        if value is not None:
+            body[name] = value
+    for name in ("max_hosts", "max_releases", "grace_s", "policy"):
+        if opts[name] is not None:
+            body[name] = opts[name]
+    body["evidence"] = [json.loads(e) if e.startswith("{") else {"kind": e} for e in opts["evidence"]]
+    with _admin(ctx) as admin:
+        grant = admin.call("POST", "/v1/admin/grants", body)
+    emit(as_json, grant, [f"grant {grant['grant_id']}: {who} may use {model}"])
+
+
+@grant_group.command("list")
+@click.option("--model", help="Only this model's grants.")
+@json_option
+@click.pass_context
+@fail_closed
+def grant_list(ctx: click.Context, model: str | None, as_json: bool) -> None:
+    """List grants with their use (releases, hosts) and state."""
+    with _admin(ctx) as admin:
+        grants = admin.call("GET", "/v1/admin/grants", **({"model": model} if model else {}))["grants"]
+    emit(
+        as_json,
+        grants,
+        [
+            f"{g['grant_id']}\t{g['model']}\t{g['identity']}\treleases {g['releases']}\thosts {g['hosts']}\t"
+            + ("REVOKED" if g["revoked_at"] else "active")
+            for g in grants
+        ],
+    )
+
+
+@grant_group.command("revoke")
+@click.argument("grant_id")
+@click.option("--reason", default="revoked by the model owner", show_default=True)
+@json_option
+@click.pass_context
+@fail_closed
+def grant_revoke(ctx: click.Context, grant_id: str, reason: str, as_json: bool) -> None:
+    """Revoke GRANT_ID: its hosts drop the key at their next renewal."""
+    with _admin(ctx) as admin:
+        result = admin.call("POST", f"/v1/admin/grants/{grant_id}/revoke", {"reason": reason})
+    emit(as_json, result, [f"grant {grant_id} revoked"])
+
+
+@keyserver.group("master-key")
+def master_key_group() -> None:
+    """Rotate the master key that wraps every stored model key."""
+
+
+@master_key_group.command("rotate")
+@json_option
+@click.pass_context
+@fail_closed
+def master_rotate(ctx: click.Context, as_json: bool) -> None:
+    """New master-key version; every stored key is re-wrapped (sealed files are not touched)."""
+    with _admin(ctx) as admin:
+        result = admin.call("POST", "/v1/admin/master-key/rotate")
+    emit(as_json, result, [f"master key now {result['version']}; {result['rewrapped']} key(s) re-wrapped"])
+
+
+@keyserver.group("audit")
+def audit_group() -> None:
+    """Export and verify the hash-chained audit log."""
+
+
+def _fetch_audit(ctx: click.Context, after: int = 0) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with _admin(ctx) as admin:
+        while True:
+            page = admin.call("GET", "/v1/admin/audit", after=after, limit=1000)["entries"]
+            rows += page
+            if len(page) < 1000:
+                return rows
+            after = int(page[-1]["seq"])
+
+
+@audit_group.command("export")
+@click.option("-o", "--output", type=click.File("w"), default="-", help="JSON Lines file (default stdout).")
+@click.option("--after", type=int, default=0, help="Only entries after this sequence number.")
+@click.pass_context
+@fail_closed
+def audit_export(ctx: click.Context, output: Any, after: int) -> None:
+    """Export audit entries as JSON Lines (keep exports: they anchor the chain's head)."""
+    for row in _fetch_audit(ctx, after):
+        output.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+@audit_group.command("verify")
+@click.option("--file", "path", type=click.File("r"), help="Verify an exported JSON Lines file.")
+@click.option("--db", "database", help="Verify straight from the database (URL).")
+@click.option("--head", help="SEQ:HASH from an earlier export: also detects a log cut short.")
+@json_option
+@click.pass_context
+@fail_closed
+def audit_verify(ctx: click.Context, path: Any, database: str | None, head: str | None, as_json: bool) -> None:
+    """Check every link of the audit chain (default: fetched through the admin API). Exit 1 if broken."""
+    from modelseal.keyserver import audit
+
+    if path is not None:
+        rows = list(audit.read_jsonl(path))
+    elif database:
+        from modelseal.keyserver import db
+
+        with db.connect(database).connect() as conn:
+            rows = audit.entries(conn)
+    else:
+        rows = _fetch_audit(ctx)
+    expected = None
+    if head:
+        seq, _, digest = head.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise UsageError("--head must be SEQ:HASH (64 hex digits)")
+        expected = (int(seq), digest)
+    report = audit.verify_entries(rows, expected)
+    emit(
+        as_json,
+        report.__dict__,
+        [f"audit log OK: {report.count} entries, head {report.head_seq}:{report.head_hash}"]
+        if report.ok
+        else [f"audit log BROKEN: {report.problem}"],
+    )
+    if not report.ok:
+        sys.exit(1)

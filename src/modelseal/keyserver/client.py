@@ -1,0 +1,86 @@
+"""HTTP clients of the key service: the admin API (CLI, sealing) and the host API (the agent).
+
+Both speak TLS 1.3 with the service's CA pinned; errors come back as :class:`ServiceError` with the
+service's stable code, or ``unreachable`` when no answer came.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from typing import Any
+
+from modelseal.errors import MissingDependencyError, ServiceError
+from modelseal.pki import client_context
+
+ADMIN_TOKEN_ENV = "MODELSEAL_ADMIN_TOKEN"  # noqa: S105  (a variable name)
+ADMIN_TOKEN_FILE_ENV = "MODELSEAL_ADMIN_TOKEN_FILE"  # noqa: S105
+CA_ENV = "MODELSEAL_KEYSERVER_CA"
+
+
+def _httpx() -> Any:
+    try:
+        import httpx
+    except ImportError:
+        raise MissingDependencyError("talking to the key service needs httpx: pip install 'modelseal[agent]'") from None
+    return httpx
+
+
+def decode(response: Any) -> dict[str, Any]:
+    """The JSON body of a success, or a :class:`ServiceError` carrying the service's code."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if response.status_code >= 400 or not isinstance(data, dict):
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        code = error.get("code", "http_error") if isinstance(error, dict) else "http_error"
+        message = error.get("message", response.reason_phrase) if isinstance(error, dict) else response.reason_phrase
+        raise ServiceError(response.status_code, str(code), f"key service: {message} ({response.status_code} {code})")
+    return data
+
+
+def admin_token() -> str:
+    token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    path = os.environ.get(ADMIN_TOKEN_FILE_ENV)
+    if not token and path:
+        try:
+            with open(path) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ServiceError(0, "no_token", f"cannot read admin token file {path}: {exc.strerror}") from None
+    if not token:
+        raise ServiceError(0, "no_token", f"no admin token: set {ADMIN_TOKEN_ENV} or {ADMIN_TOKEN_FILE_ENV}")
+    return token
+
+
+class AdminClient:
+    """The admin API, authenticated by bearer token over TLS."""
+
+    def __init__(self, url: str, token: str | None = None, ca: str | None = None, timeout: float = 30) -> None:
+        httpx = _httpx()
+        self.url = url.rstrip("/")
+        ctx: ssl.SSLContext = client_context(ca or os.environ.get(CA_ENV))
+        self._client = httpx.Client(
+            base_url=self.url,
+            verify=ctx,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {token or admin_token()}"},
+        )
+        self._errors = httpx.HTTPError
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> dict[str, Any]:
+        try:
+            response = self._client.request(method, path, json=body, params=params or None)
+        except self._errors as exc:
+            raise ServiceError(0, "unreachable", f"cannot reach the key service at {self.url}: {exc}") from None
+        return decode(response)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,181 @@
+"""The key service's configuration file (TOML) and the state directory ``modelseal keyserver init`` makes.
+
+Relative paths in the file are resolved against the file's directory. Secrets never live in the
+file itself: it names key files (0600) and environment variables (the transit token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from modelseal import pki
+from modelseal.errors import KeyFileError, UsageError
+from modelseal.keyfile import key_lines, read_text, write_secret
+from modelseal.keyserver.masterkey import LocalMasterKey, MasterKey, TransitMasterKey
+from modelseal.keyserver.service import ServiceSettings
+
+SIGNING_LABEL = "MODELSEAL-LEASE-SIGNING-KEY"
+CONFIG_NAME = "keyserver.toml"
+
+
+@dataclass
+class KeyServerConfig:
+    path: Path
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    max_body_bytes: int = 64 * 1024
+    database: str = "sqlite:///keyserver.db"
+    master: dict[str, Any] = field(default_factory=lambda: {"backend": "local", "path": "master.key"})
+    signing_key: Path | None = None
+    admin_token_sha256: str = ""
+    settings: ServiceSettings = field(default_factory=ServiceSettings)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> KeyServerConfig:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise UsageError(f"cannot read key-service config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path} is not valid TOML: {exc}") from None
+        base = path.parent
+        server, db, leases = data.get("server", {}), data.get("database", {}), data.get("leases", {})
+
+        def rel(value: str | None) -> Path | None:
+            return None if value is None else (base / value)
+
+        host, _, port = str(server.get("listen", "127.0.0.1:8443")).rpartition(":")
+        url = db.get("url", "sqlite:///keyserver.db")
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            url = f"sqlite:///{base / url.removeprefix('sqlite:///')}"
+        try:
+            settings = ServiceSettings(**{k: int(v) for k, v in leases.items()})
+            port_number = int(port)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{path}: bad [server] listen or [leases] value: {exc}") from None
+        return cls(
+            path=path,
+            host=host.strip("[]") or "127.0.0.1",
+            port=port_number,
+            tls_cert=rel(server.get("tls_cert")),
+            tls_key=rel(server.get("tls_key")),
+            client_ca=rel(server.get("client_ca")),
+            max_body_bytes=int(server.get("max_body_bytes", 64 * 1024)),
+            database=url,
+            master=dict(data.get("master_key", {"backend": "local", "path": "master.key"})),
+            signing_key=rel(data.get("signing", {}).get("key", "lease-signing.key")),
+            admin_token_sha256=str(data.get("admin", {}).get("token_sha256", "")),
+            settings=settings,
+        )
+
+    def master_key(self) -> MasterKey:
+        backend = self.master.get("backend", "local")
+        if backend == "local":
+            return LocalMasterKey(self.path.parent / self.master.get("path", "master.key"))
+        if backend == "transit":
+            token_env = self.master.get("token_env", "BAO_TOKEN")
+            token = os.environ.get(token_env)
+            if not token:
+                raise UsageError(f"the transit master key needs a token in ${token_env}")
+            return TransitMasterKey(
+                self.master["url"], token, self.master.get("key", "modelseal"), self.master.get("mount", "transit")
+            )
+        raise UsageError(f"{self.path}: unknown master_key backend {backend!r} (local or transit)")
+
+    def signer(self) -> ed25519.Ed25519PrivateKey:
+        assert self.signing_key is not None
+        for label, raw in key_lines(read_text(self.signing_key), str(self.signing_key)):
+            if label == SIGNING_LABEL and len(raw) == 32:
+                return ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+        raise KeyFileError(f"{self.signing_key} holds no {SIGNING_LABEL} line")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def init_state(
+    directory: str | os.PathLike[str],
+    *,
+    database: str | None = None,
+    listen: str = "127.0.0.1:8443",
+    server_names: list[str] | None = None,
+    transit: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Create a ready-to-run state directory: config, TLS (a small CA), master key, signing key, token.
+
+    Returns what the operator needs next (paths, the admin token, the lease-signing public key).
+    """
+    out = Path(directory)
+    if (out / CONFIG_NAME).exists():
+        raise UsageError(f"{out / CONFIG_NAME} already exists; refusing to overwrite a key service")
+    out.mkdir(parents=True, exist_ok=True)
+    pki_dir = out / "pki"
+    pki.init_ca(pki_dir)
+    pki.issue(pki_dir, "keyserver", server_names=server_names or ["localhost", "127.0.0.1"])
+    if transit:
+        TransitMasterKey(
+            transit["url"], os.environ.get(transit["token_env"], ""), transit.get("key", "modelseal")
+        ).ensure()
+        master_block = "\n".join(f'{k} = "{v}"' for k, v in {"backend": "transit", **transit}.items())
+    else:
+        LocalMasterKey.create(out / "master.key")
+        master_block = 'backend = "local"\npath = "master.key"'
+    signer = ed25519.Ed25519PrivateKey.generate()
+    raw = signer.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
+    write_secret(out / "lease-signing.key", SIGNING_LABEL, raw, ["modelseal key-service lease-signing key"])
+    token = secrets.token_urlsafe(32)
+    fd = os.open(out / "admin.token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    db_url = database or "sqlite:///keyserver.db"
+    (out / CONFIG_NAME).write_text(
+        f"""# modelseal key service (docs/operations.md)
+[server]
+listen = "{listen}"
+tls_cert = "pki/keyserver.pem"
+tls_key = "pki/keyserver.key"
+client_ca = "pki/ca.pem"
+max_body_bytes = 65536
+
+[database]
+url = "{db_url}"
+
+[master_key]
+{master_block}
+
+[signing]
+key = "lease-signing.key"
+
+[admin]
+token_sha256 = "{token_hash(token)}"
+
+[leases]
+lease_ttl_s = 300
+renew_after_s = 60
+challenge_ttl_s = 60
+default_grace_s = 600
+"""
+    )
+    from modelseal.keyserver.protocol import service_public_key_text
+
+    return {
+        "config": str(out / CONFIG_NAME),
+        "ca": str(pki_dir / pki.CA_CERT),
+        "admin_token_file": str(out / "admin.token"),
+        "lease_public_key": service_public_key_text(signer),
+        "database": db_url,
+    }
