@@ -53,7 +53,7 @@ def describe(art: Artifact) -> dict[str, Any]:
         "payload_bytes": p["payload_size"],
         "segments": p["tag_count"],
         "hidden_index": env.hidden,
-        "recipients": [{k: s[k] for k in ("type", "kid") if k in s} for s in env.recipients],
+        "recipients": [{k: s[k] for k in ("type", "kid", "url", "model", "key_id") if k in s} for s in env.recipients],
         "signer": env.signature["signer"] if env.signature else None,
     }
     if "group" in p:

@@ -18,12 +18,13 @@ TYPE = "keyserver"
 
 
 class KeyserverRecipient:
-    def __init__(self, url: str, model: str) -> None:
+    def __init__(self, url: str, model: str, *, token: str | None = None, ca: str | None = None) -> None:
         if not url.startswith("https://"):
             raise KeyFileError(f"keyserver recipient URL must start with https:// (got {url[:60]!r})")
         if not model:
             raise KeyFileError("keyserver recipient needs a model: keyserver:https://HOST:PORT#MODEL")
         self.url, self.model = url.rstrip("/"), model
+        self._token, self._ca = token, ca  # default: from the environment (module docstring)
         self._registered: dict[str, str] = {}  # fingerprint of a data key -> its key id (one process)
 
     @classmethod
@@ -40,7 +41,7 @@ class KeyserverRecipient:
         fingerprint = b64e(hashlib.sha256(b"modelseal/1 registered" + bytes(dek)).digest())
         key_id = self._registered.get(fingerprint)
         if key_id is None:
-            with AdminClient(self.url) as client:
+            with AdminClient(self.url, token=self._token, ca=self._ca) as client:
                 answer = client.call("POST", "/v1/admin/keys", {"model": self.model, "key": b64e(bytes(dek))})
             key_id = self._registered[fingerprint] = str(answer["key_id"])
         return {"type": TYPE, "url": self.url, "model": self.model, "key_id": key_id}

@@ -1,0 +1,5 @@
+"""``python -m modelseal`` runs the command line."""
+
+from modelseal.cli import main
+
+main()
