@@ -260,8 +260,8 @@ async def audit_log(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "1000"))
     except ValueError:
         raise _refuse(request, "audit.read", 400, "bad_request", "after and limit must be integers") from None
-    if after < 0 or not 1 <= limit <= 10000:
-        raise _refuse(request, "audit.read", 400, "bad_request", "after must be >= 0 and limit from 1 to 10000")
+    if not 0 <= after < 2**63 or not 1 <= limit <= 10000:
+        raise _refuse(request, "audit.read", 400, "bad_request", "after must be 0 to 2**63-1 and limit 1 to 10000")
     return web.json_response({"entries": request.app[SERVICE].audit_log(after, limit)})
 
 

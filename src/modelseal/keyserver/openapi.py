@@ -201,7 +201,7 @@ def openapi_document() -> dict[str, Any]:
                             "name": "after",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "integer", "minimum": 0},
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                         },
                         {
                             "name": "limit",
