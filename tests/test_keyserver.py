@@ -130,6 +130,7 @@ def test_attacks_and_bad_requests_are_refused_and_audited(server: KeyServer, tmp
             key_id=key_id, service_key=protocol.load_service_public_key(server.info["lease_public_key"]),
         )  # fmt: skip
         assert len(dek) == 32 and lease.model == "demo"
+        secret = (b64e(bytes(dek)), bytes(dek).hex())
 
         assert _code(a.post("/v1/release", json=body)) == (409, "nonce_reused")  # replay of the captured exchange
         replay = {**body, "ephemeral_key": b64e(protocol.EphemeralKey().public)}
@@ -180,6 +181,10 @@ def test_attacks_and_bad_requests_are_refused_and_audited(server: KeyServer, tmp
     for code in (*expected.split(), "bad_request", "too_large", "expired", "release_limit", "policy_denied"):
         assert code in codes, code
     assert codes.count("nonce_reused") == 2
+    server.stop()
+    db_file = server.dir / "keyserver.db"
+    on_disk = server.log.read_text() + (db_file.read_bytes().decode("latin-1") if db_file.exists() else "")
+    assert not any(s in on_disk for s in secret)  # the data key is in no log and not in the clear in the database
 
 
 def test_sigkill_loses_no_committed_grant(tmp_path: Path, database: str | None) -> None:
