@@ -287,9 +287,6 @@ def demo(workdir: str, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
 
 def _register_service_commands() -> None:
     from modelseal.agent.cli import agent
@@ -301,3 +298,7 @@ def _register_service_commands() -> None:
 
 
 _register_service_commands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
