@@ -287,7 +287,6 @@ def demo(workdir: str, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
 
 
-
 def _register_service_commands() -> None:
     from modelseal.agent.cli import agent
     from modelseal.keyserver.cli import keyserver, pki_group

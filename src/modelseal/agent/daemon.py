@@ -9,6 +9,7 @@ in the lease, capped by the agent's own ``max_grace_s``), then is dropped. Dropp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -134,7 +135,7 @@ class Agent:
             log.warning(
                 "renewal of %s failed (%s); serving from cache until %d", key_id, why, self._deadline(held.lease)
             )
-            held.lease = Lease(**{**held.lease.__dict__, "renew_after": int(time.time())})
+            held.lease = dataclasses.replace(held.lease, renew_after=int(time.time()))
 
     async def prefetch(self) -> None:
         """Fetch every key this host is granted (errors are logged; loads retry on demand)."""

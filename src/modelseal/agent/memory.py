@@ -14,6 +14,8 @@ import ctypes.util
 import logging
 import resource
 
+from modelseal.crypto.keys import wipe
+
 log = logging.getLogger("modelseal.agent")
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 for _fn in (_libc.mlock, _libc.munlock):
@@ -44,7 +46,7 @@ class LockedKey:
         if not self.locked:
             _warn_once()
         self._buf[:] = source
-        ctypes.memset(ctypes.addressof((ctypes.c_char * len(source)).from_buffer(source)), 0, len(source))
+        wipe(source)
 
     def view(self) -> memoryview:
         return memoryview(self._buf)
@@ -52,7 +54,7 @@ class LockedKey:
     def wipe(self) -> None:
         if self._view is None:
             return
-        ctypes.memset(ctypes.addressof(self._view), 0, len(self._buf))
+        wipe(self._buf)
         if self.locked:
             _libc.munlock(ctypes.addressof(self._view), len(self._buf))
         self._view = None  # type: ignore[assignment]

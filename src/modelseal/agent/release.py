@@ -8,7 +8,7 @@ from typing import Any
 from modelseal.agent.evidence import collect
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ServiceError
-from modelseal.keyserver.client import _httpx, decode
+from modelseal.keyserver.client import decode, require_httpx
 from modelseal.keyserver.protocol import EphemeralKey, Lease, binding, load_service_public_key
 from modelseal.pki import client_context, identity_of_cert_file
 
@@ -25,7 +25,7 @@ class ReleaseClient:
         evidence: list[str] | None = None,
         timeout: float = 10,
     ) -> None:
-        httpx = _httpx()
+        httpx = require_httpx()
         self.url = url.rstrip("/")
         self.identity = identity_of_cert_file(cert)
         self._http = httpx.AsyncClient(base_url=self.url, verify=client_context(ca, cert, key), timeout=timeout)

@@ -8,11 +8,11 @@ key into an immutable (unwipeable) Python string.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import socket
 from typing import Any
 
+from modelseal.crypto.keys import wipe
 from modelseal.errors import KeyReleaseError
 
 MAX_MESSAGE = 64 * 1024
@@ -50,7 +50,7 @@ def ask(path: str, request: dict[str, Any], timeout: float = 60) -> tuple[dict[s
     except ValueError:
         raise KeyReleaseError("agent_unavailable", f"the agent at {path} sent a malformed answer") from None
     finally:
-        ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf))
+        wipe(buf)
     if not answer.get("ok"):
         raise KeyReleaseError(str(answer.get("code", "refused")), str(answer.get("message", "the agent refused")))
     return answer, payload

@@ -29,6 +29,7 @@ from modelseal.pki import PeerIdentity, peer_identity
 log = logging.getLogger("modelseal.keyserver")
 SERVICE: web.AppKey[KeyService] = web.AppKey("service", KeyService)
 TOKEN_HASH: web.AppKey[str] = web.AppKey("token_hash", str)
+MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -52,7 +53,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = error_response(refusal.status, refusal.code, str(refusal))
     except web.HTTPException as exc:
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
-        message = exc.reason if exc.status != 413 else f"request body exceeds {request.app._client_max_size} bytes"
+        message = exc.reason if exc.status != 413 else f"request body exceeds {request.app[MAX_BODY]} bytes"
         if exc.status == 413 or request.path.startswith(("/v1/release", "/v1/challenge", "/v1/admin")):
             service.audit_refusal({"event": "request", **_actor(request)}, exc.status, code, message)
         response = error_response(exc.status, code, message)
@@ -92,13 +93,14 @@ class Fields:
     def bad(self, message: str) -> Refused:
         return _refuse(self.request, self.event, 400, "bad_request", message)
 
-    def text(self, name: str, max_len: int = 200, required: bool = True) -> str | None:
+    def text(self, name: str, max_len: int = 200) -> str:
         value = self.data.get(name)
-        if value is None and not required:
-            return None
         if not isinstance(value, str) or not value or len(value) > max_len:
             raise self.bad(f"field {name!r} must be a non-empty string of at most {max_len} characters")
         return value
+
+    def optional_text(self, name: str, max_len: int) -> str | None:
+        return None if self.data.get(name) is None else self.text(name, max_len)
 
     def integer(self, name: str, lo: int = 0, hi: int = 2**53) -> int | None:
         value = self.data.get(name)
@@ -145,7 +147,6 @@ async def challenge(request: web.Request) -> web.Response:
     peer = _peer(request, "challenge")
     fields = Fields(request, "challenge", await _body(request, "challenge"))
     key_id = fields.text("key_id", 64)
-    assert key_id is not None
     result = request.app[SERVICE].challenge(peer, key_id, _actor(request))
     return web.json_response(result)
 
@@ -159,7 +160,6 @@ async def release(request: web.Request) -> web.Response:
         ephemeral = b64d(fields.data.get("ephemeral_key"), what="ephemeral_key", length=32)
     except FormatError as exc:
         raise fields.bad(str(exc)) from None
-    assert key_id is not None and nonce is not None
     result = request.app[SERVICE].release(peer, key_id, nonce, ephemeral, evidence, _actor(request))
     return web.json_response(result)
 
@@ -191,8 +191,7 @@ async def add_model(request: web.Request) -> web.Response:
     actor = _admin(request)
     fields = Fields(request, "model.add", await _body(request, "model.add"))
     name = fields.text("model")
-    assert name is not None
-    description = fields.text("description", 2000, required=False) or ""
+    description = fields.optional_text("description", 2000) or ""
     return web.json_response(request.app[SERVICE].add_model(name, description, actor), status=201)
 
 
@@ -209,7 +208,6 @@ async def register_key(request: web.Request) -> web.Response:
         dek = b64d(fields.data.get("key"), what="key", length=32)
     except FormatError as exc:
         raise fields.bad(str(exc)) from None
-    assert model is not None
     return web.json_response(request.app[SERVICE].register_key(model, dek, actor), status=201)
 
 
@@ -218,7 +216,6 @@ async def add_grant(request: web.Request) -> web.Response:
     fields = Fields(request, "grant.add", await _body(request, "grant.add"))
     model = fields.text("model")
     identity = fields.text("identity", 500)
-    assert model is not None and identity is not None
     spec = {
         "identity": identity,
         "not_before": fields.integer("not_before"),
@@ -226,7 +223,7 @@ async def add_grant(request: web.Request) -> web.Response:
         "max_hosts": fields.integer("max_hosts", 1, 1_000_000),
         "max_releases": fields.integer("max_releases", 1, 2**31 - 1),
         "grace_s": fields.integer("grace_s", 0, 30 * 86400),
-        "policy": fields.text("policy", 4096, required=False),
+        "policy": fields.optional_text("policy", 4096),
         "evidence": fields.objects("evidence"),
     }
     if not (identity.startswith(("spki:", "spiffe://")) or "://" in identity):
@@ -244,7 +241,7 @@ async def list_grants(request: web.Request) -> web.Response:
 async def revoke_grant(request: web.Request) -> web.Response:
     actor = _admin(request)
     fields = Fields(request, "grant.revoke", await _body(request, "grant.revoke"))
-    reason = fields.text("reason", 500, required=False) or "revoked by the model owner"
+    reason = fields.optional_text("reason", 500) or "revoked by the model owner"
     return web.json_response(request.app[SERVICE].revoke_grant(request.match_info["grant_id"], reason, actor))
 
 
@@ -269,6 +266,7 @@ def build_app(service: KeyService, admin_token_sha256: str, max_body_bytes: int 
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
     app[SERVICE] = service
     app[TOKEN_HASH] = admin_token_sha256
+    app[MAX_BODY] = max_body_bytes
     app.add_routes(
         [
             web.get("/v1/health", health),

@@ -48,11 +48,6 @@ def append(conn: Connection, head: tuple[int, str], event: dict[str, Any]) -> tu
     return seq, digest
 
 
-def record(conn: Connection, event: dict[str, Any]) -> tuple[int, str]:
-    """Lock the head and append one event (for transactions that did not lock it already)."""
-    return append(conn, lock_head(conn), event)
-
-
 def entries(conn: Connection, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
     query = select(schema.audit).where(schema.audit.c.seq > after).order_by(schema.audit.c.seq)
     if limit is not None:

@@ -18,7 +18,7 @@ ADMIN_TOKEN_FILE_ENV = "MODELSEAL_ADMIN_TOKEN_FILE"  # noqa: S105
 CA_ENV = "MODELSEAL_KEYSERVER_CA"
 
 
-def _httpx() -> Any:
+def require_httpx() -> Any:
     try:
         import httpx
     except ImportError:
@@ -58,7 +58,7 @@ class AdminClient:
     """The admin API, authenticated by bearer token over TLS."""
 
     def __init__(self, url: str, token: str | None = None, ca: str | None = None, timeout: float = 30) -> None:
-        httpx = _httpx()
+        httpx = require_httpx()
         self.url = url.rstrip("/")
         ctx: ssl.SSLContext = client_context(ca or os.environ.get(CA_ENV))
         self._client = httpx.Client(

@@ -21,6 +21,7 @@ from modelseal import pki
 from modelseal.errors import KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text, write_secret
 from modelseal.keyserver.masterkey import LocalMasterKey, MasterKey, TransitMasterKey
+from modelseal.keyserver.protocol import service_public_key_text
 from modelseal.keyserver.service import ServiceSettings
 
 SIGNING_LABEL = "MODELSEAL-LEASE-SIGNING-KEY"
@@ -170,8 +171,6 @@ challenge_ttl_s = 60
 default_grace_s = 600
 """
     )
-    from modelseal.keyserver.protocol import service_public_key_text
-
     return {
         "config": str(out / CONFIG_NAME),
         "ca": str(pki_dir / pki.CA_CERT),

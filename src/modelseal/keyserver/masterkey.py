@@ -15,6 +15,7 @@ because they only carry key ids.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from modelseal.crypto.keys import wipe
 from modelseal.encoding import b64e
 from modelseal.errors import AuthenticationError, KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text
@@ -104,7 +106,7 @@ class LocalMasterKey:
         try:
             return self.wrap(dek, key_id)
         finally:
-            dek[:] = bytes(len(dek))
+            wipe(dek)
 
     def rotate(self) -> str:
         self._versions[self.current + 1] = os.urandom(32)
@@ -173,8 +175,6 @@ class TransitMasterKey:
         return ciphertext.encode(), "transit:" + ciphertext.split(":")[1]
 
     def unwrap(self, blob: bytes, version: str, key_id: str) -> bytearray:
-        import base64
-
         data = self._call(
             f"unwrap key {key_id}",
             self._transit.decrypt_data,
@@ -213,8 +213,6 @@ class TransitMasterKey:
 
 
 def _b64std(raw: bytes) -> str:
-    import base64
-
     return base64.b64encode(raw).decode()
 
 

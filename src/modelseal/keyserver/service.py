@@ -23,6 +23,7 @@ from sqlalchemy import Connection, Engine, Row, delete, func, select, update
 from modelseal.attest import EvidenceError, VerificationContext, get_verifier
 from modelseal.attest import mtls as _mtls  # noqa: F401  (registers the always-available verifier)
 from modelseal.attest.base import known_kinds, unmet
+from modelseal.crypto.keys import wipe
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError
 from modelseal.keyserver import audit, schema
@@ -71,9 +72,9 @@ class KeyService:
     # --- transactions --------------------------------------------------------------------------
 
     @contextmanager
-    def _tx(self) -> Iterator[tuple[Connection, list[tuple[int, str]]]]:
+    def _tx(self) -> Iterator[tuple[Connection, tuple[int, str]]]:
         with self.engine.begin() as conn:
-            yield conn, [audit.lock_head(conn)]
+            yield conn, audit.lock_head(conn)
 
     def _decide(self, event: dict[str, Any], body: Callable[[Connection], T], audit_success: bool = True) -> T:
         """Run ``body`` in a transaction and audit the outcome; refusals are audited and committed too."""
@@ -81,21 +82,21 @@ class KeyService:
             try:
                 result = body(conn)
             except Refused as refusal:
-                audit.append(conn, head[0], {**event, "decision": "refused", "code": refusal.code, "why": str(refusal)})
+                audit.append(conn, head, {**event, "decision": "refused", "code": refusal.code, "why": str(refusal)})
                 saved = refusal
             else:
                 if not audit_success:
                     return result
                 extra = result if isinstance(result, dict) else {}
                 public = {k: v for k, v in extra.items() if k in _AUDITED_RESULT_FIELDS}
-                audit.append(conn, head[0], {**event, "decision": "ok", **public})
+                audit.append(conn, head, {**event, "decision": "ok", **public})
                 return result
         raise saved
 
     def audit_refusal(self, event: dict[str, Any], status: int, code: str, message: str) -> Refused:
         """Record a request refused before it reached a decision (malformed, unauthenticated...)."""
         with self._tx() as (conn, head):
-            audit.append(conn, head[0], {**event, "decision": "refused", "code": code, "why": message})
+            audit.append(conn, head, {**event, "decision": "refused", "code": code, "why": message})
         return Refused(status, code, message)
 
     # --- admin -----------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ class KeyService:
             )
             answer = seal_release(dek, lease, ephemeral_public, self.signer)
         finally:
-            dek[:] = bytes(len(dek))
+            wipe(dek)
         conn.execute(
             schema.leases.insert().values(
                 lease_id=lease.lease_id,
