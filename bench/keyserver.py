@@ -10,6 +10,8 @@ The load generator runs on the same machine as the service: on 2 cores they comp
 numbers are a floor on what a separate client machine would see.
 
     python bench/keyserver.py [--clients 1,16,64] [--seconds 5] [--db URL] [--json]
+
+It also times the service's own challenge and release decisions in process (no HTTP, no TLS).
 """
 
 from __future__ import annotations
@@ -95,6 +97,25 @@ async def run_level(server: KeyServer, cert: tuple[str, str], key_id: str, clien
     }
 
 
+def service_time(server: KeyServer, cert: tuple[str, str], key_id: str, rounds: int = 200) -> dict:
+    """Median time of the service's own challenge and release decisions, in process (no HTTP, no TLS)."""
+    from modelseal.keyserver.config import KeyServerConfig
+    from modelseal.keyserver.server import build_service
+
+    service = build_service(KeyServerConfig.load(server.config), migrate=False)
+    peer = identity_of_cert_file(cert[0])
+    challenge_s, release_s = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        nonce = service.challenge(peer, key_id, {"remote": "bench"})["nonce"]
+        t1 = time.perf_counter()
+        service.release(peer, key_id, nonce, EphemeralKey().public, [], {"remote": "bench"})
+        challenge_s.append(t1 - t0)
+        release_s.append(time.perf_counter() - t1)
+    service.engine.dispose()
+    return {"challenge_ms": statistics.median(challenge_s) * 1e3, "release_ms": statistics.median(release_s) * 1e3}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,16,64")
@@ -115,13 +136,14 @@ def main() -> None:
                     "POST", "/v1/admin/grants", {"model": "bench", "identity": identity_of_cert_file(cert[0]).spki}
                 )
             rows = [asyncio.run(run_level(server, cert, key_id, int(n), args.seconds)) for n in args.clients.split(",")]
+            in_process = service_time(server, cert, key_id)
         finally:
             server.stop()
             if schema:
                 schema.drop()
     backend = "postgresql" if database and "postgres" in database else "sqlite"
     if args.json:
-        print(json.dumps({"backend": backend, "levels": rows}, indent=2))
+        print(json.dumps({"backend": backend, "levels": rows, "service_time": in_process}, indent=2))
         return
     print(f"key release on loopback, backend {backend}, {args.seconds:.0f} s per level (medians, p99)")
     print("clients  release p50   p99      rel/s   | health p50  p99     req/s  | p50 ratio release/health")
@@ -131,6 +153,10 @@ def main() -> None:
             f"   | {r['health_p50_ms']:6.2f} ms {r['health_p99_ms']:6.2f} ms {r['health_per_s']:6.0f}"
             f"  | {r['p50_ratio_vs_health']:.1f}x"
         )
+    print(
+        f"in-process service time per release (no HTTP, no TLS; medians of 200): challenge "
+        f"{in_process['challenge_ms']:.2f} ms + release {in_process['release_ms']:.2f} ms"
+    )
 
 
 if __name__ == "__main__":
