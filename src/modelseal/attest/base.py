@@ -1,19 +1,23 @@
 """The verifier interface the key service calls for every piece of evidence a host presents.
 
-A verifier checks one kind of evidence (``mtls``, ``tpm``, ``sgx``, ``tdx``, ``sev-snp``...) and returns
+A verifier checks one kind of evidence (``mtls``, ``tpm``, ``sgx``, ``tdx``, ``sev-snp``) and returns
 :class:`Claims` it has *proven*; anything it cannot prove raises :class:`EvidenceError` naming what
 failed. Evidence must carry the exchange's binding (see :mod:`modelseal.keyserver.protocol`) in its
-report data; the verifier checks that, so evidence replayed from another exchange is refused. A grant's
-requirements are matched against the claims by :func:`unmet`.
+report data; the verifier says whether it does (``report_data_bound``), so evidence replayed from another
+exchange is refused. A grant's requirements are matched against the claims by :func:`unmet`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from modelseal.errors import ModelsealError
 from modelseal.pki import PeerIdentity
+
+REPORT_DATA_SIZE = 64
 
 
 class EvidenceError(ModelsealError):
@@ -22,8 +26,11 @@ class EvidenceError(ModelsealError):
 
 @dataclass(frozen=True)
 class VerificationContext:
-    peer: PeerIdentity
-    binding: bytes
+    """What the evidence is checked against. ``binding`` is None only for offline inspection
+    (``modelseal attest verify`` without ``--binding``), where nothing can be bound."""
+
+    peer: PeerIdentity | None
+    binding: bytes | None
     nonce: bytes
     now: int
 
@@ -32,26 +39,39 @@ class VerificationContext:
 class Claims:
     kind: str
     measurements: dict[str, str] = field(default_factory=dict)
+    report_data: str | None = None
     report_data_bound: bool = False
     tcb_status: str | None = None
     debug: bool | None = None
+    svn: dict[str, int] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "measurements": self.measurements,
             "report_data_bound": self.report_data_bound,
             "tcb_status": self.tcb_status,
             "debug": self.debug,
-            **({"details": self.details} if self.details else {}),
         }
+        if self.report_data is not None:
+            out["report_data"] = self.report_data
+        if self.svn:
+            out["svn"] = self.svn
+        if self.details:
+            out["details"] = self.details
+        return out
 
 
 class Verifier(Protocol):
     kind: str
 
     def verify(self, evidence: dict[str, Any], ctx: VerificationContext) -> Claims: ...
+
+    def check_requirement(self, requirement: dict[str, Any]) -> dict[str, Any]:
+        """Validate a grant's requirement for this kind and return it with safe defaults filled in
+        (raise :class:`EvidenceError` when it cannot be met safely, such as a TPM grant with no pinned AK)."""
+        ...
 
 
 _VERIFIERS: dict[str, Verifier] = {}
@@ -69,11 +89,73 @@ def known_kinds() -> list[str]:
     return sorted(_VERIFIERS)
 
 
+# --- helpers the verifiers share -----------------------------------------------------------------
+
+
+def evidence_bytes(evidence: dict[str, Any], name: str, kind: str, required: bool = True) -> bytes | None:
+    """A base64 field of an evidence document, decoded, or a clear error naming the field."""
+    value = evidence.get(name)
+    if value is None:
+        if required:
+            raise EvidenceError(f"{kind} evidence has no {name!r} field")
+        return None
+    if not isinstance(value, str):
+        raise EvidenceError(f"{kind} evidence field {name!r} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise EvidenceError(f"{kind} evidence field {name!r} is not valid base64") from None
+
+
+def expected_report_data(binding: bytes) -> bytes:
+    """TEE report data carries the 32-byte binding followed by zeros (64 bytes in SGX, TDX and SNP)."""
+    return binding.ljust(REPORT_DATA_SIZE, b"\0")
+
+
+def bind_report_data(claims: Claims, report_data: bytes, ctx: VerificationContext) -> Claims:
+    """Record the report data and whether it carries this exchange's binding."""
+    claims.report_data = report_data.hex()
+    claims.report_data_bound = ctx.binding is not None and report_data == expected_report_data(ctx.binding)
+    if ctx.binding is not None and not claims.report_data_bound:
+        claims.details["binding_mismatch"] = (
+            f"report data {report_data[:32].hex()}… is not this exchange's binding {ctx.binding.hex()}"
+        )
+    return claims
+
+
+REQUIREMENT_FIELDS = {"kind", "measurements", "allow_debug", "tcb_status", "min_svn"}
+
+
+def normalise_requirement(requirement: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """Check a requirement's shape (so a typo cannot silently weaken a grant) and fill in defaults."""
+    kind = requirement.get("kind")
+    unknown = set(requirement) - REQUIREMENT_FIELDS
+    if unknown:
+        raise EvidenceError(
+            f"{kind} requirement has unknown field(s) {sorted(unknown)} (allowed: {sorted(REQUIREMENT_FIELDS)})"
+        )
+    measurements = requirement.get("measurements", {})
+    if not isinstance(measurements, dict) or not all(
+        isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))
+        for v in measurements.values()
+    ):
+        raise EvidenceError(f"{kind} requirement: measurements must map names to a value or a list of values")
+    if not isinstance(requirement.get("allow_debug", False), bool):
+        raise EvidenceError(f"{kind} requirement: allow_debug must be true or false")
+    tcb = requirement.get("tcb_status", [])
+    if not isinstance(tcb, list) or not all(isinstance(x, str) for x in tcb):
+        raise EvidenceError(f"{kind} requirement: tcb_status must be a list of allowed statuses")
+    svn = requirement.get("min_svn", {})
+    if not isinstance(svn, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in svn.values()):
+        raise EvidenceError(f"{kind} requirement: min_svn must map names to integers")
+    return {**defaults, **requirement}
+
+
 def unmet(requirement: dict[str, Any], claims: Claims) -> str | None:
     """Why ``claims`` do not meet one grant requirement, or None if they do.
 
     A requirement is ``{"kind": K, "measurements": {NAME: VALUE or [VALUES]}, "allow_debug": bool,
-    "tcb_status": [ALLOWED...]}``; everything but ``kind`` is optional.
+    "tcb_status": [ALLOWED...], "min_svn": {NAME: INT}}``; everything but ``kind`` is optional.
     """
     for name, allowed in (requirement.get("measurements") or {}).items():
         allowed_values = [allowed] if isinstance(allowed, str) else list(allowed)
@@ -87,4 +169,10 @@ def unmet(requirement: dict[str, Any], claims: Claims) -> str | None:
     allowed_tcb = requirement.get("tcb_status")
     if allowed_tcb and claims.tcb_status not in allowed_tcb:
         return f"{claims.kind} TCB status {claims.tcb_status} is not one of {', '.join(allowed_tcb)}"
+    for name, minimum in (requirement.get("min_svn") or {}).items():
+        have = claims.svn.get(name)
+        if have is None:
+            return f"{claims.kind} evidence has no security version {name!r}"
+        if have < int(minimum):
+            return f"{claims.kind} security version {name} = {have} is below the grant's minimum {minimum}"
     return None

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelseal.attest.base import Claims, VerificationContext, register_verifier
+from modelseal.attest.base import Claims, EvidenceError, VerificationContext, normalise_requirement, register_verifier
 
 
 class MtlsVerifier:
     kind = "mtls"
 
     def verify(self, evidence: dict[str, Any], ctx: VerificationContext) -> Claims:
+        if ctx.peer is None:
+            raise EvidenceError("mtls evidence exists only inside a TLS connection to the key service")
         return Claims(
             kind=self.kind,
             measurements={"spki": ctx.peer.spki, **{f"uri{i}": u for i, u in enumerate(ctx.peer.uris)}},
             report_data_bound=True,
             details={"subject": ctx.peer.subject},
         )
+
+    def check_requirement(self, requirement: dict[str, Any]) -> dict[str, Any]:
+        return normalise_requirement(requirement)
 
 
 register_verifier(MtlsVerifier())

@@ -41,6 +41,7 @@ class KeyServerConfig:
     master: dict[str, Any] = field(default_factory=lambda: {"backend": "local", "path": "master.key"})
     signing_key: Path | None = None
     admin_token_sha256: str = ""
+    attestation: dict[str, Any] = field(default_factory=dict)
     settings: ServiceSettings = field(default_factory=ServiceSettings)
 
     @classmethod
@@ -79,6 +80,7 @@ class KeyServerConfig:
             master=dict(data.get("master_key", {"backend": "local", "path": "master.key"})),
             signing_key=rel(data.get("signing", {}).get("key", "lease-signing.key")),
             admin_token_sha256=str(data.get("admin", {}).get("token_sha256", "")),
+            attestation=dict(data.get("attestation", {})),
             settings=settings,
         )
 

@@ -7,6 +7,7 @@ import logging
 from aiohttp import web
 
 from modelseal import pki
+from modelseal.attest.verifiers import load_verifiers
 from modelseal.errors import UsageError
 from modelseal.keyserver import db
 from modelseal.keyserver.app import build_app
@@ -15,6 +16,7 @@ from modelseal.keyserver.service import KeyService
 
 
 def build_service(cfg: KeyServerConfig, migrate: bool = True) -> KeyService:
+    load_verifiers(cfg.attestation, cfg.path.parent)
     engine = db.connect(cfg.database)
     if migrate:
         db.migrate(engine)

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import Connection, Engine, Row, delete, func, select, update
 
-from modelseal.attest import EvidenceError, VerificationContext, get_verifier
-from modelseal.attest import mtls as _mtls  # noqa: F401  (registers the always-available verifier)
+from modelseal.attest import Claims, EvidenceError, VerificationContext, get_verifier
+from modelseal.attest import verifiers as _verifiers  # noqa: F401  (registers the built-in verifiers)
 from modelseal.attest.base import known_kinds, unmet
 from modelseal.crypto.keys import wipe
 from modelseal.encoding import b64d, b64e
@@ -54,6 +54,53 @@ class ServiceSettings:
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{b64e(os.urandom(12))}"
+
+
+MAX_EVIDENCE = 8
+
+
+def verify_presented(evidence: list[dict[str, Any]], ctx: VerificationContext) -> dict[str, Claims | str]:
+    """Verify each piece of presented evidence once: claims by kind, or why that kind was rejected."""
+    if len(evidence) > MAX_EVIDENCE:
+        raise Refused(400, "bad_request", f"at most {MAX_EVIDENCE} pieces of evidence per release")
+    results: dict[str, Claims | str] = {}
+    # mtls comes from the TLS handshake itself, whether or not the host lists it
+    for piece in [{"kind": "mtls"}, *(p for p in evidence if p.get("kind") != "mtls")]:
+        kind = str(piece.get("kind"))
+        verifier = get_verifier(kind)
+        if kind in results:
+            raise Refused(400, "bad_request", f"{kind} evidence presented twice")
+        if verifier is None:
+            results[kind] = f"no verifier for {kind} evidence is installed (known: {', '.join(known_kinds())})"
+            continue
+        try:
+            claims = verifier.verify(piece, ctx)
+        except (EvidenceError, FormatError) as exc:
+            results[kind] = f"{kind} evidence rejected: {exc}"
+            continue
+        if not claims.report_data_bound:
+            why = claims.details.get("binding_mismatch", "")
+            results[kind] = f"{kind} evidence is not bound to this exchange" + (f" ({why})" if why else "")
+        else:
+            results[kind] = claims
+    return results
+
+
+def check_requirements(required: list[dict[str, Any]], verified: dict[str, Claims | str]) -> dict[str, Any]:
+    """Match a grant's requirements (``mtls`` always) against verified claims; return claims by kind."""
+    claims: dict[str, Any] = {}
+    for req in [{"kind": "mtls"}, *required]:
+        kind = req["kind"]
+        result = verified.get(kind)
+        if result is None:
+            raise Refused(403, "evidence_required", f"the grant requires {kind} evidence, none was presented")
+        if isinstance(result, str):
+            raise Refused(403, "evidence_rejected", result)
+        problem = unmet(req, result)
+        if problem:
+            raise Refused(403, "evidence_rejected", problem)
+        claims[kind] = result.to_json()
+    return claims
 
 
 def identity_matches(pattern: str, peer: PeerIdentity) -> bool:
@@ -140,11 +187,19 @@ class KeyService:
 
         return self._decide({"event": "key.register", "model": model, **actor}, body)
 
+    @staticmethod
+    def _requirement(req: dict[str, Any]) -> dict[str, Any]:
+        verifier = get_verifier(req["kind"])
+        if verifier is None:
+            raise Refused(400, "bad_request", f"unknown evidence kind {req['kind']!r} (known: {known_kinds()})")
+        try:
+            return verifier.check_requirement(req)
+        except EvidenceError as exc:
+            raise Refused(400, "bad_request", str(exc)) from None
+
     def add_grant(self, model: str, spec: dict[str, Any], actor: dict[str, Any]) -> dict[str, Any]:
         """Grant ``spec["identity"]`` access to ``model``'s keys (fields validated by the HTTP layer)."""
-        for req in spec["evidence"]:
-            if get_verifier(req["kind"]) is None:
-                raise Refused(400, "bad_request", f"unknown evidence kind {req['kind']!r} (known: {known_kinds()})")
+        spec = {**spec, "evidence": [self._requirement(req) for req in spec["evidence"]]}
         if spec.get("policy"):
             try:
                 Policy(spec["policy"])
@@ -270,20 +325,33 @@ class KeyService:
         evidence: list[dict[str, Any]],
         actor: dict[str, Any],
     ) -> dict[str, Any]:
-        """Decide one release (steps in docs/key-release.md) and build the signed, wrapped answer."""
+        """Decide one release (steps in docs/key-release.md) and build the signed, wrapped answer.
+
+        The evidence is verified first, outside the transaction (signature and certificate checks take
+        milliseconds and must not hold the audit-head lock); the nonce it is bound to is spent inside."""
+        early: Refused | None = None
+        try:
+            nonce_bytes = b64d(nonce_text, what="nonce", length=32)
+        except FormatError:
+            nonce_bytes = b""  # refused (and audited) when the transaction tries to spend it
+        ctx = VerificationContext(peer, binding(nonce_bytes, peer.spki_hash, ephemeral_public), nonce_bytes, now())
+        try:
+            verified = verify_presented(evidence, ctx)
+        except Refused as refusal:
+            early, verified = refusal, {}
 
         def body(conn: Connection) -> dict[str, Any]:
-            t = now()
             key = self._key(conn, key_id)
-            nonce = self._spend_nonce(conn, nonce_text, peer, key_id, t)
-            ctx = VerificationContext(peer, binding(nonce, peer.spki_hash, ephemeral_public), nonce, t)
+            self._spend_nonce(conn, nonce_text, peer, key_id, now())
+            if early is not None:
+                raise early
             candidates = self._grants_for(conn, key.model, peer, include_revoked=True)
             if not candidates:
                 raise Refused(403, "not_granted", f"host {peer.spki} holds no grant for model {key.model}")
             refusals = []
             for grant in candidates:
                 try:
-                    return self._grant_release(conn, grant, key, peer, ctx, ephemeral_public, evidence)
+                    return self._grant_release(conn, grant, key, peer, ctx, ephemeral_public, verified)
                 except Refused as refusal:
                     refusals.append(refusal)
             raise refusals[0]
@@ -299,9 +367,10 @@ class KeyService:
         peer: PeerIdentity,
         ctx: VerificationContext,
         ephemeral_public: bytes,
-        evidence: list[dict[str, Any]],
+        verified: dict[str, Claims | str],
     ) -> dict[str, Any]:
         t = ctx.now
+        assert ctx.binding is not None  # always set for a release (None only for offline inspection)
         gid = grant.grant_id
         if grant.revoked_at is not None:
             raise Refused(403, "revoked", f"grant {gid} for model {grant.model} was revoked: {grant.revoke_reason}")
@@ -317,7 +386,7 @@ class KeyService:
         new_host = peer.spki not in hosts
         if new_host and grant.max_hosts is not None and len(hosts) >= grant.max_hosts:
             raise Refused(403, "host_limit", f"grant {gid} is already used by its maximum of {grant.max_hosts} hosts")
-        claims = self._check_evidence(json.loads(grant.evidence), evidence, ctx)
+        claims = check_requirements(json.loads(grant.evidence), verified)
         if grant.policy:
             licence = {
                 "releases": grant.releases,
@@ -376,31 +445,6 @@ class KeyService:
         if new_host:
             conn.execute(schema.grant_hosts.insert().values(grant_id=gid, host=peer.spki, first_seen=t))
         return {**answer, "grant_id": gid, "lease_id": lease.lease_id, "expires_at": expires}
-
-    def _check_evidence(
-        self, required: list[dict[str, Any]], evidence: list[dict[str, Any]], ctx: VerificationContext
-    ) -> dict[str, Any]:
-        """Verify every presented piece of evidence a requirement asks for; return claims by kind."""
-        by_kind = {e.get("kind"): e for e in evidence}
-        claims: dict[str, Any] = {}
-        for req in [{"kind": "mtls"}, *required]:
-            kind = req["kind"]
-            verifier = get_verifier(kind)
-            if kind not in by_kind and kind != "mtls":
-                raise Refused(403, "evidence_required", f"the grant requires {kind} evidence, none was presented")
-            if verifier is None:
-                raise Refused(403, "evidence_rejected", f"no verifier for {kind} evidence is installed")
-            try:
-                result = verifier.verify(by_kind.get(kind, {"kind": kind}), ctx)
-            except (EvidenceError, FormatError) as exc:
-                raise Refused(403, "evidence_rejected", f"{kind} evidence rejected: {exc}") from None
-            if not result.report_data_bound:
-                raise Refused(403, "evidence_rejected", f"{kind} evidence is not bound to this exchange")
-            problem = unmet(req, result)
-            if problem:
-                raise Refused(403, "evidence_rejected", problem)
-            claims[kind] = result.to_json()
-        return claims
 
     # --- lookups ---------------------------------------------------------------------------------
 
