@@ -29,6 +29,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as s:
+            if port < 65535 and s.connect_ex(("127.0.0.1", port + 1)) != 0:
+                try:
+                    s2 = socket.socket()
+                    s2.bind(("127.0.0.1", port + 1))
+                    s2.close()
+                    return port
+                except OSError:
+                    continue
+    raise AssertionError("no two consecutive free ports")
+
+
 def wait_for(predicate: Any, timeout: float = 20, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -119,10 +134,75 @@ class KeyServer:
         return httpx.Client(base_url=self.url, verify=ctx, timeout=10, **kwargs)
 
 
+def toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+class SoftwareTpm:
+    """A real TPM 2.0 simulator (Debian's ``swtpm``) on loopback, driven by ``tpm2-tools``.
+
+    CI installs both (scripts/test.sh); elsewhere tests that need them skip, unless $CI is set."""
+
+    def __init__(self, directory: Path) -> None:
+        import shutil
+
+        import pytest
+
+        missing = [t for t in ("swtpm", "tpm2_quote", "tpm2_createak") if shutil.which(t) is None]
+        if missing:
+            message = f"needs swtpm and tpm2-tools (missing: {', '.join(missing)}; apt install swtpm tpm2-tools)"
+            if os.environ.get("CI"):
+                raise AssertionError(message)
+            pytest.skip(message)
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port_pair()  # the swtpm TCTI talks to PORT (commands) and PORT+1 (control)
+        self.ctrl = self.port + 1
+        self.tcti = f"swtpm:host=127.0.0.1,port={self.port}"
+        self.proc = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.dir}",
+             "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+             "--ctrl", f"type=tcp,port={self.ctrl},bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(self._listening, 10, "swtpm to listen")
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def tool(self, *args: str) -> str:
+        env = {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
+        return subprocess.run(list(args), env=env, check=True, capture_output=True, text=True).stdout
+
+    def extend(self, pcr: int, data: bytes = b"something else booted") -> None:
+        import hashlib
+
+        self.tool("tpm2_pcrextend", f"{pcr}:sha256={hashlib.sha256(data).hexdigest()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
 class Agent:
     """``modelseal agent run`` in a subprocess for one host certificate."""
 
-    def __init__(self, server: KeyServer, cert: tuple[str, str], directory: Path, **extra: Any) -> None:
+    def __init__(
+        self,
+        server: KeyServer,
+        cert: tuple[str, str],
+        directory: Path,
+        tables: dict[str, dict[str, Any]] | None = None,
+        **extra: Any,
+    ) -> None:
         self.socket = str(directory / f"agent-{secrets.token_hex(3)}.sock")
         self.config = directory / f"agent-{secrets.token_hex(3)}.toml"
         lines = [
@@ -130,7 +210,9 @@ class Agent:
             f'socket = "{self.socket}"', f'lease_public_key = "{server.info["lease_public_key"]}"',
         ]  # fmt: skip
         for key, value in extra.items():
-            lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+            lines.append(f"{key} = {toml_value(value)}")
+        for table, values in (tables or {}).items():
+            lines += [f"[{table}]", *(f"{key} = {toml_value(value)}" for key, value in values.items())]
         self.config.write_text("\n".join(lines) + "\n")
         self.log = directory / f"{self.config.stem}.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -289,11 +289,13 @@ def demo(workdir: str, as_json: bool) -> None:
 
 def _register_service_commands() -> None:
     from modelseal.agent.cli import agent
+    from modelseal.attest.cli import attest
     from modelseal.keyserver.cli import keyserver, pki_group
 
     main.add_command(keyserver, "keyserver")
     main.add_command(agent, "agent")
     main.add_command(pki_group, "pki")
+    main.add_command(attest, "attest")
 
 
 _register_service_commands()

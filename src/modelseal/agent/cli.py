@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 
 import click
@@ -57,3 +58,32 @@ def agent_status(socket_path: str, as_json: bool) -> None:
     lines = [f"{k['model']}\t{k['key_id']}\tlease until {when(k['expires_at'])}" for k in answer["keys"]]
     lines += [f"dropped {key_id}: {d['code']} ({d['message']})" for key_id, d in answer["dropped"].items()]
     emit(as_json, answer, lines or ["no keys held"])
+
+
+@agent.command("tpm-enroll")
+@click.option("--tcti", required=True, envvar="TPM2TOOLS_TCTI", help="TPM: device:/dev/tpmrm0, swtpm:port=2321...")
+@click.option("--handle", default="0x81010002", show_default=True, help="Persistent handle for the AK.")
+@click.option("--pcrs", default="sha256:0,1,2,3,4,5,6,7", show_default=True, help="PCRs the quotes will cover.")
+@click.option("--replace", is_flag=True, help="Replace an AK already persisted at --handle.")
+@json_option
+@fail_closed
+def agent_tpm_enroll(tcti: str, handle: str, pcrs: str, replace: bool, as_json: bool) -> None:
+    """Create and persist this host's TPM attestation key; print the grant requirement that pins it.
+
+    Give the printed requirement to the model owner (`keyserver grant add --evidence '...'`); put the same
+    tcti, handle and pcrs in the agent's [tpm] table and add "tpm" to its evidence list.
+    """
+    from modelseal.agent.tpm import enroll
+
+    result = enroll(tcti, handle, pcrs, replace)
+    verb = "created and persisted" if result["created"] else "already persisted"
+    emit(
+        as_json,
+        result,
+        [
+            f"attestation key {verb} at {handle}",
+            f"AK name: {result['ak_name']}",
+            "grant requirement (pins the AK and today's PCR values):",
+            json.dumps(result["requirement"]),
+        ],
+    )

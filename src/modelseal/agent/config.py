@@ -8,13 +8,25 @@ key = "host-a.key"
 socket = "/run/modelseal/agent.sock"
 socket_mode = "0600"
 lease_public_key = "ed25519:..."  # pin the service's lease-signing key (recommended)
-evidence = ["mtls"]               # evidence kinds to present
+evidence = ["mtls"]               # evidence kinds to present: mtls, tpm, tdx, sev-snp, sgx
 prefetch = true                   # fetch every granted key at start
 max_grace_s = 3600                # cap on the owner's outage grace
 retry_s = 5                       # retry interval while the key service is unreachable
 
 [acl]                             # local uids allowed per model ("*" = any model); root always
 "*" = [1000]
+
+[tpm]                             # for evidence "tpm" (enrol first: `modelseal agent tpm-enroll`)
+tcti = "device:/dev/tpmrm0"       # or "swtpm:host=127.0.0.1,port=2321"
+ak_handle = "0x81010002"
+pcrs = "sha256:0,1,2,3,4,5,6,7"
+
+[tsm]                             # for "tdx" / "sev-snp" (configfs-tsm in a confidential VM)
+pccs_url = "https://pccs.example:8081"   # TDX collateral
+# vcek = "vcek.der"; cert_chain = "ask_ark.pem"   # SNP, when the host gives no certificate table
+
+[sgx]                             # for "sgx" (Gramine /dev/attestation)
+pccs_url = "https://pccs.example:8081"
 ```
 """
 
@@ -28,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.agent.daemon import Acl
+from modelseal.agent.evidence import build_collectors
 from modelseal.agent.release import ReleaseClient
 from modelseal.errors import UsageError
 
@@ -46,6 +59,7 @@ class AgentConfig:
     max_grace_s: int | None = None
     retry_s: float = 5
     acl: Acl = field(default_factory=Acl)
+    evidence_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AgentConfig:
@@ -75,6 +89,7 @@ class AgentConfig:
                 max_grace_s=data.get("max_grace_s"),
                 retry_s=float(data.get("retry_s", 5)),
                 acl=Acl(rules) if rules else Acl(),
+                evidence_settings={k: dict(data[k]) for k in ("tpm", "tsm", "sgx") if k in data},
             )
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{path}: bad value: {exc}") from None
@@ -87,6 +102,7 @@ class AgentConfig:
             key=str(self.key),
             service_key=self.lease_public_key,
             evidence=self.evidence,
+            collectors=build_collectors(self.evidence, self.evidence_settings),
         )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
-from modelseal.agent.evidence import collect
+from modelseal.agent.evidence import Collector, build_collectors, collect
+from modelseal.attest.base import EvidenceError
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ServiceError
 from modelseal.keyserver.client import decode, require_httpx
@@ -23,6 +25,7 @@ class ReleaseClient:
         key: str,
         service_key: str | None = None,
         evidence: list[str] | None = None,
+        collectors: dict[str, Collector] | None = None,
         timeout: float = 10,
     ) -> None:
         httpx = require_httpx()
@@ -32,6 +35,7 @@ class ReleaseClient:
         self._errors = httpx.HTTPError
         self._service_key = load_service_public_key(service_key) if service_key else None
         self.evidence = evidence or ["mtls"]
+        self.collectors = collectors if collectors is not None else build_collectors(self.evidence, {})
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
@@ -61,12 +65,11 @@ class ReleaseClient:
         ephemeral = EphemeralKey()
         bind = binding(nonce, self.identity.spki_hash, ephemeral.public)
         kinds = [*self.evidence, *(challenge.get("evidence") or [])]
-        body = {
-            "key_id": key_id,
-            "nonce": b64e(nonce),
-            "ephemeral_key": b64e(ephemeral.public),
-            "evidence": collect(kinds, bind, nonce),
-        }
+        try:  # TPM and TEE tools block (tens of ms): keep them off the event loop
+            evidence = await asyncio.to_thread(collect, self.collectors, kinds, bind, nonce)
+        except EvidenceError as exc:
+            raise ServiceError(0, "evidence_unavailable", f"cannot collect evidence on this host: {exc}") from None
+        body = {"key_id": key_id, "nonce": b64e(nonce), "ephemeral_key": b64e(ephemeral.public), "evidence": evidence}
         answer = await self._call("POST", "/v1/release", body)
         return ephemeral.open_release(
             answer, nonce=nonce, client_spki_hash=self.identity.spki_hash, key_id=key_id, service_key=service_key

@@ -9,12 +9,11 @@ exchange is refused. A grant's requirements are matched against the claims by :f
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from modelseal.errors import ModelsealError
+from modelseal.encoding import b64d
+from modelseal.errors import FormatError, ModelsealError
 from modelseal.pki import PeerIdentity
 
 REPORT_DATA_SIZE = 64
@@ -93,18 +92,16 @@ def known_kinds() -> list[str]:
 
 
 def evidence_bytes(evidence: dict[str, Any], name: str, kind: str, required: bool = True) -> bytes | None:
-    """A base64 field of an evidence document, decoded, or a clear error naming the field."""
+    """A base64url field of an evidence document, decoded, or a clear error naming the field."""
     value = evidence.get(name)
     if value is None:
         if required:
             raise EvidenceError(f"{kind} evidence has no {name!r} field")
         return None
-    if not isinstance(value, str):
-        raise EvidenceError(f"{kind} evidence field {name!r} must be a base64 string")
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise EvidenceError(f"{kind} evidence field {name!r} is not valid base64") from None
+        return b64d(value, what=f"{kind} evidence field {name!r}")
+    except FormatError as exc:
+        raise EvidenceError(str(exc)) from None
 
 
 def expected_report_data(binding: bytes) -> bytes:

@@ -1,0 +1,109 @@
+"""The host's TPM 2.0, through ``tpm2-tools``: enrol an attestation key (AK) and quote PCRs with a nonce.
+
+The TCTI picks the TPM: ``device:/dev/tpmrm0`` (the kernel resource manager) on a real host, or
+``swtpm:host=127.0.0.1,port=2321`` for a software TPM. swtpm has no resource manager, so every step that
+loads a transient object flushes it again (the TPM has only three slots).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from modelseal.attest import tpm_structs
+from modelseal.attest.base import EvidenceError
+from modelseal.encoding import b64e
+
+DEFAULT_HANDLE = "0x81010002"
+DEFAULT_PCRS = "sha256:0,1,2,3,4,5,6,7"
+
+
+def run_tool(args: list[str], env: dict[str, str], what: str) -> None:
+    """Run one tpm2-tools command; its last stderr line becomes the error."""
+    try:
+        subprocess.run(args, env=env, check=True, capture_output=True, timeout=30)
+    except FileNotFoundError:
+        raise EvidenceError(f"{args[0]} is not installed (Debian: apt install tpm2-tools)") from None
+    except subprocess.CalledProcessError as exc:
+        detail = exc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise EvidenceError(f"{what} failed: {detail[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise EvidenceError(f"{what} timed out after 30 s") from None
+
+
+class TpmCollector:
+    """A TPM 2.0 quote over ``pcrs`` (tpm2-tools syntax, e.g. ``sha256:0,7,16``) with the binding as nonce."""
+
+    def __init__(self, tcti: str, ak_handle: str = DEFAULT_HANDLE, pcrs: str = DEFAULT_PCRS) -> None:
+        self.tcti, self.ak_handle, self.pcrs = tcti, ak_handle, pcrs
+        self._ak_public: bytes | None = None
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
+
+    def ak_public(self, work: Path) -> bytes:
+        if self._ak_public is None:
+            run_tool(
+                ["tpm2_readpublic", "-c", self.ak_handle, "-f", "tss", "-o", str(work / "ak.pub")],
+                self.env(),
+                f"reading the attestation key at {self.ak_handle} (run `modelseal agent tpm-enroll` first)",
+            )
+            self._ak_public = (work / "ak.pub").read_bytes()
+        return self._ak_public
+
+    def __call__(self, binding: bytes, nonce: bytes) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="modelseal-tpm-") as tmp:
+            work = Path(tmp)
+            ak = self.ak_public(work)
+            run_tool(
+                ["tpm2_quote", "-c", self.ak_handle, "-l", self.pcrs, "-q", binding.hex(), "-g", "sha256",
+                 "-m", str(work / "quote"), "-s", str(work / "sig"), "-o", str(work / "pcrs"), "-F", "values"],
+                self.env(),
+                "the TPM quote",
+            )  # fmt: skip
+            attest, signature, values = ((work / n).read_bytes() for n in ("quote", "sig", "pcrs"))
+        quote = tpm_structs.parse_quote(attest)
+        pcrs: dict[str, dict[str, str]] = {}
+        offset = 0
+        for bank, indices in quote.selection:
+            size = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}[bank]
+            for index in indices:
+                pcrs.setdefault(bank, {})[str(index)] = values[offset : offset + size].hex()
+                offset += size
+        return {"kind": "tpm", "ak_public": b64e(ak), "quote": b64e(attest), "signature": b64e(signature), "pcrs": pcrs}
+
+
+def enroll(tcti: str, handle: str = DEFAULT_HANDLE, pcrs: str = DEFAULT_PCRS, replace: bool = False) -> dict[str, Any]:
+    """Create an ECC endorsement key and a restricted ECDSA P-256 attestation key under it, persist the AK at
+    ``handle`` (an existing AK there is kept unless ``replace``), quote the PCRs once, and return what the
+    owner pins in a grant: the AK's TPM name and the current PCR values, as a ready requirement."""
+    env = {**os.environ, "TPM2TOOLS_TCTI": tcti}
+    exists = subprocess.run(["tpm2_readpublic", "-c", handle], env=env, capture_output=True).returncode == 0
+    if exists and replace:
+        run_tool(["tpm2_evictcontrol", "-C", "o", "-c", handle], env, f"removing the old key at {handle}")
+    if replace or not exists:
+        with tempfile.TemporaryDirectory(prefix="modelseal-tpm-") as tmp:
+            ek, ak = str(Path(tmp) / "ek.ctx"), str(Path(tmp) / "ak.ctx")
+            steps = [
+                (["tpm2_createek", "-c", ek, "-G", "ecc", "-u", str(Path(tmp) / "ek.pub")], "creating the EK"),
+                (["tpm2_flushcontext", "-t"], "flushing transient objects"),
+                (["tpm2_createak", "-C", ek, "-c", ak, "-G", "ecc", "-g", "sha256", "-s", "ecdsa",
+                  "-u", str(Path(tmp) / "ak.pub"), "-n", str(Path(tmp) / "ak.name")], "creating the AK"),
+                (["tpm2_flushcontext", "-t"], "flushing transient objects"),
+                (["tpm2_flushcontext", "-s"], "flushing sessions"),
+                (["tpm2_evictcontrol", "-C", "o", "-c", ak, handle], f"persisting the AK at {handle}"),
+                (["tpm2_flushcontext", "-t"], "flushing transient objects"),
+            ]  # fmt: skip
+            for args, what in steps:
+                run_tool(args, env, what)
+    collector = TpmCollector(tcti, handle, pcrs)
+    evidence = collector(os.urandom(32), b"")
+    name = tpm_structs.parse_public(collector.ak_public(Path())).name
+    measurements = {"ak": name}
+    for bank, values in evidence["pcrs"].items():
+        measurements.update({f"pcr.{bank}.{index}": value for index, value in values.items()})
+    return {"handle": handle, "created": replace or not exists, "ak_name": name,
+            "requirement": {"kind": "tpm", "measurements": measurements}}  # fmt: skip

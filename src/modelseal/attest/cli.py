@@ -1,0 +1,134 @@
+"""``modelseal attest ...``: verify attestation evidence offline, the way the key service does."""
+
+from __future__ import annotations
+
+import binascii
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from modelseal.clikit import emit, fail_closed, json_option
+from modelseal.encoding import b64e
+from modelseal.errors import UsageError
+
+RAW_KINDS = ("sgx", "tdx", "sev-snp")
+
+
+def read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def evidence_document(path: str, kind: str | None, extras: dict[str, str | None]) -> dict[str, Any]:
+    """An evidence JSON document as the agent sends it, or one built from a raw quote/report and its files."""
+    data = read(path, "evidence")
+    if data.lstrip().startswith(b"{"):
+        try:
+            doc = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path} is not valid JSON: {exc}") from None
+        if kind and doc.get("kind") != kind:
+            raise UsageError(f"{path} holds {doc.get('kind')} evidence, not {kind}")
+        return dict(doc)
+    if kind not in RAW_KINDS:
+        raise UsageError(f"a raw quote or report needs --kind ({', '.join(RAW_KINDS)}); TPM evidence must be JSON")
+    if kind == "sev-snp":
+        if not (extras["vcek"] and extras["cert_chain"]):
+            raise UsageError("a raw SEV-SNP report needs --vcek and --cert-chain")
+        try:  # reports are often shared as hex text
+            report = binascii.unhexlify(b"".join(data.split()))
+        except (binascii.Error, ValueError):
+            report = data
+        return {
+            "kind": kind,
+            "report": b64e(report),
+            "vcek": b64e(read(extras["vcek"], "VCEK certificate")),
+            "cert_chain": read(extras["cert_chain"], "certificate chain").decode(errors="replace"),
+        }
+    if not extras["collateral"]:
+        raise UsageError(f"a raw {kind.upper()} quote needs --collateral (JSON from a PCCS)")
+    try:
+        collateral = json.loads(read(extras["collateral"], "collateral"))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{extras['collateral']} is not valid JSON: {exc}") from None
+    return {"kind": kind, "quote": b64e(data), "collateral": collateral}
+
+
+@click.group()
+def attest() -> None:
+    """Attestation evidence: TPM 2.0 quotes, Intel SGX/TDX DCAP quotes, AMD SEV-SNP reports."""
+
+
+@attest.command("verify")
+@click.argument("evidence", type=click.Path(dir_okay=False))
+@click.option("--kind", type=click.Choice(["tpm", "sgx", "tdx", "sev-snp"]), help="Evidence kind (JSON says it).")
+@click.option("--collateral", type=click.Path(dir_okay=False), help="SGX/TDX: collateral JSON for a raw quote.")
+@click.option("--vcek", type=click.Path(dir_okay=False), help="SEV-SNP: the chip's VCEK certificate (DER or PEM).")
+@click.option("--cert-chain", type=click.Path(dir_okay=False), help="SEV-SNP: AMD's ASK + ARK chain (PEM).")
+@click.option("--at", "at", type=int, help="Verify at this Unix time instead of now (old samples, audits).")
+@click.option("--binding", help="Hex of the 32-byte binding the report data or TPM nonce must carry.")
+@click.option("--require", "requirement", help='A grant requirement to check, JSON: {"measurements": {...}, ...}.')
+@json_option
+@fail_closed
+def attest_verify(
+    evidence: str,
+    kind: str | None,
+    collateral: str | None,
+    vcek: str | None,
+    cert_chain: str | None,
+    at: int | None,
+    binding: str | None,
+    requirement: str | None,
+    as_json: bool,
+) -> None:
+    """Verify EVIDENCE (the agent's JSON, or a raw quote/report) and print the proven claims.
+
+    Exits 1, naming what failed, when the evidence is not genuine, not bound to --binding, or does not
+    meet --require.
+    """
+    from modelseal.attest import VerificationContext, get_verifier
+    from modelseal.attest import verifiers as _verifiers  # noqa: F401  (registers the built-in verifiers)
+    from modelseal.attest.base import EvidenceError, unmet
+
+    doc = evidence_document(evidence, kind, {"collateral": collateral, "vcek": vcek, "cert_chain": cert_chain})
+    verifier = get_verifier(str(doc.get("kind")))
+    if verifier is None or doc.get("kind") == "mtls":
+        raise UsageError(f"cannot verify {doc.get('kind')!r} evidence offline")
+    try:
+        expected = bytes.fromhex(binding) if binding else None
+    except ValueError:
+        raise UsageError("--binding must be hex") from None
+    if expected is not None and len(expected) != 32:
+        raise UsageError("--binding must be 32 bytes (64 hex digits)")
+    claims = verifier.verify(doc, VerificationContext(None, expected, b"", at if at is not None else int(time.time())))
+    result = claims.to_json()
+    problems = []
+    if expected is not None and not claims.report_data_bound:
+        problems.append(str(claims.details.get("binding_mismatch", "the evidence is not bound to --binding")))
+    if requirement:
+        try:
+            req = verifier.check_requirement({**json.loads(requirement), "kind": claims.kind})
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--require is not valid JSON: {exc}") from None
+        problems += [p for p in [unmet(req, claims)] if p]
+    result["verified"] = not problems
+    if problems:
+        result["problems"] = problems
+    emit(as_json, result, lambda: click.echo(json.dumps(result, indent=2)))
+    if problems:
+        raise EvidenceError("; ".join(problems))
+
+
+@attest.command("kinds")
+@json_option
+def attest_kinds(as_json: bool) -> None:
+    """List the evidence kinds this installation can verify."""
+    from modelseal.attest import known_kinds
+    from modelseal.attest import verifiers as _verifiers  # noqa: F401
+
+    emit(as_json, known_kinds(), known_kinds())
