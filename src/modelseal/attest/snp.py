@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -62,8 +62,40 @@ def load_certificate(data: bytes, what: str) -> x509.Certificate:
             if data.lstrip().startswith(b"-----BEGIN"):
                 return x509.load_pem_x509_certificate(data)
             return x509.load_der_x509_certificate(data)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise EvidenceError(f"the {what} certificate is malformed: {exc}") from None
+
+
+def der_element(data: bytes, pos: int) -> tuple[int, int]:
+    """(start of contents, end) of the DER element at ``pos``."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated DER")
+    length, head = data[pos + 1], pos + 2
+    if length & 0x80:
+        count = length & 0x7F
+        length, head = int.from_bytes(data[head : head + count], "big"), head + count
+    if head + length > len(data):
+        raise ValueError("truncated DER")
+    return head, head + length
+
+
+def check_unsigned_fields(cert: x509.Certificate, what: str) -> None:
+    """Two parts of a certificate are outside its signature: the outer signatureAlgorithm, which RFC 5280
+    (4.1.1.2) says must equal the signed one in the TBSCertificate, and the signature BIT STRING's
+    unused-bits count, which must be 0. Checking both means no byte of a chain goes unchecked."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    _, tbs_end = der_element(der, der_element(der, 0)[0])
+    outer_end = der_element(der, tbs_end)[1]
+    outer = der[tbs_end:outer_end]
+    if der[der_element(der, outer_end)[0]] != 0:
+        raise EvidenceError(f"the {what} certificate's signature BIT STRING has unused bits")
+    tbs = cert.tbs_certificate_bytes
+    pos = der_element(tbs, 0)[0]
+    if tbs[pos] == 0xA0:  # [0] version
+        pos = der_element(tbs, pos)[1]
+    pos = der_element(tbs, pos)[1]  # serialNumber
+    if tbs[pos : der_element(tbs, pos)[1]] != outer:
+        raise EvidenceError(f"the {what} certificate's outer signature algorithm differs from the signed one")
 
 
 def load_chain(pem: bytes) -> list[x509.Certificate]:
@@ -74,6 +106,7 @@ def load_chain(pem: bytes) -> list[x509.Certificate]:
 
 
 def check_signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
+    check_unsigned_fields(cert, what)
     key = issuer.public_key()
     if not isinstance(key, rsa.RSAPublicKey) or cert.signature_hash_algorithm is None:
         raise EvidenceError(f"the {what} certificate is not signed with RSA-PSS/SHA-384 as AMD's are")
@@ -138,6 +171,20 @@ class SnpVerifier:
             check_valid_at(cert, now, what)
         return vcek, self.arks[ark.fingerprint(hashes.SHA256()).hex()]
 
+    @staticmethod
+    def match_vcek(vcek: x509.Certificate, report: bytes) -> dict[str, int]:
+        """The VCEK must be this chip's (hwID = chip id) at this TCB (SPL extensions = reported TCB)."""
+        reported_tcb, chip_id = report[0x180:0x188], report[0x1A0:0x1E0]
+        hwid = vcek.extensions.get_extension_for_oid(x509.ObjectIdentifier(OID_HWID)).value
+        if getattr(hwid, "value", b"") != chip_id:
+            raise EvidenceError("the VCEK certificate is for another chip than the one in the report (chip id)")
+        svn = {}
+        for name, oid in OID_SPL.items():
+            svn[name] = reported_tcb[TCB_BYTE[name]]
+            if extension_int(vcek, oid) != svn[name]:
+                raise EvidenceError(f"the VCEK certificate's {name} TCB level differs from the report's reported TCB")
+        return svn
+
     def verify(self, evidence: dict[str, Any], ctx: VerificationContext) -> Claims:
         report = evidence_bytes(evidence, "report", self.kind) or b""
         if len(report) != REPORT_SIZE:
@@ -151,18 +198,16 @@ class SnpVerifier:
             raise EvidenceError(f"SEV-SNP report signature algorithm {sig_algo} is not ECDSA P-384/SHA-384")
         if (flags >> 2) & 0b111 != 0:
             raise EvidenceError("the SEV-SNP report is signed by a VLEK; only VCEK-signed reports are supported")
+        if any(report[SIGNED_SIZE + 144 :]):
+            raise EvidenceError("the SEV-SNP report's reserved bytes after the signature are not zero")
         if flags & 0b10:
             raise EvidenceError("the SEV-SNP report masks the chip id (MASK_CHIP_KEY), so its VCEK cannot be matched")
-        vcek, product = self.chain(evidence, ctx.now)
-        reported_tcb, chip_id = report[0x180:0x188], report[0x1A0:0x1E0]
-        hwid = vcek.extensions.get_extension_for_oid(x509.ObjectIdentifier(OID_HWID)).value
-        if getattr(hwid, "value", b"") != chip_id:
-            raise EvidenceError("the VCEK certificate is for another chip than the one in the report (chip id)")
-        svn = {}
-        for name, oid in OID_SPL.items():
-            svn[name] = reported_tcb[TCB_BYTE[name]]
-            if extension_int(vcek, oid) != svn[name]:
-                raise EvidenceError(f"the VCEK certificate's {name} TCB level differs from the report's reported TCB")
+        try:  # cryptography parses certificate fields lazily: a damaged one raises ValueError on access
+            vcek, product = self.chain(evidence, ctx.now)
+            svn = self.match_vcek(vcek, report)
+        except (ValueError, TypeError, x509.ExtensionNotFound, UnsupportedAlgorithm) as exc:
+            raise EvidenceError(f"a certificate in the SEV-SNP evidence is malformed: {exc}") from None
+        chip_id = report[0x1A0:0x1E0]
         r = int.from_bytes(report[SIGNED_SIZE : SIGNED_SIZE + 72], "little")
         s = int.from_bytes(report[SIGNED_SIZE + 72 : SIGNED_SIZE + 144], "little")
         key = vcek.public_key()

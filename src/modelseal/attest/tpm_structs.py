@@ -117,7 +117,10 @@ def parse_public(tpm2b_public: bytes) -> AttestationKey:
         r.u16()  # keyBits
         exponent = r.u32() or 65537
         modulus = r.tpm2b()
-        public_key = rsa.RSAPublicNumbers(exponent, int.from_bytes(modulus, "big")).public_key()
+        try:
+            public_key = rsa.RSAPublicNumbers(exponent, int.from_bytes(modulus, "big")).public_key()
+        except ValueError:
+            raise EvidenceError("the attestation key's RSA modulus or exponent is invalid") from None
     else:
         raise EvidenceError(f"the attestation key has unsupported type 0x{key_type:04x}")
     r.end()

@@ -71,6 +71,7 @@ def openapi_document() -> dict[str, Any]:
         grant_id={"type": "string"},
         lease_id={"type": "string"},
         expires_at={"type": "integer"},
+        attested={"type": "object", "description": "measurements proven by each evidence kind"},
     )
     return {
         "openapi": "3.1.0",

@@ -444,7 +444,9 @@ class KeyService:
         )
         if new_host:
             conn.execute(schema.grant_hosts.insert().values(grant_id=gid, host=peer.spki, first_seen=t))
-        return {**answer, "grant_id": gid, "lease_id": lease.lease_id, "expires_at": expires}
+        # what was attested, for the audit trail: the measurements each verifier proved (mtls: the host key)
+        attested = {kind: c["measurements"] for kind, c in claims.items() if kind != "mtls"}
+        return {**answer, "grant_id": gid, "lease_id": lease.lease_id, "expires_at": expires, "attested": attested}
 
     # --- lookups ---------------------------------------------------------------------------------
 
@@ -495,7 +497,9 @@ class KeyService:
         return nonce
 
 
-_AUDITED_RESULT_FIELDS = ("grant_id", "lease_id", "expires_at", "key_id", "version", "rewrapped", "revoked")
+_AUDITED_RESULT_FIELDS = (
+    "grant_id", "lease_id", "expires_at", "key_id", "version", "rewrapped", "revoked", "attested",
+)  # fmt: skip
 
 
 def _grant_json(row: Any) -> dict[str, Any]:
