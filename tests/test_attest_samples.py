@@ -107,6 +107,11 @@ def test_dcap_kind_must_match_the_quote() -> None:
         verify({**dcap_evidence("sgx_quote"), "kind": "tdx"}, AT["sgx_quote"], verifier=get_verifier("tdx"))
 
 
+def base64_flippable(data: bytes, start: int) -> int:
+    """The last offset at or before ``start`` whose byte stays a base64 letter or digit with its low bit flipped."""
+    return next(i for i in range(start, 0, -1) if chr(data[i]).isalnum() and chr(data[i] ^ 1).isalnum())
+
+
 REPORT_BODY = {"sgx_quote": 48 + 64, "tdx_quote": 48 + 200}  # mr_enclave / inside mr_td
 REPORT_SIGNATURE = {"sgx_quote": 48 + 384 + 4 + 5, "tdx_quote": 48 + 584 + 4 + 5}
 
@@ -118,7 +123,9 @@ REPORT_SIGNATURE = {"sgx_quote": 48 + 384 + 4 + 5, "tdx_quote": 48 + 584 + 4 + 5
         ("body", "ISV enclave report signature is invalid"),
         ("signature", "ISV enclave report signature is invalid"),
         ("qe_report", "Signature is invalid for qe_report"),
-        ("pck_chain", "Failed to verify certificate chain"),
+        ("pck_chain", r"Failed to verify certificate chain|PCK certificate chain is malformed"),
+        ("root_cert", "does not end in the pinned Intel root CA"),
+        ("padding", r"signature data length does not match|not canonical PEM"),
     ],
 )
 def test_dcap_one_bit_change_in_the_quote_is_rejected(name: str, part: str, message: str) -> None:
@@ -129,6 +136,8 @@ def test_dcap_one_bit_change_in_the_quote_is_rejected(name: str, part: str, mess
         "signature": REPORT_SIGNATURE[name],
         "qe_report": REPORT_SIGNATURE[name] + 64 + 64 + 20,
         "pck_chain": quote.find(b"-----BEGIN CERTIFICATE-----") + 200,
+        "root_cert": base64_flippable(quote, quote.rfind(b"-----END CERTIFICATE-----") - 10),  # dcap-qvl skips it
+        "padding": len(quote) - 1,  # the NUL after the PEM chain / zero padding after the signature data
     }[part]
     with pytest.raises(EvidenceError, match=message):
         verify(flip(evidence, "quote", offset), AT[name])
@@ -155,6 +164,17 @@ def test_dcap_one_bit_change_in_the_collateral_is_rejected(name: str, field: str
     collateral[field] = flip_text(text, index)
     with pytest.raises(EvidenceError, match=message):
         verify({**evidence, "collateral": collateral}, AT[name])
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(["sgx_quote", "tdx_quote"]), position=st.floats(0, 1, exclude_max=True),
+       bit=st.integers(min_value=0, max_value=7))  # fmt: skip
+def test_dcap_any_bit_flip_in_the_quote_is_rejected(name: str, position: float, bit: int) -> None:
+    """Signed parts are dcap-qvl's; the framing, padding and embedded root certificate are checked by modelseal."""
+    evidence = dcap_evidence(name)
+    offset = int(position * len(b64d(evidence["quote"])))
+    with pytest.raises(EvidenceError):
+        verify(flip(evidence, "quote", offset, bit), AT[name])
 
 
 @pytest.mark.parametrize("name", ["sgx_quote", "tdx_quote"])

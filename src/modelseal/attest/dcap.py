@@ -20,8 +20,13 @@ the RTMRs in the grant), or anything about TCB recovery after the collateral was
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from modelseal.attest.base import (
     Claims,
@@ -36,6 +41,66 @@ from modelseal.attest.base import (
 SGX_DEBUG = 0x02  # ATTRIBUTES.DEBUG, bit 1 of the first byte
 TDX_DEBUG = 0x01  # TDATTRIBUTES.DEBUG, bit 0 of the first byte
 TD_REGISTERS = ("mr_td", "mr_seam", "mr_signer_seam", "mr_config_id", "mr_owner", "mr_owner_config")
+# SHA-256 of the DER of "Intel SGX Root CA" (certificates.trustedservices.intel.com/Intel_SGX_Provisioning_
+# Certification_RootCA.cer), the root dcap-qvl pins too.
+INTEL_SGX_ROOT_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+PCK_CHAIN, QE_REPORT_DATA = 5, 6  # certification data types (Intel DCAP quote library)
+
+
+def _u16(raw: bytes, pos: int) -> int:
+    return int(struct.unpack_from("<H", raw, pos)[0])
+
+
+def _u32(raw: bytes, pos: int) -> int:
+    return int(struct.unpack_from("<I", raw, pos)[0])
+
+
+def quote_pck_chain(raw: bytes, kind: str) -> bytes:
+    """Walk the quote's layout (v3, v4, v5) to its PCK certificate chain, insisting that every length and
+    type field is exact and any padding after the signature data is zero.
+
+    dcap-qvl checks everything signed; this makes the *unsigned* framing strict too, so that no byte of a
+    quote can change without the quote being rejected (see docs/attestation.md)."""
+    try:
+        version, tee_type = _u16(raw, 0), _u32(raw, 4)
+        pos = 48
+        if version == 5:
+            pos += 6 + _u32(raw, pos + 2)
+        elif version in (3, 4):
+            pos += 384 if tee_type == 0 else 584
+        else:
+            raise EvidenceError(f"{kind} quote version {version} is not supported (3, 4 or 5)")
+        end = pos + 4 + _u32(raw, pos)
+        if end > len(raw) or any(raw[end:]):
+            raise EvidenceError(f"{kind} quote's signature data length does not match its size")
+        pos += 4 + 128  # length, ECDSA signature, attestation public key
+        if version >= 4:
+            if _u16(raw, pos) != QE_REPORT_DATA or pos + 6 + _u32(raw, pos + 2) != end:
+                raise EvidenceError(f"{kind} quote's certification data header is not a QE report of the right size")
+            pos += 6
+        pos += 384 + 64  # QE report and its signature
+        pos += 2 + _u16(raw, pos)  # QE authentication data
+        if _u16(raw, pos) != PCK_CHAIN or pos + 6 + _u32(raw, pos + 2) != end:
+            raise EvidenceError(f"{kind} quote does not end with a PCK certificate chain of the declared size")
+        return raw[pos + 6 : end]
+    except struct.error:
+        raise EvidenceError(f"{kind} quote is truncated") from None
+
+
+def check_pck_chain(pem: bytes, kind: str, root_ca_der: bytes | None) -> None:
+    """The chain must be canonical PEM (nothing but the certificates, optionally NUL-terminated) and end in
+    the pinned Intel root, which dcap-qvl would otherwise skip over."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem.rstrip(b"\0"))
+    except ValueError as exc:
+        raise EvidenceError(f"{kind} quote's PCK certificate chain is malformed: {exc}") from None
+    canonical = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    if pem.rstrip(b"\0") != canonical or len(pem) - len(canonical) > 1:
+        raise EvidenceError(f"{kind} quote's PCK certificate chain is not canonical PEM")
+    root = certs[-1].public_bytes(serialization.Encoding.DER)
+    expected = hashlib.sha256(root_ca_der).hexdigest() if root_ca_der else INTEL_SGX_ROOT_SHA256
+    if certs[-1].fingerprint(hashes.SHA256()).hex() != expected or hashlib.sha256(root).hexdigest() != expected:
+        raise EvidenceError(f"{kind} quote's PCK certificate chain does not end in the pinned Intel root CA")
 
 
 def dcap_module() -> Any:
@@ -70,6 +135,7 @@ class DcapVerifier:
             raise EvidenceError(f"{self.kind} quote is malformed: {exc}") from None
         if parsed.quote_type().lower() != self.kind:
             raise EvidenceError(f"the quote is a {parsed.quote_type()} quote, not {self.kind.upper()}")
+        check_pck_chain(quote_pck_chain(raw, self.kind), self.kind, self.root_ca_der)
         try:
             if self.root_ca_der is None:
                 report = dcap.verify(raw, collateral, ctx.now)
