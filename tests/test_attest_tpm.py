@@ -157,8 +157,22 @@ def test_parsers_reject_garbage_cleanly(data: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(position=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=7))
-def test_any_bit_flip_in_the_quote_is_rejected(evidence: dict[str, Any], position: int, bit: int) -> None:
-    size = len(b64d(evidence["quote"]))
-    with pytest.raises(EvidenceError):
-        verify(flipped(evidence, "quote", position % size, bit))
+@given(
+    field=st.sampled_from(["quote", "signature", "ak_public"]),
+    position=st.integers(min_value=0),
+    bit=st.integers(min_value=0, max_value=7),
+)
+def test_any_bit_flip_in_the_evidence_is_rejected(
+    enrolled: dict[str, Any], evidence: dict[str, Any], field: str, position: int, bit: int
+) -> None:
+    """Either verification fails, or (a changed AK attribute the TPM does not sign) the AK's name changes and
+    the grant's pinned AK refuses it."""
+    from modelseal.attest.base import unmet
+
+    size = len(b64d(evidence[field]))
+    try:
+        claims = verify(flipped(evidence, field, position % size, bit))
+    except EvidenceError:
+        return
+    assert claims.measurements["ak"] != enrolled["ak_name"]
+    assert "measurement ak" in str(unmet(enrolled["requirement"], claims))

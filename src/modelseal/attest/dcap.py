@@ -92,7 +92,7 @@ def check_pck_chain(pem: bytes, kind: str, root_ca_der: bytes | None) -> None:
     the pinned Intel root, which dcap-qvl would otherwise skip over."""
     try:
         certs = x509.load_pem_x509_certificates(pem.rstrip(b"\0"))
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise EvidenceError(f"{kind} quote's PCK certificate chain is malformed: {exc}") from None
     canonical = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
     if pem.rstrip(b"\0") != canonical or len(pem) - len(canonical) > 1:

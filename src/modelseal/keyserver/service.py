@@ -10,6 +10,7 @@ nonce stays spent) before it propagates.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from modelseal.keyserver.protocol import Lease, binding, new_nonce, now, seal_re
 from modelseal.pki import PeerIdentity
 
 T = TypeVar("T")
+log = logging.getLogger("modelseal.keyserver")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 
 
@@ -77,6 +79,10 @@ def verify_presented(evidence: list[dict[str, Any]], ctx: VerificationContext) -
             claims = verifier.verify(piece, ctx)
         except (EvidenceError, FormatError) as exc:
             results[kind] = f"{kind} evidence rejected: {exc}"
+            continue
+        except Exception as exc:  # a verifier bug must refuse, never release (and never answer 500)
+            log.exception("the %s verifier failed", kind)
+            results[kind] = f"{kind} evidence could not be verified ({type(exc).__name__})"
             continue
         if not claims.report_data_bound:
             why = claims.details.get("binding_mismatch", "")
