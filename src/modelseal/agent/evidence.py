@@ -169,8 +169,10 @@ class GramineCollector:
 def build_collectors(kinds: list[str], settings: dict[str, dict[str, Any]]) -> dict[str, Collector]:
     """Collectors for the configured evidence kinds; unknown kinds or missing settings fail at start-up."""
     collectors: dict[str, Collector] = {"mtls": lambda binding, nonce: {"kind": "mtls"}}
+    if "none" in kinds and len(set(kinds) - {"mtls", "none"}) > 0:
+        raise UsageError('evidence "none" (no TEE or TPM evidence) cannot be combined with other kinds')
     for kind in kinds:
-        if kind == "mtls":
+        if kind in ("mtls", "none"):  # none: this host presents only its TLS identity
             continue
         if kind == "tpm":
             tpm = settings.get("tpm", {})
@@ -183,7 +185,7 @@ def build_collectors(kinds: list[str], settings: dict[str, dict[str, Any]]) -> d
         elif kind == "sgx":
             collectors[kind] = GramineCollector(settings.get("sgx", {}))
         else:
-            raise UsageError(f"unknown evidence kind {kind!r} (mtls, tpm, tdx, sev-snp, sgx)")
+            raise UsageError(f"unknown evidence kind {kind!r} (none, mtls, tpm, tdx, sev-snp, sgx)")
     return collectors
 
 

@@ -243,7 +243,12 @@ def grant_group() -> None:
 @click.option("--max-releases", type=int, help="Licence: total key releases allowed.")
 @click.option("--grace", "grace_s", type=int, help="Seconds a host may keep serving when the key service is down.")
 @click.option("--policy", help="CEL expression over identity, licence, claims, now (docs/key-release.md).")
-@click.option("--evidence", "evidence", multiple=True, help="Required evidence: a kind (tpm) or a JSON requirement.")
+@click.option(
+    "--evidence",
+    "evidence",
+    multiple=True,
+    help="Required evidence: a kind (sev-snp) or a JSON requirement (docs/attestation.md); repeatable.",
+)
 @json_option
 @click.pass_context
 @fail_closed
