@@ -15,7 +15,7 @@ from typing import Any
 
 from modelseal.attest import tpm_structs
 from modelseal.attest.base import EvidenceError
-from modelseal.encoding import b64e
+from modelseal.encoding import b64d, b64e
 
 DEFAULT_HANDLE = "0x81010002"
 DEFAULT_PCRS = "sha256:0,1,2,3,4,5,6,7"
@@ -45,6 +45,7 @@ class TpmCollector:
         return {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
 
     def ak_public(self, work: Path) -> bytes:
+        """The AK's TPM2B_PUBLIC, read once (restart the agent after re-enrolling with --replace)."""
         if self._ak_public is None:
             run_tool(
                 ["tpm2_readpublic", "-c", self.ak_handle, "-f", "tss", "-o", str(work / "ak.pub")],
@@ -99,9 +100,8 @@ def enroll(tcti: str, handle: str = DEFAULT_HANDLE, pcrs: str = DEFAULT_PCRS, re
             ]  # fmt: skip
             for args, what in steps:
                 run_tool(args, env, what)
-    collector = TpmCollector(tcti, handle, pcrs)
-    evidence = collector(os.urandom(32), b"")
-    name = tpm_structs.parse_public(collector.ak_public(Path())).name
+    evidence = TpmCollector(tcti, handle, pcrs)(os.urandom(32), b"")
+    name = tpm_structs.parse_public(b64d(evidence["ak_public"])).name
     measurements = {"ak": name}
     for bank, values in evidence["pcrs"].items():
         measurements.update({f"pcr.{bank}.{index}": value for index, value in values.items()})
