@@ -296,6 +296,11 @@ def _register_service_commands() -> None:
     main.add_command(agent, "agent")
     main.add_command(pki_group, "pki")
     main.add_command(attest, "attest")
+    try:
+        from modelseal.serve.cli import serve
+    except ImportError:  # pragma: no cover (click is core; the serve extra is imported lazily)
+        return
+    main.add_command(serve, "serve")
 
 
 _register_service_commands()

@@ -1,0 +1,71 @@
+"""``modelseal serve``: serve a model repository of sealed models over KServe V2 HTTP and gRPC."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from modelseal.clikit import fail_closed
+
+
+@click.command("serve")
+@click.option(
+    "--repository",
+    "-r",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Model repository (Triton layout: NAME/config.pbtxt|yaml, NAME/VERSION/model...).",
+)
+@click.option("--http", default="127.0.0.1:8000", show_default=True, help="HTTP listen address, or 'off'.")
+@click.option("--grpc", default="127.0.0.1:8001", show_default=True, help="gRPC listen address, or 'off'.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Server certificate.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Server key.")
+@click.option(
+    "--client-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Require client certificates from this CA (mTLS) on both protocols.",
+)
+@click.option(
+    "-i",
+    "--identity",
+    help="Key for sealed models: agent:SOCKET, a key file, env:VAR "
+    "(default $MODELSEAL_IDENTITY, then $MODELSEAL_AGENT_SOCKET).",
+)
+@click.option("--agent-socket", help="Agent to watch for dropped keys (default: the identity's agent).")
+@click.option("--model", "models", multiple=True, help="Load only these models (default: all).")
+@click.option("--key-check", "key_check_s", default=5.0, show_default=True, help="Seconds between key checks.")
+@click.option(
+    "--retry",
+    "retry_s",
+    default=30.0,
+    show_default=True,
+    help="Seconds between reload attempts of a model whose key was dropped.",
+)
+@click.option("--max-body-mb", default=64, show_default=True, help="Largest request body / gRPC message.")
+@click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Per-request audit file (JSONL).")
+@click.option("--threads", default=0, help="Intra-op threads per instance (0: the runtime's default).")
+@click.option("-v", "--verbose", is_flag=True)
+@fail_closed
+def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key: Path | None,
+          client_ca: Path | None, identity: str | None, agent_socket: str | None, models: tuple[str, ...],
+          key_check_s: float, retry_s: float, max_body_mb: int, audit_log: Path | None, threads: int,
+          verbose: bool) -> None:  # fmt: skip
+    """Serve the sealed models of a repository to tritonclient / KServe clients, HTTP and gRPC.
+
+    Weights are decrypted in memory only, with keys from the host agent; a model whose key the agent
+    drops (grant revoked) is unloaded and comes back when it is granted again.
+    """
+    from modelseal.serve.server import ServeConfig, run
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    run(
+        ServeConfig(
+            repository=repository, http=None if http == "off" else http, grpc=None if grpc == "off" else grpc,
+            tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca, identity=identity,
+            agent_socket=agent_socket, models=list(models), key_check_s=key_check_s, retry_s=retry_s,
+            max_body_bytes=max_body_mb * 1024 * 1024, audit_log=audit_log, threads=threads,
+        )
+    )  # fmt: skip

@@ -1,0 +1,313 @@
+"""Loaded models: load and unload, instances, dynamic batching, request checks, and key revocation.
+
+A sealed model's key comes from the host agent (or an identity file). When the agent drops a model's key
+(the owner revoked the grant, or the lease ran out during an outage) the watcher unloads the model: its
+runtimes are closed and their memory freed, requests get a clear ``UNAVAILABLE`` naming the reason, and
+the model is retried every ``retry_s`` so that a re-grant brings it back without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelseal.errors import KeyReleaseError, ModelsealError
+from modelseal.recipients.parse import IdentitySpec
+from modelseal.serve import datatypes
+from modelseal.serve.batching import DynamicBatcher, Tensors
+from modelseal.serve.errors import ServeError, bad_request, not_found, unavailable
+from modelseal.serve.metrics import Metrics
+from modelseal.serve.repository import ModelSpec, Repository, is_sealed
+from modelseal.serve.runtimes import Runtime, load_runtime
+
+log = logging.getLogger("modelseal.serve")
+
+
+def key_ids(artifact: Any) -> set[str]:
+    """Key-service key ids a sealed artifact is wrapped to (the agent reports which it holds)."""
+    from modelseal.operations import inspect
+
+    return {r["key_id"] for report in inspect(artifact) for r in report["recipients"] if "key_id" in r}
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    version: int
+    runtimes: list[Runtime]
+    keys: set[str]
+    pool: ThreadPoolExecutor
+    idle: asyncio.Queue[Runtime] = field(default_factory=asyncio.Queue)
+    batcher: DynamicBatcher | None = None
+    in_flight: int = 0
+
+    async def execute(self, inputs: Tensors, outputs: list[str]) -> Tensors:
+        """Run on a free instance, in the instance pool (never on the event loop)."""
+        runtime = await self.idle.get()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, runtime.run, inputs, outputs)
+        finally:
+            self.idle.put_nowait(runtime)
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+        self.pool.shutdown(wait=True)
+        for runtime in self.runtimes:
+            runtime.close()
+        self.runtimes.clear()
+        while not self.idle.empty():
+            self.idle.get_nowait()
+
+
+@dataclass
+class ModelState:
+    state: str = "UNAVAILABLE"  # READY, LOADING, UNAVAILABLE
+    reason: str = ""
+    retry: bool = False  # unloaded because its key went away: try again periodically
+
+
+class ModelManager:
+    def __init__(
+        self,
+        repository: Repository,
+        identity: IdentitySpec | None,
+        metrics: Metrics,
+        *,
+        agent_socket: str | None = None,
+        key_check_s: float = 5,
+        retry_s: float = 30,
+        threads: int = 0,
+    ) -> None:
+        self.repository, self.identity, self.metrics = repository, identity, metrics
+        self.agent_socket, self.key_check_s, self.retry_s, self.threads = agent_socket, key_check_s, retry_s, threads
+        self.models: dict[str, LoadedModel] = {}
+        self.states: dict[str, ModelState] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.agent_socket and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_keys(), name="key watcher")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for name in list(self.models):
+            await self.unload(name, "server shutdown")
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) the newest version of ``name``; errors are recorded in its state and raised."""
+        async with self.locks.setdefault(name, asyncio.Lock()):
+            try:
+                spec = self.repository.spec(name)
+            except ModelsealError as exc:
+                raise not_found(str(exc)) from None
+            versions = spec.versions()
+            if not versions:
+                raise not_found(f"model {name} has no numeric version directory in {spec.path}")
+            version = versions[-1]
+            state = self.states.setdefault(name, ModelState())
+            state.state, state.reason = "LOADING", ""
+            started = time.monotonic()
+            try:
+                loaded = await asyncio.to_thread(self._build, spec, version)
+            except KeyReleaseError as exc:
+                state.state, state.reason, state.retry = "UNAVAILABLE", f"key refused: {exc}", True
+                self.metrics.loads.labels(name, "key_refused").inc()
+                self.metrics.key_fetches.labels(name, exc.code).inc()
+                raise unavailable(f"model {name} cannot be loaded: {state.reason}") from None
+            except ModelsealError as exc:
+                state.state, state.reason = "UNAVAILABLE", str(exc)
+                self.metrics.loads.labels(name, "failed").inc()
+                raise unavailable(f"model {name} cannot be loaded: {exc}") from None
+            old = self.models.pop(name, None)
+            if old is not None:
+                await old.close()
+            self._start_model(loaded)
+            self.models[name] = loaded
+            state.state, state.reason, state.retry = "READY", "", False
+            self.metrics.loads.labels(name, "ok").inc()
+            if loaded.keys:
+                self.metrics.key_fetches.labels(name, "ok").inc()
+            self.metrics.load_seconds.labels(name).observe(time.monotonic() - started)
+            self.metrics.ready.labels(name).set(1)
+            log.info("model %s version %d ready (%d instance(s), %s)", name, version, len(loaded.runtimes),
+                     loaded.runtimes[0].device)  # fmt: skip
+
+    def _build(self, spec: ModelSpec, version: int) -> LoadedModel:
+        artifact = spec.artifact(version)
+        keys = key_ids(artifact) if is_sealed(artifact) else set()
+        runtimes: list[Runtime] = []
+        try:
+            for _ in range(spec.instances):
+                runtimes.append(load_runtime(spec, artifact, self.identity if is_sealed(artifact) else None,
+                                             self.threads))  # fmt: skip
+        except BaseException:
+            for r in runtimes:
+                r.close()
+            raise
+        pool = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"model-{spec.name}")
+        return LoadedModel(spec, version, runtimes, keys, pool)
+
+    def _start_model(self, model: LoadedModel) -> None:
+        for runtime in model.runtimes:
+            model.idle.put_nowait(runtime)
+        spec = model.spec
+        if spec.max_queue_delay_s is not None:
+            model.batcher = DynamicBatcher(
+                model.execute, spec.max_batch_size, spec.max_queue_delay_s, spec.preferred_batch_sizes,
+                workers=spec.instances, on_batch=self.metrics.batch_size.labels(spec.name).observe,
+            )  # fmt: skip
+
+    async def unload(self, name: str, reason: str, retry: bool = False) -> None:
+        """Stop serving ``name`` and free its runtimes (weights and, for sealed models, nothing on disk)."""
+        async with self.locks.setdefault(name, asyncio.Lock()):
+            model = self.models.pop(name, None)
+            state = self.states.setdefault(name, ModelState())
+            state.state, state.reason, state.retry = "UNAVAILABLE", reason, retry
+            if model is None:
+                return
+            self.metrics.ready.labels(name).set(0)
+            self.metrics.unloads.labels(name, "key_dropped" if retry else "requested").inc()
+            await model.close()
+            del model
+            gc.collect()
+            log.warning("model %s unloaded: %s", name, reason)
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        model = self.models.get(name)
+        if model is None:
+            state = self.states.get(name)
+            if state is None and name not in self.repository.names():
+                raise not_found(f"unknown model {name!r}")
+            reason = state.reason if state and state.reason else "not loaded"
+            raise unavailable(f"model {name} is not ready: {reason}")
+        if version and version != str(model.version):
+            raise not_found(f"model {name} has no ready version {version!r} (ready: {model.version})")
+        return model
+
+    def check(self, model: LoadedModel, inputs: Tensors, outputs: list[str]) -> list[str]:
+        """Validate names, dtypes and shapes against the config; return the outputs to compute."""
+        spec = model.spec
+        declared = {t.name: t for t in spec.inputs}
+        missing = [n for n in declared if n not in inputs]
+        extra = [n for n in inputs if n not in declared]
+        if missing or extra:
+            raise bad_request(
+                f"model {spec.name} expects inputs {sorted(declared)}; missing {missing}, unknown {extra}"
+            )
+        rows = None
+        for name, array in inputs.items():
+            t = declared[name]
+            if datatypes.v2_name(array.dtype) != t.datatype:
+                raise bad_request(f"input {name} must be {t.datatype}, got {datatypes.v2_name(array.dtype)}")
+            shape = array.shape[1:] if spec.batching else array.shape
+            if spec.batching:
+                if array.ndim == 0 or array.shape[0] < 1 or array.shape[0] > spec.max_batch_size:
+                    raise bad_request(f"input {name}: batch size must be 1..{spec.max_batch_size}, shape {array.shape}")
+                if rows is not None and array.shape[0] != rows:
+                    raise bad_request("all inputs must have the same batch size")
+                rows = array.shape[0]
+            if len(shape) != len(t.dims) or any(d != -1 and d != s for d, s in zip(t.dims, shape, strict=False)):
+                expected = [-1, *t.dims] if spec.batching else list(t.dims)
+                raise bad_request(f"input {name} has shape {list(array.shape)}, the model expects {expected}")
+        known = [t.name for t in spec.outputs]
+        unknown = [o for o in outputs if o not in known]
+        if unknown:
+            raise bad_request(f"model {spec.name} has no output(s) {unknown} (outputs: {known})")
+        return outputs or known
+
+    async def infer(self, model: LoadedModel, inputs: Tensors, outputs: list[str]) -> Tensors:
+        wanted = self.check(model, inputs, outputs)
+        model.in_flight += 1
+        try:
+            if model.batcher is not None:
+                return await model.batcher.submit(inputs, wanted)
+            if model.spec.batching:
+                self.metrics.batch_size.labels(model.spec.name).observe(next(iter(inputs.values())).shape[0])
+            return await model.execute(inputs, wanted)
+        except ServeError:
+            raise
+        except Exception as exc:  # a runtime failure: report the kind, never tensor contents
+            log.exception("inference on %s failed", model.spec.name)
+            raise ServeError(500, f"inference on {model.spec.name} failed: {type(exc).__name__}") from None
+        finally:
+            model.in_flight -= 1
+
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        rows = []
+        for name in self.repository.names():
+            state = self.states.get(name, ModelState())
+            model = self.models.get(name)
+            if ready_only and model is None:
+                continue
+            row = {"name": name, "version": str(model.version) if model else "", "state": state.state}
+            if state.reason:
+                row["reason"] = state.reason
+            rows.append(row)
+        return rows
+
+    def metadata(self, model: LoadedModel) -> dict[str, Any]:
+        spec = model.spec
+        return {
+            "name": spec.name,
+            "versions": [str(model.version)],
+            "platform": spec.platform,
+            "inputs": [t.metadata(spec.batching) for t in spec.inputs],
+            "outputs": [t.metadata(spec.batching) for t in spec.outputs],
+        }
+
+    async def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(m.in_flight for m in self.models.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    # --- key revocation -----------------------------------------------------------------------------
+
+    async def _watch_keys(self) -> None:
+        from modelseal.agent.wire import ask
+
+        last_retry = 0.0
+        while True:
+            await asyncio.sleep(self.key_check_s)
+            try:
+                status, _ = await asyncio.to_thread(ask, str(self.agent_socket), {"op": "status"})
+            except ModelsealError as exc:
+                log.warning("cannot ask the agent for key status: %s", exc)
+                continue
+            held = {k["key_id"] for k in status.get("keys", [])}
+            dropped = status.get("dropped", {})
+            for name, model in list(self.models.items()):
+                lost = model.keys - held
+                if lost:
+                    key_id = sorted(lost)[0]
+                    why = dropped.get(key_id, {})
+                    reason = f"key {key_id} was dropped by the agent: {why.get('code', 'not held')}"
+                    if why.get("message"):
+                        reason += f" ({why['message']})"
+                    await self.unload(name, reason, retry=True)
+            if time.monotonic() - last_retry >= self.retry_s:
+                last_retry = time.monotonic()
+                for name, state in list(self.states.items()):
+                    if state.retry and name not in self.models:
+                        with contextlib.suppress(ServeError):
+                            await self.load(name)
+
+
+def as_arrays(values: dict[str, np.ndarray]) -> Tensors:
+    return {k: np.asarray(v) for k, v in values.items()}

@@ -1,0 +1,96 @@
+"""Runtimes: one model instance in memory, loaded from a sealed (or plain) artifact, run on numpy arrays.
+
+Sealed artifacts are decrypted into memory only (``modelseal.onnx``, ``modelseal.torch``); a plain
+artifact is loaded the framework's usual way, which is what the benchmarks compare against. The GPU is
+used when present: ONNX Runtime's CUDA provider if installed, PyTorch's ``cuda`` device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from modelseal.errors import MissingDependencyError, UsageError
+from modelseal.recipients.parse import IdentitySpec
+from modelseal.serve.repository import ModelSpec, is_sealed
+
+
+class Runtime(Protocol):
+    device: str
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class OnnxRuntime:
+    def __init__(self, spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("ONNX models need ONNX Runtime: pip install 'modelseal[onnx]'") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        if is_sealed(artifact):
+            from modelseal.onnx import InferenceSession
+
+            self.session = InferenceSession(artifact, identity=identity, sess_options=options, providers=providers)
+        else:
+            self.session = ort.InferenceSession(str(artifact), sess_options=options, providers=providers)
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        results = self.session.run(outputs, inputs)
+        return dict(zip(outputs, results, strict=True))
+
+    def close(self) -> None:
+        self.session = None
+
+
+class TorchScriptRuntime:
+    def __init__(self, spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise MissingDependencyError("PyTorch models need PyTorch: pip install 'modelseal[torch]'") from None
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if is_sealed(artifact):
+            from modelseal.torch import load_torchscript
+
+            self.module = load_torchscript(artifact, identity=identity, map_location=self.device)
+        else:
+            self.module = torch.jit.load(str(artifact), map_location=self.device)
+        self.module.eval()
+        self.input_names = [t.name for t in spec.inputs]
+        self.output_names = [t.name for t in spec.outputs]
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device) for n in self.input_names]
+            result = self.module(*args)
+        values = [result] if isinstance(result, torch.Tensor) else list(result)
+        if len(values) != len(self.output_names):
+            raise UsageError(f"the model returned {len(values)} outputs, its config declares {len(self.output_names)}")
+        by_name = dict(zip(self.output_names, values, strict=True))
+        return {n: by_name[n].detach().cpu().numpy() for n in outputs}
+
+    def close(self) -> None:
+        self.module = None
+
+
+RUNTIMES: dict[str, type[OnnxRuntime] | type[TorchScriptRuntime]] = {
+    "onnxruntime_onnx": OnnxRuntime,
+    "pytorch_libtorch": TorchScriptRuntime,
+}
+
+
+def load_runtime(spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int = 0) -> Any:
+    """One instance of ``spec``'s model from ``artifact`` (decrypted in memory when sealed)."""
+    return RUNTIMES[spec.platform](spec, artifact, identity, threads)
