@@ -128,6 +128,7 @@ class Server:
             await self.load_models()
             self.models.start()
             self.ready = True
+            log.info("server ready: %s", ", ".join(f"{m['name']} {m['state']}" for m in self.models.index()))
             await self.stopping.wait()
         finally:
             self.ready = False

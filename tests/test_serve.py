@@ -1,0 +1,181 @@
+"""`modelseal serve` with the official tritonclient (HTTP and gRPC, JSON and binary) over mTLS: sealed ONNX
+and TorchScript models answer exactly like the plaintext model run directly; bad requests get clear 4xx /
+gRPC errors and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from .serving import ServeProcess, Tls, add_model, export_onnx, export_torchscript, infer_grpc, infer_http, small_cnn
+
+pytest.importorskip("tritonclient.grpc")
+SHAPE = (3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    import torch
+
+    from modelseal.recipients.hpke import KEMS, HpkeIdentity
+
+    tmp = tmp_path_factory.mktemp("serve")
+    identity = HpkeIdentity.generate(KEMS["x25519"])
+    key_file = tmp / "host.key"
+    identity.save(key_file)
+    model = small_cnn()
+    repo = tmp / "repo"
+    onnx_bytes, ts_bytes = export_onnx(model, SHAPE), export_torchscript(model, SHAPE)
+    recipient = [identity.recipient]
+    add_model(repo, "cnn_onnx", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=recipient)
+    add_model(repo, "cnn_torch", "pytorch_libtorch", ts_bytes, SHAPE, 10, recipients=recipient)
+    add_model(repo, "cnn_batched", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=recipient,
+              instances=2, delay_us=20000)  # fmt: skip
+    add_model(repo, "cnn_plain", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=None)
+    tls = Tls(tmp / "pki")
+    server = ServeProcess(repo, tmp / "serve.log", tls=tls, extra=["-i", str(key_file), "--audit-log",
+                                                                    str(tmp / "audit.jsonl")])  # fmt: skip
+    import onnxruntime as ort
+
+    reference = {
+        "onnx": ort.InferenceSession(onnx_bytes),
+        "torch": torch.jit.load(__import__("io").BytesIO(ts_bytes)),
+    }
+    try:
+        yield {"server": server, "tls": tls, "client": tls.client("client-a"), "ref": reference, "tmp": tmp}
+    finally:
+        server.stop()
+
+
+def plain_onnx(ref: dict[str, Any], batch: np.ndarray) -> np.ndarray:
+    return ref["onnx"].run(["output"], {"input": batch})[0]
+
+
+def plain_torch(ref: dict[str, Any], batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return ref["torch"](torch.from_numpy(batch)).numpy()
+
+
+def test_sealed_models_answer_like_the_plaintext_model(served: dict[str, Any]) -> None:
+    server, cert, ref = served["server"], served["client"], served["ref"]
+    batch = np.random.default_rng(1).standard_normal((4, *SHAPE), dtype=np.float32)
+    http, grpc = server.http_client(cert), server.grpc_client(cert)
+    assert http.is_server_live() and http.is_server_ready() and grpc.is_server_ready()
+    for model, expected in (("cnn_onnx", plain_onnx(ref, batch)), ("cnn_torch", plain_torch(ref, batch)),
+                            ("cnn_plain", plain_onnx(ref, batch))):  # fmt: skip
+        np.testing.assert_array_equal(infer_http(http, model, batch), expected)
+        np.testing.assert_array_equal(infer_http(http, model, batch, binary=False), expected)
+        np.testing.assert_array_equal(infer_grpc(grpc, model, batch), expected)
+    meta = grpc.get_model_metadata("cnn_onnx", as_json=True)
+    assert meta["inputs"][0]["shape"] == ["-1", "3", "16", "16"] and meta["platform"] == "onnxruntime_onnx"
+    assert http.get_model_metadata("cnn_torch")["outputs"][0]["shape"] == [-1, 10]
+    index = {m["name"]: m for m in http.get_model_repository_index()}
+    assert index["cnn_onnx"]["state"] == "READY"
+
+
+def test_dynamic_batching_with_two_instances(served: dict[str, Any]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, cert, ref = served["server"], served["client"], served["ref"]
+    rng = np.random.default_rng(2)
+    batches = [rng.standard_normal((1, *SHAPE), dtype=np.float32) for _ in range(16)]
+
+    def one(batch: np.ndarray) -> np.ndarray:
+        return infer_grpc(server.grpc_client(cert), "cnn_batched", batch)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, batches))
+    for batch, result in zip(batches, results, strict=True):
+        np.testing.assert_allclose(result, plain_onnx(ref, batch), rtol=1e-5, atol=1e-6)  # batched kernels
+    metrics = httpx.get(f"https://{server.http}/metrics", verify=ssl_context(served)).text
+    sizes = [
+        line for line in metrics.splitlines() if line.startswith('modelseal_batch_size_count{model="cnn_batched"}')
+    ]
+    count = float(sizes[0].split()[-1])
+    assert count < 16, "16 concurrent single requests should have been run in fewer batches"
+
+
+def ssl_context(served: dict[str, Any]) -> ssl.SSLContext:
+    from modelseal.pki import client_context
+
+    return client_context(served["tls"].ca, *served["client"])
+
+
+def test_client_without_certificate_is_refused(served: dict[str, Any]) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    server = served["server"]
+    with pytest.raises(Exception):  # the TLS handshake fails inside the client library
+        server.http_client(None).is_server_live()
+    with pytest.raises(InferenceServerException):
+        server.grpc_client(None).is_server_live()
+    foreign = Tls(served["tmp"] / "foreign-pki").client("mallory")
+    with pytest.raises(InferenceServerException):
+        server.grpc_client(foreign).is_server_live()
+    assert server.grpc_client(served["client"]).is_server_live()  # still serving
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(served: dict[str, Any]) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    server, cert = served["server"], served["client"]
+    grpc, http = server.grpc_client(cert), server.http_client(cert)
+    good = np.zeros((1, *SHAPE), dtype=np.float32)
+    cases = [
+        (lambda c: infer_grpc(c, "nope", good), "unknown model 'nope'"),
+        (lambda c: c.infer("cnn_onnx", [], model_version="7"), "no ready version"),
+        (lambda c: infer_grpc(c, "cnn_onnx", np.zeros((1, 3, 8, 8), np.float32)), "the model expects [-1, 3, 16, 16]"),
+        (lambda c: infer_grpc(c, "cnn_onnx", np.zeros((9, *SHAPE), np.float32)), "batch size must be 1..8"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InferenceServerException, match=__import__("re").escape(message)):
+            call(grpc)
+    import tritonclient.grpc as grpcclient
+
+    wrong_type = grpcclient.InferInput("input", [1, *SHAPE], "FP64")
+    wrong_type.set_data_from_numpy(good.astype(np.float64))
+    with pytest.raises(InferenceServerException, match="must be FP32, got FP64"):
+        grpc.infer("cnn_onnx", [wrong_type])
+
+    raw = httpx.Client(base_url=f"https://{server.http}", verify=ssl_context(served))
+    r = raw.post("/v2/models/cnn_onnx/infer", content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    r = raw.post("/v2/models/cnn_onnx/infer", json={"inputs": [{"name": "input", "shape": [1, 3, 16, 16],
+                                                                "datatype": "FP32", "data": [1.0]}]})  # fmt: skip
+    assert r.status_code == 400 and "do not fill shape" in r.json()["error"]
+    r = raw.post("/v2/models/nope/infer", json={"inputs": []})
+    assert r.status_code == 404
+    r = raw.post("/v2/models/cnn_onnx/infer", content=b"x" * (65 * 1024 * 1024))
+    assert r.status_code == 413 and "too large" in r.json()["error"]
+    np.testing.assert_array_equal(infer_http(http, "cnn_onnx", good), plain_onnx(served["ref"], good))
+
+
+def test_audit_records_name_the_client_and_hold_no_tensor_data(served: dict[str, Any]) -> None:
+    from modelseal.pki import identity_of_cert_file
+
+    infer_grpc(served["server"].grpc_client(served["client"]), "cnn_onnx", np.ones((1, *SHAPE), np.float32))
+    records = [json.loads(line) for line in (served["tmp"] / "audit.jsonl").read_text().splitlines()]
+    spki = identity_of_cert_file(served["client"][0]).spki
+    assert any(r["client"] == spki and r["model"] == "cnn_onnx" and r["protocol"] == "grpc" for r in records)
+    assert any(r["status"] == "not_found" for r in records)
+    assert set(records[0]) == {"ts", "protocol", "model", "version", "client", "status", "ms"}
+
+
+def test_repository_unload_and_load(served: dict[str, Any]) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    grpc = served["server"].grpc_client(served["client"])
+    grpc.unload_model("cnn_plain")
+    assert not grpc.is_model_ready("cnn_plain")
+    with pytest.raises(InferenceServerException, match="not ready"):
+        infer_grpc(grpc, "cnn_plain", np.zeros((1, *SHAPE), np.float32))
+    grpc.load_model("cnn_plain")
+    assert grpc.is_model_ready("cnn_plain")
