@@ -120,7 +120,7 @@ class ModelManager:
                 raise not_found(f"model {name} has no numeric version directory in {spec.path}")
             version = versions[-1]
             state = self.states.setdefault(name, ModelState())
-            state.state, state.reason = "LOADING", ""
+            state.state = "LOADING"  # keeps the reason it was unavailable until the load succeeds
             started = time.monotonic()
             try:
                 loaded = await asyncio.to_thread(self._build, spec, version)
@@ -195,7 +195,7 @@ class ModelManager:
             state = self.states.get(name)
             if state is None and name not in self.repository.names():
                 raise not_found(f"unknown model {name!r}")
-            reason = state.reason if state and state.reason else "not loaded"
+            reason = state.reason if state and state.reason else ("loading" if state else "not loaded")
             raise unavailable(f"model {name} is not ready: {reason}")
         if version and version != str(model.version):
             raise not_found(f"model {name} has no ready version {version!r} (ready: {model.version})")
