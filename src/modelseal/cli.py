@@ -274,12 +274,12 @@ def rekey(
     type=click.Path(file_okay=False),
     default="demo",
     show_default=True,
-    help="Where to put the demo's sealed model and host key (no plaintext model is written).",
+    help="Where the demo's owner and host directories go (the host side holds only sealed files).",
 )
 @json_option
 @fail_closed
 def demo(workdir: str, as_json: bool) -> None:
-    """End to end on embedded defaults: make a model, seal it, load it from memory, run an inference."""
+    """End to end on embedded defaults: seal a model to a key service, serve it, infer, revoke."""
     from modelseal.demo import run_demo
 
     report = run_demo(Path(workdir), log=None if as_json else click.echo)

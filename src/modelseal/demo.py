@@ -1,18 +1,17 @@
-"""The end-to-end demo behind ``modelseal demo``: owner seals, key service releases, host infers.
+"""The end-to-end demo behind ``modelseal demo``: owner seals, key service releases, server infers.
 
 It plays both sides on one machine, with real processes and real TLS on loopback:
 
-1. The owner writes a small image classifier's weights as safetensors (its own plaintext), starts a
-   key service (``modelseal keyserver``, SQLite, local master key), registers the model and seals the
-   weights with the ``keyserver`` recipient (hidden header, publisher signature): the file carries
-   only a key id.
+1. The owner builds a small image classifier (ONNX), starts a key service (``modelseal keyserver``,
+   SQLite, local master key), registers the model and seals it with the ``keyserver`` recipient
+   (publisher signature): the file carries only a key id. It lands in a Triton-layout model repository.
 2. The owner issues the host a client certificate and grants it the model.
-3. The host runs ``modelseal agent``, which fetches the key over mTLS and keeps it in memory only; the
-   host loads the sealed model through the agent, checks the signature, runs an inference and compares
-   it with the plaintext model.
-4. The owner revokes the grant; at its next lease renewal the agent drops the key and loads fail.
-
-The inference server joins this demo when it lands (issue 5).
+3. The host runs ``modelseal agent`` (fetches the key over mTLS, keeps it in locked memory) and
+   ``modelseal serve`` (decrypts the model in memory with the agent's key, serves KServe V2 over HTTP and
+   gRPC with mTLS). A client application sends an image over HTTPS with its own certificate; the answer
+   is compared with the plaintext model run directly in ONNX Runtime.
+4. The owner revokes the grant; at the next lease renewal the agent drops the key, the server unloads
+   the model, and requests get a clear "unavailable: ... revoked" answer.
 """
 
 from __future__ import annotations
@@ -30,26 +29,47 @@ from typing import Any
 import numpy as np
 
 from modelseal.crypto.signing import Signer
-from modelseal.errors import KeyReleaseError, UsageError
+from modelseal.errors import MissingDependencyError, UsageError
 from modelseal.sealing import seal
 
+CONFIG = """name: "classifier"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] } ]
+output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 1000 }
+"""
 
-def _weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {
+
+def classifier_onnx(rng: np.random.Generator) -> bytes:
+    """conv 3x3 -> ReLU -> global average pool -> linear, as an ONNX model with random weights."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise MissingDependencyError("the demo needs onnx and onnxruntime: pip install 'modelseal[onnx]'") from None
+    weights = {
         "conv.weight": rng.standard_normal((16, 3, 3, 3), dtype=np.float32) * 0.2,
         "conv.bias": rng.standard_normal(16, dtype=np.float32) * 0.1,
         "fc.weight": rng.standard_normal((10, 16), dtype=np.float32) * 0.2,
         "fc.bias": rng.standard_normal(10, dtype=np.float32) * 0.1,
     }
-
-
-def _forward(w: dict[str, Any], image: np.ndarray) -> np.ndarray:
-    """A tiny conv -> ReLU -> global pool -> linear network in numpy (so the demo needs no framework)."""
-    k = np.lib.stride_tricks.sliding_window_view(image, (3, 3), axis=(1, 2))  # (3, H-2, W-2, 3, 3)
-    conv = np.einsum("chwij,ocij->ohw", k, np.asarray(w["conv.weight"])) + np.asarray(w["conv.bias"])[:, None, None]
-    pooled = np.maximum(conv, 0).mean(axis=(1, 2))
-    logits: np.ndarray = np.asarray(w["fc.weight"]) @ pooled + np.asarray(w["fc.bias"])
-    return logits
+    nodes = [
+        helper.make_node("Conv", ["image", "conv.weight", "conv.bias"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 @contextmanager
@@ -78,9 +98,11 @@ def _free_port() -> int:
 
 
 def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    from safetensors.numpy import save_file
+    import httpx
 
-    import modelseal.numpy
+    os_env_telemetry()
+    import onnxruntime as ort
+
     from modelseal import pki
     from modelseal.keyserver.client import AdminClient
     from modelseal.keyserver.config import init_state
@@ -92,10 +114,10 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
     owner.mkdir(parents=True, exist_ok=True)
     host.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
-    weights = _weights(rng)
-    plain = owner / "classifier.safetensors"
-    save_file(weights, str(plain), metadata={"format": "np"})
-    say(f"owner: wrote the plaintext model {plain} ({plain.stat().st_size} bytes)")
+    model_bytes = classifier_onnx(rng)
+    plain = owner / "classifier.onnx"
+    plain.write_bytes(model_bytes)
+    say(f"owner: built the plaintext model {plain} ({len(model_bytes)} bytes, ONNX)")
 
     port = _free_port()
     state = owner / f"keyserver-{port}"
@@ -105,25 +127,31 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
     url, ca = f"https://127.0.0.1:{port}", info["ca"]
     token = Path(info["admin_token_file"]).read_text().strip()
 
-    def service_up() -> bool:
-        import httpx
+    def up(check_url: str, cert: tuple[str, str] | None = None) -> Callable[[], bool]:
+        def ready() -> bool:
+            try:
+                ctx = pki.client_context(ca, *(cert or (None, None)))
+                return httpx.get(check_url, verify=ctx, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
 
-        try:
-            return httpx.get(f"{url}/v1/health", verify=pki.client_context(ca), timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return ready
 
-    with _process(["keyserver", "run", "--config", str(config)], state / "keyserver.log", service_up, "key service"):
+    with _process(["keyserver", "run", "--config", str(config)], state / "keyserver.log",
+                  up(f"{url}/v1/health"), "key service"):  # fmt: skip
         say(f"owner: key service up on {url} (SQLite, local master key, TLS 1.3 with its own CA)")
         admin = AdminClient(url, token=token, ca=ca)
         admin.call("POST", "/v1/admin/models", {"model": "demo-classifier", "description": "modelseal demo"})
         signer = Signer.generate()
-        sealed = host / "classifier.sealed.safetensors"
+        repo = host / "models"
+        (repo / "classifier" / "1").mkdir(parents=True, exist_ok=True)
+        (repo / "classifier" / "config.pbtxt").write_text(CONFIG)
+        sealed = repo / "classifier" / "1" / "model.onnx.sealed"
         t0 = time.perf_counter()
         recipient = KeyserverRecipient(url, "demo-classifier", token=token, ca=ca)
-        seal(plain, sealed, [recipient], model_id="demo-classifier", hide_header=True, signer=signer)
+        seal(plain, sealed, [recipient], model_id="demo-classifier", signer=signer)
         t1 = time.perf_counter()
-        say(f"owner: sealed it (hidden header, signed by {signer.public[:20]}...); the key stays in the key service")
+        say(f"owner: sealed it into the host's model repository {sealed} (signed by {signer.public[:20]}...)")
 
         cert, key = pki.issue(state / "pki", "demo-host", uris=["spiffe://demo.example/host/1"])
         grant = admin.call(
@@ -137,49 +165,69 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
             f'keyserver = "{url}"\nca = "{ca}"\ncert = "{cert}"\nkey = "{key}"\nsocket = "{sock}"\n'
             f'lease_public_key = "{info["lease_public_key"]}"\nprefetch = false\n'
         )
-        with _process(["agent", "run", "--config", str(agent_cfg)], host / "agent.log", sock.exists, "agent"):
-            say(f"host:  agent running on {sock} (keys in locked, non-dumpable memory)")
+        server_cert, server_key = pki.issue(state / "pki", "demo-server", server_names=["127.0.0.1", "localhost"])
+        app_cert_path, app_key_path = pki.issue(state / "pki", "demo-app")
+        app_cert = (str(app_cert_path), str(app_key_path))
+        http_port = _free_port()
+        serve_args = ["serve", "--repository", str(repo), "--http", f"127.0.0.1:{http_port}", "--grpc",
+                      f"127.0.0.1:{_free_port()}", "-i", f"agent:{sock}", "--tls-cert", str(server_cert),
+                      "--tls-key", str(server_key), "--client-ca", ca, "--key-check", "0.5",
+                      "--trusted-signer", signer.public]  # fmt: skip
+        base = f"https://127.0.0.1:{http_port}"
+        with (
+            _process(["agent", "run", "--config", str(agent_cfg)], host / "agent.log", sock.exists, "agent"),
+            _process(
+                serve_args, host / "serve.log", up(f"{base}/v2/models/classifier/ready", app_cert), "inference server"
+            ),  # fmt: skip
+            httpx.Client(base_url=base, verify=pki.client_context(ca, *app_cert), timeout=10) as app,
+        ):
+            say(f"host:  agent on {sock}; modelseal serve on {base} (KServe V2 HTTP + gRPC, mTLS)")
+            image = rng.standard_normal((1, 3, 32, 32), dtype=np.float32)
+            request = {"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                   "data": image.ravel().tolist()}]}  # fmt: skip
             t2 = time.perf_counter()
-            loaded = modelseal.numpy.load_file(sealed, identity=f"agent:{sock}", trusted_signers=[signer.public])
+            answer = app.post("/v2/models/classifier/infer", json=request)
             t3 = time.perf_counter()
-            say(f"host:  key released over mTLS; loaded {len(loaded)} tensors from memory in {1000 * (t3 - t2):.1f} ms")
-
-            image = rng.standard_normal((3, 32, 32), dtype=np.float32)
-            sealed_logits = _forward(loaded, image)
-            plain_logits = _forward(weights, image)
-            identical = bool(np.array_equal(sealed_logits, plain_logits))
-            label = int(np.argmax(sealed_logits))
-            say(f"host:  inference -> class {label}, logits {np.array2string(sealed_logits[:4], precision=3)}...")
-            say(f"check: outputs identical to the plaintext model: {identical}")
+            answer.raise_for_status()
+            served = np.asarray(answer.json()["outputs"][0]["data"], dtype=np.float32)
+            plain_logits = ort.InferenceSession(model_bytes).run(["logits"], {"image": image})[0].ravel()
+            identical = bool(np.array_equal(served, plain_logits))
+            label = int(np.argmax(served))
+            say(f"app:   POST /v2/models/classifier/infer -> class {label}, "
+                f"logits {np.array2string(served[:4], precision=3)}... ({1000 * (t3 - t2):.1f} ms)")  # fmt: skip
+            say(f"check: outputs identical to the plaintext model in ONNX Runtime: {identical}")
             if not identical:
-                raise AssertionError("sealed model output differs from the plaintext model")
+                raise AssertionError("the served sealed model's output differs from the plaintext model")
 
             admin.call("POST", f"/v1/admin/grants/{grant['grant_id']}/revoke", {"reason": "demo: licence ended"})
             say("owner: revoked the grant")
-            revoked = _wait_for_refusal(sealed, f"agent:{sock}")
-            say(f"host:  next load refused: {revoked}")
+            revoked = _wait_for_refusal(app, request)
+            say(f"app:   next request refused: {revoked}")
         sock.parent.rmdir()
         admin.close()
     return {
         "sealed": str(sealed),
         "class": label,
-        "logits": sealed_logits.tolist(),
+        "logits": served.tolist(),
         "identical_to_plain": identical,
         "seal_ms": 1000 * (t1 - t0),
-        "load_ms": 1000 * (t3 - t2),
+        "infer_ms": 1000 * (t3 - t2),
         "after_revocation": revoked,
     }
 
 
-def _wait_for_refusal(sealed: Path, identity: str, timeout: float = 10) -> str:
-    """Load until the agent, at its next renewal, has dropped the revoked key; return the error."""
-    import modelseal.numpy
+def os_env_telemetry() -> None:
+    import os
 
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ORT writes under ~/.cache otherwise
+
+
+def _wait_for_refusal(app: Any, request: dict[str, Any], timeout: float = 15) -> str:
+    """Ask until the server, after the agent dropped the revoked key, has unloaded the model."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            modelseal.numpy.load_file(sealed, identity=identity)
-        except KeyReleaseError as exc:
-            return f"{exc.code}: {exc}"
+        answer = app.post("/v2/models/classifier/infer", json=request)
+        if answer.status_code != 200:
+            return f"HTTP {answer.status_code}: {answer.json().get('error')}"
         time.sleep(0.25)
-    raise AssertionError("the revoked key was still served after the renewal interval")
+    raise AssertionError("the revoked model was still served after the renewal interval")

@@ -46,12 +46,18 @@ from modelseal.clikit import fail_closed
 @click.option("--max-body-mb", default=64, show_default=True, help="Largest request body / gRPC message.")
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Per-request audit file (JSONL).")
 @click.option("--threads", default=0, help="Intra-op threads per instance (0: the runtime's default).")
+@click.option(
+    "--trusted-signer",
+    "trusted_signers",
+    multiple=True,
+    help="Serve only models signed by this publisher key (ed25519:...); repeatable.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 @fail_closed
 def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key: Path | None,
           client_ca: Path | None, identity: str | None, agent_socket: str | None, models: tuple[str, ...],
           key_check_s: float, retry_s: float, max_body_mb: int, audit_log: Path | None, threads: int,
-          verbose: bool) -> None:  # fmt: skip
+          trusted_signers: tuple[str, ...], verbose: bool) -> None:  # fmt: skip
     """Serve the sealed models of a repository to tritonclient / KServe clients, HTTP and gRPC.
 
     Weights are decrypted in memory only, with keys from the host agent; a model whose key the agent
@@ -67,5 +73,6 @@ def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key
             tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca, identity=identity,
             agent_socket=agent_socket, models=list(models), key_check_s=key_check_s, retry_s=retry_s,
             max_body_bytes=max_body_mb * 1024 * 1024, audit_log=audit_log, threads=threads,
+            trusted_signers=list(trusted_signers),
         )
     )  # fmt: skip

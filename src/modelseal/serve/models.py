@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from modelseal.errors import KeyReleaseError, ModelsealError
+from modelseal.errors import KeyReleaseError, ModelsealError, UsageError
 from modelseal.recipients.parse import IdentitySpec
 from modelseal.serve import datatypes
 from modelseal.serve.batching import DynamicBatcher, Tensors
@@ -86,9 +86,11 @@ class ModelManager:
         key_check_s: float = 5,
         retry_s: float = 30,
         threads: int = 0,
+        trusted_signers: list[str] | None = None,
     ) -> None:
         self.repository, self.identity, self.metrics = repository, identity, metrics
         self.agent_socket, self.key_check_s, self.retry_s, self.threads = agent_socket, key_check_s, retry_s, threads
+        self.trusted_signers = list(trusted_signers or [])
         self.models: dict[str, LoadedModel] = {}
         self.states: dict[str, ModelState] = {}
         self.locks: dict[str, asyncio.Lock] = {}
@@ -149,12 +151,15 @@ class ModelManager:
 
     def _build(self, spec: ModelSpec, version: int) -> LoadedModel:
         artifact = spec.artifact(version)
-        keys = key_ids(artifact) if is_sealed(artifact) else set()
+        sealed = is_sealed(artifact)
+        if not sealed and self.trusted_signers:
+            raise UsageError(f"{artifact} is not sealed, so it carries no signature from a trusted signer")
+        keys = key_ids(artifact) if sealed else set()
         runtimes: list[Runtime] = []
         try:
             for _ in range(spec.instances):
-                runtimes.append(load_runtime(spec, artifact, self.identity if is_sealed(artifact) else None,
-                                             self.threads))  # fmt: skip
+                identity = self.identity if sealed else None
+                runtimes.append(load_runtime(spec, artifact, identity, self.threads, self.trusted_signers))
         except BaseException:
             for r in runtimes:
                 r.close()

@@ -26,7 +26,9 @@ class Runtime(Protocol):
 
 
 class OnnxRuntime:
-    def __init__(self, spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int) -> None:
+    def __init__(
+        self, spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int, signers: list[str]
+    ) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -40,7 +42,9 @@ class OnnxRuntime:
         if is_sealed(artifact):
             from modelseal.onnx import InferenceSession
 
-            self.session = InferenceSession(artifact, identity=identity, sess_options=options, providers=providers)
+            self.session = InferenceSession(
+                artifact, identity=identity, sess_options=options, providers=providers, trusted_signers=signers or None
+            )
         else:
             self.session = ort.InferenceSession(str(artifact), sess_options=options, providers=providers)
 
@@ -53,7 +57,9 @@ class OnnxRuntime:
 
 
 class TorchScriptRuntime:
-    def __init__(self, spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int) -> None:
+    def __init__(
+        self, spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int, signers: list[str]
+    ) -> None:
         try:
             import torch
         except ImportError:
@@ -63,7 +69,9 @@ class TorchScriptRuntime:
         if is_sealed(artifact):
             from modelseal.torch import load_torchscript
 
-            self.module = load_torchscript(artifact, identity=identity, map_location=self.device)
+            self.module = load_torchscript(
+                artifact, identity=identity, map_location=self.device, trusted_signers=signers or None
+            )
         else:
             self.module = torch.jit.load(str(artifact), map_location=self.device)
         self.module.eval()
@@ -91,6 +99,9 @@ RUNTIMES: dict[str, type[OnnxRuntime] | type[TorchScriptRuntime]] = {
 }
 
 
-def load_runtime(spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int = 0) -> Any:
-    """One instance of ``spec``'s model from ``artifact`` (decrypted in memory when sealed)."""
-    return RUNTIMES[spec.platform](spec, artifact, identity, threads)
+def load_runtime(
+    spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int = 0, signers: list[str] | None = None
+) -> Any:
+    """One instance of ``spec``'s model from ``artifact`` (decrypted in memory when sealed; with ``signers``,
+    only if a trusted publisher signed it)."""
+    return RUNTIMES[spec.platform](spec, artifact, identity, threads, signers or [])

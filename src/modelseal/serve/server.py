@@ -45,6 +45,7 @@ class ServeConfig:
     audit_log: Path | None = None
     drain_s: float = 10
     threads: int = 0
+    trusted_signers: list[str] = field(default_factory=list)  # set: serve only models these publishers signed
 
     def agent(self) -> str | None:
         if self.agent_socket:
@@ -74,6 +75,7 @@ class Server:
         self.models = ModelManager(
             Repository(config.repository), config.identity, self.metrics, agent_socket=config.agent(),
             key_check_s=config.key_check_s, retry_s=config.retry_s, threads=config.threads,
+            trusted_signers=config.trusted_signers,
         )  # fmt: skip
         self.ready = False
         self.stopping = asyncio.Event()
