@@ -297,10 +297,11 @@ def _register_service_commands() -> None:
     main.add_command(pki_group, "pki")
     main.add_command(attest, "attest")
     try:
-        from modelseal.serve.cli import serve
+        from modelseal.serve.cli import bench, serve
     except ImportError:  # pragma: no cover (click is core; the serve extra is imported lazily)
         return
     main.add_command(serve, "serve")
+    main.add_command(bench, "bench")
 
 
 _register_service_commands()

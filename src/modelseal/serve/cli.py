@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from modelseal.clikit import fail_closed
+from modelseal.clikit import emit, fail_closed, json_option
 
 
 @click.command("serve")
@@ -76,3 +76,48 @@ def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key
             trusted_signers=list(trusted_signers),
         )
     )  # fmt: skip
+
+
+@click.group("bench")
+def bench() -> None:
+    """Load generators and benchmarks."""
+
+
+@bench.command("client")
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server HOST:PORT.")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("-m", "--model", required=True, help="Model name.")
+@click.option("--batch", default=1, show_default=True, help="Rows per request.")
+@click.option("--cnum", "concurrency", default=1, show_default=True, help="Concurrent clients.")
+@click.option("--loop", "requests", default=50, show_default=True, help="Requests per client.")
+@click.option("--json-tensors", is_flag=True, help="HTTP: send tensors as JSON instead of the binary extension.")
+@click.option("--ca", type=click.Path(dir_okay=False, exists=True), help="Server CA (enables TLS).")
+@click.option("--cert", type=click.Path(dir_okay=False, exists=True), help="Client certificate (mTLS).")
+@click.option("--key", type=click.Path(dir_okay=False, exists=True), help="Client key (mTLS).")
+@json_option
+@fail_closed
+def bench_client(url: str, protocol: str, model: str, batch: int, concurrency: int, requests: int,
+                 json_tensors: bool, ca: str | None, cert: str | None, key: str | None,
+                 as_json: bool) -> None:  # fmt: skip
+    """Send requests to an Open Inference Protocol server; print throughput and latency percentiles.
+
+    Like TF Serving's `resnet_client_grpc.py -batch 1 -cnum 1 -loop 50`, with the official tritonclient.
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from modelseal.serve.loadgen import Target, run
+
+    target = Target(url, protocol, model, ca, cert, key, binary=not json_tensors)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), disable=as_json,
+                  transient=True) as progress:  # fmt: skip
+        progress.add_task(f"{concurrency} x {requests} requests of batch {batch} to {model} ({protocol})")
+        result = run(target, batch=batch, concurrency=concurrency, requests=requests)
+    emit(
+        as_json,
+        result,
+        [
+            f"{result['requests']} requests ({result['errors']} errors) in {result['seconds']:.2f} s: "
+            f"{result['requests_per_s']:.1f} req/s, {result['inferences_per_s']:.1f} inferences/s",
+            f"latency p50 {result['p50_ms']:.2f} ms, p90 {result['p90_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms",
+        ],
+    )
