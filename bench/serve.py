@@ -1,0 +1,130 @@
+"""Serving cost of sealing: the same ONNX model, sealed and plaintext, served by the same `modelseal serve`
+process in the same run, and the plaintext model behind a plain FastAPI endpoint with the same runtime.
+
+Every measurement uses the official tritonclient (``modelseal.serve.loadgen``): N concurrent clients each
+sending R sequential requests of batch B. Rounds alternate between targets and are repeated; medians of
+the rounds are reported, and the ratio sealed / plaintext (throughput; 1.0 = no cost).
+
+    python bench/serve.py [--model resnet50|cnn] [--batch 1] [--cnum 1,4] [--loop 50] [--rounds 3] [--json]
+
+The key comes from an identity file here (the key service and agent only matter at load time). On this
+2-core machine the load generator shares the CPU with the server, as in the TF Serving article's setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+from tests.services import free_port, wait_for
+from tests.serving import ServeProcess, add_model, export_onnx, resnet50, small_cnn
+
+from modelseal.recipients.hpke import KEMS, HpkeIdentity
+from modelseal.serve.loadgen import Target, run
+
+SHAPES = {"resnet50": ((3, 224, 224), 1000), "cnn": ((3, 16, 16), 10)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SHAPES), default="resnet50")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--cnum", default="1,4", help="concurrency levels, comma-separated")
+    parser.add_argument("--loop", type=int, default=50, help="requests per client per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    shape, classes = SHAPES[args.model]
+    model = resnet50() if args.model == "resnet50" else small_cnn()
+    onnx_bytes = export_onnx(model, shape)
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        identity = HpkeIdentity.generate(KEMS["x25519"])
+        identity.save(tmp / "host.key")
+        repo = tmp / "repo"
+        add_model(repo, "sealed", "onnxruntime_onnx", onnx_bytes, shape, classes, recipients=[identity.recipient])
+        add_model(repo, "plain", "onnxruntime_onnx", onnx_bytes, shape, classes, recipients=None)
+        (tmp / "plain.onnx").write_bytes(onnx_bytes)
+        server = ServeProcess(repo, tmp / "serve.log", extra=["-i", str(tmp / "host.key")])
+        port = free_port()
+        baseline = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("fastapi_baseline.py")), str(tmp / "plain.onnx"), "plain",
+             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: _ready(f"http://127.0.0.1:{port}/v2/health/ready"), 60, "the FastAPI baseline")
+            targets = {
+                ("modelseal", "grpc", "sealed"): Target(server.grpc, "grpc", "sealed"),
+                ("modelseal", "grpc", "plain"): Target(server.grpc, "grpc", "plain"),
+                ("modelseal", "http", "sealed"): Target(server.http, "http", "sealed"),
+                ("modelseal", "http", "plain"): Target(server.http, "http", "plain"),
+                ("fastapi", "http", "plain"): Target(f"127.0.0.1:{port}", "http", "plain"),
+            }
+            rows = []
+            for cnum in (int(c) for c in args.cnum.split(",")):
+                rounds: dict[tuple[str, str, str], list[dict[str, Any]]] = {k: [] for k in targets}
+                for _ in range(args.rounds):
+                    for key, target in targets.items():
+                        rounds[key].append(run(target, batch=args.batch, concurrency=cnum, requests=args.loop))
+                for key, results in rounds.items():
+                    rows.append({
+                        "server": key[0], "protocol": key[1], "model": key[2], "cnum": cnum, "batch": args.batch,
+                        "inferences_per_s": statistics.median(r["inferences_per_s"] for r in results),
+                        "p50_ms": statistics.median(r["p50_ms"] for r in results),
+                        "p99_ms": statistics.median(r["p99_ms"] for r in results),
+                        "errors": sum(r["errors"] for r in results),
+                    })  # fmt: skip
+        finally:
+            server.stop()
+            baseline.terminate()
+            baseline.wait(10)
+    report = {"model": args.model, "rows": rows, "ratios": ratios(rows)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{args.model}, batch {args.batch}, {args.loop} requests per client, median of {args.rounds} rounds")
+    print(f"{'server':10} {'proto':5} {'model':7} {'cnum':>4} {'inf/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in rows:
+        print(f"{r['server']:10} {r['protocol']:5} {r['model']:7} {r['cnum']:4d} {r['inferences_per_s']:8.1f} "
+              f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f}")  # fmt: skip
+    for line in report["ratios"]:
+        print(line)
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[str]:
+    def find(server: str, protocol: str, model: str, cnum: int) -> dict[str, Any]:
+        return next(
+            r for r in rows if (r["server"], r["protocol"], r["model"], r["cnum"]) == (server, protocol, model, cnum)
+        )
+
+    out = []
+    for cnum in sorted({r["cnum"] for r in rows}):
+        for protocol in ("grpc", "http"):
+            sealed, plain = find("modelseal", protocol, "sealed", cnum), find("modelseal", protocol, "plain", cnum)
+            out.append(f"cnum {cnum} {protocol}: sealed / plaintext throughput on modelseal serve = "
+                       f"{sealed['inferences_per_s'] / plain['inferences_per_s']:.3f}")  # fmt: skip
+        fastapi = find("fastapi", "http", "plain", cnum)
+        ours = find("modelseal", "http", "sealed", cnum)
+        out.append(f"cnum {cnum} http: modelseal serve (sealed) / plain FastAPI throughput = "
+                   f"{ours['inferences_per_s'] / fastapi['inferences_per_s']:.3f}")  # fmt: skip
+    return out
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
