@@ -179,3 +179,9 @@ def test_repository_unload_and_load(served: dict[str, Any]) -> None:
         infer_grpc(grpc, "cnn_plain", np.zeros((1, *SHAPE), np.float32))
     grpc.load_model("cnn_plain")
     assert grpc.is_model_ready("cnn_plain")
+
+
+def test_server_process_cannot_dump_core(served: dict[str, Any]) -> None:
+    limits = open(f"/proc/{served['server'].proc.pid}/limits").read()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]

@@ -108,9 +108,11 @@ class Server:
                 log.error("%s", exc)  # the model stays UNAVAILABLE with this reason; others still serve
 
     async def run(self) -> None:
+        from modelseal.agent.memory import harden_process
         from modelseal.serve.grpc_api import build_server
         from modelseal.serve.rest import build_app
 
+        harden_process()  # decrypted weights live in this process: no core dumps, no ptrace by other users
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
