@@ -185,3 +185,48 @@ def test_server_process_cannot_dump_core(served: dict[str, Any]) -> None:
     limits = open(f"/proc/{served['server'].proc.pid}/limits").read()
     core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
     assert core.split()[4:6] == ["0", "0"]
+
+
+SERVE_PROBE = """
+import asyncio, json, os, sys
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+import numpy as np, torch, onnxruntime, grpc, grpc_tools  # frameworks first: imports may write caches
+from modelseal.serve.metrics import Metrics
+from modelseal.serve.models import ModelManager
+from modelseal.serve.protocol import inference, model_config
+from modelseal.serve.repository import Repository
+inference(); model_config()
+writes = []
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE):
+            writes.append(str(path))
+    elif event in ("os.rename", "os.replace", "os.remove", "os.truncate", "shutil.copyfile", "os.mkdir"):
+        writes.append(f"{event}:{args[0]}")
+sys.addaudithook(hook)
+async def main():
+    manager = ModelManager(Repository(sys.argv[1]), sys.argv[2], Metrics())
+    outputs = []
+    for name in ("cnn_onnx", "cnn_torch"):
+        await manager.load(name)
+        x = np.ones((1, 3, 16, 16), np.float32)
+        outputs.append((await manager.infer(manager.get(name), {"input": x}, []))["output"].shape)
+    await manager.close()
+    return outputs
+print(json.dumps({"writes": writes, "outputs": [list(o) for o in asyncio.run(main())]}))
+"""
+
+
+def test_serving_sealed_models_writes_nothing(served: dict[str, Any]) -> None:
+    """Loading, running and unloading sealed models opens no file for writing (Python audit hook)."""
+    import subprocess
+    import sys
+
+    tmp = served["tmp"]
+    result = subprocess.run([sys.executable, "-c", SERVE_PROBE, str(tmp / "repo"), str(tmp / "host.key")],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["outputs"] == [[1, 10], [1, 10]]
+    assert report["writes"] == []
