@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,6 +39,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     add_model(repo, "cnn_batched", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=recipient,
               instances=2, delay_us=20000)  # fmt: skip
     add_model(repo, "cnn_plain", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=None)
+    add_state_dict_model(repo, model, recipient)
+    add_model(repo, "broken_plain", "onnxruntime_onnx", b"not an onnx model", SHAPE, 10, recipients=None)
+    tampered = add_model(repo, "broken_sealed", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=recipient)
+    sealed_file = tampered / "model.onnx.sealed"
+    data = bytearray(sealed_file.read_bytes())
+    data[-100] ^= 1
+    sealed_file.write_bytes(bytes(data))
     tls = Tls(tmp / "pki")
     server = ServeProcess(repo, tmp / "serve.log", tls=tls, extra=["-i", str(key_file), "--audit-log",
                                                                     str(tmp / "audit.jsonl")])  # fmt: skip
@@ -46,6 +54,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     reference = {
         "onnx": ort.InferenceSession(onnx_bytes),
         "torch": torch.jit.load(__import__("io").BytesIO(ts_bytes)),
+        "module": model,
     }
     try:
         yield {"server": server, "tls": tls, "client": tls.client("client-a"), "ref": reference, "tmp": tmp}
@@ -53,8 +62,41 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         server.stop()
 
 
+ENTRY_POINT = """
+from torch import nn
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                         nn.Flatten(), nn.Linear(8 * 16, 10))
+"""
+
+
+def add_state_dict_model(repo: Path, model: Any, recipients: list[Any]) -> None:
+    """A state dict sealed as safetensors, served through the config's entry point (REPO/NAME/cnnarch.py)."""
+    from safetensors.torch import save_file
+
+    import modelseal
+
+    version = repo / "cnn_state" / "1"
+    version.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(repo / "state.safetensors"))
+    modelseal.seal(repo / "state.safetensors", version / "model.safetensors.sealed", recipients)
+    (repo / "state.safetensors").unlink()
+    (repo / "cnn_state" / "cnnarch.py").write_text(ENTRY_POINT)
+    config = (repo / "cnn_torch" / "config.pbtxt").read_text().replace("cnn_torch", "cnn_state")
+    config += 'parameters { key: "entry_point" value: { string_value: "cnnarch:build" } }\n'
+    (repo / "cnn_state" / "config.pbtxt").write_text(config)
+
+
 def plain_onnx(ref: dict[str, Any], batch: np.ndarray) -> np.ndarray:
     return ref["onnx"].run(["output"], {"input": batch})[0]
+
+
+def plain_state(ref: dict[str, Any], batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return ref["module"](torch.from_numpy(batch)).numpy()
 
 
 def plain_torch(ref: dict[str, Any], batch: np.ndarray) -> np.ndarray:
@@ -70,7 +112,7 @@ def test_sealed_models_answer_like_the_plaintext_model(served: dict[str, Any]) -
     http, grpc = server.http_client(cert), server.grpc_client(cert)
     assert http.is_server_live() and http.is_server_ready() and grpc.is_server_ready()
     for model, expected in (("cnn_onnx", plain_onnx(ref, batch)), ("cnn_torch", plain_torch(ref, batch)),
-                            ("cnn_plain", plain_onnx(ref, batch))):  # fmt: skip
+                            ("cnn_plain", plain_onnx(ref, batch)), ("cnn_state", plain_state(ref, batch))):  # fmt: skip
         np.testing.assert_array_equal(infer_http(http, model, batch), expected)
         np.testing.assert_array_equal(infer_http(http, model, batch, binary=False), expected)
         np.testing.assert_array_equal(infer_grpc(grpc, model, batch), expected)
@@ -230,3 +272,16 @@ def test_serving_sealed_models_writes_nothing(served: dict[str, Any]) -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["outputs"] == [[1, 10], [1, 10]]
     assert report["writes"] == []
+
+
+def test_models_that_fail_to_load_are_unavailable_with_the_reason(served: dict[str, Any]) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    http = served["server"].http_client(served["client"])
+    index = {m["name"]: m for m in http.get_model_repository_index()}
+    assert index["broken_plain"]["state"] == "UNAVAILABLE" and "runtime refused it" in index["broken_plain"]["reason"]
+    assert index["broken_sealed"]["state"] == "UNAVAILABLE"
+    assert "authentication" in index["broken_sealed"]["reason"].lower()
+    with pytest.raises(InferenceServerException, match="not ready"):
+        infer_http(http, "broken_sealed", np.zeros((1, *SHAPE), np.float32))
+    assert index["cnn_onnx"]["state"] == "READY"  # the others serve

@@ -135,6 +135,11 @@ class ModelManager:
                 state.state, state.reason = "UNAVAILABLE", str(exc)
                 self.metrics.loads.labels(name, "failed").inc()
                 raise unavailable(f"model {name} cannot be loaded: {exc}") from None
+            except Exception as exc:  # a framework refusing the model must not take the server down
+                log.exception("loading model %s failed", name)
+                state.state, state.reason = "UNAVAILABLE", f"the runtime refused it: {type(exc).__name__}"
+                self.metrics.loads.labels(name, "failed").inc()
+                raise unavailable(f"model {name} cannot be loaded: {state.reason}") from None
             old = self.models.pop(name, None)
             if old is not None:
                 await old.close()

@@ -3,6 +3,7 @@
     REPO/<model>/config.pbtxt | config.yaml | config.json
     REPO/<model>/<version>/model.onnx.sealed      (ONNX; or model.onnx, or a sealed directory)
     REPO/<model>/<version>/model.pt.sealed        (TorchScript)
+    REPO/<model>/<version>/model.safetensors.sealed  (a state dict + the config's entry_point module)
 
 The config is read with protobuf's text format against ``protocol/model_config.proto`` (Triton's field
 names), so an existing ``config.pbtxt`` works unchanged; YAML and JSON use the same names.
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelseal.errors import UsageError
+from modelseal.errors import FormatError, UsageError
 from modelseal.format.bundle import is_bundle
 from modelseal.serve import datatypes
 from modelseal.serve.protocol import model_config
@@ -25,7 +26,7 @@ log = logging.getLogger("modelseal.serve")
 CONFIG_NAMES = ("config.pbtxt", "config.yaml", "config.yml", "config.json")
 PLATFORMS = {
     "onnxruntime_onnx": ("model.onnx.sealed", "model.onnx"),
-    "pytorch_libtorch": ("model.pt.sealed", "model.pt"),
+    "pytorch_libtorch": ("model.pt.sealed", "model.pt", "model.safetensors.sealed", "model.safetensors"),
 }
 BACKENDS = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch"}
 
@@ -76,10 +77,18 @@ class ModelSpec:
 
 
 def is_sealed(path: Path) -> bool:
-    """A sealed bundle file, or a sealed directory (its members are bundles)."""
+    """A sealed bundle or sealed safetensors file, or a sealed directory (its members are bundles)."""
     if path.is_dir():
         return any(is_bundle(p) for p in path.rglob("*") if p.is_file())
-    return is_bundle(path)
+    if is_bundle(path):
+        return True
+    from modelseal.artifacts import open_locked
+
+    try:
+        open_locked(path).close()
+    except (FormatError, OSError):
+        return False
+    return True
 
 
 def parse_config(directory: Path) -> ModelSpec:

@@ -56,7 +56,11 @@ class OnnxRuntime:
         self.session = None
 
 
-class TorchScriptRuntime:
+class TorchRuntime:
+    """PyTorch: a TorchScript archive (``model.pt``), or a state dict (``model.safetensors``) loaded into the
+    module that the config's ``parameters { key: "entry_point" value: { string_value: "module:factory" } }``
+    builds; ``module`` is imported with the model's directory on ``sys.path`` (so a ``model.py`` there works)."""
+
     def __init__(
         self, spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int, signers: list[str]
     ) -> None:
@@ -66,7 +70,22 @@ class TorchScriptRuntime:
             raise MissingDependencyError("PyTorch models need PyTorch: pip install 'modelseal[torch]'") from None
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if is_sealed(artifact):
+        if threads:
+            torch.set_num_threads(threads)
+        sealed = is_sealed(artifact)
+        if ".safetensors" in artifact.name:
+            self.module = build_module(spec)
+            if sealed:
+                from modelseal.torch import load_model
+
+                load_model(
+                    self.module, artifact, identity=identity, device=self.device, trusted_signers=signers or None
+                )
+            else:
+                from safetensors.torch import load_file
+
+                self.module.load_state_dict(load_file(str(artifact), device=self.device), assign=True)
+        elif sealed:
             from modelseal.torch import load_torchscript
 
             self.module = load_torchscript(
@@ -93,9 +112,27 @@ class TorchScriptRuntime:
         self.module = None
 
 
-RUNTIMES: dict[str, type[OnnxRuntime] | type[TorchScriptRuntime]] = {
+def build_module(spec: ModelSpec) -> Any:
+    """The untrained module a state dict is loaded into, from the config's ``entry_point``."""
+    import importlib
+    import sys
+
+    entry = spec.parameters.get("entry_point", "")
+    module_name, _, attr = entry.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f'model {spec.name}: a state dict needs parameters entry_point = "module:factory"')
+    if str(spec.path) not in sys.path:
+        sys.path.insert(0, str(spec.path))
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"model {spec.name}: cannot import entry point {entry}: {exc}") from None
+    return factory()
+
+
+RUNTIMES: dict[str, type[OnnxRuntime] | type[TorchRuntime]] = {
     "onnxruntime_onnx": OnnxRuntime,
-    "pytorch_libtorch": TorchScriptRuntime,
+    "pytorch_libtorch": TorchRuntime,
 }
 
 
