@@ -155,6 +155,8 @@ def test_passphrase_and_directory(tmp_path: Path) -> None:
 def test_every_command_has_help() -> None:
     for cmd in ("keygen", "seal", "inspect", "verify", "open", "rekey", "demo"):
         assert "Usage" in ms(cmd, "--help").stdout
+    for cmd in (("attest", "verify"), ("attest", "kinds"), ("agent", "tpm-enroll"), ("serve",), ("bench", "client")):
+        assert "Usage" in ms(*cmd, "--help").stdout
 
 
 def test_demo_json(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ gRPC errors and the server keeps serving."""
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     data[-100] ^= 1
     sealed_file.write_bytes(bytes(data))
     tls = Tls(tmp / "pki")
-    server = ServeProcess(repo, tmp / "serve.log", tls=tls, extra=["-i", str(key_file), "--audit-log",
-                                                                    str(tmp / "audit.jsonl")])  # fmt: skip
+    extra = ["-i", str(key_file), "--audit-log", str(tmp / "audit.jsonl"), "--log-json"]
+    server = ServeProcess(repo, tmp / "serve.log", tls=tls, extra=extra)
     import onnxruntime as ort
 
     reference = {
@@ -178,7 +179,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(served: dict
         (lambda c: infer_grpc(c, "cnn_onnx", np.zeros((9, *SHAPE), np.float32)), "batch size must be 1..8"),
     ]
     for call, message in cases:
-        with pytest.raises(InferenceServerException, match=__import__("re").escape(message)):
+        with pytest.raises(InferenceServerException, match=re.escape(message)):
             call(grpc)
     import tritonclient.grpc as grpcclient
 
@@ -285,3 +286,13 @@ def test_models_that_fail_to_load_are_unavailable_with_the_reason(served: dict[s
     with pytest.raises(InferenceServerException, match="not ready"):
         infer_http(http, "broken_sealed", np.zeros((1, *SHAPE), np.float32))
     assert index["cnn_onnx"]["state"] == "READY"  # the others serve
+
+
+def test_logs_are_json_lines_without_key_material(served: dict[str, Any]) -> None:
+    lines = (served["tmp"] / "serve.log").read_text().splitlines()
+    grpc_core = re.compile(r"^[IWE]\d{4} ")  # gRPC's C core logs TLS handshake failures in its own format
+    records = [json.loads(line) for line in lines if not grpc_core.match(line)]
+    assert any("server ready" in r["message"] for r in records)
+    assert all(set(r) >= {"ts", "level", "logger", "message"} for r in records)
+    key_line = next(line for line in (served["tmp"] / "host.key").read_text().splitlines() if line[:1] not in "#")
+    assert key_line.split(":", 1)[1] not in "\n".join(lines)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -52,21 +51,22 @@ from modelseal.clikit import emit, fail_closed, json_option
     multiple=True,
     help="Serve only models signed by this publisher key (ed25519:...); repeatable.",
 )
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line (for log collectors).")
 @click.option("-v", "--verbose", is_flag=True)
 @fail_closed
 def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key: Path | None,
           client_ca: Path | None, identity: str | None, agent_socket: str | None, models: tuple[str, ...],
           key_check_s: float, retry_s: float, max_body_mb: int, audit_log: Path | None, threads: int,
-          trusted_signers: tuple[str, ...], verbose: bool) -> None:  # fmt: skip
+          trusted_signers: tuple[str, ...], log_json: bool, verbose: bool) -> None:  # fmt: skip
     """Serve the sealed models of a repository to tritonclient / KServe clients, HTTP and gRPC.
 
     Weights are decrypted in memory only, with keys from the host agent; a model whose key the agent
     drops (grant revoked) is unloaded and comes back when it is granted again.
     """
+    from modelseal.logs import configure
     from modelseal.serve.server import ServeConfig, run
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    configure(verbose, log_json)
     run(
         ServeConfig(
             repository=repository, http=None if http == "off" else http, grpc=None if grpc == "off" else grpc,

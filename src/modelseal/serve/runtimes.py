@@ -100,7 +100,7 @@ class TorchRuntime:
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         torch = self.torch
         with torch.inference_mode():
-            args = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device) for n in self.input_names]
+            args = [torch.from_numpy(writable(inputs[n])).to(self.device) for n in self.input_names]
             result = self.module(*args)
         values = [result] if isinstance(result, torch.Tensor) else list(result)
         if len(values) != len(self.output_names):
@@ -110,6 +110,11 @@ class TorchRuntime:
 
     def close(self) -> None:
         self.module = None
+
+
+def writable(array: np.ndarray) -> np.ndarray:
+    """Request tensors are read-only views of the request body; PyTorch needs memory it may write."""
+    return array if array.flags.writeable and array.flags.c_contiguous else np.array(array, order="C")
 
 
 def build_module(spec: ModelSpec) -> Any:
