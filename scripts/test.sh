@@ -17,7 +17,7 @@ if ! command -v swtpm >/dev/null || ! command -v tpm2_quote >/dev/null; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[torch,onnx,keyserver,agent,serve,test]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[torch,onnx,tensorflow,keyserver,agent,serve,test]'
 export ORT_DISABLE_TELEMETRY=1
 echo "== ruff";  .venv/bin/ruff check src tests bench
 echo "== mypy";  .venv/bin/mypy

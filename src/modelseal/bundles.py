@@ -47,3 +47,40 @@ def read_bytes(
         return b.read(name)
     finally:
         b.close()
+
+
+def read_all(
+    path: str | os.PathLike[str],
+    *,
+    identity: IdentitySpec | None = None,
+    trusted_signers: Sequence[str] | None = None,
+) -> dict[str, bytearray]:
+    """Decrypt every file of a sealed bundle or sealed directory into memory: {relative name: bytes}.
+
+    The caller owns the buffers and should wipe them (``modelseal.crypto.keys.wipe``) when done.
+    """
+    from modelseal.artifacts import resolve_identity
+    from modelseal.format import directory
+
+    path = Path(path)
+    ident = resolve_identity(identity)
+    if path.is_dir():
+        cache: dict[bytes, bytearray] = {}
+        out: dict[str, bytearray] = {}
+        arts = {}
+        try:
+            for rel in directory.list_members(path):
+                arts[rel] = open_bundle(path / rel, ident, trusted_signers=trusted_signers, dek_cache=cache)
+            directory.check_group(path, arts)  # type: ignore[arg-type]
+            for rel, art in arts.items():
+                out[rel] = art.read()
+        finally:
+            for a in arts.values():
+                a.close()
+            directory.wipe_cache(cache)
+        return out
+    b = open_bundle(path, ident, trusted_signers=trusted_signers)
+    try:
+        return {name: b.read(name) for name in b.names()}
+    finally:
+        b.close()

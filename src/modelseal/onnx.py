@@ -17,38 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modelseal.bundles import open_bundle
+from modelseal.bundles import read_all
 from modelseal.crypto import keys
 from modelseal.errors import FormatError, MissingDependencyError, UsageError
-from modelseal.format import directory
 from modelseal.recipients.parse import IdentitySpec
-
-
-def _files(path: Path, identity: IdentitySpec | None, trusted_signers: Sequence[str] | None) -> dict[str, bytearray]:
-    """Decrypt every file of the sealed model into memory: {relative name: bytes}."""
-    from modelseal.artifacts import resolve_identity
-
-    ident = resolve_identity(identity)
-    if path.is_dir():
-        cache: dict[bytes, bytearray] = {}
-        out: dict[str, bytearray] = {}
-        arts = {}
-        try:
-            for rel in directory.list_members(path):
-                arts[rel] = open_bundle(path / rel, ident, trusted_signers=trusted_signers, dek_cache=cache)
-            directory.check_group(path, arts)  # type: ignore[arg-type]
-            for rel, art in arts.items():
-                out[rel] = art.read()
-        finally:
-            for a in arts.values():
-                a.close()
-            directory.wipe_cache(cache)
-        return out
-    b = open_bundle(path, ident, trusted_signers=trusted_signers)
-    try:
-        return {name: b.read(name) for name in b.names()}
-    finally:
-        b.close()
 
 
 def InferenceSession(  # noqa: N802 - mirrors onnxruntime.InferenceSession
@@ -65,7 +37,7 @@ def InferenceSession(  # noqa: N802 - mirrors onnxruntime.InferenceSession
         import onnxruntime as ort
     except ImportError:
         raise MissingDependencyError("this needs ONNX Runtime: pip install 'modelseal[onnx]'") from None
-    files = _files(Path(path), identity, trusted_signers)
+    files = read_all(Path(path), identity=identity, trusted_signers=trusted_signers)
     try:
         models = [n for n in files if n.endswith(".onnx")]
         if len(files) == 1 and not models:

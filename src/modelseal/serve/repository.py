@@ -4,6 +4,7 @@
     REPO/<model>/<version>/model.onnx.sealed      (ONNX; or model.onnx, or a sealed directory)
     REPO/<model>/<version>/model.pt.sealed        (TorchScript)
     REPO/<model>/<version>/model.safetensors.sealed  (a state dict + the config's entry_point module)
+    REPO/<model>/<version>/model.savedmodel.sealed   (TensorFlow SavedModel: a sealed directory or bundle)
 
 The config is read with protobuf's text format against ``protocol/model_config.proto`` (Triton's field
 names), so an existing ``config.pbtxt`` works unchanged; YAML and JSON use the same names.
@@ -27,8 +28,9 @@ CONFIG_NAMES = ("config.pbtxt", "config.yaml", "config.yml", "config.json")
 PLATFORMS = {
     "onnxruntime_onnx": ("model.onnx.sealed", "model.onnx"),
     "pytorch_libtorch": ("model.pt.sealed", "model.pt", "model.safetensors.sealed", "model.safetensors"),
+    "tensorflow_savedmodel": ("model.savedmodel.sealed", "model.savedmodel"),
 }
-BACKENDS = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch"}
+BACKENDS = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch", "tensorflow": "tensorflow_savedmodel"}
 
 
 @dataclass(frozen=True)

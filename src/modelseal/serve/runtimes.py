@@ -135,9 +135,72 @@ def build_module(spec: ModelSpec) -> Any:
     return factory()
 
 
-RUNTIMES: dict[str, type[OnnxRuntime] | type[TorchRuntime]] = {
+class TensorflowRuntime:
+    """A TensorFlow SavedModel. Sealed, its files are decrypted into TensorFlow's in-memory ``ram://``
+    filesystem, loaded from there, and removed from it right after (our buffers are wiped): the SavedModel
+    never exists on a disk. ``parameters { key: "signature" ... }`` picks the signature (serving_default)."""
+
+    def __init__(
+        self, spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int, signers: list[str]
+    ) -> None:
+        import os
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:
+            import tensorflow as tf
+        except ImportError:
+            raise MissingDependencyError("SavedModels need TensorFlow: pip install 'modelseal[tensorflow]'") from None
+        self.tf = tf
+        self.device = "cuda" if tf.config.list_physical_devices("GPU") else "cpu"
+        if is_sealed(artifact):
+            self.model = load_saved_model_from_memory(tf, artifact, identity, signers)
+        else:
+            self.model = tf.saved_model.load(str(artifact))
+        name = spec.parameters.get("signature", "serving_default")
+        if name not in self.model.signatures:
+            raise UsageError(f"model {spec.name} has no signature {name!r} (has {sorted(self.model.signatures)})")
+        self.fn = self.model.signatures[name]
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        result = self.fn(**{n: self.tf.constant(a) for n, a in inputs.items()})
+        missing = [n for n in outputs if n not in result]
+        if missing:
+            raise UsageError(f"the signature returned {sorted(result)}, not {missing}")
+        return {n: result[n].numpy() for n in outputs}
+
+    def close(self) -> None:
+        self.fn = self.model = None
+
+
+def load_saved_model_from_memory(tf: Any, artifact: Path, identity: IdentitySpec | None, signers: list[str]) -> Any:
+    import uuid
+
+    from modelseal.bundles import read_all
+    from modelseal.crypto.keys import wipe
+
+    files = read_all(artifact, identity=identity, trusted_signers=signers or None)
+    root = f"ram://modelseal-{uuid.uuid4().hex}/"
+    try:
+        graphs = [n for n in files if n == "saved_model.pb" or n.endswith("/saved_model.pb")]
+        if len(graphs) != 1:
+            raise UsageError(f"{artifact} must hold exactly one SavedModel (saved_model.pb), found {len(graphs)}")
+        for name, data in files.items():
+            target = root + name
+            tf.io.gfile.makedirs(target.rsplit("/", 1)[0])
+            with tf.io.gfile.GFile(target, "wb") as out:
+                out.write(bytes(data))
+        return tf.saved_model.load(root + graphs[0].removesuffix("saved_model.pb"))
+    finally:
+        if tf.io.gfile.exists(root):
+            tf.io.gfile.rmtree(root)
+        for data in files.values():
+            wipe(data)
+
+
+RUNTIMES: dict[str, type[OnnxRuntime] | type[TorchRuntime] | type[TensorflowRuntime]] = {
     "onnxruntime_onnx": OnnxRuntime,
     "pytorch_libtorch": TorchRuntime,
+    "tensorflow_savedmodel": TensorflowRuntime,
 }
 
 

@@ -1,0 +1,86 @@
+"""A sealed TensorFlow SavedModel served by `modelseal serve`: decrypted into TensorFlow's ram:// filesystem,
+never to disk, and answering exactly like the plaintext SavedModel run directly in TensorFlow."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import modelseal
+
+from .serving import ServeProcess, infer_grpc, infer_http
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("CI"):
+    import tensorflow as tf  # CI installs it (scripts/test.sh): a missing TensorFlow must fail there
+else:
+    tf = pytest.importorskip("tensorflow")
+pytest.importorskip("tritonclient.grpc")
+
+CONFIG = """name: "tf_cnn"
+platform: "tensorflow_savedmodel"
+max_batch_size: 4
+input [ { name: "input" data_type: TYPE_FP32 dims: [ 16, 16, 3 ] } ]
+output [ { name: "output" data_type: TYPE_FP32 dims: [ 10 ] } ]
+"""
+
+
+def saved_model(path: Path) -> None:
+    class Cnn(tf.Module):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            rng = tf.random.Generator.from_seed(3)
+            self.filters = tf.Variable(rng.normal([3, 3, 3, 8]))
+            self.dense = tf.Variable(rng.normal([8, 10]))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 3], tf.float32, name="input")])
+        def serve(self, x: Any) -> dict[str, Any]:
+            h = tf.nn.relu(tf.nn.conv2d(x, self.filters, 1, "SAME"))
+            return {"output": tf.matmul(tf.reduce_mean(h, axis=[1, 2]), self.dense)}
+
+    model = Cnn()
+    tf.saved_model.save(model, str(path), signatures={"serving_default": model.serve})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from modelseal.recipients.hpke import KEMS, HpkeIdentity
+
+    tmp = tmp_path_factory.mktemp("tf")
+    identity = HpkeIdentity.generate(KEMS["x25519"])
+    identity.save(tmp / "host.key")
+    saved_model(tmp / "plain.savedmodel")
+    version = tmp / "repo" / "tf_cnn" / "1"
+    version.mkdir(parents=True)
+    modelseal.seal(tmp / "plain.savedmodel", version / "model.savedmodel.sealed", [identity.recipient])
+    (tmp / "repo" / "tf_cnn" / "config.pbtxt").write_text(CONFIG)
+    scratch = tmp / "scratch"  # the server's HOME and TMPDIR: must stay empty
+    scratch.mkdir()
+    server = ServeProcess(tmp / "repo", tmp / "serve.log", extra=["-i", str(tmp / "host.key")],
+                          env={"HOME": str(scratch), "TMPDIR": str(scratch)})  # fmt: skip
+    try:
+        yield {"server": server, "tmp": tmp, "scratch": scratch}
+    finally:
+        server.stop()
+
+
+def test_sealed_saved_model_matches_plain_tensorflow(served: dict[str, Any]) -> None:
+    batch = np.random.default_rng(5).standard_normal((3, 16, 16, 3), dtype=np.float32)
+    plain = tf.saved_model.load(str(served["tmp"] / "plain.savedmodel"))
+    expected = plain.signatures["serving_default"](input=tf.constant(batch))["output"].numpy()
+    server = served["server"]
+    np.testing.assert_array_equal(infer_grpc(server.grpc_client(), "tf_cnn", batch), expected)
+    np.testing.assert_array_equal(infer_http(server.http_client(), "tf_cnn", batch), expected)
+    sealed_dir = served["tmp"] / "repo" / "tf_cnn" / "1" / "model.savedmodel.sealed"
+    from modelseal.format.bundle import is_bundle
+
+    members = [p for p in sealed_dir.rglob("*") if p.is_file()]
+    assert members and all(is_bundle(p) for p in members), "the sealed directory holds only sealed files"
+    # importing TensorFlow makes Keras write its settings file (~/.keras/keras.json); nothing else appears
+    written = {str(p.relative_to(served["scratch"])) for p in served["scratch"].rglob("*")}
+    assert written <= {".keras", ".keras/keras.json"}, written
