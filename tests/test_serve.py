@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     add_model(repo, "cnn_batched", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=recipient,
               instances=2, delay_us=20000)  # fmt: skip
     add_model(repo, "cnn_plain", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=None)
+    add_model(repo, "cnn_slow", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=None, delay_us=500_000)
     add_state_dict_model(repo, model, recipient)
     add_model(repo, "broken_plain", "onnxruntime_onnx", b"not an onnx model", SHAPE, 10, recipients=None)
     tampered = add_model(repo, "broken_sealed", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=recipient)
@@ -296,3 +298,37 @@ def test_logs_are_json_lines_without_key_material(served: dict[str, Any]) -> Non
     assert all(set(r) >= {"ts", "level", "logger", "message"} for r in records)
     key_line = next(line for line in (served["tmp"] / "host.key").read_text().splitlines() if line[:1] not in "#")
     assert key_line.split(":", 1)[1] not in "\n".join(lines)
+
+
+def test_sigterm_drains_in_flight_requests(served: dict[str, Any]) -> None:
+    """Requests in flight when SIGTERM arrives are answered; the server then exits 0. (cnn_slow's batcher
+    holds requests for 0.5 s, so they are certainly in flight when the signal comes 0.2 s in.)"""
+    import signal
+    import threading
+
+    tmp = served["tmp"]
+    server = ServeProcess(tmp / "repo", tmp / "drain.log", tls=served["tls"],
+                          extra=["-i", str(tmp / "host.key"), "--model", "cnn_slow"])  # fmt: skip
+    batch = np.ones((1, *SHAPE), np.float32)
+    clients = [server.grpc_client(served["client"]) for _ in range(4)]
+    assert all(c.is_server_live() for c in clients)  # connected before the clock starts
+    results: list[object] = []
+    go = threading.Barrier(len(clients) + 1)
+
+    def one(client: Any) -> None:
+        go.wait()
+        try:
+            results.append(infer_grpc(client, "cnn_slow", batch).shape)
+        except Exception as exc:  # recorded: the assertion shows it
+            results.append(exc)
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    go.wait()
+    time.sleep(0.2)
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert server.proc.wait(30) == 0
+    assert results == [(1, 10)] * len(clients), results
