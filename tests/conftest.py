@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,15 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import modelseal
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
+
+from .services import KeyServer
+
+
+@pytest.fixture
+def renewing_keyserver(tmp_path: Path) -> Iterator[KeyServer]:
+    """A key service (SQLite) whose leases renew every second, so a revocation shows within a test."""
+    with KeyServer(tmp_path / "ks", None, leases={"lease_ttl_s": 4, "renew_after_s": 1}) as ks:
+        yield ks
 
 
 @pytest.fixture(scope="session")

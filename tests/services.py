@@ -101,6 +101,12 @@ class KeyServer:
         wait_for(self.healthy, 30, f"key service on {self.url} (log: {self.log.read_text()[-2000:]})")
         return self
 
+    def __enter__(self) -> KeyServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def healthy(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
@@ -190,6 +196,12 @@ class SoftwareTpm:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+    def __enter__(self) -> SoftwareTpm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class Agent:

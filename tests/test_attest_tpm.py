@@ -28,11 +28,8 @@ BINDING = bytes(range(32))
 
 @pytest.fixture(scope="module")
 def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftwareTpm]:
-    tpm = SoftwareTpm(tmp_path_factory.mktemp("swtpm"))
-    try:
+    with SoftwareTpm(tmp_path_factory.mktemp("swtpm")) as tpm:
         yield tpm
-    finally:
-        tpm.stop()
 
 
 @pytest.fixture(scope="module")

@@ -26,23 +26,14 @@ PCRS = "sha256:0,7,16"
 
 @pytest.fixture
 def swtpm(tmp_path: Path) -> Iterator[SoftwareTpm]:
-    tpm = SoftwareTpm(tmp_path / "swtpm")
-    try:
+    with SoftwareTpm(tmp_path / "swtpm") as tpm:
         yield tpm
-    finally:
-        tpm.stop()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[KeyServer]:
-    ks = KeyServer(tmp_path / "ks", None, leases={"lease_ttl_s": 4, "renew_after_s": 1}).start()
-    try:
-        yield ks
-    finally:
-        ks.stop()
-
-
-def test_tpm_pcr_policy_gates_release_and_renewal(server: KeyServer, swtpm: SoftwareTpm, tmp_path: Path) -> None:
+def test_tpm_pcr_policy_gates_release_and_renewal(
+    renewing_keyserver: KeyServer, swtpm: SoftwareTpm, tmp_path: Path
+) -> None:
+    server = renewing_keyserver
     enrolled = subprocess.run(
         [sys.executable, "-m", "modelseal", "agent", "tpm-enroll", "--tcti", swtpm.tcti, "--pcrs", PCRS, "--json"],
         capture_output=True, text=True, check=True,

@@ -14,22 +14,21 @@ from safetensors.numpy import save_file
 import modelseal
 from modelseal.recipients.hpke import HpkeIdentity
 
-PROBE = textwrap.dedent(
+from .write_audit import WRITE_AUDIT_HOOK
+
+PROBE_IMPORTS = textwrap.dedent(
     """
     import os, sys, json
     os.environ["ORT_DISABLE_TELEMETRY"] = "1"
     import numpy, torch, onnxruntime, onnx  # import frameworks before auditing: imports may compile caches
     import modelseal, modelseal.torch, modelseal.onnx, modelseal.transformers
-    writes = []
-    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = args
-            if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE):
-                writes.append(str(path))
-        elif event in ("os.rename", "os.replace", "os.remove", "os.truncate", "shutil.copyfile", "os.mkdir"):
-            writes.append(f"{event}:{args[0]}")
-    sys.addaudithook(hook)
+    """
+)
+PROBE = (
+    PROBE_IMPORTS
+    + WRITE_AUDIT_HOOK
+    + textwrap.dedent(
+        """
     d, key = sys.argv[1], sys.argv[2]
     sd = modelseal.torch.load_file(f"{d}/w.sealed.safetensors", identity=key)
     sess = modelseal.onnx.InferenceSession(f"{d}/m.onnx.sealed", identity=key)
@@ -38,6 +37,7 @@ PROBE = textwrap.dedent(
         f.get_tensor("w")
     print(json.dumps({"writes": writes, "n": len(sd) + len(hf)}))
     """
+    )
 )
 
 

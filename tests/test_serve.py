@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from .serving import ServeProcess, Tls, add_model, export_onnx, export_torchscript, infer_grpc, infer_http, small_cnn
+from .write_audit import WRITE_AUDIT_HOOK
 
 pytest.importorskip("tritonclient.grpc")
 SHAPE = (3, 16, 16)
@@ -232,7 +233,8 @@ def test_server_process_cannot_dump_core(served: dict[str, Any]) -> None:
     assert core.split()[4:6] == ["0", "0"]
 
 
-SERVE_PROBE = """
+SERVE_PROBE = (
+    """
 import asyncio, json, os, sys
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 import numpy as np, torch, onnxruntime, grpc, grpc_tools  # frameworks first: imports may write caches
@@ -241,16 +243,9 @@ from modelseal.serve.models import ModelManager
 from modelseal.serve.protocol import inference, model_config
 from modelseal.serve.repository import Repository
 inference(); model_config()
-writes = []
-WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-def hook(event, args):
-    if event == "open":
-        path, mode, flags = args
-        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE):
-            writes.append(str(path))
-    elif event in ("os.rename", "os.replace", "os.remove", "os.truncate", "shutil.copyfile", "os.mkdir"):
-        writes.append(f"{event}:{args[0]}")
-sys.addaudithook(hook)
+"""
+    + WRITE_AUDIT_HOOK
+    + """
 async def main():
     manager = ModelManager(Repository(sys.argv[1]), sys.argv[2], Metrics())
     outputs = []
@@ -262,6 +257,7 @@ async def main():
     return outputs
 print(json.dumps({"writes": writes, "outputs": [list(o) for o in asyncio.run(main())]}))
 """
+)
 
 
 def test_serving_sealed_models_writes_nothing(served: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@ brings them back without restarting the server."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +22,8 @@ pytest.importorskip("tritonclient.grpc")
 SHAPE = (3, 224, 224)
 
 
-@pytest.fixture
-def keyserver(tmp_path: Path) -> Iterator[KeyServer]:
-    ks = KeyServer(tmp_path / "ks", None, leases={"lease_ttl_s": 4, "renew_after_s": 1}).start()
-    try:
-        yield ks
-    finally:
-        ks.stop()
-
-
-def test_resnet50_sealed_served_revoked_and_regranted(keyserver: KeyServer, tmp_path: Path) -> None:
+def test_resnet50_sealed_served_revoked_and_regranted(renewing_keyserver: KeyServer, tmp_path: Path) -> None:
+    keyserver = renewing_keyserver
     import onnxruntime as ort
     import torch
     from tritonclient.utils import InferenceServerException
