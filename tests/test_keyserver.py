@@ -84,7 +84,7 @@ def test_grant_load_refuse_revoke_regrant(server: KeyServer, tmp_path: Path) -> 
         with server.admin() as admin:
             admin.call("POST", f"/v1/admin/grants/{g['grant_id']}/revoke", {"reason": "contract ended"})
         # renew_after_s = 1: the agent drops the key at its next renewal
-        wait_for(lambda: ask(agent_a.socket, {"op": "status"})[0]["keys"] == [], 5, "agent A to drop the key")
+        wait_for(lambda: ask(agent_a.socket, {"op": "status"})[0]["keys"] == [], 15, "agent A to drop the key")
         status = ask(agent_a.socket, {"op": "status"})[0]
         assert [d["code"] for d in status["dropped"].values()] == ["revoked"]
         with pytest.raises(KeyReleaseError, match="revoked: contract ended") as after:

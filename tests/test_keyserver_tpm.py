@@ -61,7 +61,7 @@ def test_tpm_pcr_policy_gates_release_and_renewal(
             np.testing.assert_array_equal(loaded[name], value)
 
         swtpm.extend(16)  # the host now runs something the owner did not approve
-        wait_for(lambda: ask(agent.socket, {"op": "status"})[0]["keys"] == [], 6, "the agent to drop the key")
+        wait_for(lambda: ask(agent.socket, {"op": "status"})[0]["keys"] == [], 15, "the agent to drop the key")
         dropped = ask(agent.socket, {"op": "status"})[0]["dropped"]
         (reason,) = dropped.values()
         assert reason["code"] == "evidence_rejected" and "pcr.sha256.16" in reason["message"]

@@ -60,7 +60,7 @@ def test_resnet50_sealed_served_revoked_and_regranted(renewing_keyserver: KeySer
         with keyserver.admin() as admin:
             admin.call("POST", f"/v1/admin/grants/{g['grant_id']}/revoke", {"reason": "licence ended"})
         wait_for(lambda: not grpc.is_model_ready("resnet50_onnx") and not grpc.is_model_ready("resnet50_torch"),
-                 15, "the server to unload the models")  # fmt: skip
+                 30, "the server to unload the models")  # fmt: skip
         with pytest.raises(InferenceServerException, match="revoked") as refused:
             infer_grpc(grpc, "resnet50_onnx", batch)
         assert "UNAVAILABLE" in str(refused.value.status())
