@@ -207,7 +207,12 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(served: dict
 def test_audit_records_name_the_client_and_hold_no_tensor_data(served: dict[str, Any]) -> None:
     from modelseal.pki import identity_of_cert_file
 
-    infer_grpc(served["server"].grpc_client(served["client"]), "cnn_onnx", np.ones((1, *SHAPE), np.float32))
+    from tritonclient.utils import InferenceServerException
+
+    grpc = served["server"].grpc_client(served["client"])
+    infer_grpc(grpc, "cnn_onnx", np.ones((1, *SHAPE), np.float32))
+    with pytest.raises(InferenceServerException):
+        infer_grpc(grpc, "no_such_model", np.ones((1, *SHAPE), np.float32))
     records = [json.loads(line) for line in (served["tmp"] / "audit.jsonl").read_text().splitlines()]
     spki = identity_of_cert_file(served["client"][0]).spki
     assert any(r["client"] == spki and r["model"] == "cnn_onnx" and r["protocol"] == "grpc" for r in records)
