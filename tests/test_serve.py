@@ -205,9 +205,9 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(served: dict
 
 
 def test_audit_records_name_the_client_and_hold_no_tensor_data(served: dict[str, Any]) -> None:
-    from modelseal.pki import identity_of_cert_file
-
     from tritonclient.utils import InferenceServerException
+
+    from modelseal.pki import identity_of_cert_file
 
     grpc = served["server"].grpc_client(served["client"])
     infer_grpc(grpc, "cnn_onnx", np.ones((1, *SHAPE), np.float32))
