@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import statistics
 import time
@@ -29,6 +30,12 @@ from modelseal import arena
 from modelseal.crypto.parallel import worker_count
 
 SEG = 4 << 20
+
+
+def huge_pages(size: int) -> mmap.mmap:
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
 
 
 def main() -> None:
@@ -69,7 +76,8 @@ def main() -> None:
     destinations: dict[str, Callable[[], memoryview]] = {
         "warm": lambda: memoryview(warm),
         "fresh 4 KiB pages": lambda: memoryview(np.empty(size, np.uint8)),
-        "fresh huge pages": lambda: memoryview(arena.allocate(size)),
+        "fresh arena (4 KiB pages)": lambda: memoryview(arena.allocate(size)),
+        "fresh huge pages (MADV_HUGEPAGE)": lambda: memoryview(huge_pages(size)),
     }
 
     def gbps(fn: Callable[[memoryview, int], None], dest: Callable[[], memoryview], threads: int) -> float:

@@ -109,7 +109,7 @@ def main() -> None:
         return {k: v.clone() for k, v in safetensors.torch.load_file(str(plain)).items()}
 
     def plain_into_arena() -> dict[str, torch.Tensor]:
-        """The best a plain loader could do: one copy into the same huge-page arena modelseal uses."""
+        """The best a plain loader could do: one copy into the same arena modelseal uses."""
         lazy = safetensors.torch.load_file(str(plain))
         offsets, total = arena.layout([v.numel() * v.element_size() for v in lazy.values()])
         buf = arena.allocate(total)
@@ -146,7 +146,7 @@ def main() -> None:
 
     rows: dict[str, float] = {
         "plain load_file + copy": median_seconds(plain_materialised, args.runs),
-        "plain load_file + copy into huge-page arena": median_seconds(plain_into_arena, args.runs),
+        "plain load_file + copy into the arena": median_seconds(plain_into_arena, args.runs),
         "sealed modelseal.torch.load_file": median_seconds(sealed_load, args.runs),
         "plain nn.Module load_state_dict": median_seconds(plain_module, args.runs),
         "sealed nn.Module load_model (assign)": median_seconds(sealed_module, args.runs),
@@ -157,7 +157,7 @@ def main() -> None:
     rows["cold process: sealed load_file"] = cold_seconds("sealed", sealed, key, args.runs)
     ratio_cold = rows["cold process: sealed load_file"] / rows["cold process: plain load_file + copy"]
     ratio_tensors = rows["sealed modelseal.torch.load_file"] / rows["plain load_file + copy"]
-    ratio_arena = rows["sealed modelseal.torch.load_file"] / rows["plain load_file + copy into huge-page arena"]
+    ratio_arena = rows["sealed modelseal.torch.load_file"] / rows["plain load_file + copy into the arena"]
     ratio_module = rows["sealed nn.Module load_model (assign)"] / rows["plain nn.Module load_state_dict"]
 
     # single-tensor random access vs tensor size, from one file holding tensors of several sizes
@@ -207,7 +207,7 @@ def main() -> None:
     for k, v in rows.items():
         print(f"  {k:42s} {v * 1e3:9.1f} ms  ({size / v / 1e9:5.2f} GB/s)")
     print(f"  ratio sealed/plain (tensors): {ratio_tensors:.2f}x")
-    print(f"  ratio sealed/plain copy into the same huge-page arena (pure crypto cost): {ratio_arena:.2f}x")
+    print(f"  ratio sealed/plain copy into the same arena (pure crypto cost): {ratio_arena:.2f}x")
     print(f"  ratio sealed/plain (nn.Module): {ratio_module:.2f}x")
     print(f"  ratio sealed/plain (cold process, first load): {ratio_cold:.2f}x")
     print(f"  sealing: {seal_s:.2f} s ({size / seal_s / 1e9:.2f} GB/s)")

@@ -1,16 +1,19 @@
-"""One allocation for all the tensors of a load, backed by transparent huge pages where possible.
+"""One allocation for all the tensors of a load: one page-aligned anonymous mapping instead of one
+allocation per tensor. Tensors are views into the arena: the memory is released when the last of them
+is garbage collected (like tensors mmapped by ``safetensors``).
 
-One page-aligned mapping per load means one allocation instead of one per tensor, and fewer page
-faults: Linux kernels in ``madvise`` THP mode give huge pages only to regions that ask, so the arena
-is an anonymous mapping advised with ``MADV_HUGEPAGE``. The gain is modest (``bench/decrypt.py``,
-1 GiB, two threads: 5.4 GB/s into fresh huge pages vs 5.1 GB/s into fresh 4 KiB pages).
-Tensors are views into the arena: the memory is released when the last of them is garbage
-collected (like tensors mmapped by ``safetensors``).
+Transparent huge pages are *not* requested by default. ``MADV_HUGEPAGE`` makes decryption into fresh
+memory faster inside a long-lived process (``bench/decrypt.py``), but with the kernel's usual
+``defrag = madvise`` setting every advised region compacts memory synchronously on its first faults:
+1 GiB loads in a fresh process, the way a server starts, took about 1.9-2.0 s instead of about 0.35 s
+on the project's machines (``bench/hugepages.py``, docs/benchmarks.md). ``MODELSEAL_HUGEPAGES=1`` asks
+for them anyway.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 
 ALIGN = 64  # every tensor starts cache-line aligned (and aligned for every dtype)
 MIN_ARENA = 32 << 20  # below this, a fresh mapping costs more than it saves: use the ordinary allocator
@@ -26,15 +29,16 @@ def layout(lengths: list[int]) -> tuple[list[int], int]:
 
 
 def allocate(nbytes: int) -> mmap.mmap | bytearray:
-    """A zero-filled, writable buffer of ``nbytes``; huge-page advised when the platform allows."""
+    """A zero-filled, writable buffer of ``nbytes`` (huge-page advised only with MODELSEAL_HUGEPAGES=1)."""
     if nbytes == 0:
         return bytearray()
     try:
         buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (AttributeError, OSError):  # pragma: no cover - non-POSIX
         return bytearray(nbytes)
-    try:
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):  # pragma: no cover - kernel without THP
-        pass
+    if os.environ.get("MODELSEAL_HUGEPAGES") == "1":
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # pragma: no cover - kernel without THP
+            pass
     return buf
