@@ -4,10 +4,10 @@ is garbage collected (like tensors mmapped by ``safetensors``).
 
 Transparent huge pages are *not* requested by default. ``MADV_HUGEPAGE`` makes decryption into fresh
 memory faster inside a long-lived process (``bench/decrypt.py``), but with the kernel's usual
-``defrag = madvise`` setting every advised region compacts memory synchronously on its first faults:
-1 GiB loads in a fresh process, the way a server starts, took about 1.9-2.0 s instead of about 0.35 s
-on the project's machines (``bench/hugepages.py``, docs/benchmarks.md). ``MODELSEAL_HUGEPAGES=1`` asks
-for them anyway.
+``defrag = madvise`` setting every advised region compacts memory synchronously on its first faults, so
+a fresh process's load (the way a server starts) costs anything from parity to 8x, depending on how
+fragmented memory is: 1 GiB took 1.9-2.0 s instead of 0.35 s in ``bench/hugepages.py`` on the project's
+machines (docs/benchmarks.md). ``MODELSEAL_HUGEPAGES=1`` asks for them anyway.
 """
 
 from __future__ import annotations
