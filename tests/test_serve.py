@@ -339,3 +339,26 @@ def test_sigterm_drains_in_flight_requests(served: dict[str, Any]) -> None:
         t.join(30)
     assert server.proc.wait(30) == 0
     assert results == [(1, 10)] * len(clients), results
+
+
+def test_a_failed_reload_keeps_serving_the_loaded_version(served: dict[str, Any]) -> None:
+    import shutil
+
+    from tritonclient.utils import InferenceServerException
+
+    tmp = served["tmp"]
+    repo = tmp / "reload-repo"
+    shutil.copytree(tmp / "repo" / "cnn_onnx", repo / "cnn_onnx")
+    server = ServeProcess(repo, tmp / "reload.log", extra=["-i", str(tmp / "host.key")])
+    try:
+        client = server.grpc_client()
+        (repo / "cnn_onnx" / "2").mkdir()
+        (repo / "cnn_onnx" / "2" / "model.onnx").write_bytes(b"not a model")
+        with pytest.raises(InferenceServerException, match="cannot be loaded"):
+            client.load_model("cnn_onnx")
+        batch = np.ones((1, *SHAPE), np.float32)
+        np.testing.assert_array_equal(infer_grpc(client, "cnn_onnx", batch), plain_onnx(served["ref"], batch))
+        (entry,) = server.http_client().get_model_repository_index()
+        assert entry["state"] == "READY" and entry["version"] == "1" and "reload failed" in entry["reason"]
+    finally:
+        assert server.stop() == 0

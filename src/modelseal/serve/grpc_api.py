@@ -109,7 +109,13 @@ def build_servicer(srv: Any) -> Any:
 
         async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
             started = time.monotonic()
-            name, version, status = request.model_name, request.model_version, "ok"
+            name, version = request.model_name, request.model_version
+
+            def record(status: str) -> None:  # before the reply, so the audit log is never behind a client
+                seconds = time.monotonic() - started
+                srv.metrics.observe_request(name, version, "grpc", status, seconds)
+                srv.audit.record("grpc", name, version, client_identity(context), status, seconds)
+
             try:
                 model = srv.models.get(name, version)
                 version = str(model.version)
@@ -118,14 +124,14 @@ def build_servicer(srv: Any) -> Any:
                 for out_name, array in results.items():
                     response.outputs.add(name=out_name, datatype=datatypes.v2_name(array.dtype), shape=array.shape)
                     response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
-                return response
             except ServeError as exc:
-                status = exc.grpc_code.lower()
+                record(exc.grpc_code.lower())
                 await abort(context, exc)
-            finally:
-                seconds = time.monotonic() - started
-                srv.metrics.observe_request(name, version, "grpc", status, seconds)
-                srv.audit.record("grpc", name, version, client_identity(context), status, seconds)
+            except BaseException:
+                record("error")
+                raise
+            record("ok")
+            return response
 
         async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
             entry = pb.RepositoryIndexResponse.ModelIndex

@@ -126,20 +126,8 @@ class ModelManager:
             started = time.monotonic()
             try:
                 loaded = await asyncio.to_thread(self._build, spec, version)
-            except KeyReleaseError as exc:
-                state.state, state.reason, state.retry = "UNAVAILABLE", f"key refused: {exc}", True
-                self.metrics.loads.labels(name, "key_refused").inc()
-                self.metrics.key_fetches.labels(name, exc.code).inc()
-                raise unavailable(f"model {name} cannot be loaded: {state.reason}") from None
-            except ModelsealError as exc:
-                state.state, state.reason = "UNAVAILABLE", str(exc)
-                self.metrics.loads.labels(name, "failed").inc()
-                raise unavailable(f"model {name} cannot be loaded: {exc}") from None
-            except Exception as exc:  # a framework refusing the model must not take the server down
-                log.exception("loading model %s failed", name)
-                state.state, state.reason = "UNAVAILABLE", f"the runtime refused it: {type(exc).__name__}"
-                self.metrics.loads.labels(name, "failed").inc()
-                raise unavailable(f"model {name} cannot be loaded: {state.reason}") from None
+            except Exception as exc:  # whatever failed, the server keeps serving the other models
+                raise self._load_failed(name, state, exc) from None
             old = self.models.pop(name, None)
             if old is not None:
                 await old.close()
@@ -153,6 +141,26 @@ class ModelManager:
             self.metrics.ready.labels(name).set(1)
             log.info("model %s version %d ready (%d instance(s), %s)", name, version, len(loaded.runtimes),
                      loaded.runtimes[0].device)  # fmt: skip
+
+    def _load_failed(self, name: str, state: ModelState, exc: Exception) -> ServeError:
+        """Record why a load failed (a failed *reload* keeps the loaded version serving)."""
+        if isinstance(exc, KeyReleaseError):
+            reason, label, retry = f"key refused: {exc}", "key_refused", True
+            self.metrics.key_fetches.labels(name, exc.code).inc()
+        elif isinstance(exc, ModelsealError):
+            reason, label, retry = str(exc), "failed", False
+        else:  # a framework refusing the model: log the traceback, tell clients only the kind
+            log.exception("loading model %s failed", name)
+            reason, label, retry = f"the runtime refused it: {type(exc).__name__}", "failed", False
+        self.metrics.loads.labels(name, label).inc()
+        if name in self.models:
+            state.state, state.reason = (
+                "READY",
+                f"reload failed, still serving version {self.models[name].version}: {reason}",
+            )
+        else:
+            state.state, state.reason, state.retry = "UNAVAILABLE", reason, retry
+        return unavailable(f"model {name} cannot be loaded: {reason}")
 
     def _build(self, spec: ModelSpec, version: int) -> LoadedModel:
         artifact = spec.artifact(version)

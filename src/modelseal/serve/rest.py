@@ -191,7 +191,7 @@ async def infer(request: web.Request) -> web.Response:
     srv = server(request)
     name, version = request.match_info["model"], request.match_info.get("version", "")
     started = time.monotonic()
-    status, served_version = "ok", version
+    status, served_version = "error", version  # e.g. a body over the size limit
     try:
         body, binary = parse_body(await request.read(), request.headers.get(HEADER_LENGTH))
         model = srv.models.get(name, version)
@@ -199,6 +199,7 @@ async def infer(request: web.Request) -> web.Response:
         inputs = decode_inputs(body, binary)
         outputs, binary_out = requested_outputs(body)
         results = await srv.models.infer(model, inputs, outputs)
+        status = "ok"
         return encode_response(name, served_version, body.get("id"), results, binary_out)
     except ServeError as exc:
         status = exc.grpc_code.lower()
