@@ -20,16 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-CHILD = r"""
-import sys, time, torch, safetensors.torch, modelseal.torch
-kind, path, key = sys.argv[1:4]
-t0 = time.perf_counter()
-if kind == "plain":
-    sd = {k: v.clone() for k, v in safetensors.torch.load_file(path).items()}
-else:
-    sd = modelseal.torch.load_file(path, identity=key)
-print((time.perf_counter() - t0) * 1000)
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from load import COLD  # the same fresh-process load, timed in seconds
 
 
 def main() -> None:
@@ -62,10 +55,10 @@ def main() -> None:
         for _ in range(args.runs):
             for name, (kind, file, huge) in cases.items():
                 out = subprocess.run(
-                    [sys.executable, "-c", CHILD, kind, str(tmp / file), str(tmp / "host.key")],
+                    [sys.executable, "-c", COLD, kind, str(tmp / file), str(tmp / "host.key")],
                     capture_output=True, text=True, check=True, env={**os.environ, "MODELSEAL_HUGEPAGES": huge},
                 )  # fmt: skip
-                times[name].append(float(out.stdout.strip().splitlines()[-1]))
+                times[name].append(1000 * float(out.stdout.strip().splitlines()[-1]))
     defrag = Path("/sys/kernel/mm/transparent_hugepage/defrag")
     report = {
         "size_mb": args.size_mb,

@@ -31,7 +31,6 @@ HASHES: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
     0x000C: ("sha384", hashes.SHA384),
     0x000D: ("sha512", hashes.SHA512),
 }
-HASH_IDS = {name: alg for alg, (name, _) in HASHES.items()}
 CURVES: dict[int, ec.EllipticCurve] = {0x0003: ec.SECP256R1(), 0x0004: ec.SECP384R1(), 0x0005: ec.SECP521R1()}
 
 # TPMA_OBJECT bits an attestation key must have: the TPM made it, it cannot leave the TPM, and it is a

@@ -17,8 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from modelseal.errors import KeyReleaseError, ModelsealError, UsageError
 from modelseal.recipients.parse import IdentitySpec
 from modelseal.serve import datatypes
@@ -325,7 +323,3 @@ class ModelManager:
                     if state.retry and name not in self.models:
                         with contextlib.suppress(ServeError):
                             await self.load(name)
-
-
-def as_arrays(values: dict[str, np.ndarray]) -> Tensors:
-    return {k: np.asarray(v) for k, v in values.items()}
