@@ -10,8 +10,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from modelseal import arena
+from modelseal import arena, slicing
 from modelseal.artifacts import open_artifact
+from modelseal.crypto import keys
 from modelseal.errors import MissingDependencyError, UsageError
 from modelseal.format.container import Entry, Progress
 from modelseal.format.safetensors import SealedSafetensors
@@ -60,41 +61,98 @@ def require_torch() -> Any:
     return torch
 
 
+def _typed(raw: Any, dtype: str, shape: Sequence[int], framework: str) -> Any:
+    """A flat uint8 array or tensor viewed as ``dtype`` with ``shape`` (no copy)."""
+    if framework == "np":
+        return raw.view(_numpy_dtype(dtype)).reshape(shape)
+    return raw.view(_torch_dtype(dtype)).reshape(shape)
+
+
+def _byte_view(raw: Any, framework: str) -> memoryview:
+    return memoryview((raw if framework == "np" else raw.numpy()).data)
+
+
 def allocate(entries: Sequence[Entry], framework: str, pin: bool = False) -> list[tuple[Any, memoryview]]:
     """Empty tensors (numpy or torch) for ``entries``, with a writable byte view of each.
 
-    All tensors of one call share one huge-page arena (see ``arena.py``); with ``pin`` (for a CUDA
-    copy) each torch tensor gets its own page-locked buffer instead.
+    All tensors of one call share one arena (see ``arena.py``); with ``pin`` (for a CUDA copy) each
+    torch tensor gets its own page-locked buffer instead.
     """
     offsets, total = arena.layout([e.length for e in entries])
-    small = total < arena.MIN_ARENA
+    buf = None if total < arena.MIN_ARENA or (pin and framework == "pt") else arena.allocate(total)
     if framework == "np":
         import numpy as np
 
-        buf = None if small else arena.allocate(total)
-        out = []
-        for e, off in zip(entries, offsets, strict=True):
-            if buf is None or not e.length:
-                raw = np.empty(e.length, np.uint8)
-            else:
-                raw = np.frombuffer(buf, dtype=np.uint8, count=e.length, offset=off)
-            out.append((raw.view(_numpy_dtype(e.info["dtype"])).reshape(e.info["shape"]), memoryview(raw.data)))
-        return out
-    torch = require_torch()
-    if pin or small:
-        raws = [torch.empty(e.length, dtype=torch.uint8, pin_memory=pin) for e in entries]
+        raws = [
+            np.frombuffer(buf, dtype=np.uint8, count=e.length, offset=off)
+            if buf is not None and e.length
+            else np.empty(e.length, np.uint8)
+            for e, off in zip(entries, offsets, strict=True)
+        ]
     else:
-        buf = arena.allocate(total)
+        torch = require_torch()
         raws = [
             torch.frombuffer(buf, dtype=torch.uint8, count=e.length, offset=off)
-            if e.length
-            else torch.empty(0, dtype=torch.uint8)
+            if buf is not None and e.length
+            else torch.empty(e.length, dtype=torch.uint8, pin_memory=pin)
             for e, off in zip(entries, offsets, strict=True)
         ]
     return [
-        (raw.view(_torch_dtype(e.info["dtype"])).reshape(e.info["shape"]), memoryview(raw.numpy().data))
+        (_typed(raw, e.info["dtype"], e.info["shape"], framework), _byte_view(raw, framework))
         for e, raw in zip(entries, raws, strict=True)
     ]
+
+
+def _empty_bytes(nbytes: int, framework: str) -> Any:
+    if framework == "np":
+        import numpy as np
+
+        return np.empty(nbytes, np.uint8)
+    torch = require_torch()
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+class SealedSlice:
+    """What ``safe_open.get_slice`` returns: shape and dtype without decrypting, and ``[index]``.
+
+    Indexing decrypts only the segments that hold the selected elements (see ``slicing.py``), so a
+    tensor-parallel rank reads and decrypts about its own shard, not the whole tensor.
+    """
+
+    def __init__(self, owner: safe_open, entry: Entry) -> None:
+        self._owner = owner
+        self._entry = entry
+
+    def get_shape(self) -> list[int]:
+        return list(self._entry.info["shape"])
+
+    def get_dtype(self) -> str:
+        return str(self._entry.info["dtype"])
+
+    def __getitem__(self, index: Any) -> Any:
+        import numpy as np
+
+        from modelseal.format.safetensors import DTYPE_SIZES
+
+        entry, framework = self._entry, self._owner._framework
+        itemsize = DTYPE_SIZES[self.get_dtype()]
+        plan = slicing.plan(self.get_shape(), itemsize, index)
+        raw = _empty_bytes(plan.nbytes, framework)
+        out = _byte_view(raw, framework)
+        if plan.contiguous:
+            self._owner._art.decrypt_ranges([(entry, plan.lo, plan.hi, out)])
+        else:
+            scratch = bytearray(plan.hi - plan.lo)
+            try:
+                self._owner._art.decrypt_ranges([(entry, plan.lo, plan.hi, memoryview(scratch))])
+                picked = np.lib.stride_tricks.as_strided(
+                    np.frombuffer(scratch, np.uint8), (*plan.shape, itemsize), (*plan.strides, 1), writeable=False
+                )
+                np.copyto(np.frombuffer(out, np.uint8).reshape((*plan.shape, itemsize)), picked)
+                del picked
+            finally:
+                keys.wipe(scratch)
+        return self._owner._place(_typed(raw, self.get_dtype(), plan.shape, framework))
 
 
 def _normalise_framework(framework: str) -> str:
@@ -142,10 +200,16 @@ class safe_open:  # noqa: N801 - mirrors safetensors.safe_open
         entries = self._art.entries if names is None else [self._art.entry(n) for n in names]
         made = allocate(entries, self._framework, self._pin())
         self._art.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)], progress)
-        out = {e.name: t for e, (t, _v) in zip(entries, made, strict=True)}
+        return {e.name: self._place(t) for e, (t, _v) in zip(entries, made, strict=True)}
+
+    def get_slice(self, name: str) -> SealedSlice:
+        """Like ``safetensors``' ``get_slice``: index the result to decrypt only part of a tensor."""
+        return SealedSlice(self, self._art.entry(name))
+
+    def _place(self, tensor: Any) -> Any:
         if self._framework == "pt" and self._device != "cpu":
-            out = {k: v.to(self._device, non_blocking=True) for k, v in out.items()}
-        return out
+            return tensor.to(self._device, non_blocking=True)
+        return tensor
 
     def _pin(self) -> bool:
         return self._device != "cpu" and require_torch().cuda.is_available()

@@ -3,14 +3,22 @@
 ``cryptography`` >= 50 releases the GIL inside AES-GCM, so plain threads scale across cores. A failed
 job stops the jobs that have not started yet, and :func:`run_all` waits for the running ones before it
 re-raises, so the caller can wipe every output buffer knowing no thread still writes into it.
+
+The cyclic garbage collector is paused while jobs run. Each segment allocates a few Python objects,
+and in a process holding PyTorch's hundreds of thousands of objects the full collection that these
+allocations sooner or later trigger holds the GIL for tens of milliseconds, stalling every worker:
+1 GiB loads measured 15% slower whenever one fell inside the load. Reference counting still frees
+everything; the collector resumes when the last concurrent :func:`run_all` returns.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -28,6 +36,27 @@ def worker_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return os.cpu_count() or 1
+
+
+_paused = 0  # concurrent run_all calls holding the collector paused
+_resume = False  # whether the collector was enabled when the first of them paused it
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    global _paused, _resume
+    with _lock:
+        if _paused == 0:
+            _resume = gc.isenabled()
+            gc.disable()
+        _paused += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _paused -= 1
+            if _paused == 0 and _resume:
+                gc.enable()
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -60,8 +89,9 @@ def run_all(job: Callable[[T], object], items: Iterable[T], progress: Callable[[
         if progress:
             progress(item)
 
-    futures = [_executor().submit(guarded, item) for item in items]
-    wait(futures)
+    with _collector_paused():
+        futures = [_executor().submit(guarded, item) for item in items]
+        wait(futures)
     for fut in futures:
         exc = fut.exception()
         if exc is not None:

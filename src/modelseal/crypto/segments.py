@@ -8,9 +8,10 @@ because every artifact has its own payload key (see ``keys.py``). The AAD binds 
 version, entry name, segment index and a last-segment flag, so swapping, reordering, truncating or
 extending segments, entries or models is detected.
 
-Decryption goes straight from the source buffer (an mmap of the sealed file) into the destination
-buffer, through OpenSSL's streaming GCM interface, which releases the GIL and takes the tag
-separately: no intermediate copy of the ciphertext is made.
+Decryption runs in place: the loader reads a segment's ciphertext straight into its final buffer
+(``pread`` from the page cache) and OpenSSL's streaming GCM interface, which releases the GIL and
+takes the tag separately, turns it into plaintext there. No other copy of the data is made. (OpenSSL
+documents exact in-place operation as supported; only partial overlap is undefined.)
 """
 
 from __future__ import annotations
@@ -99,29 +100,27 @@ class SegmentCipher:
         sealed = self._aead.encrypt(nonce(seg.ordinal, seg.index), plaintext, self._aad(seg))
         return sealed[:-TAG_SIZE], sealed[-TAG_SIZE:]
 
-    def decrypt_into(self, seg: Segment, ciphertext: memoryview, tag: bytes, out: memoryview) -> None:
-        """Decrypt one segment from ``ciphertext`` into ``out`` (same length) and check its tag.
+    def decrypt_in_place(self, seg: Segment, buf: memoryview, tag: bytes) -> None:
+        """Turn one segment's ciphertext in ``buf`` into plaintext and check its tag.
 
-        On a bad tag ``out`` is zeroed before :class:`AuthenticationError` is raised, so no
+        On a bad tag ``buf`` is zeroed before :class:`AuthenticationError` is raised, so no
         unauthenticated plaintext survives.
         """
-        n = len(ciphertext)
-        if len(out) != n:
-            raise ValueError("output buffer must match the segment length")
+        n = len(buf)
         dec = Cipher(algorithms.AES(self._key), modes.GCM(nonce(seg.ordinal, seg.index), tag)).decryptor()
         dec.authenticate_additional_data(self._aad(seg))
         head = n - _SLACK if n > _SLACK else 0
         if head:
-            dec.update_into(ciphertext[:head], out[: head + _SLACK])
+            dec.update_into(buf[:head], buf)  # the output view may be longer; GCM writes exactly ``head``
         if n - head:
             tail = bytearray(n - head + _SLACK)
-            dec.update_into(ciphertext[head:], tail)
-            out[head:] = tail[: n - head]
+            dec.update_into(buf[head:], tail)
+            buf[head:] = tail[: n - head]
             wipe(tail)
         try:
             dec.finalize()
         except InvalidTag:
-            wipe(out)
+            wipe(buf)
             raise AuthenticationError(
                 f"entry {seg.name!r} segment {seg.index} failed authentication: the file is corrupt, "
                 "tampered with, truncated, or belongs to another model or version"

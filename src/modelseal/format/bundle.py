@@ -20,7 +20,6 @@ import struct
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from modelseal.crypto import keys
 from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
@@ -134,7 +133,8 @@ class SealedBundle(Artifact):
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> SealedBundle:
-        mm = map_file(path)
+        src = map_file(path)
+        mm = src.mm
         try:
             if mm[:8] != MAGIC:
                 raise FormatError(f"{path} is not a sealed bundle (bad magic)")
@@ -146,9 +146,9 @@ class SealedBundle(Artifact):
             env = Envelope.parse(bytes(mm[16 : 16 + n]).rstrip(b" "), str(path))
             if env.protected["kind"] != "bundle":
                 raise FormatError(f"{path}: envelope kind is {env.protected['kind']!r}, expected 'bundle'")
-            return cls(path, env, 16 + n, mm)
+            return cls(path, env, 16 + n, src)
         except BaseException:
-            mm.close()
+            src.close()
             raise
 
     def _load_index(self, index: dict[str, Any]) -> None:
@@ -173,25 +173,9 @@ class SealedBundle(Artifact):
         entry = self.entry(name)
         if offset < 0 or length < 0 or offset + length > entry.length:
             raise UsageError(f"range {offset}+{length} is outside {name!r} ({entry.length} bytes)")
-        seg = self.segment_size
-        first, last = offset // seg, max(offset, offset + length - 1) // seg
-        segs = self._plans[entry.name][first : last + 1]
-        buf = bytearray(sum(s.length for s in segs))
-        view = memoryview(buf)
-        cipher = self._cipher
-        if cipher is None:
-            raise UsageError("artifact is locked: call unlock() with an identity first")
-        pos = 0
-        try:
-            for s in segs:
-                with self._view(s) as ct:
-                    cipher.decrypt_into(s, ct, self._tag(s), view[pos : pos + s.length])
-                pos += s.length
-            start = offset - first * seg
-            return bytearray(view[start : start + length])
-        finally:
-            view.release()
-            keys.wipe(buf)
+        out = bytearray(length)
+        self.decrypt_ranges([(entry, offset, offset + length, memoryview(out))])
+        return out
 
     def _pick(self, name: str | None) -> Entry:
         if name is not None:

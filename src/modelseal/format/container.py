@@ -172,11 +172,12 @@ class Artifact:
     and authenticates the header; then entries can be decrypted into caller buffers.
     """
 
-    def __init__(self, path: str | os.PathLike[str], envelope: Envelope, payload_offset: int, mm: mmap.mmap) -> None:
+    def __init__(self, path: str | os.PathLike[str], envelope: Envelope, payload_offset: int, src: SourceFile) -> None:
         self.path = str(path)
         self.envelope = envelope
         self.payload_offset = payload_offset
-        self._mm = mm
+        self._src = src
+        self._mm = mm = src.mm
         p = envelope.protected
         self.segment_size: int = p["segment_size"]
         self.payload_size: int = p["payload_size"]
@@ -241,30 +242,83 @@ class Artifact:
         start = self.payload_offset + self.payload_size + seg.tag_index * TAG_SIZE
         return self._mm[start : start + TAG_SIZE]
 
+    def _decrypt(self, cipher: SegmentCipher, seg: Segment, out: memoryview) -> None:
+        """Read one segment's ciphertext into ``out`` and decrypt it there (see ``segments.py``)."""
+        self._src.read_into(out, self.payload_offset + seg.offset)
+        cipher.decrypt_in_place(seg, out, self._tag(seg))
+
     def decrypt_many(self, jobs: list[tuple[Entry, memoryview]], progress: Progress | None = None) -> None:
         """Decrypt entries into their destination buffers on all cores; on any failure wipe them all."""
-        cipher = self._cipher
-        if cipher is None:
-            raise UsageError("artifact is locked: call unlock() with an identity first")
-        work: list[tuple[Segment, memoryview]] = []
         for entry, out in jobs:
             if len(out) != entry.length:
                 raise UsageError(f"buffer for {entry.name!r} has {len(out)} bytes, the entry has {entry.length}")
-            for seg in self._plans[entry.name]:
-                rel = seg.offset - entry.begin
-                work.append((seg, out[rel : rel + seg.length]))
+        self.decrypt_ranges([(entry, 0, entry.length, out) for entry, out in jobs], progress)
 
-        def one(item: tuple[Segment, memoryview]) -> None:
-            seg, out = item
-            with self._view(seg) as ct:
-                cipher.decrypt_into(seg, ct, self._tag(seg), out)
+    def decrypt_ranges(self, jobs: list[tuple[Entry, int, int, memoryview]], progress: Progress | None = None) -> None:
+        """Decrypt bytes ``[lo, hi)`` of each entry into its buffer, on all cores; wipe all on failure.
+
+        Only the segments overlapping a range are read. Whole segments decrypt straight into the
+        destination; a segment the range cuts is decrypted (and authenticated) whole into a scratch
+        buffer, which is wiped after its needed part is copied out.
+        """
+        cipher = self._cipher
+        if cipher is None:
+            raise UsageError("artifact is locked: call unlock() with an identity first")
+        # (segment, buffer, where its bytes go in the buffer, how many, first byte wanted). Views are
+        # sliced inside the workers: 1 GiB loads measured ~15% slower with every view made up front.
+        work: list[tuple[Segment, memoryview, int, int, int]] = []
+        for entry, lo, hi, out in jobs:
+            if not 0 <= lo <= hi <= entry.length or len(out) != hi - lo:
+                raise UsageError(f"range [{lo}, {hi}) of {entry.name!r} does not fit the entry or its buffer")
+            for seg in self._plans[entry.name]:
+                start = seg.offset - entry.begin
+                a, b = max(lo, start), min(hi, start + seg.length)
+                if a < b or (lo == hi == start == 0 and seg.length == 0):
+                    work.append((seg, out, a - lo, b - a, a - start))
+        local = threading.local()
+
+        def one(item: tuple[Segment, memoryview, int, int, int]) -> None:
+            seg, buf, at, count, skip = item
+            if count == seg.length:
+                self._decrypt(cipher, seg, buf[at : at + count])
+                return
+            scratch = memoryview(self._scratch(local))[: seg.length]
+            try:
+                self._decrypt(cipher, seg, scratch)
+                buf[at : at + count] = scratch[skip : skip + count]
+            finally:
+                keys.wipe(scratch)
+                scratch.release()
 
         try:
-            run_all(one, work, (lambda item: progress(item[0].length)) if progress else None)
+            run_all(one, work, (lambda item: progress(item[3])) if progress else None)
         except BaseException:
-            for _entry, out in jobs:
+            for *_range, out in jobs:
                 keys.wipe(out)
             raise
+
+    def _scratch(self, local: threading.local) -> bytearray:
+        """This thread's segment-sized buffer for segments that are decrypted but only partly kept."""
+        buf: bytearray | None = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(self.segment_size)
+        return buf
+
+    def _release(self, seg: Segment) -> None:
+        """Unmap a hashed segment's ciphertext pages from this process (the signature pass).
+
+        The pages stay in the page cache; only this mapping lets go of them, so checking a signature
+        does not leave the whole file counted in the process's memory. Pages shared with a
+        neighbouring segment stay mapped; a later read of the range faults them back in.
+        """
+        start = self.payload_offset + seg.offset
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + seg.length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+            except (AttributeError, OSError):  # pragma: no cover - platforms without madvise
+                pass
 
     @contextmanager
     def _view(self, seg: Segment) -> Iterator[memoryview]:
@@ -288,8 +342,7 @@ class Artifact:
         try:
             for s in self._plans[entry.name]:
                 out = view[: s.length]
-                with self._view(s) as ct:
-                    cipher.decrypt_into(s, ct, self._tag(s), out)
+                self._decrypt(cipher, s, out)
                 yield out
         finally:
             keys.wipe(buf)
@@ -302,13 +355,9 @@ class Artifact:
         local = threading.local()
 
         def one(seg: Segment) -> None:
-            buf = getattr(local, "buf", None)
-            if buf is None:
-                buf = local.buf = bytearray(self.segment_size)
-            out = memoryview(buf)[: seg.length]
+            out = memoryview(self._scratch(local))[: seg.length]
             try:
-                with self._view(seg) as ct:
-                    cipher.decrypt_into(seg, ct, self._tag(seg), out)
+                self._decrypt(cipher, seg, out)
             finally:
                 keys.wipe(out)
                 out.release()
@@ -329,6 +378,7 @@ class Artifact:
         def one(seg: Segment) -> None:
             with self._view(seg) as ct:
                 digests[seg.tag_index] = segment_digest(ct, self._tag(seg))
+            self._release(seg)
 
         run_all(one, segments, (lambda s: progress(s.length)) if progress else None)
         signing.verify(
@@ -344,10 +394,7 @@ class Artifact:
             keys.wipe(self._dek)
             self._dek = None
         self._cipher = None
-        try:
-            self._mm.close()
-        except BufferError:  # a caller still holds a view; the mapping closes when it is released
-            pass
+        self._src.close()
 
     def __enter__(self) -> Artifact:
         return self
@@ -356,14 +403,51 @@ class Artifact:
         self.close()
 
 
-def map_file(path: str | os.PathLike[str]) -> mmap.mmap:
-    """Map a sealed file read-only; an empty or unreadable file is a clear FormatError."""
+@dataclass
+class SourceFile:
+    """A sealed file held open twice: mapped (header, tags, signature pass) and as a descriptor.
+
+    Bulk decryption reads through the descriptor with ``pread`` straight into the destination
+    buffers: the kernel copies from the page cache, the file is never mapped page by page into the
+    process (its peak memory is the tensors, not tensors plus file), and a failing disk is an error,
+    not a SIGBUS.
+    """
+
+    path: str
+    mm: mmap.mmap
+    fd: int
+
+    def read_into(self, out: memoryview, offset: int) -> None:
+        """Fill ``out`` from ``offset`` of the file."""
+        pos = 0
+        try:
+            while pos < len(out):
+                got = os.preadv(self.fd, [out[pos:]], offset + pos)
+                if got == 0:
+                    raise FormatError(f"{self.path} is shorter than its header says (was it truncated?)")
+                pos += got
+        except OSError as exc:
+            raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.mm.close()
+        except BufferError:  # a caller still holds a view; the mapping closes when it is released
+            pass
+
+
+def map_file(path: str | os.PathLike[str]) -> SourceFile:
+    """Open a sealed file for reading; an empty or unreadable file is a clear error."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise FormatError(f"{path} is empty, not a sealed artifact")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = os.dup(f.fileno())
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist") from None
     except IsADirectoryError:
@@ -372,8 +456,4 @@ def map_file(path: str | os.PathLike[str]) -> mmap.mmap:
         if isinstance(exc, ModelsealError):
             raise
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        mm.madvise(mmap.MADV_WILLNEED)
-    except (AttributeError, OSError):
-        pass
-    return mm
+    return SourceFile(str(path), mm, fd)

@@ -176,7 +176,8 @@ class SealedSafetensors(Artifact):
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> SealedSafetensors:
-        mm = map_file(path)
+        src = map_file(path)
+        mm = src.mm
         try:
             header, data_start = parse_plain_header(mm, str(path))
             env_text = (header.get("__metadata__") or {}).get("modelseal")
@@ -185,11 +186,11 @@ class SealedSafetensors(Artifact):
             env = Envelope.parse(env_text, str(path))
             if env.protected["kind"] != "safetensors":
                 raise FormatError(f"{path}: envelope kind is {env.protected['kind']!r}, expected 'safetensors'")
-            art = cls(path, env, data_start, mm)
+            art = cls(path, env, data_start, src)
             art._check_public_listing(header)
             return art
         except BaseException:
-            mm.close()
+            src.close()
             raise
 
     def _check_public_listing(self, header: dict[str, Any]) -> None:
