@@ -12,7 +12,11 @@ post-import RSS (``VmHWM`` after resetting it through ``/proc/self/clear_refs``)
 - ``aes-cbc``: the seed article's approach: pycryptodome AES-256-CBC over a whole ``torch.save`` file,
   decrypted into a temporary file, then ``torch.load(weights_only=True)``.
 
-    python bench/peers.py [--sizes 100,1024] [--runs 5] [--plot docs/peers.png] [--json]
+Also per method and size: the time to write the file from the same tensors (sealing throughput
+against ``safetensors.torch.save_file``) and the time to open the file and get one 16 MiB tensor
+(single-tensor access against file size; the AES-CBC file has none).
+
+    python bench/peers.py [--sizes 100,1024,4096] [--runs 5] [--skip aes-cbc] [--plot docs/peers.png] [--json]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,61 +79,103 @@ print(json.dumps({"seconds": seconds, "rss_mb": max(0, peak - base) / 1024, "n":
 """
 
 
-def make_files(directory: Path, size_mb: int) -> dict[str, tuple[Path, str]]:
-    """The same tensors as plain safetensors, sealed safetensors, cryptotensors and AES-CBC torch.save."""
-    import safetensors.torch
-    from Crypto.Cipher import AES
-    from Crypto.Util.Padding import pad
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
+ONE = r"""
+import json, statistics, sys, time
+import safetensors
+method, path, secret, name, runs = sys.argv[1:6]
+if method == "modelseal":
     import modelseal
-    from modelseal.recipients.hpke import KEMS, HpkeIdentity
+    opener = lambda: modelseal.safe_open(path, "pt", identity=secret)
+elif method == "cryptotensors":
+    import cryptotensors
+    cryptotensors.register_direct_key_provider(keys=json.loads(secret))
+    opener = lambda: cryptotensors.safe_open(path, "pt")
+else:
+    opener = lambda: safetensors.safe_open(path, "pt")
+times = []
+for _ in range(int(runs) + 1):
+    t0 = time.perf_counter()
+    with opener() as f:
+        t = f.get_tensor(name).clone() if method == "plain" else f.get_tensor(name)
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"seconds": statistics.median(times[1:])}))
+"""
+METHODS = ("plain", "modelseal", "cryptotensors", "aes-cbc")
+ONE_TENSOR = ("plain", "modelseal", "cryptotensors")  # the AES-CBC file has no per-tensor access
 
+
+def make_tensors(size_mb: int) -> dict[str, torch.Tensor]:
     tensor_mb = 16 if size_mb >= 256 else 4
     g = torch.Generator().manual_seed(0)
-    tensors = {f"layer{i}.weight": torch.randn(tensor_mb * 256 * 1024, generator=g).view(-1, 1024)
-               for i in range(max(1, size_mb // tensor_mb))}  # fmt: skip
-    plain = directory / f"plain-{size_mb}.safetensors"
-    safetensors.torch.save_file(tensors, str(plain))
+    return {f"layer{i}.weight": torch.randn(tensor_mb * 256 * 1024, generator=g).view(-1, 1024)
+            for i in range(max(1, size_mb // tensor_mb))}  # fmt: skip
 
-    identity = HpkeIdentity.generate(KEMS["x25519"])
-    key_file = directory / "host.key"
-    identity.save(key_file, force=True)
-    sealed = directory / f"sealed-{size_mb}.safetensors"
-    modelseal.seal(plain, sealed, [identity.recipient])
 
-    import cryptotensors.torch
+def timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
-    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
-    signer = ed25519.Ed25519PrivateKey.generate()
-    raw = (signer.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption()),
-           signer.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw))  # fmt: skip
-    enc = {"kty": "oct", "k": b64(os.urandom(32)), "alg": "aes256gcm", "kid": "bench-enc"}
-    sign = {"kty": "okp", "crv": "Ed25519", "d": b64(raw[0]), "x": b64(raw[1]), "kid": "bench-sign", "alg": "ed25519"}
-    crypto = directory / f"cryptotensors-{size_mb}.safetensors"
-    cryptotensors.torch.save_file(tensors, str(crypto), config={"enc_key": enc, "sign_key": sign})
 
+def make_file(method: str, directory: Path, plain: Path) -> tuple[Path, str, float]:
+    """One method's file of the tensors in ``plain``: (path, secret the loader needs, seconds to write it)."""
+    import safetensors.torch
+
+    if method == "plain":
+        tensors = safetensors.torch.load_file(str(plain))
+        out = directory / "plain-copy.safetensors"
+        seconds = timed(lambda: safetensors.torch.save_file(tensors, str(out)))
+        out.unlink()  # the timing was all that was wanted: loads use ``plain`` itself
+        return plain, "", seconds
+    if method == "modelseal":
+        import modelseal
+        from modelseal.recipients.hpke import KEMS, HpkeIdentity
+
+        identity = HpkeIdentity.generate(KEMS["x25519"])
+        key_file = directory / "host.key"
+        identity.save(key_file, force=True)
+        out = directory / "sealed.safetensors"
+        return out, str(key_file), timed(lambda: modelseal.seal(plain, out, [identity.recipient]))
+    if method == "cryptotensors":
+        import cryptotensors.torch
+        from cryptography.hazmat.primitives import serialization as ser
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+        signer = ed25519.Ed25519PrivateKey.generate()
+        raw = (signer.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption()),
+               signer.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw))  # fmt: skip
+        enc = {"kty": "oct", "k": b64(os.urandom(32)), "alg": "aes256gcm", "kid": "bench-enc"}
+        sign = {"kty": "okp", "crv": "Ed25519", "d": b64(raw[0]), "x": b64(raw[1]), "kid": "bench-sign",
+                "alg": "ed25519"}  # fmt: skip
+        out = directory / "cryptotensors.safetensors"
+        tensors = safetensors.torch.load_file(str(plain))
+        config = {"enc_key": enc, "sign_key": sign}
+        seconds = timed(lambda: cryptotensors.torch.save_file(tensors, str(out), config=config))
+        return out, json.dumps([enc, sign]), seconds
+    from Crypto.Cipher import AES
+    from Crypto.Util.Padding import pad
+
+    tensors = safetensors.torch.load_file(str(plain))
     aes_key, iv = os.urandom(32), os.urandom(16)
-    pt = directory / f"plain-{size_mb}.pt"
-    torch.save(tensors, pt)
-    cbc = directory / f"aes-cbc-{size_mb}.pt.enc"
-    cbc.write_bytes(iv + AES.new(aes_key, AES.MODE_CBC, iv).encrypt(pad(pt.read_bytes(), 16)))
-    pt.unlink()
-    return {
-        "plain": (plain, ""),
-        "modelseal": (sealed, str(key_file)),
-        "cryptotensors": (crypto, json.dumps([enc, sign])),
-        "aes-cbc": (cbc, aes_key.hex()),
-    }
+    pt, out = directory / "plain.pt", directory / "aes-cbc.pt.enc"
+
+    def seal_cbc() -> None:
+        torch.save(tensors, pt)
+        out.write_bytes(iv + AES.new(aes_key, AES.MODE_CBC, iv).encrypt(pad(pt.read_bytes(), 16)))
+        pt.unlink()
+
+    return out, aes_key.hex(), timed(seal_cbc)
+
+
+def run_child(script: str, *args: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def measure(method: str, path: Path, secret: str, runs: int) -> dict[str, Any]:
-    samples = []
-    for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", CHILD, method, str(path), secret],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    samples = [run_child(CHILD, method, str(path), secret) for _ in range(runs)]
     checks = {s["check"] for s in samples}
     return {
         "seconds": statistics.median(s["seconds"] for s in samples),
@@ -137,42 +184,71 @@ def measure(method: str, path: Path, secret: str, runs: int) -> dict[str, Any]:
     }
 
 
+def measure_size(size: int, methods: list[str], runs: int) -> list[dict[str, Any]]:
+    """Every method at one size. Files are made one at a time and deleted after use, so at most two
+    copies of the model sit on disk and in the page cache (4 GiB runs fit a 24 GiB machine)."""
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        plain = directory / "plain.safetensors"
+        tensors = make_tensors(size)
+        import safetensors.torch
+
+        safetensors.torch.save_file(tensors, str(plain))
+        nbytes, one = plain.stat().st_size, next(iter(tensors))
+        del tensors
+        for method in methods:
+            path, secret, write_s = make_file(method, directory, plain)
+            for f in {plain, path}:  # warm the page cache
+                f.read_bytes()
+            r = measure(method, path, secret, runs)
+            r["write_gbps"] = nbytes / write_s / 1e9
+            if method in ONE_TENSOR:
+                r["one_tensor_s"] = run_child(ONE, method, str(path), secret, one, str(max(runs, 5)))["seconds"]
+            results[method] = r
+            if path != plain:
+                path.unlink()
+    assert len({r["check"] for r in results.values()}) == 1, "the methods loaded different tensors"
+    base = results["plain"]
+    return [{"size_mb": size, "method": m, **r, "time_vs_plain": r["seconds"] / base["seconds"],
+             "rss_vs_plain": r["rss_mb"] / base["rss_mb"] if base["rss_mb"] else None,
+             "write_vs_plain": r["write_gbps"] / base["write_gbps"],
+             "one_vs_plain": r["one_tensor_s"] / base["one_tensor_s"] if "one_tensor_s" in r else None}
+            for m, r in results.items()]  # fmt: skip
+
+
+def ratio(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.2f}" if row.get(key) else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="100,1024", help="model sizes in MiB, comma-separated")
+    ap.add_argument("--sizes", default="100,1024,4096", help="model sizes in MiB, comma-separated")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--skip", default="", help="methods to leave out, comma-separated (e.g. aes-cbc)")
     ap.add_argument("--plot", type=Path, help="write a PNG of load time and peak RSS per method and size")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        with tempfile.TemporaryDirectory() as tmp:
-            files = make_files(Path(tmp), size)
-            for path, _ in files.values():  # warm the page cache
-                path.read_bytes()
-            results = {m: measure(m, p, s, args.runs) for m, (p, s) in files.items()}
-        assert len({r["check"] for r in results.values()}) == 1, "the methods loaded different tensors"
-        base = results["plain"]
-        for method, r in results.items():
-            rows.append({"size_mb": size, "method": method, "seconds": r["seconds"], "rss_mb": r["rss_mb"],
-                         "time_vs_plain": r["seconds"] / base["seconds"],
-                         "rss_vs_plain": r["rss_mb"] / base["rss_mb"] if base["rss_mb"] else None})  # fmt: skip
+    methods = [m for m in METHODS if m not in args.skip.split(",")]
+    rows = [row for size in (int(s) for s in args.sizes.split(",")) for row in measure_size(size, methods, args.runs)]
     if args.plot:
         plot(rows, args.plot)
     if args.json:
         print(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=2))
         return
     print(f"fresh process per load, median of {args.runs}, {os.cpu_count()} CPUs")
-    print(f"{'size':>6} {'method':14} {'load ms':>9} {'x plain':>8} {'peak RSS MB':>12} {'x plain':>8}")
+    print(f"{'size':>6} {'method':14} {'load ms':>9} {'x plain':>8} {'peak RSS MB':>12} {'x plain':>8} "
+          f"{'write GB/s':>11} {'x plain':>8} {'1 tensor ms':>12} {'x plain':>8}")  # fmt: skip
     for r in rows:
-        rss_ratio = f"{r['rss_vs_plain']:.2f}" if r["rss_vs_plain"] else "-"
+        one = f"{1000 * r['one_tensor_s']:.2f}" if "one_tensor_s" in r else "-"
         print(f"{r['size_mb']:>6} {r['method']:14} {1000 * r['seconds']:9.1f} {r['time_vs_plain']:8.2f} "
-              f"{r['rss_mb']:12.0f} {rss_ratio:>8}")  # fmt: skip
+              f"{r['rss_mb']:12.0f} {ratio(r, 'rss_vs_plain'):>8} {r['write_gbps']:11.2f} "
+              f"{ratio(r, 'write_vs_plain'):>8} {one:>12} {ratio(r, 'one_vs_plain'):>8}")  # fmt: skip
     for size in sorted({r["size_mb"] for r in rows}):
         by = {r["method"]: r for r in rows if r["size_mb"] == size}
-        print(f"{size} MiB: modelseal is {by['cryptotensors']['seconds'] / by['modelseal']['seconds']:.2f}x faster "
-              f"than cryptotensors and {by['aes-cbc']['seconds'] / by['modelseal']['seconds']:.2f}x faster than "
-              f"AES-CBC + temp file + torch.load")  # fmt: skip
+        ms = by["modelseal"]["seconds"]
+        parts = [f"{by[m]['seconds'] / ms:.2f}x faster than {m}" for m in ("cryptotensors", "aes-cbc") if m in by]
+        print(f"{size} MiB: modelseal is " + " and ".join(parts))
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

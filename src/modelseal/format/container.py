@@ -190,6 +190,7 @@ class Artifact:
         self._dek: bytearray | None = None
         self._cipher: SegmentCipher | None = None
         self._entries: list[Entry] | None = None
+        self._first_tag: dict[str, int] = {}  # per entry; segments are planned on first use
         self._plans: dict[str, list[Segment]] = {}
         self.index: dict[str, Any] = {}
         if not envelope.hidden:
@@ -217,9 +218,26 @@ class Artifact:
     def _load_index(self, index: dict[str, Any]) -> None:
         self.index = index
         self._entries = entries_from_index(index, self.payload_size, self.path)
-        self._plans = plan_segments(self._entries, self.segment_size)
-        if sum(len(p) for p in self._plans.values()) != self.tag_count:
+        self._first_tag, tag = {}, 0
+        for e in self._entries:
+            self._first_tag[e.name] = tag
+            tag += segment_count(e.length, self.segment_size)
+        self._plans = {}
+        if tag != self.tag_count:
             raise FormatError(f"{self.path}: tag count does not match the index")
+
+    def plan(self, entry: Entry) -> list[Segment]:
+        """The segments of one entry (planned when first needed: opening a file of thousands of
+        tensors to read one of them should not cut all of them into segments)."""
+        plan = self._plans.get(entry.name)
+        if plan is None:
+            first = self._first_tag[entry.name]
+            plan = plan_entry(entry.ordinal, entry.name, entry.begin, entry.length, self.segment_size, first)
+            self._plans[entry.name] = plan
+        return plan
+
+    def _all_segments(self) -> list[Segment]:
+        return [s for e in (self._entries or []) for s in self.plan(e)]
 
     @property
     def entries(self) -> list[Entry]:
@@ -270,7 +288,7 @@ class Artifact:
         for entry, lo, hi, out in jobs:
             if not 0 <= lo <= hi <= entry.length or len(out) != hi - lo:
                 raise UsageError(f"range [{lo}, {hi}) of {entry.name!r} does not fit the entry or its buffer")
-            for seg in self._plans[entry.name]:
+            for seg in self.plan(entry):
                 start = seg.offset - entry.begin
                 a, b = max(lo, start), min(hi, start + seg.length)
                 if a < b or (lo == hi == start == 0 and seg.length == 0):
@@ -340,7 +358,7 @@ class Artifact:
         buf = bytearray(self.segment_size)
         view = memoryview(buf)
         try:
-            for s in self._plans[entry.name]:
+            for s in self.plan(entry):
                 out = view[: s.length]
                 self._decrypt(cipher, s, out)
                 yield out
@@ -362,7 +380,7 @@ class Artifact:
                 keys.wipe(out)
                 out.release()
 
-        run_all(one, [s for p in self._plans.values() for s in p], (lambda s: progress(s.length)) if progress else None)
+        run_all(one, self._all_segments(), (lambda s: progress(s.length)) if progress else None)
 
     def verify_signature(self, trusted: list[str], progress: Progress | None = None) -> str:
         """Check the publisher signature against ``trusted`` keys; needs no data key. Returns the signer."""
@@ -371,7 +389,7 @@ class Artifact:
             raise SignatureError(f"{self.path} is not signed, but a trusted signer was required")
         digests: list[bytes] = [b""] * self.tag_count
         # Segment boundaries come from the index: the public one, or the hidden one once unlocked.
-        segments = [s for p in self._plans.values() for s in p]
+        segments = self._all_segments()
         if not segments and self.tag_count:
             raise UsageError("the index of this artifact is hidden: unlock() it to check the signature")
 
