@@ -166,7 +166,7 @@ def write_artifact(
 
 
 class Artifact:
-    """A sealed artifact opened read-only through mmap; decrypts entries on demand.
+    """A sealed artifact opened read-only (see :class:`SourceFile`); decrypts entries on demand.
 
     Construction parses and validates the header without a key; :meth:`unlock` unwraps the data key
     and authenticates the header; then entries can be decrypted into caller buffers.
