@@ -8,15 +8,26 @@ memory faster inside a long-lived process (``bench/decrypt.py``), but with the k
 a fresh process's load (the way a server starts) costs anything from parity to 8x, depending on how
 fragmented memory is: 1 GiB took 1.9-2.0 s instead of 0.35 s in ``bench/hugepages.py`` on the project's
 machines (docs/benchmarks.md). ``MODELSEAL_HUGEPAGES=1`` asks for them anyway.
+
+What makes fresh memory cheap instead is :func:`prefault`: each decryption worker asks the kernel to
+map a segment's destination pages in one ``MADV_POPULATE_WRITE`` call just before filling them, rather
+than taking one page fault per 4 KiB page from the copy loop. A page fault is an exception entry and
+exit; on these VMs 262,144 of them (1 GiB) cost more than decrypting the gigabyte. Populating per
+segment, on the workers, spreads that work over all cores and interleaves it with decryption
+(``bench/prefault.py``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import os
+from collections.abc import Callable
 
 ALIGN = 64  # every tensor starts cache-line aligned (and aligned for every dtype)
 MIN_ARENA = 32 << 20  # below this, a fresh mapping costs more than it saves: use the ordinary allocator
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python's mmap module has no name for it before 3.13
 
 
 def layout(lengths: list[int]) -> tuple[list[int], int]:
@@ -42,3 +53,47 @@ def allocate(nbytes: int) -> mmap.mmap | bytearray:
         except (AttributeError, OSError):  # pragma: no cover - kernel without THP
             pass
     return buf
+
+
+def _load_madvise() -> Callable[[int, int, int], int] | None:
+    if os.environ.get("MODELSEAL_PREFAULT") == "0" or not os.uname().sysname == "Linux":
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
+    except (OSError, AttributeError):  # pragma: no cover - no usable libc
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    probe = mmap.mmap(-1, mmap.PAGESIZE)  # kernels before 5.14 answer EINVAL: fault as before
+    anchor = ctypes.c_char.from_buffer(probe)
+    works = fn(ctypes.addressof(anchor), mmap.PAGESIZE, _MADV_POPULATE_WRITE) == 0
+    del anchor
+    probe.close()
+    return fn if works else None  # type: ignore[no-any-return]
+
+
+_madvise = _load_madvise()
+
+
+def prefault(view: memoryview) -> None:
+    """Map every page under the writable buffer ``view`` in one system call (see the module docstring).
+
+    Contents are untouched (pages shared with neighbouring data are only mapped, never written). It
+    is only an optimisation: where the kernel lacks ``MADV_POPULATE_WRITE`` (before 5.14, or not
+    Linux) or refuses it for a mapping, pages fault in as they are written, as they always did.
+    ``MODELSEAL_PREFAULT=0`` turns it off for comparison.
+    """
+    if _madvise is None:
+        return
+    try:
+        size = view.nbytes
+        anchor = ctypes.c_char.from_buffer(view) if size else None
+    except (TypeError, ValueError):  # read-only or released: not a destination
+        return
+    if anchor is None:
+        return
+    addr = ctypes.addressof(anchor)
+    del anchor  # release the export at once: the buffer's owner may want to close it later
+    first = addr & ~(mmap.PAGESIZE - 1)
+    end = -(-(addr + size) // mmap.PAGESIZE) * mmap.PAGESIZE
+    _madvise(first, end - first, _MADV_POPULATE_WRITE)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelseal import arena
 from modelseal.crypto import keys, signing
 from modelseal.crypto.parallel import run_all, worker_count
 from modelseal.crypto.segments import TAG_SIZE, Segment, SegmentCipher, plan_entry, segment_count
@@ -262,6 +263,7 @@ class Artifact:
 
     def _decrypt(self, cipher: SegmentCipher, seg: Segment, out: memoryview) -> None:
         """Read one segment's ciphertext into ``out`` and decrypt it there (see ``segments.py``)."""
+        arena.prefault(out)
         self._src.read_into(out, self.payload_offset + seg.offset)
         cipher.decrypt_in_place(seg, out, self._tag(seg))
 
