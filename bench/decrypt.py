@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from peers import machine
 
 from modelseal import arena
 from modelseal.crypto.parallel import worker_count
@@ -112,11 +113,11 @@ def main() -> None:
         if name != "warm":
             rows[f"update_into, {threads} threads, {name}"] = gbps(update_into, dest, threads)
     copies = {f"plain copy, {name}": copy_gbps(dest) for name, dest in destinations.items()}
-    report = {"bytes": size, "segment": SEG, "threads": threads, "gb_per_s": {**rows, **copies}}
+    report = {"bytes": size, "segment": SEG, "threads": threads, "machine": machine(), "gb_per_s": {**rows, **copies}}
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{size / 2**30:.2f} GiB in {n} segments of {SEG >> 20} MiB, median of {args.runs}")
+    print(f"{size / 2**30:.2f} GiB in {n} segments of {SEG >> 20} MiB, median of {args.runs}; {machine()}")
     for k, v in {**rows, **copies}.items():
         print(f"  {k:50s} {v:6.2f} GB/s")
 

@@ -1,6 +1,7 @@
 """modelseal against the other ways to ship encrypted weights, same tensors, same run, medians.
 
-Each load runs in a fresh process (page cache warm: every file was just written and read), timed inside
+Each load runs in a fresh process (page cache warm: every file was just written and read), alternating
+with plaintext loads whose median is that method's baseline (``x plain``), timed inside
 the child from the first byte read to every tensor materialised, with the child's peak RSS above its
 post-import RSS (``VmHWM`` after resetting it through ``/proc/self/clear_refs``). Methods:
 
@@ -25,6 +26,7 @@ import argparse
 import base64
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -104,6 +106,26 @@ METHODS = ("plain", "modelseal", "cryptotensors", "aes-cbc")
 ONE_TENSOR = ("plain", "modelseal", "cryptotensors")  # the AES-CBC file has no per-tensor access
 
 
+def machine() -> str:
+    """The CPU facts that decide AES-GCM speed (OpenSSL's fastest GCM needs VAES with AVX-512)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    wanted = ("aes", "vaes", "vpclmulqdq", "avx2", "avx512f")
+    return (
+        f"{model}, {os.cpu_count()} CPUs, {' '.join(f for f in wanted if f in flags) or 'no AES flags'}, "
+        f"Linux {platform.release()}"
+    )
+
+
 def make_tensors(size_mb: int) -> dict[str, torch.Tensor]:
     tensor_mb = 16 if size_mb >= 256 else 4
     g = torch.Generator().manual_seed(0)
@@ -174,8 +196,7 @@ def run_child(script: str, *args: str) -> dict[str, Any]:
     return result
 
 
-def measure(method: str, path: Path, secret: str, runs: int) -> dict[str, Any]:
-    samples = [run_child(CHILD, method, str(path), secret) for _ in range(runs)]
+def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
     checks = {s["check"] for s in samples}
     return {
         "seconds": statistics.median(s["seconds"] for s in samples),
@@ -185,8 +206,13 @@ def measure(method: str, path: Path, secret: str, runs: int) -> dict[str, Any]:
 
 
 def measure_size(size: int, methods: list[str], runs: int) -> list[dict[str, Any]]:
-    """Every method at one size. Files are made one at a time and deleted after use, so at most two
-    copies of the model sit on disk and in the page cache (4 GiB runs fit a 24 GiB machine)."""
+    """Every method at one size, each against plaintext loads interleaved with its own.
+
+    Files are made one method at a time and deleted after use, so at most two copies of the model
+    sit on disk and in the page cache (4 GiB runs fit a 24 GiB machine). Each method's runs alternate
+    with plaintext runs, and its ratios use those plaintext runs: this VM has slow phases (every load
+    taking twice as long for a while), which would otherwise land on one method and not another.
+    """
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -197,24 +223,34 @@ def measure_size(size: int, methods: list[str], runs: int) -> list[dict[str, Any
         safetensors.torch.save_file(tensors, str(plain))
         nbytes, one = plain.stat().st_size, next(iter(tensors))
         del tensors
-        for method in methods:
+        plain_samples: list[dict[str, Any]] = []
+        plain_write_s = make_file("plain", directory, plain)[2]
+        plain_one = run_child(ONE, "plain", str(plain), "", one, str(max(runs, 5)))["seconds"]
+        for method in (m for m in methods if m != "plain"):
             path, secret, write_s = make_file(method, directory, plain)
-            for f in {plain, path}:  # warm the page cache
+            for f in (plain, path):  # warm the page cache
                 f.read_bytes()
-            r = measure(method, path, secret, runs)
+            mine, theirs = [], []
+            for _ in range(runs):
+                theirs.append(run_child(CHILD, "plain", str(plain), ""))
+                mine.append(run_child(CHILD, method, str(path), secret))
+            plain_samples += theirs
+            r, base = summarise(mine), summarise(theirs)
             r["write_gbps"] = nbytes / write_s / 1e9
+            r["time_vs_plain"] = r["seconds"] / base["seconds"]
+            r["rss_vs_plain"] = r["rss_mb"] / base["rss_mb"] if base["rss_mb"] else None
             if method in ONE_TENSOR:
                 r["one_tensor_s"] = run_child(ONE, method, str(path), secret, one, str(max(runs, 5)))["seconds"]
             results[method] = r
-            if path != plain:
-                path.unlink()
+            path.unlink()
+        base = results["plain"] = summarise(plain_samples or [run_child(CHILD, "plain", str(plain), "")])
+        base.update(write_gbps=nbytes / plain_write_s / 1e9, one_tensor_s=plain_one)
+        base.update(time_vs_plain=1.0, rss_vs_plain=1.0)
     assert len({r["check"] for r in results.values()}) == 1, "the methods loaded different tensors"
-    base = results["plain"]
-    return [{"size_mb": size, "method": m, **r, "time_vs_plain": r["seconds"] / base["seconds"],
-             "rss_vs_plain": r["rss_mb"] / base["rss_mb"] if base["rss_mb"] else None,
+    return [{"size_mb": size, "method": m, **r,
              "write_vs_plain": r["write_gbps"] / base["write_gbps"],
              "one_vs_plain": r["one_tensor_s"] / base["one_tensor_s"] if "one_tensor_s" in r else None}
-            for m, r in results.items()]  # fmt: skip
+            for m, r in sorted(results.items(), key=lambda kv: METHODS.index(kv[0]))]  # fmt: skip
 
 
 def ratio(row: dict[str, Any], key: str) -> str:
@@ -234,9 +270,9 @@ def main() -> None:
     if args.plot:
         plot(rows, args.plot)
     if args.json:
-        print(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=2))
+        print(json.dumps({"rows": rows, "machine": machine()}, indent=2))
         return
-    print(f"fresh process per load, median of {args.runs}, {os.cpu_count()} CPUs")
+    print(f"fresh process per load, median of {args.runs}; {machine()}")
     print(f"{'size':>6} {'method':14} {'load ms':>9} {'x plain':>8} {'peak RSS MB':>12} {'x plain':>8} "
           f"{'write GB/s':>11} {'x plain':>8} {'1 tensor ms':>12} {'x plain':>8}")  # fmt: skip
     for r in rows:
@@ -246,8 +282,8 @@ def main() -> None:
               f"{ratio(r, 'write_vs_plain'):>8} {one:>12} {ratio(r, 'one_vs_plain'):>8}")  # fmt: skip
     for size in sorted({r["size_mb"] for r in rows}):
         by = {r["method"]: r for r in rows if r["size_mb"] == size}
-        ms = by["modelseal"]["seconds"]
-        parts = [f"{by[m]['seconds'] / ms:.2f}x faster than {m}" for m in ("cryptotensors", "aes-cbc") if m in by]
+        ms = by["modelseal"]["time_vs_plain"]  # each against its own interleaved plaintext runs
+        parts = [f"{by[m]['time_vs_plain'] / ms:.2f}x faster than {m}" for m in ("cryptotensors", "aes-cbc") if m in by]
         print(f"{size} MiB: modelseal is " + " and ".join(parts))
 
 

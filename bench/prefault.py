@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-from peers import CHILD, make_tensors, run_child
+from peers import CHILD, machine, make_tensors, run_child
 
 import modelseal
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
@@ -70,9 +70,9 @@ def main() -> None:
     args = ap.parse_args()
     results = {int(s): measure_size(int(s), args.runs) for s in args.sizes.split(",")}
     if args.json:
-        print(json.dumps({"sizes": results, "cpus": os.cpu_count()}, indent=2))
+        print(json.dumps({"sizes": results, "machine": machine()}, indent=2))
         return
-    print(f"fresh process per load, round-robin, median of {args.runs}, {os.cpu_count()} CPUs")
+    print(f"fresh process per load, round-robin, median of {args.runs}; {machine()}")
     print(f"{'size':>6} {'variant':22} {'load ms':>9} {'x plain':>8} {'peak RSS MB':>12} {'x plain':>8}")
     for size, med in results.items():
         for name, r in med.items():
