@@ -19,10 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-from peers import CHILD, machine, make_tensors, run_child
-
-import modelseal
-from modelseal.recipients.hpke import KEMS, HpkeIdentity
+from peers import CHILD, machine, make_file, make_tensors, run_child
 
 VARIANTS = {  # name: (loader in peers.CHILD, environment)
     "plain": ("plain", {}),
@@ -34,11 +31,9 @@ VARIANTS = {  # name: (loader in peers.CHILD, environment)
 def measure_size(size: int, runs: int) -> dict[str, Any]:
     samples: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
-        plain, sealed, key = Path(tmp) / "plain.safetensors", Path(tmp) / "sealed.safetensors", Path(tmp) / "host.key"
+        plain = Path(tmp) / "plain.safetensors"
         safetensors.torch.save_file(make_tensors(size), str(plain))
-        identity = HpkeIdentity.generate(KEMS["x25519"])
-        identity.save(key, force=True)
-        modelseal.seal(plain, sealed, [identity.recipient])
+        sealed, key = make_file("modelseal", Path(tmp), plain)[:2]
         for f in (plain, sealed):
             f.read_bytes()  # warm the page cache
         saved = dict(os.environ)
@@ -47,7 +42,7 @@ def measure_size(size: int, runs: int) -> dict[str, Any]:
                 for name, (method, env) in VARIANTS.items():
                     os.environ.update(env)
                     path = plain if method == "plain" else sealed
-                    samples[name].append(run_child(CHILD, method, str(path), str(key)))
+                    samples[name].append(run_child(CHILD, method, str(path), key))
         finally:
             os.environ.clear()
             os.environ.update(saved)

@@ -86,13 +86,10 @@ def prefault(view: memoryview) -> None:
     if _madvise is None:
         return
     try:
-        size = view.nbytes
-        anchor = ctypes.c_char.from_buffer(view) if size else None
-    except (TypeError, ValueError):  # read-only or released: not a destination
+        anchor = ctypes.c_char.from_buffer(view)
+    except (TypeError, ValueError):  # read-only, released or empty: not a destination
         return
-    if anchor is None:
-        return
-    addr = ctypes.addressof(anchor)
+    size, addr = view.nbytes, ctypes.addressof(anchor)
     del anchor  # release the export at once: the buffer's owner may want to close it later
     first = addr & ~(mmap.PAGESIZE - 1)
     end = -(-(addr + size) // mmap.PAGESIZE) * mmap.PAGESIZE
