@@ -6,12 +6,14 @@ import mmap
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelseal import arena
+from modelseal.recipients.hpke import HpkeIdentity
 
 needs_populate = pytest.mark.skipif(arena._madvise is None, reason="kernel without MADV_POPULATE_WRITE")
 
@@ -66,3 +68,38 @@ def test_layout_aligns_every_block() -> None:
     assert offsets == [0, 64, 64, 192, 256]
     assert total == 320
     assert all(o % arena.ALIGN == 0 for o in offsets)
+
+
+def _owner(array: object) -> object:
+    """The object that owns an array's memory: the end of its ``base`` chain, past any memoryview."""
+    while getattr(array, "base", None) is not None:
+        array = array.base  # type: ignore[attr-defined]
+    return array.obj if isinstance(array, memoryview) else array
+
+
+@pytest.mark.parametrize("hugepages", [False, True])
+def test_tensors_own_their_memory_unless_huge_pages_are_asked_for(
+    tmp_path: Path, host: HpkeIdentity, monkeypatch: pytest.MonkeyPatch, hugepages: bool
+) -> None:
+    """Own allocations let a later load reuse freed memory; huge pages need the one shared mapping."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import modelseal
+    import modelseal.numpy
+
+    rng = np.random.default_rng(0)
+    tensors = {f"w{i}": rng.standard_normal(3 << 20).astype(np.float32) for i in range(3)}  # 36 MiB
+    assert sum(t.nbytes for t in tensors.values()) >= arena.MIN_ARENA
+    save_file(tensors, str(tmp_path / "plain.safetensors"))
+    modelseal.seal(tmp_path / "plain.safetensors", tmp_path / "sealed.safetensors", [host.recipient])
+    if hugepages:
+        monkeypatch.setenv("MODELSEAL_HUGEPAGES", "1")
+    else:
+        monkeypatch.delenv("MODELSEAL_HUGEPAGES", raising=False)
+    loaded = modelseal.numpy.load_file(tmp_path / "sealed.safetensors", identity=host)
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(loaded[name], t)
+    owners = {id(_owner(a)) for a in loaded.values()}
+    assert len(owners) == (1 if hugepages else len(tensors))
+    assert isinstance(_owner(loaded["w0"]), mmap.mmap) == hugepages

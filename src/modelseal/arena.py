@@ -1,13 +1,17 @@
-"""One allocation for all the tensors of a load: one page-aligned anonymous mapping instead of one
-allocation per tensor. Tensors are views into the arena: the memory is released when the last of them
-is garbage collected (like tensors mmapped by ``safetensors``).
+"""Where decrypted tensors live, and how their pages get mapped.
 
-Transparent huge pages are *not* requested by default. ``MADV_HUGEPAGE`` makes decryption into fresh
-memory faster inside a long-lived process (``bench/decrypt.py``), but with the kernel's usual
-``defrag = madvise`` setting every advised region compacts memory synchronously on its first faults, so
-a fresh process's load (the way a server starts) costs anything from parity to 8x, depending on how
-fragmented memory is: 1 GiB took 1.9-2.0 s instead of 0.35 s in ``bench/hugepages.py`` on the project's
-machines (docs/benchmarks.md). ``MODELSEAL_HUGEPAGES=1`` asks for them anyway.
+By default every tensor gets its own allocation from its framework (``torch.empty``, ``numpy.empty``).
+Memory a caller frees is then reused by its next load: glibc keeps freed chunks of up to 32 MiB in its
+heap, already mapped, which made repeated loads in one process 1.3-2.5x faster than decrypting into a
+fresh mapping each time (docs/benchmarks.md). It also means a tensor kept alive keeps only its own
+memory, not the whole model's.
+
+An *arena*, one page-aligned anonymous mapping for all the tensors of a load, is used only when
+transparent huge pages are asked for (``MODELSEAL_HUGEPAGES=1``), since the advice needs one mapping.
+They are not the default: with the kernel's usual ``defrag = madvise`` setting every advised region
+compacts memory synchronously on its first faults, so a fresh process's load (the way a server starts)
+costs anything from parity to 8x, depending on how fragmented memory is: 1 GiB took 1.9-2.0 s instead
+of 0.35 s in ``bench/hugepages.py`` on the project's machines.
 
 What makes fresh memory cheap instead is :func:`prefault`: each decryption worker asks the kernel to
 map a segment's destination pages in one ``MADV_POPULATE_WRITE`` call just before filling them, rather
@@ -27,6 +31,7 @@ from collections.abc import Callable
 
 ALIGN = 64  # every tensor starts cache-line aligned (and aligned for every dtype)
 MIN_ARENA = 32 << 20  # below this, a fresh mapping costs more than it saves: use the ordinary allocator
+HUGEPAGES_ENV = "MODELSEAL_HUGEPAGES"
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python's mmap module has no name for it before 3.13
 
 
@@ -39,6 +44,11 @@ def layout(lengths: list[int]) -> tuple[list[int], int]:
     return offsets, pos
 
 
+def wanted(nbytes: int) -> bool:
+    """Whether a load of ``nbytes`` in all should share one arena: only for huge pages (module docstring)."""
+    return nbytes >= MIN_ARENA and os.environ.get(HUGEPAGES_ENV) == "1"
+
+
 def allocate(nbytes: int) -> mmap.mmap | bytearray:
     """A zero-filled, writable buffer of ``nbytes`` (huge-page advised only with MODELSEAL_HUGEPAGES=1)."""
     if nbytes == 0:
@@ -47,7 +57,7 @@ def allocate(nbytes: int) -> mmap.mmap | bytearray:
         buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (AttributeError, OSError):  # pragma: no cover - non-POSIX
         return bytearray(nbytes)
-    if os.environ.get("MODELSEAL_HUGEPAGES") == "1":
+    if os.environ.get(HUGEPAGES_ENV) == "1":
         try:
             buf.madvise(mmap.MADV_HUGEPAGE)
         except (AttributeError, OSError):  # pragma: no cover - kernel without THP

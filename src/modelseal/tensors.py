@@ -75,11 +75,11 @@ def _byte_view(raw: Any, framework: str) -> memoryview:
 def allocate(entries: Sequence[Entry], framework: str, pin: bool = False) -> list[tuple[Any, memoryview]]:
     """Empty tensors (numpy or torch) for ``entries``, with a writable byte view of each.
 
-    All tensors of one call share one arena (see ``arena.py``); with ``pin`` (for a CUDA copy) each
-    torch tensor gets its own page-locked buffer instead.
+    Each tensor has its own allocation (page-locked with ``pin``, for a CUDA copy), unless huge pages
+    were asked for: then all tensors of one call share one arena (see ``arena.py``).
     """
     offsets, total = arena.layout([e.length for e in entries])
-    buf = None if total < arena.MIN_ARENA or (pin and framework == "pt") else arena.allocate(total)
+    buf = arena.allocate(total) if arena.wanted(total) and not (pin and framework == "pt") else None
     if framework == "np":
         import numpy as np
 
