@@ -2,9 +2,9 @@
 
 By default every tensor gets its own allocation from its framework (``torch.empty``, ``numpy.empty``).
 Memory a caller frees is then reused by its next load: glibc keeps freed chunks of up to 32 MiB in its
-heap, already mapped, which made repeated loads in one process 1.3-2.5x faster than decrypting into a
-fresh mapping each time (docs/benchmarks.md). It also means a tensor kept alive keeps only its own
-memory, not the whole model's.
+heap, already mapped, which made repeated loads in one process about 2x faster than decrypting into a
+fresh mapping each time (``bench/segments.py``, docs/benchmarks.md). It also means a tensor kept alive
+keeps only its own memory, not the whole model's.
 
 An *arena*, one page-aligned anonymous mapping for all the tensors of a load, is used only when
 transparent huge pages are asked for (``MODELSEAL_HUGEPAGES=1``), since the advice needs one mapping.
