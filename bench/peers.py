@@ -27,7 +27,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import machine
 
 CHILD = r"""
 import json, os, sys, tempfile, time
@@ -109,26 +109,6 @@ print(json.dumps({"seconds": statistics.median(times[1:])}))
 """
 METHODS = ("plain", "modelseal", "cryptotensors", "aes-cbc")
 ONE_TENSOR = ("plain", "modelseal", "cryptotensors")  # the AES-CBC file has no per-tensor access
-
-
-def machine() -> str:
-    """The CPU facts that decide AES-GCM speed (OpenSSL's fastest GCM needs VAES with AVX-512)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    wanted = ("aes", "vaes", "vpclmulqdq", "avx2", "avx512f")
-    return (
-        f"{model}, {os.cpu_count()} CPUs, {' '.join(f for f in wanted if f in flags) or 'no AES flags'}, "
-        f"Linux {platform.release()}"
-    )
 
 
 def make_tensors(size_mb: int) -> dict[str, torch.Tensor]:

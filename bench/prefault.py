@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-from peers import CHILD, machine, make_file, make_tensors, run_child
+from machine import machine
+from peers import CHILD, make_file, make_tensors, run_child
 
 VARIANTS = {  # name: (loader in peers.CHILD, environment)
     "plain": ("plain", {}),
