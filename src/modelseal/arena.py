@@ -30,8 +30,7 @@ import os
 from collections.abc import Callable
 
 ALIGN = 64  # every tensor starts cache-line aligned (and aligned for every dtype)
-MIN_ARENA = 32 << 20  # below this, a fresh mapping costs more than it saves: use the ordinary allocator
-HUGEPAGES_ENV = "MODELSEAL_HUGEPAGES"
+MIN_ARENA = 32 << 20  # below this, huge pages are not worth a mapping of their own
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python's mmap module has no name for it before 3.13
 
 
@@ -44,9 +43,13 @@ def layout(lengths: list[int]) -> tuple[list[int], int]:
     return offsets, pos
 
 
+def _hugepages_asked() -> bool:
+    return os.environ.get("MODELSEAL_HUGEPAGES") == "1"
+
+
 def wanted(nbytes: int) -> bool:
     """Whether a load of ``nbytes`` in all should share one arena: only for huge pages (module docstring)."""
-    return nbytes >= MIN_ARENA and os.environ.get(HUGEPAGES_ENV) == "1"
+    return nbytes >= MIN_ARENA and _hugepages_asked()
 
 
 def allocate(nbytes: int) -> mmap.mmap | bytearray:
@@ -57,7 +60,7 @@ def allocate(nbytes: int) -> mmap.mmap | bytearray:
         buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (AttributeError, OSError):  # pragma: no cover - non-POSIX
         return bytearray(nbytes)
-    if os.environ.get(HUGEPAGES_ENV) == "1":
+    if _hugepages_asked():
         try:
             buf.madvise(mmap.MADV_HUGEPAGE)
         except (AttributeError, OSError):  # pragma: no cover - kernel without THP
