@@ -17,18 +17,20 @@ AGENT_SOCKET_ENV = "MODELSEAL_AGENT_SOCKET"
 
 
 def resolve_identity(identity: IdentitySpec | None) -> Identity:
-    """``identity`` as given, else ``$MODELSEAL_IDENTITY``, else the agent at ``$MODELSEAL_AGENT_SOCKET``."""
-    if identity is None:
-        spec = os.environ.get(IDENTITY_ENV) or (
-            f"agent:{os.environ[AGENT_SOCKET_ENV]}" if os.environ.get(AGENT_SOCKET_ENV) else None
-        )
-        if not spec:
-            raise UsageError(
-                f"no identity given: pass identity=... (-i on the command line), or set {IDENTITY_ENV} "
-                f"or {AGENT_SOCKET_ENV}"
-            )
-        return load_identity(spec)
-    return load_identity(identity)
+    """``identity`` as given, else ``$MODELSEAL_IDENTITY``, else the agent at ``$MODELSEAL_AGENT_SOCKET``.
+
+    ``$MODELSEAL_IDENTITY`` holds any identity spec (a key-file path, ``env:VAR``, ``passphrase-env:VAR``,
+    ``agent:SOCKET``) or identity text itself; errors name the variable, never its value.
+    """
+    if identity is not None:
+        return load_identity(identity)
+    if os.environ.get(IDENTITY_ENV):
+        return load_identity(os.environ[IDENTITY_ENV], origin=f"${IDENTITY_ENV}")
+    if os.environ.get(AGENT_SOCKET_ENV):
+        return load_identity(f"agent:{os.environ[AGENT_SOCKET_ENV]}")
+    raise UsageError(
+        f"no identity given: pass identity=... (-i on the command line), or set {IDENTITY_ENV} or {AGENT_SOCKET_ENV}"
+    )
 
 
 def open_locked(path: str | os.PathLike[str]) -> Artifact:

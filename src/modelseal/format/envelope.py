@@ -33,7 +33,7 @@ from modelseal.errors import (
     NoMatchingIdentityError,
     UnsupportedVersionError,
 )
-from modelseal.recipients.base import Identity, Recipient, Stanza
+from modelseal.recipients.base import NOT_MINE, Identity, Recipient, Stanza, members
 
 FORMAT = "modelseal/1"
 KINDS = ("safetensors", "bundle")
@@ -145,23 +145,23 @@ class Envelope:
             if hmac.compare_digest(_mac(cached, self.artifact_id, self.protected_raw), self.mac):
                 return cached
         context = dek_context(self.artifact_id)
+        refusals: list[Exception] = []
         for stanza in self.recipients:
-            dek = identity.unwrap(stanza, context)
-            if dek is None:
-                continue
-            if len(dek) != keys.DEK_SIZE:
-                raise AuthenticationError(f"{source}: the unwrapped data key has the wrong size")
-            self.check_mac(dek, source)
-            if dek_cache is not None and group_id is not None:
-                dek_cache[group_id] = dek
-            return dek
-        kinds = ", ".join(
-            sorted({f"{s['type']}" + (f" (kid {s['kid']})" if "kid" in s else "") for s in self.recipients})
-        )
-        raise NoMatchingIdentityError(
-            f"{source}: none of your identities ({identity.describe()}) can unwrap its data key; "
-            f"it is sealed to: {kinds or 'nobody'}"
-        )
+            for member in members(identity):
+                try:
+                    dek = member.unwrap(stanza, context)
+                except NOT_MINE as exc:  # "not mine": the next identity or stanza may still open it
+                    refusals.append(exc)
+                    continue
+                if dek is None:
+                    continue
+                if len(dek) != keys.DEK_SIZE:
+                    raise AuthenticationError(f"{source}: the unwrapped data key has the wrong size")
+                self.check_mac(dek, source)
+                if dek_cache is not None and group_id is not None:
+                    dek_cache[group_id] = dek
+                return dek
+        raise _no_identity(source, identity, self.recipients, refusals)
 
     def check_mac(self, dek: bytes | bytearray, source: str) -> None:
         if not hmac.compare_digest(_mac(dek, self.artifact_id, self.protected_raw), self.mac):
@@ -187,6 +187,19 @@ class Envelope:
         if not isinstance(idx, dict) or not isinstance(idx.get("entries"), list):
             raise FormatError(f"{source}: the index has no entry list")
         return idx
+
+
+def _no_identity(source: str, identity: Identity, stanzas: list[Stanza], refusals: list[Exception]) -> Exception:
+    """The error when nothing unwrapped: the one reason given, or every reason, or who it is sealed to."""
+    reasons = list(dict.fromkeys(str(r) for r in refusals))  # distinct, in the order they happened
+    if len(reasons) == 1:
+        return refusals[0]  # keeps its type and code (``revoked``, wrong passphrase, ...)
+    kinds = ", ".join(sorted({f"{s['type']}" + (f" (kid {s['kid']})" if "kid" in s else "") for s in stanzas}))
+    tried = f"; tried: {'; '.join(reasons)}" if reasons else ""
+    return NoMatchingIdentityError(
+        f"{source}: none of your identities ({identity.describe()}) can unwrap its data key; "
+        f"it is sealed to: {kinds or 'nobody'}{tried}"
+    )
 
 
 def _validate_protected(p: dict[str, Any], source: str) -> None:

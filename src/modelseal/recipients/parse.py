@@ -2,14 +2,16 @@
 
 Recipient strings: ``x25519:B64``, ``mlkem768x25519:B64``, ``symmetric:PATH``, any registered scheme
 (``keyserver:URL#MODEL``), or the path of a public-key or identity file.
-Identity specs: an :class:`Identity` object, a list of them, a key-file path, ``env:VAR`` (the variable
-holds identity-file text), ``passphrase-env:VAR`` (the variable holds a passphrase), ``agent:SOCKET``
-(keys released by the key service through the host agent).
+Identity specs: an :class:`Identity` object, a list of them, identity text itself (``MODELSEAL-IDENTITY-...``
+lines, as ``keygen`` writes them), a key-file path, ``env:VAR`` (the variable holds identity text),
+``passphrase-env:VAR`` (the variable holds a passphrase), ``agent:SOCKET`` (keys released by the key
+service through the host agent). No error message repeats a value that may be a secret.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -17,12 +19,13 @@ from typing import Union
 from modelseal.errors import KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text
 from modelseal.recipients import hpke, keyserver, symmetric  # noqa: F401  (keyserver registers its scheme)
-from modelseal.recipients.base import Identity, Recipient, known_schemes, scheme
+from modelseal.recipients.base import Identity, IdentitySet, Recipient, known_schemes, scheme
 from modelseal.recipients.passphrase import Passphrase
 
 IdentitySpec = Union[Identity, str, os.PathLike, Sequence[Union[Identity, str, os.PathLike]]]  # type: ignore[type-arg]
 
 _LABELS = {k.label: k for k in hpke.KEMS.values()}
+_SECRET_LABELS = {*_LABELS, symmetric.LABEL}
 
 
 def parse_recipient(text: str) -> Recipient:
@@ -34,8 +37,9 @@ def parse_recipient(text: str) -> Recipient:
         return factory(rest)
     if os.path.isfile(text):
         return _recipient_from_file(text)
+    expected = ", ".join(s + ":..." for s in known_schemes())
     raise KeyFileError(
-        f"unrecognised recipient {text[:60]!r}: expected one of {', '.join(s + ':...' for s in known_schemes())}, "
+        f"unrecognised recipient {shown_value(text)}: expected one of {expected}, "
         "or the path of a public-key or identity file"
     )
 
@@ -65,66 +69,80 @@ def identities_from_text(text: str, source: str) -> list[Identity]:
     return out
 
 
-def parse_identities(spec: IdentitySpec) -> list[Identity]:
-    """Resolve an identity spec to a list of identities (see module docstring)."""
+def parse_identities(spec: IdentitySpec, origin: str | None = None) -> list[Identity]:
+    """Resolve an identity spec to a list of identities (see module docstring).
+
+    ``origin`` names where a string spec came from (``$MODELSEAL_IDENTITY``): errors then name the
+    origin and never repeat the value, which may be a secret.
+    """
     if isinstance(spec, Identity):
         return [spec]
     if isinstance(spec, (str, os.PathLike)):
-        text = os.fspath(spec)
-        if text.startswith("env:"):
-            var = text[4:]
-            value = os.environ.get(var)
-            if not value:
-                raise UsageError(f"environment variable {var} is not set or empty (it should hold an identity)")
-            return identities_from_text(value, f"${var}")
-        if text.startswith("passphrase-env:"):
-            return [Passphrase.from_env(text[len("passphrase-env:") :])]
-        if text.startswith("agent:"):
-            from modelseal.agent.identity import AgentIdentity
-
-            return [AgentIdentity(text[len("agent:") :])]
-        prefix = text.partition(":")[0]
-        if prefix != text and not os.path.exists(text) and scheme(prefix) is not None:
-            raise UsageError(f"{text[:60]!r} is a recipient, not an identity; pass the matching key file")
-        raw = _read_binary(text)
-        if len(raw) == 32 and not raw.isascii():
-            return [symmetric.SymmetricKey(raw)]
-        return identities_from_text(read_text(text), text)
+        return _from_string(os.fspath(spec), origin)
     if isinstance(spec, Sequence):
         out: list[Identity] = []
         for item in spec:
-            out.extend(parse_identities(item))
+            out.extend(parse_identities(item, origin))
         return out
     raise UsageError(
         f"identity must be an Identity, a key-file path, env:VAR or a list of them, not {type(spec).__name__}"
     )
 
 
-def _read_binary(path: str) -> bytes:
+def _from_string(text: str, origin: str | None) -> list[Identity]:
+    if is_identity_text(text):  # the key itself, pasted into -i, identity= or $MODELSEAL_IDENTITY
+        return identities_from_text(text, origin or "the identity text given")
+    if text.startswith("env:"):
+        var = text[4:]
+        value = os.environ.get(var)
+        if not value:
+            raise UsageError(f"environment variable {var} is not set or empty (it should hold an identity)")
+        return identities_from_text(value, f"${var}")
+    if text.startswith("passphrase-env:"):
+        return [Passphrase.from_env(text[len("passphrase-env:") :])]
+    if text.startswith("agent:"):
+        from modelseal.agent.identity import AgentIdentity
+
+        return [AgentIdentity(text[len("agent:") :])]
+    shown = origin or f"identity file {shown_value(text)}"
+    prefix = text.partition(":")[0]
+    if prefix != text and not os.path.exists(text) and scheme(prefix) is not None:
+        given = origin or shown_value(text)
+        raise UsageError(f"{given} is a recipient, not an identity; pass the matching key file")
     try:
-        return Path(path).read_bytes()
+        raw = Path(text).read_bytes()
     except OSError as exc:
-        raise KeyFileError(f"cannot read identity file {path}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot read {shown}: {exc.strerror}") from None
+    if len(raw) == 32 and not raw.isascii():
+        return [symmetric.SymmetricKey(raw)]
+    try:
+        contents = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{shown} is not a modelseal key file (not text)") from None
+    return identities_from_text(contents, shown)
 
 
-class _IdentitySet:
-    """Several identities tried in turn, presented as one."""
-
-    def __init__(self, identities: list[Identity]) -> None:
-        self.identities = identities
-
-    def describe(self) -> str:
-        return ", ".join(i.describe() for i in self.identities)
-
-    def unwrap(self, stanza: dict, context: bytes) -> bytearray | None:  # type: ignore[type-arg]
-        for identity in self.identities:
-            dek = identity.unwrap(stanza, context)
-            if dek is not None:
-                return dek
-        return None
+def is_identity_text(text: str) -> bool:
+    """Whether ``text`` is identity-file text (a ``MODELSEAL-...:BASE64`` line) rather than a spec or path."""
+    return any(line.strip().partition(":")[0] in _SECRET_LABELS for line in text.splitlines())
 
 
-def load_identity(spec: IdentitySpec) -> Identity:
-    """Load an identity (or several, combined) from a key file, ``env:VAR`` or objects."""
-    ids = parse_identities(spec)
-    return ids[0] if len(ids) == 1 else _IdentitySet(ids)
+_SECRET_RUN = re.compile(r"[A-Za-z0-9_+=-]{32,}")  # base64url, base64 or hex key material
+
+
+def shown_value(text: str) -> str:
+    """``text`` quoted for an error message, unless it could be a secret rather than a path.
+
+    Key material is long runs of base64 or hex; identity text carries a label; a pasted file has
+    several lines. Such values are withheld, so a key passed where a path belongs never reaches a
+    terminal, a log or an HTTP body.
+    """
+    if len(text) > 512 or "\n" in text or "\r" in text or _SECRET_RUN.search(text) or is_identity_text(text):
+        return f"(a {len(text)}-character value, withheld: it may be a secret, not a path)"
+    return repr(text)
+
+
+def load_identity(spec: IdentitySpec, origin: str | None = None) -> Identity:
+    """Load an identity (or several, combined) from a key file, ``env:VAR``, identity text or objects."""
+    ids = parse_identities(spec, origin)
+    return ids[0] if len(ids) == 1 else IdentitySet(ids)
