@@ -13,9 +13,10 @@ from typing import Any
 import click
 from rich.table import Table
 
-from modelseal import operations
-from modelseal.clikit import emit, fail_closed, json_option, out
+from modelseal import atomicfile, operations
+from modelseal.clikit import emit, fail_closed, json_option, out, require_inputs
 from modelseal.crypto.signing import Signer
+from modelseal.errors import UsageError
 from modelseal.progress import byte_progress
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 from modelseal.recipients.passphrase import Passphrase
@@ -52,11 +53,11 @@ def main() -> None:
     "-o",
     "--output",
     required=True,
-    type=click.Path(dir_okay=False),
-    help="Where to write the secret key file (mode 0600).",
+    type=click.Path(),
+    help="Where to write the secret key file (mode 0600); the public part goes next to it, as NAME.pub.",
 )
 @click.option("--signing", is_flag=True, help="Make an Ed25519 publisher signing key instead of a host identity.")
-@click.option("--symmetric", is_flag=True, help="Make a raw 256-bit symmetric key file.")
+@click.option("--symmetric", is_flag=True, help="Make a raw 256-bit symmetric key file (it has no public part).")
 @click.option(
     "--kind",
     type=click.Choice(sorted(KEMS)),
@@ -64,38 +65,62 @@ def main() -> None:
     show_default=True,
     help="Host identity type; mlkem768x25519 is the post-quantum hybrid.",
 )
-@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("--force", is_flag=True, help="Overwrite existing key and public files.")
 @json_option
 @fail_closed
 def keygen(output: str, signing: bool, symmetric: bool, kind: str, force: bool, as_json: bool) -> None:
-    """Create a host identity (default), a signing key or a symmetric key; print its public part."""
+    """Create a host identity (default), a signing key or a symmetric key; print its public part.
+
+    A host identity's recipient (``x25519:...``) and a signing key's ``ed25519:...`` are also written
+    to NAME.pub next to the key file, for ``seal -r NAME.pub`` and ``--trusted-signer NAME.pub``.
+    """
     if signing and symmetric:
         raise click.UsageError("--signing and --symmetric are exclusive")
+    pub_file = None if symmetric else public_file_for(Path(output))
+    if pub_file is not None:
+        atomicfile.check_target(pub_file, overwrite=force)
+    key: Signer | SymmetricKey | HpkeIdentity
     if signing:
-        signer = Signer.generate()
-        signer.save(output, force)
-        public, what = signer.public, "signing key"
+        key = Signer.generate()
+        public, what = key.public, "signing key"
     elif symmetric:
         key = SymmetricKey.generate()
-        key.save(output, force)
         public, what = f"symmetric:{Path(output).resolve()}", "symmetric key"
     else:
-        ident = HpkeIdentity.generate(KEMS[kind])
-        ident.save(output, force)
-        public, what = ident.recipient.describe(), f"{kind} identity"
+        key = HpkeIdentity.generate(KEMS[kind])
+        public, what = key.recipient.describe(), f"{kind} identity"
+    key.save(output, force)
+    if pub_file is not None:
+        try:
+            text = f"# modelseal {what}: public part of {Path(output).name} (safe to share)\n{public}\n"
+            atomicfile.write_bytes(pub_file, text.encode(), atomicfile.default_mode(), overwrite=force)
+        except BaseException:
+            Path(output).unlink(missing_ok=True)  # no key without its public file: nobody has seen it yet
+            raise
     emit(
         as_json,
-        {"file": output, "type": what, "public": public},
+        {"file": output, "public_file": None if pub_file is None else str(pub_file), "type": what, "public": public},
         [public],
     )
     if not as_json:
-        click.echo(f"wrote {what} to {output}", err=True)
+        click.echo(f"wrote {what} to {output}" + (f" and its public part to {pub_file}" if pub_file else ""), err=True)
+
+
+def public_file_for(key_file: Path) -> Path:
+    """``host.key`` -> ``host.pub`` (``host`` -> ``host.pub``)."""
+    if key_file.suffix == ".pub":
+        raise UsageError(f"{key_file}: name the secret key file something not ending in .pub (that is its public file)")
+    return key_file.with_suffix(".pub") if key_file.suffix else key_file.with_name(key_file.name + ".pub")
 
 
 @main.command()
-@click.argument("src", type=click.Path(exists=True))
+@click.argument("src", type=click.Path())
 @click.option(
-    "-o", "--output", required=True, type=click.Path(), help="Sealed file (or directory, for a directory SRC)."
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="Sealed file (or directory, for a directory SRC); its directory must exist.",
 )
 @click.option(
     "-r",
@@ -109,11 +134,12 @@ def keygen(output: str, signing: bool, symmetric: bool, kind: str, force: bool, 
 @click.option("--model-id", help="Model id bound into every segment (default: SRC's name).")
 @click.option("--model-version", default="1", show_default=True, help="Model version bound into every segment.")
 @click.option("--hide-header", is_flag=True, help="Encrypt tensor names, dtypes and shapes too.")
-@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False), help="Ed25519 key from `keygen --signing`.")
+@click.option("--sign-key", type=click.Path(), help="Ed25519 key from `keygen --signing`.")
 @click.option("--segment-size", type=int, default=4 << 20, show_default=True, help="Bytes per authenticated segment.")
 @click.option(
     "--as-bundle", is_flag=True, help="Seal SRC as an opaque bundle even if it is safetensors or a checkpoint."
 )
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @json_option
 @fail_closed
 def seal(
@@ -127,11 +153,14 @@ def seal(
     sign_key: str | None,
     segment_size: int,
     as_bundle: bool,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Encrypt SRC (.safetensors, .pt/.pth/.bin, .onnx, any file, or a directory) for RECIPIENTs."""
     from modelseal.sealing import plan_size
     from modelseal.sealing import seal as do_seal
+
+    require_inputs(src)
 
     recips: list[Any] = list(recipients)
     if passphrase_env:
@@ -148,6 +177,7 @@ def seal(
             segment_size=segment_size,
             as_bundle=as_bundle,
             progress=advance,
+            force=force,
         )
     data = {"model_id": result.model_id, "model_version": result.model_version, "outputs": result.outputs}
     emit(
@@ -163,11 +193,12 @@ def seal(
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @json_option
 @fail_closed
 def inspect(path: str, as_json: bool) -> None:
     """Show what a sealed file or directory is, without any key."""
+    require_inputs(path)
     reports = operations.inspect(path)
 
     def human() -> None:
@@ -193,7 +224,7 @@ def inspect(path: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @identity_option
 @passphrase_option
 @click.option(
@@ -209,6 +240,7 @@ def verify(
     path: str, identities: tuple[str, ...], passphrase_env: str | None, signers: tuple[str, ...], as_json: bool
 ) -> None:
     """Authenticate every byte of a sealed file or directory; exit 0 if authentic, 1 if not."""
+    require_inputs(path)
     spec = identity_spec(identities, passphrase_env)
     with byte_progress("verifying", operations.payload_bytes(path), not as_json) as advance:
         reports = operations.verify(path, spec, list(signers), advance)
@@ -220,7 +252,7 @@ def verify(
 
 
 @main.command(name="open")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Plaintext output file or directory.")
 @identity_option
 @passphrase_option
@@ -231,6 +263,7 @@ def open_cmd(
     path: str, output: str, identities: tuple[str, ...], passphrase_env: str | None, force: bool, as_json: bool
 ) -> None:
     """Decrypt a sealed artifact to plaintext files (the owner's explicit, on-disk decrypt)."""
+    require_inputs(path)
     spec = identity_spec(identities, passphrase_env)
     with byte_progress("opening", operations.payload_bytes(path), not as_json) as advance:
         written = operations.open_to_disk(path, output, spec, force=force, progress=advance)
@@ -238,7 +271,7 @@ def open_cmd(
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @identity_option
 @passphrase_option
 @click.option("--add-recipient", "add", multiple=True, metavar="RECIPIENT", help="Recipient to add (repeatable).")
@@ -256,6 +289,7 @@ def rekey(
     as_json: bool,
 ) -> None:
     """Add or remove recipients; rewrites headers only, never the encrypted weights."""
+    require_inputs(path)
     spec = identity_spec(identities, passphrase_env)
     reports = operations.rekey(path, spec, add, remove)
     emit(

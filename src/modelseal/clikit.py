@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from modelseal.errors import ModelsealError
+from modelseal.errors import ModelsealError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 out = Console()
@@ -30,8 +31,19 @@ def fail_closed(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("modelseal: interrupted", err=True)
             sys.exit(130)
+        except OSError as exc:  # an unreadable input or the like: still one line, naming the path
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"modelseal: error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def require_inputs(*paths: str | os.PathLike[str]) -> None:
+    """One-line error (exit 1) for a missing input, instead of click's multi-line usage error (exit 2)."""
+    for p in paths:
+        if not os.path.lexists(p):
+            raise UsageError(f"{p} does not exist")
 
 
 def emit(as_json: bool, data: Any, human: Callable[[], None] | list[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from modelseal import atomicfile
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, KeyFileError
 
@@ -35,18 +36,9 @@ def key_lines(text: str, source: str) -> list[tuple[str, bytes]]:
 def write_secret(
     path: str | os.PathLike[str], label: str, secret: bytes, comments: list[str], force: bool = False
 ) -> None:
-    """Write a secret key file with mode 0600; refuse to overwrite unless ``force``."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise KeyFileError(f"{path} already exists; pass --force to overwrite it") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        for c in comments:
-            f.write(f"# {c}\n")
-        f.write(f"{label}:{b64e(secret)}\n")
+    """Write a secret key file with mode 0600, atomically; refuse to overwrite unless ``force``."""
+    text = "".join(f"# {c}\n" for c in comments) + f"{label}:{b64e(secret)}\n"
+    atomicfile.write_bytes(path, text.encode(), atomicfile.PRIVATE, overwrite=force)
 
 
 def read_text(path: str | os.PathLike[str]) -> str:

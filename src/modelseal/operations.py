@@ -8,16 +8,17 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from modelseal import atomicfile
 from modelseal.artifacts import open_artifact, open_locked, resolve_identity
 from modelseal.crypto.segments import TAG_SIZE
 from modelseal.errors import FormatError, UsageError
 from modelseal.format import bundle, directory
 from modelseal.format import safetensors as sst
-from modelseal.format.container import Artifact, Progress
+from modelseal.format.container import Artifact, Entry, Progress
 from modelseal.format.envelope import dek_context
 from modelseal.recipients import parse_recipient
 from modelseal.recipients.base import Recipient, Stanza
@@ -28,7 +29,10 @@ def sealed_files(path: str | os.PathLike[str]) -> tuple[Path, list[str]]:
     """(root, relative names): one file, or every file of a sealed directory."""
     p = Path(path)
     if p.is_dir():
-        return p, directory.list_members(p)
+        members = directory.list_members(p)
+        if not members:
+            raise UsageError(f"no sealed files in {p}")
+        return p, members
     if not p.exists():
         raise UsageError(f"{p} does not exist")
     return p.parent, [p.name]
@@ -118,7 +122,7 @@ def _write_plain_safetensors(art: sst.SealedSafetensors, out_fd: int, progress: 
         header[e.name] = {"dtype": e.info["dtype"], "shape": e.info["shape"], "data_offsets": [e.begin, e.end]}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    os.write(out_fd, struct.pack("<Q", len(raw)) + raw)
+    atomicfile.write_all(out_fd, struct.pack("<Q", len(raw)) + raw)
     _stream_entries(art, [(e.name, out_fd) for e in art.entries], progress)
 
 
@@ -126,7 +130,7 @@ def _stream_entries(art: Artifact, targets: list[tuple[str, int]], progress: Pro
     """Decrypt entries segment by segment (bounded memory) and append them to their target fds."""
     for name, fd in targets:
         for chunk in art.iter_chunks(name):
-            os.write(fd, chunk)
+            atomicfile.write_all(fd, chunk)
             if progress:
                 progress(len(chunk))
 
@@ -139,69 +143,79 @@ def open_to_disk(
     force: bool = False,
     progress: Progress | None = None,
 ) -> list[str]:
-    """The owner's explicit decrypt: write plaintext files. Nothing is left behind if any check fails."""
+    """The owner's explicit decrypt: write plaintext files (mode 0600, directories 0700).
+
+    All or nothing: a directory output is built in a temporary sibling and renamed into place, so a
+    failed check at the last file, a full disk or Ctrl-C leaves no plaintext behind (see
+    :mod:`modelseal.atomicfile`).
+    """
     src, out = Path(path), Path(output)
-    if out.exists() and not force:
-        raise UsageError(f"{out} exists; pass --force to overwrite it")
-    written: list[Path] = []
     root, names = sealed_files(src)
     ident = resolve_identity(identity)
     cache: dict[bytes, bytearray] = {}
+    arts: dict[str, Artifact] = {}
     try:
-        arts = {n: open_artifact(root / n, ident, dek_cache=cache) for n in names}
-        try:
+        for n in names:
+            arts[n] = open_artifact(root / n, ident, dek_cache=cache)
+        if src.is_dir():
+            directory.check_group(root, arts)
+        if not src.is_dir() and not _is_tree(arts[names[0]]):
+            return [str(_extract(arts[names[0]], out, force, progress))]
+        with atomicfile.directory(out, overwrite=force) as tmp:
             if src.is_dir():
-                directory.check_group(root, arts)
-            for n, art in arts.items():
-                target = out / n if src.is_dir() else out
-                written.extend(_open_one(art, target, progress))
-        finally:
-            for a in arts.values():
-                a.close()
-    except BaseException:
-        for w in written:
-            w.unlink(missing_ok=True)
-        raise
+                for n, art in arts.items():
+                    _mkdirs(tmp / n, parents_only=not _is_tree(art))
+                    _extract(art, tmp / n, False, progress)
+            else:
+                _extract(arts[names[0]], tmp, False, progress)
+            written = [f.relative_to(tmp) for f in sorted(tmp.rglob("*")) if f.is_file()]
+        return [str(out / w) for w in written]
     finally:
+        for a in arts.values():
+            a.close()
         directory.wipe_cache(cache)
-    return [str(w) for w in written]
 
 
-def _open_one(art: Artifact, target: Path, progress: Progress | None) -> list[Path]:
-    if isinstance(art, sst.SealedSafetensors):
-        return [_write_file(target, 0o600, lambda fd: _write_plain_safetensors(art, fd, progress))]
-    assert isinstance(art, bundle.SealedBundle)
-    if art.index.get("root") == "file":
-        e = art.entries[0]
-        return [
-            _write_file(target, e.info.get("mode", 0o600), lambda fd: _stream_entries(art, [(e.name, fd)], progress))
-        ]
-    out = []
-    for d in art.index.get("dirs", []):
-        (target / d).mkdir(parents=True, exist_ok=True)
-    for e in art.entries:
-        dest = target / e.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        out.append(
-            _write_file(dest, e.info.get("mode", 0o600), lambda fd, e=e: _stream_entries(art, [(e.name, fd)], progress))
-        )
-    return out
+def _is_tree(art: Artifact) -> bool:
+    """A bundle of a directory (its plaintext is a tree, not one file)."""
+    return isinstance(art, bundle.SealedBundle) and art.index.get("root") != "file"
 
 
-def _write_file(path: Path, mode: int, fill: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _plain_mode(info: dict[str, Any]) -> int:
+    """A bundled file's recorded mode, for its owner only: plaintext weights are never group/world-readable."""
+    mode = info.get("mode", atomicfile.PRIVATE)
+    return (mode if isinstance(mode, int) else 0) & 0o700 | atomicfile.PRIVATE
+
+
+def _mkdirs(path: Path, parents_only: bool = False) -> None:
+    """Create directories inside the output tree being built (fresh, so nothing can be planted in it)."""
     try:
-        fill(fd)
-        os.fchmod(fd, mode & 0o777)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    return path
+        (path.parent if parents_only else path).mkdir(mode=atomicfile.PRIVATE_DIR, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise atomicfile.WriteError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def _streamer(art: Artifact, entry: Entry, progress: Progress | None) -> Callable[[int], None]:
+    """A ``fill`` for :func:`atomicfile.write_file` that decrypts one entry into the file."""
+    return lambda fd: _stream_entries(art, [(entry.name, fd)], progress)
+
+
+def _extract(art: Artifact, target: Path, overwrite: bool, progress: Progress | None) -> Path:
+    """Write one artifact's plaintext at ``target``: a file, or (a directory bundle) into an existing directory."""
+    if isinstance(art, sst.SealedSafetensors):
+        return atomicfile.write_file(
+            target, atomicfile.PRIVATE, lambda fd: _write_plain_safetensors(art, fd, progress), overwrite=overwrite
+        )
+    assert isinstance(art, bundle.SealedBundle)
+    if not _is_tree(art):
+        e = art.entries[0]
+        return atomicfile.write_file(target, _plain_mode(e.info), _streamer(art, e, progress), overwrite=overwrite)
+    for d in art.index.get("dirs", []):
+        _mkdirs(target / d)
+    for e in art.entries:
+        _mkdirs(target / e.name, parents_only=True)
+        atomicfile.write_file(target / e.name, _plain_mode(e.info), _streamer(art, e, progress))
+    return target
 
 
 # ------------------------------------------------------------------------------------------------ rekey
@@ -228,30 +242,27 @@ def rekey(
     root, names = sealed_files(path)
     ident = resolve_identity(identity)
     cache: dict[bytes, bytearray] = {}
+    arts: list[Artifact] = []
     reports = []
     try:
-        for n in names:
-            with open_artifact(root / n, ident, dek_cache=cache) as art:
-                env = art.envelope
-                kept = [s for s in env.recipients if not any(_matches(r, s) for r in removes)]
-                removed = len(env.recipients) - len(kept)
-                if removes and not removed:
-                    raise UsageError(f"{art.path}: no stanza matches the recipient(s) to remove")
-                kept += [r.wrap(bytes(art.dek), dek_context(env.artifact_id)) for r in adds]
-                if not kept:
-                    raise UsageError(f"{art.path}: refusing to remove every recipient (nobody could open it)")
-                env.recipients = kept
-                in_place = _rewrite_header(art)
-                reports.append(
-                    {
-                        "file": art.path,
-                        "added": len(adds),
-                        "removed": removed,
-                        "recipients": len(kept),
-                        "rewritten": "header only" if in_place else "header moved",
-                    }
-                )
+        for n in names:  # every header is prepared (and every check passed) before any file changes
+            art = open_artifact(root / n, ident, dek_cache=cache)
+            arts.append(art)
+            env = art.envelope
+            kept = [s for s in env.recipients if not any(_matches(r, s) for r in removes)]
+            removed = len(env.recipients) - len(kept)
+            if removes and not removed:
+                raise UsageError(f"{art.path}: no stanza matches the recipient(s) to remove")
+            kept += [r.wrap(bytes(art.dek), dek_context(env.artifact_id)) for r in adds]
+            if not kept:
+                raise UsageError(f"{art.path}: refusing to remove every recipient (nobody could open it)")
+            env.recipients = kept
+            reports.append({"file": art.path, "added": len(adds), "removed": removed, "recipients": len(kept)})
+        for art, report in zip(arts, reports, strict=True):
+            report["rewritten"] = "header only" if _rewrite_header(art) else "header moved"
     finally:
+        for a in arts:
+            a.close()
         directory.wipe_cache(cache)
     return reports
 
@@ -270,27 +281,31 @@ def _rewrite_header(art: Artifact) -> bool:
     except FormatError:  # the reserved space is too small for the new stanzas
         head = b""
     if head:
-        with open(art.path, "r+b") as f:
-            f.write(head)
-            os.fsync(f.fileno())
+        try:
+            fd = os.open(art.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, head, 0)  # one write of the header's reserved space; the payload is untouched
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise atomicfile.WriteError(f"cannot rewrite the header of {art.path}: {exc.strerror}") from None
         return True
     head = _new_header(art, None)
-    path = Path(art.path)
-    tmp = path.with_name(f".{path.name}.rekey-{os.getpid()}")
     end = art.payload_offset + art.payload_size + art.tag_count * TAG_SIZE
-    try:
-        with open(art.path, "rb") as src, open(tmp, "wb") as dst:
-            dst.write(head)
+
+    def fill(fd: int) -> None:
+        atomicfile.write_all(fd, head)
+        with open(art.path, "rb") as src:
             src.seek(art.payload_offset)
             remaining = end - art.payload_offset
             while remaining:
                 chunk = src.read(min(remaining, 16 << 20))
-                dst.write(chunk)
+                if not chunk:
+                    raise FormatError(f"{art.path} shrank while it was being rekeyed")
+                atomicfile.write_all(fd, chunk)
                 remaining -= len(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    mode = os.stat(art.path).st_mode & 0o7777
+    atomicfile.write_file(art.path, mode, fill, overwrite=True)
     return False

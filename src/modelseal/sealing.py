@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelseal import atomicfile
 from modelseal.crypto import keys
 from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE
 from modelseal.crypto.signing import Signer
@@ -83,13 +84,19 @@ def seal(
     segment_size: int = DEFAULT_SEGMENT_SIZE,
     as_bundle: bool = False,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> SealResult:
-    """Seal ``src`` (file or directory) into ``dst`` for ``recipients``; see the module docstring."""
+    """Seal ``src`` (file or directory) into ``dst`` for ``recipients``; see the module docstring.
+
+    ``dst``'s directory must exist; an existing ``dst`` is replaced only with ``force`` (an empty
+    directory may receive a sealed directory). A directory is sealed all or nothing.
+    """
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise UsageError(f"{src} does not exist")
     if dst.resolve() == src.resolve():
         raise UsageError("the output must differ from the source (sealing never overwrites the plaintext in place)")
+    atomicfile.check_target(dst, want_dir=src.is_dir(), overwrite=force)
     if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
         raise UsageError(f"segment size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes")
     model_id = check_id(model_id or src.name.split(".")[0] or "model", "model id")
@@ -100,7 +107,7 @@ def seal(
     job = _Job(recips, keys.new_dek(), model_id, model_version, hide_header, signer, segment_size, progress)
     try:
         if src.is_dir():
-            outputs = _seal_dir(src, dst, job)
+            outputs = _seal_dir(src, dst, job, force)
         else:
             outputs = [_seal_file(src, dst, job, as_bundle, None)]
     finally:
@@ -169,18 +176,16 @@ def _safetensors_bytes(src: Path) -> Iterator[mmap.mmap | bytes | bytearray]:
         mm.close()
 
 
-def _seal_dir(src: Path, dst: Path, job: _Job) -> list[dict[str, object]]:
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise UsageError(f"{dst} exists and is not an empty directory")
+def _seal_dir(src: Path, dst: Path, job: _Job, force: bool) -> list[dict[str, object]]:
     members = directory.list_members(src)
     if not members:
         raise UsageError(f"{src} contains no files to seal")
     group = directory.new_group(members)
     outputs = []
-    for rel in members:
-        out = dst / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        outputs.append(
-            _seal_file(src / rel, out, job, not rel.endswith(".safetensors"), directory.member_group(group, rel))
-        )
+    with atomicfile.directory(dst, atomicfile.default_mode(directory=True), overwrite=force) as tmp:
+        for rel in members:
+            out = tmp / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            row = _seal_file(src / rel, out, job, not rel.endswith(".safetensors"), directory.member_group(group, rel))
+            outputs.append({**row, "output": str(dst / rel)})
     return outputs

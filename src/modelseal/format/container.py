@@ -128,15 +128,14 @@ def write_artifact(
     tags = bytearray(tag_count * TAG_SIZE)
     digests: list[bytes] = [b""] * tag_count
     segments = [s for plan in plan_segments(req.entries, seg_size).values() for s in plan]
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.pwrite(fd, head, 0)
+    from modelseal import atomicfile  # the one writer of every output (temp file, fsync, rename, cleanup)
+
+    def fill(fd: int) -> None:
+        atomicfile.pwrite_all(fd, head, 0)
 
         def encrypt(seg: Segment) -> None:
             ct, tag = cipher.encrypt(seg, req.read_plain(seg.offset, seg.length))
-            os.pwrite(fd, ct, offset + seg.offset)
+            atomicfile.pwrite_all(fd, ct, offset + seg.offset)
             tags[seg.tag_index * TAG_SIZE : (seg.tag_index + 1) * TAG_SIZE] = tag
             if req.signer is not None:
                 digests[seg.tag_index] = segment_digest(ct, tag)
@@ -146,20 +145,14 @@ def write_artifact(
         batch = max(2, 2 * worker_count())  # bounds memory to a few segments per worker
         for i in range(0, len(segments), batch):
             run_all(encrypt, segments[i : i + batch])
-        os.pwrite(fd, bytes(tags), offset + payload_size)
+        atomicfile.pwrite_all(fd, bytes(tags), offset + payload_size)
         if req.signer is not None:
             sig = req.signer.sign(signed_message(env.protected_raw, content_digest(digests)))
             env.signature = {"signer": req.signer.public, "sig": b64e(sig)}
-            os.pwrite(fd, header(env, len(head)), 0)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, dst)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
+            atomicfile.pwrite_all(fd, header(env, len(head)), 0)
+
+    # the caller decides whether an existing output may be replaced (``seal(force=...)``)
+    atomicfile.write_file(Path(dst), atomicfile.default_mode(), fill, overwrite=True)
     return env
 
 

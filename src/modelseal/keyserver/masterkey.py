@@ -24,6 +24,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from modelseal import atomicfile
 from modelseal.crypto.keys import wipe
 from modelseal.encoding import b64e
 from modelseal.errors import AuthenticationError, KeyFileError, UsageError
@@ -119,18 +120,12 @@ class LocalMasterKey:
 
 
 def _write_versions(path: Path, versions: dict[int, bytes], exclusive: bool = False) -> None:
-    """Write the key file atomically (temp file + rename), mode 0600."""
-    if exclusive and path.exists():
+    """Write the key file atomically (see :mod:`modelseal.atomicfile`), mode 0600."""
+    if exclusive and (path.exists() or path.is_symlink()):
         raise KeyFileError(f"{path} already exists; refusing to overwrite a master key")
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("# modelseal key-service master key: losing it loses every registered model key\n")
-        for number, key in sorted(versions.items()):
-            f.write(f"MODELSEAL-MASTER-KEY-V{number}:{b64e(key)}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    lines = ["# modelseal key-service master key: losing it loses every registered model key\n"]
+    lines += [f"MODELSEAL-MASTER-KEY-V{number}:{b64e(key)}\n" for number, key in sorted(versions.items())]
+    atomicfile.write_bytes(path, "".join(lines).encode(), atomicfile.PRIVATE, overwrite=not exclusive)
 
 
 class TransitMasterKey:
