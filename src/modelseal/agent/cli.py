@@ -30,6 +30,8 @@ def agent_run(config_path: str, verbose: bool) -> None:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = AgentConfig.load(config_path)
+    for warning in cfg.warnings():
+        logging.getLogger("modelseal.agent").warning("%s", warning)
     run(
         cfg.client(),
         cfg.socket,
@@ -38,6 +40,7 @@ def agent_run(config_path: str, verbose: bool) -> None:
         prefetch=cfg.prefetch,
         max_grace_s=cfg.max_grace_s,
         retry_s=cfg.retry_s,
+        limits=cfg.limits,
     )
 
 

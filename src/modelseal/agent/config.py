@@ -13,8 +13,16 @@ prefetch = true                   # fetch every granted key at start
 max_grace_s = 3600                # cap on the owner's outage grace
 retry_s = 5                       # retry interval while the key service is unreachable
 
+admin_user = "ops"                # besides root and the agent's own user: may ask for status, uses the reserve
+
 [acl]                             # local uids allowed per model ("*" = any model); root always
 "*" = [1000]
+
+[limits]                          # the local socket (defaults shown)
+max_connections = 512             # open connections in all
+max_connections_per_uid = 64      # per local uid other than root, the agent's user and admin_user
+reserved_connections = 32         # of max_connections, kept for root, the agent's user and admin_user
+request_timeout_s = 5             # a request line must arrive within this; slow or idle clients are cut off
 
 [tpm]                             # for evidence "tpm" (enrol first: `modelseal agent tpm-enroll`)
 tcti = "device:/dev/tpmrm0"       # or "swtpm:host=127.0.0.1,port=2321"
@@ -28,6 +36,9 @@ pccs_url = "https://pccs.example:8081"   # TDX collateral
 [sgx]                             # for "sgx" (Gramine /dev/attestation)
 pccs_url = "https://pccs.example:8081"
 ```
+
+A key this module does not know (a typo such as ``lease_publickey``) is an error naming the key and
+the file: a misspelt pin or limit would otherwise be silently ignored.
 """
 
 from __future__ import annotations
@@ -39,10 +50,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelseal.agent.daemon import Acl
+from modelseal.agent.daemon import Acl, Limits
 from modelseal.agent.evidence import build_collectors
 from modelseal.agent.release import ReleaseClient
 from modelseal.errors import UsageError
+
+REQUIRED = ("keyserver", "ca", "cert", "key", "socket")
+OPTIONAL = (
+    "socket_mode", "lease_public_key", "evidence", "prefetch", "max_grace_s", "retry_s", "admin_user",
+    "acl", "limits", "tpm", "tsm", "sgx",
+)  # fmt: skip
+TABLES = {  # the keys each table may hold; None: any key ([acl] is keyed by model name)
+    "acl": None,
+    "limits": ("max_connections", "max_connections_per_uid", "reserved_connections", "request_timeout_s"),
+    "tpm": ("tcti", "ak_handle", "pcrs"),
+    "tsm": ("path", "pccs_url", "vcek", "cert_chain"),
+    "sgx": ("path", "pccs_url"),
+}
+LEASE_KEY_COMMAND = "modelseal keyserver lease-key"
 
 
 @dataclass
@@ -59,7 +84,9 @@ class AgentConfig:
     max_grace_s: int | None = None
     retry_s: float = 5
     acl: Acl = field(default_factory=Acl)
+    limits: Limits = field(default_factory=Limits)
     evidence_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    path: Path | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AgentConfig:
@@ -68,31 +95,48 @@ class AgentConfig:
             data: dict[str, Any] = tomllib.loads(path.read_text())
         except OSError as exc:
             raise UsageError(f"cannot read agent config {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"{path} is not valid TOML: {exc}") from None
-        missing = [k for k in ("keyserver", "ca", "cert", "key", "socket") if k not in data]
-        if missing:
-            raise UsageError(f"{path}: missing {', '.join(missing)}")
-        base = path.parent
-        rules = {model: [_uid(u) for u in users] for model, users in data.get("acl", {}).items()}
         try:
-            return cls(
-                keyserver=str(data["keyserver"]),
-                ca=base / data["ca"],
-                cert=base / data["cert"],
-                key=base / data["key"],
-                socket=str(base / data["socket"]),
-                socket_mode=int(str(data.get("socket_mode", "0600")), 8),
-                lease_public_key=data.get("lease_public_key"),
-                evidence=list(data.get("evidence", ["mtls"])),
-                prefetch=bool(data.get("prefetch", True)),
-                max_grace_s=data.get("max_grace_s"),
-                retry_s=float(data.get("retry_s", 5)),
-                acl=Acl(rules) if rules else Acl(),
-                evidence_settings={k: dict(data[k]) for k in ("tpm", "tsm", "sgx") if k in data},
-            )
+            return cls._from_table(path, data)
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{path}: bad value: {exc}") from None
+
+    @classmethod
+    def _from_table(cls, path: Path, data: dict[str, Any]) -> AgentConfig:
+        _check_keys(data)
+        base = path.parent
+        tables = {name: data.get(name, {}) for name in TABLES}
+        rules = {model: [_uid(u) for u in _list(f"acl.{model}", users)] for model, users in tables["acl"].items()}
+        admin, pinned = data.get("admin_user"), "lease_public_key" in data
+        return cls(
+            keyserver=_text("keyserver", data["keyserver"]),
+            ca=base / _text("ca", data["ca"]),
+            cert=base / _text("cert", data["cert"]),
+            key=base / _text("key", data["key"]),
+            socket=str(base / _text("socket", data["socket"])),
+            socket_mode=int(str(data.get("socket_mode", "0600")), 8),
+            lease_public_key=_text("lease_public_key", data["lease_public_key"]) if pinned else None,
+            evidence=[str(kind) for kind in _list("evidence", data.get("evidence", ["mtls"]))],
+            prefetch=_flag("prefetch", data.get("prefetch", True)),
+            max_grace_s=data.get("max_grace_s"),
+            retry_s=float(data.get("retry_s", 5)),
+            acl=Acl(rules) if rules else Acl(),
+            limits=_limits(tables["limits"], None if admin is None else _uid(admin)),
+            evidence_settings={k: dict(data[k]) for k in ("tpm", "tsm", "sgx") if k in data},
+            path=path,
+        )
+
+    def warnings(self) -> list[str]:
+        """What an operator should fix although the agent can run (logged at start)."""
+        if self.lease_public_key:
+            return []
+        return [
+            f"lease_public_key is not pinned in {self.path}: the agent will trust whatever lease-signing key the "
+            f"key service presents over TLS; pin it (`{LEASE_KEY_COMMAND}` on the key service prints it)"
+        ]
 
     def client(self) -> ReleaseClient:
         return ReleaseClient(
@@ -106,10 +150,56 @@ class AgentConfig:
         )
 
 
+def _check_keys(data: dict[str, Any]) -> None:
+    """Unknown and missing keys are errors naming the key and the file."""
+    for name in data:
+        if name not in REQUIRED and name not in OPTIONAL:
+            raise UsageError(f"unknown key {name!r} (known: {', '.join(REQUIRED + OPTIONAL)})")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}")
+    for table, known in TABLES.items():
+        value = data.get(table, {})
+        if not isinstance(value, dict):
+            raise UsageError(f"{table} must be a table ([{table}])")
+        for name in value:
+            if known is not None and name not in known:
+                raise UsageError(f"unknown key {name!r} in [{table}] (known: {', '.join(known)})")
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{name} must be a non-empty string")
+    return value
+
+
+def _list(name: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise UsageError(f"{name} must be a list")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be true or false")
+    return value
+
+
+def _limits(table: dict[str, Any], admin_uid: int | None) -> Limits:
+    """The [limits] table: whole numbers of connections, a positive number of seconds."""
+    values: dict[str, Any] = {}
+    for name, value in table.items():
+        number = isinstance(value, int) if name != "request_timeout_s" else isinstance(value, int | float)
+        if not number or isinstance(value, bool):
+            raise UsageError(f"[limits] {name} must be a number")
+        values[name] = value
+    return Limits(**values, admin_uid=admin_uid)
+
+
 def _uid(user: int | str) -> int:
     if isinstance(user, int):
         return user
     try:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
-        raise UsageError(f"agent ACL names unknown user {user!r}") from None
+        raise UsageError(f"no local user {user!r} (named in the ACL or admin_user)") from None

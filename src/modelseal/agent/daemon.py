@@ -4,31 +4,47 @@ A key is fetched on first request (or at start with ``prefetch``), then renewed 
 ``renew_after``. A refusal at renewal (revoked, expired, policy) drops the key at once. When the key
 service cannot be reached, the key stays usable until ``expires_at + grace`` (the grace the owner put
 in the lease, capped by the agent's own ``max_grace_s``), then is dropped. Dropped keys are zeroed.
+
+Before a key is fetched, the agent checks that it belongs to the model the loader named: the key
+service lists the key ids (and their models) granted to this host, so asking for another model's key
+spends no licence release. The socket is bounded (connections per uid and in all, with a reserve for
+root and the admin user; a deadline for each request; small flat requests) so that no local user can
+starve the others, and repeated log lines are rate-limited (:mod:`modelseal.agent.lograte`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
 import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelseal.agent import lograte
 from modelseal.agent.memory import LockedKey, harden_process
 from modelseal.agent.release import ReleaseClient
-from modelseal.agent.wire import MAX_MESSAGE
-from modelseal.errors import KeyReleaseError, ModelsealError, ServiceError
+from modelseal.agent.wire import MAX_REQUEST, FrameError, decode_request, error_frame, key_request, too_large
+from modelseal.crypto.keys import wipe
+from modelseal.errors import KeyReleaseError, ModelsealError, ServiceError, UsageError
 from modelseal.keyserver.protocol import Lease
 
 log = logging.getLogger("modelseal.agent")
 _PEERCRED = struct.Struct("3i")
+MAX_DROPPED = 64  # refusals remembered for `agent status` (oldest forgotten first)
+LIST_INTERVAL_S = 1.0  # the key service's list of granted keys is fetched at most this often
+UNLISTED_FETCHES = 4  # concurrent fetches of key ids the key service does not list for this host
+FD_MARGIN = 64  # descriptors beyond the connection cap: listener, key service, logs, TPM tools
 
 
 @dataclass
@@ -48,12 +64,80 @@ class Acl:
         return uid == 0 or uid in self.rules.get(model, self.rules.get("*", []))
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one local user can hold of the agent's socket (the ``[limits]`` table of the config).
+
+    ``reserved_connections`` of ``max_connections`` are kept for root, the agent's own user and
+    ``admin_uid``, so a flood by any other user leaves them served; each other uid holds at most
+    ``max_connections_per_uid``. A request line must arrive within ``request_timeout_s`` of connecting
+    (a slow or idle client is answered ``timeout`` and closed)."""
+
+    max_connections: int = 512
+    max_connections_per_uid: int = 64
+    reserved_connections: int = 32
+    request_timeout_s: float = 5.0
+    admin_uid: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.reserved_connections < self.max_connections:
+            raise UsageError("[limits] reserved_connections must be at least 0 and below max_connections")
+        if self.max_connections_per_uid < 1 or self.request_timeout_s <= 0:
+            raise UsageError("[limits] max_connections_per_uid must be at least 1 and request_timeout_s above 0")
+
+    def privileged(self) -> frozenset[int]:
+        return frozenset({0, os.getuid(), *(() if self.admin_uid is None else (self.admin_uid,))})
+
+
+class Gate:
+    """Counts open connections per uid; :meth:`enter` says why a new one is refused, or admits it."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits, self.privileged = limits, limits.privileged()
+        self.total = 0
+        self.by_uid: dict[int, int] = {}
+
+    def enter(self, uid: int) -> str | None:
+        lim = self.limits
+        if self.total >= lim.max_connections:
+            return f"the agent already has its maximum of {lim.max_connections} connections open; try again"
+        if uid not in self.privileged:
+            if self.by_uid.get(uid, 0) >= lim.max_connections_per_uid:
+                return f"uid {uid} already has {lim.max_connections_per_uid} connections open to the agent"
+            if self.total >= lim.max_connections - lim.reserved_connections:
+                return "the agent's connections are all in use (the rest are reserved for its administrators)"
+        self.total += 1
+        self.by_uid[uid] = self.by_uid.get(uid, 0) + 1
+        return None
+
+    def leave(self, uid: int) -> None:
+        self.total -= 1
+        left = self.by_uid[uid] - 1
+        if left:
+            self.by_uid[uid] = left
+        else:
+            del self.by_uid[uid]
+
+
 class Agent:
-    def __init__(self, client: ReleaseClient, acl: Acl, max_grace_s: int | None = None, retry_s: float = 5) -> None:
+    def __init__(
+        self,
+        client: ReleaseClient,
+        acl: Acl,
+        max_grace_s: int | None = None,
+        retry_s: float = 5,
+        limits: Limits | None = None,
+    ) -> None:
         self.client, self.acl, self.max_grace_s, self.retry_s = client, acl, max_grace_s, retry_s
+        self.limits = limits or Limits()
+        self.gate = Gate(self.limits)
         self.keys: dict[str, HeldKey] = {}
-        self.dropped: dict[str, tuple[str, str]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.dropped: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.models: dict[str, str] = {}  # key id -> model, as the key service states it (never changes)
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._listed_at = -LIST_INTERVAL_S
+        self._list_lock = asyncio.Lock()
+        self._unlisted = asyncio.Semaphore(UNLISTED_FETCHES)
 
     # --- key cache -------------------------------------------------------------------------------
 
@@ -61,27 +145,67 @@ class Agent:
         grace = lease.grace_s if self.max_grace_s is None else min(lease.grace_s, self.max_grace_s)
         return lease.expires_at + grace
 
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, key_id: str) -> AsyncIterator[None]:
+        """One fetch or renewal of ``key_id`` at a time; the lock is forgotten when nobody holds or awaits it
+        (a lock kept per key id ever asked for would let a caller grow the agent's memory without bound)."""
+        lock, users = self._locks.setdefault(key_id, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key_id]
+
     async def get(self, key_id: str, model: str) -> LockedKey:
         """The key for ``key_id`` (fetching it if needed); :class:`KeyReleaseError` if refused."""
-        async with self._locks.setdefault(key_id, asyncio.Lock()):
+        async with self._exclusive(key_id):
             held = self.keys.get(key_id)
             if held is not None and time.time() >= self._deadline(held.lease):
                 self.drop(key_id, "expired", "the lease expired and the key service could not renew it in time")
                 held = None
             if held is None:
-                held = await self._fetch(key_id)
-            if held.lease.model != model:
-                raise KeyReleaseError(
-                    "model_mismatch", f"key {key_id} belongs to model {held.lease.model}, not {model}"
-                )
+                owner = await self._model_of(key_id)
+                _check_model(key_id, owner, model)
+                if owner is not None:
+                    held = await self._fetch(key_id, model)
+                else:  # not granted to this host (the service will say why), or granted a moment ago
+                    async with self._unlisted:
+                        held = await self._fetch(key_id, model)
+            _check_model(key_id, held.lease.model, model)
             return held.secret
 
-    async def _fetch(self, key_id: str) -> HeldKey:
+    async def _model_of(self, key_id: str) -> str | None:
+        """The model ``key_id`` belongs to, from the key service's list of keys granted to this host.
+
+        The list is fetched again when it lacks ``key_id`` (a grant made since), at most once per
+        :data:`LIST_INTERVAL_S` however many unknown ids are asked for."""
+        if key_id in self.models:
+            return self.models[key_id]
+        async with self._list_lock:
+            if key_id not in self.models and time.monotonic() - self._listed_at >= LIST_INTERVAL_S:
+                self._listed_at = time.monotonic()
+                try:
+                    granted = await self.client.granted_keys()
+                except ModelsealError as exc:
+                    log.warning("cannot list the keys granted to this host: %s", exc)
+                else:
+                    self.models.update((item["key_id"], item["model"]) for item in granted)
+        return self.models.get(key_id)
+
+    async def _fetch(self, key_id: str, model: str) -> HeldKey:
         try:
             lease, dek = await self.client.fetch(key_id)
         except ServiceError as exc:
-            self.dropped[key_id] = (exc.code, str(exc))
+            self._remember(key_id, exc.code, str(exc))
             raise KeyReleaseError(exc.code, str(exc)) from None
+        self.models[key_id] = lease.model
+        if lease.model != model:  # only if a grant appeared after the list was read: never cache it
+            wipe(dek)
+            log.warning("key %s was released for model %s, not %s: wiped, not cached", key_id, lease.model, model)
+            _check_model(key_id, lease.model, model)
         held = HeldKey(LockedKey(dek), lease)
         self.keys[key_id] = held
         self.dropped.pop(key_id, None)
@@ -91,6 +215,13 @@ class Agent:
         )
         return held
 
+    def _remember(self, key_id: str, code: str, message: str) -> None:
+        """Record why ``key_id`` is not held, for `agent status`; the oldest of :data:`MAX_DROPPED` go first."""
+        self.dropped[key_id] = (code, message[:300])
+        self.dropped.move_to_end(key_id)
+        while len(self.dropped) > MAX_DROPPED:
+            self.dropped.popitem(last=False)
+
     def drop(self, key_id: str, code: str, message: str) -> None:
         held = self.keys.pop(key_id, None)
         if held is None:
@@ -98,13 +229,13 @@ class Agent:
         held.secret.wipe()
         if held.renewal is not None and held.renewal is not asyncio.current_task():
             held.renewal.cancel()
-        self.dropped[key_id] = (code, message)
+        self._remember(key_id, code, message)
         log.warning("key %s for model %s dropped: %s (%s)", key_id, held.lease.model, code, message)
 
     async def _renew(self, key_id: str) -> None:
         while (held := self.keys.get(key_id)) is not None:
             await asyncio.sleep(max(0.0, held.lease.renew_after - time.time()))
-            async with self._locks.setdefault(key_id, asyncio.Lock()):
+            async with self._exclusive(key_id):
                 held = self.keys.get(key_id)
                 if held is None:
                     return
@@ -119,10 +250,14 @@ class Agent:
                 except KeyReleaseError as exc:  # a bad answer: possibly an attacker; treat as an outage
                     self._outage(key_id, held, str(exc))
                 else:
-                    old, held.secret, held.lease = held.secret, LockedKey(dek), lease
-                    old.wipe()
-                    log.info("key %s renewed; lease %s until %d", key_id, lease.lease_id, lease.expires_at)
-                    continue
+                    if lease.model != held.lease.model:  # the service signed a lease for another model
+                        wipe(dek)
+                        self._outage(key_id, held, f"the renewal named model {lease.model}")
+                    else:
+                        old, held.secret, held.lease = held.secret, LockedKey(dek), lease
+                        old.wipe()
+                        log.info("key %s renewed; lease %s until %d", key_id, lease.lease_id, lease.expires_at)
+                        continue
             if key_id in self.keys:
                 await asyncio.sleep(self.retry_s)
 
@@ -144,6 +279,7 @@ class Agent:
         except ModelsealError as exc:
             log.warning("prefetch failed: %s", exc)
             return
+        self.models.update((item["key_id"], item["model"]) for item in granted)
         for item in granted:
             try:
                 await self.get(item["key_id"], item["model"])
@@ -166,52 +302,90 @@ class Agent:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock: socket.socket = writer.get_extra_info("socket")
         pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        refusal = self.gate.enter(uid)
+        if refusal is not None:  # answered at once, unread: a flood costs one write and one close each
+            log.warning("pid %d uid %d: connection refused: %s", pid, uid, refusal)
+            writer.write(error_frame("busy", refusal))
+            writer.close()
+            return
         try:
-            line = await reader.readuntil(b"\n")
-            request = json.loads(line)
-            if not isinstance(request, dict):
-                raise ValueError
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            await _answer(writer, {"ok": False, "code": "bad_request", "message": "send one JSON object per line"})
-            return
-        op = request.get("op")
-        if op == "status":
-            if uid not in (0, os.getuid()):
-                await _answer(writer, {"ok": False, "code": "forbidden", "message": "status is for the agent's user"})
-            else:
-                await _answer(writer, {"ok": True, **self.status()})
-            return
-        key_id, model = request.get("key_id"), request.get("model")
-        if op != "key" or not isinstance(key_id, str) or not isinstance(model, str):
-            await _answer(
-                writer, {"ok": False, "code": "bad_request", "message": "expected op 'key' with key_id and model"}
-            )
-            return
+            header, payload = await self._exchange(reader, pid, uid)
+            await self._send(writer, header, payload)
+        finally:
+            self.gate.leave(uid)
+
+    async def _exchange(self, reader: asyncio.StreamReader, pid: int, uid: int) -> tuple[dict[str, Any], Any]:
+        """The answer (header and, for a key, the key's bytes) to one request on the socket."""
+        try:
+            request = await self._read(reader)
+            if request.get("op") == "status":
+                if uid not in self.gate.privileged:
+                    return _refusal("forbidden", "status is for the agent's user, root and the admin user"), None
+                return {"ok": True, **self.status()}, None
+            if request.get("op") != "key":
+                raise FrameError("bad_request", "expected op 'key' with key_id and model, or op 'status'")
+            key_id, model = key_request(request)
+        except FrameError as exc:
+            log.info("pid %d uid %d: request refused: %s (%s)", pid, uid, exc.code, exc)
+            return _refusal(exc.code, str(exc)), None
         if not self.acl.allows(uid, model):
             log.warning("pid %d uid %d refused key for model %s (not in the agent's ACL)", pid, uid, model)
-            await _answer(writer, {"ok": False, "code": "forbidden", "message": f"uid {uid} may not use model {model}"})
-            return
+            return _refusal("forbidden", f"uid {uid} may not use model {model}"), None
         try:
             secret = await self.get(key_id, model)
         except KeyReleaseError as exc:
             log.info("pid %d uid %d: key %s for %s refused: %s", pid, uid, key_id, model, exc.code)
-            await _answer(writer, {"ok": False, "code": exc.code, "message": str(exc)})
-            return
+            return _refusal(exc.code, str(exc)), None
         log.info("pid %d uid %d: key %s for model %s handed out", pid, uid, key_id, model)
-        await _answer(writer, {"ok": True, "key_bytes": 32, "model": model}, secret.view())
+        return {"ok": True, "key_bytes": 32, "model": model}, secret.view()
+
+    async def _read(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        """One request line, within the request deadline and the size limit."""
+        timeout = self.limits.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                line = await reader.readuntil(b"\n")
+        except TimeoutError:
+            raise FrameError(
+                "timeout", f"no complete request within {timeout:g} s; the agent closed the connection"
+            ) from None
+        except asyncio.LimitOverrunError:
+            raise too_large() from None
+        except asyncio.IncompleteReadError:
+            raise FrameError("bad_request", "the connection ended before a complete request line") from None
+        return decode_request(line)
+
+    async def _send(self, writer: asyncio.StreamWriter, header: dict[str, Any], payload: Any = None) -> None:
+        """Write the answer and close; a client that does not read it within the deadline is cut off."""
+        try:
+            writer.write(json.dumps(header).encode() + b"\n")
+            if payload is not None:
+                writer.write(payload)
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                await writer.drain()
+        except (OSError, TimeoutError):
+            writer.transport.abort()
+        finally:
+            writer.close()
 
     async def serve(self, path: str, mode: int = 0o600, prefetch: bool = True) -> None:
         """Serve on the unix socket at ``path`` until cancelled."""
-        socket_path = Path(path)
-        if socket_path.is_socket():
-            socket_path.unlink()
+        socket_path = _claim(Path(path))
         old_umask = os.umask(0o177)
         try:
-            server = await asyncio.start_unix_server(self.handle, path=path, limit=MAX_MESSAGE)
+            server = await asyncio.start_unix_server(self.handle, path=path, limit=MAX_REQUEST)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on the agent socket {path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old_umask)
         os.chmod(path, mode)
-        log.info("agent listening on %s (mode %o), key service %s", path, mode, self.client.url)
+        lim = self.limits
+        log.info(
+            "agent listening on %s (mode %o), key service %s; at most %d connections (%d per uid, %d reserved for "
+            "root and the admin user), %g s per request",
+            path, mode, self.client.url, lim.max_connections, lim.max_connections_per_uid,
+            lim.reserved_connections, lim.request_timeout_s,
+        )  # fmt: skip
         if prefetch:
             await self.prefetch()
         try:
@@ -223,20 +397,62 @@ class Agent:
             socket_path.unlink(missing_ok=True)
 
 
-async def _answer(writer: asyncio.StreamWriter, header: dict[str, Any], payload: memoryview | None = None) -> None:
-    writer.write(json.dumps(header).encode() + b"\n")
-    if payload is not None:
-        writer.write(payload)
-    try:
-        await writer.drain()
-    finally:
-        writer.close()
+def _check_model(key_id: str, owner: str | None, model: str) -> None:
+    if owner is not None and owner != model:
+        raise KeyReleaseError("model_mismatch", f"key {key_id} belongs to model {owner}, not {model}")
+
+
+def _refusal(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "code": code, "message": message}
+
+
+def _claim(path: Path) -> Path:
+    """``path``, ready for a new listening socket: its directory exists, no other agent listens there."""
+    if not path.parent.is_dir():
+        raise UsageError(
+            f"the agent socket directory {path.parent} does not exist: create it (systemd: RuntimeDirectory=) "
+            "or change `socket` in the agent config"
+        )
+    if path.is_socket():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(str(path)) == 0:
+                raise UsageError(f"another agent is already listening on {path}; stop it first")
+        path.unlink()
+    return path
+
+
+def raise_fd_limit(limits: Limits) -> Limits:
+    """Raise RLIMIT_NOFILE to cover the connection cap (or shrink the cap to what the hard limit allows).
+
+    With the cap below the descriptor limit a flood is refused connection by connection instead of
+    exhausting descriptors, which would stop the agent accepting anyone (root included)."""
+    need = limits.max_connections + FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < need:
+        cap = max(2, soft - FD_MARGIN)
+        log.warning(
+            "RLIMIT_NOFILE allows %d descriptors: max_connections lowered from %d to %d (raise LimitNOFILE)",
+            soft, limits.max_connections, cap,
+        )  # fmt: skip
+        reserved = min(limits.reserved_connections, cap - 1)
+        limits = dataclasses.replace(limits, max_connections=cap, reserved_connections=reserved)
+    return limits
 
 
 def run(client: ReleaseClient, socket_path: str, acl: Acl, **options: Any) -> None:
     """Harden the process and run the agent until SIGINT/SIGTERM."""
     harden_process()
-    agent = Agent(client, acl, options.pop("max_grace_s", None), options.pop("retry_s", 5))
+    limiter = lograte.install()
+    limits = raise_fd_limit(options.pop("limits", None) or Limits())
+    agent = Agent(client, acl, options.pop("max_grace_s", None), options.pop("retry_s", 5), limits)
+
+    async def flush_counts() -> None:
+        while True:
+            await asyncio.sleep(limiter.window_s)
+            limiter.flush()
 
     async def main() -> None:
         task = asyncio.current_task()
@@ -244,9 +460,15 @@ def run(client: ReleaseClient, socket_path: str, acl: Acl, **options: Any) -> No
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
+        flusher = loop.create_task(flush_counts())
         try:
             await agent.serve(socket_path, **options)
         except asyncio.CancelledError:
             log.info("agent stopped; keys wiped")
+        finally:
+            flusher.cancel()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        lograte.uninstall(limiter)

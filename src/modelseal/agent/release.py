@@ -52,7 +52,14 @@ class ReleaseClient:
         return self._service_key
 
     async def granted_keys(self) -> list[dict[str, str]]:
-        return list((await self._call("GET", "/v1/keys"))["keys"])
+        """``[{"key_id": ..., "model": ...}]``: every key of every model a live grant gives this host."""
+        keys = (await self._call("GET", "/v1/keys")).get("keys")
+        if not isinstance(keys, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("key_id"), str) and isinstance(item.get("model"), str)
+            for item in keys
+        ):
+            raise ServiceError(0, "bad_answer", f"the key service at {self.url} sent a malformed list of granted keys")
+        return [{"key_id": item["key_id"], "model": item["model"]} for item in keys]
 
     async def fetch(self, key_id: str) -> tuple[Lease, bytearray]:
         """One full exchange for ``key_id``; raises :class:`ServiceError` or :class:`KeyReleaseError`."""

@@ -1,21 +1,103 @@
 """The agent's local protocol over a unix stream socket, one exchange per connection.
 
-Request: one JSON line, ``{"op": "key", "key_id": ..., "model": ...}`` or ``{"op": "status"}``.
+Request: one JSON line, ``{"op": "key", "key_id": ..., "model": ...}`` or ``{"op": "status"}``, at most
+:data:`MAX_REQUEST` bytes and :data:`MAX_DEPTH` levels of nesting.
 Answer: one JSON line, ``{"ok": true, ...}`` or ``{"ok": false, "code": ..., "message": ...}``; a key
 answer says ``"key_bytes": 32`` and the raw key follows the newline, so neither side ever turns the
-key into an immutable (unwipeable) Python string.
+key into an immutable (unwipeable) Python string. Every refusal, including a request the agent will not
+read (too large, too deep, too slow, too many connections), gets such an error line before the agent
+closes the connection: a client never waits on silence.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 from typing import Any
 
 from modelseal.crypto.keys import wipe
-from modelseal.errors import KeyReleaseError
+from modelseal.errors import KeyReleaseError, ModelsealError
 
-MAX_MESSAGE = 64 * 1024
+MAX_MESSAGE = 64 * 1024  # the largest answer a client reads (status lists every held and dropped key)
+MAX_REQUEST = 4 * 1024  # a request is one small flat object; anything larger is refused unread
+MAX_DEPTH = 4  # requests are flat objects; deeper nesting is refused before json.loads sees it
+
+# what the key service issues: ids are short base64url tokens, model names match its MODEL_NAME rule;
+# checked before anything is logged or sent on, so no control character reaches a log line
+KEY_ID = re.compile(r"[A-Za-z0-9_=-]{1,64}")
+MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
+
+
+class FrameError(ModelsealError):
+    """A request the agent refuses to parse; ``code`` and the message go back in an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def nesting_depth(data: bytes | bytearray, limit: int) -> int:
+    """The deepest ``[``/``{`` nesting in JSON text ``data``, stopping once it passes ``limit``.
+
+    A plain loop over the bytes (strings and their escapes skipped), so a hostile frame of 4,000
+    brackets costs a scan, never Python recursion (``json.loads`` would raise ``RecursionError``)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def too_large() -> FrameError:
+    return FrameError("too_large", f"a request is at most {MAX_REQUEST} bytes, one JSON object per line")
+
+
+def decode_request(line: bytes) -> dict[str, Any]:
+    """One request line as a dict, or :class:`FrameError` saying why it is refused."""
+    if len(line) > MAX_REQUEST:
+        raise too_large()
+    if nesting_depth(line, MAX_DEPTH) > MAX_DEPTH:
+        raise FrameError("bad_request", f"the request nests deeper than {MAX_DEPTH} levels")
+    try:
+        request = json.loads(line)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+        request = None
+    if not isinstance(request, dict):
+        raise FrameError("bad_request", "send one JSON object per line")
+    return request
+
+
+def key_request(request: dict[str, Any]) -> tuple[str, str]:
+    """``(key_id, model)`` of a key request whose fields have the key service's syntax."""
+    key_id, model = request.get("key_id"), request.get("model")
+    if not isinstance(key_id, str) or not isinstance(model, str):
+        raise FrameError("bad_request", "expected op 'key' with key_id and model")
+    if not KEY_ID.fullmatch(key_id):
+        raise FrameError("bad_request", "key_id is not a key service key id (1-64 characters of A-Z a-z 0-9 _ - =)")
+    if not MODEL.fullmatch(model):
+        raise FrameError("bad_request", f"model is not a model name (must match {MODEL.pattern})")
+    return key_id, model
+
+
+def error_frame(code: str, message: str) -> bytes:
+    return json.dumps({"ok": False, "code": code, "message": message}).encode() + b"\n"
 
 
 def ask(path: str, request: dict[str, Any], timeout: float = 60) -> tuple[dict[str, Any], bytearray]:
@@ -26,7 +108,10 @@ def ask(path: str, request: dict[str, Any], timeout: float = 60) -> tuple[dict[s
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the agent refused before reading (busy, too large): its error frame is waiting
             view = memoryview(buf)
             while filled < MAX_MESSAGE:
                 n = sock.recv_into(view[filled:])
@@ -40,6 +125,8 @@ def ask(path: str, request: dict[str, Any], timeout: float = 60) -> tuple[dict[s
         ) from None
     try:
         end = buf.index(b"\n", 0, filled)
+        if nesting_depth(buf[:end], 2 * MAX_DEPTH) > 2 * MAX_DEPTH:
+            raise ValueError
         answer = json.loads(bytes(buf[:end]))
         if not isinstance(answer, dict):
             raise ValueError
