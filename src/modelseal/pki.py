@@ -6,7 +6,10 @@ sites bring their own PKI; everything here only needs PEM files.
 
 A host's identity is what its client certificate proves: the SHA-256 of its public key
 (``spki:BASE64URL``, stable across re-issuance with the same key) and its URI SANs (SPIFFE-style
-``spiffe://trust-domain/path``). TLS 1.3 is the minimum on both sides.
+``spiffe://trust-domain/path``). The two are different types and never compared with each other: a URI
+SAN must be a real URI in canonical form (:func:`identity_uri`), so no certificate can carry a URI that
+reads like a key hash (``spki:...``) or that walks out of a prefix (``/prod/../host``). TLS 1.3 is the
+minimum on both sides.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +33,86 @@ from modelseal.errors import KeyFileError, UsageError
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 
+# --- identity URIs ---------------------------------------------------------------------------------
+
+SPKI_PREFIX = "spki:"  # the key-hash identity; no URI may use it as a scheme
+MAX_IDENTITY_URI = 480
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_AUTHORITY = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?(?::[0-9]{1,5})?")
+# No '%' (encoded dots and slashes), '?', '#', '@', '*', '\\', '[', ']', whitespace, controls or non-ASCII.
+_DOTS = re.compile(r"\.+(?:;.*)?")  # '.', '..', and what some servers read as '..' ('...', '..;x')
+_ALLOWED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/+=,;!$&'()")
+_WHY_NOT = {
+    "%": "percent-encoding is not allowed (it can hide '.', '/' or NUL); write the characters themselves",
+    "?": "a query is not allowed in an identity",
+    "#": "a fragment is not allowed in an identity",
+    "@": "user information ('@') is not allowed in an identity",
+    "*": "'*' is not allowed in a URI (only a grant may end in /* to name a prefix)",
+}
+
+
+def identity_uri(text: str) -> str:
+    """The canonical form of a URI that may name a host (a URI SAN, or what a grant names), or
+    :class:`~modelseal.errors.UsageError` saying why it cannot be one.
+
+    Grants match URIs by exact text or by a ``/*`` prefix, so every spelling that could make one URI
+    look like another is refused rather than interpreted: the ``spki:`` scheme (the key-hash syntax),
+    dot segments (``/prod/../host``, ``..;x``), empty segments and trailing slashes, percent-encoding, queries,
+    fragments, user information, whitespace, control characters and non-ASCII. Scheme and host are
+    case-insensitive (RFC 3986), so they are lowercased; the path is compared as written.
+    """
+    shown = ascii(text[:120]) if isinstance(text, str) else type(text).__name__
+
+    def bad(why: str) -> UsageError:
+        return UsageError(f"URI {shown} cannot be a host identity: {why}")
+
+    if not isinstance(text, str) or not text:
+        raise bad("it is empty")
+    if len(text) > MAX_IDENTITY_URI:
+        raise bad(f"it is longer than {MAX_IDENTITY_URI} characters")
+    odd = next((c for c in text if c not in _ALLOWED), None)
+    if odd is not None:
+        raise bad(_WHY_NOT.get(odd) or f"character {odd!a} is not allowed (ASCII letters, digits, -._~:/+=,;!$&'())")
+    scheme, colon, rest = text.partition(":")
+    scheme = scheme.lower()
+    if not colon or not _SCHEME.fullmatch(scheme):
+        raise bad("it has no URI scheme (write e.g. spiffe://trust-domain/path)")
+    if scheme + ":" == SPKI_PREFIX:
+        raise bad("'spki:' is the syntax of a key-hash identity; a URI SAN may never take that form")
+    if rest.startswith("//"):
+        authority, slash, path = rest[2:].partition("/")
+        authority = authority.lower()
+        if not _AUTHORITY.fullmatch(authority):
+            raise bad("the host must be letters, digits, '.', '-' or '_', with an optional :port")
+        head, segments = f"{scheme}://{authority}", path.split("/") if slash else []
+        path = slash + path
+    elif rest and not rest.startswith("/"):
+        head, path, segments = f"{scheme}:", rest, rest.split("/")
+    else:
+        raise bad("write scheme://host/path or scheme:name")
+    if "" in segments:
+        raise bad("empty path segments ('//' or a trailing '/') are not allowed")
+    if any(_DOTS.fullmatch(seg) for seg in segments):
+        raise bad("dot segments ('.', '..', '..;x') are not allowed")
+    return head + path
+
 
 @dataclass(frozen=True)
 class PeerIdentity:
-    """Who is on the other end of an mTLS connection, as far as its certificate proves."""
+    """Who is on the other end of an mTLS connection, as far as its certificate proves.
+
+    ``uris`` holds the certificate's URI SANs in canonical form; ``refused_uris`` says why each URI SAN
+    that cannot be an identity was left out. The key service serves no certificate with a refused URI.
+    """
 
     spki: str  # "spki:" + base64url(SHA-256(SubjectPublicKeyInfo DER))
     spki_hash: bytes
     uris: tuple[str, ...] = field(default_factory=tuple)
     subject: str = ""
+    refused_uris: tuple[str, ...] = field(default_factory=tuple)
 
     def names(self) -> tuple[str, ...]:
-        """Every identity string a grant may name for this peer."""
+        """The key hash and the URIs, as the ``identity`` list of grant policies sees them."""
         return (self.spki, *self.uris)
 
 
@@ -55,10 +127,16 @@ def peer_identity(cert_der: bytes) -> PeerIdentity:
     digest = spki_hash(cert)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+        raw = san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
-        uris = ()
-    return PeerIdentity("spki:" + b64e(digest), digest, uris, cert.subject.rfc4514_string())
+        raw = []
+    uris, refused = [], []
+    for uri in raw:
+        try:
+            uris.append(identity_uri(uri))
+        except UsageError as exc:
+            refused.append(str(exc))
+    return PeerIdentity(SPKI_PREFIX + b64e(digest), digest, tuple(uris), cert.subject.rfc4514_string(), tuple(refused))
 
 
 def identity_of_cert_file(path: str | os.PathLike[str]) -> PeerIdentity:
@@ -176,11 +254,13 @@ def issue(
     """Issue ``NAME.pem`` / ``NAME.key`` signed by the CA in ``directory``.
 
     ``server_names`` (DNS names or IP addresses) make it a server certificate; otherwise it is a client
-    certificate whose ``uris`` (e.g. ``spiffe://example.org/host/a``) a grant can name.
+    certificate whose ``uris`` (e.g. ``spiffe://example.org/host/a``) a grant can name; each must pass
+    :func:`identity_uri` and is written in its canonical form.
     """
     out = Path(directory)
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise UsageError(f"certificate name {name!r} may hold only letters, digits, '-', '_' and '.'")
+    uris = [identity_uri(u) for u in uris or []]
     try:
         ca_key = serialization.load_pem_private_key(_read(out / CA_KEY), None)
     except ValueError:
@@ -193,7 +273,7 @@ def issue(
             alt.append(x509.IPAddress(ipaddress.ip_address(n)))
         except ValueError:
             alt.append(x509.DNSName(n))
-    alt += [x509.UniformResourceIdentifier(u) for u in uris or []]
+    alt += [x509.UniformResourceIdentifier(u) for u in uris]
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()

@@ -3,16 +3,18 @@
 Host endpoints (mTLS required): ``POST /v1/challenge``, ``POST /v1/release``, ``GET /v1/keys``.
 Admin endpoints (bearer token): ``/v1/admin/...``. Public: ``GET /v1/health``, ``GET /v1/info``,
 ``GET /openapi.json``. Every error is a JSON body ``{"error": {"code", "message"}}`` with a 4xx
-status; refusals are audited. Request bodies are strict JSON objects with bounded sizes.
+status; refusals are audited (past a burst, counted: :mod:`modelseal.keyserver.refusals`). Request
+bodies are strict JSON objects with bounded size and depth (:func:`modelseal.jsonlimits.loads_bounded`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +22,7 @@ from aiohttp import web
 from modelseal.attest.base import known_kinds
 from modelseal.encoding import b64d
 from modelseal.errors import FormatError, ModelsealError
+from modelseal.jsonlimits import JSONLimitError, loads_bounded
 from modelseal.keyserver.config import token_hash
 from modelseal.keyserver.openapi import openapi_document
 from modelseal.keyserver.protocol import service_public_key_text
@@ -31,6 +34,7 @@ SERVICE: web.AppKey[KeyService] = web.AppKey("service", KeyService)
 TOKEN_HASH: web.AppKey[str] = web.AppKey("token_hash", str)
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_JSON_DEPTH = 32  # the deepest real body (a release with TEE evidence) nests 5 levels
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -72,16 +76,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def _body(request: web.Request, event: str) -> dict[str, Any]:
     raw = await request.read()
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise _refuse(request, event, 400, "malformed_json", "the request body is not valid JSON") from None
+        data = loads_bounded(raw, max_bytes=request.app[MAX_BODY], max_depth=MAX_JSON_DEPTH, what="the request body")
+    except JSONLimitError as exc:
+        status, code = {"too_large": (413, "too_large"), "too_deep": (400, "json_too_deep")}.get(
+            exc.code, (400, "malformed_json")
+        )
+        raise _refuse(request, event, status, code, str(exc)) from None
     if not isinstance(data, dict):
         raise _refuse(request, event, 400, "malformed_json", "the request body must be a JSON object")
     return data
 
 
-def _refuse(request: web.Request, event: str, status: int, code: str, message: str) -> Refused:
-    return request.app[SERVICE].audit_refusal({"event": event, **_actor(request)}, status, code, message)
+def _refuse(request: web.Request, event: str, status: int, code: str, message: str, **extra: Any) -> Refused:
+    return request.app[SERVICE].audit_refusal({"event": event, **_actor(request), **extra}, status, code, message)
 
 
 class Fields:
@@ -128,7 +135,15 @@ def _peer(request: web.Request, event: str) -> PeerIdentity:
         raise _refuse(
             request, event, 401, "no_client_cert", "this endpoint needs a client certificate issued by the service's CA"
         )
-    return peer_identity(der)
+    peer = peer_identity(der)
+    if peer.refused_uris:  # e.g. a URI SAN spelled "spki:<someone else's key hash>": serve it nothing
+        raise _refuse(
+            request, event, 403, "bad_identity",
+            f"the client certificate {peer.spki} ({peer.subject}) is refused: {peer.refused_uris[0]}; "
+            "reissue it without that URI SAN",
+            host=peer.spki,
+        )  # fmt: skip
+    return peer
 
 
 def _admin(request: web.Request) -> dict[str, Any]:
@@ -226,8 +241,6 @@ async def add_grant(request: web.Request) -> web.Response:
         "policy": fields.optional_text("policy", 4096),
         "evidence": fields.objects("evidence"),
     }
-    if not (identity.startswith(("spki:", "spiffe://")) or "://" in identity):
-        raise fields.bad("identity must be spki:BASE64URL (a certificate key hash) or a URI SAN (spiffe://...)")
     if spec["grace_s"] is None:
         del spec["grace_s"]
     return web.json_response(request.app[SERVICE].add_grant(model, spec, actor), status=201)
@@ -262,8 +275,29 @@ async def audit_log(request: web.Request) -> web.Response:
     return web.json_response({"entries": request.app[SERVICE].audit_log(after, limit)})
 
 
+async def refusal_summaries(app: web.Application) -> AsyncIterator[None]:
+    """Write the refusal counts every interval, and once more at shutdown."""
+    service = app[SERVICE]
+
+    async def every_interval() -> None:
+        while True:
+            await asyncio.sleep(service.refusals.settings.interval_s)
+            try:
+                service.flush_refusals()
+            except Exception:  # the database is down: the counts are kept for the next try
+                log.exception("could not write refusal counts to the audit log; retrying next interval")
+
+    task = asyncio.create_task(every_interval())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    service.flush_refusals()
+
+
 def build_app(service: KeyService, admin_token_sha256: str, max_body_bytes: int = 64 * 1024) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+    app.cleanup_ctx.append(refusal_summaries)
     app[SERVICE] = service
     app[TOKEN_HASH] = admin_token_sha256
     app[MAX_BODY] = max_body_bytes

@@ -2,7 +2,7 @@
 
 Admin commands talk to the running service's admin API: ``--url`` (or ``$MODELSEAL_KEYSERVER_URL``),
 ``--ca`` (or ``$MODELSEAL_KEYSERVER_CA``) and a token in ``$MODELSEAL_ADMIN_TOKEN`` or
-``$MODELSEAL_ADMIN_TOKEN_FILE``.
+``$MODELSEAL_ADMIN_TOKEN_FILE``. ``lease-key`` prints the lease-signing public key agents pin.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import click
 from modelseal import pki
 from modelseal.clikit import emit, fail_closed, json_option
 from modelseal.errors import UsageError
+from modelseal.jsonlimits import loads_bounded
 
 URL_ENV = "MODELSEAL_KEYSERVER_URL"
 
@@ -71,7 +72,13 @@ def pki_init(directory: str, name: str, force: bool, as_json: bool) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, exists=True))
 @click.argument("name")
 @click.option("--server-name", "server_names", multiple=True, help="DNS name or IP: makes a server certificate.")
-@click.option("--uri", "uris", multiple=True, help="URI SAN for a host certificate, e.g. spiffe://example.org/host/a.")
+@click.option(
+    "--uri",
+    "uris",
+    multiple=True,
+    help="URI SAN for a host certificate, e.g. spiffe://example.org/host/a (canonical: no spki:, dot or "
+    "empty segments, %-escapes, query or fragment).",
+)
 @click.option("--days", default=825, show_default=True, help="Validity in days.")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @json_option
@@ -107,7 +114,14 @@ def pki_issue(
 def pki_identity(cert: str, as_json: bool) -> None:
     """Print the identities a grant can name for the host holding CERT."""
     ident = pki.identity_of_cert_file(cert)
-    emit(as_json, {"identity": ident.spki, "uris": list(ident.uris)}, list(ident.names()))
+    emit(
+        as_json,
+        {"identity": ident.spki, "uris": list(ident.uris), "refused_uris": list(ident.refused_uris)},
+        [
+            *ident.names(),
+            *(f"refused: {why} (the key service serves this certificate nothing)" for why in ident.refused_uris),
+        ],
+    )
 
 
 # --- keyserver: local ------------------------------------------------------------------------------------
@@ -120,7 +134,14 @@ def pki_identity(cert: str, as_json: bool) -> None:
 )
 @click.pass_context
 def keyserver(ctx: click.Context, url: str | None, ca: str | None) -> None:
-    """Run the key service (init, run, migrate) and administer it (model, grant, master-key, audit)."""
+    """Run the key service (init, run, migrate, lease-key) and administer it (model, grant, master-key,
+    audit).
+
+    Admin commands (model, grant, master-key, audit) need the service's URL (--url or
+    MODELSEAL_KEYSERVER_URL), its CA (--ca or MODELSEAL_KEYSERVER_CA) and the admin token that init
+    wrote: its text in MODELSEAL_ADMIN_TOKEN, or its file in MODELSEAL_ADMIN_TOKEN_FILE. Agents must pin
+    the lease-signing public key: `modelseal keyserver lease-key --config keyserver.toml` prints it.
+    """
     ctx.obj = {"url": url, "ca": ca}
 
 
@@ -193,6 +214,32 @@ def ks_migrate(config_path: str, as_json: bool) -> None:
 
     revision = db.migrate(db.connect(KeyServerConfig.load(config_path).database))
     emit(as_json, {"revision": revision}, [f"schema at revision {revision}"])
+
+
+@keyserver.command("lease-key")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Read it from this key service's config (else ask the service at --url, checked against --ca).",
+)
+@json_option
+@click.pass_context
+@fail_closed
+def ks_lease_key(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
+    """Print the lease-signing public key to pin as lease_public_key in every agent.toml."""
+    if config_path:
+        from modelseal.keyserver.config import KeyServerConfig
+
+        key, source = KeyServerConfig.load(config_path).lease_public_key(), config_path
+    else:
+        from modelseal.keyserver.client import service_info
+
+        url = ctx.obj["url"]
+        if not url:
+            raise UsageError(f"give --config keyserver.toml, or the service's --url (or {URL_ENV})")
+        key, source = str(service_info(url, ctx.obj["ca"]).get("lease_public_key")), url
+    emit(as_json, {"lease_public_key": key, "source": source}, [key])
 
 
 # --- keyserver: admin API ------------------------------------------------------------------------------
@@ -268,10 +315,20 @@ def grant_add(ctx: click.Context, model: str, identity: str | None, cert: str | 
     for name in ("max_hosts", "max_releases", "grace_s", "policy"):
         if opts[name] is not None:
             body[name] = opts[name]
-    body["evidence"] = [json.loads(e) if e.startswith("{") else {"kind": e} for e in opts["evidence"]]
+    body["evidence"] = [_requirement(e) for e in opts["evidence"]]
     with _admin(ctx) as admin:
         grant = admin.call("POST", "/v1/admin/grants", body)
     emit(as_json, grant, [f"grant {grant['grant_id']}: {who} may use {model}"])
+
+
+def _requirement(text: str) -> dict[str, Any]:
+    """``--evidence KIND`` or ``--evidence '{"kind": ...}'``."""
+    if not text.lstrip().startswith("{"):
+        return {"kind": text}
+    requirement = loads_bounded(text, max_bytes=16 * 1024, max_depth=8, what="the --evidence requirement")
+    if not isinstance(requirement, dict):
+        raise UsageError('--evidence takes a kind (sev-snp) or a JSON object ({"kind": ...})')
+    return requirement
 
 
 @grant_group.command("list")

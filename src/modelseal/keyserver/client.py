@@ -11,11 +11,13 @@ import ssl
 from typing import Any
 
 from modelseal.errors import MissingDependencyError, ServiceError
+from modelseal.jsonlimits import JSONLimitError, loads_bounded
 from modelseal.pki import client_context
 
 ADMIN_TOKEN_ENV = "MODELSEAL_ADMIN_TOKEN"  # noqa: S105  (a variable name)
 ADMIN_TOKEN_FILE_ENV = "MODELSEAL_ADMIN_TOKEN_FILE"  # noqa: S105
 CA_ENV = "MODELSEAL_KEYSERVER_CA"
+MAX_ANSWER = 64 * 1024 * 1024  # an audit page of 10,000 entries is a few MiB
 
 
 def require_httpx() -> Any:
@@ -29,8 +31,8 @@ def require_httpx() -> Any:
 def decode(response: Any) -> dict[str, Any]:
     """The JSON body of a success, or a :class:`ServiceError` carrying the service's code."""
     try:
-        data = response.json()
-    except ValueError:
+        data = loads_bounded(response.content, max_bytes=MAX_ANSWER, max_depth=32, what="the key service's answer")
+    except JSONLimitError:
         data = None
     if response.status_code >= 400 or not isinstance(data, dict):
         error = data.get("error", {}) if isinstance(data, dict) else {}
@@ -52,6 +54,17 @@ def admin_token() -> str:
     if not token:
         raise ServiceError(0, "no_token", f"no admin token: set {ADMIN_TOKEN_ENV} or {ADMIN_TOKEN_FILE_ENV}")
     return token
+
+
+def service_info(url: str, ca: str | None = None, timeout: float = 30) -> dict[str, Any]:
+    """``GET /v1/info`` (no credentials): the lease-signing public key and the evidence kinds."""
+    httpx = require_httpx()
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/v1/info", verify=client_context(ca or os.environ.get(CA_ENV)),
+                             timeout=timeout)  # fmt: skip
+    except httpx.HTTPError as exc:
+        raise ServiceError(0, "unreachable", f"cannot reach the key service at {url}: {exc}") from None
+    return decode(response)
 
 
 class AdminClient:

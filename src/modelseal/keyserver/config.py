@@ -1,7 +1,8 @@
 """The key service's configuration file (TOML) and the state directory ``modelseal keyserver init`` makes.
 
 Relative paths in the file are resolved against the file's directory. Secrets never live in the
-file itself: it names key files (0600) and environment variables (the transit token).
+file itself: it names key files (0600) and environment variables (the transit token). Unknown tables
+and keys are errors naming the file, so a misspelt setting never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -22,10 +23,37 @@ from modelseal.errors import KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text, write_secret
 from modelseal.keyserver.masterkey import LocalMasterKey, MasterKey, TransitMasterKey
 from modelseal.keyserver.protocol import service_public_key_text
+from modelseal.keyserver.refusals import RefusalSettings
 from modelseal.keyserver.service import ServiceSettings
 
 SIGNING_LABEL = "MODELSEAL-LEASE-SIGNING-KEY"
 CONFIG_NAME = "keyserver.toml"
+# Every table and key keyserver.toml may hold; [attestation] is checked by its verifiers.
+KNOWN_KEYS: dict[str, frozenset[str] | None] = {
+    "server": frozenset({"listen", "tls_cert", "tls_key", "client_ca", "max_body_bytes"}),
+    "database": frozenset({"url"}),
+    "master_key": frozenset({"backend", "path", "url", "token_env", "key", "mount"}),
+    "signing": frozenset({"key"}),
+    "admin": frozenset({"token_sha256"}),
+    "leases": frozenset(ServiceSettings.__dataclass_fields__),
+    "audit": frozenset(RefusalSettings.__dataclass_fields__),
+    "attestation": None,
+}
+
+
+def check_keys(data: dict[str, Any], path: Path) -> None:
+    """Refuse tables and keys this version does not know, naming the first and the file."""
+    for table, value in data.items():
+        if table not in KNOWN_KEYS:
+            raise UsageError(f"{path}: unknown table [{table}] (known: {', '.join(sorted(KNOWN_KEYS))})")
+        if not isinstance(value, dict):
+            raise UsageError(f"{path}: {table} must be a table ([{table}]), not a single value")
+        known = KNOWN_KEYS[table]
+        unknown = sorted(set(value) - known) if known is not None else []
+        if unknown:
+            raise UsageError(
+                f"{path}: unknown key {unknown[0]!r} in [{table}] (known: {', '.join(sorted(known or ()))})"
+            )
 
 
 @dataclass
@@ -43,6 +71,7 @@ class KeyServerConfig:
     admin_token_sha256: str = ""
     attestation: dict[str, Any] = field(default_factory=dict)
     settings: ServiceSettings = field(default_factory=ServiceSettings)
+    refusals: RefusalSettings = field(default_factory=RefusalSettings)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeyServerConfig:
@@ -53,6 +82,7 @@ class KeyServerConfig:
             raise UsageError(f"cannot read key-service config {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{path} is not valid TOML: {exc}") from None
+        check_keys(data, path)
         base = path.parent
         server, db, leases = data.get("server", {}), data.get("database", {}), data.get("leases", {})
 
@@ -65,9 +95,15 @@ class KeyServerConfig:
             url = f"sqlite:///{base / url.removeprefix('sqlite:///')}"
         try:
             settings = ServiceSettings(**{k: int(v) for k, v in leases.items()})
+            refusals = RefusalSettings(**{k: int(v) for k, v in data.get("audit", {}).items()})
             port_number = int(port)
+            max_body = int(server.get("max_body_bytes", 64 * 1024))
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"{path}: bad [server] listen or [leases] value: {exc}") from None
+            raise UsageError(
+                f"{path}: bad [server] listen or max_body_bytes, [leases] or [audit] value: {exc}"
+            ) from None
+        if min(refusals.burst, refusals.max_peers, refusals.total_burst) < 0 or refusals.interval_s < 1:
+            raise UsageError(f"{path}: [audit] values must be positive")
         return cls(
             path=path,
             host=host.strip("[]") or "127.0.0.1",
@@ -75,13 +111,14 @@ class KeyServerConfig:
             tls_cert=rel(server.get("tls_cert")),
             tls_key=rel(server.get("tls_key")),
             client_ca=rel(server.get("client_ca")),
-            max_body_bytes=int(server.get("max_body_bytes", 64 * 1024)),
+            max_body_bytes=max_body,
             database=url,
             master=dict(data.get("master_key", {"backend": "local", "path": "master.key"})),
             signing_key=rel(data.get("signing", {}).get("key", "lease-signing.key")),
             admin_token_sha256=str(data.get("admin", {}).get("token_sha256", "")),
             attestation=dict(data.get("attestation", {})),
             settings=settings,
+            refusals=refusals,
         )
 
     def master_key(self) -> MasterKey:
@@ -97,6 +134,10 @@ class KeyServerConfig:
                 self.master["url"], token, self.master.get("key", "modelseal"), self.master.get("mount", "transit")
             )
         raise UsageError(f"{self.path}: unknown master_key backend {backend!r} (local or transit)")
+
+    def lease_public_key(self) -> str:
+        """The lease-signing public key agents pin (``lease_public_key`` in agent.toml)."""
+        return service_public_key_text(self.signer())
 
     def signer(self) -> ed25519.Ed25519PrivateKey:
         assert self.signing_key is not None
@@ -171,6 +212,11 @@ lease_ttl_s = 300
 renew_after_s = 60
 challenge_ttl_s = 60
 default_grace_s = 600
+
+[audit]
+# past `burst` refusals per (event, code, peer) in an interval, the rest are counted into one entry
+burst = 5
+interval_s = 60
 """
     )
     return {

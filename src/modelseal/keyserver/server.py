@@ -1,12 +1,15 @@
-"""Run the key service: open the database, check its schema, load the keys, serve HTTPS."""
+"""Run the key service: harden the process, open the database, check its schema, load the keys, serve HTTPS."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 
 from aiohttp import web
 
 from modelseal import pki
+from modelseal.agent.memory import harden_process
 from modelseal.attest.verifiers import load_verifiers
 from modelseal.errors import UsageError
 from modelseal.keyserver import db
@@ -14,18 +17,28 @@ from modelseal.keyserver.app import build_app
 from modelseal.keyserver.config import KeyServerConfig
 from modelseal.keyserver.service import KeyService
 
+_BIND_ERRORS = {errno.EADDRINUSE: "the port is already in use", errno.EACCES: "permission denied",
+                errno.EADDRNOTAVAIL: "no such local address"}  # fmt: skip
+
 
 def build_service(cfg: KeyServerConfig, migrate: bool = True) -> KeyService:
-    load_verifiers(cfg.attestation, cfg.path.parent)
+    try:
+        load_verifiers(cfg.attestation, cfg.path.parent)
+    except UsageError as exc:
+        raise UsageError(f"{cfg.path}: {exc}") from None
     engine = db.connect(cfg.database)
     if migrate:
         db.migrate(engine)
     db.check_current(engine)
-    return KeyService(engine, cfg.master_key(), cfg.signer(), cfg.settings)
+    return KeyService(engine, cfg.master_key(), cfg.signer(), cfg.settings, cfg.refusals)
 
 
 def run(cfg: KeyServerConfig, migrate: bool = True) -> None:
-    """Serve until SIGINT/SIGTERM (aiohttp drains in-flight requests on shutdown)."""
+    """Serve until SIGINT/SIGTERM (aiohttp drains in-flight requests on shutdown).
+
+    The process is made non-dumpable with no core files first, like the agent: it holds the master
+    key (or its vault token), the lease-signing key and every data key it releases."""
+    harden_process()
     if not (cfg.tls_cert and cfg.tls_key):
         raise UsageError(f"{cfg.path}: [server] needs tls_cert and tls_key (the key service only speaks TLS)")
     if not cfg.admin_token_sha256:
@@ -35,8 +48,7 @@ def run(cfg: KeyServerConfig, migrate: bool = True) -> None:
     app = build_app(service, cfg.admin_token_sha256, cfg.max_body_bytes)
     web.run_app(
         app,
-        host=cfg.host,
-        port=cfg.port,
+        sock=listen(cfg),
         ssl_context=ssl_context,
         access_log=None,
         print=lambda _msg: logging.getLogger("modelseal.keyserver").info(
@@ -45,3 +57,17 @@ def run(cfg: KeyServerConfig, migrate: bool = True) -> None:
         ),
         shutdown_timeout=10,
     )  # fmt: skip
+
+
+def listen(cfg: KeyServerConfig) -> socket.socket:
+    """Bind the listening socket here, so a taken port is one clear error naming it (not a traceback)."""
+    where = f"{cfg.host}:{cfg.port}"
+    try:
+        family = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((cfg.host, cfg.port), family=family, backlog=1024)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {where}: {exc.strerror}; check [server] listen in {cfg.path}") from None
+    except OSError as exc:
+        why = _BIND_ERRORS.get(exc.errno or 0, exc.strerror)
+        hint = "stop the other process or change" if exc.errno == errno.EADDRINUSE else "change"
+        raise UsageError(f"cannot listen on {where}: {why}; {hint} [server] listen in {cfg.path}") from None

@@ -4,7 +4,8 @@ Each public method runs in one database transaction that locks the audit head fi
 :mod:`modelseal.keyserver.db`), so a decision, its side effects (nonce spent, release counted, host
 recorded, lease stored) and its audit record commit together or not at all. A refusal is a
 :class:`Refused` carrying the HTTP status and a stable code; it is audited and committed (a spent
-nonce stays spent) before it propagates.
+nonce stays spent) before it propagates. Past a burst, refusals are counted instead of written one
+by one (:mod:`modelseal.keyserver.refusals`), so a flood cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from modelseal.crypto.keys import wipe
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError
 from modelseal.keyserver import audit, schema
+from modelseal.keyserver.identity import identity_matches, parse_grant_identity
 from modelseal.keyserver.masterkey import MasterKey
 from modelseal.keyserver.policy import Policy, PolicyError
 from modelseal.keyserver.protocol import Lease, binding, new_nonce, now, seal_release
+from modelseal.keyserver.refusals import RefusalLimiter, RefusalSettings
 from modelseal.pki import PeerIdentity
 
 T = TypeVar("T")
@@ -109,18 +112,17 @@ def check_requirements(required: list[dict[str, Any]], verified: dict[str, Claim
     return claims
 
 
-def identity_matches(pattern: str, peer: PeerIdentity) -> bool:
-    """A grant names a host by ``spki:...``, an exact URI SAN, or a URI prefix ending in ``/*``."""
-    if pattern.endswith("/*"):
-        return any(uri.startswith(pattern[:-1]) for uri in peer.uris)
-    return pattern in peer.names()
-
-
 class KeyService:
     def __init__(
-        self, engine: Engine, master: MasterKey, signer: ed25519.Ed25519PrivateKey, settings: ServiceSettings
+        self,
+        engine: Engine,
+        master: MasterKey,
+        signer: ed25519.Ed25519PrivateKey,
+        settings: ServiceSettings,
+        refusals: RefusalSettings | None = None,
     ) -> None:
         self.engine, self.master, self.signer, self.settings = engine, master, signer, settings
+        self.refusals = RefusalLimiter(refusals)
 
     # --- transactions --------------------------------------------------------------------------
 
@@ -135,7 +137,9 @@ class KeyService:
             try:
                 result = body(conn)
             except Refused as refusal:
-                audit.append(conn, head, {**event, "decision": "refused", "code": refusal.code, "why": str(refusal)})
+                record = {**event, "decision": "refused", "code": refusal.code, "why": str(refusal)}
+                if self.refusals.admit(record):  # else counted; side effects (a spent nonce) commit anyway
+                    audit.append(conn, head, record)
                 saved = refusal
             else:
                 if not audit_success:
@@ -148,9 +152,25 @@ class KeyService:
 
     def audit_refusal(self, event: dict[str, Any], status: int, code: str, message: str) -> Refused:
         """Record a request refused before it reached a decision (malformed, unauthenticated...)."""
-        with self._tx() as (conn, head):
-            audit.append(conn, head, {**event, "decision": "refused", "code": code, "why": message})
+        record = {**event, "decision": "refused", "code": code, "why": message}
+        if self.refusals.admit(record):
+            with self._tx() as (conn, head):
+                audit.append(conn, head, record)
         return Refused(status, code, message)
+
+    def flush_refusals(self) -> int:
+        """Append one summary entry per refusal count past the burst; return how many were written."""
+        summaries = self.refusals.drain()
+        if not summaries:
+            return 0
+        try:
+            with self._tx() as (conn, head):
+                for summary in summaries:
+                    head = audit.append(conn, head, summary)
+        except BaseException:
+            self.refusals.requeue(summaries)
+            raise
+        return len(summaries)
 
     # --- admin -----------------------------------------------------------------------------------
 
@@ -204,7 +224,10 @@ class KeyService:
             raise Refused(400, "bad_request", str(exc)) from None
 
     def add_grant(self, model: str, spec: dict[str, Any], actor: dict[str, Any]) -> dict[str, Any]:
-        """Grant ``spec["identity"]`` access to ``model``'s keys (fields validated by the HTTP layer)."""
+        """Grant ``spec["identity"]`` access to ``model``'s keys (other fields validated by the HTTP layer).
+
+        The identity is stored in canonical form (:mod:`modelseal.keyserver.identity`); one that names
+        no host (a URI spelled like a key hash, dot segments, ...) is refused and audited."""
         spec = {**spec, "evidence": [self._requirement(req) for req in spec["evidence"]]}
         if spec.get("policy"):
             try:
@@ -214,11 +237,15 @@ class KeyService:
         grant_id = _new_id("g")
 
         def body(conn: Connection) -> dict[str, Any]:
+            try:
+                identity = parse_grant_identity(spec["identity"]).text
+            except ModelsealError as exc:
+                raise Refused(400, "bad_identity", str(exc)) from None
             self._model(conn, model)
             row = {
                 "grant_id": grant_id,
                 "model": model,
-                "identity": spec["identity"],
+                "identity": identity,
                 "not_before": spec.get("not_before"),
                 "not_after": spec.get("not_after"),
                 "max_hosts": spec.get("max_hosts"),
@@ -281,6 +308,8 @@ class KeyService:
         return result
 
     def audit_log(self, after: int, limit: int) -> list[dict[str, Any]]:
+        """Audit entries after ``after``; refusal counts not yet written are written first."""
+        self.flush_refusals()
         with self.engine.connect() as conn:
             return audit.entries(conn, after, limit)
 
