@@ -17,12 +17,14 @@ import json
 import os
 import stat
 import struct
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
+from modelseal.format import schema
+from modelseal.format.boundedjson import MAX_HEADER
 from modelseal.format.container import Artifact, Entry, Progress, SealRequest, map_file, write_artifact
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Recipient
@@ -49,12 +51,15 @@ def _header_bytes(env: Envelope, size: int | None) -> bytes:
     return MAGIC + struct.pack("<Q", size - 16) + raw + b" " * (size - 16 - len(raw))
 
 
-def safe_relpath(name: str, source: str) -> str:
-    """Reject absolute paths, '..' and other names that would escape the extraction directory."""
-    p = PurePosixPath(name)
-    if not name or p.is_absolute() or any(part in ("", ".", "..") for part in name.split("/")) or "\x00" in name:
-        raise FormatError(f"{source}: unsafe path {name!r} in the manifest")
-    return name
+def _check_tree(files: list[str], dirs: list[str], what: str) -> None:
+    """Every path is safe, and no file sits where another path needs a directory (``a`` and ``a/b``)."""
+    names = set(files)
+    for i, path in enumerate(files + dirs):
+        schema.relpath(path, f"{what} path {i}")
+        parts = path.split("/")
+        parents = ["/".join(parts[:k]) for k in range(1, len(parts))]
+        if any(p in names for p in parents) or (i >= len(files) and path in names):
+            raise FormatError(f"{what}: {path[:80]!r} collides with a file of the same name")
 
 
 def collect_files(src: Path) -> tuple[list[tuple[str, Path, int, int]], list[str]]:
@@ -137,10 +142,12 @@ class SealedBundle(Artifact):
         mm = src.mm
         try:
             if mm[:8] != MAGIC:
-                raise FormatError(f"{path} is not a sealed bundle (bad magic)")
+                raise FormatError(f"{path} is not a sealed modelseal file (no sealed-bundle magic)")
             if len(mm) < 16:
-                raise FormatError(f"{path} is truncated")
+                raise FormatError(f"{path} is truncated inside its header")
             (n,) = struct.unpack("<Q", mm[8:16])
+            if n > MAX_HEADER:  # checked before anything is read: a huge header is refused, not parsed
+                raise FormatError(f"{path}: the bundle header is {n} bytes, over the limit of {MAX_HEADER}")
             if 16 + n > len(mm):
                 raise FormatError(f"{path} is truncated inside its header")
             env = Envelope.parse(bytes(mm[16 : 16 + n]).rstrip(b" "), str(path))
@@ -152,11 +159,20 @@ class SealedBundle(Artifact):
             raise
 
     def _load_index(self, index: dict[str, Any]) -> None:
+        """Check the manifest (docs/format.md, section 4): names and empty directories are safe relative
+        paths that cannot collide when extracted, modes are permission bits, ``root: file`` holds one file."""
+        what = f"{self.path}: the bundle manifest"
+        root = index.get("root")
+        if root not in ("file", "dir"):
+            raise FormatError(f"{what} field root must be 'file' or 'dir'")
+        dirs = schema.strings(index.get("dirs", []), f"{what} field dirs")
         super()._load_index(index)
         for e in self.entries:
-            safe_relpath(e.name, self.path)
-        for d in index.get("dirs", []):
-            safe_relpath(d, self.path)
+            if "mode" in e.info:
+                schema.integer(e.info["mode"], f"{what} mode of {e.name[:80]!r}", 0, 0o7777)
+        _check_tree([e.name for e in self.entries], dirs, what)
+        if root == "file" and (len(self.entries) != 1 or dirs):
+            raise FormatError(f"{what}: a single-file bundle must hold exactly one file and no directories")
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries]

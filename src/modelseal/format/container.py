@@ -24,6 +24,7 @@ from modelseal.crypto.segments import TAG_SIZE, Segment, SegmentCipher, plan_ent
 from modelseal.crypto.signing import Signer, content_digest, segment_digest, signed_message
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError, SignatureError, UsageError
+from modelseal.format import schema
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Identity, Recipient
 
@@ -46,27 +47,40 @@ class Entry:
 
 
 def entries_from_index(index: dict[str, Any], payload_size: int, source: str) -> list[Entry]:
-    """Validate the index (names unique, offsets ordered, inside the payload) and build entries."""
+    """Validate the index entries (typed fields, names unique, offsets contiguous inside the payload)."""
     out: list[Entry] = []
     seen: set[str] = set()
     pos = 0
     for i, raw in enumerate(index["entries"]):
-        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            raise FormatError(f"{source}: index entry {i} is malformed")
-        offs = raw.get("offsets")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
-            raise FormatError(f"{source}: index entry {raw['name']!r} has malformed offsets")
-        begin, end = offs
-        if begin != pos or end < begin or end > payload_size:
-            raise FormatError(f"{source}: index entry {raw['name']!r} has offsets outside the payload or out of order")
-        if raw["name"] in seen:
-            raise FormatError(f"{source}: duplicate entry name {raw['name']!r}")
-        seen.add(raw["name"])
-        out.append(Entry(i, raw["name"], begin, end, raw))
+        what = f"{source}: index entry {i}"
+        schema.obj(raw, what)
+        name = schema.string(raw.get("name"), f"{what} name")
+        begin, end = schema.offsets(raw.get("offsets"), f"{what} ({name[:80]!r}) offsets")
+        if begin != pos or end > payload_size:
+            raise FormatError(f"{source}: index entry {name[:80]!r} has offsets outside the payload or out of order")
+        if name in seen:
+            raise FormatError(f"{source}: duplicate entry name {name[:80]!r}")
+        seen.add(name)
+        out.append(Entry(i, name, begin, end, raw))
         pos = end
     if pos != payload_size:
         raise FormatError(f"{source}: the index does not cover the payload")
     return out
+
+
+@contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Make a modelseal error raised inside name ``path`` (which member of a sealed directory failed).
+
+    Some errors come from layers that do not know the file (a segment's tag, a recipient stanza);
+    the same exception object is re-raised with the path in front, keeping its type and fields.
+    """
+    try:
+        yield
+    except ModelsealError as exc:
+        if exc.args and isinstance(exc.args[0], str) and path not in exc.args[0]:
+            exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
+        raise
 
 
 def plan_segments(entries: list[Entry], segment_size: int) -> dict[str, list[Segment]]:
@@ -193,15 +207,16 @@ class Artifact:
     # -- keys
     def unlock(self, identity: Identity, dek_cache: dict[bytes, bytearray] | None = None) -> None:
         """Unwrap the data key with ``identity`` and authenticate the header."""
-        dek = bytearray(self.envelope.unwrap(identity, self.path, dek_cache))  # own copy: close() wipes it
-        self._dek = dek
-        self._cipher = SegmentCipher(
-            keys.derive(dek, self.envelope.artifact_id, keys.PURPOSE_PAYLOAD),
-            self.envelope.model_id,
-            self.envelope.model_version,
-        )
-        if self.envelope.hidden:
-            self._load_index(self.envelope.index(dek, self.path))
+        with naming(self.path):
+            dek = bytearray(self.envelope.unwrap(identity, self.path, dek_cache))  # own copy: close() wipes it
+            self._dek = dek
+            self._cipher = SegmentCipher(
+                keys.derive(dek, self.envelope.artifact_id, keys.PURPOSE_PAYLOAD),
+                self.envelope.model_id,
+                self.envelope.model_version,
+            )
+            if self.envelope.hidden:
+                self._load_index(self.envelope.index(dek, self.path))
 
     @property
     def dek(self) -> bytearray:
@@ -293,7 +308,7 @@ class Artifact:
             if len(out) == seg.length:
                 self._decrypt(cipher, seg, out)
                 return
-            scratch = memoryview(self._scratch(local))[: seg.length]
+            scratch = memoryview(self._scratch(local, seg.length))[: seg.length]
             try:
                 self._decrypt(cipher, seg, scratch)
                 out[:] = scratch[skip : skip + len(out)]
@@ -302,17 +317,24 @@ class Artifact:
                 scratch.release()
 
         try:
-            run_all(one, work, (lambda item: progress(len(item[1]))) if progress else None)
+            with naming(self.path):
+                run_all(one, work, (lambda item: progress(len(item[1]))) if progress else None)
         except BaseException:
             for *_range, out in jobs:
                 keys.wipe(out)
             raise
 
-    def _scratch(self, local: threading.local) -> bytearray:
-        """This thread's segment-sized buffer for segments that are decrypted but only partly kept."""
+    def _scratch(self, local: threading.local, size: int) -> bytearray:
+        """This thread's buffer of at least ``size`` bytes, for segments that are decrypted but not kept.
+
+        It grows to the largest segment actually met, not ``segment_size``: a header may declare 1 GiB
+        segments for a file of a few bytes, and memory must follow the file, not the claim.
+        """
         buf: bytearray | None = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(self.segment_size)
+        if buf is None or len(buf) < size:
+            if buf is not None:
+                keys.wipe(buf)
+            buf = local.buf = bytearray(size)
         return buf
 
     def _release(self, seg: Segment) -> None:
@@ -348,12 +370,13 @@ class Artifact:
         cipher = self._cipher
         if cipher is None:
             raise UsageError("artifact is locked: call unlock() with an identity first")
-        buf = bytearray(self.segment_size)
+        buf = bytearray(min(self.segment_size, entry.length))  # the entry's size bounds it, not the header's claim
         view = memoryview(buf)
         try:
             for s in self.plan(entry):
                 out = view[: s.length]
-                self._decrypt(cipher, s, out)
+                with naming(self.path):
+                    self._decrypt(cipher, s, out)
                 yield out
         finally:
             keys.wipe(buf)
@@ -366,14 +389,15 @@ class Artifact:
         local = threading.local()
 
         def one(seg: Segment) -> None:
-            out = memoryview(self._scratch(local))[: seg.length]
+            out = memoryview(self._scratch(local, seg.length))[: seg.length]
             try:
                 self._decrypt(cipher, seg, out)
             finally:
                 keys.wipe(out)
                 out.release()
 
-        run_all(one, self._all_segments(), (lambda s: progress(s.length)) if progress else None)
+        with naming(self.path):
+            run_all(one, self._all_segments(), (lambda s: progress(s.length)) if progress else None)
 
     def verify_signature(self, trusted: list[str], progress: Progress | None = None) -> str:
         """Check the publisher signature against ``trusted`` keys; needs no data key. Returns the signer."""
@@ -392,12 +416,13 @@ class Artifact:
             self._release(seg)
 
         run_all(one, segments, (lambda s: progress(s.length)) if progress else None)
-        signing.verify(
-            sig["signer"],
-            b64d(sig["sig"], what="signature", length=64),
-            signed_message(self.envelope.protected_raw, content_digest(digests)),
-            trusted,
-        )
+        with naming(self.path):
+            signing.verify(
+                sig["signer"],
+                b64d(sig["sig"], what="signature", length=64),
+                signed_message(self.envelope.protected_raw, content_digest(digests)),
+                trusted,
+            )
         return sig["signer"]
 
     def close(self) -> None:
@@ -456,7 +481,7 @@ def map_file(path: str | os.PathLike[str]) -> SourceFile:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
-                raise FormatError(f"{path} is empty, not a sealed artifact")
+                raise FormatError(f"{path} is not a sealed modelseal file (it is empty)")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             fd = os.dup(f.fileno())
     except FileNotFoundError:

@@ -33,12 +33,23 @@ from modelseal.errors import (
     NoMatchingIdentityError,
     UnsupportedVersionError,
 )
+from modelseal.format import schema
+from modelseal.format.boundedjson import MAX_HEADER, loads_bounded
 from modelseal.recipients.base import NOT_MINE, Identity, Recipient, Stanza, members
+from modelseal.recipients.passphrase import MAX_LOG_N, MIN_LOG_N
 
 FORMAT = "modelseal/1"
 KINDS = ("safetensors", "bundle")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:@/+-]{1,200}$")
 _INDEX_NONCE = bytes(12)  # the index key encrypts exactly one message per artifact
+MAX_RECIPIENTS = 1024  # each stanza may cost an unwrap attempt (scrypt: up to a second): bound the work
+# Binary fields of the known stanza types and their exact decoded sizes (docs/format.md, section 4).
+_STANZA_BINARY: dict[str, dict[str, int]] = {
+    "x25519": {"kid": 8, "ct": 32 + 48},  # enc || AES-GCM(DEK)
+    "mlkem768x25519": {"kid": 8, "ct": 1088 + 32 + 48},
+    "symmetric": {"kid": 8, "salt": 16, "ct": 48},
+    "scrypt": {"salt": 16, "ct": 48},
+}
 
 
 def dek_context(artifact_id: bytes) -> bytes:
@@ -59,7 +70,7 @@ def _index_aad(artifact_id: bytes) -> bytes:
 def check_id(value: str, what: str) -> str:
     """Model ids and versions are short printable tokens (they appear in AAD, logs and paths)."""
     if not isinstance(value, str) or not _ID_RE.match(value):
-        raise FormatError(f"{what} {value!r} must be 1-200 characters of letters, digits and ._:@/+-")
+        raise FormatError(f"{what} {value!r:.80} must be 1-200 characters of letters, digits and ._:@/+-")
     return value
 
 
@@ -102,38 +113,25 @@ class Envelope:
 
     @classmethod
     def parse(cls, text: str | bytes, source: str) -> Envelope:
-        """Parse and structurally validate an envelope; no key is needed."""
-        try:
-            obj = json.loads(text)
-        except (ValueError, UnicodeDecodeError):
-            raise FormatError(f"{source}: the modelseal envelope is not valid JSON (file corrupt?)") from None
-        if not isinstance(obj, dict) or not {"protected", "recipients", "mac"} <= obj.keys():
-            raise FormatError(f"{source}: the modelseal envelope is missing required fields")
+        """Parse an envelope and check it against its schema (every field's type and size); no key needed."""
+        what = f"{source}: the modelseal envelope"
+        obj = schema.obj(loads_bounded(text, max_bytes=MAX_HEADER, what=what), what)
+        missing = {"protected", "recipients", "mac"} - obj.keys()
+        if missing:
+            raise FormatError(f"{what} is missing required fields: {', '.join(sorted(missing))}")
         raw = b64d(obj["protected"], what=f"{source}: protected header")
-        try:
-            protected = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise FormatError(f"{source}: the protected header is not valid JSON (file corrupt?)") from None
-        if not isinstance(protected, dict):
-            raise FormatError(f"{source}: the protected header is not a JSON object")
+        what = f"{source}: the protected header"
+        protected = schema.obj(loads_bounded(raw, max_bytes=MAX_HEADER, what=what), what)
         fmt = protected.get("format")
         if fmt != FORMAT:
             if isinstance(fmt, str) and fmt.startswith("modelseal/"):
                 raise UnsupportedVersionError(
-                    f"{source} uses format {fmt}; this modelseal reads {FORMAT}: upgrade modelseal"
+                    f"{source} uses format {fmt:.40}; this modelseal reads {FORMAT}: upgrade modelseal"
                 )
-            raise FormatError(f"{source}: unknown format {fmt!r}")
+            raise FormatError(f"{source}: unknown format {fmt!r:.60}")
         _validate_protected(protected, source)
-        recipients = obj["recipients"]
-        if not isinstance(recipients, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("type"), str) for s in recipients
-        ):
-            raise FormatError(f"{source}: recipient stanzas are malformed")
-        sig = obj.get("signature")
-        if sig is not None and not (
-            isinstance(sig, dict) and isinstance(sig.get("signer"), str) and isinstance(sig.get("sig"), str)
-        ):
-            raise FormatError(f"{source}: signature block is malformed")
+        recipients = _validate_recipients(obj["recipients"], source)
+        sig = _validate_signature(obj.get("signature"), source)
         return cls(raw, protected, recipients, b64d(obj["mac"], what=f"{source}: mac", length=32), sig)
 
     def unwrap(self, identity: Identity, source: str, dek_cache: dict[bytes, bytearray] | None = None) -> bytearray:
@@ -180,13 +178,8 @@ class Envelope:
                 raw = AESGCM(key).decrypt(_INDEX_NONCE, ct, _index_aad(self.artifact_id))
             except InvalidTag:
                 raise AuthenticationError(f"{source}: the encrypted index failed authentication") from None
-            try:
-                idx = json.loads(raw)
-            except ValueError:
-                raise FormatError(f"{source}: the decrypted index is not JSON") from None
-        if not isinstance(idx, dict) or not isinstance(idx.get("entries"), list):
-            raise FormatError(f"{source}: the index has no entry list")
-        return idx
+            idx = loads_bounded(raw, max_bytes=MAX_HEADER, what=f"{source}: the decrypted index")
+        return _validate_index(idx, source)
 
 
 def _no_identity(source: str, identity: Identity, stanzas: list[Stanza], refusals: list[Exception]) -> Exception:
@@ -203,32 +196,82 @@ def _no_identity(source: str, identity: Identity, stanzas: list[Stanza], refusal
 
 
 def _validate_protected(p: dict[str, Any], source: str) -> None:
+    """The protected header's schema (docs/format.md, section 4); runs on every parse, MAC or not."""
+    what = f"{source}: protected header"
     if p.get("kind") not in KINDS:
-        raise FormatError(f"{source}: unknown artifact kind {p.get('kind')!r}")
-    check_id(p.get("model_id"), "model id")  # type: ignore[arg-type]
-    check_id(p.get("model_version"), "model version")  # type: ignore[arg-type]
+        raise FormatError(f"{source}: unknown artifact kind {p.get('kind')!r:.60}")
+    check_id(p.get("model_id"), f"{source}: model id")  # type: ignore[arg-type]
+    check_id(p.get("model_version"), f"{source}: model version")  # type: ignore[arg-type]
     b64d(p.get("artifact_id"), what=f"{source}: artifact_id", length=keys.ARTIFACT_ID_SIZE)
     seg = p.get("segment_size")
-    if not isinstance(seg, int) or not MIN_SEGMENT_SIZE <= seg <= MAX_SEGMENT_SIZE:
-        raise FormatError(f"{source}: segment size {seg!r} is out of range")
+    if isinstance(seg, bool) or not isinstance(seg, int) or not MIN_SEGMENT_SIZE <= seg <= MAX_SEGMENT_SIZE:
+        raise FormatError(f"{source}: segment size {seg!r:.40} is out of range")
     for name in ("payload_size", "tag_count"):
-        if not isinstance(p.get(name), int) or p[name] < 0:
-            raise FormatError(f"{source}: {name} is missing or negative")
-    group = p.get("group")
-    if group is not None and not (
-        isinstance(group, dict)
-        and isinstance(group.get("id"), str)
-        and isinstance(group.get("path"), str)
-        and isinstance(group.get("members"), list)
-        and all(isinstance(m, str) for m in group["members"])
-    ):
-        raise FormatError(f"{source}: the directory group field is malformed")
-    if "index_ct" in p and not isinstance(p["index_ct"], str):
-        raise FormatError(f"{source}: the encrypted index is malformed")
-    if "index" in p and not (isinstance(p["index"], dict) and isinstance(p["index"].get("entries"), list)):
-        raise FormatError(f"{source}: the index is malformed")
+        schema.integer(p.get(name), f"{what} field {name}")
+    if "group" in p:
+        _validate_group(p["group"], f"{what} field group")
     if ("index" in p) == ("index_ct" in p):
         raise FormatError(f"{source}: the header must hold exactly one of index / index_ct")
+    if "index_ct" in p:
+        schema.string(p["index_ct"], f"{what} field index_ct", max_len=MAX_HEADER)
+    elif p["kind"] == "bundle":
+        raise FormatError(f"{source}: a sealed bundle must hide its index (index_ct)")
+    else:
+        _validate_index(p["index"], source)
+
+
+def _validate_group(value: Any, what: str) -> None:
+    """A sealed directory's group: its id, this file's path, and every member's path (sorted, unique)."""
+    group = schema.obj(value, what)
+    b64d(group.get("id"), what=f"{what} id", length=16)
+    path = schema.relpath(group.get("path"), f"{what} path")
+    members = schema.strings(group.get("members"), f"{what} members")
+    for i, m in enumerate(members):
+        schema.relpath(m, f"{what} members[{i}]")
+    if members != sorted(set(members)) or path not in members:
+        raise FormatError(f"{what}: the member list must be sorted, unique, and hold the file's own path")
+
+
+def _validate_index(value: Any, source: str) -> dict[str, Any]:
+    """What every index has: an object with an ``entries`` array (entries: ``entries_from_index``)."""
+    idx = schema.obj(value, f"{source}: the index")
+    schema.array(idx.get("entries"), f"{source}: the index's entries")
+    return idx
+
+
+def _validate_recipients(value: Any, source: str) -> list[Stanza]:
+    """Recipient stanzas: a bounded list of objects with a ``type``; known types have exact field types."""
+    stanzas = schema.array(value, f"{source}: the recipient stanzas")
+    if len(stanzas) > MAX_RECIPIENTS:
+        raise FormatError(f"{source} lists {len(stanzas)} recipient stanzas, more than the limit of {MAX_RECIPIENTS}")
+    for i, stanza in enumerate(stanzas):
+        what = f"{source}: recipient stanza {i}"
+        schema.obj(stanza, what)
+        kind = schema.string(stanza.get("type"), f"{what} type", min_len=1, max_len=64)
+        for name, size in _STANZA_BINARY.get(kind, {}).items():
+            b64d(stanza.get(name), what=f"{what} ({kind}) field {name}", length=size)
+        if kind == "scrypt":
+            schema.integer(stanza.get("log_n"), f"{what} (scrypt) field log_n", MIN_LOG_N, MAX_LOG_N)
+        elif kind == "keyserver":
+            schema.string(stanza.get("url"), f"{what} (keyserver) field url", min_len=1, max_len=2048)
+            schema.string(stanza.get("model"), f"{what} (keyserver) field model", min_len=1, max_len=200)
+            schema.string(stanza.get("key_id"), f"{what} (keyserver) field key_id", min_len=1, max_len=64)
+        if "kid" in stanza:  # shown in "no matching identity" messages, even for unknown types
+            schema.string(stanza["kid"], f"{what} field kid", max_len=64)
+    return stanzas
+
+
+def _validate_signature(value: Any, source: str) -> dict[str, str] | None:
+    """The publisher signature block: null, or ``{"signer": "ed25519:...", "sig": B64(64 bytes)}``."""
+    if value is None:
+        return None
+    what = f"{source}: the signature block"
+    sig = schema.obj(value, what)
+    signer = schema.string(sig.get("signer"), f"{what} signer", max_len=200)
+    if not signer.startswith("ed25519:"):
+        raise FormatError(f"{what}: unknown signer kind (expected ed25519:...)")
+    b64d(sig.get("sig"), what=f"{what} sig", length=64)
+    return sig
 
 
 @dataclass

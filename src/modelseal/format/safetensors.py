@@ -24,6 +24,8 @@ from typing import Any
 from modelseal.crypto.segments import TAG_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
+from modelseal.format import schema
+from modelseal.format.boundedjson import MAX_HEADER, loads_bounded
 from modelseal.format.container import (
     Artifact,
     Entry,
@@ -39,9 +41,9 @@ from modelseal.recipients.base import Recipient
 TAGS_TENSOR = "__modelseal_tags__"
 PAYLOAD_TENSOR = "__modelseal_payload__"
 RESERVED = (TAGS_TENSOR, PAYLOAD_TENSOR)
+_SNIFF = 1 << 20  # how far into a file that fails to parse to look for an envelope (damaged vs not sealed)
 HEADER_ALIGN = 4096  # payload starts page aligned (mmap, O_DIRECT, GPUDirect Storage)
 HEADER_SLACK = 4096  # room for rekey to add recipients without moving the payload
-MAX_HEADER = 100 << 20  # the safetensors limit
 
 DTYPE_SIZES = {
     "BOOL": 1,
@@ -67,31 +69,44 @@ DTYPE_SIZES = {
 
 
 def parse_plain_header(buf: memoryview | bytes | bytearray | mmap.mmap, source: str) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header; return (header dict, byte offset of the data buffer)."""
+    """Parse and check a safetensors header (size cap, depth, listing schema); return (header, data offset)."""
     if len(buf) < 8:
         raise FormatError(f"{source} is too short to be a safetensors file")
     (n,) = struct.unpack("<Q", bytes(buf[:8]))
-    if n > MAX_HEADER or 8 + n > len(buf):
-        raise FormatError(f"{source}: safetensors header length {n} is invalid or the file is truncated")
-    try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
-    except (ValueError, UnicodeDecodeError):
-        raise FormatError(f"{source}: the safetensors header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{source}: the safetensors header is not a JSON object")
+    if n > MAX_HEADER:
+        raise FormatError(f"{source}: the safetensors header length {n} is over the limit of {MAX_HEADER} bytes")
+    if 8 + n > len(buf):
+        raise FormatError(f"{source}: the safetensors header ({n} bytes) runs past the end of the file (truncated?)")
+    what = f"{source}: the safetensors header"
+    header = schema.obj(loads_bounded(buf[8 : 8 + n], max_bytes=MAX_HEADER, what=what), what)
+    for name, value in header.items():
+        if name == "__metadata__":
+            if value is not None:
+                schema.string_map(value, f"{what}'s __metadata__")
+            continue
+        t = schema.obj(value, f"{what}: tensor {name[:80]!r}")
+        schema.string(t.get("dtype"), f"{what}: dtype of {name[:80]!r}", max_len=64)
+        _shape(t.get("shape"), f"{what}: shape of {name[:80]!r}")
+        schema.offsets(t.get("data_offsets"), f"{what}: data_offsets of {name[:80]!r}")
     return header, 8 + n
 
 
+def _shape(value: Any, what: str) -> list[int]:
+    dims = schema.array(value, what)
+    for d in dims:
+        schema.integer(d, what)
+    return dims
+
+
 def tensor_entries(header: dict[str, Any], source: str) -> list[dict[str, Any]]:
-    """The tensors of a plain safetensors header as index entries, ordered by offset, validated."""
+    """The tensors of a plain safetensors header (checked by :func:`parse_plain_header`) as index
+    entries, ordered by offset, with each byte length matching its dtype and shape."""
     out = []
     for name, t in header.items():
         if name == "__metadata__":
             continue
         if name in RESERVED:
             raise UsageError(f"{source}: tensor name {name!r} is reserved by modelseal")
-        if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= t.keys():
-            raise FormatError(f"{source}: tensor {name!r} has a malformed header entry")
         out.append({"name": name, "dtype": t["dtype"], "shape": t["shape"], "offsets": list(t["data_offsets"])})
     out.sort(key=lambda e: (e["offsets"][0], e["offsets"][1]))
     for e in out:
@@ -101,15 +116,15 @@ def tensor_entries(header: dict[str, Any], source: str) -> list[dict[str, Any]]:
 
 def check_tensor(e: dict[str, Any], source: str) -> None:
     """A tensor's byte length must match its dtype and shape (no silent reinterpretation)."""
-    size = DTYPE_SIZES.get(e.get("dtype"))  # type: ignore[arg-type]
+    name = str(e.get("name"))[:80]
+    dtype = e.get("dtype")
+    size = DTYPE_SIZES.get(dtype) if isinstance(dtype, str) else None
     if size is None:
-        raise FormatError(f"{source}: tensor {e.get('name')!r} has unsupported dtype {e.get('dtype')!r}")
-    shape = e.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise FormatError(f"{source}: tensor {e['name']!r} has a malformed shape")
+        raise FormatError(f"{source}: tensor {name!r} has unsupported dtype {dtype!r:.40}")
+    shape = _shape(e.get("shape"), f"{source}: shape of tensor {name!r}")
     begin, end = e["offsets"]
     if (end - begin) != math.prod(shape) * size:
-        raise FormatError(f"{source}: tensor {e['name']!r}: {end - begin} bytes do not match {e['dtype']}{shape}")
+        raise FormatError(f"{source}: tensor {name!r}: {end - begin} bytes do not match {dtype}{shape}")
 
 
 def _header_bytes(env: Envelope, entries: list[dict[str, Any]], metadata: dict[str, str], size: int | None) -> bytes:
@@ -145,12 +160,7 @@ def seal_buffer(
     """Seal the safetensors file held in ``plain`` (bytes or an mmap view) into ``dst``."""
     header, data_start = parse_plain_header(plain, source)
     entries = tensor_entries(header, source)
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise FormatError(f"{source}: __metadata__ must map strings to strings")
-    metadata = {k: v for k, v in metadata.items() if k != "modelseal"}
+    metadata = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != "modelseal"}
     index = {"entries": entries, "metadata": metadata}
     ents = [Entry(i, e["name"], e["offsets"][0], e["offsets"][1]) for i, e in enumerate(entries)]
     payload = ents[-1].end if ents else 0
@@ -179,10 +189,19 @@ class SealedSafetensors(Artifact):
         src = map_file(path)
         mm = src.mm
         try:
-            header, data_start = parse_plain_header(mm, str(path))
+            try:
+                header, data_start = parse_plain_header(mm, str(path))
+            except FormatError:
+                if mm.find(b'"modelseal"', 8, 8 + _SNIFF) >= 0:
+                    raise  # a damaged sealed file: say what is wrong with it
+                raise FormatError(
+                    f"{path} is not a sealed modelseal file (neither a sealed bundle nor sealed safetensors)"
+                ) from None
             env_text = (header.get("__metadata__") or {}).get("modelseal")
             if not isinstance(env_text, str):
-                raise FormatError(f"{path} is a plain safetensors file, not a sealed one (no modelseal envelope)")
+                raise FormatError(
+                    f"{path} is not a sealed modelseal file: it is a plain safetensors file (no modelseal envelope)"
+                )
             env = Envelope.parse(env_text, str(path))
             if env.protected["kind"] != "safetensors":
                 raise FormatError(f"{path}: envelope kind is {env.protected['kind']!r}, expected 'safetensors'")
@@ -194,26 +213,29 @@ class SealedSafetensors(Artifact):
             raise
 
     def _check_public_listing(self, header: dict[str, Any]) -> None:
-        tags = header.get(TAGS_TENSOR, {})
-        want = [self.payload_size, self.payload_size + self.tag_count * TAG_SIZE]
-        if tags.get("data_offsets") != want:
-            raise FormatError(f"{self.path}: the tag region listed in the safetensors header is inconsistent")
-        if not self.envelope.hidden:
-            for e in self.entries:
-                t = header.get(e.name)
-                if (
-                    not isinstance(t, dict)
-                    or t.get("data_offsets") != [e.begin, e.end]
-                    or t.get("dtype") != e.info["dtype"]
-                    or t.get("shape") != e.info["shape"]
-                ):
-                    raise FormatError(
-                        f"{self.path}: tensor {e.name!r} in the safetensors header disagrees with the sealed index"
-                    )
+        """The plain listing (what other safetensors readers see) must say what the sealed index says:
+        the tag region, then every tensor (public index) or the one payload tensor (hidden), nothing else."""
+        size, tags = self.payload_size, self.tag_count * TAG_SIZE
+        want = {TAGS_TENSOR: ("U8", [tags], [size, size + tags])}
+        if self.envelope.hidden:
+            want[PAYLOAD_TENSOR] = ("U8", [size], [0, size])
+        else:
+            want.update({e.name: (e.info["dtype"], e.info["shape"], [e.begin, e.end]) for e in self.entries})
+        listed = {k: (t["dtype"], t["shape"], t["data_offsets"]) for k, t in header.items() if k != "__metadata__"}
+        wrong = sorted(k for k in listed.keys() | want.keys() if listed.get(k) != want.get(k))
+        if wrong:
+            raise FormatError(
+                f"{self.path}: tensor {wrong[0][:80]!r} in the safetensors header disagrees with the sealed index"
+            )
 
     def _load_index(self, index: dict[str, Any]) -> None:
+        """Check the safetensors index: string metadata, unreserved names, dtype/shape/length agree."""
+        if index.get("metadata") is not None:
+            schema.string_map(index["metadata"], f"{self.path}: the index's metadata")
         super()._load_index(index)
         for e in self.entries:
+            if e.name in RESERVED or e.name == "__metadata__":
+                raise FormatError(f"{self.path}: the index uses the reserved tensor name {e.name!r}")
             check_tensor(e.info, self.path)
 
     def metadata(self) -> dict[str, str]:
