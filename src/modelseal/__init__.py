@@ -11,6 +11,13 @@ Framework loaders live in ``modelseal.torch``, ``modelseal.numpy``, ``modelseal.
 ``modelseal.transformers``; errors in ``modelseal.errors``.
 """
 
+import os
+
+# Before any runtime import, in every entry point (they all import this package first): ONNX Runtime
+# otherwise writes a telemetry database and device id under ~/.cache/Microsoft when it is imported.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
 from modelseal.artifacts import open_artifact
 from modelseal.bundles import open_bundle, read_bytes
 from modelseal.crypto.signing import Signer

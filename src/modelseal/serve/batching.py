@@ -1,25 +1,37 @@
 """Dynamic batching: requests that arrive within ``max_queue_delay`` are run as one batch (up to
 ``max_batch_size`` rows, executed at once when a preferred size is reached), then split back.
 
-Requests are concatenated along the batch dimension only when their other dimensions and dtypes agree;
-a request that does not fit the batch being formed waits for the next one, in arrival order.
+Requests are concatenated along the batch dimension only when their other dimensions, dtypes and
+requested outputs agree; a request that does not fit the batch being formed waits for the next one, in
+arrival order.
+
+Failure containment: a worker never leaves a request waiting. Whatever goes wrong while a batch is
+formed or run fails exactly that batch's requests with a clear error and the worker goes on with the next
+one; a worker task that ends anyway (cancelled from outside, a bug) fails every queued request and is
+restarted, up to :data:`MAX_RESTARTS` times, after which the batcher reports itself dead
+(:attr:`DynamicBatcher.failure`) so that readiness says so and new requests are refused at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from modelseal.serve.errors import ServeError, unavailable
+
 Tensors = dict[str, np.ndarray]
 RunBatch = Callable[[Tensors, list[str]], Awaitable[Tensors]]
+MAX_RESTARTS = 3
+log = logging.getLogger("modelseal.serve")
 
 
-@dataclass
+@dataclass(eq=False)  # identity, never field-wise comparison: the fields hold numpy arrays
 class Pending:
     inputs: Tensors
     outputs: list[str]
@@ -28,6 +40,10 @@ class Pending:
 
     def signature(self) -> tuple[object, ...]:
         return tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(self.inputs.items())), tuple(self.outputs)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 
 class DynamicBatcher:
@@ -39,54 +55,92 @@ class DynamicBatcher:
         preferred: tuple[int, ...] = (),
         workers: int = 1,
         on_batch: Callable[[int], None] | None = None,
+        name: str = "",
     ) -> None:
         self.run, self.max_batch_size, self.max_delay_s = run, max_batch_size, max_delay_s
         self.preferred = set(preferred)
         self.on_batch = on_batch
+        self.name = name or "model"
         self.queue: collections.deque[Pending] = collections.deque()
         self.arrived = asyncio.Event()
-        self.tasks = [asyncio.get_running_loop().create_task(self._worker()) for _ in range(max(1, workers))]
+        self.closing = False
+        self.restarts = 0
+        self.failure = ""  # set when the workers died more than MAX_RESTARTS times: not ready
+        self.tasks: list[asyncio.Task[None]] = []
+        for _ in range(max(1, workers)):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher {self.name}")
+        task.add_done_callback(self._ended)
+        self.tasks.append(task)
+
+    @property
+    def alive(self) -> bool:
+        return not self.failure and all(not t.done() for t in self.tasks)
 
     async def submit(self, inputs: Tensors, outputs: list[str]) -> Tensors:
+        if self.failure:
+            raise unavailable(f"model {self.name}: {self.failure}")
+        if self.closing:
+            raise unavailable(f"model {self.name} is being unloaded")
         rows = next(iter(inputs.values())).shape[0]
         item = Pending(inputs, outputs, rows)
         self.queue.append(item)
         self.arrived.set()
         return await item.future
 
-    def _take(self) -> list[Pending]:
-        """The batch to run now: the oldest request and every later compatible one that fits."""
+    def _take(self, batch: list[Pending]) -> None:
+        """Move the oldest request and every later compatible one that fits into ``batch``; the others
+        keep their order. No ``await`` inside: atomic for the other workers."""
         first = self.queue.popleft()
-        batch, rows, key = [first], first.rows, first.signature()
-        for item in list(self.queue):
-            if rows >= self.max_batch_size:
-                break
-            if item.signature() == key and rows + item.rows <= self.max_batch_size:
-                self.queue.remove(item)
+        batch.append(first)
+        rows, key = first.rows, first.signature()
+        kept: collections.deque[Pending] = collections.deque()
+        while self.queue:
+            item = self.queue.popleft()
+            if rows + item.rows <= self.max_batch_size and item.signature() == key:
                 batch.append(item)
                 rows += item.rows
-        return batch
+            else:
+                kept.append(item)
+        self.queue.extendleft(reversed(kept))
 
     def _ready(self, started: float) -> bool:
         rows = sum(p.rows for p in self.queue)
         return rows >= self.max_batch_size or rows in self.preferred or time.monotonic() - started >= self.max_delay_s
 
+    async def _gather(self) -> None:
+        """Wait for a request, then until the batch is full, preferred, or the delay expires."""
+        while not self.queue:
+            self.arrived.clear()
+            await self.arrived.wait()
+        started = time.monotonic()
+        while not self._ready(started):  # give later requests until the delay expires to join
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), self.max_delay_s - (time.monotonic() - started))
+            except TimeoutError:
+                break
+
     async def _worker(self) -> None:
         while True:
-            while not self.queue:
-                self.arrived.clear()
-                await self.arrived.wait()
-            started = time.monotonic()
-            while not self._ready(started):  # give later requests until the delay expires to join
-                self.arrived.clear()
-                try:
-                    await asyncio.wait_for(self.arrived.wait(), self.max_delay_s - (time.monotonic() - started))
-                except TimeoutError:
-                    break
-            if not self.queue:
-                continue  # another worker took them
-            batch = self._take()
-            await self._execute(batch)
+            batch: list[Pending] = []
+            try:
+                await self._gather()
+                if not self.queue:
+                    continue  # another worker took them
+                self._take(batch)
+                await self._execute(batch)
+            except asyncio.CancelledError:
+                for p in batch:
+                    p.fail(unavailable(f"model {self.name} was unloaded before the request ran"))
+                raise
+            except Exception as exc:  # whatever broke, this batch gets an answer and the worker goes on
+                log.exception("dynamic batcher of model %s failed a batch of %d request(s)", self.name, len(batch))
+                error = ServeError(500, f"the dynamic batcher of model {self.name} failed ({type(exc).__name__})")
+                for p in batch:
+                    p.fail(error)
 
     async def _execute(self, batch: list[Pending]) -> None:
         names = batch[0].inputs.keys()
@@ -96,10 +150,9 @@ class DynamicBatcher:
             self.on_batch(sum(p.rows for p in batch))
         try:
             result = await self.run(merged, batch[0].outputs)
-        except Exception as exc:  # every waiting request gets the failure
+        except Exception as exc:  # every waiting request gets the failure (the caller maps it to a status)
             for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+                p.fail(exc)
             return
         offset = 0
         for p in batch:
@@ -108,11 +161,30 @@ class DynamicBatcher:
             if not p.future.done():
                 p.future.set_result(part)
 
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A worker task ended: fine while closing; otherwise fail the queue (nothing may wait on a dead
+        worker), then restart it, or declare the batcher dead after MAX_RESTARTS."""
+        self.tasks.remove(task)
+        if self.closing:
+            return
+        why = "was cancelled" if task.cancelled() else f"stopped ({type(task.exception()).__name__})"
+        log.error("dynamic batcher worker of model %s %s", self.name, why)
+        self._fail_queue(unavailable(f"model {self.name}: its dynamic batcher {why}; retry"))
+        if self.restarts < MAX_RESTARTS:
+            self.restarts += 1
+            self._spawn()
+        else:
+            self.failure = f"its dynamic batcher {why} {self.restarts + 1} times; load the model again"
+            log.error("model %s is not ready: %s", self.name, self.failure)
+
+    def _fail_queue(self, exc: BaseException) -> None:
         while self.queue:
-            item = self.queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(asyncio.CancelledError())
+            self.queue.popleft().fail(exc)
+
+    async def close(self) -> None:
+        self.closing = True
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_queue(unavailable(f"model {self.name} was unloaded before the request ran"))

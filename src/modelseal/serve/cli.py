@@ -43,6 +43,12 @@ from modelseal.clikit import emit, fail_closed, json_option
     help="Seconds between reload attempts of a model whose key was dropped.",
 )
 @click.option("--max-body-mb", default=64, show_default=True, help="Largest request body / gRPC message.")
+@click.option(
+    "--max-inflight-mb",
+    default=256,
+    show_default=True,
+    help="Request bytes in flight over HTTP and gRPC together; past it: HTTP 429 / RESOURCE_EXHAUSTED.",
+)
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Per-request audit file (JSONL).")
 @click.option("--threads", default=0, help="Intra-op threads per instance (0: the runtime's default).")
 @click.option(
@@ -56,7 +62,8 @@ from modelseal.clikit import emit, fail_closed, json_option
 @fail_closed
 def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key: Path | None,
           client_ca: Path | None, identity: str | None, agent_socket: str | None, models: tuple[str, ...],
-          key_check_s: float, retry_s: float, max_body_mb: int, audit_log: Path | None, threads: int,
+          key_check_s: float, retry_s: float, max_body_mb: int, max_inflight_mb: int, audit_log: Path | None,
+          threads: int,
           trusted_signers: tuple[str, ...], log_json: bool, verbose: bool) -> None:  # fmt: skip
     """Serve the sealed models of a repository to tritonclient / KServe clients, HTTP and gRPC.
 
@@ -72,7 +79,8 @@ def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key
             repository=repository, http=None if http == "off" else http, grpc=None if grpc == "off" else grpc,
             tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca, identity=identity,
             agent_socket=agent_socket, models=list(models), key_check_s=key_check_s, retry_s=retry_s,
-            max_body_bytes=max_body_mb * 1024 * 1024, audit_log=audit_log, threads=threads,
+            max_body_bytes=max_body_mb * 1024 * 1024, max_inflight_bytes=max_inflight_mb * 1024 * 1024,
+            audit_log=audit_log, threads=threads,
             trusted_signers=list(trusted_signers),
         )
     )  # fmt: skip

@@ -6,6 +6,8 @@ the verified client certificate (``context.auth_context()``), which names the ca
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
@@ -15,8 +17,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from modelseal.pki import peer_identity
 from modelseal.serve import datatypes
-from modelseal.serve.errors import ServeError, bad_request
+from modelseal.serve.errors import ServeError
 from modelseal.serve.protocol import inference
+from modelseal.serve.rest import OFFLOAD_BYTES
+from modelseal.serve.v2 import decode_grpc
+
+log = logging.getLogger("modelseal.serve")
 
 
 def client_identity(context: Any) -> str:
@@ -25,45 +31,6 @@ def client_identity(context: Any) -> str:
         return "anonymous"
     der = x509.load_pem_x509_certificate(pems[0]).public_bytes(Encoding.DER)
     return peer_identity(der).spki
-
-
-def decode_inputs(request: Any) -> dict[str, np.ndarray]:
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise bad_request(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
-    arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        try:
-            dtype = datatypes.numpy_dtype(tensor.datatype)
-        except Exception as exc:
-            raise bad_request(f"input {tensor.name}: {exc}") from None
-        shape = [int(d) for d in tensor.shape]
-        if any(d < 0 for d in shape):
-            raise bad_request(f"input {tensor.name}: negative dimension in shape {shape}")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        try:
-            if raw:
-                if len(raw[i]) != count * dtype.itemsize:
-                    raise bad_request(
-                        f"input {tensor.name}: {len(raw[i])} raw bytes do not match shape {shape} of {tensor.datatype}"
-                    )
-                array = np.frombuffer(raw[i], dtype=dtype).reshape(shape)
-            else:
-                field = datatypes.CONTENTS_FIELD.get(tensor.datatype)
-                if field is None:
-                    raise bad_request(f"input {tensor.name}: {tensor.datatype} must be sent as raw_input_contents")
-                values = np.asarray(list(getattr(tensor.contents, field)), dtype=dtype)
-                if values.size != count:
-                    raise bad_request(f"input {tensor.name}: {values.size} values do not fill shape {shape}")
-                array = values.reshape(shape)
-        except ValueError as exc:
-            raise bad_request(f"input {tensor.name}: {exc}") from None
-        if tensor.name in arrays:
-            raise bad_request(f"input {tensor.name} is given twice")
-        arrays[tensor.name] = array
-    if not arrays:
-        raise bad_request("the request has no inputs")
-    return arrays
 
 
 def build_servicer(srv: Any) -> Any:
@@ -116,10 +83,19 @@ def build_servicer(srv: Any) -> Any:
                 srv.metrics.observe_request(name, version, "grpc", status, seconds)
                 srv.audit.record("grpc", name, version, client_identity(context), status, seconds)
 
+            size = request.ByteSize()  # already received by gRPC: charged before it is decoded or run
             try:
-                model = srv.models.get(name, version)
-                version = str(model.version)
-                results = await srv.models.infer(model, decode_inputs(request), [o.name for o in request.outputs])
+                srv.budget.take(size)
+                try:
+                    model = srv.models.get(name, version)
+                    version = str(model.version)
+                    if size >= OFFLOAD_BYTES:
+                        decoded = await asyncio.to_thread(decode_grpc, request)
+                    else:
+                        decoded = decode_grpc(request)
+                    results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
+                finally:
+                    srv.budget.release(size)
                 response = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
                 for out_name, array in results.items():
                     response.outputs.add(name=out_name, datatype=datatypes.v2_name(array.dtype), shape=array.shape)
@@ -127,9 +103,13 @@ def build_servicer(srv: Any) -> Any:
             except ServeError as exc:
                 record(exc.grpc_code.lower())
                 await abort(context, exc)
-            except BaseException:
-                record("error")
+            except asyncio.CancelledError:
+                record("cancelled")
                 raise
+            except Exception as exc:  # a bug, not bad input: INTERNAL naming the kind, never UNKNOWN
+                log.exception("gRPC inference on %s failed", name)
+                record("internal")
+                await abort(context, ServeError(500, f"internal error ({type(exc).__name__})"))
             record("ok")
             return response
 
@@ -163,17 +143,26 @@ def build_server(srv: Any, address: str, tls: tuple[bytes, bytes, bytes | None] 
 
     _, services = inference()
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.so_reuseport", 0),  # a port another server holds is an error, not silently shared
+        ]
     )
     services.add_GRPCInferenceServiceServicer_to_server(build_servicer(srv), server)
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        cert, key, client_ca = tls
-        credentials = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-        )
-        port = server.add_secure_port(address, credentials)
+    from modelseal.serve.server import cannot_listen
+
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            cert, key, client_ca = tls
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+            )
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpcio: "Failed to bind to address"
+        raise cannot_listen("gRPC", address, exc) from None
     if port == 0:
-        raise ServeError(500, f"cannot listen for gRPC on {address}")
+        raise cannot_listen("gRPC", address, RuntimeError("no address bound"))
     return server

@@ -23,8 +23,9 @@ from modelseal.serve import datatypes
 from modelseal.serve.batching import DynamicBatcher, Tensors
 from modelseal.serve.errors import ServeError, bad_request, not_found, unavailable
 from modelseal.serve.metrics import Metrics
-from modelseal.serve.repository import ModelSpec, Repository, is_sealed
+from modelseal.serve.repository import ConfigError, ModelSpec, Repository, is_sealed
 from modelseal.serve.runtimes import Runtime, load_runtime
+from modelseal.serve.v2 import runtime_refusal
 
 log = logging.getLogger("modelseal.serve")
 
@@ -109,17 +110,21 @@ class ModelManager:
             await self.unload(name, "server shutdown")
 
     async def load(self, name: str) -> None:
-        """Load (or reload) the newest version of ``name``; errors are recorded in its state and raised."""
+        """Load (or reload) the newest version of ``name``; errors are recorded in its state and raised:
+        404 when the repository has no such model directory, 400 when its config is unusable (or
+        disagrees with the model), 503 when the model cannot be loaded (key refused, runtime refused it)."""
         async with self.locks.setdefault(name, asyncio.Lock()):
+            if name not in self.repository.names():
+                raise not_found(f"model {name!r} is not in the repository {self.repository.root}")
+            state = self.states.setdefault(name, ModelState())
             try:
                 spec = self.repository.spec(name)
+                versions = spec.versions()
+                if not versions:
+                    raise ConfigError(f"model {name} has no numeric version directory in {spec.path}")
             except ModelsealError as exc:
-                raise not_found(str(exc)) from None
-            versions = spec.versions()
-            if not versions:
-                raise not_found(f"model {name} has no numeric version directory in {spec.path}")
+                raise self._load_failed(name, state, exc) from None
             version = versions[-1]
-            state = self.states.setdefault(name, ModelState())
             state.state = "LOADING"  # keeps the reason it was unavailable until the load succeeds
             started = time.monotonic()
             try:
@@ -141,7 +146,8 @@ class ModelManager:
                      loaded.runtimes[0].device)  # fmt: skip
 
     def _load_failed(self, name: str, state: ModelState, exc: Exception) -> ServeError:
-        """Record why a load failed (a failed *reload* keeps the loaded version serving)."""
+        """Record (state, index, log) why a load failed; a failed *reload* keeps the loaded version serving."""
+        status = 400 if isinstance(exc, ConfigError) else 503
         if isinstance(exc, KeyReleaseError):
             reason, label, retry = f"key refused: {exc}", "key_refused", True
             self.metrics.key_fetches.labels(name, exc.code).inc()
@@ -158,7 +164,8 @@ class ModelManager:
             )
         else:
             state.state, state.reason, state.retry = "UNAVAILABLE", reason, retry
-        return unavailable(f"model {name} cannot be loaded: {reason}")
+        log.error("model %s cannot be loaded: %s", name, reason)
+        return ServeError(status, f"model {name} cannot be loaded: {reason}")
 
     def _build(self, spec: ModelSpec, version: int) -> LoadedModel:
         artifact = spec.artifact(version)
@@ -185,7 +192,7 @@ class ModelManager:
         if spec.max_queue_delay_s is not None:
             model.batcher = DynamicBatcher(
                 model.execute, spec.max_batch_size, spec.max_queue_delay_s, spec.preferred_batch_sizes,
-                workers=spec.instances, on_batch=self.metrics.batch_size.labels(spec.name).observe,
+                workers=spec.instances, on_batch=self.metrics.batch_size.labels(spec.name).observe, name=spec.name,
             )  # fmt: skip
 
     async def unload(self, name: str, reason: str, retry: bool = False) -> None:
@@ -215,7 +222,13 @@ class ModelManager:
             raise unavailable(f"model {name} is not ready: {reason}")
         if version and version != str(model.version):
             raise not_found(f"model {name} has no ready version {version!r} (ready: {model.version})")
+        if model.batcher is not None and not model.batcher.alive:
+            raise unavailable(f"model {name} is not ready: {model.batcher.failure or 'its dynamic batcher stopped'}")
         return model
+
+    def dead_batchers(self) -> list[str]:
+        """Loaded models whose dynamic batcher cannot answer requests (readiness reports them)."""
+        return [n for n, m in self.models.items() if m.batcher is not None and not m.batcher.alive]
 
     def check(self, model: LoadedModel, inputs: Tensors, outputs: list[str]) -> list[str]:
         """Validate names, dtypes and shapes against the config; return the outputs to compute."""
@@ -260,8 +273,12 @@ class ModelManager:
         except ServeError:
             raise
         except Exception as exc:  # a runtime failure: report the kind, never tensor contents
+            refused = runtime_refusal(exc)
+            if refused is not None:
+                raise refused from None
             log.exception("inference on %s failed", model.spec.name)
-            raise ServeError(500, f"inference on {model.spec.name} failed: {type(exc).__name__}") from None
+            why = str(exc) if isinstance(exc, ModelsealError) else type(exc).__name__  # ours never hold data
+            raise ServeError(500, f"inference on {model.spec.name} failed: {why}") from None
         finally:
             model.in_flight -= 1
 
@@ -275,6 +292,8 @@ class ModelManager:
             row = {"name": name, "version": str(model.version) if model else "", "state": state.state}
             if state.reason:
                 row["reason"] = state.reason
+            if model is not None and model.batcher is not None and not model.batcher.alive:
+                row["state"], row["reason"] = "UNAVAILABLE", model.batcher.failure or "its dynamic batcher stopped"
             rows.append(row)
         return rows
 

@@ -33,6 +33,11 @@ PLATFORMS = {
 BACKENDS = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch", "tensorflow": "tensorflow_savedmodel"}
 
 
+class ConfigError(UsageError):
+    """A model's config cannot be used, or disagrees with its model: the message names the model (its
+    config path) and what to change. Served as 400 by ``load`` and as the reason in the index."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -75,7 +80,7 @@ class ModelSpec:
         for name in names:
             if (base / name).exists():
                 return base / name
-        raise UsageError(f"model {self.name} version {version}: none of {', '.join(names)} in {base}")
+        raise ConfigError(f"model {self.name} version {version}: none of {', '.join(names)} in {base}")
 
 
 def is_sealed(path: Path) -> bool:
@@ -101,7 +106,7 @@ def parse_config(directory: Path) -> ModelSpec:
     config = messages.ModelConfig()
     found = [directory / n for n in CONFIG_NAMES if (directory / n).exists()]
     if not found:
-        raise UsageError(f"{directory} has no config ({' or '.join(CONFIG_NAMES)})")
+        raise ConfigError(f"model {directory.name}: {directory} has no config ({' or '.join(CONFIG_NAMES)})")
     path = found[0]
     try:
         text = path.read_text()
@@ -110,33 +115,43 @@ def parse_config(directory: Path) -> ModelSpec:
         else:
             data = json.loads(text) if path.suffix == ".json" else _yaml(text, path)
             json_format.ParseDict(data or {}, config, ignore_unknown_fields=True)
-    except (text_format.ParseError, json_format.ParseError, json.JSONDecodeError, ValueError) as exc:
-        raise UsageError(f"{path}: {exc}") from None
+    except (text_format.ParseError, json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     name = config.name or directory.name
     if name != directory.name:
-        raise UsageError(f"{path}: name {name!r} differs from the model directory {directory.name!r}")
+        raise ConfigError(f"{path}: name {name!r} differs from the model directory {directory.name!r}")
     platform = config.platform or BACKENDS.get(config.backend, "")
     if platform not in PLATFORMS:
-        raise UsageError(
+        raise ConfigError(
             f"{path}: platform {config.platform or config.backend or '(none)'} is not served "
             f"(supported: {', '.join(PLATFORMS)}; backends {', '.join(BACKENDS)})"
         )
 
     def tensors(items: Any, what: str) -> tuple[TensorSpec, ...]:
-        specs = []
+        specs: list[TensorSpec] = []
         for t in items:
             if not t.name:
-                raise UsageError(f"{path}: an {what} has no name")
-            dtype = messages.DataType.Name(t.data_type)
-            specs.append(TensorSpec(t.name, datatypes.from_config(dtype), tuple(int(d) for d in t.dims)))
+                raise ConfigError(f"{path}: an {what} has no name")
+            if any(s.name == t.name for s in specs):
+                raise ConfigError(f"{path}: {what} {t.name!r} is declared twice")
+            try:
+                dtype = datatypes.from_config(messages.DataType.Name(t.data_type))
+            except (UsageError, ValueError) as exc:
+                raise ConfigError(f"{path}: {what} {t.name!r}: {exc}") from None
+            dims = tuple(int(d) for d in t.dims)
+            if any(d < -1 for d in dims):
+                raise ConfigError(f"{path}: {what} {t.name!r} has dims {list(dims)}; each must be -1 or >= 0")
+            specs.append(TensorSpec(t.name, dtype, dims))
         if not specs:
-            raise UsageError(f"{path}: no {what}s declared")
+            raise ConfigError(f"{path}: no {what}s declared")
         return tuple(specs)
 
     batching = config.HasField("dynamic_batching")
     delay = config.dynamic_batching.max_queue_delay_microseconds / 1e6 if batching else None
     if batching and config.max_batch_size <= 0:
-        raise UsageError(f"{path}: dynamic_batching needs max_batch_size > 0")
+        raise ConfigError(f"{path}: dynamic_batching needs max_batch_size > 0")
     return ModelSpec(
         name=name,
         path=directory,
@@ -156,7 +171,7 @@ def _yaml(text: str, path: Path) -> Any:
     try:
         import yaml
     except ImportError:
-        raise UsageError(f"{path}: reading YAML configs needs PyYAML (pip install 'modelseal[serve]')") from None
+        raise ConfigError(f"{path}: reading YAML configs needs PyYAML (pip install 'modelseal[serve]')") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

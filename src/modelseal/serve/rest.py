@@ -7,20 +7,21 @@ application (FIELD-NOTES); aiohttp does. HTTP parsing is aiohttp's; this module 
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
 from modelseal.pki import peer_identity
-from modelseal.serve import datatypes
-from modelseal.serve.errors import ServeError, bad_request
+from modelseal.serve.errors import ServeError
 from modelseal.serve.models import ModelManager
+from modelseal.serve.v2 import HEADER_LENGTH, decode_rest, encode_rest, parse_json
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
+log = logging.getLogger("modelseal.serve")
 SERVER: web.AppKey[Any] = web.AppKey("server")
 EXTENSIONS = ["binary_tensor_data", "model_repository", "metrics"]
 
@@ -32,7 +33,8 @@ def client_identity(request: web.Request) -> str:
 
 
 def error_response(exc: ServeError) -> web.Response:
-    return web.json_response({"error": str(exc)}, status=exc.status)
+    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    return web.json_response({"error": str(exc)}, status=exc.status, headers=headers)
 
 
 @web.middleware
@@ -44,111 +46,47 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SERVER].config.max_body_bytes
         return web.json_response({"error": f"request body too large (limit {limit} bytes)"}, status=413)
+    except web.HTTPException:
+        raise  # aiohttp's own answers (404 route, 405 method)
+    except Exception as exc:  # a bug, not bad input: log it, tell the client only the kind
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": f"internal error ({type(exc).__name__})"}, status=500)
 
 
-# --- decoding ------------------------------------------------------------------------------------
+# --- bodies ----------------------------------------------------------------------------------------
+
+OFFLOAD_BYTES = 1 << 20  # bodies this large are decoded on a thread, so the event loop keeps answering
 
 
-def parse_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    if header_length is None:
-        json_part, binary = body, b""
-    else:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise bad_request(f"{HEADER_LENGTH} must be an integer") from None
-        if not 0 <= n <= len(body):
-            raise bad_request(f"{HEADER_LENGTH} {n} is outside the body ({len(body)} bytes)")
-        json_part, binary = body[:n], body[n:]
+@contextlib.asynccontextmanager
+async def body_within_budget(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body, charged to the server's in-flight byte budget for as long as it is used.
+
+    A declared ``Content-Length`` is checked against the size limit and charged *before* a byte is read,
+    so refused bodies are never buffered; a chunked body is charged as its chunks arrive."""
+    srv = server(request)
+    limit, budget = srv.config.max_body_bytes, srv.budget
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise ServeError(413, f"request body too large ({declared} bytes; limit {limit} bytes)")
+    charged = 0
     try:
-        request = json.loads(json_part)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request is not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise bad_request("the request must be a JSON object")
-    return request, binary
-
-
-def decode_inputs(request: dict[str, Any], binary: bytes) -> dict[str, np.ndarray]:
-    items = request.get("inputs")
-    if not isinstance(items, list) or not items:
-        raise bad_request("the request needs a non-empty 'inputs' list")
-    arrays: dict[str, np.ndarray] = {}
-    offset = 0
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise bad_request("each input needs a 'name'")
-        name = item["name"]
-        shape, dtype_name = item.get("shape"), item.get("datatype")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise bad_request(f"input {name}: 'shape' must be a list of non-negative integers")
-        if not isinstance(dtype_name, str):
-            raise bad_request(f"input {name}: 'datatype' is missing")
-        try:
-            dtype = datatypes.numpy_dtype(dtype_name)
-        except Exception as exc:
-            raise bad_request(f"input {name}: {exc}") from None
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        size = (item.get("parameters") or {}).get("binary_data_size")
-        try:
-            if size is not None:
-                if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
-                    raise bad_request(f"input {name}: binary_data_size {size} does not match shape and datatype")
-                array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
-                offset += size
-            else:
-                data = item.get("data")
-                if data is None:
-                    raise bad_request(f"input {name} has neither 'data' nor binary data")
-                array = np.asarray(data, dtype=dtype)
-                if array.size != count:
-                    raise bad_request(f"input {name}: {array.size} values do not fill shape {shape}")
-                array = array.reshape(shape)
-        except (ValueError, TypeError) as exc:
-            raise bad_request(f"input {name}: {exc}") from None
-        if name in arrays:
-            raise bad_request(f"input {name} is given twice")
-        arrays[name] = array
-    if offset != len(binary):
-        raise bad_request(f"{len(binary) - offset} bytes of binary data belong to no input")
-    return arrays
-
-
-def requested_outputs(request: dict[str, Any]) -> tuple[list[str], dict[str, bool]]:
-    """Output names and, per output, whether it goes back as binary data."""
-    default_binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
-    names, binary = [], {}
-    for item in request.get("outputs") or []:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise bad_request("each requested output needs a 'name'")
-        names.append(item["name"])
-        binary[item["name"]] = bool((item.get("parameters") or {}).get("binary_data", default_binary))
-    return names, {"*": default_binary, **binary}
-
-
-def encode_response(model: str, version: str, request_id: Any, results: dict[str, np.ndarray],
-                    binary: dict[str, bool]) -> web.Response:  # fmt: skip
-    outputs, chunks = [], []
-    for name, array in results.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatypes.v2_name(array.dtype), "shape": list(array.shape)}
-        if binary.get(name, binary["*"]):
-            raw = np.ascontiguousarray(array).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
+        if declared is not None:
+            budget.take(declared)
+            charged = declared
+            body = await request.read()
         else:
-            entry["data"] = array.ravel().tolist()
-        outputs.append(entry)
-    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
-    if request_id:
-        body["id"] = request_id
-    header = json.dumps(body, separators=(",", ":")).encode()
-    if not chunks:
-        return web.Response(body=header, content_type="application/json")
-    return web.Response(
-        body=header + b"".join(chunks),
-        content_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(len(header))},
-    )
+            chunks = []
+            async for chunk in request.content.iter_chunked(1 << 16):
+                if charged + len(chunk) > limit:
+                    raise ServeError(413, f"request body too large (limit {limit} bytes)")
+                budget.take(len(chunk))
+                charged += len(chunk)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        yield body
+    finally:
+        budget.release(charged)
 
 
 # --- handlers ------------------------------------------------------------------------------------
@@ -193,14 +131,21 @@ async def infer(request: web.Request) -> web.Response:
     started = time.monotonic()
     status, served_version = "error", version  # e.g. a body over the size limit
     try:
-        body, binary = parse_body(await request.read(), request.headers.get(HEADER_LENGTH))
-        model = srv.models.get(name, version)
-        served_version = str(model.version)
-        inputs = decode_inputs(body, binary)
-        outputs, binary_out = requested_outputs(body)
-        results = await srv.models.infer(model, inputs, outputs)
+        async with body_within_budget(request) as body:
+            model = srv.models.get(name, version)
+            served_version = str(model.version)
+            header = request.headers.get(HEADER_LENGTH)
+            if len(body) >= OFFLOAD_BYTES:
+                decoded = await asyncio.to_thread(decode_rest, body, header)
+            else:
+                decoded = decode_rest(body, header)
+            results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
+        json_part, chunks = encode_rest(name, served_version, decoded, results)
         status = "ok"
-        return encode_response(name, served_version, body.get("id"), results, binary_out)
+        if not chunks:
+            return web.Response(body=json_part, content_type="application/json")
+        return web.Response(body=json_part + b"".join(chunks), content_type="application/octet-stream",
+                            headers={HEADER_LENGTH: str(len(json_part))})  # fmt: skip
     except ServeError as exc:
         status = exc.grpc_code.lower()
         raise
@@ -211,11 +156,11 @@ async def infer(request: web.Request) -> web.Response:
 
 
 async def repository_index(request: web.Request) -> web.Response:
-    try:
-        body = await request.json() if request.can_read_body else {}
-    except json.JSONDecodeError:
-        raise bad_request("the request is not valid JSON") from None
-    ready_only = bool(body.get("ready", False)) if isinstance(body, dict) else False
+    async with body_within_budget(request) as raw:
+        body = parse_json(raw) if raw.strip() else {}
+    ready_only = body.get("ready", False) if isinstance(body, dict) else None
+    if not isinstance(ready_only, bool):
+        raise ServeError(400, 'the index request must be a JSON object whose "ready" is true or false')
     return web.json_response(server(request).models.index(ready_only))
 
 

@@ -7,6 +7,7 @@ used when present: ONNX Runtime's CUDA provider if installed, PyTorch's ``cuda``
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,7 +15,12 @@ import numpy as np
 
 from modelseal.errors import MissingDependencyError, UsageError
 from modelseal.recipients.parse import IdentitySpec
-from modelseal.serve.repository import ModelSpec, is_sealed
+from modelseal.serve import datatypes
+from modelseal.serve.repository import ConfigError, ModelSpec, TensorSpec, is_sealed
+
+# what a model itself says about one tensor: (V2 datatype, or the framework's own name for a type the
+# protocol lacks, or None when unknown; the full shape with None for a variable dim, or None when unknown)
+Declared = tuple[str | None, tuple[int | None, ...] | None]
 
 
 class Runtime(Protocol):
@@ -22,7 +28,89 @@ class Runtime(Protocol):
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
 
+    def check(self, spec: ModelSpec) -> None: ...
+
     def close(self) -> None: ...
+
+
+# --- the config checked against the model (at load, so a mismatch is a clear UNAVAILABLE reason) ------
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return str([-1 if d is None else d for d in shape])
+
+
+def _shape_problem(what: str, t: TensorSpec, shape: tuple[int | None, ...], batching: bool) -> str | None:
+    config = [-1, *t.dims] if batching else list(t.dims)
+    if batching and shape and shape[0] is not None:
+        return (f"{what} {t.name!r} has a fixed batch dimension {shape[0]} in the model ({_shape_text(shape)}), "
+                "but max_batch_size > 0 batches it: set max_batch_size: 0 and declare the full dims")  # fmt: skip
+    if len(shape) != len(config) or any(
+        c != -1 and m is not None and c != m for c, m in zip(config[1:] if batching else config,
+                                                                shape[1:] if batching else shape, strict=False)
+    ):  # fmt: skip
+        return f"{what} {t.name!r} has shape {config} in the config but {_shape_text(shape)} in the model"
+    return None
+
+
+def check_tensors(spec: ModelSpec, kind: str, inputs: dict[str, Declared] | None,
+                  outputs: dict[str, Declared] | None) -> None:  # fmt: skip
+    """Raise :class:`ConfigError` naming every way the config's inputs/outputs disagree with what the
+    ``kind`` model declares (``None``: the framework cannot tell). The config must name every model input
+    (all are fed) and may name a subset of its outputs."""
+    problems = []
+    checks = (("input", spec.inputs, inputs, True), ("output", spec.outputs, outputs, False))
+    for what, declared, model, exact in checks:
+        if model is None:
+            continue
+        names = [t.name for t in declared]
+        unknown = [n for n in names if n not in model]
+        if unknown:
+            problems.append(f"config {what}(s) {unknown} are not in the model (its {what}s: {sorted(model)})")
+        missing = [n for n in model if n not in names] if exact else []
+        if missing:
+            problems.append(f"the model also needs {what}(s) {missing}, which the config does not declare")
+        for t in declared:
+            dtype, shape = model.get(t.name, (None, None))
+            if dtype is not None and dtype != t.datatype:
+                problems.append(f"{what} {t.name!r} is {t.datatype} in the config but {dtype} in the model")
+            problem = _shape_problem(what, t, shape, spec.batching) if shape is not None else None
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise ConfigError(f"model {spec.name}: its config disagrees with the {kind} model: {'; '.join(problems)}")
+
+
+def check_arity(spec: ModelSpec, kind: str, function: Any) -> None:
+    """A PyTorch model is called with the config's inputs as positional arguments, in order: their number
+    must be one the model's ``forward`` accepts (names and dtypes are not knowable before a call)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if not len(required) <= len(spec.inputs) <= len(positional):
+        names = [p.name for p in positional]
+        raise ConfigError(f"model {spec.name}: its config declares {len(spec.inputs)} input(s) "
+                          f"{[t.name for t in spec.inputs]}, but the {kind} model's forward takes {names}")  # fmt: skip
+
+
+_ORT_TYPES = {f"tensor({n})": v2 for n, v2 in (
+    ("bool", "BOOL"), ("uint8", "UINT8"), ("uint16", "UINT16"), ("uint32", "UINT32"), ("uint64", "UINT64"),
+    ("int8", "INT8"), ("int16", "INT16"), ("int32", "INT32"), ("int64", "INT64"), ("float16", "FP16"),
+    ("float", "FP32"), ("double", "FP64"))}  # fmt: skip
+
+
+def _ort_declared(args: Any) -> dict[str, Declared]:
+    """ONNX Runtime's NodeArgs: symbolic or unknown dims (strings, None) are variable."""
+    found: dict[str, Declared] = {}
+    for a in args:
+        shape = None if a.shape is None else tuple(d if isinstance(d, int) and d >= 0 else None for d in a.shape)
+        found[a.name] = (_ORT_TYPES.get(a.type, a.type), shape)
+    return found
 
 
 class OnnxRuntime:
@@ -51,6 +139,9 @@ class OnnxRuntime:
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         results = self.session.run(outputs, inputs)
         return dict(zip(outputs, results, strict=True))
+
+    def check(self, spec: ModelSpec) -> None:
+        check_tensors(spec, "ONNX", _ort_declared(self.session.get_inputs()), _ort_declared(self.session.get_outputs()))
 
     def close(self) -> None:
         self.session = None
@@ -96,6 +187,9 @@ class TorchRuntime:
         self.module.eval()
         self.input_names = [t.name for t in spec.inputs]
         self.output_names = [t.name for t in spec.outputs]
+
+    def check(self, spec: ModelSpec) -> None:
+        check_arity(spec, "PyTorch", self.module.forward)
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -161,6 +255,22 @@ class TensorflowRuntime:
             raise UsageError(f"model {spec.name} has no signature {name!r} (has {sorted(self.model.signatures)})")
         self.fn = self.model.signatures[name]
 
+    def check(self, spec: ModelSpec) -> None:
+        def declared(specs: Any) -> dict[str, Declared]:
+            found: dict[str, Declared] = {}
+            for key, s in specs.items():
+                try:
+                    dtype: str | None = datatypes.v2_name(s.dtype.as_numpy_dtype)
+                except (UsageError, TypeError):
+                    dtype = s.dtype.name
+                dims = s.shape.as_list() if s.shape.rank is not None else None
+                found[key] = (dtype, tuple(dims) if dims is not None else None)
+            return found
+
+        _, kwargs = self.fn.structured_input_signature
+        outputs = self.fn.structured_outputs
+        check_tensors(spec, "TensorFlow", declared(kwargs), declared(outputs) if isinstance(outputs, dict) else None)
+
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         result = self.fn(**{n: self.tf.constant(a) for n, a in inputs.items()})
         missing = [n for n in outputs if n not in result]
@@ -208,5 +318,11 @@ def load_runtime(
     spec: ModelSpec, artifact: Path, identity: IdentitySpec | None, threads: int = 0, signers: list[str] | None = None
 ) -> Any:
     """One instance of ``spec``'s model from ``artifact`` (decrypted in memory when sealed; with ``signers``,
-    only if a trusted publisher signed it)."""
-    return RUNTIMES[spec.platform](spec, artifact, identity, threads, signers or [])
+    only if a trusted publisher signed it), checked to agree with the config."""
+    runtime = RUNTIMES[spec.platform](spec, artifact, identity, threads, signers or [])
+    try:
+        runtime.check(spec)
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime

@@ -7,9 +7,11 @@ unloads every model, which closes its runtimes and drops the decrypted weights a
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from modelseal.errors import UsageError
 from modelseal.recipients.parse import IdentitySpec
 from modelseal.serve.audit import AuditLog
 from modelseal.serve.errors import ServeError
+from modelseal.serve.limits import ByteBudget
 from modelseal.serve.metrics import Metrics
 from modelseal.serve.models import ModelManager
 from modelseal.serve.repository import Repository
@@ -42,6 +45,7 @@ class ServeConfig:
     key_check_s: float = 5
     retry_s: float = 30
     max_body_bytes: int = 64 * 1024 * 1024
+    max_inflight_bytes: int = 256 * 1024 * 1024  # all request bodies/messages in flight together
     audit_log: Path | None = None
     drain_s: float = 10
     threads: int = 0
@@ -63,13 +67,45 @@ def split_address(address: str) -> tuple[str, int]:
         raise UsageError(f"bad listen address {address!r} (HOST:PORT)") from None
 
 
+def cannot_listen(what: str, address: str, exc: OSError | RuntimeError) -> UsageError:
+    """One line naming the protocol and port (the CLI prints it and exits 1)."""
+    port = split_address(address)[1]
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        why = f"port {port} is already in use (another server? pick another port with --{what.lower()})"
+    elif isinstance(exc, OSError):
+        why = f"port {port}: {exc.strerror or exc}"
+    else:
+        why = f"port {port} cannot be bound"
+    return UsageError(f"cannot listen for {what} on {address}: {why}")
+
+
+def check_free(what: str, address: str) -> None:
+    """Bind ``address`` once and let it go, so that a port in use is reported in one clean line before
+    anything starts (gRPC's C core would also log its own error line, and HTTP would already be up)."""
+    host, port = split_address(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen for {what} on {address}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is free
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise cannot_listen(what, address, exc) from None
+
+
 class Server:
     def __init__(self, config: ServeConfig) -> None:
         if bool(config.tls_cert) != bool(config.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
         if config.client_ca and not config.tls_cert:
             raise UsageError("--client-ca (mTLS) needs --tls-cert and --tls-key")
+        if config.max_inflight_bytes < config.max_body_bytes:
+            raise UsageError("--max-inflight-mb must be at least --max-body-mb (one request must fit)")
         self.config = config
+        self.budget = ByteBudget(config.max_inflight_bytes)
         self.metrics = Metrics()
         self.audit = AuditLog(config.audit_log)
         self.models = ModelManager(
@@ -77,8 +113,13 @@ class Server:
             key_check_s=config.key_check_s, retry_s=config.retry_s, threads=config.threads,
             trusted_signers=config.trusted_signers,
         )  # fmt: skip
-        self.ready = False
+        self.started = False
         self.stopping = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        """Serving, and no loaded model's dynamic batcher is dead (its requests would not be answered)."""
+        return self.started and not self.models.dead_batchers()
 
     def ssl_context(self) -> ssl.SSLContext | None:
         cfg = self.config
@@ -113,6 +154,9 @@ class Server:
         from modelseal.serve.rest import build_app
 
         harden_process()  # decrypted weights live in this process: no core dumps, no ptrace by other users
+        for what, address in (("HTTP", self.config.http), ("gRPC", self.config.grpc)):
+            if address:
+                check_free(what, address)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -122,7 +166,10 @@ class Server:
                 runner = web.AppRunner(build_app(self, self.config.max_body_bytes), access_log=None)
                 await runner.setup()
                 host, port = split_address(self.config.http)
-                await web.TCPSite(runner, host, port, ssl_context=self.ssl_context()).start()
+                try:
+                    await web.TCPSite(runner, host, port, ssl_context=self.ssl_context()).start()
+                except OSError as exc:
+                    raise cannot_listen("HTTP", self.config.http, exc) from None
             if self.config.grpc:
                 grpc_server = build_server(self, self.config.grpc, self.grpc_tls(), self.config.max_body_bytes)
                 await grpc_server.start()
@@ -131,11 +178,11 @@ class Server:
                      self.config.grpc, " (mTLS)" if self.config.client_ca else "")  # fmt: skip
             await self.load_models()
             self.models.start()
-            self.ready = True
+            self.started = True
             log.info("server ready: %s", ", ".join(f"{m['name']} {m['state']}" for m in self.models.index()))
             await self.stopping.wait()
         finally:
-            self.ready = False
+            self.started = False
             log.info("shutting down: draining in-flight requests")
             if grpc_server is not None:
                 await grpc_server.stop(self.config.drain_s)
