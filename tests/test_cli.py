@@ -162,3 +162,108 @@ def test_every_command_has_help() -> None:
 def test_demo_json(tmp_path: Path) -> None:
     rep = json.loads(ms("demo", "--workdir", tmp_path / "d", "--json").stdout)
     assert rep["identical_to_plain"] is True
+
+
+# ------------------------------------------------------------- issue 14 item 11: the error promise
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str | Path) -> None:
+    """Exit 1 and exactly one ``modelseal: error:`` line that names what it is about."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    err = proc.stderr.strip()
+    assert err.startswith("modelseal: error:") and "\n" not in err, err
+    for n in needles:
+        assert str(n) in err, err
+
+
+def strays(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".partial" in p.name]
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path: Path, keys: dict[str, str]) -> None:
+    """ac0b701: click's 4-line usage error and exit 2."""
+    missing = tmp_path / "nope.safetensors"
+    for args in (
+        ["seal", missing, "-o", tmp_path / "x", "-r", keys["host"]],
+        ["inspect", missing],
+        ["verify", missing, "-i", tmp_path / "host.key"],
+        ["open", missing, "-i", tmp_path / "host.key", "-o", tmp_path / "y"],
+        ["rekey", missing, "-i", tmp_path / "host.key", "--add-recipient", keys["other"]],
+    ):
+        one_line_error(ms(*args, check=False), missing)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_empty_directory_is_an_error(tmp_path: Path, keys: dict[str, str]) -> None:
+    """ac0b701: verify and inspect of an empty directory printed nothing and exited 0."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (
+        ["inspect", empty],
+        ["verify", empty, "-i", tmp_path / "host.key"],
+        ["open", empty, "-i", tmp_path / "host.key", "-o", tmp_path / "out"],
+        ["rekey", empty, "-i", tmp_path / "host.key", "--add-recipient", keys["other"]],
+    ):
+        one_line_error(ms(*args, check=False), f"no sealed files in {empty}")
+
+
+def test_seal_output_rules(tmp_path: Path, keys: dict[str, str]) -> None:
+    """Missing parent (files and directories alike), a directory in the way, no overwrite without --force."""
+    plain = tmp_path / "m.safetensors"
+    save_file(make_tensors(), str(plain))
+    src = tmp_path / "model"
+    src.mkdir()
+    save_file(make_tensors(1), str(src / "w.safetensors"))
+    host = keys["host"]
+    nowhere = tmp_path / "no" / "such"
+    one_line_error(ms("seal", plain, "-o", nowhere / "m.sealed", "-r", host, check=False), nowhere, "does not exist")
+    one_line_error(ms("seal", src, "-o", nowhere / "sealed", "-r", host, check=False), nowhere, "does not exist")
+    assert not (tmp_path / "no").exists()  # ac0b701 created the parents of a directory output
+
+    (tmp_path / "adir").mkdir()
+    adir = ms("seal", plain, "-o", tmp_path / "adir", "-r", host, "--force", check=False)
+    one_line_error(adir, tmp_path / "adir", "directory")  # ac0b701: IsADirectoryError traceback
+
+    sealed = tmp_path / "m.sealed"
+    ms("seal", plain, "-o", sealed, "-r", host)
+    first = sealed.read_bytes()
+    one_line_error(ms("seal", plain, "-o", sealed, "-r", host, check=False), sealed, "--force")
+    assert sealed.read_bytes() == first  # ac0b701 overwrote it silently
+    ms("seal", plain, "-o", sealed, "-r", host, "--force")
+    assert sealed.read_bytes() != first
+
+    (tmp_path / "out").mkdir()  # an empty directory may receive a sealed directory
+    ms("seal", src, "-o", tmp_path / "out", "-r", host)
+    one_line_error(ms("seal", src, "-o", tmp_path / "out", "-r", host, check=False), tmp_path / "out", "--force")
+    ms("seal", src, "-o", tmp_path / "out", "-r", host, "--force")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["w.safetensors"]
+    assert not strays(tmp_path)
+
+
+def test_keygen_writes_the_public_file(tmp_path: Path) -> None:
+    """`keygen -o host.key` also writes host.pub, which `seal -r host.pub` reads (the README's example)."""
+    rep = json.loads(ms("keygen", "-o", tmp_path / "host.key", "--json").stdout)
+    pub = tmp_path / "host.pub"
+    assert rep["file"] == str(tmp_path / "host.key") and rep["public_file"] == str(pub)
+    assert pub.read_text().splitlines()[-1] == rep["public"]
+    secret = (tmp_path / "host.key").read_text().splitlines()[-1].split(":", 1)[1]
+    assert secret not in pub.read_text()
+    plain = tmp_path / "m.safetensors"
+    save_file(make_tensors(), str(plain))
+    ms("keygen", "--signing", "-o", tmp_path / "owner.sign")
+    ms("seal", plain, "-o", tmp_path / "m.sealed", "-r", pub, "--sign-key", tmp_path / "owner.sign")
+    ms("verify", tmp_path / "m.sealed", "-i", tmp_path / "host.key", "--trusted-signer", tmp_path / "owner.pub")
+
+    for existing in ("host.key", "host.pub"):
+        (tmp_path / "fresh.key").unlink(missing_ok=True)
+        (tmp_path / "fresh.pub").unlink(missing_ok=True)
+        (tmp_path / existing.replace("host", "fresh")).write_text("keep")
+        proc = ms("keygen", "-o", tmp_path / "fresh.key", check=False)
+        one_line_error(proc, tmp_path / existing.replace("host", "fresh"), "--force")
+        assert sorted(p.name for p in tmp_path.glob("fresh.*")) == [existing.replace("host", "fresh")]
+    again = json.loads(ms("keygen", "-o", tmp_path / "host.key", "--force", "--json").stdout)
+    assert again["public"] != rep["public"] and pub.read_text().splitlines()[-1] == again["public"]
+    sym = json.loads(ms("keygen", "--symmetric", "-o", tmp_path / "sym.key", "--json").stdout)
+    assert sym["public_file"] is None and not (tmp_path / "sym.pub").exists()
+    one_line_error(ms("keygen", "-o", tmp_path / "x.pub", check=False), "x.pub")
+    assert not strays(tmp_path)
