@@ -2,7 +2,9 @@
 
 It proves *who* the host is (its key, its SANs), not *what software* it runs; grants that need more
 require TEE or TPM evidence as well. The TLS channel carries the nonce and the ephemeral key, so the
-binding holds by construction.
+binding holds by construction. A certificate whose URI SANs cannot be identities (``spki:...``, dot
+segments: :func:`modelseal.pki.identity_uri`) proves nothing: the key service refuses it before any
+grant is looked at, and this verifier refuses it again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ class MtlsVerifier:
     def verify(self, evidence: dict[str, Any], ctx: VerificationContext) -> Claims:
         if ctx.peer is None:
             raise EvidenceError("mtls evidence exists only inside a TLS connection to the key service")
+        if ctx.peer.refused_uris:
+            raise EvidenceError(f"the client certificate {ctx.peer.spki} is refused: {ctx.peer.refused_uris[0]}")
         return Claims(
             kind=self.kind,
             measurements={"spki": ctx.peer.spki, **{f"uri{i}": u for i, u in enumerate(ctx.peer.uris)}},

@@ -121,7 +121,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": _op(
                     "key ids this host is granted (mTLS)",
                     _obj(["host", "keys"], host={"type": "string"}, keys={"type": "array"}),
-                    (401,),
+                    (401, 403),
                 )
             },
             "/v1/admin/models": {

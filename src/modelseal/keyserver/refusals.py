@@ -7,7 +7,8 @@ counted, and at the end of the interval each such count becomes one summary entr
 ``"count": N``, first and last time, one sample) appended to the same hash chain. The peer is the
 certificate's ``spki:`` hash when the host presented one, otherwise the remote address; past
 ``max_peers`` distinct keys in an interval, new peers share one ``"*"`` key, and at most
-``total_burst`` full entries are written per interval over all peers. So a flood costs at most
+``total_burst`` full entries are written per interval over all peers. (Refusals of requests that
+carry the admin token are always written in full.) So a flood costs at most
 ``total_burst + max_peers`` entries per interval whatever its size, and no refusal goes uncounted:
 the number of refusals is the number of full refusal entries plus the sum of the summaries' counts.
 
@@ -61,7 +62,12 @@ class RefusalLimiter:
         self._unwritten: list[dict[str, Any]] = []  # summaries whose write failed, retried next time
 
     def admit(self, record: dict[str, Any]) -> bool:
-        """True: append ``record`` (a refusal audit event) now. False: it was counted for a summary."""
+        """True: append ``record`` (a refusal audit event) now. False: it was counted for a summary.
+
+        Refusals of the authenticated admin are always written in full: the admin token is not
+        something a flood can have, and each of its refusals explains a change that did not happen."""
+        if record.get("actor") == "admin":
+            return True
         s = self.settings
         key = (str(record.get("event")), str(record.get("code")), peer_of(record))
         with self._lock:
