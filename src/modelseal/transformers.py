@@ -7,20 +7,23 @@ the same sealed directory, sits at its sealed path, and that none is missing.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from modelseal.artifacts import open_artifact, resolve_identity
+from modelseal.crypto import keys
 from modelseal.errors import UsageError
-from modelseal.format import directory
+from modelseal.format import directory, schema
+from modelseal.format.boundedjson import loads_bounded
 from modelseal.format.bundle import SealedBundle
 from modelseal.format.container import Artifact
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.recipients.parse import IdentitySpec
 from modelseal.tensors import allocate
+
+MAX_CONFIG = 16 << 20  # a config.json is a few KiB; the cap only bounds what a damaged file can cost
 
 
 def _open_all(
@@ -93,7 +96,10 @@ def read_file(model_dir: str | os.PathLike[str], name: str, *, identity: Identit
 
 def load_config(model_dir: str | os.PathLike[str], *, identity: IdentitySpec | None = None) -> dict[str, Any]:
     """The model's ``config.json`` as a dict."""
-    cfg = json.loads(bytes(read_file(model_dir, "config.json", identity=identity)))
-    if not isinstance(cfg, dict):
-        raise UsageError("config.json is not a JSON object")
-    return cfg
+    what = f"{Path(model_dir) / 'config.json'}"
+    raw = read_file(model_dir, "config.json", identity=identity)
+    try:
+        cfg = loads_bounded(raw, max_bytes=MAX_CONFIG, max_depth=64, what=what)
+    finally:
+        keys.wipe(raw)
+    return schema.obj(cfg, what)
