@@ -298,6 +298,15 @@ def test_open_force_replaces_a_directory_whole(work: Path, sealed_dir: Path, hos
     assert sorted(p.name for p in work.iterdir()) == ["out"]
 
 
+def test_open_onto_its_own_input_is_refused(sealed_dir: Path, sealed_file: Path, host: HpkeIdentity) -> None:
+    """--force must not let the plaintext replace (and so delete) the sealed files it is read from."""
+    for src, out in ((sealed_dir, sealed_dir), (sealed_dir, sealed_dir / "sub"), (sealed_file, sealed_file)):
+        before = tree(src.parent)
+        with pytest.raises(UsageError, match="outside the sealed input"):
+            open_to_disk(src, out, host, force=True)
+        assert tree(src.parent) == before
+
+
 def test_force_does_not_follow_a_link_inside_the_output(
     work: Path, tmp_path: Path, sealed_dir: Path, host_key: Path
 ) -> None:
@@ -401,7 +410,7 @@ def synced(path: Path, seen: list[tuple[int, int, bool]]) -> bool:
     return (st.st_dev, st.st_ino, stat.S_ISDIR(st.st_mode)) in seen
 
 
-@pytest.mark.parametrize("what", ["open", "open-dir", "seal", "seal-dir", "key", "rekey"])
+@pytest.mark.parametrize("what", ["open", "open-dir", "seal", "seal-dir", "key", "master-key", "rekey"])
 def test_outputs_are_fsynced_with_their_directory(
     work: Path,
     tmp_path: Path,
@@ -423,6 +432,10 @@ def test_outputs_are_fsynced_with_their_directory(
         modelseal.seal(tmp_path / "model", out, [host.recipient])
     elif what == "key":
         host.save(out)
+    elif what == "master-key":
+        from modelseal.keyserver.masterkey import LocalMasterKey
+
+        LocalMasterKey.create(out).rotate()
     else:
         out = sealed_file
         work = sealed_file.parent
