@@ -183,13 +183,14 @@ def strays(root: Path) -> list[Path]:
 def test_missing_inputs_are_one_line_errors(tmp_path: Path, keys: dict[str, str]) -> None:
     """ac0b701: click's 4-line usage error and exit 2."""
     missing = tmp_path / "nope.safetensors"
-    for args in (
+    commands: list[list[str | Path]] = [
         ["seal", missing, "-o", tmp_path / "x", "-r", keys["host"]],
         ["inspect", missing],
         ["verify", missing, "-i", tmp_path / "host.key"],
         ["open", missing, "-i", tmp_path / "host.key", "-o", tmp_path / "y"],
         ["rekey", missing, "-i", tmp_path / "host.key", "--add-recipient", keys["other"]],
-    ):
+    ]
+    for args in commands:
         one_line_error(ms(*args, check=False), missing)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -198,12 +199,13 @@ def test_empty_directory_is_an_error(tmp_path: Path, keys: dict[str, str]) -> No
     """ac0b701: verify and inspect of an empty directory printed nothing and exited 0."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    for args in (
+    commands: list[list[str | Path]] = [
         ["inspect", empty],
         ["verify", empty, "-i", tmp_path / "host.key"],
         ["open", empty, "-i", tmp_path / "host.key", "-o", tmp_path / "out"],
         ["rekey", empty, "-i", tmp_path / "host.key", "--add-recipient", keys["other"]],
-    ):
+    ]
+    for args in commands:
         one_line_error(ms(*args, check=False), f"no sealed files in {empty}")
 
 

@@ -333,12 +333,12 @@ def test_link_at_the_output_path_is_refused(
     victim.write_text("do not touch")
     link = work / "out"
     link.symlink_to(victim)
-    args = {
+    commands: dict[str, list[str | Path]] = {
         "open": ["open", sealed_file, "-i", host_key],
         "seal": ["seal", tmp_path / "m.safetensors", "-r", host_key],
         "keygen": ["keygen", "--symmetric"],
-    }[command]
-    proc = cli(*args, "-o", link, "--force")
+    }
+    proc = cli(*commands[command], "-o", link, "--force")
     one_line_error(proc, str(link), "symbolic link")
     assert victim.read_text() == "do not touch" and os.readlink(link) == str(victim)
     assert sorted(p.name for p in work.iterdir()) == ["out"]
