@@ -145,8 +145,9 @@ class Server:
         for name in names:
             try:
                 await self.models.load(name)
-            except ServeError as exc:
-                log.error("%s", exc)  # the model stays UNAVAILABLE with this reason; others still serve
+            except ServeError as exc:  # the model stays UNAVAILABLE with its reason; others still serve
+                if exc.status == 404:  # (load failures are logged where they are recorded)
+                    log.error("%s", exc)
 
     async def run(self) -> None:
         from modelseal.agent.memory import harden_process

@@ -1,0 +1,497 @@
+"""`modelseal serve` under attack (issue 14, items 6, 7, 11, 12), against a real server process with
+tritonclient and raw HTTP/gRPC: every malformed request is a 4xx / INVALID_ARGUMENT, a byte budget bounds
+request bodies in flight, JSON responses are strict JSON, the dynamic batcher survives mixed traffic, a
+config that disagrees with its model is refused at load with the reason, a busy port is one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from .services import free_port, wait_for
+from .serving import ServeProcess
+
+pytest.importorskip("tritonclient.grpc")
+onnx = pytest.importorskip("onnx")
+
+BATCHED = """name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 4
+input [ {{ name: "x" data_type: {dtype} dims: [ {dims} ] }} ]
+output [ {{ name: "double" data_type: TYPE_FP32 dims: [ 4 ] }}, {{ name: "neg" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+instance_group [ {{ count: 2 kind: KIND_CPU }} ]
+{extra}
+"""
+INTS = """name: "ints"
+platform: "onnxruntime_onnx"
+max_batch_size: 0
+input [ { name: "i" data_type: TYPE_INT8 dims: [ 2 ] } ]
+output [ { name: "o" data_type: TYPE_INT8 dims: [ 2 ] } ]
+"""
+
+
+def two_outputs_model() -> bytes:
+    """x [batch, 4] FP32 -> double = x + x, neg = -x."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["double"]), helper.make_node("Neg", ["x"], ["neg"])],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in ("double", "neg")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()  # type: ignore[no-any-return]
+
+
+def int8_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["i"], ["o"])], "ints",
+        [helper.make_tensor_value_info("i", TensorProto.INT8, [2])],
+        [helper.make_tensor_value_info("o", TensorProto.INT8, [2])],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()  # type: ignore[no-any-return]
+
+
+def add(repo: Path, name: str, config: str | None, model: bytes | None) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    if model is not None:
+        (repo / name / "1" / "model.onnx").write_bytes(model)
+    if config is not None:
+        (repo / name / "config.pbtxt").write_text(config)
+
+
+def batched(name: str, dtype: str = "TYPE_FP32", dims: str = "4", extra: str = "") -> str:
+    return BATCHED.format(name=name, dtype=dtype, dims=dims, extra=extra)
+
+
+# models whose config disagrees with the model, or cannot be used at all: (name, config, reason expected)
+MISMATCHED = [
+    ("bad_dtype", batched("bad_dtype", dtype="TYPE_FP64"), "input 'x' is FP64 in the config but FP32 in the model"),
+    ("bad_dims", batched("bad_dims", dims="5"), "input 'x' has shape [-1, 5] in the config but [-1, 4] in the model"),
+    ("bad_name", batched("bad_name").replace('name: "x"', 'name: "input"'), "config input(s) ['input'] are not in"),
+    ("bad_output", batched("bad_output").replace('"neg"', '"logits"'), "config output(s) ['logits'] are not in"),
+    ("bad_rank", batched("bad_rank", dims="2, 2"), "has shape [-1, 2, 2] in the config but [-1, 4] in the model"),
+]
+UNUSABLE = [
+    ("bad_type", batched("bad_type", dtype="TYPE_STRING"), "data type TYPE_STRING is not supported"),
+    ("no_inputs", batched("no_inputs").replace('input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]', ""),
+     "no inputs declared"),
+    ("no_config", None, "has no config"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("hardening-serve")
+    repo = tmp / "repo"
+    model = two_outputs_model()
+    add(repo, "two", batched("two", extra="dynamic_batching { max_queue_delay_microseconds: 5000 }"), model)
+    add(repo, "ints", INTS, int8_model())
+    for name, config, _ in MISMATCHED + UNUSABLE:
+        add(repo, name, config, model)
+    server = ServeProcess(repo, tmp / "serve.log", extra=["--max-body-mb", "4", "--max-inflight-mb", "8"])
+    try:
+        yield {"server": server, "tmp": tmp, "repo": repo}
+    finally:
+        server.stop()
+
+
+def post(server: ServeProcess, path: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"http://{server.http}{path}", content=body, headers=headers, timeout=30)
+
+
+def tensor_json(**override: Any) -> dict[str, Any]:
+    item = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}
+    return {"inputs": [{**item, **override}]}
+
+
+def j(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+# REST requests to model "two" (or "ints") that must each get a 400, by the part of the request they break
+REST_CASES: list[tuple[str, str, bytes, dict[str, str]]] = [
+    ("deep nesting", "two", b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}),
+    ("deep nesting in data", "two", j(tensor_json(data=json.loads("[" * 50 + "1" + "]" * 50))), {}),
+    ("not JSON", "two", b"{not json", {}),
+    ("not UTF-8", "two", b'{"inputs": "\xff"}', {}),
+    ("JSON array", "two", b"[1, 2]", {}),
+    ("huge integer literal", "two", j(tensor_json())[:-2] + b', "x": ' + b"9" * 5000 + b"}]}", {}),
+    ("id not a string", "two", j({**tensor_json(), "id": {"a": 1}}), {}),
+    ("parameters a list", "two", j({**tensor_json(), "parameters": [1]}), {}),
+    ("binary_data_output a string", "two", j({**tensor_json(), "parameters": {"binary_data_output": "yes"}}), {}),
+    ("inputs missing", "two", b"{}", {}),
+    ("inputs an object", "two", j({"inputs": {"x": 1}}), {}),
+    ("input a number", "two", j({"inputs": [1]}), {}),
+    ("name missing", "two", j({"inputs": [{"shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}), {}),
+    ("name a number", "two", j(tensor_json(name=5)), {}),
+    ("shape missing", "two", j(tensor_json(shape=None)), {}),
+    ("shape a string", "two", j(tensor_json(shape="1,4")), {}),
+    ("shape of floats", "two", j(tensor_json(shape=[1.0, 4])), {}),
+    ("shape of booleans", "two", j(tensor_json(shape=[True, 4])), {}),
+    ("negative dim", "two", j(tensor_json(shape=[-1, 4])), {}),
+    ("huge dims", "two", j(tensor_json(shape=[2**62, 2**62, 2**62])), {}),
+    ("dims past int64", "two", j(tensor_json(shape=[10**30, 4])), {}),
+    ("rank 40", "two", j(tensor_json(shape=[1] * 40)), {}),
+    ("datatype missing", "two", j(tensor_json(datatype=None)), {}),
+    ("datatype a number", "two", j(tensor_json(datatype=11)), {}),
+    ("datatype unknown", "two", j(tensor_json(datatype="FP99")), {}),
+    ("datatype BYTES", "two", j(tensor_json(datatype="BYTES", data=["a", "b", "c", "d"])), {}),
+    ("datatype disagrees with the model", "two", j(tensor_json(datatype="FP64")), {}),
+    ("input parameters a list", "two", j(tensor_json(parameters=[1])), {}),
+    ("data missing", "two", j({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32"}]}), {}),
+    ("data an object", "two", j(tensor_json(data={"a": 1})), {}),
+    ("data a string", "two", j(tensor_json(data="abcd")), {}),
+    ("data ragged", "two", j(tensor_json(data=[[1, 2], [3]])), {}),
+    ("data of objects", "two", j(tensor_json(data=[{}, {}, {}, {}])), {}),
+    ("too few values", "two", j(tensor_json(data=[1.0])), {}),
+    ("int8 overflow", "ints", j({"inputs": [{"name": "i", "shape": [2], "datatype": "INT8", "data": [1000, 1]}]}), {}),
+    ("int8 past int64", "ints", j({"inputs": [{"name": "i", "shape": [2], "datatype": "INT8", "data": [2**70, 1]}]}),
+     {}),
+    ("shape disagrees with the model", "two", j(tensor_json(shape=[1, 2, 2])), {}),
+    ("batch of 0", "two", j(tensor_json(shape=[0, 4], data=[])), {}),
+    ("batch over max_batch_size", "two", j(tensor_json(shape=[5, 4], data=[0.0] * 20)), {}),
+    ("input given twice", "two", j({"inputs": tensor_json()["inputs"] * 2}), {}),
+    ("unknown input", "two", j({"inputs": [*tensor_json()["inputs"], {**tensor_json()["inputs"][0], "name": "y"}]}),
+     {}),
+    ("outputs a number", "two", j({**tensor_json(), "outputs": 5}), {}),
+    ("output a string", "two", j({**tensor_json(), "outputs": ["double"]}), {}),
+    ("output name a number", "two", j({**tensor_json(), "outputs": [{"name": 5}]}), {}),
+    ("output parameters a list", "two", j({**tensor_json(), "outputs": [{"name": "double", "parameters": [1]}]}), {}),
+    ("binary_data a string", "two",
+     j({**tensor_json(), "outputs": [{"name": "double", "parameters": {"binary_data": "x"}}]}), {}),
+    ("output named twice", "two", j({**tensor_json(), "outputs": [{"name": "double"}, {"name": "double"}]}), {}),
+    ("unknown output", "two", j({**tensor_json(), "outputs": [{"name": "logits"}]}), {}),
+    ("header length not a number", "two", j(tensor_json()), {"Inference-Header-Content-Length": "abc"}),
+    ("header length negative", "two", j(tensor_json()), {"Inference-Header-Content-Length": "-1"}),
+    ("header length past the body", "two", j(tensor_json()), {"Inference-Header-Content-Length": "99999"}),
+]  # fmt: skip
+
+
+def binary_case(size: Any, extra: bytes = b"", shape: list[int] | None = None) -> tuple[bytes, dict[str, str]]:
+    header = j({"inputs": [{"name": "x", "shape": shape or [1, 4], "datatype": "FP32",
+                            "parameters": {"binary_data_size": size}}]})  # fmt: skip
+    return header + np.ones(4, np.float32).tobytes() + extra, {"Inference-Header-Content-Length": str(len(header))}
+
+
+REST_CASES += [
+    ("binary size a string", "two", *binary_case("16")),
+    ("binary size a boolean", "two", *binary_case(True)),
+    ("binary size negative", "two", *binary_case(-16)),
+    ("binary size past the data", "two", *binary_case(2**40)),
+    ("binary size not the shape's", "two", *binary_case(12)),
+    ("binary data for a huge shape", "two", *binary_case(16, shape=[2**31 - 1, 2**31 - 1, 4])),
+    ("binary bytes left over", "two", *binary_case(16, extra=b"\0" * 8)),
+]
+
+
+def test_every_malformed_rest_request_is_a_400(served: dict[str, Any]) -> None:
+    """Type confusion in every field, deep nesting, wrong shapes/dtypes, binary-size mismatches, missing
+    fields, huge and negative dims: each a 400 with a JSON reason (ac0b701: 500s), and the server serves on."""
+    server = served["server"]
+    wrong = {}
+    for what, model, body, headers in REST_CASES:
+        r = post(server, f"/v2/models/{model}/infer", body, headers)
+        if r.status_code != 400 or not r.json().get("error"):
+            wrong[what] = (r.status_code, r.text[:200])
+    assert wrong == {}, wrong
+    for body in (b"[" * 100_000, b'{"ready": "yes"}', b"[1]"):
+        assert post(server, "/v2/repository/index", body).status_code == 400
+    client = server.http_client()
+    result = client.infer("two", [_http_input(np.ones((1, 4), np.float32))])
+    np.testing.assert_array_equal(result.as_numpy("double"), np.full((1, 4), 2, np.float32))
+
+
+def _http_input(x: np.ndarray, binary: bool = True) -> Any:
+    import tritonclient.http as httpclient
+
+    inp = httpclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    return inp
+
+
+def grpc_cases() -> list[tuple[str, Any]]:
+    """Malformed ModelInferRequests, built with tritonclient's own protobuf messages."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    def request(model: str = "two", **tensor: Any) -> Any:
+        r = pb.ModelInferRequest(model_name=model)
+        fields = {"name": "x", "datatype": "FP32", "shape": [1, 4], **tensor}
+        raw = fields.pop("raw", np.ones(4, np.float32).tobytes())
+        contents = fields.pop("contents", None)
+        r.inputs.add(**fields)
+        if contents is not None:
+            r.inputs[0].contents.CopyFrom(pb.InferTensorContents(**contents))
+        if raw is not None:
+            r.raw_input_contents.append(raw)
+        return r
+
+    two_raw = request()
+    two_raw.raw_input_contents.append(b"\0" * 16)
+    twice = request()
+    twice.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    twice.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+    outputs_twice = request()
+    outputs_twice.outputs.add(name="double")
+    outputs_twice.outputs.add(name="double")
+    return [
+        ("no inputs", pb.ModelInferRequest(model_name="two")),
+        ("unknown datatype", request(datatype="FP99")),
+        ("BYTES", request(datatype="BYTES")),
+        ("empty name", request(name="")),
+        ("negative dim", request(shape=[-1, 4])),
+        ("huge dims", request(shape=[2**62, 2**62, 2**62])),
+        ("huge dims, no data", request(shape=[2**62, 2**62], raw=b"")),
+        ("rank 40", request(shape=[1] * 40)),
+        ("raw size not the shape's", request(raw=b"\0" * 12)),
+        ("more raw contents than inputs", two_raw),
+        ("raw and typed contents", request(contents={"fp32_contents": [1, 2, 3, 4]})),
+        ("typed contents of another type", request(raw=None, contents={"int_contents": [1, 2, 3, 4]})),
+        ("FP16 as typed contents", request(datatype="FP16", raw=None, contents={"fp32_contents": [1, 2, 3, 4]})),
+        ("int8 overflow in typed contents",
+         request("ints", name="i", datatype="INT8", shape=[2], raw=None, contents={"int_contents": [1000, 1]})),
+        ("input given twice", twice),
+        ("output named twice", outputs_twice),
+        ("datatype disagrees with the model", request(datatype="FP64", raw=np.ones(4, np.float64).tobytes())),
+        ("batch over max_batch_size", request(shape=[5, 4], raw=np.ones(20, np.float32).tobytes())),
+    ]  # fmt: skip
+
+
+def test_every_malformed_grpc_request_is_invalid_argument(served: dict[str, Any]) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    with grpc.insecure_channel(served["server"].grpc) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        wrong = {}
+        for what, request in grpc_cases():
+            try:
+                stub.ModelInfer(request, timeout=30)
+                wrong[what] = "accepted"
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    wrong[what] = f"{exc.code()}: {exc.details()}"
+        assert wrong == {}, wrong
+
+
+def test_json_responses_are_strict_json_with_nonfinite_values_as_strings(served: dict[str, Any]) -> None:
+    """Python's json writes bare NaN/Infinity, which strict parsers (the KServe SDK's orjson) refuse."""
+    import tritonclient.http as httpclient
+
+    server = served["server"]
+    x = np.array([[np.nan, np.inf, -np.inf, 1.5]], np.float32)
+    header = j({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}}],
+                "outputs": [{"name": "double", "parameters": {"binary_data": False}}]})  # fmt: skip
+    r = post(
+        server, "/v2/models/two/infer", header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+    )
+
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"bare {constant} in the response")
+
+    body = json.loads(r.content, parse_constant=refuse)
+    assert body["outputs"][0]["data"] == ["NaN", "Infinity", "-Infinity", 3.0]
+    client = server.http_client()
+    out = httpclient.InferRequestedOutput("double", binary_data=False)
+    result = client.infer("two", [_http_input(x)], outputs=[out]).as_numpy("double")
+    np.testing.assert_array_equal(result, x + x)  # tritonclient reads the strings back as floats
+
+
+def test_request_bytes_in_flight_are_bounded(served: dict[str, Any]) -> None:
+    """Two clients that declare 3.5 MiB bodies and send them slowly hold 7 of the 8 MiB budget: a third
+    large request is refused at once (429 / RESOURCE_EXHAUSTED) without its body being read, a small valid
+    request is still answered, and the budget comes back when the slow clients go away."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    server = served["server"]
+    host, port = server.http.split(":")
+
+    def declare(size: int) -> socket.socket:
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(f"POST /v2/models/two/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n{{".encode())
+        return s
+
+    slow = [declare(7 * 1024 * 1024 // 2) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # both requests reached their handlers and were charged
+        started = time.monotonic()
+        third = declare(3 * 1024 * 1024)
+        reply = third.recv(4096).decode(errors="replace")
+        third.close()
+        assert reply.startswith("HTTP/1.1 429") and "server busy" in reply and "Retry-After" in reply, reply[:300]
+        assert time.monotonic() - started < 5
+        np.testing.assert_array_equal(
+            server.http_client().infer("two", [_http_input(np.ones((1, 4), np.float32))]).as_numpy("neg"),
+            -np.ones((1, 4), np.float32),
+        )
+        big = grpcclient.InferInput("x", [4, 65536], "FP32")  # 1 MiB: more than the budget has left
+        big.set_data_from_numpy(np.zeros((4, 65536), np.float32))
+        with pytest.raises(InferenceServerException, match="server busy") as refused:
+            server.grpc_client().infer("two", [big])
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    finally:
+        for s in slow:
+            s.close()
+    # released: the same large request now reaches the decoder (and is refused for its shape, not busy)
+    body = j(tensor_json(data=[0.0] * 4, pad="x" * (3 * 1024 * 1024)))
+    wait_for(lambda: post(server, "/v2/models/two/infer", body).status_code == 200, 10, "the budget to come back")
+
+
+def _mixed_client(server: ServeProcess, seed: int, requests: int) -> list[str]:
+    """One client's requests of 1-3 rows over HTTP or gRPC asking for different outputs; returns problems."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    rng = random.Random(seed)
+    http = httpclient.InferenceServerClient(server.http, network_timeout=60.0)  # a hang fails, not blocks
+    grpc = server.grpc_client()
+    problems = []
+    for i in range(requests):
+        x = np.random.default_rng(seed * 1000 + i).standard_normal((rng.randint(1, 3), 4)).astype(np.float32)
+        names = rng.choice([["double"], ["neg"], ["double", "neg"], []])
+        if rng.random() < 0.5:
+            result = http.infer("two", [_http_input(x, binary=rng.random() < 0.5)],
+                                outputs=[httpclient.InferRequestedOutput(n) for n in names] or None)  # fmt: skip
+        else:
+            inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            requested = [grpcclient.InferRequestedOutput(n) for n in names] or None
+            result = grpc.infer("two", [inp], outputs=requested, client_timeout=60)
+        expected = {"double": x + x, "neg": -x}
+        for name in names or ["double", "neg"]:
+            if not np.array_equal(result.as_numpy(name), expected[name]):
+                problems.append(f"client {seed} request {i}: wrong {name}")
+    return problems
+
+
+@pytest.mark.slow
+def test_dynamic_batcher_survives_mixed_concurrent_traffic(served: dict[str, Any]) -> None:
+    """16 concurrent clients, 1-3 rows, different requested outputs, HTTP and gRPC (ac0b701: the batcher
+    task died on the first request it had to skip and every later request hung). Bounds prove no hang; a
+    fresh server process under the same traffic then shuts down fast."""
+    tmp = served["tmp"]
+    server = ServeProcess(served["repo"], tmp / "batcher.log", extra=["--model", "two"])
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(_mixed_client, server, seed, 12) for seed in range(16)]
+            done, pending = wait(futures, timeout=90)
+            assert not pending, f"{len(pending)} of 16 clients still waiting after 90 s: the batcher hangs"
+        assert [p for f in done for p in f.result()] == []
+        client = server.http_client()
+        assert client.is_server_ready() and client.is_model_ready("two")
+        assert {m["name"]: m["state"] for m in client.get_model_repository_index()}["two"] == "READY"
+        metrics = httpx.get(f"http://{server.http}/metrics").text
+        count = next(
+            line for line in metrics.splitlines() if line.startswith('modelseal_batch_size_count{model="two"}')
+        )
+        assert float(count.split()[-1]) < 16 * 12, "requests should have been batched"
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert time.monotonic() - started < 15
+    finally:
+        server.stop()
+
+
+def test_batcher_failures_fail_their_requests_restart_and_show_in_readiness(
+    served: dict[str, Any],
+) -> None:
+    """In process, on the real model: a batch whose run raises fails its requests with the error and the
+    worker serves the next; a worker that dies has its queue failed and is restarted; one that keeps dying
+    makes the model (and the server) not ready, with the reason, instead of hanging requests."""
+    from modelseal.serve.batching import MAX_RESTARTS
+    from modelseal.serve.errors import ServeError
+    from modelseal.serve.server import ServeConfig, Server
+
+    async def scenario() -> None:
+        server = Server(ServeConfig(repository=served["repo"], models=["two"]))
+        await server.models.load("two")
+        server.started = True
+        model = server.models.get("two")
+        batcher = model.batcher
+        assert batcher is not None
+        x = {"x": np.ones((1, 4), np.float32)}
+        bad = {"x": np.ones((1, 4), np.float64)}  # unchecked on purpose: the runtime raises for this batch
+        results = await asyncio.wait_for(
+            asyncio.gather(batcher.submit(bad, ["double"]), batcher.submit(x, ["neg"]), return_exceptions=True), 10
+        )
+        failed, served_ok = results
+        assert isinstance(failed, Exception) and isinstance(served_ok, dict)
+        np.testing.assert_array_equal(served_ok["neg"], -x["x"])
+        deaths = 0
+        while not batcher.failure:  # kill every worker while a request waits in the queue
+            assert server.ready and deaths <= MAX_RESTARTS
+            waiting = asyncio.ensure_future(batcher.submit(x, ["double"]))
+            await asyncio.sleep(0)
+            tasks = list(batcher.tasks)
+            for task in tasks:
+                task.cancel()
+            with pytest.raises(ServeError, match="dynamic batcher"):
+                await asyncio.wait_for(waiting, 10)  # failed with the reason, not left hanging
+            await asyncio.sleep(0.01)
+            deaths += len(tasks)
+            if not batcher.failure:
+                assert len(batcher.tasks) == 2  # restarted
+        assert deaths == MAX_RESTARTS + 1 or deaths == MAX_RESTARTS + 2
+        assert not server.ready and server.models.dead_batchers() == ["two"]
+        with pytest.raises(ServeError, match="dynamic batcher"):
+            server.models.get("two")
+        row = {m["name"]: m for m in server.models.index()}["two"]
+        assert row["state"] == "UNAVAILABLE" and "dynamic batcher" in row["reason"]
+        await server.models.load("two")  # loading it again brings it back
+        assert server.ready
+        await server.models.close()
+
+    asyncio.run(scenario())
+
+
+def test_config_that_disagrees_with_its_model_is_unavailable_with_the_reason(served: dict[str, Any]) -> None:
+    """ac0b701 loaded these as READY, published the config's metadata and answered every request with 500."""
+    server = served["server"]
+    index = {m["name"]: m for m in server.http_client().get_model_repository_index()}
+    log = (served["tmp"] / "serve.log").read_text()
+    for name, _, reason in MISMATCHED + UNUSABLE:
+        assert index[name]["state"] == "UNAVAILABLE" and reason in index[name].get("reason", ""), index[name]
+        assert f"model {name} cannot be loaded" in log and reason in log
+        r = post(server, f"/v2/repository/models/{name}/load", b"")
+        assert r.status_code == 400 and reason in r.json()["error"], (name, r.status_code, r.text)
+        assert httpx.get(f"http://{server.http}/v2/models/{name}").status_code == 503  # no metadata published
+    assert post(server, "/v2/repository/models/nonexistent/load", b"").status_code == 404
+    assert index["two"]["state"] == "READY"
+
+
+def _serve_on(tmp: Path, http: str, grpc: str) -> subprocess.CompletedProcess[str]:
+    (tmp / "empty-repo").mkdir(exist_ok=True)
+    args = [sys.executable, "-m", "modelseal", "serve", "-r", str(tmp / "empty-repo"), "--http", http, "--grpc", grpc]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("busy", ["HTTP", "gRPC"])
+def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path, busy: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        other = f"127.0.0.1:{free_port()}"
+        result = _serve_on(tmp_path, *((taken, other) if busy == "HTTP" else (other, taken)))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot listen for {busy} on {taken}" in lines[0] and "already in use" in lines[0]
