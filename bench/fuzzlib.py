@@ -397,13 +397,15 @@ def remac(rng: random.Random, target: Target, raw: bytes, op: str) -> bytes:
 
 
 def _relist(p: Parsed, prot_text: str) -> None:
-    """Rewrite a public safetensors listing from an edited public index, where that is possible."""
+    """Rewrite a public safetensors listing from an edited protected header, where that is possible,
+    so the mutant gets past the listing check to the checks behind it."""
     try:
-        entries = json.loads(prot_text)["index"]["entries"]
+        prot = json.loads(prot_text)
+        size, tags = prot["payload_size"], 16 * prot["tag_count"]
         listing = {e["name"]: {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": e["offsets"]}
-                   for e in entries}
-        keep = {k: v for k, v in p.outer.items() if k in ("__metadata__", "__modelseal_tags__")}
-        p.outer = {**keep, **listing}
+                   for e in prot["index"]["entries"]}
+        tag_tensor = {"dtype": "U8", "shape": [tags], "data_offsets": [size, size + tags]}
+        p.outer = {"__metadata__": p.outer["__metadata__"], **listing, "__modelseal_tags__": tag_tensor}
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError):
         pass
 

@@ -106,3 +106,26 @@ def test_torchscript_and_pt_bundles(tmp_path: Path, host: HpkeIdentity) -> None:
     modelseal.seal(tmp_path / "w.pt", tmp_path / "w.pt.sealed", [host.recipient], as_bundle=True)
     sd = modelseal.torch.load(tmp_path / "w.pt.sealed", identity=host)
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+def test_bundle_header_is_capped_like_safetensors(tmp_path: Path, host: HpkeIdentity) -> None:
+    """A valid envelope padded with spaces past 100 MiB was parsed and accepted on ac0b701 (a 305 MiB
+    header took the loader to 4.1 GB RSS); the header length is now refused before anything is read."""
+    import struct
+
+    from modelseal.errors import FormatError
+
+    (tmp_path / "f.dat").write_bytes(b"weights")
+    out = tmp_path / "f.msb"
+    modelseal.seal(tmp_path / "f.dat", out, [host.recipient])
+    raw = out.read_bytes()
+    (n,) = struct.unpack("<Q", raw[8:16])
+    envelope, rest = raw[16 : 16 + n].rstrip(b" "), raw[16 + n :]
+    size = (100 << 20) + 1  # one byte over the safetensors limit
+    with open(tmp_path / "big.msb", "wb") as f:
+        f.write(b"MSEALBN1" + struct.pack("<Q", size) + envelope)
+        f.write(b" " * (size - len(envelope)))
+        f.write(rest)
+    with pytest.raises(FormatError, match="over the limit"):
+        modelseal.read_bytes(tmp_path / "big.msb", identity=host)
+    assert bytes(modelseal.read_bytes(out, identity=host)) == b"weights"

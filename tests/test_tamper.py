@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench.fuzzlib import rewrite_sealed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
@@ -236,3 +241,116 @@ def test_failed_load_leaves_no_plaintext_in_buffers(tmp_path: Path, sealed_pair:
         art.decrypt_many([(entry, view)])
     assert not arr.any()
     art.close()
+
+
+# ------------------------------------------------------------------ regression tests of issue 14, items 4 and 11
+
+
+def test_declared_segment_size_does_not_set_memory(tmp_path: Path, host_key: Path, host: HpkeIdentity) -> None:
+    """A re-MACed header declaring 1 GiB segments made verify allocate 1 GiB per thread on ac0b701.
+
+    Buffers now follow the segments that exist (the file's size), not the header's claim; measured in a
+    child process so its peak RSS is its own.
+    """
+    plain = tmp_path / "p.safetensors"
+    save_file(TENSORS, str(plain))
+    src = tmp_path / "s.safetensors"
+    modelseal.seal(plain, src, [host.recipient], segment_size=SEG)
+    with modelseal.open_artifact(src, host) as art:
+        dek, entries = bytes(art.dek), len(art.entries)
+
+    def huge_segments(prot: dict) -> str:  # type: ignore[type-arg]
+        return json.dumps({**prot, "segment_size": 1 << 30, "tag_count": entries})
+
+    raw = rewrite_sealed(src.read_bytes(), dek, protected=huge_segments, relist=True)
+    p = tmp_path / "huge-segments.safetensors"
+    (n,) = struct.unpack("<Q", raw[:8])
+    p.write_bytes(raw[: 8 + n + 24020] + raw[8 + n + 24020 : 8 + n + 24020 + 16 * entries])  # tags for 3 segments
+    script = (
+        "import resource, sys\n"
+        "from modelseal.errors import ModelsealError\n"
+        "from modelseal.operations import open_to_disk, verify\n"
+        "p, key, out = sys.argv[1:]\n"
+        "for run in (lambda: verify(p, key), lambda: open_to_disk(p, out, key)):\n"
+        "    try:\n"
+        "        run()\n"
+        "    except ModelsealError as exc:\n"
+        "        print(type(exc).__name__)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(p), str(host_key), str(tmp_path / "out.safetensors")],
+        capture_output=True, text=True, timeout=120, check=True, env={**os.environ, "MODELSEAL_THREADS": "2"},
+    ).stdout.split()
+    assert out[:2] == ["AuthenticationError", "AuthenticationError"], out
+    assert int(out[2]) < 400, f"peak RSS {out[2]} MiB"
+
+
+NOT_SEALED = {
+    "text": b"hello, this is not a model\n",
+    "random": bytes(range(256)) * 20,
+    "png": b"\x89PNG\r\n\x1a\n" + bytes(100),
+    "json": b'{"a": 1}',
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("content", NOT_SEALED.values(), ids=NOT_SEALED.keys())
+def test_not_sealed_files_say_so(tmp_path: Path, content: bytes) -> None:
+    """Every loader, inspect and verify: "X is not a sealed modelseal file", not a safetensors length message."""
+    from modelseal.operations import inspect, verify
+
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(content)
+    for load in (
+        lambda: modelseal.numpy.load_file(p, identity=IDENT),
+        lambda: modelseal.open_bundle(p, IDENT),
+        lambda: modelseal.safe_open(p, "np", identity=IDENT),
+        lambda: inspect(p),
+        lambda: verify(p, IDENT),
+    ):
+        with pytest.raises(FormatError, match=f"^{re.escape(str(p))} is not a sealed modelseal file"):
+            load()
+    cli = subprocess.run(
+        [sys.executable, "-m", "modelseal", "inspect", str(p)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert cli.returncode == 1
+    assert f"{p} is not a sealed modelseal file" in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1 and "Traceback" not in cli.stderr
+
+
+def test_plain_safetensors_says_not_sealed(tmp_path: Path) -> None:
+    p = tmp_path / "plain.safetensors"
+    save_file(TENSORS, str(p))
+    with pytest.raises(FormatError, match="is not a sealed modelseal file: it is a plain safetensors file"):
+        modelseal.numpy.load_file(p, identity=IDENT)
+
+
+@pytest.fixture
+def sealed_dir(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"w": np.arange(3000, dtype=np.float32)}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"model_type": "x", "hidden": list(range(2000))}))
+    modelseal.seal(src, tmp_path / "sealed", [IDENT.recipient], model_id="m", segment_size=SEG)
+    return tmp_path / "sealed"
+
+
+@pytest.mark.parametrize("member", ["model.safetensors", "config.json"])
+def test_errors_inside_a_sealed_directory_name_the_member(sealed_dir: Path, member: str) -> None:
+    """A damaged segment of one member: the error names that file (on ac0b701 it named only the entry)."""
+    import modelseal.transformers as mt
+    from modelseal.operations import verify
+
+    raw = bytearray((sealed_dir / member).read_bytes())
+    raw[-16 * 3 - 10] ^= 1  # ciphertext of the last segment
+    (sealed_dir / member).write_bytes(raw)
+    decrypts_member = (
+        (lambda: mt.load_state_dict(sealed_dir, identity=IDENT, framework="np"))
+        if member == "model.safetensors"
+        else (lambda: mt.load_config(sealed_dir, identity=IDENT))
+    )
+    for load in (decrypts_member, lambda: verify(sealed_dir, IDENT)):
+        with pytest.raises(AuthenticationError) as info:
+            load()
+        assert str(sealed_dir / member) in str(info.value)
