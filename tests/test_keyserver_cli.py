@@ -76,7 +76,7 @@ def test_service_commands_have_help() -> None:
     for cmd in (
         ["keyserver", "init"], ["keyserver", "run"], ["keyserver", "migrate"], ["keyserver", "model", "add"],
         ["keyserver", "grant", "add"], ["keyserver", "grant", "revoke"], ["keyserver", "master-key", "rotate"],
-        ["keyserver", "audit", "verify"], ["keyserver", "audit", "export"], ["agent", "run"], ["agent", "status"],
-        ["pki", "init"], ["pki", "issue"], ["pki", "identity"],
+        ["keyserver", "audit", "verify"], ["keyserver", "audit", "export"], ["keyserver", "lease-key"],
+        ["agent", "run"], ["agent", "status"], ["pki", "init"], ["pki", "issue"], ["pki", "identity"],
     ):  # fmt: skip
         assert "Usage" in ms(*cmd, "--help").stdout
