@@ -268,4 +268,5 @@ def test_keygen_writes_the_public_file(tmp_path: Path) -> None:
     sym = json.loads(ms("keygen", "--symmetric", "-o", tmp_path / "sym.key", "--json").stdout)
     assert sym["public_file"] is None and not (tmp_path / "sym.pub").exists()
     one_line_error(ms("keygen", "-o", tmp_path / "x.pub", check=False), "x.pub")
+    one_line_error(ms("keygen", "-o", ".", check=False), "does not name a file")
     assert not strays(tmp_path)

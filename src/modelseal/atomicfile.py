@@ -138,6 +138,8 @@ def _temp_name(name: str, kind: str = "") -> str:
 @contextlib.contextmanager
 def _parent(path: Path) -> Iterator[int]:
     """An fd of ``path``'s directory (all later steps are relative to it, so they cannot be redirected)."""
+    if path.name in ("", ".", ".."):
+        raise UsageError(f"{path} does not name a file or directory to create")
     parent = path.parent
     try:
         fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -179,13 +181,14 @@ def _check_target(path: Path, dir_fd: int, want_dir: bool, overwrite: bool) -> N
     if not want_dir and not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise UsageError(f"{path} is {kind}; give the path of a file to write")
-    if not overwrite and not (want_dir and not _nonempty(path)):
-        raise UsageError(f"{path} exists; pass --force to overwrite it")
+    if overwrite or (want_dir and _is_empty(path)):  # an empty directory may receive a new tree
+        return
+    raise UsageError(f"{path} exists; pass --force to overwrite it")
 
 
-def _nonempty(path: Path) -> bool:
+def _is_empty(path: Path) -> bool:
     with os.scandir(path) as it:
-        return any(True for _ in it)
+        return next(it, None) is None
 
 
 def _os_error(path: Path, exc: OSError) -> WriteError:

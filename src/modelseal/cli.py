@@ -76,6 +76,7 @@ def keygen(output: str, signing: bool, symmetric: bool, kind: str, force: bool, 
     """
     if signing and symmetric:
         raise click.UsageError("--signing and --symmetric are exclusive")
+    atomicfile.check_target(output, overwrite=force)
     pub_file = None if symmetric else public_file_for(Path(output))
     if pub_file is not None:
         atomicfile.check_target(pub_file, overwrite=force)
