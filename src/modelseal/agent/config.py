@@ -50,8 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelseal.agent.daemon import Acl, Limits
+from modelseal.agent.daemon import Acl
 from modelseal.agent.evidence import build_collectors
+from modelseal.agent.listener import Limits
 from modelseal.agent.release import ReleaseClient
 from modelseal.errors import UsageError
 

@@ -22,8 +22,6 @@ import logging
 import os
 import resource
 import signal
-import socket
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -32,15 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.agent import lograte
+from modelseal.agent.listener import Limits, Listener
 from modelseal.agent.memory import LockedKey, harden_process
 from modelseal.agent.release import ReleaseClient
-from modelseal.agent.wire import MAX_REQUEST, FrameError, decode_request, error_frame, key_request, too_large
+from modelseal.agent.wire import FrameError, decode_request, key_request, too_large
 from modelseal.crypto.keys import wipe
-from modelseal.errors import KeyReleaseError, ModelsealError, ServiceError, UsageError
+from modelseal.errors import KeyReleaseError, ModelsealError, ServiceError
 from modelseal.keyserver.protocol import Lease
 
 log = logging.getLogger("modelseal.agent")
-_PEERCRED = struct.Struct("3i")
 MAX_DROPPED = 64  # refusals remembered for `agent status` (oldest forgotten first)
 LIST_INTERVAL_S = 1.0  # the key service's list of granted keys is fetched at most this often
 UNLISTED_FETCHES = 4  # concurrent fetches of key ids the key service does not list for this host
@@ -64,61 +62,6 @@ class Acl:
         return uid == 0 or uid in self.rules.get(model, self.rules.get("*", []))
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one local user can hold of the agent's socket (the ``[limits]`` table of the config).
-
-    ``reserved_connections`` of ``max_connections`` are kept for root, the agent's own user and
-    ``admin_uid``, so a flood by any other user leaves them served; each other uid holds at most
-    ``max_connections_per_uid``. A request line must arrive within ``request_timeout_s`` of connecting
-    (a slow or idle client is answered ``timeout`` and closed)."""
-
-    max_connections: int = 512
-    max_connections_per_uid: int = 64
-    reserved_connections: int = 32
-    request_timeout_s: float = 5.0
-    admin_uid: int | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.reserved_connections < self.max_connections:
-            raise UsageError("[limits] reserved_connections must be at least 0 and below max_connections")
-        if self.max_connections_per_uid < 1 or self.request_timeout_s <= 0:
-            raise UsageError("[limits] max_connections_per_uid must be at least 1 and request_timeout_s above 0")
-
-    def privileged(self) -> frozenset[int]:
-        return frozenset({0, os.getuid(), *(() if self.admin_uid is None else (self.admin_uid,))})
-
-
-class Gate:
-    """Counts open connections per uid; :meth:`enter` says why a new one is refused, or admits it."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits, self.privileged = limits, limits.privileged()
-        self.total = 0
-        self.by_uid: dict[int, int] = {}
-
-    def enter(self, uid: int) -> str | None:
-        lim = self.limits
-        if self.total >= lim.max_connections:
-            return f"the agent already has its maximum of {lim.max_connections} connections open; try again"
-        if uid not in self.privileged:
-            if self.by_uid.get(uid, 0) >= lim.max_connections_per_uid:
-                return f"uid {uid} already has {lim.max_connections_per_uid} connections open to the agent"
-            if self.total >= lim.max_connections - lim.reserved_connections:
-                return "the agent's connections are all in use (the rest are reserved for its administrators)"
-        self.total += 1
-        self.by_uid[uid] = self.by_uid.get(uid, 0) + 1
-        return None
-
-    def leave(self, uid: int) -> None:
-        self.total -= 1
-        left = self.by_uid[uid] - 1
-        if left:
-            self.by_uid[uid] = left
-        else:
-            del self.by_uid[uid]
-
-
 class Agent:
     def __init__(
         self,
@@ -130,7 +73,7 @@ class Agent:
     ) -> None:
         self.client, self.acl, self.max_grace_s, self.retry_s = client, acl, max_grace_s, retry_s
         self.limits = limits or Limits()
-        self.gate = Gate(self.limits)
+        self.privileged = self.limits.privileged()
         self.keys: dict[str, HeldKey] = {}
         self.dropped: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.models: dict[str, str] = {}  # key id -> model, as the key service states it (never changes)
@@ -299,27 +242,17 @@ class Agent:
 
     # --- local socket ------------------------------------------------------------------------------
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock: socket.socket = writer.get_extra_info("socket")
-        pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        refusal = self.gate.enter(uid)
-        if refusal is not None:  # answered at once, unread: a flood costs one write and one close each
-            log.warning("pid %d uid %d: connection refused: %s", pid, uid, refusal)
-            writer.write(error_frame("busy", refusal))
-            writer.close()
-            return
-        try:
-            header, payload = await self._exchange(reader, pid, uid)
-            await self._send(writer, header, payload)
-        finally:
-            self.gate.leave(uid)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int, uid: int) -> None:
+        """One exchange on a connection the :class:`Listener` admitted for local process ``pid`` of ``uid``."""
+        header, payload = await self._exchange(reader, pid, uid)
+        await self._send(writer, header, payload)
 
     async def _exchange(self, reader: asyncio.StreamReader, pid: int, uid: int) -> tuple[dict[str, Any], Any]:
         """The answer (header and, for a key, the key's bytes) to one request on the socket."""
         try:
             request = await self._read(reader)
             if request.get("op") == "status":
-                if uid not in self.gate.privileged:
+                if uid not in self.privileged:
                     return _refusal("forbidden", "status is for the agent's user, root and the admin user"), None
                 return {"ok": True, **self.status()}, None
             if request.get("op") != "key":
@@ -370,15 +303,8 @@ class Agent:
 
     async def serve(self, path: str, mode: int = 0o600, prefetch: bool = True) -> None:
         """Serve on the unix socket at ``path`` until cancelled."""
-        socket_path = _claim(Path(path))
-        old_umask = os.umask(0o177)
-        try:
-            server = await asyncio.start_unix_server(self.handle, path=path, limit=MAX_REQUEST)
-        except OSError as exc:
-            raise UsageError(f"cannot listen on the agent socket {path}: {exc.strerror or exc}") from None
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, mode)
+        listener = Listener(Path(path), mode, self.limits, self.handle)
+        listener.open()
         lim = self.limits
         log.info(
             "agent listening on %s (mode %o), key service %s; at most %d connections (%d per uid, %d reserved for "
@@ -386,15 +312,14 @@ class Agent:
             path, mode, self.client.url, lim.max_connections, lim.max_connections_per_uid,
             lim.reserved_connections, lim.request_timeout_s,
         )  # fmt: skip
-        if prefetch:
-            await self.prefetch()
         try:
-            async with server:
-                await server.serve_forever()
+            if prefetch:
+                await self.prefetch()
+            await asyncio.Event().wait()  # until cancelled
         finally:
+            await listener.close()
             self.close()
             await self.client.close()
-            socket_path.unlink(missing_ok=True)
 
 
 def _check_model(key_id: str, owner: str | None, model: str) -> None:
@@ -404,21 +329,6 @@ def _check_model(key_id: str, owner: str | None, model: str) -> None:
 
 def _refusal(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "code": code, "message": message}
-
-
-def _claim(path: Path) -> Path:
-    """``path``, ready for a new listening socket: its directory exists, no other agent listens there."""
-    if not path.parent.is_dir():
-        raise UsageError(
-            f"the agent socket directory {path.parent} does not exist: create it (systemd: RuntimeDirectory=) "
-            "or change `socket` in the agent config"
-        )
-    if path.is_socket():
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            if probe.connect_ex(str(path)) == 0:
-                raise UsageError(f"another agent is already listening on {path}; stop it first")
-        path.unlink()
-    return path
 
 
 def raise_fd_limit(limits: Limits) -> Limits:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from typing import Any
 
 from modelseal.crypto.keys import wipe
@@ -100,14 +101,30 @@ def error_frame(code: str, message: str) -> bytes:
     return json.dumps({"ok": False, "code": code, "message": message}).encode() + b"\n"
 
 
+def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """Connect within ``timeout``, retrying while the listen queue is full.
+
+    A unix socket with a timeout is non-blocking underneath, and there a full listen queue fails at
+    once with EAGAIN; under a connection flood the agent drains its queue in milliseconds, so retry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.002)
+
+
 def ask(path: str, request: dict[str, Any], timeout: float = 60) -> tuple[dict[str, Any], bytearray]:
     """Send one request to the agent at ``path``; return (answer, payload) or raise :class:`KeyReleaseError`."""
     buf = bytearray(MAX_MESSAGE)
     filled = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
+            _connect(sock, path, timeout)
             try:
                 sock.sendall(json.dumps(request).encode() + b"\n")
             except (BrokenPipeError, ConnectionResetError):
