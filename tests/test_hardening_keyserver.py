@@ -450,3 +450,10 @@ def test_lease_key_is_printed_again_and_help_names_the_token_variables(server: K
     assert json.loads(online)["lease_public_key"] == pinned
     helptext = ms("keyserver", "--help").stdout
     assert "MODELSEAL_ADMIN_TOKEN" in helptext and "MODELSEAL_ADMIN_TOKEN_FILE" in helptext and "lease-key" in helptext
+
+
+def test_audit_export_with_a_deep_line_is_reported_broken_not_a_crash(tmp_path: Path) -> None:
+    export = tmp_path / "audit.jsonl"
+    export.write_text("[" * 100_000 + "\n")
+    out = ms("keyserver", "audit", "verify", "--file", export, check=False)
+    assert out.returncode == 1 and "audit log BROKEN" in out.stdout

@@ -18,6 +18,8 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
+from modelseal.errors import FormatError
+from modelseal.jsonlimits import loads_bounded
 from modelseal.keyserver import schema
 
 GENESIS = "0" * 64
@@ -92,6 +94,9 @@ def read_jsonl(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                yield json.loads(line)
-            except ValueError:
+                row = loads_bounded(line, max_bytes=1 << 20, max_depth=4, what=f"line {number}")
+                if not isinstance(row, dict):
+                    raise FormatError(f"line {number} is not a JSON object")
+                yield row
+            except FormatError:
                 yield {"seq": -number, "ts_ms": 0, "entry": "", "prev_hash": "", "hash": "unparseable line"}

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from modelseal.encoding import b64d, b64e, lp
 from modelseal.errors import FormatError, KeyReleaseError
+from modelseal.jsonlimits import loads_bounded
 
 BINDING_DOMAIN = b"modelseal/1 key-release binding"
 LEASE_DOMAIN = b"modelseal/1 key-release lease"
@@ -62,9 +63,9 @@ class Lease:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Lease:
         try:
-            data = json.loads(raw)
+            data = loads_bounded(raw, max_bytes=16 * 1024, max_depth=2, what="the lease")
             lease = cls(**data)
-        except (ValueError, TypeError) as exc:
+        except (FormatError, TypeError) as exc:
             raise FormatError(f"malformed lease from the key service: {exc}") from None
         ints = (lease.issued_at, lease.renew_after, lease.expires_at, lease.grace_s)
         if not all(isinstance(v, int) for v in ints):
