@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -373,3 +374,34 @@ def test_bad_config_keys_are_named(
     assert out.returncode == 1 and "Traceback" not in out.stderr
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"modelseal: error: {config}: {named}"), out.stderr
+
+
+# --- item 5: repeated log lines ----------------------------------------------------------------------
+
+
+def test_repeated_log_lines_are_counted_not_written(caplog: pytest.LogCaptureFixture) -> None:
+    """10,000 lines of one kind in one window: ``burst`` are written, then one line with the count."""
+    from modelseal.agent.lograte import RepeatFilter
+
+    now = [0.0]
+    limiter = RepeatFilter(burst=5, window_s=10, clock=lambda: now[0])
+    logger = logging.getLogger("modelseal.agent.test-lograte")
+    logger.addFilter(limiter)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            for uid in range(10_000):
+                logger.warning("uid %d: connection refused", uid)
+            logger.info("another kind of line")  # not held back by the flood
+            now[0] = 10.0
+            limiter.flush()
+            logger.warning("uid %d: connection refused", 1)  # a new window
+    finally:
+        logger.removeFilter(limiter)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:5] == [f"uid {uid}: connection refused" for uid in range(5)]
+    assert messages[5:] == [
+        "another kind of line",
+        "suppressed 9995 lines like: uid %d: connection refused (in the last 10 s; at most 5 per window are logged)",
+        "uid 1: connection refused",
+    ]
+    assert limiter.total_suppressed == 9995
