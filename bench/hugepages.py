@@ -45,7 +45,7 @@ def main() -> None:
         del tensors
         identity = HpkeIdentity.generate(KEMS["x25519"])
         identity.save(tmp / "host.key")
-        modelseal.seal(tmp / "plain.safetensors", tmp / "sealed.safetensors", [identity.recipient])
+        modelseal.seal(tmp / "plain.safetensors", tmp / "sealed.safetensors", [identity.recipient], force=True)
         cases = {
             "plain": ("plain", "plain.safetensors", "0"),
             "sealed, no advice (default)": ("sealed", "sealed.safetensors", "0"),

@@ -97,7 +97,7 @@ def main() -> None:
     del model
     ident = HpkeIdentity.generate(KEMS["x25519"])
     t0 = time.perf_counter()
-    modelseal.seal(plain, sealed, [ident.recipient], segment_size=args.segment_kb << 10)
+    modelseal.seal(plain, sealed, [ident.recipient], segment_size=args.segment_kb << 10, force=True)
     seal_s = time.perf_counter() - t0
     size = plain.stat().st_size
     for p in (plain, sealed):  # warm the page cache
@@ -166,7 +166,7 @@ def main() -> None:
     mixed["filler"] = torch.randint(0, 255, (256 << 20,), dtype=torch.uint8)
     mp, ms = work / "mixed.safetensors", work / "mixed.sealed.safetensors"
     safetensors.torch.save_file(mixed, str(mp))
-    modelseal.seal(mp, ms, [ident.recipient], segment_size=args.segment_kb << 10)
+    modelseal.seal(mp, ms, [ident.recipient], segment_size=args.segment_kb << 10, force=True)
     single = []
     with modelseal.safe_open(ms, "pt", identity=ident) as sf, safetensors.safe_open(str(mp), "pt") as pf:
         for s in sizes_kb:

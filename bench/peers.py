@@ -142,7 +142,7 @@ def make_file(method: str, directory: Path, plain: Path) -> tuple[Path, str, flo
         key_file = directory / "host.key"
         identity.save(key_file, force=True)
         out = directory / "sealed.safetensors"
-        return out, str(key_file), timed(lambda: modelseal.seal(plain, out, [identity.recipient]))
+        return out, str(key_file), timed(lambda: modelseal.seal(plain, out, [identity.recipient], force=True))
     if method == "cryptotensors":
         import cryptotensors.torch
         from cryptography.hazmat.primitives import serialization as ser

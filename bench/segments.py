@@ -68,7 +68,7 @@ def main() -> None:
         base_row = median_s(plain_row, args.runs * 10)
         for kb in (int(s) for s in args.segments_kb.split(",")):
             sealed = Path(tmp) / f"sealed-{kb}.safetensors"
-            modelseal.seal(plain, sealed, [ident.recipient], segment_size=kb << 10)
+            modelseal.seal(plain, sealed, [ident.recipient], segment_size=kb << 10, force=True)
 
             def sealed_row(path: Path = sealed) -> None:
                 with modelseal.safe_open(path, "pt", identity=ident) as f:

@@ -149,7 +149,7 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
         sealed = repo / "classifier" / "1" / "model.onnx.sealed"
         t0 = time.perf_counter()
         recipient = KeyserverRecipient(url, "demo-classifier", token=token, ca=ca)
-        seal(plain, sealed, [recipient], model_id="demo-classifier", signer=signer)
+        seal(plain, sealed, [recipient], model_id="demo-classifier", signer=signer, force=True)
         t1 = time.perf_counter()
         say(f"owner: sealed it into the host's model repository {sealed} (signed by {signer.public[:20]}...)")
 

@@ -91,7 +91,14 @@ def run_all(job: Callable[[T], object], items: Iterable[T], progress: Callable[[
 
     with _collector_paused():
         futures = [_executor().submit(guarded, item) for item in items]
-        wait(futures)
+        try:
+            wait(futures)
+        except BaseException:  # Ctrl-C in the waiting thread: stop, but never leave a worker writing
+            failed.set()
+            for fut in futures:
+                fut.cancel()
+            wait(futures)  # the caller may close the file or wipe the buffer these jobs write into
+            raise
     for fut in futures:
         exc = fut.exception()
         if exc is not None:
