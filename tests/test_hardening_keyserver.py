@@ -457,3 +457,48 @@ def test_audit_export_with_a_deep_line_is_reported_broken_not_a_crash(tmp_path: 
     export.write_text("[" * 100_000 + "\n")
     out = ms("keyserver", "audit", "verify", "--file", export, check=False)
     assert out.returncode == 1 and "audit log BROKEN" in out.stdout
+
+
+# --- the bounded JSON reader ------------------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab,:'),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\k'), inner, max_size=3),
+    max_leaves=20,
+)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=_JSON)
+def test_json_depth_scan_is_exact_and_strings_do_not_count(value: Any) -> None:
+    from modelseal.jsonlimits import json_depth, loads_bounded
+
+    text = json.dumps(value)
+    assert json_depth(text) == _depth(value)
+    assert loads_bounded(text, max_bytes=1 << 20, max_depth=_depth(value), what="doc") == value
+
+
+def test_bounded_reader_never_recurses_or_raises_anything_else() -> None:
+    from modelseal.jsonlimits import JSONLimitError, loads_bounded
+
+    cases = {
+        "[" * 1_000_000: "too_deep",
+        '{"a":' * 200_000: "too_deep",
+        '"[[[[' + "[" * 5000: "too_deep",  # an unterminated string only makes the scan stricter
+        "x" * 101: "too_large",
+        '{"a": Infinity}': "malformed_json",
+        b"\xc3\x28": "malformed_json",
+        "1" * 5000: "malformed_json",  # over Python's integer digit limit
+    }
+    for doc, code in cases.items():
+        with pytest.raises(JSONLimitError) as refused:
+            loads_bounded(doc, max_bytes=100 if code == "too_large" else 1 << 21, max_depth=64, what="the doc")
+        assert refused.value.code == code and "the doc" in str(refused.value)
