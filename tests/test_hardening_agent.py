@@ -228,7 +228,7 @@ def test_flood_of_slow_connections_leaves_root_served(
     assert report["answers"].get("busy", 0) > 1000 and report["answers"].get("timeout", 0) > 0, report
     assert set(report["answers"]) <= {"busy", "timeout"}, report
     counted = sum(int(n) for n in re.findall(r"suppressed (\d+) lines like: pid %d uid %d: connection refused", log))
-    assert counted > 1000, log[-3000:]
+    assert counted > 1000 and "Traceback" not in log, log[-3000:]
     assert grown < 64 * 1024, f"the log grew {grown} bytes for {report['opened']} flood connections"
 
 
@@ -401,7 +401,7 @@ def test_repeated_log_lines_are_counted_not_written(caplog: pytest.LogCaptureFix
     assert messages[:5] == [f"uid {uid}: connection refused" for uid in range(5)]
     assert messages[5:] == [
         "another kind of line",
-        "suppressed 9995 lines like: uid %d: connection refused (in the last 10 s; at most 5 per window are logged)",
+        "suppressed 9995 lines like: uid %d: connection refused (at most 5 of a kind per 10 s are logged)",
         "uid 1: connection refused",
     ]
     assert limiter.total_suppressed == 9995

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SUMMARY = "suppressed %d lines like: %s (in the last %.0f s; at most %d per window are logged)"
+SUMMARY = "suppressed %d lines like: %s (at most %d of a kind per %g s are logged)"
 
 
 _OVERFLOW = ("modelseal.agent", logging.WARNING, "(lines of too many different kinds)")
@@ -85,7 +85,7 @@ class RepeatFilter(logging.Filter):
         if window.suppressed:
             name, level, template = kind
             count, window.suppressed = window.suppressed, 0
-            logging.getLogger(name).log(level, SUMMARY, count, template, self.window_s, self.burst)
+            logging.getLogger(name).log(level, SUMMARY, count, template, self.burst, self.window_s)
 
 
 LOGGERS = ("modelseal.agent", "asyncio")  # the agent's own lines and the event loop's (accept errors)
