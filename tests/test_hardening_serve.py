@@ -6,6 +6,7 @@ config that disagrees with its model is refused at load with the reason, a busy 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import signal
@@ -112,8 +113,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         server.stop()
 
 
+@functools.cache
+def _client(address: str) -> httpx.Client:
+    return httpx.Client(base_url=f"http://{address}", timeout=30)
+
+
 def post(server: ServeProcess, path: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(f"http://{server.http}{path}", content=body, headers=headers, timeout=30)
+    return _client(server.http).post(path, content=body, headers=headers)
 
 
 def tensor_json(**override: Any) -> dict[str, Any]:

@@ -59,6 +59,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     version.mkdir(parents=True)
     modelseal.seal(tmp / "plain.savedmodel", version / "model.savedmodel.sealed", [identity.recipient])
     (tmp / "repo" / "tf_cnn" / "config.pbtxt").write_text(CONFIG)
+    import shutil  # the same model behind a config that disagrees with its signature (issue 14, item 12)
+
+    shutil.copytree(tmp / "repo" / "tf_cnn", tmp / "repo" / "tf_mismatch")
+    (tmp / "repo" / "tf_mismatch" / "config.pbtxt").write_text(
+        CONFIG.replace("tf_cnn", "tf_mismatch").replace(
+            "TYPE_FP32 dims: [ 16, 16, 3 ]", "TYPE_FP64 dims: [ 16, 16, 4 ]"
+        )
+    )
     scratch = tmp / "scratch"  # the server's HOME and TMPDIR: must stay empty
     scratch.mkdir()
     server = ServeProcess(tmp / "repo", tmp / "serve.log", extra=["-i", str(tmp / "host.key")],
@@ -87,3 +95,13 @@ def test_sealed_saved_model_matches_plain_tensorflow(served: dict[str, Any]) -> 
     written = {str(p.relative_to(served["scratch"])) for p in served["scratch"].rglob("*")}
     unexpected = {w for w in written if w not in settings and not w.startswith((".keras/", ".cache/matplotlib/"))}
     assert not unexpected, unexpected
+
+
+def test_a_config_that_disagrees_with_the_signature_is_unavailable(served: dict[str, Any]) -> None:
+    """ac0b701 loaded it as READY with the config's metadata and answered every request with a 500."""
+    index = {m["name"]: m for m in served["server"].http_client().get_model_repository_index()}
+    assert index["tf_mismatch"]["state"] == "UNAVAILABLE"
+    reason = index["tf_mismatch"]["reason"]
+    assert "input 'input' is FP64 in the config but FP32 in the model" in reason
+    assert "has shape [-1, 16, 16, 4] in the config but [-1, 16, 16, 3] in the model" in reason
+    assert index["tf_cnn"]["state"] == "READY"
