@@ -426,6 +426,7 @@ def test_port_in_use_is_one_line_naming_the_port(tmp_path: Path) -> None:
         (("[leases]\n", "[leases]\nlease_ttl = 5\n"), "'lease_ttl' in [leases]"),
         (("[database]\n", "[databse]\n"), "unknown table [databse]"),
         (("[audit]\n", "[audit]\nbursts = 1\n"), "'bursts' in [audit]"),
+        (("max_body_bytes = 65536", "max_body_bytes = 4294967296"), "max_body_bytes must be from 1024"),
     ],
 )
 def test_unknown_config_keys_are_errors_naming_key_and_file(tmp_path: Path, edit: tuple[str, str], named: str) -> None:

@@ -183,7 +183,8 @@ def ks_init(
             f"config:            {result['config']}",
             f"CA for clients:    {result['ca']}",
             f"admin token file:  {result['admin_token_file']} (0600; set MODELSEAL_ADMIN_TOKEN_FILE to it)",
-            f"lease signing key: {result['lease_public_key']} (pin it in agent configs)",
+            f"lease signing key: {result['lease_public_key']} (pin it in agent configs; "
+            f"`modelseal keyserver lease-key --config {result['config']}` prints it again)",
             f"next: modelseal keyserver run --config {result['config']}",
         ],
     )

@@ -28,6 +28,7 @@ from modelseal.keyserver.service import ServiceSettings
 
 SIGNING_LABEL = "MODELSEAL-LEASE-SIGNING-KEY"
 CONFIG_NAME = "keyserver.toml"
+MAX_BODY_LIMIT = 16 * 1024 * 1024  # the largest real body (a release with TEE evidence) is a few KiB
 # Every table and key keyserver.toml may hold; [attestation] is checked by its verifiers.
 KNOWN_KEYS: dict[str, frozenset[str] | None] = {
     "server": frozenset({"listen", "tls_cert", "tls_key", "client_ca", "max_body_bytes"}),
@@ -102,6 +103,8 @@ class KeyServerConfig:
             raise UsageError(
                 f"{path}: bad [server] listen or max_body_bytes, [leases] or [audit] value: {exc}"
             ) from None
+        if not 1024 <= max_body <= MAX_BODY_LIMIT:
+            raise UsageError(f"{path}: [server] max_body_bytes must be from 1024 to {MAX_BODY_LIMIT}")
         if min(refusals.burst, refusals.max_peers, refusals.total_burst) < 0 or refusals.interval_s < 1:
             raise UsageError(f"{path}: [audit] values must be positive")
         return cls(
