@@ -247,12 +247,13 @@ def test_malformed_frames_get_an_error_frame(
         deep = b'{"op": ' + b"[" * 2000 + b"]" * 2000 + b"}\n"
         assert len(deep) < MAX_REQUEST
         cases = {
-            "deep": (deep, "bad_request", "deeper than"),
-            "deep_unclosed": (b"[" * 4000 + b"\n", "bad_request", "deeper than"),
+            "deep": (deep, "too_deep", "the request nests 2001 levels deep, over the limit of 4"),
+            "deep_unclosed": (b"[" * 4000 + b"\n", "too_deep", "over the limit of 4"),
             "huge": (b'{"op": "' + b"x" * 200_000 + b'"}\n', "too_large", f"at most {MAX_REQUEST} bytes"),
             "idle": (b'{"op": "key"', "timeout", "no complete request within 1 s"),
             "not_object": (b"[1, 2]\n", "bad_request", "one JSON object"),
-            "not_utf8": (b'{"op": "\xff\xfe"}\n', "bad_request", "one JSON object"),
+            "not_utf8": (b'{"op": "\xff\xfe"}\n', "malformed_json", "the request is not UTF-8"),
+            "not_json": (b'{"op": NaN}\n', "malformed_json", "the request is not valid JSON"),
             "forged_log_line": (line(forged), "bad_request", "model is not a model name"),
             "bad_key_id": (line({"op": "key", "key_id": "k/../x", "model": "alpha"}), "bad_request", "not a key"),
             "unknown_op": (b'{"op": "keys"}\n', "bad_request", "expected op"),

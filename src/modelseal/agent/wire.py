@@ -19,10 +19,11 @@ from typing import Any
 
 from modelseal.crypto.keys import wipe
 from modelseal.errors import KeyReleaseError, ModelsealError
+from modelseal.jsonlimits import JSONLimitError, loads_bounded
 
 MAX_MESSAGE = 64 * 1024  # the largest answer a client reads (status lists every held and dropped key)
 MAX_REQUEST = 4 * 1024  # a request is one small flat object; anything larger is refused unread
-MAX_DEPTH = 4  # requests are flat objects; deeper nesting is refused before json.loads sees it
+MAX_DEPTH = 4  # requests are flat objects; deeper nesting is refused before it is parsed
 
 # what the key service issues: ids are short base64url tokens, model names match its MODEL_NAME rule;
 # checked before anything is logged or sent on, so no control character reaches a log line
@@ -38,48 +39,21 @@ class FrameError(ModelsealError):
         self.code = code
 
 
-def nesting_depth(data: bytes | bytearray, limit: int) -> int:
-    """The deepest ``[``/``{`` nesting in JSON text ``data``, stopping once it passes ``limit``.
-
-    A plain loop over the bytes (strings and their escapes skipped), so a hostile frame of 4,000
-    brackets costs a scan, never Python recursion (``json.loads`` would raise ``RecursionError``)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    return deepest
-        elif byte in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return deepest
-
-
 def too_large() -> FrameError:
     return FrameError("too_large", f"a request is at most {MAX_REQUEST} bytes, one JSON object per line")
 
 
 def decode_request(line: bytes) -> dict[str, Any]:
-    """One request line as a dict, or :class:`FrameError` saying why it is refused."""
+    """One request line as a dict, or :class:`FrameError` saying why it is refused.
+
+    Size and depth are checked before parsing (:func:`modelseal.jsonlimits.loads_bounded` scans the
+    nesting without recursion), so a frame of 4,000 brackets is an error line, never a RecursionError."""
     if len(line) > MAX_REQUEST:
         raise too_large()
-    if nesting_depth(line, MAX_DEPTH) > MAX_DEPTH:
-        raise FrameError("bad_request", f"the request nests deeper than {MAX_DEPTH} levels")
     try:
-        request = json.loads(line)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
-        request = None
+        request = loads_bounded(line, max_bytes=MAX_REQUEST, max_depth=MAX_DEPTH, what="the request")
+    except JSONLimitError as exc:
+        raise FrameError(exc.code, str(exc)) from None
     if not isinstance(request, dict):
         raise FrameError("bad_request", "send one JSON object per line")
     return request
@@ -142,16 +116,14 @@ def ask(path: str, request: dict[str, Any], timeout: float = 60) -> tuple[dict[s
         ) from None
     try:
         end = buf.index(b"\n", 0, filled)
-        if nesting_depth(buf[:end], 2 * MAX_DEPTH) > 2 * MAX_DEPTH:
-            raise ValueError
-        answer = json.loads(bytes(buf[:end]))
+        answer = loads_bounded(buf[:end], max_bytes=MAX_MESSAGE, max_depth=2 * MAX_DEPTH, what="the answer")
         if not isinstance(answer, dict):
             raise ValueError
         size = int(answer.get("key_bytes", 0))
         if filled != end + 1 + size:
             raise ValueError
         payload = bytearray(buf[end + 1 : filled])
-    except ValueError:
+    except (ValueError, JSONLimitError):
         raise KeyReleaseError("agent_unavailable", f"the agent at {path} sent a malformed answer") from None
     finally:
         wipe(buf)
