@@ -233,6 +233,8 @@ INDEX_EDITS = {
     "metadata values are numbers": lambda i: i.update(metadata={"a": 1}),
     "entry is a list": lambda i: i["entries"].__setitem__(0, ["w"]),
     "reserved name": lambda i: i["entries"][0].update(name="__modelseal_tags__"),
+    "name is a lone surrogate": lambda i: i["entries"][0].update(name="\ud800"),  # found by bench/fuzz.py
+    "shape has 100 dimensions": lambda i: i["entries"][0].update(shape=i["entries"][0]["shape"] + [1] * 99),
     "index is a list": lambda i: i.clear() or i.update(entries=5),
 }
 

@@ -11,6 +11,7 @@ otherwise read one header two ways), no ``NaN``/``Infinity``.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from modelseal.errors import FormatError
@@ -18,6 +19,7 @@ from modelseal.errors import FormatError
 MAX_HEADER = 100 << 20  # the safetensors header limit; also caps every container header and document
 MAX_FORMAT_DEPTH = 16  # the deepest format document (a public index inside the header) has depth 4
 _CHUNK = 1 << 22
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")  # an escape or character of one
 
 
 class _RejectedError(ValueError):
@@ -87,8 +89,30 @@ def loads_bounded(
     if not nesting_within(raw, max_depth):
         raise FormatError(f"{what} is not valid JSON: nested more than {max_depth} levels deep, or unbalanced")
     try:
-        return json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
+        value = json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
     except _RejectedError as exc:
         raise FormatError(f"{what} is not valid JSON: {exc}") from None
     except (ValueError, RecursionError):  # ValueError includes JSONDecodeError and over-long integers
         raise FormatError(f"{what} is not valid JSON (file corrupt?)") from None
+    if _MAYBE_SURROGATE.search(text) and not _all_text(value):
+        raise FormatError(f"{what} holds a string with a lone UTF-16 surrogate (not Unicode text)")
+    return value
+
+
+def _all_text(value: Any) -> bool:
+    """True if every string (keys too) in ``value`` is Unicode text: ``"\\ud800"`` is valid JSON syntax
+    but no character, and a name holding it cannot be encoded into a segment's AAD. Iterative."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return True

@@ -41,6 +41,7 @@ from modelseal.recipients.base import Recipient
 TAGS_TENSOR = "__modelseal_tags__"
 PAYLOAD_TENSOR = "__modelseal_payload__"
 RESERVED = (TAGS_TENSOR, PAYLOAD_TENSOR)
+MAX_DIMS = 64  # numpy's limit; no real tensor comes near it
 _SNIFF = 1 << 20  # how far into a file that fails to parse to look for an envelope (damaged vs not sealed)
 HEADER_ALIGN = 4096  # payload starts page aligned (mmap, O_DIRECT, GPUDirect Storage)
 HEADER_SLACK = 4096  # room for rekey to add recipients without moving the payload
@@ -92,7 +93,10 @@ def parse_plain_header(buf: memoryview | bytes | bytearray | mmap.mmap, source: 
 
 
 def _shape(value: Any, what: str) -> list[int]:
+    """A shape: at most ``MAX_DIMS`` non-negative integers (numpy cannot make more dimensions)."""
     dims = schema.array(value, what)
+    if len(dims) > MAX_DIMS:
+        raise FormatError(f"{what} has {len(dims)} dimensions, more than {MAX_DIMS}")
     for d in dims:
         schema.integer(d, what)
     return dims
