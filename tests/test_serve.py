@@ -45,6 +45,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     add_model(repo, "cnn_plain", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=None)
     add_model(repo, "cnn_slow", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=None, delay_us=500_000)
     add_state_dict_model(repo, model, recipient)
+    import shutil  # TorchScript behind a config with one input too many (checked at load, issue 14 item 12)
+
+    shutil.copytree(repo / "cnn_torch", repo / "torch_arity")
+    config = (repo / "cnn_torch" / "config.pbtxt").read_text().replace("cnn_torch", "torch_arity")
+    (repo / "torch_arity" / "config.pbtxt").write_text(
+        config.replace(
+            "dims: [ 3, 16, 16 ] }", 'dims: [ 3, 16, 16 ] }, { name: "mask" data_type: TYPE_FP32 dims: [ 1 ] }'
+        )
+    )
     add_model(repo, "broken_plain", "onnxruntime_onnx", b"not an onnx model", SHAPE, 10, recipients=None)
     tampered = add_model(repo, "broken_sealed", "onnxruntime_onnx", onnx_bytes, SHAPE, 10, recipients=recipient)
     sealed_file = tampered / "model.onnx.sealed"
@@ -291,6 +300,10 @@ def test_models_that_fail_to_load_are_unavailable_with_the_reason(served: dict[s
     index = {m["name"]: m for m in http.get_model_repository_index()}
     assert index["broken_plain"]["state"] == "UNAVAILABLE" and "runtime refused it" in index["broken_plain"]["reason"]
     assert index["broken_sealed"]["state"] == "UNAVAILABLE"
+    assert index["torch_arity"]["state"] == "UNAVAILABLE"
+    assert (
+        "declares 2 input(s) ['input', 'mask'], but the PyTorch model's forward takes" in index["torch_arity"]["reason"]
+    )
     assert "authentication" in index["broken_sealed"]["reason"].lower()
     with pytest.raises(InferenceServerException, match="not ready"):
         infer_http(http, "broken_sealed", np.zeros((1, *SHAPE), np.float32))

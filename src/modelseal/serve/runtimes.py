@@ -81,19 +81,31 @@ def check_tensors(spec: ModelSpec, kind: str, inputs: dict[str, Declared] | None
         raise ConfigError(f"model {spec.name}: its config disagrees with the {kind} model: {'; '.join(problems)}")
 
 
-def check_arity(spec: ModelSpec, kind: str, function: Any) -> None:
-    """A PyTorch model is called with the config's inputs as positional arguments, in order: their number
-    must be one the model's ``forward`` accepts (names and dtypes are not knowable before a call)."""
+def _forward_parameters(function: Any) -> tuple[list[str], int] | None:
+    """(positional parameter names, how many are required) of a module's ``forward``: from the TorchScript
+    schema, else the Python signature; None when it takes ``*args`` or cannot be told."""
+    schema = getattr(function, "schema", None)
+    if schema is not None:  # a ScriptMethod: inspect cannot see it
+        args = [a for a in schema.arguments if a.name != "self" and not a.kwarg_only]
+        return [a.name for a in args], sum(not a.has_default_value() for a in args)
     try:
         parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
-        return
+        return None
     if any(p.kind is p.VAR_POSITIONAL for p in parameters):
-        return
+        return None
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = [p for p in positional if p.default is p.empty]
-    if not len(required) <= len(spec.inputs) <= len(positional):
-        names = [p.name for p in positional]
+    return [p.name for p in positional], sum(p.default is p.empty for p in positional)
+
+
+def check_arity(spec: ModelSpec, kind: str, function: Any) -> None:
+    """A PyTorch model is called with the config's inputs as positional arguments, in order: their number
+    must be one the model's ``forward`` accepts (names and dtypes are not knowable before a call)."""
+    found = _forward_parameters(function)
+    if found is None:
+        return
+    names, required = found
+    if not required <= len(spec.inputs) <= len(names):
         raise ConfigError(f"model {spec.name}: its config declares {len(spec.inputs)} input(s) "
                           f"{[t.name for t in spec.inputs]}, but the {kind} model's forward takes {names}")  # fmt: skip
 
