@@ -49,6 +49,13 @@ from modelseal.clikit import emit, fail_closed, json_option
     show_default=True,
     help="Request bytes in flight over HTTP and gRPC together; past it: HTTP 429 / RESOURCE_EXHAUSTED.",
 )
+@click.option(
+    "--body-timeout",
+    "body_timeout_s",
+    default=60.0,
+    show_default=True,
+    help="Seconds an HTTP request body may take to arrive (past it: 408).",
+)
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Per-request audit file (JSONL).")
 @click.option("--threads", default=0, help="Intra-op threads per instance (0: the runtime's default).")
 @click.option(
@@ -62,9 +69,9 @@ from modelseal.clikit import emit, fail_closed, json_option
 @fail_closed
 def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key: Path | None,
           client_ca: Path | None, identity: str | None, agent_socket: str | None, models: tuple[str, ...],
-          key_check_s: float, retry_s: float, max_body_mb: int, max_inflight_mb: int, audit_log: Path | None,
-          threads: int,
-          trusted_signers: tuple[str, ...], log_json: bool, verbose: bool) -> None:  # fmt: skip
+          key_check_s: float, retry_s: float, max_body_mb: int, max_inflight_mb: int, body_timeout_s: float,
+          audit_log: Path | None, threads: int, trusted_signers: tuple[str, ...], log_json: bool,
+          verbose: bool) -> None:  # fmt: skip
     """Serve the sealed models of a repository to tritonclient / KServe clients, HTTP and gRPC.
 
     Weights are decrypted in memory only, with keys from the host agent; a model whose key the agent
@@ -80,6 +87,7 @@ def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key
             tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca, identity=identity,
             agent_socket=agent_socket, models=list(models), key_check_s=key_check_s, retry_s=retry_s,
             max_body_bytes=max_body_mb * 1024 * 1024, max_inflight_bytes=max_inflight_mb * 1024 * 1024,
+            body_timeout_s=body_timeout_s,
             audit_log=audit_log, threads=threads,
             trusted_signers=list(trusted_signers),
         )

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
 from modelseal.pki import peer_identity
 from modelseal.serve.errors import ServeError
@@ -63,7 +63,8 @@ async def body_within_budget(request: web.Request) -> AsyncIterator[bytes]:
     """The request body, charged to the server's in-flight byte budget for as long as it is used.
 
     A declared ``Content-Length`` is checked against the size limit and charged *before* a byte is read,
-    so refused bodies are never buffered; a chunked body is charged as its chunks arrive."""
+    so refused bodies are never buffered; a chunked body is charged as its chunks arrive. The whole body
+    must arrive within ``--body-timeout`` seconds, so slow senders cannot keep the budget."""
     srv = server(request)
     limit, budget = srv.config.max_body_bytes, srv.budget
     declared = request.content_length
@@ -71,19 +72,25 @@ async def body_within_budget(request: web.Request) -> AsyncIterator[bytes]:
         raise ServeError(413, f"request body too large ({declared} bytes; limit {limit} bytes)")
     charged = 0
     try:
-        if declared is not None:
-            budget.take(declared)
-            charged = declared
-            body = await request.read()
-        else:
-            chunks = []
-            async for chunk in request.content.iter_chunked(1 << 16):
-                if charged + len(chunk) > limit:
-                    raise ServeError(413, f"request body too large (limit {limit} bytes)")
-                budget.take(len(chunk))
-                charged += len(chunk)
-                chunks.append(chunk)
-            body = b"".join(chunks)
+        try:
+            async with asyncio.timeout(srv.config.body_timeout_s):  # a trickled body cannot hold the budget
+                if declared is not None:
+                    budget.take(declared)
+                    charged = declared
+                    body = await request.read()
+                else:
+                    chunks = []
+                    async for chunk in request.content.iter_chunked(1 << 16):
+                        if charged + len(chunk) > limit:
+                            raise ServeError(413, f"request body too large (limit {limit} bytes)")
+                        budget.take(len(chunk))
+                        charged += len(chunk)
+                        chunks.append(chunk)
+                    body = b"".join(chunks)
+        except TimeoutError:
+            raise ServeError(408, f"the request body did not arrive within {srv.config.body_timeout_s:g} s") from None
+        except (ConnectionError, ClientPayloadError):  # the client went away: nobody to answer, nothing to log
+            raise ServeError(400, "the client closed the connection before sending its whole body") from None
         yield body
     finally:
         budget.release(charged)

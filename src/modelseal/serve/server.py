@@ -46,6 +46,7 @@ class ServeConfig:
     retry_s: float = 30
     max_body_bytes: int = 64 * 1024 * 1024
     max_inflight_bytes: int = 256 * 1024 * 1024  # all request bodies/messages in flight together
+    body_timeout_s: float = 60  # an HTTP request body must arrive within this
     audit_log: Path | None = None
     drain_s: float = 10
     threads: int = 0
