@@ -140,6 +140,8 @@ REST_CASES: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("not JSON", "two", b"{not json", {}),
     ("not UTF-8", "two", b'{"inputs": "\xff"}', {}),
     ("JSON array", "two", b"[1, 2]", {}),
+    ("bare NaN (not JSON)", "two", j(tensor_json())[:-4] + b', "data": [NaN, 1, 2, 3]}]}', {}),
+    ("duplicate key", "two", j(tensor_json())[:-2] + b', "name": "y"}]}', {}),
     ("huge integer literal", "two", j(tensor_json())[:-2] + b', "x": ' + b"9" * 5000 + b"}]}", {}),
     ("id not a string", "two", j({**tensor_json(), "id": {"a": 1}}), {}),
     ("parameters a list", "two", j({**tensor_json(), "parameters": [1]}), {}),

@@ -6,10 +6,11 @@ the same malformed request with the same 400 / ``INVALID_ARGUMENT`` message and 
 numpy or a runtime (where it used to end as a bare 500 / ``UNKNOWN``). What is checked against the
 *model* (input names, dtypes, dims, batch size) is :meth:`ModelManager.check`'s job.
 
-Non-finite values in JSON responses: JSON has no NaN or infinity, and strict parsers (the KServe SDK's
-orjson, Go, JavaScript) reject Python's bare ``NaN``/``Infinity``. They are sent as the strings
-``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, which ``numpy.array(data, dtype)`` (what tritonclient and
-the KServe SDK call) turns back into the float values; the same strings are accepted in request data.
+Non-finite values in JSON: JSON has no NaN or infinity, and strict parsers (the KServe SDK's orjson, Go,
+JavaScript) reject Python's bare ``NaN``/``Infinity``. Responses send them as the strings ``"NaN"``,
+``"Infinity"`` and ``"-Infinity"``, which ``numpy.array(data, dtype)`` (what tritonclient and the KServe
+SDK call) turns back into the float values. Requests are read as strict JSON too (the shared bounded
+reader: no bare constants, no duplicate keys) and accept the same strings in ``data``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from modelseal.errors import UsageError
+from modelseal.jsonlimits import JSONLimitError, loads_bounded
 from modelseal.serve import datatypes
 from modelseal.serve.errors import ServeError, bad_request
-from modelseal.serve.limits import check_json_depth
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_JSON_DEPTH = 40  # a request is ~4 levels plus one per tensor dimension when data is sent nested
@@ -117,13 +118,11 @@ def _flag(parameters: dict[str, Any], key: str, default: bool, what: str) -> boo
 
 
 def parse_json(text: bytes | memoryview, what: str = "the request") -> Any:
-    """``json.loads`` after the depth check, with every decoding failure a 400."""
-    data = bytes(text)
-    check_json_depth(data, MAX_JSON_DEPTH, what)
+    """Strict JSON within size and depth limits (:func:`loads_bounded`), every failure a 400."""
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, over-long integers
-        raise bad_request(f"{what} is not valid JSON: {exc}") from None
+        return loads_bounded(text, max_bytes=len(text), max_depth=MAX_JSON_DEPTH, what=what)
+    except JSONLimitError as exc:
+        raise bad_request(str(exc)) from None
 
 
 def decode_rest(body: bytes, header_length: str | None) -> InferRequest:
