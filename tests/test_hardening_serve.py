@@ -5,7 +5,6 @@ config that disagrees with its model is refused at load with the reason, a busy 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import random
@@ -423,56 +422,72 @@ def test_dynamic_batcher_survives_mixed_concurrent_traffic(served: dict[str, Any
         server.stop()
 
 
-def test_batcher_failures_fail_their_requests_restart_and_show_in_readiness(
-    served: dict[str, Any],
-) -> None:
-    """In process, on the real model: a batch whose run raises fails its requests with the error and the
-    worker serves the next; a worker that dies has its queue failed and is restarted; one that keeps dying
-    makes the model (and the server) not ready, with the reason, instead of hanging requests."""
-    from modelseal.serve.batching import MAX_RESTARTS
-    from modelseal.serve.errors import ServeError
-    from modelseal.serve.server import ServeConfig, Server
+# Run in a fresh interpreter: the test process has tritonclient's generated protobuf modules loaded, and
+# compiling modelseal's own model_config.proto (same package names) into that descriptor pool crashes.
+BATCHER_SCENARIO = """
+import asyncio, sys
+import numpy as np
+from modelseal.serve.batching import MAX_RESTARTS
+from modelseal.serve.errors import ServeError
+from modelseal.serve.server import ServeConfig, Server
 
-    async def scenario() -> None:
-        server = Server(ServeConfig(repository=served["repo"], models=["two"]))
-        await server.models.load("two")
-        server.started = True
-        model = server.models.get("two")
-        batcher = model.batcher
-        assert batcher is not None
-        x = {"x": np.ones((1, 4), np.float32)}
-        bad = {"x": np.ones((1, 4), np.float64)}  # unchecked on purpose: the runtime raises for this batch
-        results = await asyncio.wait_for(
-            asyncio.gather(batcher.submit(bad, ["double"]), batcher.submit(x, ["neg"]), return_exceptions=True), 10
-        )
-        failed, served_ok = results
-        assert isinstance(failed, Exception) and isinstance(served_ok, dict)
-        np.testing.assert_array_equal(served_ok["neg"], -x["x"])
-        deaths = 0
-        while not batcher.failure:  # kill every worker while a request waits in the queue
-            assert server.ready and deaths <= MAX_RESTARTS
-            waiting = asyncio.ensure_future(batcher.submit(x, ["double"]))
-            await asyncio.sleep(0)
-            tasks = list(batcher.tasks)
-            for task in tasks:
-                task.cancel()
-            with pytest.raises(ServeError, match="dynamic batcher"):
-                await asyncio.wait_for(waiting, 10)  # failed with the reason, not left hanging
-            await asyncio.sleep(0.01)
-            deaths += len(tasks)
-            if not batcher.failure:
-                assert len(batcher.tasks) == 2  # restarted
-        assert deaths == MAX_RESTARTS + 1 or deaths == MAX_RESTARTS + 2
-        assert not server.ready and server.models.dead_batchers() == ["two"]
-        with pytest.raises(ServeError, match="dynamic batcher"):
-            server.models.get("two")
-        row = {m["name"]: m for m in server.models.index()}["two"]
-        assert row["state"] == "UNAVAILABLE" and "dynamic batcher" in row["reason"]
-        await server.models.load("two")  # loading it again brings it back
-        assert server.ready
-        await server.models.close()
+async def refused(awaitable, match):
+    try:
+        await asyncio.wait_for(awaitable, 10)  # failed with the reason, not left hanging
+    except ServeError as exc:
+        assert match in str(exc), exc
+    else:
+        raise AssertionError("not refused")
 
-    asyncio.run(scenario())
+async def scenario():
+    server = Server(ServeConfig(repository=sys.argv[1], models=["two"]))
+    await server.models.load("two")
+    server.started = True
+    batcher = server.models.get("two").batcher
+    x = {"x": np.ones((1, 4), np.float32)}
+    bad = {"x": np.ones((1, 4), np.float64)}  # unchecked on purpose: the runtime raises for this batch
+    failed, ok = await asyncio.wait_for(
+        asyncio.gather(batcher.submit(bad, ["double"]), batcher.submit(x, ["neg"]), return_exceptions=True), 10)
+    assert isinstance(failed, Exception) and np.array_equal(ok["neg"], -x["x"]), (failed, ok)
+    deaths = 0
+    while not batcher.failure:  # kill every worker while a request waits in the queue
+        assert server.ready and deaths <= MAX_RESTARTS
+        waiting = asyncio.ensure_future(batcher.submit(x, ["double"]))
+        await asyncio.sleep(0)
+        tasks = list(batcher.tasks)
+        for task in tasks:
+            task.cancel()
+        await refused(waiting, "dynamic batcher")
+        await asyncio.sleep(0.01)
+        deaths += len(tasks)
+        assert batcher.failure or len(batcher.tasks) == 2  # restarted
+    assert deaths in (MAX_RESTARTS + 1, MAX_RESTARTS + 2), deaths
+    assert not server.ready and server.models.dead_batchers() == ["two"]
+    try:
+        server.models.get("two")
+        raise AssertionError("a model with a dead batcher was handed out")
+    except ServeError as exc:
+        assert "dynamic batcher" in str(exc), exc
+    row = {m["name"]: m for m in server.models.index()}["two"]
+    assert row["state"] == "UNAVAILABLE" and "dynamic batcher" in row["reason"], row
+    await refused(batcher.submit(x, ["double"]), "dynamic batcher")
+    await server.models.load("two")  # loading it again brings it back
+    assert server.ready
+    await server.models.close()
+    print("scenario ok")
+
+asyncio.run(scenario())
+"""
+
+
+def test_batcher_failures_fail_their_requests_restart_and_show_in_readiness(served: dict[str, Any]) -> None:
+    """On the real model, in a server's model manager: a batch whose run raises fails its requests with
+    the error and the worker serves the next; a worker that dies has its queue failed and is restarted;
+    one that keeps dying makes the model (and the server) not ready, with the reason, and new requests are
+    refused at once instead of hanging."""
+    result = subprocess.run([sys.executable, "-c", BATCHER_SCENARIO, str(served["repo"])],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and "scenario ok" in result.stdout, result.stderr[-3000:]
 
 
 def test_config_that_disagrees_with_its_model_is_unavailable_with_the_reason(served: dict[str, Any]) -> None:
