@@ -62,9 +62,11 @@ def main() -> int:
           f"peak RSS {report.peak_rss_mib:.0f} MiB")
     for bug in report.bugs[:50]:
         print("BUG", json.dumps(bug))
+    for err in report.harness_errors[:20]:
+        print("HARNESS ERROR (mutant not built, case not counted)", err)
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=1))
-    return 1 if report.bugs else 0
+    return 1 if report.bugs or report.harness_errors else 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import hmac
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -251,6 +252,7 @@ def assemble(p: Parsed, outer_text: str | None = None, pad_to: int | None = None
 
 _DEEP = "\x00deep:"  # sentinel strings, replaced in the serialised text (json.dumps cannot nest 100k deep)
 _BIGNUM = "\x00bignum"
+_DEEP_TEXT = re.compile(r'"\\u0000deep:(\d{1,6})"')  # a sentinel as serialised; edited ones stay strings
 
 
 def _paths(value: Any) -> list[list[Any]]:
@@ -328,11 +330,7 @@ def edit_json(rng: random.Random, doc: Any, op: str, under: list[Any] | None = N
 def dumps(doc: Any, rng: random.Random) -> str:
     """Serialise, expanding sentinels into deep nesting / huge numbers, sometimes with a duplicate key."""
     text = json.dumps(doc, separators=(",", ":"))
-    while '"\\u0000deep:' in text:
-        start = text.index('"\\u0000deep:')
-        end = text.index('"', start + 1)
-        depth = int(text[start + len('"\\u0000deep:') : end])
-        text = text[:start] + "[" * depth + "]" * depth + text[end + 1 :]
+    text = _DEEP_TEXT.sub(lambda m: "[" * int(m.group(1)) + "]" * int(m.group(1)), text)
     text = text.replace('"\\u0000bignum"', "9" * 5000)
     if rng.random() < 0.05 and text.startswith('{"'):
         key = text[1 : text.index('"', 2) + 1]
@@ -558,6 +556,7 @@ class Report:
     accepted_relabelled: int = 0  # re-MACed: same bytes, descriptive fields changed by the key holder
     bugs: list[dict[str, Any]] = field(default_factory=list)
     bugs_by_class: Counter[str] = field(default_factory=Counter)
+    harness_errors: list[str] = field(default_factory=list)  # mutants the harness failed to build
     slowest_s: float = 0.0
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
@@ -590,12 +589,17 @@ def run_case(target: Target, seed: int, index: int, work: Path, report: Report, 
     classes = [c for c in MUTATIONS if c != "dirsplice"] + (["dirsplice"] * 3 if target.directory else [])
     op = rng.choice(classes)
     mutant = work / f"case-{index}"
-    if target.directory:
-        mutate_directory(rng, target, mutant, op)
-    else:
-        raw = target.path.read_bytes()
-        mutant = mutant.with_suffix(target.path.suffix)
-        mutant.write_bytes(mutate_file(rng, target, raw, target.twin.read_bytes(), op))
+    try:
+        if target.directory:
+            mutate_directory(rng, target, mutant, op)
+        else:
+            raw = target.path.read_bytes()
+            mutant = mutant.with_suffix(target.path.suffix)
+            mutant.write_bytes(mutate_file(rng, target, raw, target.twin.read_bytes(), op))
+    except Exception as exc:  # a flaw of this harness, not of modelseal: keep the run going, report it
+        report.harness_errors.append(f"case {index}: {type(exc).__name__}: {str(exc)[:200]}")
+        shutil.rmtree(mutant, ignore_errors=True)
+        return
     report.cases += 1
     report.by_class[op] += 1
     report.by_kind[target.kind] += 1

@@ -35,6 +35,7 @@ def test_mutants_are_refused_or_identical(tmp_path: Path) -> None:
     assert out.exists(), proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["bugs"] == [], proc.stdout
+    assert report["harness_errors"] == [], proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert report["cases"] == CASES
     assert set(report["by_kind"]) == KINDS
