@@ -5,13 +5,14 @@
 input. So the size is checked before anything is parsed, and the nesting depth is measured without
 recursion (brackets outside strings, counted with C-speed byte operations) before ``json.loads`` runs.
 The reader is also strict where ``json`` is lenient: UTF-8 only, no duplicate keys (two parsers could
-otherwise read one header two ways), no ``NaN``/``Infinity``.
+otherwise read one header two ways), no ``NaN``/``Infinity``, no lone surrogates in strings.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from typing import Any
 
 from modelseal.errors import FormatError
@@ -29,8 +30,7 @@ class _RejectedError(ValueError):
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        dup = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
         raise _RejectedError(f"duplicate key {dup[:60]!r}")
     return obj
 
