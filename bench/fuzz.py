@@ -3,9 +3,10 @@
 Prints the counts that ``docs/security.md`` (section Fuzzing) reports: cases by mutation class and by
 artifact kind, refusals, exceptions by type, mutants accepted with identical content, bugs (any
 exception that is not a ``ModelsealError``, any accepted change, any case past its time bound), the
-slowest case and the process's peak RSS. Exit status 1 if there was a bug. ``--json`` writes the
-report as JSON (``tests/test_fuzz.py`` runs this script that way). Each case ``i`` of seed ``s`` is
-reproducible alone: ``--seed s --first i --cases 1``.
+slowest case and the process's peak RSS. Each load runs under a time bound (SIGALRM) and an
+address-space bound (RLIMIT_AS: current size + ``--memory-bound``): a hang or a big allocation is a
+bug. Exit status 1 if there was a bug. ``--json`` writes the report as JSON (``tests/test_fuzz.py``
+runs this script that way). Each case ``i`` of seed ``s`` reruns alone: ``--seed s --first i --cases 1``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> int:
     ap.add_argument("--first", type=int, default=0, help="index of the first case (to rerun one case)")
     ap.add_argument("--kinds", default="", help="subset, e.g. public,hidden,signed,mlkem,onnx,torchscript,dir")
     ap.add_argument("--time-bound", type=float, default=10.0, help="seconds a case may take before it is a hang")
+    ap.add_argument("--memory-bound", type=int, default=512, help="MiB a load may add to the address space")
     ap.add_argument("--json", type=Path, help="also write the report here")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = ap.parse_args()
@@ -50,6 +52,7 @@ def main() -> int:
             print(f"  {r.cases} cases, {len(r.bugs)} bugs", file=sys.stderr, flush=True)
 
         report = run(targets, args.cases, args.seed, work / "cases", time_bound_s=args.time_bound,
+                     memory_mib=args.memory_bound,
                      progress=progress, first=args.first)
     print(f"seed {args.seed}, cases {args.first}..{args.first + report.cases - 1}, kinds: "
           f"{', '.join(f'{k} {n}' for k, n in sorted(report.by_kind.items()))}")

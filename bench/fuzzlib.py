@@ -14,7 +14,7 @@ that exercises the checks that run *after* authentication.
 The oracle: a load either raises a ``ModelsealError`` subclass, or returns exactly the original
 content (names, dtypes, shapes, metadata and bytes). Re-MACed mutants may change descriptive fields
 (a key holder may relabel a tensor's shape), never a tensor's bytes. Anything else is a bug, and so is
-a case that runs past its time bound.
+a case that runs past its time bound or grows the address space by more than its memory bound.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import signal
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,15 @@ from modelseal.bundles import read_all
 from modelseal.crypto import keys
 from modelseal.encoding import b64d, b64e, lp
 from modelseal.errors import ModelsealError
+from modelseal.operations import verify
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 
 SEG = 4096  # the smallest segment size: several segments per tensor in small files
 Content = dict[str, Any]  # what a load returned, in a comparable form
 INTERESTING_INTS = [0, 1, -1, 2, 7, 8, 15, 16, 4095, 4096, 4097, 65536, 2**31 - 1, 2**31, 2**32, 2**32 + 1,
                     2**53, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 1 << 30, (1 << 30) + 1, 100 << 20, 305 << 20, 10**30]
-MUTATIONS = ("flip", "run", "truncate", "extend", "shift", "length", "json", "stanza", "remac", "deep",
-             "typeswap", "splice", "dirsplice")
+MUTATIONS = ("flip", "run", "truncate", "extend", "shift", "length", "json", "stanza", "remac", "resegment",
+             "deep", "typeswap", "splice", "dirsplice")
 
 
 class CaseTimeout(BaseException):  # a BaseException: no ``except Exception`` in a loader eats it
@@ -72,6 +74,8 @@ class Target:
     twin: Path
     load: Callable[[Path], Content]
     expected: Content
+    identity: Any
+    signers: list[str] | None = None
     dek: bytes = b""
     directory: bool = False
 
@@ -177,8 +181,9 @@ def build_corpus(work: Path, kinds: tuple[str, ...] | None = None) -> list[Targe
             if kind == "signed":
                 opts["signer"] = signer
             path, twin = sealed(kind, plain, ident, **opts)
-            load = _safetensors_loader(ident, [signer.public] if kind == "signed" else None)
-            targets.append(Target(kind, path, twin, load, expected, _dek(path, ident)))
+            signers = [signer.public] if kind == "signed" else None
+            load = _safetensors_loader(ident, signers)
+            targets.append(Target(kind, path, twin, load, expected, ident, signers, _dek(path, ident)))
         elif kind in ("onnx", "torchscript"):
             src = work / ("model.onnx" if kind == "onnx" else "model.pt")
             if kind == "onnx":
@@ -187,8 +192,8 @@ def build_corpus(work: Path, kinds: tuple[str, ...] | None = None) -> list[Targe
                 _torchscript_model(src)
             ident = mlkem if kind == "onnx" else x25519  # ML-KEM stanzas in a bundle header as well
             path, twin = sealed(kind, src, ident, as_bundle=True)
-            targets.append(Target(kind, path, twin, _bundle_loader(ident), {src.name: src.read_bytes()},
-                                  _dek(path, ident)))
+            want_files = {src.name: src.read_bytes()}
+            targets.append(Target(kind, path, twin, _bundle_loader(ident), want_files, ident, None, _dek(path, ident)))
         elif kind == "dir":
             src = work / "hf"
             src.mkdir()
@@ -199,7 +204,7 @@ def build_corpus(work: Path, kinds: tuple[str, ...] | None = None) -> list[Targe
             want_dir = _tensor_content(tensors, {})
             want_dir.update({n: (src / n).read_bytes() for n in ("config.json", "tokenizer.json")})
             dek = _dek(path / "model.safetensors", x25519)  # one data key for every member
-            targets.append(Target(kind, path, twin, _directory_loader(x25519), want_dir, dek, directory=True))
+            targets.append(Target(kind, path, twin, _directory_loader(x25519), want_dir, x25519, None, dek, True))
         else:
             raise ValueError(f"unknown artifact kind {kind!r}")
     return targets
@@ -395,17 +400,50 @@ def remac(rng: random.Random, target: Target, raw: bytes, op: str) -> bytes:
 
 
 def _relist(p: Parsed, prot_text: str) -> None:
-    """Rewrite a public safetensors listing from an edited protected header, where that is possible,
-    so the mutant gets past the listing check to the checks behind it."""
+    """Rewrite a safetensors listing from an edited protected header, where that is possible, so the
+    mutant gets past the listing check to the checks behind it."""
     try:
         prot = json.loads(prot_text)
         size, tags = prot["payload_size"], 16 * prot["tag_count"]
-        listing = {e["name"]: {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": e["offsets"]}
-                   for e in prot["index"]["entries"]}
+        listing = {k: v for k, v in p.outer.items() if k != "__modelseal_tags__"}
+        if "index" in prot:
+            listing = {"__metadata__": p.outer["__metadata__"]} | {
+                e["name"]: {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": e["offsets"]}
+                for e in prot["index"]["entries"]
+            }
         tag_tensor = {"dtype": "U8", "shape": [tags], "data_offsets": [size, size + tags]}
-        p.outer = {"__metadata__": p.outer["__metadata__"], **listing, "__modelseal_tags__": tag_tensor}
+        p.outer = {**listing, "__modelseal_tags__": tag_tensor}
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError):
         pass
+
+
+def resegment(rng: random.Random, target: Target, raw: bytes) -> bytes:
+    """Re-MAC the header with another segment size, a matching tag count and a tag region of that size:
+    the reader then plans segments the file was not sealed with (all must fail authentication) and
+    must size its buffers by the file, not by the claimed segment size (up to 1 GiB)."""
+    new_size = rng.choice([4096, 4097, 8192, 65536, 1 << 20, 1 << 30])
+    lengths: list[int] = []
+
+    def note(index: dict[str, Any]) -> None:
+        lengths.extend(e["offsets"][1] - e["offsets"][0] for e in index["entries"])
+
+    def index(idx: Any) -> str:
+        note(idx)
+        return json.dumps(idx)
+
+    def protected(prot: dict[str, Any]) -> str:
+        if "index" in prot:
+            note(prot["index"])
+        prot["segment_size"] = new_size
+        prot["tag_count"] = sum(max(1, -(-n // new_size)) for n in lengths)
+        return json.dumps(prot)
+
+    hidden = "index_ct" in json.loads(b64d(envelope_of(parse(raw))["protected"]))
+    p = parse(rewrite_sealed(raw, target.dek, protected=protected, index=index if hidden else None, relist=True))
+    payload = sum(lengths)
+    tags = 16 * sum(max(1, -(-n // new_size)) for n in lengths)
+    p.rest = p.rest[:payload] + (p.rest[payload:] + bytes(tags))[:tags]
+    return assemble(p)
 
 
 # ------------------------------------------------------------------------------------------ mutators
@@ -443,8 +481,9 @@ def _outer_json(rng: random.Random, raw: bytes, op: str, stanza: bool = False) -
     env = envelope_of(p)
     if stanza:
         edited = edit_json(rng, env, op, ["recipients"])
-        if rng.random() < 0.1 and isinstance(edited, dict):  # many stanzas: over the limit, or under it
-            edited["recipients"] = edited.get("recipients", []) * rng.choice([10, 600, 1100])
+        many = isinstance(edited, dict) and isinstance(edited.get("recipients"), list)
+        if many and rng.random() < 0.1 and len(json.dumps(edited["recipients"])) < 1 << 16:
+            edited["recipients"] *= rng.choice([10, 600, 1100])  # many stanzas: over the limit, or under it
     elif p.bundle or rng.random() < 0.5:
         edited = edit_json(rng, env, op)
     else:
@@ -503,6 +542,8 @@ def mutate_file(rng: random.Random, target: Target, raw: bytes, twin: bytes, op:
         return _splice(rng, raw, twin, head)
     if op == "stanza":
         return _outer_json(rng, raw, "json", stanza=True)
+    if op == "resegment":
+        return resegment(rng, target, raw)
     keyed = op == "remac" or (op in ("deep", "typeswap") and rng.random() < 0.5)
     if keyed and target.dek:
         return remac(rng, target, raw, "json" if op == "remac" else op)
@@ -583,8 +624,55 @@ def _alarm(_signum: int, _frame: Any) -> None:
     raise CaseTimeout
 
 
-def run_case(target: Target, seed: int, index: int, work: Path, report: Report, time_bound_s: float) -> None:
-    """Draw, write and load one mutant; record the outcome in ``report``."""
+@contextmanager
+def memory_bound(budget: int) -> Iterator[None]:
+    """Let the code inside grow the address space by at most ``budget`` bytes (``RLIMIT_AS``).
+
+    A load that tries to allocate more gets ``MemoryError``, which the oracle counts as a bug: memory
+    must follow the (small) file, never a size the file claims. Linux only; elsewhere no bound.
+    """
+    try:
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = used + budget if hard == resource.RLIM_INFINITY else min(hard, used + budget)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _attempt(call: Callable[[], Any], time_bound_s: float, memory_mib: int) -> tuple[Any, BaseException | None]:
+    """``call()`` under the time and memory bounds: (its result, None) or (None, what it raised)."""
+    signal.setitimer(signal.ITIMER_REAL, time_bound_s)
+    try:
+        with memory_bound(memory_mib << 20):
+            return call(), None
+    except (Exception, CaseTimeout) as exc:
+        return None, exc
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _problem(exc: BaseException, time_bound_s: float, memory_mib: int) -> str | None:
+    """None if ``exc`` is an acceptable refusal, else what is wrong."""
+    if isinstance(exc, ModelsealError):
+        return None if str(exc) else f"{type(exc).__name__} without a message"
+    if isinstance(exc, CaseTimeout):
+        return f"no answer within {time_bound_s} s (hang)"
+    if isinstance(exc, MemoryError):
+        return f"needed more than {memory_mib} MiB"
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def run_case(
+    target: Target, seed: int, index: int, work: Path, report: Report, time_bound_s: float, memory_mib: int
+) -> None:
+    """Draw and write one mutant, load it, and verify it as `modelseal verify` would; record the outcomes."""
     rng = random.Random(f"{seed}:{index}")
     classes = [c for c in MUTATIONS if c != "dirsplice"] + (["dirsplice"] * 3 if target.directory else [])
     op = rng.choice(classes)
@@ -603,30 +691,23 @@ def run_case(target: Target, seed: int, index: int, work: Path, report: Report, 
     report.cases += 1
     report.by_class[op] += 1
     report.by_kind[target.kind] += 1
-    outcome: str | None = None
     start = time.perf_counter()
-    signal.setitimer(signal.ITIMER_REAL, time_bound_s)
-    try:
-        got = target.load(mutant)
-    except ModelsealError as exc:
-        report.refused[op] += 1
+    got, exc = _attempt(lambda: target.load(mutant), time_bound_s, memory_mib)
+    outcome: str | None = None
+    if exc is not None:
         report.exceptions[type(exc).__name__] += 1
-        if not str(exc):
-            outcome = f"{type(exc).__name__} without a message"
-    except CaseTimeout:
-        outcome = f"no answer within {time_bound_s} s (hang)"
-    except Exception as exc:  # the bug this fuzzer looks for
-        report.exceptions[type(exc).__name__] += 1
-        outcome = f"{type(exc).__name__}: {str(exc)[:300]}"
+        report.refused[op] += isinstance(exc, ModelsealError)
+        outcome = _problem(exc, time_bound_s, memory_mib)
+    elif got == target.expected:
+        report.accepted_identical += 1
+    elif op in ("remac", "resegment", "deep", "typeswap") and _same_bytes(got, target.expected):
+        report.accepted_relabelled += 1
     else:
-        if got == target.expected:
-            report.accepted_identical += 1
-        elif op in ("remac", "deep", "typeswap") and _same_bytes(got, target.expected):
-            report.accepted_relabelled += 1
-        else:
-            outcome = "accepted with different content"
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        outcome = "accepted with different content"
+    _, exc = _attempt(lambda: verify(mutant, target.identity, target.signers), time_bound_s, memory_mib)
+    if exc is not None and not isinstance(exc, ModelsealError):  # `modelseal verify` reads it too
+        report.exceptions[f"{type(exc).__name__} (verify)"] += 1
+        outcome = outcome or f"verify: {_problem(exc, time_bound_s, memory_mib)}"
     report.slowest_s = max(report.slowest_s, time.perf_counter() - start)
     if outcome is not None:
         report.bugs.append({"seed": seed, "case": index, "kind": target.kind, "class": op, "outcome": outcome})
@@ -644,6 +725,7 @@ def run(
     work: Path,
     *,
     time_bound_s: float = 10.0,
+    memory_mib: int = 512,
     progress: Callable[[Report], None] | None = None,
     first: int = 0,
 ) -> Report:
@@ -653,7 +735,7 @@ def run(
     started = time.perf_counter()
     try:
         for i in range(first, first + cases):
-            run_case(targets[i % len(targets)], seed, i, work, report, time_bound_s)
+            run_case(targets[i % len(targets)], seed, i, work, report, time_bound_s, memory_mib)
             if progress and report.cases % 1000 == 0:
                 progress(report)
     finally:
