@@ -98,16 +98,24 @@ class Listener:
         self._loop = asyncio.get_running_loop()
 
     def open(self) -> None:
-        """Bind and listen (mode ``mode`` from the start: no window where others could connect)."""
+        """Bind and listen (mode ``mode`` from the start: no window where others could connect).
+
+        The socket is bound under a temporary name and renamed into place once it listens, so a client
+        that sees the path never gets "connection refused" from an agent that is still starting.
+        """
         _claim(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.starting")
         old_umask = os.umask(0o177)
         try:
-            sock.bind(str(self.path))
-            os.chmod(self.path, self.mode)
+            staging.unlink(missing_ok=True)
+            sock.bind(str(staging))
+            os.chmod(staging, self.mode)
             sock.listen(BACKLOG)
+            os.rename(staging, self.path)
         except OSError as exc:
             sock.close()
+            staging.unlink(missing_ok=True)
             raise UsageError(f"cannot listen on the agent socket {self.path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old_umask)
