@@ -741,5 +741,15 @@ def run(
     finally:
         signal.signal(signal.SIGALRM, previous)
     report.seconds = time.perf_counter() - started
-    report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report.peak_rss_mib = peak_rss_mib()
     return report
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. ``VmHWM`` where there is /proc: ``ru_maxrss`` survives
+    ``exec`` on Linux (a child started by a big parent reports the parent's size), ``VmHWM`` does not."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -88,6 +88,7 @@ def loads_bounded(
             raise FormatError(f"{what} is not UTF-8 text (file corrupt?)") from None
     if not nesting_within(raw, max_depth):
         raise FormatError(f"{what} is not valid JSON: nested more than {max_depth} levels deep, or unbalanced")
+    del raw  # one copy fewer alive while json.loads builds the objects
     try:
         value = json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
     except _RejectedError as exc:
