@@ -482,7 +482,8 @@ def _outer_json(rng: random.Random, raw: bytes, op: str, stanza: bool = False) -
     if stanza:
         edited = edit_json(rng, env, op, ["recipients"])
         many = isinstance(edited, dict) and isinstance(edited.get("recipients"), list)
-        if many and rng.random() < 0.1 and len(json.dumps(edited["recipients"])) < 1 << 12:
+        small = many and len(text := json.dumps(edited["recipients"])) < 1 << 12 and "\\u0000" not in text
+        if many and rng.random() < 0.1 and small:  # (a sentinel would expand to 200 kB, times 1100)
             edited["recipients"] *= rng.choice([10, 600, 1100])  # many stanzas: over the limit, or under it
     elif p.bundle or rng.random() < 0.5:
         edited = edit_json(rng, env, op)
