@@ -176,7 +176,7 @@ def test_deep_json_is_a_format_error(tmp_path: Path, files: dict[str, Path], whe
         raw = rewrite_sealed(src.read_bytes(), _dek(src), index=lambda idx: json.dumps({**idx, "dirs": 0}).replace(
             '"dirs": 0', f'"dirs": {DEEP}'))
         path = _write(tmp_path, src, raw)
-    with pytest.raises(FormatError, match="nested more than"):
+    with pytest.raises(FormatError, match="levels deep, over the limit"):
         _load(path)
 
 

@@ -2,28 +2,30 @@
 
 :func:`json.loads` recurses once per nesting level, so ``[[[[...]]]]`` 100,000 levels deep raises
 ``RecursionError`` (a bare 500 in a server, a traceback in the CLI), and it accepts documents of any
-size, ``NaN`` and duplicate keys. :func:`loads_bounded` checks the size first, then the nesting depth
-with a flat scan (regular expressions drop strings and everything but brackets, then a running sum:
-no recursion, so it cannot overflow the stack), and only then parses. Every failure is a
-:class:`JSONLimitError` whose ``code`` says which limit was hit; messages name ``what`` was read and
-never quote the document.
+size, ``NaN``, duplicate keys (two readers could take different values: a parser differential) and lone
+UTF-16 surrogates (valid JSON syntax, but no character: a tensor name holding one cannot be encoded into
+a segment's AAD). :func:`loads_bounded` checks the size first, then the nesting depth with a flat scan
+(no recursion, so it cannot overflow the stack), then parses strictly. Every failure is a
+:class:`JSONLimitError` (a :class:`~modelseal.errors.FormatError`) whose ``code`` says which limit was
+hit; messages name ``what`` was read and never quote the document. The file formats, the key service,
+the agent and ``modelseal serve`` all read outside JSON through this one function.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from itertools import accumulate
 from typing import Any
+
+import numpy as np
 
 from modelseal.errors import FormatError
 
-# A complete JSON string (escapes included): removed before counting so brackets inside strings do not
-# count. An unterminated string is left in place; that only makes the scan count more brackets, never
-# fewer, and json.loads refuses the document at that string anyway (it reads strings without recursing).
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_CHUNK = 1 << 22  # bytes scanned per numpy step: bounded memory whatever the document's size
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")  # an escape or character of one
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[[ord("["), ord("{")]] = 1
+_STEP[[ord("]"), ord("}")]] = -1
 
 
 class JSONLimitError(FormatError):
@@ -36,15 +38,25 @@ class JSONLimitError(FormatError):
         self.code = code
 
 
-def json_depth(text: str) -> int:
-    """The deepest bracket nesting of ``text`` outside strings (exact for valid JSON prefixes).
+def json_depth(data: str | bytes) -> int:
+    """The deepest bracket nesting of ``data`` outside strings (exact for valid JSON).
 
-    Regular expressions and :func:`itertools.accumulate` do the work in C: no recursion, and ~5x faster
-    than a character loop in Python (7.5 MB of small objects: 0.35 s against 1.9 s)."""
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    if not brackets:
-        return 0
-    return max(0, max(accumulate(map(_STEP.__getitem__, brackets))))
+    Escapes are removed first (``\\\\`` pairs, then ``\\"``), so every remaining ``"`` opens or closes a
+    string, and the running parity of quotes tells which bytes lie inside strings. Outside strings ``[``
+    and ``{`` count +1, ``]`` and ``}`` -1: the running sum is the depth. numpy takes both sums in fixed
+    chunks, so time is linear (about a second for 100 MB) and memory bounded, with no recursion. Inside an
+    unterminated string nothing counts; ``json.loads`` then refuses that string without recursing.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    plain = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    quotes = depth = deepest = 0
+    for at in range(0, len(plain), _CHUNK):
+        chunk = np.frombuffer(plain, dtype=np.uint8, count=min(_CHUNK, len(plain) - at), offset=at)
+        in_string = (np.cumsum(chunk == ord('"'), dtype=np.uint8) + quotes) & 1  # parity survives a wrap
+        levels = np.cumsum(np.where(in_string, 0, _STEP[chunk]), dtype=np.int32) + depth
+        deepest = max(deepest, int(levels.max()))
+        quotes, depth = int(in_string[-1]), int(levels[-1])
+    return deepest
 
 
 def _no_constants(name: str) -> Any:
@@ -54,7 +66,9 @@ def _no_constants(name: str) -> Any:
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
-        raise ValueError("an object has the same key twice")
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {twice[:60]!r}")
     return out
 
 
@@ -85,7 +99,7 @@ def loads_bounded(
     if depth > max_depth:
         raise JSONLimitError("too_deep", f"{what} nests {depth} levels deep, over the limit of {max_depth}")
     try:
-        return json.loads(
+        value = json.loads(
             text,
             parse_constant=_no_constants,
             object_pairs_hook=None if allow_duplicates else _unique_keys,
@@ -98,3 +112,24 @@ def loads_bounded(
         ) from None
     except ValueError as exc:  # NaN/Infinity, duplicate keys, integers over Python's digit limit
         raise JSONLimitError("malformed_json", f"{what} is not valid JSON: {exc}") from None
+    if _MAYBE_SURROGATE.search(text) and not _all_text(value):
+        raise JSONLimitError("malformed_json", f"{what} holds a string with a lone UTF-16 surrogate (not Unicode text)")
+    return value
+
+
+def _all_text(value: Any) -> bool:
+    """True if every string (keys too) in ``value`` encodes as UTF-8. Iterative: no recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True

@@ -16,10 +16,10 @@ from modelseal.artifacts import open_artifact, resolve_identity
 from modelseal.crypto import keys
 from modelseal.errors import UsageError
 from modelseal.format import directory, schema
-from modelseal.format.boundedjson import loads_bounded
 from modelseal.format.bundle import SealedBundle
 from modelseal.format.container import Artifact
 from modelseal.format.safetensors import SealedSafetensors
+from modelseal.jsonlimits import loads_bounded
 from modelseal.recipients.parse import IdentitySpec
 from modelseal.tensors import allocate
 

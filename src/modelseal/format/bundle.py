@@ -24,7 +24,6 @@ from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
 from modelseal.format import schema
-from modelseal.format.boundedjson import MAX_HEADER
 from modelseal.format.container import Artifact, Entry, Progress, SealRequest, map_file, write_artifact
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Recipient
@@ -146,8 +145,8 @@ class SealedBundle(Artifact):
             if len(mm) < 16:
                 raise FormatError(f"{path} is truncated inside its header")
             (n,) = struct.unpack("<Q", mm[8:16])
-            if n > MAX_HEADER:  # checked before anything is read: a huge header is refused, not parsed
-                raise FormatError(f"{path}: the bundle header is {n} bytes, over the limit of {MAX_HEADER}")
+            if n > schema.MAX_HEADER:  # checked before anything is read: a huge header is refused, not parsed
+                raise FormatError(f"{path}: the bundle header is {n} bytes, over the limit of {schema.MAX_HEADER}")
             if 16 + n > len(mm):
                 raise FormatError(f"{path} is truncated inside its header")
             env = Envelope.parse(bytes(mm[16 : 16 + n]).rstrip(b" "), str(path))

@@ -34,7 +34,6 @@ from modelseal.errors import (
     UnsupportedVersionError,
 )
 from modelseal.format import schema
-from modelseal.format.boundedjson import MAX_HEADER, loads_bounded
 from modelseal.recipients.base import NOT_MINE, Identity, Recipient, Stanza, members
 from modelseal.recipients.passphrase import MAX_LOG_N, MIN_LOG_N
 
@@ -115,13 +114,13 @@ class Envelope:
     def parse(cls, text: str | bytes, source: str) -> Envelope:
         """Parse an envelope and check it against its schema (every field's type and size); no key needed."""
         what = f"{source}: the modelseal envelope"
-        obj = schema.obj(loads_bounded(text, max_bytes=MAX_HEADER, what=what), what)
+        obj = schema.obj(schema.document(text, what), what)
         missing = {"protected", "recipients", "mac"} - obj.keys()
         if missing:
             raise FormatError(f"{what} is missing required fields: {', '.join(sorted(missing))}")
         raw = b64d(obj["protected"], what=f"{source}: protected header")
         what = f"{source}: the protected header"
-        protected = schema.obj(loads_bounded(raw, max_bytes=MAX_HEADER, what=what), what)
+        protected = schema.obj(schema.document(raw, what), what)
         fmt = protected.get("format")
         if fmt != FORMAT:
             if isinstance(fmt, str) and fmt.startswith("modelseal/"):
@@ -178,7 +177,7 @@ class Envelope:
                 raw = AESGCM(key).decrypt(_INDEX_NONCE, ct, _index_aad(self.artifact_id))
             except InvalidTag:
                 raise AuthenticationError(f"{source}: the encrypted index failed authentication") from None
-            idx = loads_bounded(raw, max_bytes=MAX_HEADER, what=f"{source}: the decrypted index")
+            idx = schema.document(raw, f"{source}: the decrypted index")
         return _validate_index(idx, source)
 
 
@@ -213,7 +212,7 @@ def _validate_protected(p: dict[str, Any], source: str) -> None:
     if ("index" in p) == ("index_ct" in p):
         raise FormatError(f"{source}: the header must hold exactly one of index / index_ct")
     if "index_ct" in p:
-        schema.string(p["index_ct"], f"{what} field index_ct", max_len=MAX_HEADER)
+        schema.string(p["index_ct"], f"{what} field index_ct", max_len=schema.MAX_HEADER)
     elif p["kind"] == "bundle":
         raise FormatError(f"{source}: a sealed bundle must hide its index (index_ct)")
     else:

@@ -25,7 +25,6 @@ from modelseal.crypto.segments import TAG_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
 from modelseal.format import schema
-from modelseal.format.boundedjson import MAX_HEADER, loads_bounded
 from modelseal.format.container import (
     Artifact,
     Entry,
@@ -74,12 +73,12 @@ def parse_plain_header(buf: memoryview | bytes | bytearray | mmap.mmap, source: 
     if len(buf) < 8:
         raise FormatError(f"{source} is too short to be a safetensors file")
     (n,) = struct.unpack("<Q", bytes(buf[:8]))
-    if n > MAX_HEADER:
-        raise FormatError(f"{source}: the safetensors header length {n} is over the limit of {MAX_HEADER} bytes")
+    if n > schema.MAX_HEADER:
+        raise FormatError(f"{source}: the safetensors header length {n} is over the limit of {schema.MAX_HEADER} bytes")
     if 8 + n > len(buf):
         raise FormatError(f"{source}: the safetensors header ({n} bytes) runs past the end of the file (truncated?)")
     what = f"{source}: the safetensors header"
-    header = schema.obj(loads_bounded(buf[8 : 8 + n], max_bytes=MAX_HEADER, what=what), what)
+    header = schema.obj(schema.document(buf[8 : 8 + n], what), what)
     for name, value in header.items():
         if name == "__metadata__":
             if value is not None:

@@ -12,8 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from modelseal.errors import FormatError
+from modelseal.jsonlimits import loads_bounded
 
 MAX_INT = (1 << 63) - 1  # offsets and sizes are u64 in the container; Python ints are not bounded
+MAX_HEADER = 100 << 20  # the safetensors header limit; also caps every container header and document
+MAX_DEPTH = 16  # the deepest format document (a public index inside the header) has depth 4
+
+
+def document(data: bytes | bytearray | memoryview | str, what: str) -> Any:
+    """A JSON document of the format, read within the format's size and depth limits."""
+    return loads_bounded(data, max_bytes=MAX_HEADER, max_depth=MAX_DEPTH, what=what)
 
 
 def obj(value: Any, what: str) -> dict[str, Any]:
