@@ -14,6 +14,8 @@ from safetensors.numpy import save_file
 
 from tests.conftest import make_tensors
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 
 def ms(*args: str | Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(

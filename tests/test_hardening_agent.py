@@ -34,6 +34,8 @@ from modelseal.pki import identity_of_cert_file
 
 from .services import Agent, KeyServer, wait_for
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.getuid() != 0, reason="becoming another local uid needs root")
 
@@ -120,6 +122,7 @@ def releases(server: KeyServer, model: str) -> int:
 
 FLOOD = r"""
 import json, os, resource, socket, sys, time
+
 path, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 hard = max(resource.getrlimit(resource.RLIMIT_NOFILE)[1], count + 256)
 resource.setrlimit(resource.RLIMIT_NOFILE, (count + 256, hard))

@@ -115,6 +115,7 @@ def key_of(sealed: Path) -> str:
 # --- item 1: grant impersonation -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_uri_san_spelled_like_a_key_hash_gets_nothing(server: KeyServer, tmp_path: Path) -> None:
     key_id = key_of(sealed_model(server, tmp_path))
     victim = server.host_cert("victim")
@@ -164,6 +165,7 @@ PREFIX_ESCAPES = [
 ]
 
 
+@pytest.mark.slow
 def test_prefix_grant_cannot_be_escaped(server: KeyServer, tmp_path: Path) -> None:
     key_id = key_of(sealed_model(server, tmp_path))
     grant(server, "demo", "spiffe://td/prod/*")
@@ -194,6 +196,7 @@ BAD_GRANT_IDENTITIES = [
 ]
 
 
+@pytest.mark.slow
 def test_grant_api_refuses_identities_that_name_no_host(server: KeyServer) -> None:
     with server.admin() as admin:
         admin.call("POST", "/v1/admin/models", {"model": "m"})
@@ -209,6 +212,7 @@ def test_grant_api_refuses_identities_that_name_no_host(server: KeyServer) -> No
     assert len(refused) == len(BAD_GRANT_IDENTITIES) and all(e["event"] == "grant.add" for e in refused)
 
 
+@pytest.mark.slow
 def test_pki_issue_refuses_uris_that_collide_with_identities(tmp_path: Path) -> None:
     ms("pki", "init", tmp_path / "ca")
     spki = identity_of_cert_file(tmp_path / "ca" / "ca.pem").spki
@@ -326,6 +330,7 @@ def _refusals(events: list[dict[str, Any]], event: str, code: str) -> tuple[int,
     return len(rows), sum(int(e.get("count", 1)) for e in rows)
 
 
+@pytest.mark.slow
 def test_refusal_flood_is_counted_not_written_one_by_one(server: KeyServer) -> None:
     flood, wrong_tokens = 400, 60
     with server.host_client(None) as anon:
@@ -371,6 +376,7 @@ def test_refusal_counts_are_written_every_interval_and_at_shutdown(tmp_path: Pat
     assert counted == 80 and rows <= 12
 
 
+@pytest.mark.slow
 def test_deep_or_non_strict_json_is_a_400_with_a_code(server: KeyServer) -> None:
     cert = server.host_cert("host-a")
     deep = b"[" * 60_000  # under the 64 KiB body limit, far over Python's recursion limit
@@ -398,6 +404,7 @@ def test_deep_or_non_strict_json_is_a_400_with_a_code(server: KeyServer) -> None
     assert "Traceback" not in server.log.read_text()
 
 
+@pytest.mark.slow
 def test_key_service_process_cannot_dump_core(server: KeyServer) -> None:
     assert server.proc is not None
     limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
@@ -408,6 +415,7 @@ def test_key_service_process_cannot_dump_core(server: KeyServer) -> None:
 # --- item 11: the command line ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_port_in_use_is_one_line_naming_the_port(tmp_path: Path) -> None:
     ks = KeyServer(tmp_path / "ks", None)
     with socket.socket() as holder:
@@ -419,6 +427,7 @@ def test_port_in_use_is_one_line_naming_the_port(tmp_path: Path) -> None:
     assert len(lines) == 1 and f"127.0.0.1:{ks.port}" in lines[0] and "already in use" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("edit", "named"),
     [
@@ -453,6 +462,7 @@ def test_lease_key_is_printed_again_and_help_names_the_token_variables(server: K
     assert "MODELSEAL_ADMIN_TOKEN" in helptext and "MODELSEAL_ADMIN_TOKEN_FILE" in helptext and "lease-key" in helptext
 
 
+@pytest.mark.slow
 def test_audit_export_with_a_deep_line_is_reported_broken_not_a_crash(tmp_path: Path) -> None:
     export = tmp_path / "audit.jsonl"
     export.write_text("[" * 100_000 + "\n")

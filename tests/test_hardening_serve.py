@@ -25,6 +25,8 @@ import pytest
 from .services import free_port, wait_for
 from .serving import ServeProcess
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 pytest.importorskip("tritonclient.grpc")
 onnx = pytest.importorskip("onnx")
 

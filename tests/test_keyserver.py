@@ -26,6 +26,8 @@ from modelseal.recipients.keyserver import KeyserverRecipient
 from .conftest import make_tensors
 from .services import Agent, KeyServer, PostgresSchema, wait_for
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request: pytest.FixtureRequest) -> Iterator[str | None]:

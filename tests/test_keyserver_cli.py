@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from modelseal.pki import identity_of_cert_file
 
 from .services import Agent, KeyServer
 from .test_cli import ms
 from .test_keyserver import sealed_model
+
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
 
 
 def test_admin_commands_end_to_end(tmp_path: Path) -> None:

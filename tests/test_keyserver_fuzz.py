@@ -22,6 +22,8 @@ from modelseal.pki import identity_of_cert_file
 
 from .services import KeyServer
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 schema = schemathesis.openapi.from_dict(openapi_document())
 
 

@@ -64,6 +64,7 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         proc.wait(10)
 
 
+@pytest.mark.slow
 def test_transit_master_key_end_to_end(
     openbao: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -99,6 +100,7 @@ def test_transit_master_key_end_to_end(
         server.stop()
 
 
+@pytest.mark.slow
 def test_audit_verify_finds_a_modified_entry(tmp_path: Path) -> None:
     server = KeyServer(tmp_path / "ks", None).start()
     try:
@@ -121,6 +123,7 @@ def test_audit_verify_finds_a_modified_entry(tmp_path: Path) -> None:
     assert cut.returncode == 1 and "entry 2 is missing" in cut.stdout
 
 
+@pytest.mark.slow
 def test_agent_socket_peer_credentials_and_outage_grace(tmp_path: Path) -> None:
     server = KeyServer(tmp_path / "ks", None, leases={"lease_ttl_s": 2, "renew_after_s": 1}).start()
     sealed = sealed_model(server, tmp_path)
@@ -168,6 +171,7 @@ def test_agent_socket_peer_credentials_and_outage_grace(tmp_path: Path) -> None:
         shutil.rmtree(sockets)
 
 
+@pytest.mark.slow
 def test_agent_process_is_not_dumpable(tmp_path: Path) -> None:
     code = "from modelseal.agent.memory import harden_process, is_dumpable; harden_process(); print(is_dumpable())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

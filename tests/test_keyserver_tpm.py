@@ -21,6 +21,8 @@ from .conftest import make_tensors
 from .services import Agent, KeyServer, SoftwareTpm, wait_for
 from .test_keyserver import grant, sealed_model
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 PCRS = "sha256:0,7,16"
 
 

@@ -22,6 +22,8 @@ from modelseal.recipients.hpke import KEMS, HpkeIdentity
 
 from .conftest import make_tensors
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 SECRET = bytes(range(7, 39))  # the x25519 identity under test
 PASSPHRASE = "correct-horse-battery-staple-4471"
 TEXT = f"MODELSEAL-IDENTITY-X25519:{b64e(SECRET)}"

@@ -20,6 +20,8 @@ from .services import wait_for
 from .serving import ServeProcess, Tls, add_model, export_onnx, export_torchscript, infer_grpc, infer_http, small_cnn
 from .write_audit import WRITE_AUDIT_HOOK
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 pytest.importorskip("tritonclient.grpc")
 SHAPE = (3, 16, 16)
 

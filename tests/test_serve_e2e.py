@@ -18,6 +18,8 @@ from .services import Agent, KeyServer, wait_for
 from .serving import ServeProcess, Tls, add_model, export_onnx, export_torchscript, infer_grpc, infer_http, resnet50
 from .test_keyserver import grant
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 pytest.importorskip("tritonclient.grpc")
 SHAPE = (3, 224, 224)
 

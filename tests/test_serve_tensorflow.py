@@ -15,6 +15,8 @@ import modelseal
 
 from .serving import ServeProcess, infer_grpc, infer_http
 
+pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("CI"):
     import tensorflow as tf  # CI installs it (scripts/test.sh): a missing TensorFlow must fail there
