@@ -446,3 +446,19 @@ def test_outputs_are_fsynced_with_their_directory(
     assert files and all(synced(f, fsyncs) for f in files)
     if out.is_dir():
         assert all(synced(d, fsyncs) for d in [out, *out.rglob("*")] if d.is_dir())
+
+
+@pytest.mark.parametrize("planted", ["host.key", "host.pem"])
+def test_pki_issue_does_not_write_through_a_planted_link(tmp_path: Path, planted: str) -> None:
+    """ac0b701 opened NAME.key with O_TRUNC (no O_NOFOLLOW) and wrote NAME.pem with write_bytes: both followed
+    a link, so `pki issue --force` overwrote whatever file the link named with a private key or certificate."""
+    from modelseal import pki
+
+    pki.init_ca(tmp_path / "ca")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("do not touch")
+    (tmp_path / "ca" / planted).symlink_to(victim)
+    with pytest.raises(ModelsealError, match="symbolic link"):
+        pki.issue(tmp_path / "ca", "host", force=True)
+    assert victim.read_text() == "do not touch"
+    assert not [p.name for p in (tmp_path / "ca").iterdir() if p.name.endswith(".partial")]

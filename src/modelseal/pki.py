@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from modelseal import atomicfile
 from modelseal.encoding import b64e
 from modelseal.errors import KeyFileError, UsageError
 
@@ -199,13 +200,12 @@ def _read(path: str | os.PathLike[str]) -> bytes:
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, force: bool) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise KeyFileError(f"{path} already exists; pass --force to overwrite it") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    atomicfile.write_bytes(path, pem, atomicfile.PRIVATE, overwrite=force)
+
+
+def _write_cert(path: Path, cert: x509.Certificate, force: bool) -> None:
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    atomicfile.write_bytes(path, pem, atomicfile.default_mode(), overwrite=force)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -238,7 +238,7 @@ def init_ca(
         .sign(key, hashes.SHA256())
     )
     _write_key(out / CA_KEY, key, force)
-    (out / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_cert(out / CA_CERT, cert, force)
     return out / CA_CERT
 
 
@@ -291,5 +291,5 @@ def issue(
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     _write_key(out / f"{name}.key", key, force)
-    (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_cert(out / f"{name}.pem", cert, force)
     return out / f"{name}.pem", out / f"{name}.key"

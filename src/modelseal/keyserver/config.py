@@ -18,7 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from modelseal import pki
+from modelseal import atomicfile, pki
 from modelseal.errors import KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text, write_secret
 from modelseal.keyserver.masterkey import LocalMasterKey, MasterKey, TransitMasterKey
@@ -185,11 +185,9 @@ def init_state(
     raw = signer.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
     write_secret(out / "lease-signing.key", SIGNING_LABEL, raw, ["modelseal key-service lease-signing key"])
     token = secrets.token_urlsafe(32)
-    fd = os.open(out / "admin.token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    atomicfile.write_bytes(out / "admin.token", (token + "\n").encode(), atomicfile.PRIVATE)
     db_url = database or "sqlite:///keyserver.db"
-    (out / CONFIG_NAME).write_text(
+    config = (
         f"""# modelseal key service (docs/operations.md)
 [server]
 listen = "{listen}"
@@ -222,6 +220,7 @@ burst = 5
 interval_s = 60
 """
     )
+    atomicfile.write_bytes(out / CONFIG_NAME, config.encode(), atomicfile.default_mode())
     return {
         "config": str(out / CONFIG_NAME),
         "ca": str(pki_dir / pki.CA_CERT),
