@@ -51,10 +51,17 @@ class LoadedModel:
     async def execute(self, inputs: Tensors, outputs: list[str]) -> Tensors:
         """Run on a free instance, in the instance pool (never on the event loop)."""
         runtime = await self.idle.get()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, runtime.run, inputs, outputs)
-        finally:
+        running = asyncio.get_running_loop().run_in_executor(self.pool, runtime.run, inputs, outputs)
+
+        def release(done: asyncio.Future[Tensors]) -> None:
+            # A cancelled caller (client gone, batch abandoned) must not free the instance while its thread
+            # still runs on it: it goes back to the pool only when the run itself has ended.
+            if not done.cancelled():
+                done.exception()  # retrieved here, so an abandoned failure is not logged as never retrieved
             self.idle.put_nowait(runtime)
+
+        running.add_done_callback(release)
+        return await asyncio.shield(running)
 
     async def close(self) -> None:
         if self.batcher is not None:

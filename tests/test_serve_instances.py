@@ -1,0 +1,53 @@
+"""A model instance is never handed to a second request while a first one still runs on it, even when the
+first caller gives up (client gone, batch abandoned): runtimes are not thread-safe."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from modelseal.serve.models import LoadedModel
+
+
+class SlowRuntime:
+    """Records overlapping calls: two threads inside ``run`` at once is the bug."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.busy = False
+        self.overlaps = 0
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        with self.lock:
+            self.overlaps += self.busy
+            self.busy = True
+        time.sleep(0.3)
+        with self.lock:
+            self.busy = False
+        return {"y": inputs["x"]}
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_cancelled_request_keeps_its_instance_until_the_run_ends() -> None:
+    async def scenario() -> int:
+        runtime = SlowRuntime()
+        model = LoadedModel(spec=Any, version=1, runtimes=[runtime], keys=set(),  # type: ignore[arg-type]
+                            pool=ThreadPoolExecutor(max_workers=2))  # fmt: skip
+        model.idle.put_nowait(runtime)  # type: ignore[arg-type]
+        x = {"x": np.zeros(1, np.float32)}
+        first = asyncio.ensure_future(model.execute(x, ["y"]))
+        await asyncio.sleep(0.05)
+        first.cancel()  # the caller leaves while the instance is still running its request
+        second = await model.execute(x, ["y"])
+        assert np.array_equal(second["y"], x["x"])
+        model.pool.shutdown(wait=True)
+        return runtime.overlaps
+
+    assert asyncio.run(scenario()) == 0  # ac0b701 ran the second request on the busy instance
