@@ -291,6 +291,17 @@ def test_too_many_stanzas(tmp_path: Path, files: dict[str, Path]) -> None:
         SealedSafetensors.open(path).close()
 
 
+def test_too_many_passphrase_stanzas(tmp_path: Path, files: dict[str, Path]) -> None:
+    """Stanzas are outside the MAC: a host must not be made to run scrypt (up to 4 GiB each) many times."""
+    p = parse(files["public"].read_bytes())
+    env = envelope_of(p)
+    env["recipients"] = [{"type": "scrypt", "salt": b64e(bytes(16)), "log_n": 22, "ct": b64e(bytes(48))}] * 5
+    with_envelope(p, env)
+    path = _write(tmp_path, files["public"], assemble(p))
+    with pytest.raises(FormatError, match="passphrase \\(scrypt\\) stanzas, more than the limit"):
+        SealedSafetensors.open(path).close()
+
+
 def test_duplicate_keys_are_refused(tmp_path: Path, files: dict[str, Path]) -> None:
     """Two readers could take different values of a duplicated key (parser differential): refuse it."""
     raw = files["public"].read_bytes()

@@ -119,3 +119,13 @@ def test_cli_opens_with_wrong_passphrase_and_dead_agent_listed_first(tmp_path: P
     from safetensors.numpy import load_file
 
     assert same(load_file(str(tmp_path / "plain.safetensors")), tensors)
+
+
+def test_passphrase_stanzas_are_bounded(tmp_path: Path) -> None:
+    """Every passphrase now tries every scrypt stanza, and one try may cost seconds and 4 GiB (log_n 22):
+    a header may hold at most 4 of them, at sealing and at loading."""
+    from modelseal.errors import FormatError
+
+    with pytest.raises(FormatError, match="more than the limit of 4"):
+        sealed(tmp_path, [Passphrase(f"p{i}", FAST) for i in range(5)])
+    assert not list(tmp_path.glob("*.sealed.safetensors"))

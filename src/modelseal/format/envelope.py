@@ -42,6 +42,9 @@ KINDS = ("safetensors", "bundle")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:@/+-]{1,200}$")
 _INDEX_NONCE = bytes(12)  # the index key encrypts exactly one message per artifact
 MAX_RECIPIENTS = 1024  # each stanza may cost an unwrap attempt (scrypt: up to a second): bound the work
+# Every passphrase is tried on every scrypt stanza (a wrong one lets the next try), and one attempt may
+# cost 4 GiB and seconds (log_n 22): a hostile header must not multiply that.
+MAX_SCRYPT_STANZAS = 4
 # Binary fields of the known stanza types and their exact decoded sizes (docs/format.md, section 4).
 _STANZA_BINARY: dict[str, dict[str, int]] = {
     "x25519": {"kid": 8, "ct": 32 + 48},  # enc || AES-GCM(DEK)
@@ -243,6 +246,7 @@ def _validate_recipients(value: Any, source: str) -> list[Stanza]:
     stanzas = schema.array(value, f"{source}: the recipient stanzas")
     if len(stanzas) > MAX_RECIPIENTS:
         raise FormatError(f"{source} lists {len(stanzas)} recipient stanzas, more than the limit of {MAX_RECIPIENTS}")
+    _check_passphrase_count(stanzas, source)
     for i, stanza in enumerate(stanzas):
         what = f"{source}: recipient stanza {i}"
         schema.obj(stanza, what)
@@ -258,6 +262,14 @@ def _validate_recipients(value: Any, source: str) -> list[Stanza]:
         if "kid" in stanza:  # shown in "no matching identity" messages, even for unknown types
             schema.string(stanza["kid"], f"{what} field kid", max_len=64)
     return stanzas
+
+
+def _check_passphrase_count(stanzas: list[Stanza], source: str) -> None:
+    count = sum(1 for s in stanzas if isinstance(s, dict) and s.get("type") == "scrypt")
+    if count > MAX_SCRYPT_STANZAS:
+        raise FormatError(
+            f"{source} has {count} passphrase (scrypt) stanzas, more than the limit of {MAX_SCRYPT_STANZAS}"
+        )
 
 
 def _validate_signature(value: Any, source: str) -> dict[str, str] | None:
@@ -317,6 +329,7 @@ class EnvelopeBuilder:
         raw = json.dumps(protected, separators=(",", ":")).encode()
         context = dek_context(self.artifact_id)
         stanzas = [r.wrap(bytes(self.dek), context) for r in recipients]
+        _check_passphrase_count(stanzas, "the new artifact")
         return Envelope(raw, protected, stanzas, _mac(self.dek, self.artifact_id, raw))
 
     def payload_key(self) -> bytes:
