@@ -43,6 +43,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = ap.parse_args()
     kinds = tuple(k for k in args.kinds.split(",") if k) or None
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="modelseal-fuzz-", dir=args.work) as tmp:
         work = Path(tmp)
         targets = build_corpus(work / "corpus", kinds)
