@@ -298,6 +298,30 @@ def test_key_of_another_model_spends_no_release(
         agent.stop()
 
 
+def test_a_grant_made_a_moment_ago_is_checked_before_any_release(
+    service: tuple[KeyServer, tuple[str, str], dict[str, str]], socket_dir: Path
+) -> None:
+    """The attack run after the fix: ask for an unknown id (the agent reads its key list), have the owner
+    grant a new model, then at once ask for the new key under another model. The agent used to fetch it
+    (the list was too fresh to read again), spending a release of a model this uid may not use."""
+    server, cert, _ = service
+    agent = start_agent(service, socket_dir, prefetch=False)
+    try:
+        with pytest.raises(KeyReleaseError):
+            ask(agent.socket, {"op": "key", "key_id": f"k_{b64e(secrets.token_bytes(12))}", "model": "alpha"})
+        with server.admin() as admin:
+            model = f"gamma{secrets.randbelow(10**6)}"
+            admin.call("POST", "/v1/admin/models", {"model": model})
+            key = admin.call("POST", "/v1/admin/keys", {"model": model, "key": b64e(secrets.token_bytes(32))})
+            admin.call("POST", "/v1/admin/grants", {"model": model, "identity": identity_of_cert_file(cert[0]).spki})
+        with pytest.raises(KeyReleaseError) as refused:
+            ask(agent.socket, {"op": "key", "key_id": key["key_id"], "model": "alpha"})
+        assert refused.value.code == "model_mismatch"
+        assert releases(server, model) == 0
+    finally:
+        agent.stop()
+
+
 @pytest.mark.slow
 def test_unknown_key_ids_do_not_grow_the_agent(
     service: tuple[KeyServer, tuple[str, str], dict[str, str]], socket_dir: Path

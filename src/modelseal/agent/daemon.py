@@ -40,7 +40,6 @@ from modelseal.keyserver.protocol import Lease
 
 log = logging.getLogger("modelseal.agent")
 MAX_DROPPED = 64  # refusals remembered for `agent status` (oldest forgotten first)
-LIST_INTERVAL_S = 1.0  # the key service's list of granted keys is fetched at most this often
 UNLISTED_FETCHES = 4  # concurrent fetches of key ids the key service does not list for this host
 FD_MARGIN = 64  # descriptors beyond the connection cap: listener, key service, logs, TPM tools
 
@@ -78,7 +77,7 @@ class Agent:
         self.dropped: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.models: dict[str, str] = {}  # key id -> model, as the key service states it (never changes)
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-        self._listed_at = -LIST_INTERVAL_S
+        self._listed_at = -1.0
         self._list_lock = asyncio.Lock()
         self._unlisted = asyncio.Semaphore(UNLISTED_FETCHES)
 
@@ -123,12 +122,15 @@ class Agent:
     async def _model_of(self, key_id: str) -> str | None:
         """The model ``key_id`` belongs to, from the key service's list of keys granted to this host.
 
-        The list is fetched again when it lacks ``key_id`` (a grant made since), at most once per
-        :data:`LIST_INTERVAL_S` however many unknown ids are asked for."""
+        When the list lacks ``key_id`` it is read again before anything is fetched, so that a grant made
+        a moment ago is checked against the requested model here, not by spending a release. One read
+        answers every request that was waiting for it; an id still unlisted is then forwarded (at most
+        a few at a time), which costs the key service a request anyway."""
         if key_id in self.models:
             return self.models[key_id]
+        asked = time.monotonic()
         async with self._list_lock:
-            if key_id not in self.models and time.monotonic() - self._listed_at >= LIST_INTERVAL_S:
+            if key_id not in self.models and self._listed_at < asked:  # no list read since this request came
                 self._listed_at = time.monotonic()
                 try:
                     granted = await self.client.granted_keys()
