@@ -506,6 +506,8 @@ def test_bounded_reader_never_recurses_or_raises_anything_else() -> None:
         '"[[[[' + "[" * 5000: "malformed_json",  # brackets inside an unterminated string do not count
         "x" * 101: "too_large",
         '{"a": Infinity}': "malformed_json",
+        '{"a": 1e999}': "malformed_json",  # overflows to inf: found by the attack run after the fix
+        "[-1e400]": "malformed_json",
         b"\xc3\x28": "malformed_json",
         "1" * 5000: "malformed_json",  # over Python's integer digit limit
     }

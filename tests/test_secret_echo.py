@@ -25,7 +25,7 @@ from .conftest import make_tensors
 pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
 
 SECRET = bytes(range(7, 39))  # the x25519 identity under test
-PASSPHRASE = "correct-horse-battery-staple-4471"
+PASSPHRASE = "correct horse battery staple 4471"  # words: no long run of key characters to spot
 TEXT = f"MODELSEAL-IDENTITY-X25519:{b64e(SECRET)}"
 
 
@@ -84,6 +84,9 @@ WRONG_INPUTS: list[tuple[list[str], dict[str, str]]] = [
     (["-i", b64e(SECRET)], {}),
     (["-i", TEXT.replace("X25519", "X25519X")], {}),
     (["-i", f"{TEXT}\n"[:-2]], {}),
+    (["-i", base64.b64encode(SECRET).decode()], {}),  # standard base64 (openssl rand -base64 32): has '/'
+    (["-i", ":".join(f"{b:02x}" for b in SECRET)], {}),  # hex with colons
+    (["-i", PASSPHRASE], {}),  # the passphrase where a path belongs
     (["-i", "env:K"], {"K": b64e(SECRET)}),
     (["-i", "env:K"], {"K": TEXT.replace("MODELSEAL-", "")}),
     (["--passphrase-env", "PW"], {"PW": PASSPHRASE + "x"}),
@@ -119,7 +122,9 @@ def test_key_files_with_bad_contents_never_echo(sealed: Path, tmp_path: Path) ->
 def test_secret_given_as_recipient_never_echoes(tmp_path: Path) -> None:
     plain = tmp_path / "m.safetensors"
     save_file(make_tensors(), str(plain))
-    for recipient in (TEXT, b64e(SECRET), SECRET.hex()):
+    symmetric = f"MODELSEAL-SYMMETRIC-KEY:{b64e(SECRET)}"
+    for recipient in (TEXT, b64e(SECRET), SECRET.hex(), base64.b64encode(SECRET).decode(), f"symmetric:{b64e(SECRET)}",
+                      f"symmetric:{symmetric}", f"symmetric:{base64.b64encode(SECRET).decode()}"):  # fmt: skip
         proc = run("seal", plain, "-o", tmp_path / "s.safetensors", "-r", recipient, env={})
         assert proc.returncode == 1 and proc.stderr.strip()
         assert_no_secret(f"-r {recipient[:10]}", proc.stdout + proc.stderr)
@@ -134,11 +139,13 @@ def test_serve_never_echoes_a_bad_identity(sealed: Path, tmp_path: Path) -> None
     repo = tmp_path / "repo"
     add_model(repo, "cnn", "onnxruntime_onnx", export_onnx(small_cnn(), (3, 16, 16)), (3, 16, 16), 10,
               recipients=[HpkeIdentity(KEMS["x25519"], SECRET).recipient.describe()])  # fmt: skip
-    for extra, env in (
+    for number, (extra, env) in enumerate((
         ([], {"MODELSEAL_IDENTITY": TEXT.replace("X25519", "X25519X")}),
         (["-i", b64e(SECRET)], {}),
-    ):
-        log = tmp_path / f"serve-{len(extra)}.log"
+        (["-i", base64.b64encode(SECRET).decode()], {}),
+        (["-i", PASSPHRASE], {}),
+    )):
+        log = tmp_path / f"serve-{number}.log"
         server = ServeProcess(repo, log, env=env, extra=extra)
         try:
             base = f"http://{server.http}"
@@ -174,3 +181,30 @@ def grpc_answers(address: str) -> list[bytes]:
         except Exception as exc:  # tritonclient raises InferenceServerException with the status text
             out.append(str(exc).encode())
     return out
+
+
+@pytest.mark.parametrize("where", ["variable", "file"])
+def test_admin_token_mistakes_never_echo(tmp_path: Path, where: str) -> None:
+    """The attack run after the fix: MODELSEAL_ADMIN_TOKEN_FILE pointed at a private key (or a token with a
+    newline inside) put the whole key in `cannot reach the key service ... Illegal header value b'Bearer ...'`."""
+    import socket
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    body = pem.decode().splitlines()[1]
+    token_file = tmp_path / "token"
+    token_file.write_bytes(pem)
+    in_file = {"MODELSEAL_ADMIN_TOKEN_FILE": str(token_file)}
+    env = in_file if where == "file" else {"MODELSEAL_ADMIN_TOKEN": f"ab\n{body}"}
+    with socket.socket() as listener:  # something listening, so the request is really attempted
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        proc = run("keyserver", "--url", url, "model", "list", env=env)
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr, proc.stderr
+    assert b"admin token" in proc.stderr
+    assert body.encode() not in proc.stdout + proc.stderr and body[:20].encode() not in proc.stderr

@@ -14,6 +14,7 @@ the agent and ``modelseal serve`` all read outside JSON through this one functio
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -63,6 +64,13 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in strict JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf: the NaN/Infinity rule through the back door
+        raise ValueError(f"a number overflows to {value} (out of range for a double)")
+    return value
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
@@ -102,6 +110,7 @@ def loads_bounded(
         value = json.loads(
             text,
             parse_constant=_no_constants,
+            parse_float=_finite_float,
             object_pairs_hook=None if allow_duplicates else _unique_keys,
         )
     except RecursionError:  # cannot happen below the default depth limits; kept as a last guard

@@ -7,6 +7,7 @@ form ``scheme:base64url`` that can be pasted on a command line.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from modelseal import atomicfile
@@ -46,8 +47,28 @@ def read_text(path: str | os.PathLike[str]) -> str:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot read key file {shown_value(path)}: {exc.strerror}") from None
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:
-        raise KeyFileError(f"{path} is not a modelseal key file (not text)") from None
+        raise KeyFileError(f"{shown_value(path)} is not a modelseal key file (not text)") from None
+
+
+_KEY_FILE_SUFFIXES = (".key", ".pub", ".pem", ".sign", ".id", ".identity", ".age", ".txt", ".bin")
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def shown_value(value: str | os.PathLike[str]) -> str:
+    """``value``, a path that failed, quoted for an error message, unless it could be a secret.
+
+    Users paste keys and passphrases where a path belongs (``-i``, ``-r symmetric:``, identity=). Such
+    a value must never reach a terminal, a log or an HTTP body, and no pattern tells a key from a path
+    reliably (base64 contains ``/``, passphrases contain anything). So a value is quoted only when it
+    names something that exists, or looks like a key file's name (one word ending ``.key``, ``.pem``,
+    ...); otherwise the message says it was withheld.
+    """
+    text = os.fspath(value)
+    plausible = len(text) <= 255 and not _UNSAFE.search(text) and text.lower().endswith(_KEY_FILE_SUFFIXES)
+    if os.path.lexists(text) or plausible:
+        return repr(text)
+    return f"(a {len(text)}-character value, withheld: it names no file and may be a secret)"

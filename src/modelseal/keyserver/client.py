@@ -7,6 +7,7 @@ service's stable code, or ``unreachable`` when no answer came.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from typing import Any
 
@@ -17,6 +18,7 @@ from modelseal.pki import client_context
 ADMIN_TOKEN_ENV = "MODELSEAL_ADMIN_TOKEN"  # noqa: S105  (a variable name)
 ADMIN_TOKEN_FILE_ENV = "MODELSEAL_ADMIN_TOKEN_FILE"  # noqa: S105
 CA_ENV = "MODELSEAL_KEYSERVER_CA"
+_TOKEN = re.compile(r"[\x21-\x7e]{1,1024}")  # one header-safe word
 MAX_ANSWER = 64 * 1024 * 1024  # an audit page of 10,000 entries is a few MiB
 
 
@@ -43,17 +45,37 @@ def decode(response: Any) -> dict[str, Any]:
 
 
 def admin_token() -> str:
+    """The admin token from ``$MODELSEAL_ADMIN_TOKEN`` or the file ``$MODELSEAL_ADMIN_TOKEN_FILE`` names."""
     token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    source = f"${ADMIN_TOKEN_ENV}"
     path = os.environ.get(ADMIN_TOKEN_FILE_ENV)
     if not token and path:
+        source = f"the admin token file {path}"
         try:
-            with open(path) as f:
-                token = f.read().strip()
+            with open(path, "rb") as f:
+                token = f.read(4096).decode("ascii", "replace").strip()
         except OSError as exc:
             raise ServiceError(0, "no_token", f"cannot read admin token file {path}: {exc.strerror}") from None
     if not token:
         raise ServiceError(0, "no_token", f"no admin token: set {ADMIN_TOKEN_ENV} or {ADMIN_TOKEN_FILE_ENV}")
+    return checked_token(token, source)
+
+
+def checked_token(token: str, source: str) -> str:
+    """``token`` if it can travel in a header: one word of printable ASCII. Never repeats it otherwise
+    (a token file pointed at a private key by mistake must not end up on a terminal)."""
+    if not _TOKEN.fullmatch(token):
+        raise ServiceError(
+            0, "bad_token", f"{source} does not hold an admin token (one word of printable ASCII, as `init` wrote it)"
+        )
     return token
+
+
+def _unreachable(url: str, exc: Exception) -> ServiceError:
+    """A transport failure, described without echoing the request (its headers carry the token)."""
+    httpx = require_httpx()
+    detail = str(exc) if isinstance(exc, (httpx.ConnectError, httpx.TimeoutException)) else type(exc).__name__
+    return ServiceError(0, "unreachable", f"cannot reach the key service at {url}: {detail}")
 
 
 def service_info(url: str, ca: str | None = None, timeout: float = 30) -> dict[str, Any]:
@@ -63,7 +85,7 @@ def service_info(url: str, ca: str | None = None, timeout: float = 30) -> dict[s
         response = httpx.get(f"{url.rstrip('/')}/v1/info", verify=client_context(ca or os.environ.get(CA_ENV)),
                              timeout=timeout)  # fmt: skip
     except httpx.HTTPError as exc:
-        raise ServiceError(0, "unreachable", f"cannot reach the key service at {url}: {exc}") from None
+        raise _unreachable(url, exc) from None
     return decode(response)
 
 
@@ -74,11 +96,9 @@ class AdminClient:
         httpx = require_httpx()
         self.url = url.rstrip("/")
         ctx: ssl.SSLContext = client_context(ca or os.environ.get(CA_ENV))
+        bearer = checked_token(token, "the admin token given") if token else admin_token()
         self._client = httpx.Client(
-            base_url=self.url,
-            verify=ctx,
-            timeout=timeout,
-            headers={"Authorization": f"Bearer {token or admin_token()}"},
+            base_url=self.url, verify=ctx, timeout=timeout, headers={"Authorization": f"Bearer {bearer}"}
         )
         self._errors = httpx.HTTPError
 
@@ -86,7 +106,7 @@ class AdminClient:
         try:
             response = self._client.request(method, path, json=body, params=params or None)
         except self._errors as exc:
-            raise ServiceError(0, "unreachable", f"cannot reach the key service at {self.url}: {exc}") from None
+            raise _unreachable(self.url, exc) from None
         return decode(response)
 
     def close(self) -> None:

@@ -11,13 +11,12 @@ service through the host agent). No error message repeats a value that may be a 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
 from modelseal.errors import KeyFileError, UsageError
-from modelseal.keyfile import key_lines, read_text
+from modelseal.keyfile import key_lines, read_text, shown_value
 from modelseal.recipients import hpke, keyserver, symmetric  # noqa: F401  (keyserver registers its scheme)
 from modelseal.recipients.base import Identity, IdentitySet, Recipient, known_schemes, scheme
 from modelseal.recipients.passphrase import Passphrase
@@ -125,21 +124,6 @@ def _from_string(text: str, origin: str | None) -> list[Identity]:
 def is_identity_text(text: str) -> bool:
     """Whether ``text`` is identity-file text (a ``MODELSEAL-...:BASE64`` line) rather than a spec or path."""
     return any(line.strip().partition(":")[0] in _SECRET_LABELS for line in text.splitlines())
-
-
-_SECRET_RUN = re.compile(r"[A-Za-z0-9_+=-]{32,}")  # base64url, base64 or hex key material
-
-
-def shown_value(text: str) -> str:
-    """``text`` quoted for an error message, unless it could be a secret rather than a path.
-
-    Key material is long runs of base64 or hex; identity text carries a label; a pasted file has
-    several lines. Such values are withheld, so a key passed where a path belongs never reaches a
-    terminal, a log or an HTTP body.
-    """
-    if len(text) > 512 or "\n" in text or "\r" in text or _SECRET_RUN.search(text) or is_identity_text(text):
-        return f"(a {len(text)}-character value, withheld: it may be a secret, not a path)"
-    return repr(text)
 
 
 def load_identity(spec: IdentitySpec, origin: str | None = None) -> Identity:

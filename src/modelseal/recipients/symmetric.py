@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import AuthenticationError, KeyFileError
-from modelseal.keyfile import key_lines, read_text, write_secret
+from modelseal.keyfile import key_lines, read_text, shown_value, write_secret
 from modelseal.recipients.base import Stanza, register_scheme
 
 LABEL = "MODELSEAL-SYMMETRIC-KEY"
@@ -46,13 +46,13 @@ class SymmetricKey:
         try:
             raw = Path(path).read_bytes()
         except OSError as exc:
-            raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+            raise KeyFileError(f"cannot read key file {shown_value(path)}: {exc.strerror}") from None
         if len(raw) == 32 and not raw.startswith(LABEL.encode()[:8]):
             return cls(raw)
         for label, value in key_lines(read_text(path), str(path)):
             if label == LABEL:
                 return cls(value)
-        raise KeyFileError(f"{path} holds no {LABEL} line and is not a 32-byte raw key")
+        raise KeyFileError(f"{shown_value(path)} holds no {LABEL} line and is not a 32-byte raw key")
 
     def save(self, path: str | os.PathLike[str], force: bool = False) -> None:
         write_secret(path, LABEL, self._key, [f"modelseal symmetric key (kid {self.kid})"], force)
