@@ -13,9 +13,11 @@ a link someone planted. Every output therefore goes through :func:`write_file` (
   file, ``rename`` onto nothing or an empty directory for a directory);
 * a directory output is built inside a temporary sibling directory that is renamed into place only
   once every file in it is complete, so a failure at the last file removes the first ones too;
-* on any exception, and on SIGINT or SIGTERM while a write is in progress, every temporary file and
-  directory is removed before the process goes on (SIGINT raises ``KeyboardInterrupt`` as usual) or
-  dies of the signal with its conventional exit status (SIGTERM: 143 from a shell).
+* on any exception, and on SIGINT, SIGTERM, SIGHUP or any other catchable signal that would end the
+  process while a write is in progress, every temporary file and directory is removed before the process
+  goes on (SIGINT raises ``KeyboardInterrupt`` as usual) or dies of the signal with its conventional exit
+  status (SIGTERM: 143 from a shell). SIGKILL cannot be caught: its leftovers are ``.*.partial`` names,
+  mode 0600.
 
 Errors from the operating system (full disk, no permission, missing parent) become a one-line
 :class:`WriteError` naming the path.
@@ -70,7 +72,15 @@ def _umask() -> int:
 _live: dict[int, Callable[[], None]] = {}  # token -> removes one temporary file or directory
 _ids = itertools.count()
 _saved: dict[int, Any] = {}  # signal number -> the handler we replaced, while ours is installed
-_GUARDED = (signal.SIGINT, signal.SIGTERM)
+# Every catchable signal whose default action ends the process: a dropped ssh session (SIGHUP) or a
+# stray SIGUSR1 must not leave plaintext behind any more than Ctrl-C. (SIGKILL cannot be caught; SIGPIPE
+# and SIGXFSZ are ignored by Python, so writes fail with an error that cleans up instead.)
+_GUARDED = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
+                 "SIGPROF", "SIGXCPU")
+    if hasattr(signal, name)
+)
 
 
 def _cleanup_all() -> None:
