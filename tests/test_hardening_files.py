@@ -301,11 +301,24 @@ def test_open_force_replaces_a_directory_whole(work: Path, sealed_dir: Path, hos
 
 def test_open_onto_its_own_input_is_refused(sealed_dir: Path, sealed_file: Path, host: HpkeIdentity) -> None:
     """--force must not let the plaintext replace (and so delete) the sealed files it is read from."""
-    for src, out in ((sealed_dir, sealed_dir), (sealed_dir, sealed_dir / "sub"), (sealed_file, sealed_file)):
+    for src, out in ((sealed_dir, sealed_dir), (sealed_dir, sealed_dir / "sub"), (sealed_file, sealed_file),
+                     (sealed_dir, sealed_dir.parent), (sealed_file, sealed_file.parent)):  # fmt: skip
         before = tree(src.parent)
-        with pytest.raises(UsageError, match="outside the sealed input"):
+        with pytest.raises(UsageError, match="must lie outside the input"):
             open_to_disk(src, out, host, force=True)
         assert tree(src.parent) == before
+
+
+def test_seal_onto_an_ancestor_of_its_input_is_refused(tmp_path: Path, host: HpkeIdentity) -> None:
+    """Attack run 2: `seal P/hf -o P --force` replaced P, deleting the plaintext being sealed."""
+    model = tmp_path / "parent" / "hf"
+    model.mkdir(parents=True)
+    save_file({"w": np.ones(4, np.float32)}, str(model / "model.safetensors"))
+    before = tree(tmp_path)
+    for out in (tmp_path / "parent", model, model / "inside"):
+        with pytest.raises(UsageError, match="must lie outside the input"):
+            modelseal.seal(model, out, [host.recipient], force=True)
+        assert tree(tmp_path) == before
 
 
 def test_force_does_not_follow_a_link_inside_the_output(

@@ -172,6 +172,18 @@ def _existing(path: Path, dir_fd: int) -> os.stat_result | None:
         return None
 
 
+def check_apart(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
+    """Refuse an output that is its input, lies inside it, or contains it.
+
+    Replacing an ancestor of the input with ``--force`` deletes the input (the plaintext being sealed,
+    or the sealed model being opened); writing inside a directory that is being read reads the output
+    back in.
+    """
+    src, out = Path(source).resolve(), Path(output).resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise UsageError(f"{output}: the output must lie outside the input {source}, and must not contain it")
+
+
 def check_target(path: str | os.PathLike[str], *, want_dir: bool = False, overwrite: bool = False) -> None:
     """Fail early, before any costly work, where :func:`write_file` or :func:`directory` would refuse."""
     path = Path(path)

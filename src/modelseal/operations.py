@@ -151,8 +151,7 @@ def open_to_disk(
     """
     src, out = Path(path), Path(output)
     root, names = sealed_files(src)
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise UsageError(f"{out}: the plaintext output must lie outside the sealed input {src}")
+    atomicfile.check_apart(src, out)
     ident = resolve_identity(identity)
     cache: dict[bytes, bytearray] = {}
     arts: dict[str, Artifact] = {}

@@ -94,8 +94,7 @@ def seal(
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise UsageError(f"{src} does not exist")
-    if dst.resolve() == src.resolve():
-        raise UsageError("the output must differ from the source (sealing never overwrites the plaintext in place)")
+    atomicfile.check_apart(src, dst)
     atomicfile.check_target(dst, want_dir=src.is_dir(), overwrite=force)
     if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
         raise UsageError(f"segment size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes")
