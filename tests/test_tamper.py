@@ -354,3 +354,13 @@ def test_errors_inside_a_sealed_directory_name_the_member(sealed_dir: Path, memb
         with pytest.raises(AuthenticationError) as info:
             load()
         assert str(sealed_dir / member) in str(info.value)
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Attack run 2: `modelseal inspect FIFO` blocked forever reading the header."""
+    from modelseal.artifacts import open_locked
+
+    fifo = tmp_path / "model.sealed.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(FormatError, match="not a regular file"):
+        open_locked(fifo)

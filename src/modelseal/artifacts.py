@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Sequence
 
-from modelseal.errors import UsageError
+from modelseal.errors import FormatError, UsageError
 from modelseal.format.bundle import SealedBundle, is_bundle
 from modelseal.format.container import Artifact, Progress
 from modelseal.format.safetensors import SealedSafetensors
@@ -35,6 +37,9 @@ def resolve_identity(identity: IdentitySpec | None) -> Identity:
 
 def open_locked(path: str | os.PathLike[str]) -> Artifact:
     """Open a sealed file without a key (header only)."""
+    with contextlib.suppress(OSError):  # a missing file is reported by the reader, naming it
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise FormatError(f"{path} is not a sealed modelseal file (not a regular file)")
     return SealedBundle.open(path) if is_bundle(path) else SealedSafetensors.open(path)
 
 
