@@ -272,3 +272,18 @@ def test_keygen_writes_the_public_file(tmp_path: Path) -> None:
     one_line_error(ms("keygen", "-o", tmp_path / "x.pub", check=False), "x.pub")
     one_line_error(ms("keygen", "-o", ".", check=False), "does not name a file")
     assert not strays(tmp_path)
+
+
+def test_usage_errors_are_one_line(tmp_path: Path) -> None:
+    """Attack run 2: click's usage errors printed four lines of usage and exited 2."""
+    for args in (
+        ["keygen", "-o", tmp_path / "k", "--signing", "--symmetric"],
+        ["seal", tmp_path / "x", "-o", tmp_path / "y", "-r", "x25519:a", "--segment-size", "abc"],
+        ["no-such-command"],
+        ["inspect"],
+        ["keyserver", "grant", "add", "--no-such-option"],
+    ):
+        proc = ms(*args, check=False)
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("modelseal: error: "), proc.stderr
+    assert ms("--help").stdout.startswith("Usage:") and ms("--version").returncode == 0

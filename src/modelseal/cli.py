@@ -1,7 +1,7 @@
 """The ``modelseal`` command: a thin shell over the library.
 
 Every command has ``--help``; those that report take ``--json``. Expected failures print one line
-``modelseal: error: ...`` on stderr and exit 1 (2 for usage errors); never a traceback.
+``modelseal: error: ...`` on stderr and exit 1 (usage errors too); never a traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import click
 from rich.table import Table
 
 from modelseal import atomicfile, operations
-from modelseal.clikit import emit, fail_closed, json_option, out, require_inputs
+from modelseal.clikit import OneLineErrors, emit, fail_closed, json_option, out, require_inputs
 from modelseal.crypto.signing import Signer
 from modelseal.errors import UsageError
 from modelseal.progress import byte_progress
@@ -42,7 +42,7 @@ def identity_spec(identities: tuple[str, ...], passphrase_env: str | None) -> li
     return spec or None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="modelseal")
 def main() -> None:
     """Seal model weights for the hosts you authorise; load them from memory at full speed."""

@@ -18,6 +18,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 out = Console()
 
 
+class OneLineErrors(click.Group):
+    """The top-level group: click's usage errors (a bad option value, a missing argument, exclusive
+    options) become one line on stderr and exit 1, like every other error, instead of click's
+    multi-line usage text and exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
+        run: Any = super().main  # click types main() by overloads on a literal standalone_mode
+        if not standalone_mode:
+            return run(*args, standalone_mode=False, **kwargs)
+        try:
+            code = run(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("modelseal: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            click.echo(f"modelseal: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 def fail_closed(fn: F) -> F:
     """Turn modelseal errors into a clean message and exit code 1."""
 
