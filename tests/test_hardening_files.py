@@ -19,6 +19,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -390,15 +391,39 @@ def test_seal_directory_is_all_or_nothing(work: Path, tmp_path: Path, host: Hpke
     assert tree(work) == {}
 
 
-def test_rekey_of_a_directory_is_all_or_nothing(sealed_dir: Path, host: HpkeIdentity) -> None:
-    """If one member cannot be rekeyed, no member is: ac0b701 rewrote the first headers, then failed."""
-    other = HpkeIdentity.generate(KEMS["x25519"])
-    rekey(sealed_dir, host, add=[other.recipient])
-    rekey(sealed_dir / "z.json", host, remove=[other.recipient])  # z.json no longer has `other`
-    before = tree(sealed_dir)
-    with pytest.raises(UsageError, match=r"z\.json"):
-        rekey(sealed_dir, host, remove=[other.recipient])
-    assert tree(sealed_dir) == before
+def test_an_interrupted_rekey_of_a_directory_is_finished_by_running_it_again(
+    sealed_dir: Path, host: HpkeIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revocation that stopped halfway (attack run 2: a full disk at the third member) must be
+    completable: ac0b701 and the first fix refused the rerun ("no stanza matches") and left the weights
+    open to the revoked key. Now the failure names what was rewritten, and the same command finishes."""
+    import modelseal.operations as ops
+
+    revoked = HpkeIdentity.generate(KEMS["x25519"])
+    rekey(sealed_dir, host, add=[revoked.recipient])
+    real, calls = ops._rewrite_header, []
+
+    def disk_full_at_the_second(art: Any) -> bool:
+        calls.append(art.path)
+        if len(calls) == 2:
+            raise ops.atomicfile.WriteError(f"cannot write {art.path}: File too large")
+        return real(art)
+
+    monkeypatch.setattr(ops, "_rewrite_header", disk_full_at_the_second)
+    with pytest.raises(ModelsealError, match=r"already rewritten: .*run the same command again to finish"):
+        rekey(sealed_dir, host, remove=[revoked.recipient])
+    monkeypatch.setattr(ops, "_rewrite_header", real)
+    reports = rekey(sealed_dir, host, remove=[revoked.recipient])  # the same command again
+    assert [r["removed"] for r in reports].count(0) == 1  # the member done the first time is left as it is
+    assert any(r["rewritten"] == "unchanged (already done)" for r in reports)
+    for member in reports:
+        with pytest.raises(ModelsealError):
+            open_locked(member["file"]).unlock(revoked)
+    with pytest.raises(UsageError, match="no stanza matches"):  # nothing left to remove anywhere
+        rekey(sealed_dir, host, remove=[revoked.recipient])
+    assert len(open_locked(reports[0]["file"]).envelope.recipients) == 1
+    rekey(sealed_dir, host, add=[host.recipient])  # adding a recipient already present adds nothing
+    assert len(open_locked(reports[0]["file"]).envelope.recipients) == 1
 
 
 # ------------------------------------------------------------------------------------------ fsync

@@ -15,7 +15,7 @@ from typing import Any
 from modelseal import atomicfile
 from modelseal.artifacts import open_artifact, open_locked, resolve_identity
 from modelseal.crypto.segments import TAG_SIZE
-from modelseal.errors import FormatError, UsageError
+from modelseal.errors import FormatError, ModelsealError, UsageError
 from modelseal.format import bundle, directory
 from modelseal.format import safetensors as sst
 from modelseal.format.container import Artifact, Entry, Progress
@@ -235,7 +235,12 @@ def rekey(
     add: Sequence[Recipient | str] = (),
     remove: Sequence[Recipient | str] = (),
 ) -> list[dict[str, Any]]:
-    """Add or remove recipients by rewriting headers only; the ciphertext is not touched."""
+    """Add or remove recipients by rewriting headers only; the ciphertext is not touched.
+
+    Idempotent, so that a rekey of a directory interrupted halfway (a full disk, a signal) is finished
+    by running the same command again: a recipient already present is not added twice, a member whose
+    stanza is already gone counts as done, and a member with nothing to change is not rewritten.
+    """
     adds = [parse_recipient(r) if isinstance(r, str) else r for r in add]
     removes = [parse_recipient(r) if isinstance(r, str) else r for r in remove]
     if not adds and not removes:
@@ -252,15 +257,26 @@ def rekey(
             env = art.envelope
             kept = [s for s in env.recipients if not any(_matches(r, s) for r in removes)]
             removed = len(env.recipients) - len(kept)
-            if removes and not removed:
-                raise UsageError(f"{art.path}: no stanza matches the recipient(s) to remove")
-            kept += [r.wrap(bytes(art.dek), dek_context(env.artifact_id)) for r in adds]
+            new = [r for r in adds if not (hasattr(r, "matches") and any(_matches(r, s) for s in kept))]
+            kept += [r.wrap(bytes(art.dek), dek_context(env.artifact_id)) for r in new]
             if not kept:
                 raise UsageError(f"{art.path}: refusing to remove every recipient (nobody could open it)")
             env.recipients = kept
-            reports.append({"file": art.path, "added": len(adds), "removed": removed, "recipients": len(kept)})
+            reports.append({"file": art.path, "added": len(new), "removed": removed, "recipients": len(kept)})
+        if removes and not any(r["removed"] for r in reports):
+            raise UsageError(f"{path}: no stanza matches the recipient(s) to remove")
+        done: list[str] = []
         for art, report in zip(arts, reports, strict=True):
-            report["rewritten"] = "header only" if _rewrite_header(art) else "header moved"
+            if not (report["added"] or report["removed"]):
+                report["rewritten"] = "unchanged (already done)"
+                continue
+            try:
+                report["rewritten"] = "header only" if _rewrite_header(art) else "header moved"
+            except ModelsealError as exc:
+                if done:  # say what changed, and that running the same command again finishes it
+                    exc.args = (f"{exc}; already rewritten: {', '.join(done)}; run the same command again to finish",)
+                raise
+            done.append(str(art.path))
     finally:
         for a in arts:
             a.close()
