@@ -525,3 +525,18 @@ def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path, busy: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"cannot listen for {busy} on {taken}" in lines[0] and "already in use" in lines[0]
+
+
+def test_a_body_that_is_not_valid_compressed_data_is_a_400(served: dict[str, Any]) -> None:
+    """A ``Content-Encoding`` whose body does not decode (ac0b701: 500 and a traceback in the log) is a 400
+    naming the encoding, the connection serves on, and a real gzip request from tritonclient still works."""
+    server = served["server"]
+    garbage = b"this is not compressed data " * 20
+    for encoding in ("gzip", "deflate", "br"):
+        r = post(server, "/v2/models/two/infer", garbage, {"Content-Encoding": encoding})
+        assert r.status_code == 400 and f"not valid {encoding} data" in r.json()["error"], (encoding, r.text)
+    x = np.ones((1, 4), np.float32)
+    result = server.http_client().infer("two", [_http_input(x)], request_compression_algorithm="gzip")
+    np.testing.assert_array_equal(result.as_numpy("double"), x + x)
+    time.sleep(0.2)
+    assert "Traceback" not in (served["tmp"] / "serve.log").read_text()

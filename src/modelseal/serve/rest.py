@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import ClientPayloadError, web
+from aiohttp.http_exceptions import ContentEncodingError
 
 from modelseal.pki import peer_identity
 from modelseal.serve.errors import ServeError
@@ -42,7 +43,10 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
     try:
         return await handler(request)
     except ServeError as exc:
-        return error_response(exc)
+        response = error_response(exc)
+        if request.content.exception() is not None:  # e.g. a body that did not decode: the parser is
+            response.force_close()  # mid-message, so a next request on this connection would never be read
+        return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SERVER].config.max_body_bytes
         return web.json_response({"error": f"request body too large (limit {limit} bytes)"}, status=413)
@@ -91,6 +95,13 @@ async def body_within_budget(request: web.Request) -> AsyncIterator[bytes]:
             raise ServeError(408, f"the request body did not arrive within {srv.config.body_timeout_s:g} s") from None
         except (ConnectionError, ClientPayloadError):  # the client went away: nobody to answer, nothing to log
             raise ServeError(400, "the client closed the connection before sending its whole body") from None
+        except web.RequestPayloadError as exc:  # aiohttp could not decode the Content-Encoding
+            if not isinstance(exc.__cause__, ContentEncodingError):
+                raise ServeError(400, "the request body could not be read (malformed framing)") from None
+            encoding = request.headers.get("Content-Encoding", "encoded")
+            # the payload is dead: end it here, or aiohttp drains it after the answer and logs a traceback
+            request.content.feed_eof()
+            raise ServeError(400, f"the request body is not valid {encoding[:20]} data") from None
         yield body
     finally:
         budget.release(charged)
