@@ -540,3 +540,43 @@ def test_a_body_that_is_not_valid_compressed_data_is_a_400(served: dict[str, Any
     np.testing.assert_array_equal(result.as_numpy("double"), x + x)
     time.sleep(0.2)
     assert "Traceback" not in (served["tmp"] / "serve.log").read_text()
+
+
+def test_compressed_bodies_are_charged_what_they_may_decode_to(served: dict[str, Any]) -> None:
+    """ac0b701 charged a gzip body its compressed size (4 KB here) and then decoded it to the 4 MiB body
+    limit: eight such bodies held 2 GB against a 64 MiB budget. Now each is charged the body limit while
+    it arrives, so with 8 MiB of budget two held bodies fill it and a third is refused at once (429); the
+    two are answered when they complete, and a body that decodes past the limit is a 413."""
+    import gzip
+
+    server = served["server"]
+    host, port = server.http.split(":")
+    near_cap = gzip.compress(j(tensor_json(pad="x" * (4 * 1024 * 1024 - 200))))
+    assert len(near_cap) < 16 * 1024
+
+    def start(body: bytes, sent: int) -> socket.socket:
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(b"POST /v2/models/two/infer HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:sent])  # fmt: skip
+        return s
+
+    held = [start(near_cap, 100) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # both reached their handlers and were charged
+        third = start(near_cap, len(near_cap))
+        reply = third.recv(4096).decode(errors="replace")
+        third.close()
+        assert reply.startswith("HTTP/1.1 429") and "server busy" in reply, reply[:300]
+        for s in held:
+            s.sendall(near_cap[100:])
+        for s in held:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
+    past_cap = gzip.compress(j(tensor_json(pad="x" * (4 * 1024 * 1024 + 100))))
+    r = post(server, "/v2/models/two/infer", past_cap, {"Content-Encoding": "gzip"})
+    assert r.status_code == 413 and "too large" in r.json()["error"], r.text
+    x = np.ones((1, 4), np.float32)
+    result = server.http_client().infer("two", [_http_input(x)], request_compression_algorithm="gzip")
+    np.testing.assert_array_equal(result.as_numpy("neg"), -x)
