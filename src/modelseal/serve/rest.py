@@ -88,8 +88,9 @@ async def body_within_budget(request: web.Request) -> AsyncIterator[bytes]:
                 if declared is not None:
                     # a compressed body's decoded size is unknown until it is decoded (58 KB of gzip is
                     # 60 MB of JSON): charge the most it may decode to, then only what it did
-                    charged = limit if encoded(request) else declared
-                    budget.take(charged)
+                    need = limit if encoded(request) else declared
+                    budget.take(need)
+                    charged = need  # only once taken: the finally releases what was charged
                     body = await request.read()
                     budget.release(charged - min(charged, len(body)))
                     charged = min(charged, len(body))
