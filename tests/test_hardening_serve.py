@@ -580,3 +580,42 @@ def test_compressed_bodies_are_charged_what_they_may_decode_to(served: dict[str,
     x = np.ones((1, 4), np.float32)
     result = server.http_client().infer("two", [_http_input(x)], request_compression_algorithm="gzip")
     np.testing.assert_array_equal(result.as_numpy("neg"), -x)
+
+
+YAML_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True)
+) + "name: [*h]\n"  # fmt: skip
+HOSTILE_CONFIGS = [
+    ("yaml_bomb", "config.yaml", YAML_BOMB, "YAML aliases"),
+    ("many_instances", "config.pbtxt", batched("many_instances").replace("count: 2", "count: 100000"), "at most 64"),
+    ("endless_delay", "config.pbtxt",
+     batched("endless_delay", extra="dynamic_batching { max_queue_delay_microseconds: 18446744073709551615 }"),
+     "max_queue_delay_microseconds is at most"),
+    ("bad_preferred", "config.pbtxt",
+     batched("bad_preferred", extra="dynamic_batching { preferred_batch_size: [ 0, 9 ] }"), "preferred_batch_size"),
+    ("huge_config", "config.pbtxt", batched("huge_config") + "#" * (2 << 20), "at most 1048576"),
+]  # fmt: skip
+
+
+def test_hostile_configs_are_refused_at_load_with_a_short_reason(served: dict[str, Any]) -> None:
+    """A 600-byte YAML alias bomb (ac0b701: a 64 MB log line and index reason), instance_group count 100000,
+    a queue delay of 2**64-1 us (ac0b701: READY, and requests never answered), preferred batch sizes
+    outside 1..max_batch_size, a 2 MiB config, and a FIFO named config.pbtxt (ac0b701: the event loop
+    blocked forever): each load is a 400 with the reason, and the server keeps answering."""
+    import os
+
+    server, repo = served["server"], served["repo"]
+    for name, filename, text, _ in HOSTILE_CONFIGS:
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.onnx").write_bytes(two_outputs_model())
+        (repo / name / filename).write_text(text)
+    (repo / "fifo" / "1").mkdir(parents=True)
+    os.mkfifo(repo / "fifo" / "config.pbtxt")
+    for name, _, _, reason in [*HOSTILE_CONFIGS, ("fifo", "", "", "not a regular file")]:
+        r = post(server, f"/v2/repository/models/{name}/load", b"")
+        assert r.status_code == 400 and reason in r.json()["error"], (name, r.status_code, r.text[:300])
+        assert len(r.text) < 2000, (name, len(r.text))
+    index = {m["name"]: m for m in server.http_client().get_model_repository_index()}
+    assert all(len(index[name]["reason"]) < 1100 for name, *_ in HOSTILE_CONFIGS), index
+    assert index["two"]["state"] == "READY"
+    assert max(map(len, (served["tmp"] / "serve.log").read_text().splitlines())) < 3000

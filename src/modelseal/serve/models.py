@@ -23,7 +23,7 @@ from modelseal.serve import datatypes
 from modelseal.serve.batching import DynamicBatcher, Tensors
 from modelseal.serve.errors import ServeError, bad_request, not_found, unavailable
 from modelseal.serve.metrics import Metrics
-from modelseal.serve.repository import ConfigError, ModelSpec, Repository, is_sealed
+from modelseal.serve.repository import ConfigError, ModelSpec, Repository, capped, is_sealed
 from modelseal.serve.runtimes import Runtime, load_runtime
 from modelseal.serve.v2 import runtime_refusal
 
@@ -44,13 +44,19 @@ class LoadedModel:
     runtimes: list[Runtime]
     keys: set[str]
     pool: ThreadPoolExecutor
-    idle: asyncio.Queue[Runtime] = field(default_factory=asyncio.Queue)
+    idle: asyncio.Queue[Runtime | None] = field(default_factory=asyncio.Queue)  # None: closed
     batcher: DynamicBatcher | None = None
     in_flight: int = 0
+    closed: bool = False
 
     async def execute(self, inputs: Tensors, outputs: list[str]) -> Tensors:
-        """Run on a free instance, in the instance pool (never on the event loop)."""
-        runtime = await self.idle.get()
+        """Run on a free instance, in the instance pool (never on the event loop). A request that still
+        holds this model after it was unloaded is refused (503), not run on a closed pool."""
+        runtime = None if self.closed else await self.idle.get()
+        if runtime is None or self.closed:
+            if runtime is not None or not self.closed:
+                self.idle.put_nowait(runtime)  # wakes the next waiter, which is refused in turn
+            raise unavailable(f"model {self.spec.name} was unloaded")
         running = asyncio.get_running_loop().run_in_executor(self.pool, runtime.run, inputs, outputs)
 
         def release(done: asyncio.Future[Tensors]) -> None:
@@ -64,14 +70,18 @@ class LoadedModel:
         return await asyncio.shield(running)
 
     async def close(self) -> None:
+        """Refuse new runs, let the runs in progress end (waited for on a thread, so the event loop keeps
+        answering), then free the runtimes and wake every request still waiting for an instance."""
+        self.closed = True
         if self.batcher is not None:
             await self.batcher.close()
-        self.pool.shutdown(wait=True)
+        await asyncio.to_thread(self.pool.shutdown, True)
         for runtime in self.runtimes:
             runtime.close()
         self.runtimes.clear()
         while not self.idle.empty():
             self.idle.get_nowait()
+        self.idle.put_nowait(None)
 
 
 @dataclass
@@ -125,7 +135,7 @@ class ModelManager:
                 raise not_found(f"model {name!r} is not in the repository {self.repository.root}")
             state = self.states.setdefault(name, ModelState())
             try:
-                spec = self.repository.spec(name)
+                spec = await asyncio.to_thread(self.repository.spec, name)  # file reads off the event loop
                 versions = spec.versions()
                 if not versions:
                     raise ConfigError(f"model {name} has no numeric version directory in {spec.path}")
@@ -163,6 +173,7 @@ class ModelManager:
         else:  # a framework refusing the model: log the traceback, tell clients only the kind
             log.exception("loading model %s failed", name)
             reason, label, retry = f"the runtime refused it: {type(exc).__name__}", "failed", False
+        reason = capped(reason)  # a parser may quote (or expand) its input: index and log get 1,000 chars
         self.metrics.loads.labels(name, label).inc()
         if name in self.models:
             state.state, state.reason = (

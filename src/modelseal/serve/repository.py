@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,17 @@ PLATFORMS = {
     "tensorflow_savedmodel": ("model.savedmodel.sealed", "model.savedmodel"),
 }
 BACKENDS = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch", "tensorflow": "tensorflow_savedmodel"}
+# Limits on what a config may ask for: a config is operator input, but a typo (or a hostile repository)
+# must be a clear refusal, not a server that forks 100,000 runtimes or holds requests for 584,000 years.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_INSTANCES = 64
+MAX_QUEUE_DELAY_US = 10_000_000
+MAX_REASON_CHARS = 1000  # a load failure's reason in the index and the log (a parser may quote its input)
+
+
+def capped(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class ConfigError(UsageError):
@@ -109,14 +122,14 @@ def parse_config(directory: Path) -> ModelSpec:
         raise ConfigError(f"model {directory.name}: {directory} has no config ({' or '.join(CONFIG_NAMES)})")
     path = found[0]
     try:
-        text = path.read_text()
+        text = _read_config(path)
         if path.suffix == ".pbtxt":
             text_format.Parse(text, config, allow_unknown_field=True)
         else:
             data = json.loads(text) if path.suffix == ".json" else _yaml(text, path)
             json_format.ParseDict(data or {}, config, ignore_unknown_fields=True)
     except (text_format.ParseError, json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(capped(f"{path}: {exc}")) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     name = config.name or directory.name
@@ -152,6 +165,15 @@ def parse_config(directory: Path) -> ModelSpec:
     delay = config.dynamic_batching.max_queue_delay_microseconds / 1e6 if batching else None
     if batching and config.max_batch_size <= 0:
         raise ConfigError(f"{path}: dynamic_batching needs max_batch_size > 0")
+    if batching and config.dynamic_batching.max_queue_delay_microseconds > MAX_QUEUE_DELAY_US:
+        raise ConfigError(f"{path}: max_queue_delay_microseconds is at most {MAX_QUEUE_DELAY_US} (10 s)")
+    preferred = tuple(config.dynamic_batching.preferred_batch_size)
+    if any(not 0 < size <= config.max_batch_size for size in preferred):
+        raise ConfigError(f"{path}: each preferred_batch_size must be between 1 and max_batch_size "
+                          f"({config.max_batch_size}); got {list(preferred)}")  # fmt: skip
+    instances = sum(g.count or 1 for g in config.instance_group) or 1
+    if not 0 < instances <= MAX_INSTANCES:
+        raise ConfigError(f"{path}: instance_group counts add up to {instances}; at most {MAX_INSTANCES}")
     return ModelSpec(
         name=name,
         path=directory,
@@ -159,12 +181,27 @@ def parse_config(directory: Path) -> ModelSpec:
         max_batch_size=max(0, config.max_batch_size),
         inputs=tensors(config.input, "input"),
         outputs=tensors(config.output, "output"),
-        instances=max(1, sum(g.count or 1 for g in config.instance_group) or 1),
+        instances=instances,
         max_queue_delay_s=delay,
-        preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_size),
+        preferred_batch_sizes=preferred,
         default_model_filename=config.default_model_filename or None,
         parameters={k: v.string_value for k, v in config.parameters.items()},
     )
+
+
+def _read_config(path: Path) -> str:
+    """The config's text, read only from a regular file of at most 1 MiB: a FIFO named config.pbtxt
+    would block the reader forever, and /dev/zero behind a symlink would fill memory."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: is not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: is {info.st_size} bytes; a config may be at most {MAX_CONFIG_BYTES}")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: is larger than {MAX_CONFIG_BYTES} bytes")
+    return data.decode()
 
 
 def _yaml(text: str, path: Path) -> Any:
@@ -172,8 +209,18 @@ def _yaml(text: str, path: Path) -> Any:
         import yaml
     except ImportError:
         raise ConfigError(f"{path}: reading YAML configs needs PyYAML (pip install 'modelseal[serve]')") from None
+
+    class NoAliases(yaml.SafeLoader):
+        """YAML without anchors/aliases: 600 bytes of nested aliases expand to 64 MB (a billion laughs),
+        and a model config has no use for them."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise ConfigError(f"{path}: YAML aliases (*name) are not accepted in a model config")
+            return super().compose_node(parent, index)
+
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=NoAliases)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         raise ValueError(str(exc)) from None
 
