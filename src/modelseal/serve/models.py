@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,13 @@ class ModelState:
     retry: bool = False  # unloaded because its key went away: try again periodically
 
 
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Await ``work`` in a task of its own that a cancelled caller does not cancel."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned failure is still retrieved
+    await asyncio.shield(task)
+
+
 class ModelManager:
     def __init__(
         self,
@@ -129,7 +137,19 @@ class ModelManager:
     async def load(self, name: str) -> None:
         """Load (or reload) the newest version of ``name``; errors are recorded in its state and raised:
         404 when the repository has no such model directory, 400 when its config is unusable (or
-        disagrees with the model), 503 when the model cannot be loaded (key refused, runtime refused it)."""
+        disagrees with the model), 503 when the model cannot be loaded (key refused, runtime refused it).
+
+        The load runs to its end even if the caller goes away (aiohttp cancels the handler of a client
+        that disconnects): cancelled halfway, it left the model LOADING for good, and the instances
+        being built, decrypted weights included, installed nowhere and closed by nobody."""
+        await _to_the_end(self._load(name))
+
+    async def unload(self, name: str, reason: str, retry: bool = False) -> None:
+        """Stop serving ``name`` and free its runtimes (weights and, for sealed models, nothing on disk);
+        like :meth:`load`, it runs to its end even if the caller goes away."""
+        await _to_the_end(self._unload(name, reason, retry))
+
+    async def _load(self, name: str) -> None:
         async with self.locks.setdefault(name, asyncio.Lock()):
             if name not in self.repository.names():
                 raise not_found(f"model {name!r} is not in the repository {self.repository.root}")
@@ -213,8 +233,7 @@ class ModelManager:
                 workers=spec.instances, on_batch=self.metrics.batch_size.labels(spec.name).observe, name=spec.name,
             )  # fmt: skip
 
-    async def unload(self, name: str, reason: str, retry: bool = False) -> None:
-        """Stop serving ``name`` and free its runtimes (weights and, for sealed models, nothing on disk)."""
+    async def _unload(self, name: str, reason: str, retry: bool) -> None:
         async with self.locks.setdefault(name, asyncio.Lock()):
             model = self.models.pop(name, None)
             state = self.states.setdefault(name, ModelState())
