@@ -20,15 +20,15 @@ from typing import Any
 from modelseal.crypto.keys import wipe
 from modelseal.errors import KeyReleaseError, ModelsealError
 from modelseal.jsonlimits import JSONLimitError, loads_bounded
+from modelseal.keyserver.protocol import MODEL_NAME
 
 MAX_MESSAGE = 64 * 1024  # the largest answer a client reads (status lists every held and dropped key)
 MAX_REQUEST = 4 * 1024  # a request is one small flat object; anything larger is refused unread
 MAX_DEPTH = 4  # requests are flat objects; deeper nesting is refused before it is parsed
 
 # what the key service issues: ids are short base64url tokens, model names match its MODEL_NAME rule;
-# checked before anything is logged or sent on, so no control character reaches a log line
+# both are checked before anything is logged or sent on, so no control character reaches a log line
 KEY_ID = re.compile(r"[A-Za-z0-9_=-]{1,64}")
-MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 
 
 class FrameError(ModelsealError):
@@ -66,8 +66,8 @@ def key_request(request: dict[str, Any]) -> tuple[str, str]:
         raise FrameError("bad_request", "expected op 'key' with key_id and model")
     if not KEY_ID.fullmatch(key_id):
         raise FrameError("bad_request", "key_id is not a key service key id (1-64 characters of A-Z a-z 0-9 _ - =)")
-    if not MODEL.fullmatch(model):
-        raise FrameError("bad_request", f"model is not a model name (must match {MODEL.pattern})")
+    if not MODEL_NAME.fullmatch(model):
+        raise FrameError("bad_request", f"model is not a model name (must match {MODEL_NAME.pattern})")
     return key_id, model
 
 

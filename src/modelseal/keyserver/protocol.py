@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from modelseal.encoding import b64d, b64e, lp
 from modelseal.errors import FormatError, KeyReleaseError
 from modelseal.jsonlimits import loads_bounded
+
+# a model name, as the key service accepts it and the agent checks it before logging or forwarding it
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 
 BINDING_DOMAIN = b"modelseal/1 key-release binding"
 LEASE_DOMAIN = b"modelseal/1 key-release lease"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,13 +31,12 @@ from modelseal.keyserver import audit, schema
 from modelseal.keyserver.identity import identity_matches, parse_grant_identity
 from modelseal.keyserver.masterkey import MasterKey
 from modelseal.keyserver.policy import Policy, PolicyError
-from modelseal.keyserver.protocol import Lease, binding, new_nonce, now, seal_release
+from modelseal.keyserver.protocol import MODEL_NAME, Lease, binding, new_nonce, now, seal_release
 from modelseal.keyserver.refusals import RefusalLimiter, RefusalSettings
 from modelseal.pki import PeerIdentity
 
 T = TypeVar("T")
 log = logging.getLogger("modelseal.keyserver")
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 
 
 class Refused(ModelsealError):  # noqa: N818  (a decision, not a bug)
