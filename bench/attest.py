@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.services import KeyServer, SoftwareTpm
 from tests.test_attest_samples import AT, SNP_AT, dcap_evidence, snp_evidence
 
-from modelseal.agent.tpm import TpmCollector, enroll
 from modelseal.attest import VerificationContext, get_verifier
 from modelseal.attest import verifiers as _verifiers  # noqa: F401
+from modelseal.attest.tpm_tools import TpmCollector, enroll
 from modelseal.encoding import b64d, b64e
-from modelseal.keyserver.protocol import EphemeralKey, binding, load_service_public_key
 from modelseal.pki import client_context, identity_of_cert_file
+from modelseal.release.protocol import EphemeralKey, binding, load_service_public_key
 
 PCRS = "sha256:0,7,16"
 

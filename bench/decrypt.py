@@ -6,7 +6,7 @@ Every figure is decrypt-only (no file, no framework), medians, on the same ciphe
   ``AESGCM.decrypt_into`` (needs ciphertext||tag contiguous, so each segment is copied first);
 * 1 thread vs all threads (``cryptography`` >= 50 releases the GIL in both);
 * destination: warm reused memory, fresh 4 KiB pages (``torch.empty``-like ``numpy.empty``), fresh
-  huge-page-advised memory (``modelseal.arena``); plus a plain copy into each, for the ratio.
+  huge-page-advised memory (``modelseal.memory.arena``); plus a plain copy into each, for the ratio.
 
     python bench/decrypt.py --size-mb 1024 --runs 5 [--json]
 """
@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from machine import machine
 
-from modelseal import arena
 from modelseal.crypto.parallel import worker_count
+from modelseal.memory import arena
 
 SEG = 4 << 20
 

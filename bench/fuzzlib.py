@@ -43,12 +43,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 import modelseal
 import modelseal.numpy
 import modelseal.transformers
-from modelseal.bundles import read_all
 from modelseal.crypto import keys
 from modelseal.encoding import b64d, b64e, lp
 from modelseal.errors import ModelsealError
-from modelseal.operations import verify
+from modelseal.load.bundles import read_all
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
+from modelseal.sealing.operations import verify
 
 SEG = 4096  # the smallest segment size: several segments per tensor in small files
 Content = dict[str, Any]  # what a load returned, in a comparable form

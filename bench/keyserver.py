@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.services import KeyServer, PostgresSchema
 
 from modelseal.encoding import b64d, b64e
-from modelseal.keyserver.protocol import EphemeralKey, load_service_public_key
 from modelseal.pki import client_context, identity_of_cert_file
+from modelseal.release.protocol import EphemeralKey, load_service_public_key
 
 
 def pct(values: list[float], q: float) -> float:

@@ -29,8 +29,8 @@ import torch
 
 import modelseal
 import modelseal.torch
-from modelseal import arena
 from modelseal.crypto.parallel import worker_count
+from modelseal.memory import arena
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 
 COLD = """

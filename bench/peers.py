@@ -45,7 +45,7 @@ import torch, safetensors.torch
 method, path, secret = sys.argv[1:4]
 if method == "modelseal":  # the host's identity is ready before the load, as cryptotensors' keys are
     import modelseal.torch
-    from modelseal.recipients.parse import load_identity
+    from modelseal.recipients.registry import load_identity
     secret = load_identity(secret)
 elif method == "cryptotensors":
     import cryptotensors, cryptotensors.torch
@@ -90,7 +90,7 @@ import safetensors
 method, path, secret, name, runs = sys.argv[1:6]
 if method == "modelseal":
     import modelseal
-    from modelseal.recipients.parse import load_identity
+    from modelseal.recipients.registry import load_identity
     identity = load_identity(secret)
     opener = lambda: modelseal.safe_open(path, "pt", identity=identity)
 elif method == "cryptotensors":

@@ -1,7 +1,7 @@
 """What prefaulting destination pages buys: sealed load with and without it, against plaintext.
 
 Each decryption worker maps a segment's destination pages with one ``MADV_POPULATE_WRITE`` call
-before filling them (``modelseal/arena.py``); ``MODELSEAL_PREFAULT=0`` turns that off. This runs the
+before filling them (``modelseal/memory/arena.py``); ``MODELSEAL_PREFAULT=0`` turns that off. This runs the
 three loads of ``bench/peers.py`` (fresh process each, page cache warm, timed in the child, peak RSS
 above post-import RSS) round-robin, so machine noise hits all three alike, and prints medians.
 

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 
 from modelseal import pki
-from modelseal.keyserver import db
-from modelseal.keyserver.client import AdminClient
 from modelseal.keyserver.config import init_state
+from modelseal.keyserver.sqlstore import db
+from modelseal.release.client import AdminClient
 
 PG_BASE = os.environ.get("MODELSEAL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 

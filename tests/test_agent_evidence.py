@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelseal.agent.evidence import SNP_CERT_GUIDS, GramineCollector, TsmCollector, build_collectors, snp_cert_table
 from modelseal.attest import EvidenceError
+from modelseal.attest.collectors import SNP_CERT_GUIDS, GramineCollector, TsmCollector, build_collectors, snp_cert_table
 from modelseal.errors import UsageError
 
 SNP = Path(__file__).parent / "data" / "attestation" / "snp"

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelseal import arena
+from modelseal.memory import arena
 from modelseal.recipients.hpke import HpkeIdentity
 
 needs_populate = pytest.mark.skipif(arena._madvise is None, reason="kernel without MADV_POPULATE_WRITE")
@@ -57,7 +57,7 @@ def test_prefault_ignores_buffers_that_are_not_destinations() -> None:
 
 
 def test_prefault_can_be_turned_off() -> None:
-    code = "from modelseal import arena; print(arena._madvise is None)"
+    code = "from modelseal.memory import arena; print(arena._madvise is None)"
     env = {**os.environ, "MODELSEAL_PREFAULT": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

@@ -32,7 +32,7 @@ def test_directory_bundle_round_trip(tmp_path: Path, host: HpkeIdentity) -> None
         assert b.manifest()["dirs"] == ["empty_dir"]
     assert b"a.txt" not in out.read_bytes()  # the manifest is encrypted
     dst = tmp_path / "opened"
-    from modelseal.operations import open_to_disk
+    from modelseal.sealing.operations import open_to_disk
 
     open_to_disk(out, dst, host)
     for rel, data in files.items():
@@ -76,7 +76,7 @@ def test_streaming_seal_and_verify_in_bounded_memory(tmp_path: Path, host: HpkeI
     modelseal.seal(big, out, [host.recipient], segment_size=1 << 20)
     _, peak_seal = tracemalloc.get_traced_memory()
     tracemalloc.reset_peak()
-    from modelseal.operations import verify
+    from modelseal.sealing.operations import verify
 
     verify(out, host)
     _, peak_verify = tracemalloc.get_traced_memory()

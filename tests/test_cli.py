@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, 
 
 def ms(*args: str | Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "modelseal.cli", *map(str, args)],
+        [sys.executable, "-m", "modelseal.cli.main", *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

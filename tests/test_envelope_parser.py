@@ -16,14 +16,14 @@ from safetensors.numpy import save_file
 
 import modelseal
 import modelseal.numpy
-from modelseal.bundles import read_all
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError
 from modelseal.format.bundle import SealedBundle
 from modelseal.format.envelope import Envelope
 from modelseal.format.safetensors import SealedSafetensors
-from modelseal.operations import open_to_disk
+from modelseal.load.bundles import read_all
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
+from modelseal.sealing.operations import open_to_disk
 
 IDENT = HpkeIdentity.generate(KEMS["x25519"])
 json_values = st.recursive(

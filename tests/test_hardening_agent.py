@@ -27,10 +27,10 @@ from typing import Any
 
 import pytest
 
-from modelseal.agent.wire import MAX_REQUEST, ask
 from modelseal.encoding import b64e
 from modelseal.errors import KeyReleaseError
 from modelseal.pki import identity_of_cert_file
+from modelseal.release.wire import MAX_REQUEST, ask
 
 from .services import Agent, KeyServer, wait_for
 

@@ -26,12 +26,12 @@ import pytest
 from safetensors.numpy import save_file
 
 import modelseal
-from modelseal.artifacts import open_locked
 from modelseal.crypto.keys import new_dek
 from modelseal.errors import AuthenticationError, ModelsealError, UsageError
 from modelseal.format import bundle
-from modelseal.operations import open_to_disk, rekey
+from modelseal.load.artifacts import open_locked
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
+from modelseal.sealing.operations import open_to_disk, rekey
 from tests.conftest import make_tensors
 
 SEGMENT = 64 * 1024
@@ -63,7 +63,7 @@ def no_temp_names(root: Path) -> None:
 
 def cli(*args: str | Path, preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "modelseal.cli", *map(str, args)],
+        [sys.executable, "-m", "modelseal.cli.main", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -183,8 +183,8 @@ SIGNAL_CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from modelseal.operations import open_to_disk
-    from modelseal.sealing import seal
+    from modelseal.sealing.operations import open_to_disk
+    from modelseal.sealing.writer import seal
 
     what, src, out, key, ready = sys.argv[1:]
     first = True
@@ -252,7 +252,7 @@ def test_cli_signal_while_opening_big_file(work: Path, tmp_path: Path, host: Hpk
     key = tmp_path / "host.key"
     host.save(key)
     child = subprocess.Popen(
-        [sys.executable, "-m", "modelseal.cli", "open", str(sealed), "-i", str(key), "-o", str(work / "big")],
+        [sys.executable, "-m", "modelseal.cli.main", "open", str(sealed), "-i", str(key), "-o", str(work / "big")],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -397,7 +397,7 @@ def test_an_interrupted_rekey_of_a_directory_is_finished_by_running_it_again(
     """A revocation that stopped halfway (attack run 2: a full disk at the third member) must be
     completable: ac0b701 and the first fix refused the rerun ("no stanza matches") and left the weights
     open to the revoked key. Now the failure names what was rewritten, and the same command finishes."""
-    import modelseal.operations as ops
+    import modelseal.sealing.operations as ops
 
     revoked = HpkeIdentity.generate(KEMS["x25519"])
     rekey(sealed_dir, host, add=[revoked.recipient])

@@ -32,11 +32,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelseal import operations
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import ServiceError
-from modelseal.keyserver import audit, db, protocol
+from modelseal.keyserver import auditchain as audit
+from modelseal.keyserver.sqlstore import db
 from modelseal.pki import PeerIdentity, identity_of_cert_file
+from modelseal.release import protocol
+from modelseal.sealing import operations
 
 from .services import KeyServer, wait_for
 from .test_cli import ms

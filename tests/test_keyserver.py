@@ -15,13 +15,13 @@ import pytest
 
 import modelseal
 import modelseal.numpy
-from modelseal import operations
-from modelseal.agent.wire import ask
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import KeyReleaseError
-from modelseal.keyserver import protocol
 from modelseal.pki import identity_of_cert_file
-from modelseal.recipients.keyserver import KeyserverRecipient
+from modelseal.release import protocol
+from modelseal.release.recipient import KeyserverRecipient
+from modelseal.release.wire import ask
+from modelseal.sealing import operations
 
 from .conftest import make_tensors
 from .services import Agent, KeyServer, PostgresSchema, wait_for
@@ -219,7 +219,7 @@ def test_sigkill_loses_no_committed_grant(tmp_path: Path, database: str | None) 
             stored = {g["grant_id"] for g in admin.call("GET", "/v1/admin/grants")["grants"]}
             assert set(acknowledged) <= stored
             entries = admin.call("GET", "/v1/admin/audit", limit=10000)["entries"]
-        from modelseal.keyserver.audit import verify_entries
+        from modelseal.keyserver.auditchain import verify_entries
 
         assert verify_entries(entries).ok
     finally:

@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modelseal.agent.wire import ask
 from modelseal.errors import AuthenticationError, KeyReleaseError
 from modelseal.keyserver.masterkey import LocalMasterKey, TransitMasterKey
 from modelseal.pki import identity_of_cert_file
+from modelseal.release.wire import ask
 
 from .services import Agent, KeyServer, free_port, wait_for
 from .test_keyserver import grant, sealed_model
@@ -141,7 +141,7 @@ def test_agent_socket_peer_credentials_and_outage_grace(tmp_path: Path) -> None:
         # another local user: SO_PEERCRED gives its uid, the ACL (default: the agent's own user) refuses it
         probe = (
             "import os\n"
-            "from modelseal.agent.wire import ask\n"
+            "from modelseal.release.wire import ask\n"
             "from modelseal.errors import KeyReleaseError\n"
             "os.setgid(65534); os.setuid(65534)  # after the imports: nobody cannot read root's Python\n"
             f"try: ask({agent.socket!r}, {{'op': 'key', 'key_id': {key_id!r}, 'model': 'demo'}})\n"
@@ -173,6 +173,6 @@ def test_agent_socket_peer_credentials_and_outage_grace(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_agent_process_is_not_dumpable(tmp_path: Path) -> None:
-    code = "from modelseal.agent.memory import harden_process, is_dumpable; harden_process(); print(is_dumpable())"
+    code = "from modelseal.memory.locked import harden_process, is_dumpable; harden_process(); print(is_dumpable())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import modelseal.numpy
-from modelseal.agent.wire import ask
 from modelseal.errors import KeyReleaseError
 from modelseal.pki import identity_of_cert_file
+from modelseal.release.wire import ask
 
 from .conftest import make_tensors
 from .services import Agent, KeyServer, SoftwareTpm, wait_for

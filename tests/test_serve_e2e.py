@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from modelseal.pki import identity_of_cert_file
-from modelseal.recipients.keyserver import KeyserverRecipient
+from modelseal.release.recipient import KeyserverRecipient
 
 from .services import Agent, KeyServer, wait_for
 from .serving import ServeProcess, Tls, add_model, export_onnx, export_torchscript, infer_grpc, infer_http, resnet50

@@ -18,8 +18,8 @@ import modelseal
 from modelseal.crypto import parallel
 from modelseal.errors import AuthenticationError, UsageError
 from modelseal.format.safetensors import SealedSafetensors
+from modelseal.load.slicing import plan
 from modelseal.recipients.hpke import HpkeIdentity
-from modelseal.slicing import plan
 
 SEGMENT = 4096  # the smallest segment size, so that small tensors span many segments
 

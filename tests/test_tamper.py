@@ -231,8 +231,8 @@ def test_failed_load_leaves_no_plaintext_in_buffers(tmp_path: Path, sealed_pair:
     raw[d + 11999] ^= 1  # last segment of 'a'
     p = tmp_path / "late.safetensors"
     p.write_bytes(raw)
-    from modelseal.artifacts import open_artifact
-    from modelseal.tensors import allocate
+    from modelseal.load.artifacts import open_artifact
+    from modelseal.load.tensors import allocate
 
     art = open_artifact(p, IDENT)
     entry = art.entry("a")
@@ -269,7 +269,7 @@ def test_declared_segment_size_does_not_set_memory(tmp_path: Path, host_key: Pat
     script = (
         "import sys\n"
         "from modelseal.errors import ModelsealError\n"
-        "from modelseal.operations import open_to_disk, verify\n"
+        "from modelseal.sealing.operations import open_to_disk, verify\n"
         "p, key, out = sys.argv[1:]\n"
         "for run in (lambda: verify(p, key), lambda: open_to_disk(p, out, key)):\n"
         "    try:\n"
@@ -298,7 +298,7 @@ NOT_SEALED = {
 @pytest.mark.parametrize("content", NOT_SEALED.values(), ids=NOT_SEALED.keys())
 def test_not_sealed_files_say_so(tmp_path: Path, content: bytes) -> None:
     """Every loader, inspect and verify: "X is not a sealed modelseal file", not a safetensors length message."""
-    from modelseal.operations import inspect, verify
+    from modelseal.sealing.operations import inspect, verify
 
     p = tmp_path / "model.safetensors"
     p.write_bytes(content)
@@ -340,7 +340,7 @@ def sealed_dir(tmp_path: Path) -> Path:
 def test_errors_inside_a_sealed_directory_name_the_member(sealed_dir: Path, member: str) -> None:
     """A damaged segment of one member: the error names that file (on ac0b701 it named only the entry)."""
     import modelseal.transformers as mt
-    from modelseal.operations import verify
+    from modelseal.sealing.operations import verify
 
     raw = bytearray((sealed_dir / member).read_bytes())
     raw[-16 * 3 - 10] ^= 1  # ciphertext of the last segment
@@ -358,7 +358,7 @@ def test_errors_inside_a_sealed_directory_name_the_member(sealed_dir: Path, memb
 
 def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
     """Attack run 2: `modelseal inspect FIFO` blocked forever reading the header."""
-    from modelseal.artifacts import open_locked
+    from modelseal.load.artifacts import open_locked
 
     fifo = tmp_path / "model.sealed.safetensors"
     os.mkfifo(fifo)

@@ -18,8 +18,6 @@ import os
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
-from modelseal.artifacts import open_artifact
-from modelseal.bundles import open_bundle, read_bytes
 from modelseal.crypto.signing import Signer
 from modelseal.errors import (
     AuthenticationError,
@@ -28,12 +26,14 @@ from modelseal.errors import (
     NoMatchingIdentityError,
     SignatureError,
 )
+from modelseal.load.artifacts import open_artifact
+from modelseal.load.bundles import open_bundle, read_bytes
+from modelseal.load.tensors import safe_open
 from modelseal.recipients import load_identity, parse_recipient
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 from modelseal.recipients.passphrase import Passphrase
 from modelseal.recipients.symmetric import SymmetricKey
-from modelseal.sealing import seal
-from modelseal.tensors import safe_open
+from modelseal.sealing.writer import seal
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """``python -m modelseal`` runs the command line."""
 
-from modelseal.cli import main
+from modelseal.cli.main import main
 
 main()

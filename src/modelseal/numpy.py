@@ -6,8 +6,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from modelseal.recipients.parse import IdentitySpec
-from modelseal.tensors import load_file as _load_file
+from modelseal.load.tensors import load_file as _load_file
+from modelseal.recipients.registry import IdentitySpec
 
 
 def load_file(

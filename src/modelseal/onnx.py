@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modelseal.bundles import read_all
 from modelseal.crypto import keys
 from modelseal.errors import FormatError, MissingDependencyError, UsageError
-from modelseal.recipients.parse import IdentitySpec
+from modelseal.load.bundles import read_all
+from modelseal.recipients.registry import IdentitySpec
 
 
 def InferenceSession(  # noqa: N802 - mirrors onnxruntime.InferenceSession

@@ -15,13 +15,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from modelseal.bundles import read_bytes
 from modelseal.crypto import keys
 from modelseal.errors import FormatError
 from modelseal.format.container import Progress
-from modelseal.recipients.parse import IdentitySpec
-from modelseal.tensors import load_file as _load_file
-from modelseal.tensors import require_torch
+from modelseal.load.bundles import read_bytes
+from modelseal.load.tensors import load_file as _load_file
+from modelseal.load.tensors import require_torch
+from modelseal.recipients.registry import IdentitySpec
 
 
 def load_file(

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modelseal.artifacts import open_artifact, resolve_identity
 from modelseal.crypto import keys
 from modelseal.errors import UsageError
 from modelseal.format import directory, schema
@@ -20,8 +19,9 @@ from modelseal.format.bundle import SealedBundle
 from modelseal.format.container import Artifact
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.jsonlimits import loads_bounded
-from modelseal.recipients.parse import IdentitySpec
-from modelseal.tensors import allocate
+from modelseal.load.artifacts import open_artifact, resolve_identity
+from modelseal.load.tensors import allocate
+from modelseal.recipients.registry import IdentitySpec
 
 MAX_CONFIG = 16 << 20  # a config.json is a few KiB; the cap only bounds what a damaged file can cost
 

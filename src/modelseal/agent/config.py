@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.agent.daemon import Acl
-from modelseal.agent.evidence import build_collectors
 from modelseal.agent.listener import Limits
 from modelseal.agent.release import ReleaseClient
+from modelseal.attest.collectors import build_collectors
 from modelseal.errors import UsageError
 
 REQUIRED = ("keyserver", "ca", "cert", "key", "socket")

@@ -31,12 +31,12 @@ from typing import Any
 
 from modelseal.agent import lograte
 from modelseal.agent.listener import Limits, Listener
-from modelseal.agent.memory import LockedKey, harden_process
 from modelseal.agent.release import ReleaseClient
-from modelseal.agent.wire import FrameError, decode_request, key_request, too_large
 from modelseal.crypto.keys import wipe
 from modelseal.errors import KeyReleaseError, ModelsealError, ServiceError
-from modelseal.keyserver.protocol import Lease
+from modelseal.memory.locked import LockedKey, harden_process
+from modelseal.release.protocol import Lease
+from modelseal.release.wire import FrameError, decode_request, key_request, too_large
 
 log = logging.getLogger("modelseal.agent")
 MAX_DROPPED = 64  # refusals remembered for `agent status` (oldest forgotten first)

@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelseal.agent.wire import MAX_REQUEST, error_frame
 from modelseal.errors import UsageError
+from modelseal.release.wire import MAX_REQUEST, error_frame
 
 log = logging.getLogger("modelseal.agent")
 _PEERCRED = struct.Struct("3i")

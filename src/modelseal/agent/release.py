@@ -6,13 +6,13 @@ import asyncio
 import os
 from typing import Any
 
-from modelseal.agent.evidence import Collector, build_collectors, collect
 from modelseal.attest.base import EvidenceError
+from modelseal.attest.collectors import Collector, build_collectors, collect
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ServiceError
-from modelseal.keyserver.client import decode, require_httpx
-from modelseal.keyserver.protocol import EphemeralKey, Lease, binding, load_service_public_key
 from modelseal.pki import client_context, identity_of_cert_file
+from modelseal.release.client import decode, require_httpx
+from modelseal.release.protocol import EphemeralKey, Lease, binding, load_service_public_key
 
 
 class ReleaseClient:

@@ -2,7 +2,7 @@
 
 A verifier checks one kind of evidence (``mtls``, ``tpm``, ``sgx``, ``tdx``, ``sev-snp``) and returns
 :class:`Claims` it has *proven*; anything it cannot prove raises :class:`EvidenceError` naming what
-failed. Evidence must carry the exchange's binding (see :mod:`modelseal.keyserver.protocol`) in its
+failed. Evidence must carry the exchange's binding (see :mod:`modelseal.release.protocol`) in its
 report data; the verifier says whether it does (``report_data_bound``), so evidence replayed from another
 exchange is refused. A grant's requirements are matched against the claims by :func:`unmet`.
 """

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelseal import arena
 from modelseal.crypto import keys, signing
 from modelseal.crypto.parallel import run_all, worker_count
 from modelseal.crypto.segments import TAG_SIZE, Segment, SegmentCipher, plan_entry, segment_count
@@ -26,6 +25,7 @@ from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError, SignatureError, UsageError
 from modelseal.format import schema
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
+from modelseal.memory import arena
 from modelseal.recipients.base import Identity, Recipient
 
 Progress = Callable[[int], None]

@@ -25,9 +25,9 @@ from modelseal.errors import FormatError, ModelsealError
 from modelseal.jsonlimits import JSONLimitError, loads_bounded
 from modelseal.keyserver.config import token_hash
 from modelseal.keyserver.openapi import openapi_document
-from modelseal.keyserver.protocol import service_public_key_text
 from modelseal.keyserver.service import KeyService, Refused
 from modelseal.pki import PeerIdentity, peer_identity
+from modelseal.release.protocol import service_public_key_text
 
 log = logging.getLogger("modelseal.keyserver")
 SERVICE: web.AppKey[KeyService] = web.AppKey("service", KeyService)

@@ -22,9 +22,9 @@ from modelseal import atomicfile, pki
 from modelseal.errors import KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text, write_secret
 from modelseal.keyserver.masterkey import LocalMasterKey, MasterKey, TransitMasterKey
-from modelseal.keyserver.protocol import service_public_key_text
 from modelseal.keyserver.refusals import RefusalSettings
 from modelseal.keyserver.service import ServiceSettings
+from modelseal.release.protocol import service_public_key_text
 
 SIGNING_LABEL = "MODELSEAL-LEASE-SIGNING-KEY"
 CONFIG_NAME = "keyserver.toml"

@@ -9,13 +9,13 @@ import socket
 from aiohttp import web
 
 from modelseal import pki
-from modelseal.agent.memory import harden_process
 from modelseal.attest.verifiers import load_verifiers
 from modelseal.errors import UsageError
-from modelseal.keyserver import db
 from modelseal.keyserver.app import build_app
 from modelseal.keyserver.config import KeyServerConfig
 from modelseal.keyserver.service import KeyService
+from modelseal.keyserver.sqlstore import db
+from modelseal.memory.locked import harden_process
 
 _BIND_ERRORS = {errno.EADDRINUSE: "the port is already in use", errno.EACCES: "permission denied",
                 errno.EADDRNOTAVAIL: "no such local address"}  # fmt: skip

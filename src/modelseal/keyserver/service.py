@@ -1,7 +1,7 @@
 """The key service's decisions, independent of HTTP: registration, grants, challenges, releases.
 
 Each public method runs in one database transaction that locks the audit head first (see
-:mod:`modelseal.keyserver.db`), so a decision, its side effects (nonce spent, release counted, host
+:mod:`modelseal.keyserver.sqlstore.db`), so a decision, its side effects (nonce spent, release counted, host
 recorded, lease stored) and its audit record commit together or not at all. A refusal is a
 :class:`Refused` carrying the HTTP status and a stable code; it is audited and committed (a spent
 nonce stays spent) before it propagates. Past a burst, refusals are counted instead of written one
@@ -27,13 +27,14 @@ from modelseal.attest.base import known_kinds, unmet
 from modelseal.crypto.keys import wipe
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError
-from modelseal.keyserver import audit, schema
+from modelseal.keyserver import auditchain as audit
 from modelseal.keyserver.identity import identity_matches, parse_grant_identity
 from modelseal.keyserver.masterkey import MasterKey
 from modelseal.keyserver.policy import Policy, PolicyError
-from modelseal.keyserver.protocol import MODEL_NAME, Lease, binding, new_nonce, now, seal_release
 from modelseal.keyserver.refusals import RefusalLimiter, RefusalSettings
+from modelseal.keyserver.sqlstore import schema
 from modelseal.pki import PeerIdentity
+from modelseal.release.protocol import MODEL_NAME, Lease, binding, new_nonce, now, seal_release
 
 T = TypeVar("T")
 log = logging.getLogger("modelseal.keyserver")

@@ -6,6 +6,6 @@ unwraps the stanzas meant for it. These two small interfaces are all the format 
 """
 
 from modelseal.recipients.base import Identity, Recipient, register_scheme
-from modelseal.recipients.parse import load_identity, parse_identities, parse_recipient
+from modelseal.recipients.registry import load_identity, parse_identities, parse_recipient
 
 __all__ = ["Identity", "Recipient", "load_identity", "parse_identities", "parse_recipient", "register_scheme"]

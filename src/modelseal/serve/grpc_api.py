@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from modelseal.pki import peer_identity
 from modelseal.serve import datatypes
 from modelseal.serve.errors import ServeError
+from modelseal.serve.infer import decode_grpc
 from modelseal.serve.protocol import inference
 from modelseal.serve.rest import OFFLOAD_BYTES
-from modelseal.serve.v2 import decode_grpc
 
 log = logging.getLogger("modelseal.serve")
 

@@ -19,21 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelseal.errors import KeyReleaseError, ModelsealError, UsageError
-from modelseal.recipients.parse import IdentitySpec
+from modelseal.recipients.registry import IdentitySpec
 from modelseal.serve import datatypes
 from modelseal.serve.batching import DynamicBatcher, Tensors
 from modelseal.serve.errors import ServeError, bad_request, not_found, unavailable
+from modelseal.serve.infer import runtime_refusal
 from modelseal.serve.metrics import Metrics
 from modelseal.serve.repository import ConfigError, ModelSpec, Repository, capped, is_sealed
 from modelseal.serve.runtimes import Runtime, load_runtime
-from modelseal.serve.v2 import runtime_refusal
 
 log = logging.getLogger("modelseal.serve")
 
 
 def key_ids(artifact: Any) -> set[str]:
     """Key-service key ids a sealed artifact is wrapped to (the agent reports which it holds)."""
-    from modelseal.operations import inspect
+    from modelseal.sealing.operations import inspect
 
     return {r["key_id"] for report in inspect(artifact) for r in report["recipients"] if "key_id" in r}
 
@@ -352,7 +352,7 @@ class ModelManager:
     # --- key revocation -----------------------------------------------------------------------------
 
     async def _watch_keys(self) -> None:
-        from modelseal.agent.wire import ask
+        from modelseal.release.wire import ask
 
         last_retry = 0.0
         while True:

@@ -102,7 +102,7 @@ def is_sealed(path: Path) -> bool:
         return any(is_bundle(p) for p in path.rglob("*") if p.is_file())
     if is_bundle(path):
         return True
-    from modelseal.artifacts import open_locked
+    from modelseal.load.artifacts import open_locked
 
     try:
         open_locked(path).close()

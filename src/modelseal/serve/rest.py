@@ -19,8 +19,8 @@ from aiohttp.http_exceptions import ContentEncodingError
 
 from modelseal.pki import peer_identity
 from modelseal.serve.errors import ServeError
+from modelseal.serve.infer import HEADER_LENGTH, decode_rest, encode_rest, parse_json
 from modelseal.serve.models import ModelManager
-from modelseal.serve.v2 import HEADER_LENGTH, decode_rest, encode_rest, parse_json
 
 log = logging.getLogger("modelseal.serve")
 SERVER: web.AppKey[Any] = web.AppKey("server")

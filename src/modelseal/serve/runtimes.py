@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from modelseal.errors import MissingDependencyError, UsageError
-from modelseal.recipients.parse import IdentitySpec
+from modelseal.recipients.registry import IdentitySpec
 from modelseal.serve import datatypes
 from modelseal.serve.repository import ConfigError, ModelSpec, TensorSpec, is_sealed
 
@@ -297,8 +297,8 @@ class TensorflowRuntime:
 def load_saved_model_from_memory(tf: Any, artifact: Path, identity: IdentitySpec | None, signers: list[str]) -> Any:
     import uuid
 
-    from modelseal.bundles import read_all
     from modelseal.crypto.keys import wipe
+    from modelseal.load.bundles import read_all
 
     files = read_all(artifact, identity=identity, trusted_signers=signers or None)
     root = f"ram://modelseal-{uuid.uuid4().hex}/"

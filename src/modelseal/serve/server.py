@@ -20,7 +20,7 @@ from aiohttp import web
 
 from modelseal import pki
 from modelseal.errors import UsageError
-from modelseal.recipients.parse import IdentitySpec
+from modelseal.recipients.registry import IdentitySpec
 from modelseal.serve.audit import AuditLog
 from modelseal.serve.errors import ServeError
 from modelseal.serve.limits import ByteBudget
@@ -151,7 +151,7 @@ class Server:
                     log.error("%s", exc)
 
     async def run(self) -> None:
-        from modelseal.agent.memory import harden_process
+        from modelseal.memory.locked import harden_process
         from modelseal.serve.grpc_api import build_server
         from modelseal.serve.rest import build_app
 

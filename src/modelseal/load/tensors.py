@@ -10,13 +10,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from modelseal import arena, slicing
-from modelseal.artifacts import open_artifact
 from modelseal.crypto import keys
 from modelseal.errors import MissingDependencyError, UsageError
 from modelseal.format.container import Entry, Progress
 from modelseal.format.safetensors import SealedSafetensors
-from modelseal.recipients.parse import IdentitySpec
+from modelseal.load import slicing
+from modelseal.load.artifacts import open_artifact
+from modelseal.memory import arena
+from modelseal.recipients.registry import IdentitySpec
 
 FRAMEWORKS = ("pt", "torch", "np", "numpy")
 

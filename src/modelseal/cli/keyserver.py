@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from modelseal import pki
-from modelseal.clikit import emit, fail_closed, json_option
+from modelseal.cli.kit import emit, fail_closed, json_option
 from modelseal.errors import UsageError
 from modelseal.jsonlimits import loads_bounded
 
@@ -30,7 +30,7 @@ def _logging(verbose: bool) -> None:
 
 
 def _admin(ctx: click.Context) -> Any:
-    from modelseal.keyserver.client import AdminClient
+    from modelseal.release.client import AdminClient
 
     url, ca = ctx.obj["url"], ctx.obj["ca"]
     if not url:
@@ -169,8 +169,8 @@ def ks_init(
     as_json: bool,
 ) -> None:
     """Create a key-service state directory: config, CA and server certificate, master key, admin token."""
-    from modelseal.keyserver import db
     from modelseal.keyserver.config import KeyServerConfig, init_state
+    from modelseal.keyserver.sqlstore import db
 
     transit = {"url": transit_url, "token_env": transit_token_env} if transit_url else None
     result = init_state(directory, database=database, listen=listen, server_names=list(server_names), transit=transit)
@@ -210,8 +210,8 @@ def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
 @fail_closed
 def ks_migrate(config_path: str, as_json: bool) -> None:
     """Upgrade the database schema to this version (Alembic). Back up first."""
-    from modelseal.keyserver import db
     from modelseal.keyserver.config import KeyServerConfig
+    from modelseal.keyserver.sqlstore import db
 
     revision = db.migrate(db.connect(KeyServerConfig.load(config_path).database))
     emit(as_json, {"revision": revision}, [f"schema at revision {revision}"])
@@ -234,7 +234,7 @@ def ks_lease_key(ctx: click.Context, config_path: str | None, as_json: bool) -> 
 
         key, source = KeyServerConfig.load(config_path).lease_public_key(), config_path
     else:
-        from modelseal.keyserver.client import service_info
+        from modelseal.release.client import service_info
 
         url = ctx.obj["url"]
         if not url:
@@ -417,12 +417,12 @@ def audit_export(ctx: click.Context, output: Any, after: int) -> None:
 @fail_closed
 def audit_verify(ctx: click.Context, path: Any, database: str | None, head: str | None, as_json: bool) -> None:
     """Check every link of the audit chain (default: fetched through the admin API). Exit 1 if broken."""
-    from modelseal.keyserver import audit
+    from modelseal.keyserver import auditchain as audit
 
     if path is not None:
         rows = list(audit.read_jsonl(path))
     elif database:
-        from modelseal.keyserver import db
+        from modelseal.keyserver.sqlstore import db
 
         with db.connect(database).connect() as conn:
             rows = audit.entries(conn)

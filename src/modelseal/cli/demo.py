@@ -30,7 +30,7 @@ import numpy as np
 
 from modelseal.crypto.signing import Signer
 from modelseal.errors import MissingDependencyError, UsageError
-from modelseal.sealing import seal
+from modelseal.sealing.writer import seal
 
 CONFIG = """name: "classifier"
 platform: "onnxruntime_onnx"
@@ -104,9 +104,9 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
     import onnxruntime as ort
 
     from modelseal import pki
-    from modelseal.keyserver.client import AdminClient
     from modelseal.keyserver.config import init_state
-    from modelseal.recipients.keyserver import KeyserverRecipient
+    from modelseal.release.client import AdminClient
+    from modelseal.release.recipient import KeyserverRecipient
 
     say = log or (lambda _m: None)
     workdir = workdir.resolve()

@@ -12,7 +12,7 @@ from modelseal.format.bundle import SealedBundle, is_bundle
 from modelseal.format.container import Artifact, Progress
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.recipients.base import Identity
-from modelseal.recipients.parse import IdentitySpec, load_identity
+from modelseal.recipients.registry import IdentitySpec, load_identity
 
 IDENTITY_ENV = "MODELSEAL_IDENTITY"
 AGENT_SOCKET_ENV = "MODELSEAL_AGENT_SOCKET"

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, select, update
 
 from modelseal.errors import FormatError
 from modelseal.jsonlimits import loads_bounded
-from modelseal.keyserver import schema
+from modelseal.keyserver.sqlstore import schema
 
 GENESIS = "0" * 64
 

@@ -8,7 +8,7 @@ import logging
 
 import click
 
-from modelseal.clikit import emit, fail_closed, json_option
+from modelseal.cli.kit import emit, fail_closed, json_option
 
 
 @click.group()
@@ -50,7 +50,7 @@ def agent_run(config_path: str, verbose: bool) -> None:
 @fail_closed
 def agent_status(socket_path: str, as_json: bool) -> None:
     """Keys the agent holds (never their bytes), their lease expiry, and keys it dropped and why."""
-    from modelseal.agent.wire import ask
+    from modelseal.release.wire import ask
 
     answer, _ = ask(socket_path, {"op": "status"})
     answer.pop("ok", None)
@@ -76,7 +76,7 @@ def agent_tpm_enroll(tcti: str, handle: str, pcrs: str, replace: bool, as_json: 
     Give the printed requirement to the model owner (`keyserver grant add --evidence '...'`); put the same
     tcti, handle and pcrs in the agent's [tpm] table and add "tpm" to its evidence list.
     """
-    from modelseal.agent.tpm import enroll
+    from modelseal.attest.tpm_tools import enroll
 
     result = enroll(tcti, handle, pcrs, replace)
     verb = "created and persisted" if result["created"] else "already persisted"

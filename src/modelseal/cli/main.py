@@ -13,14 +13,15 @@ from typing import Any
 import click
 from rich.table import Table
 
-from modelseal import atomicfile, operations
-from modelseal.clikit import OneLineErrors, emit, fail_closed, json_option, out, require_inputs
+from modelseal import atomicfile
+from modelseal.cli.kit import OneLineErrors, emit, fail_closed, json_option, out, require_inputs
+from modelseal.cli.progress import byte_progress
 from modelseal.crypto.signing import Signer
 from modelseal.errors import UsageError
-from modelseal.progress import byte_progress
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 from modelseal.recipients.passphrase import Passphrase
 from modelseal.recipients.symmetric import SymmetricKey
+from modelseal.sealing import operations
 
 identity_option = click.option(
     "-i",
@@ -158,8 +159,8 @@ def seal(
     as_json: bool,
 ) -> None:
     """Encrypt SRC (.safetensors, .pt/.pth/.bin, .onnx, any file, or a directory) for RECIPIENTs."""
-    from modelseal.sealing import plan_size
-    from modelseal.sealing import seal as do_seal
+    from modelseal.sealing.writer import plan_size
+    from modelseal.sealing.writer import seal as do_seal
 
     require_inputs(src)
 
@@ -315,7 +316,7 @@ def rekey(
 @fail_closed
 def demo(workdir: str, as_json: bool) -> None:
     """End to end on embedded defaults: seal a model to a key service, serve it, infer, revoke."""
-    from modelseal.demo import run_demo
+    from modelseal.cli.demo import run_demo
 
     report = run_demo(Path(workdir), log=None if as_json else click.echo)
     if as_json:
@@ -323,16 +324,16 @@ def demo(workdir: str, as_json: bool) -> None:
 
 
 def _register_service_commands() -> None:
-    from modelseal.agent.cli import agent
-    from modelseal.attest.cli import attest
-    from modelseal.keyserver.cli import keyserver, pki_group
+    from modelseal.cli.agent import agent
+    from modelseal.cli.attest import attest
+    from modelseal.cli.keyserver import keyserver, pki_group
 
     main.add_command(keyserver, "keyserver")
     main.add_command(agent, "agent")
     main.add_command(pki_group, "pki")
     main.add_command(attest, "attest")
     try:
-        from modelseal.serve.cli import bench, serve
+        from modelseal.cli.serve import bench, serve
     except ImportError:  # pragma: no cover (click is core; the serve extra is imported lazily)
         return
     main.add_command(serve, "serve")

@@ -20,7 +20,7 @@ from typing import Any
 from modelseal.crypto.keys import wipe
 from modelseal.errors import KeyReleaseError, ModelsealError
 from modelseal.jsonlimits import JSONLimitError, loads_bounded
-from modelseal.keyserver.protocol import MODEL_NAME
+from modelseal.release.protocol import MODEL_NAME
 
 MAX_MESSAGE = 64 * 1024  # the largest answer a client reads (status lists every held and dropped key)
 MAX_REQUEST = 4 * 1024  # a request is one small flat object; anything larger is refused unread

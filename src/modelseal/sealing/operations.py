@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from modelseal import atomicfile
-from modelseal.artifacts import open_artifact, open_locked, resolve_identity
 from modelseal.crypto.segments import TAG_SIZE
 from modelseal.errors import FormatError, ModelsealError, UsageError
 from modelseal.format import bundle, directory
 from modelseal.format import safetensors as sst
 from modelseal.format.container import Artifact, Entry, Progress
 from modelseal.format.envelope import dek_context
+from modelseal.load.artifacts import open_artifact, open_locked, resolve_identity
 from modelseal.recipients import parse_recipient
 from modelseal.recipients.base import Recipient, Stanza
-from modelseal.recipients.parse import IdentitySpec
+from modelseal.recipients.registry import IdentitySpec
 
 
 def sealed_files(path: str | os.PathLike[str]) -> tuple[Path, list[str]]:

@@ -1,8 +1,8 @@
-"""Alembic environment: migrations always run on a connection handed in by :func:`modelseal.keyserver.db.migrate`."""
+"""Alembic environment: migrations run on a connection handed in by :func:`modelseal.keyserver.sqlstore.db.migrate`."""
 
 from alembic import context
 
-from modelseal.keyserver.schema import metadata
+from modelseal.keyserver.sqlstore.schema import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)

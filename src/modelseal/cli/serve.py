@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from modelseal.clikit import emit, fail_closed, json_option
+from modelseal.cli.kit import emit, fail_closed, json_option
 
 
 @click.command("serve")
@@ -77,7 +77,7 @@ def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key
     Weights are decrypted in memory only, with keys from the host agent; a model whose key the agent
     drops (grant revoked) is unloaded and comes back when it is granted again.
     """
-    from modelseal.logs import configure
+    from modelseal.cli.logs import configure
     from modelseal.serve.server import ServeConfig, run
 
     configure(verbose, log_json)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from modelseal.clikit import emit, fail_closed, json_option
+from modelseal.cli.kit import emit, fail_closed, json_option
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
 

@@ -36,7 +36,7 @@ class KeyserverRecipient:
         return f"keyserver:{self.url}#{self.model}"
 
     def wrap(self, dek: bytes, context: bytes) -> Stanza:
-        from modelseal.keyserver.client import AdminClient
+        from modelseal.release.client import AdminClient
 
         fingerprint = b64e(hashlib.sha256(b"modelseal/1 registered" + bytes(dek)).digest())
         key_id = self._registered.get(fingerprint)

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from modelseal.agent.tpm import TpmCollector
 from modelseal.attest.base import REPORT_DATA_SIZE, EvidenceError, expected_report_data
+from modelseal.attest.tpm_tools import TpmCollector
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
 

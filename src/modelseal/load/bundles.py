@@ -6,10 +6,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from modelseal.artifacts import open_artifact
 from modelseal.errors import UsageError
 from modelseal.format.bundle import SealedBundle
-from modelseal.recipients.parse import IdentitySpec
+from modelseal.load.artifacts import open_artifact
+from modelseal.recipients.registry import IdentitySpec
 
 
 def open_bundle(
@@ -59,8 +59,8 @@ def read_all(
 
     The caller owns the buffers and should wipe them (``modelseal.crypto.keys.wipe``) when done.
     """
-    from modelseal.artifacts import resolve_identity
     from modelseal.format import directory
+    from modelseal.load.artifacts import resolve_identity
 
     path = Path(path)
     ident = resolve_identity(identity)

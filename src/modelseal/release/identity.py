@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from modelseal.agent.wire import ask
 from modelseal.errors import FormatError, KeyReleaseError
 from modelseal.recipients.base import Stanza
+from modelseal.release.wire import ask
 
 
 class AgentIdentity:

@@ -156,7 +156,7 @@ def _safetensors_bytes(src: Path) -> Iterator[mmap.mmap | bytes | bytearray]:
     """The plaintext safetensors bytes of ``src``: the file mapped read-only, or a checkpoint converted
     in memory (wiped afterwards)."""
     if src.name.lower().endswith(CHECKPOINT_SUFFIXES):
-        from modelseal.convert import checkpoint_to_safetensors
+        from modelseal.sealing.convert import checkpoint_to_safetensors
 
         data = bytearray(checkpoint_to_safetensors(src))
         try:

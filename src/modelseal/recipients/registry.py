@@ -17,9 +17,10 @@ from typing import Union
 
 from modelseal.errors import KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text, shown_value
-from modelseal.recipients import hpke, keyserver, symmetric  # noqa: F401  (keyserver registers its scheme)
+from modelseal.recipients import hpke, symmetric
 from modelseal.recipients.base import Identity, IdentitySet, Recipient, known_schemes, scheme
 from modelseal.recipients.passphrase import Passphrase
+from modelseal.release import recipient as _keyserver_recipient  # noqa: F401  (registers keyserver:)
 
 IdentitySpec = Union[Identity, str, os.PathLike, Sequence[Union[Identity, str, os.PathLike]]]  # type: ignore[type-arg]
 
@@ -100,7 +101,7 @@ def _from_string(text: str, origin: str | None) -> list[Identity]:
     if text.startswith("passphrase-env:"):
         return [Passphrase.from_env(text[len("passphrase-env:") :])]
     if text.startswith("agent:"):
-        from modelseal.agent.identity import AgentIdentity
+        from modelseal.release.identity import AgentIdentity
 
         return [AgentIdentity(text[len("agent:") :])]
     shown = origin or f"identity file {shown_value(text)}"

@@ -1,0 +1,1 @@
+"""Owner-side work on sealed files: seal (writer), convert, inspect/verify/rekey (operations)."""
