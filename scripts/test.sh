@@ -21,5 +21,6 @@ fi
 export ORT_DISABLE_TELEMETRY=1
 echo "== ruff";  .venv/bin/ruff check src tests bench
 echo "== mypy";  .venv/bin/mypy
+echo "== import-linter"; .venv/bin/lint-imports
 echo "== pytest"
 .venv/bin/python -m pytest -n 2 -q "$@"
