@@ -1,4 +1,4 @@
-"""``modelseal keyserver ...`` and ``modelseal pki ...``: run the key service and administer it.
+"""``modelseal keyserver ...``: run the key service and administer it.
 
 Admin commands talk to the running service's admin API: ``--url`` (or ``$MODELSEAL_KEYSERVER_URL``),
 ``--ca`` (or ``$MODELSEAL_KEYSERVER_CA``) and a token in ``$MODELSEAL_ADMIN_TOKEN`` or
@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import sys
 from typing import Any
 
 import click
 
 from modelseal import pki
+from modelseal.cli import logs
 from modelseal.cli.kit import emit, fail_closed, json_option
+from modelseal.cli.pki import pki_group  # noqa: F401  (re-exported until cli/main.py imports it from cli.pki)
 from modelseal.errors import UsageError
 from modelseal.jsonlimits import loads_bounded
 
 URL_ENV = "MODELSEAL_KEYSERVER_URL"
-
-
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
 
 
 def _admin(ctx: click.Context) -> Any:
@@ -46,82 +41,6 @@ def _time(value: str | None) -> int | None:
     except ValueError:
         raise UsageError(f"{value!r} is not an ISO 8601 time (e.g. 2027-01-31T00:00:00Z)") from None
     return int((parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp())
-
-
-# --- pki -----------------------------------------------------------------------------------------------
-
-
-@click.group()
-def pki_group() -> None:
-    """A small CA for a first deployment: key-service server and host client certificates."""
-
-
-@pki_group.command("init")
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--name", default="modelseal CA", show_default=True, help="CA common name.")
-@click.option("--force", is_flag=True, help="Overwrite an existing CA key.")
-@json_option
-@fail_closed
-def pki_init(directory: str, name: str, force: bool, as_json: bool) -> None:
-    """Create ca.pem and ca.key (0600) in DIRECTORY."""
-    cert = pki.init_ca(directory, name, force=force)
-    emit(as_json, {"ca": str(cert)}, [f"CA certificate: {cert} (keep {pki.CA_KEY} offline)"])
-
-
-@pki_group.command("issue")
-@click.argument("directory", type=click.Path(file_okay=False, exists=True))
-@click.argument("name")
-@click.option("--server-name", "server_names", multiple=True, help="DNS name or IP: makes a server certificate.")
-@click.option(
-    "--uri",
-    "uris",
-    multiple=True,
-    help="URI SAN for a host certificate, e.g. spiffe://example.org/host/a (canonical: no spki:, dot or "
-    "empty segments, %-escapes, query or fragment).",
-)
-@click.option("--days", default=825, show_default=True, help="Validity in days.")
-@click.option("--force", is_flag=True, help="Overwrite existing files.")
-@json_option
-@fail_closed
-def pki_issue(
-    directory: str,
-    name: str,
-    server_names: tuple[str, ...],
-    uris: tuple[str, ...],
-    days: int,
-    force: bool,
-    as_json: bool,
-) -> None:
-    """Issue NAME.pem / NAME.key signed by the CA in DIRECTORY; print the identity a grant names."""
-    cert, key = pki.issue(directory, name, server_names=list(server_names), uris=list(uris), days=days, force=force)
-    ident = pki.identity_of_cert_file(cert)
-    emit(
-        as_json,
-        {"cert": str(cert), "key": str(key), "identity": ident.spki, "uris": list(ident.uris)},
-        [
-            f"certificate: {cert}",
-            f"key:         {key}",
-            f"identity:    {ident.spki}",
-            *(f"uri:         {u}" for u in ident.uris),
-        ],
-    )
-
-
-@pki_group.command("identity")
-@click.argument("cert", type=click.Path(dir_okay=False, exists=True))
-@json_option
-@fail_closed
-def pki_identity(cert: str, as_json: bool) -> None:
-    """Print the identities a grant can name for the host holding CERT."""
-    ident = pki.identity_of_cert_file(cert)
-    emit(
-        as_json,
-        {"identity": ident.spki, "uris": list(ident.uris), "refused_uris": list(ident.refused_uris)},
-        [
-            *ident.names(),
-            *(f"refused: {why} (the key service serves this certificate nothing)" for why in ident.refused_uris),
-        ],
-    )
 
 
 # --- keyserver: local ------------------------------------------------------------------------------------
@@ -200,7 +119,7 @@ def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
     from modelseal.keyserver.config import KeyServerConfig
     from modelseal.keyserver.server import run
 
-    _logging(verbose)
+    logs.configure(verbose)
     run(KeyServerConfig.load(config_path), migrate=not no_migrate)
 
 

@@ -1,0 +1,86 @@
+"""``modelseal pki ...``: a small CA for a first deployment.
+
+It issues the key service's server certificate and the hosts' client certificates, and prints the identity
+a grant names. It is the owner's tool, beside the key service rather than inside its command group: the
+same certificates serve ``modelseal serve --tls-cert`` and the client applications.
+"""
+
+from __future__ import annotations
+
+import click
+
+from modelseal import pki
+from modelseal.cli.kit import emit, fail_closed, json_option
+
+
+@click.group()
+def pki_group() -> None:
+    """A small CA for a first deployment: key-service server and host client certificates."""
+
+
+@pki_group.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="modelseal CA", show_default=True, help="CA common name.")
+@click.option("--force", is_flag=True, help="Overwrite an existing CA key.")
+@json_option
+@fail_closed
+def pki_init(directory: str, name: str, force: bool, as_json: bool) -> None:
+    """Create ca.pem and ca.key (0600) in DIRECTORY."""
+    cert = pki.init_ca(directory, name, force=force)
+    emit(as_json, {"ca": str(cert)}, [f"CA certificate: {cert} (keep {pki.CA_KEY} offline)"])
+
+
+@pki_group.command("issue")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.argument("name")
+@click.option("--server-name", "server_names", multiple=True, help="DNS name or IP: makes a server certificate.")
+@click.option(
+    "--uri",
+    "uris",
+    multiple=True,
+    help="URI SAN for a host certificate, e.g. spiffe://example.org/host/a (canonical: no spki:, dot or "
+    "empty segments, %-escapes, query or fragment).",
+)
+@click.option("--days", default=825, show_default=True, help="Validity in days.")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@json_option
+@fail_closed
+def pki_issue(
+    directory: str,
+    name: str,
+    server_names: tuple[str, ...],
+    uris: tuple[str, ...],
+    days: int,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Issue NAME.pem / NAME.key signed by the CA in DIRECTORY; print the identity a grant names."""
+    cert, key = pki.issue(directory, name, server_names=list(server_names), uris=list(uris), days=days, force=force)
+    ident = pki.identity_of_cert_file(cert)
+    emit(
+        as_json,
+        {"cert": str(cert), "key": str(key), "identity": ident.spki, "uris": list(ident.uris)},
+        [
+            f"certificate: {cert}",
+            f"key:         {key}",
+            f"identity:    {ident.spki}",
+            *(f"uri:         {u}" for u in ident.uris),
+        ],
+    )
+
+
+@pki_group.command("identity")
+@click.argument("cert", type=click.Path(dir_okay=False, exists=True))
+@json_option
+@fail_closed
+def pki_identity(cert: str, as_json: bool) -> None:
+    """Print the identities a grant can name for the host holding CERT."""
+    ident = pki.identity_of_cert_file(cert)
+    emit(
+        as_json,
+        {"identity": ident.spki, "uris": list(ident.uris), "refused_uris": list(ident.refused_uris)},
+        [
+            *ident.names(),
+            *(f"refused: {why} (the key service serves this certificate nothing)" for why in ident.refused_uris),
+        ],
+    )
