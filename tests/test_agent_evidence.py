@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelseal.attest import EvidenceError
-from modelseal.attest.collectors import SNP_CERT_GUIDS, GramineCollector, TsmCollector, build_collectors, snp_cert_table
+from modelseal.attest import EvidenceError, collectors_from_config
+from modelseal.attest.sgx import GramineCollector
+from modelseal.attest.snp import SNP_CERT_GUIDS, SnpCollector, snp_cert_table
 from modelseal.errors import UsageError
 
 SNP = Path(__file__).parent / "data" / "attestation" / "snp"
@@ -33,18 +34,18 @@ SNP = Path(__file__).parent / "data" / "attestation" / "snp"
 )
 def test_bad_evidence_configuration_fails_at_start(kinds: list[str], settings: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(UsageError, match=message):
-        build_collectors(kinds, settings)
+        collectors_from_config(kinds, settings)
 
 
 def test_none_and_mtls_present_only_the_tls_identity() -> None:
-    collectors = build_collectors(["none"], {})
+    collectors = collectors_from_config(["none"], {})
     assert set(collectors) == {"mtls"}
     assert collectors["mtls"](bytes(32), bytes(32)) == {"kind": "mtls"}
 
 
 def test_missing_tee_interfaces_are_named(tmp_path: Path) -> None:
     with pytest.raises(EvidenceError, match="not a confidential VM with configfs-tsm"):
-        TsmCollector("sev-snp", {"path": str(tmp_path / "tsm")})(bytes(32), b"")
+        SnpCollector({"path": str(tmp_path / "tsm")})(bytes(32), b"")
     with pytest.raises(EvidenceError, match="inside a Gramine SGX enclave"):
         GramineCollector({"path": str(tmp_path / "attestation"), "pccs_url": "https://pccs.invalid"})(bytes(32), b"")
 

@@ -22,7 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelseal.attest import EvidenceError, VerificationContext, get_verifier
-from modelseal.attest import verifiers as _verifiers  # noqa: F401
 from modelseal.attest.base import expected_report_data, unmet
 from modelseal.attest.snp import OID_HWID, OID_SPL, SnpVerifier
 from modelseal.encoding import b64d, b64e

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from modelseal.attest import EvidenceError, VerificationContext, get_verifier
 from modelseal.attest import tpm_structs as ts
-from modelseal.attest import verifiers as _verifiers  # noqa: F401
-from modelseal.attest.tpm_tools import TpmCollector, enroll
+from modelseal.attest.tpm import TpmCollector
+from modelseal.attest.tpm_tools import enroll
 from modelseal.encoding import b64d, b64e
 
 from .services import SoftwareTpm

@@ -53,20 +53,18 @@ from typing import Any
 from modelseal.agent.daemon import Acl
 from modelseal.agent.listener import Limits
 from modelseal.agent.release import ReleaseClient
-from modelseal.attest.collectors import build_collectors
+from modelseal.attest import collectors_from_config
+from modelseal.attest.registry import agent_tables
 from modelseal.errors import UsageError
 
 REQUIRED = ("keyserver", "ca", "cert", "key", "socket")
-OPTIONAL = (
+AGENT_OPTIONAL = (
     "socket_mode", "lease_public_key", "evidence", "prefetch", "max_grace_s", "retry_s", "admin_user",
-    "acl", "limits", "tpm", "tsm", "sgx",
+    "acl", "limits",
 )  # fmt: skip
-TABLES = {  # the keys each table may hold; None: any key ([acl] is keyed by model name)
-    "acl": None,
+AGENT_TABLES: dict[str, tuple[str, ...] | None] = {  # the keys each table may hold; None: any key
+    "acl": None,  # keyed by model name
     "limits": ("max_connections", "max_connections_per_uid", "reserved_connections", "request_timeout_s"),
-    "tpm": ("tcti", "ak_handle", "pcrs"),
-    "tsm": ("path", "pccs_url", "vcek", "cert_chain"),
-    "sgx": ("path", "pccs_url"),
 }
 LEASE_KEY_COMMAND = "modelseal keyserver lease-key"
 
@@ -107,9 +105,10 @@ class AgentConfig:
 
     @classmethod
     def _from_table(cls, path: Path, data: dict[str, Any]) -> AgentConfig:
-        _check_keys(data)
+        evidence_tables = _evidence_tables()
+        _check_keys(data, evidence_tables)
         base = path.parent
-        tables = {name: data.get(name, {}) for name in TABLES}
+        tables = {name: data.get(name, {}) for name in AGENT_TABLES}
         rules = {model: [_uid(u) for u in _list(f"acl.{model}", users)] for model, users in tables["acl"].items()}
         admin, pinned = data.get("admin_user"), "lease_public_key" in data
         return cls(
@@ -126,7 +125,7 @@ class AgentConfig:
             retry_s=float(data.get("retry_s", 5)),
             acl=Acl(rules) if rules else Acl(),
             limits=_limits(tables["limits"], None if admin is None else _uid(admin)),
-            evidence_settings={k: dict(data[k]) for k in ("tpm", "tsm", "sgx") if k in data},
+            evidence_settings={k: dict(data[k]) for k in evidence_tables if k in data},
             path=path,
         )
 
@@ -147,19 +146,32 @@ class AgentConfig:
             key=str(self.key),
             service_key=self.lease_public_key,
             evidence=self.evidence,
-            collectors=build_collectors(self.evidence, self.evidence_settings),
+            collectors=collectors_from_config(self.evidence, self.evidence_settings),
         )
 
 
-def _check_keys(data: dict[str, Any]) -> None:
+def _evidence_tables() -> dict[str, tuple[str, ...]]:
+    """The tables the attestation kinds' collectors read (``[tpm]``, ``[tsm]``, ``[sgx]``, and any a kind
+    from another package brings), each with the keys it may hold."""
+    tables = agent_tables()
+    for name in tables:
+        if name in REQUIRED or name in AGENT_OPTIONAL:
+            raise UsageError(f"an attestation kind claims the agent config table [{name}], which the agent uses itself")
+    return tables
+
+
+def _check_keys(data: dict[str, Any], evidence_tables: dict[str, tuple[str, ...]] | None = None) -> None:
     """Unknown and missing keys are errors naming the key and the file."""
+    if evidence_tables is None:
+        evidence_tables = _evidence_tables()
+    optional = AGENT_OPTIONAL + tuple(evidence_tables)
     for name in data:
-        if name not in REQUIRED and name not in OPTIONAL:
-            raise UsageError(f"unknown key {name!r} (known: {', '.join(REQUIRED + OPTIONAL)})")
+        if name not in REQUIRED and name not in optional:
+            raise UsageError(f"unknown key {name!r} (known: {', '.join(REQUIRED + optional)})")
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}")
-    for table, known in TABLES.items():
+    for table, known in {**AGENT_TABLES, **evidence_tables}.items():
         value = data.get(table, {})
         if not isinstance(value, dict):
             raise UsageError(f"{table} must be a table ([{table}])")

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from modelseal.attest.base import EvidenceError
-from modelseal.attest.collectors import Collector, build_collectors, collect
+from modelseal.attest import Collector, EvidenceError, collectors_from_config
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ServiceError
 from modelseal.pki import client_context, identity_of_cert_file
 from modelseal.release.client import decode, require_httpx
 from modelseal.release.protocol import EphemeralKey, Lease, binding, load_service_public_key
+
+
+def collect(
+    collectors: Mapping[str, Collector], kinds: list[str], binding: bytes, nonce: bytes
+) -> list[dict[str, Any]]:
+    """Evidence of every requested kind this host can produce (the service refuses what is missing)."""
+    return [collectors[k](binding, nonce) for k in dict.fromkeys(kinds) if k in collectors]
 
 
 class ReleaseClient:
@@ -25,7 +32,7 @@ class ReleaseClient:
         key: str,
         service_key: str | None = None,
         evidence: list[str] | None = None,
-        collectors: dict[str, Collector] | None = None,
+        collectors: Mapping[str, Collector] | None = None,
         timeout: float = 10,
     ) -> None:
         httpx = require_httpx()
@@ -35,7 +42,7 @@ class ReleaseClient:
         self._errors = httpx.HTTPError
         self._service_key = load_service_public_key(service_key) if service_key else None
         self.evidence = evidence or ["mtls"]
-        self.collectors = collectors if collectors is not None else build_collectors(self.evidence, {})
+        self.collectors = collectors if collectors is not None else collectors_from_config(self.evidence, {})
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         try:

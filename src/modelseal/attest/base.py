@@ -5,11 +5,18 @@ A verifier checks one kind of evidence (``mtls``, ``tpm``, ``sgx``, ``tdx``, ``s
 failed. Evidence must carry the exchange's binding (see :mod:`modelseal.release.protocol`) in its
 report data; the verifier says whether it does (``report_data_bound``), so evidence replayed from another
 exchange is refused. A grant's requirements are matched against the claims by :func:`unmet`.
+
+The host-side half of a kind is its *collector*: given the exchange's binding, it produces the evidence
+document that kind's verifier reads. A kind's verifier and collector live side by side in one module
+(``attest/<kind>.py``) that defines one :class:`AttestationKind`; :mod:`modelseal.attest.registry` knows the
+kinds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from modelseal.encoding import b64d
@@ -73,19 +80,48 @@ class Verifier(Protocol):
         ...
 
 
-_VERIFIERS: dict[str, Verifier] = {}
+Collector = Callable[[bytes, bytes], dict[str, Any]]
+"""The host side of a kind: ``(binding, nonce) -> evidence document`` (blocking; the agent runs it in a thread)."""
+
+
+@dataclass(frozen=True)
+class AttestationKind:
+    """One kind of evidence, what the key service and the host agent each need of it.
+
+    ``verifier(settings, base)`` builds the key service's verifier from the keys of ``[attestation]`` (in
+    ``keyserver.toml``) named in ``settings`` (relative paths resolve against ``base``);
+    ``collector(table)`` builds the agent's collector from its config table ``agent_table``, whose keys
+    this kind reads are ``agent_keys``. Both raise :class:`~modelseal.errors.UsageError` for bad settings,
+    so a misconfigured service or agent fails at start-up, not at the first release.
+    """
+
+    name: str
+    verifier: Callable[[Mapping[str, Any], Path | None], Verifier]
+    collector: Callable[[Mapping[str, Any]], Collector]
+    settings: tuple[str, ...] = ()
+    agent_table: str | None = None
+    agent_keys: tuple[str, ...] = ()
 
 
 def register_verifier(verifier: Verifier) -> None:
-    _VERIFIERS[verifier.kind] = verifier
+    """Legacy (until the key service takes a ``verifiers`` mapping): see :mod:`modelseal.attest.registry`."""
+    from modelseal.attest import registry
+
+    registry.legacy_override(verifier)
 
 
 def get_verifier(kind: str) -> Verifier | None:
-    return _VERIFIERS.get(kind)
+    """Legacy import path of :func:`modelseal.attest.registry.get_verifier`."""
+    from modelseal.attest import registry
+
+    return registry.get_verifier(kind)
 
 
 def known_kinds() -> list[str]:
-    return sorted(_VERIFIERS)
+    """Legacy import path of :func:`modelseal.attest.registry.known_kinds`."""
+    from modelseal.attest import registry
+
+    return registry.known_kinds()
 
 
 # --- helpers the verifiers share -----------------------------------------------------------------

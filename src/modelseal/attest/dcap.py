@@ -16,13 +16,20 @@ What it proves: the report (measurements, attributes, report data) comes from a 
 reported TCB level, and, with the binding in report data, that it was made for this exchange. What it does
 not prove: that the measured code is the code you meant (pin ``mr_enclave``/``mr_signer`` or ``mr_td`` and
 the RTMRs in the grant), or anything about TCB recovery after the collateral was issued.
+
+This module is the DCAP part the ``sgx`` and ``tdx`` kinds (:mod:`modelseal.attest.sgx`,
+:mod:`modelseal.attest.tdx`) share: the verifier, its ``dcap_root_ca`` setting, and the host's fetch of
+collateral from a PCCS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import struct
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -35,8 +42,8 @@ from modelseal.attest.base import (
     bind_report_data,
     evidence_bytes,
     normalise_requirement,
-    register_verifier,
 )
+from modelseal.errors import UsageError
 
 SGX_DEBUG = 0x02  # ATTRIBUTES.DEBUG, bit 1 of the first byte
 TDX_DEBUG = 0x01  # TDATTRIBUTES.DEBUG, bit 0 of the first byte
@@ -172,5 +179,26 @@ class DcapVerifier:
         return normalise_requirement(requirement, tcb_status=["UpToDate"])
 
 
-register_verifier(DcapVerifier("sgx"))
-register_verifier(DcapVerifier("tdx"))
+def root_ca(settings: Mapping[str, Any], base: Path | None) -> bytes | None:
+    """``[attestation] dcap_root_ca``: the DER of an Intel root CA to pin instead of dcap-qvl's, or None."""
+    root = settings.get("dcap_root_ca")
+    if root is None:
+        return None
+    path = (base or Path()) / str(root)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"[attestation] dcap_root_ca: cannot read {path}: {exc.strerror}") from None
+
+
+def pccs_collateral(pccs_url: str, quote: bytes) -> dict[str, Any]:
+    """Collateral for a DCAP quote from a PCCS, on the host (Intel-signed, so the service can check it)."""
+    try:
+        import dcap_qvl
+    except ImportError:
+        raise EvidenceError("collecting SGX/TDX evidence needs dcap-qvl: pip install 'modelseal[agent]'") from None
+    try:
+        collateral = asyncio.run(dcap_qvl.get_collateral(pccs_url, quote))
+    except (ValueError, RuntimeError) as exc:
+        raise EvidenceError(f"cannot fetch DCAP collateral from {pccs_url}: {exc}") from None
+    return dict(json.loads(collateral.to_json()))

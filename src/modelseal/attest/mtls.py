@@ -5,13 +5,24 @@ require TEE or TPM evidence as well. The TLS channel carries the nonce and the e
 binding holds by construction. A certificate whose URI SANs cannot be identities (``spki:...``, dot
 segments: :func:`modelseal.pki.identity_uri`) proves nothing: the key service refuses it before any
 grant is looked at, and this verifier refuses it again.
+
+The host collects nothing: its evidence document only names the kind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from modelseal.attest.base import Claims, EvidenceError, VerificationContext, normalise_requirement, register_verifier
+from modelseal.attest.base import (
+    AttestationKind,
+    Claims,
+    Collector,
+    EvidenceError,
+    VerificationContext,
+    normalise_requirement,
+)
 
 
 class MtlsVerifier:
@@ -33,4 +44,17 @@ class MtlsVerifier:
         return normalise_requirement(requirement)
 
 
-register_verifier(MtlsVerifier())
+def collect_mtls(binding: bytes, nonce: bytes) -> dict[str, Any]:
+    """The TLS channel carries the proof, so the document is empty but for its kind."""
+    return {"kind": "mtls"}
+
+
+def _verifier(settings: Mapping[str, Any], base: Path | None) -> MtlsVerifier:
+    return MtlsVerifier()
+
+
+def _collector(table: Mapping[str, Any]) -> Collector:
+    return collect_mtls
+
+
+KIND = AttestationKind("mtls", verifier=_verifier, collector=_collector)

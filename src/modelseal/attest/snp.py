@@ -13,13 +13,21 @@ What it proves: the report (launch measurement, policy, host data, TCB) comes fr
 processor, and with the binding in report data, for this exchange. What it does not prove: that the
 launch measurement is the image you meant (pin ``measurement`` in the grant), or that the ASK has not been
 revoked (AMD's CRL is not checked here, see docs/attestation.md). VLEK-signed reports are not supported.
+
+Key service, ``[attestation]``: ``snp_ark_sha256 = {"<sha256 of an ARK's DER>" = "Genoa"}`` trusts more AMD
+roots besides Milan's. On the host, :class:`SnpCollector` gets the report from configfs-tsm and the
+certificates from the report's auxiliary blob (the GHCB certificate table) or, agent ``[tsm]``, from the
+files ``vcek`` and ``cert_chain``.
 """
 
 from __future__ import annotations
 
 import struct
+import uuid
 import warnings
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -29,14 +37,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from modelseal.attest.base import (
+    AttestationKind,
     Claims,
     EvidenceError,
     VerificationContext,
     bind_report_data,
     evidence_bytes,
     normalise_requirement,
-    register_verifier,
 )
+from modelseal.attest.tsm import TSM_REPORTS, tsm_report
+from modelseal.encoding import b64e
+from modelseal.errors import UsageError
 
 REPORT_SIZE = 0x4A0
 SIGNED_SIZE = 0x2A0
@@ -240,4 +251,78 @@ class SnpVerifier:
         return normalise_requirement(requirement)
 
 
-register_verifier(SnpVerifier())
+def _verifier(settings: Mapping[str, Any], base: Path | None) -> SnpVerifier:
+    arks = settings.get("snp_ark_sha256", {})
+    if not isinstance(arks, dict) or not all(isinstance(v, str) for v in arks.values()):
+        raise UsageError("[attestation] snp_ark_sha256 must map SHA-256 fingerprints to product names")
+    return SnpVerifier({k.lower().replace(":", ""): v for k, v in arks.items()})
+
+
+# --- the host side -------------------------------------------------------------------------------------
+
+# GUIDs of the SEV-SNP extended-report certificate table (GHCB spec), compared in both byte orders.
+SNP_CERT_GUIDS = {
+    "vcek": "63da758d-e664-4564-adc5-f4b93be8accd",
+    "ask": "4ab7b379-bbac-4fe4-a02f-05aef327c782",
+    "ark": "c0b406a4-a803-4952-9743-3fb6014cd0ae",
+}
+
+
+def snp_cert_table(table: bytes) -> dict[str, bytes]:
+    """Split an SNP certificate table (GUID, offset, length entries, zero-terminated) into DER certs."""
+    names = {}
+    for name, text in SNP_CERT_GUIDS.items():
+        u = uuid.UUID(text)
+        names[u.bytes] = names[u.bytes_le] = name
+    certs: dict[str, bytes] = {}
+    for pos in range(0, len(table) - 23, 24):
+        guid = table[pos : pos + 16]
+        if guid == bytes(16):
+            return certs
+        offset = int.from_bytes(table[pos + 16 : pos + 20], "little")
+        length = int.from_bytes(table[pos + 20 : pos + 24], "little")
+        if offset + length > len(table):
+            raise EvidenceError("the SEV-SNP certificate table points past its end")
+        if guid in names:
+            certs[names[guid]] = table[offset : offset + length]
+    raise EvidenceError("the SEV-SNP certificate table has no terminating entry")
+
+
+def _read_setting_file(settings: Mapping[str, Any], name: str) -> bytes:
+    path = settings.get(name)
+    if not path:
+        raise EvidenceError(f"the host gave no {name.upper()} certificate; set [tsm] {name} to its file")
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise EvidenceError(f"[tsm] {name}: cannot read {path}: {exc.strerror}") from None
+
+
+class SnpCollector:
+    """An SEV-SNP report from configfs-tsm with the binding as report data, and its VCEK, ASK and ARK."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = dict(settings)
+        self.root = Path(settings.get("path", TSM_REPORTS))
+
+    def __call__(self, binding: bytes, nonce: bytes) -> dict[str, Any]:
+        report, aux = tsm_report(self.root, "sev_guest", binding)
+        certs = snp_cert_table(aux) if aux else {}
+        vcek = certs.get("vcek") or _read_setting_file(self.settings, "vcek")
+        chain = _read_setting_file(self.settings, "cert_chain") if "cert_chain" in self.settings else None
+        if chain is None:
+            if not ("ask" in certs and "ark" in certs):
+                raise EvidenceError("the host gave no ASK/ARK certificates; set [tsm] cert_chain to AMD's PEM chain")
+            ders = (certs["ask"], certs["ark"])
+            chain = b"".join(x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM) for d in ders)
+        return {"kind": "sev-snp", "report": b64e(report), "vcek": b64e(vcek), "cert_chain": chain.decode()}
+
+
+KIND = AttestationKind(
+    "sev-snp",
+    verifier=_verifier,
+    collector=SnpCollector,
+    settings=("snp_ark_sha256",),
+    agent_table="tsm",
+    agent_keys=("path", "vcek", "cert_chain"),
+)

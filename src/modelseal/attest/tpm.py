@@ -10,25 +10,34 @@ What it proves: the quote was produced by the TPM holding the AK whose *name* th
 PCR values are the ones the TPM had (their digest matches the signed one). A grant then pins PCR values
 (``measurements["pcr.sha256.16"]``). What it does not prove: that the AK belongs to a genuine TPM chip
 (the owner enrols the AK, see docs/attestation.md), or anything the PCRs do not measure.
+
+On the host, :class:`TpmCollector` quotes through ``tpm2-tools`` (:mod:`modelseal.attest.tpm_tools`), with
+the agent's ``[tpm]`` table: ``tcti`` (required), ``ak_handle``, ``pcrs``.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from modelseal.attest import tpm_structs as ts
+from modelseal.attest import tpm_tools
 from modelseal.attest.base import (
+    AttestationKind,
     Claims,
     EvidenceError,
     VerificationContext,
     evidence_bytes,
     normalise_requirement,
-    register_verifier,
 )
+from modelseal.attest.tpm_tools import DEFAULT_HANDLE, DEFAULT_PCRS
+from modelseal.encoding import b64e
+from modelseal.errors import UsageError
 
 
 def pcr_values(evidence: dict[str, Any], quote: ts.Quote) -> tuple[dict[str, str], bytes]:
@@ -108,4 +117,42 @@ class TpmVerifier:
         return normalised
 
 
-register_verifier(TpmVerifier())
+class TpmCollector:
+    """A TPM 2.0 quote over ``pcrs`` (tpm2-tools syntax, e.g. ``sha256:0,7,16``) with the binding as nonce."""
+
+    def __init__(self, tcti: str, ak_handle: str = DEFAULT_HANDLE, pcrs: str = DEFAULT_PCRS) -> None:
+        self.tcti, self.ak_handle, self.pcrs = tcti, ak_handle, pcrs
+        self._ak_public: bytes | None = None
+
+    def __call__(self, binding: bytes, nonce: bytes) -> dict[str, Any]:
+        if self._ak_public is None:  # read once: restart the agent after re-enrolling with --replace
+            self._ak_public = tpm_tools.read_ak_public(self.tcti, self.ak_handle)
+        attest, signature, pcrs = tpm_tools.quote(self.tcti, self.ak_handle, self.pcrs, binding)
+        return {
+            "kind": "tpm",
+            "ak_public": b64e(self._ak_public),
+            "quote": b64e(attest),
+            "signature": b64e(signature),
+            "pcrs": pcrs,
+        }
+
+
+def _verifier(settings: Mapping[str, Any], base: Path | None) -> TpmVerifier:
+    return TpmVerifier()
+
+
+def _collector(table: Mapping[str, Any]) -> TpmCollector:
+    if "tcti" not in table:
+        raise UsageError('evidence "tpm" needs [tpm] tcti (e.g. "device:/dev/tpmrm0")')
+    return TpmCollector(
+        str(table["tcti"]), str(table.get("ak_handle", DEFAULT_HANDLE)), str(table.get("pcrs", DEFAULT_PCRS))
+    )
+
+
+KIND = AttestationKind(
+    "tpm",
+    verifier=_verifier,
+    collector=_collector,
+    agent_table="tpm",
+    agent_keys=("tcti", "ak_handle", "pcrs"),
+)

@@ -3,6 +3,8 @@
 The TCTI picks the TPM: ``device:/dev/tpmrm0`` (the kernel resource manager) on a real host, or
 ``swtpm:host=127.0.0.1,port=2321`` for a software TPM. swtpm has no resource manager, so every step that
 loads a transient object flushes it again (the TPM has only three slots).
+
+The ``tpm`` kind's collector (:class:`modelseal.attest.tpm.TpmCollector`) quotes through this driver.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Any
 
 from modelseal.attest import tpm_structs
 from modelseal.attest.base import EvidenceError
-from modelseal.encoding import b64d, b64e
 
 DEFAULT_HANDLE = "0x81010002"
 DEFAULT_PCRS = "sha256:0,1,2,3,4,5,6,7"
@@ -34,54 +35,50 @@ def run_tool(args: list[str], env: dict[str, str], what: str) -> None:
         raise EvidenceError(f"{what} timed out after 30 s") from None
 
 
-class TpmCollector:
-    """A TPM 2.0 quote over ``pcrs`` (tpm2-tools syntax, e.g. ``sha256:0,7,16``) with the binding as nonce."""
+def tcti_env(tcti: str) -> dict[str, str]:
+    return {**os.environ, "TPM2TOOLS_TCTI": tcti}
 
-    def __init__(self, tcti: str, ak_handle: str = DEFAULT_HANDLE, pcrs: str = DEFAULT_PCRS) -> None:
-        self.tcti, self.ak_handle, self.pcrs = tcti, ak_handle, pcrs
-        self._ak_public: bytes | None = None
 
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
+def read_ak_public(tcti: str, handle: str) -> bytes:
+    """The TPM2B_PUBLIC of the attestation key persisted at ``handle``."""
+    with tempfile.TemporaryDirectory(prefix="modelseal-tpm-") as tmp:
+        path = Path(tmp) / "ak.pub"
+        run_tool(
+            ["tpm2_readpublic", "-c", handle, "-f", "tss", "-o", str(path)],
+            tcti_env(tcti),
+            f"reading the attestation key at {handle} (run `modelseal agent tpm-enroll` first)",
+        )
+        return path.read_bytes()
 
-    def ak_public(self, work: Path) -> bytes:
-        """The AK's TPM2B_PUBLIC, read once (restart the agent after re-enrolling with --replace)."""
-        if self._ak_public is None:
-            run_tool(
-                ["tpm2_readpublic", "-c", self.ak_handle, "-f", "tss", "-o", str(work / "ak.pub")],
-                self.env(),
-                f"reading the attestation key at {self.ak_handle} (run `modelseal agent tpm-enroll` first)",
-            )
-            self._ak_public = (work / "ak.pub").read_bytes()
-        return self._ak_public
 
-    def __call__(self, binding: bytes, nonce: bytes) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(prefix="modelseal-tpm-") as tmp:
-            work = Path(tmp)
-            ak = self.ak_public(work)
-            run_tool(
-                ["tpm2_quote", "-c", self.ak_handle, "-l", self.pcrs, "-q", binding.hex(), "-g", "sha256",
-                 "-m", str(work / "quote"), "-s", str(work / "sig"), "-o", str(work / "pcrs"), "-F", "values"],
-                self.env(),
-                "the TPM quote",
-            )  # fmt: skip
-            attest, signature, values = ((work / n).read_bytes() for n in ("quote", "sig", "pcrs"))
-        quote = tpm_structs.parse_quote(attest)
-        pcrs: dict[str, dict[str, str]] = {}
-        offset = 0
-        for bank, indices in quote.selection:
-            size = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}[bank]
-            for index in indices:
-                pcrs.setdefault(bank, {})[str(index)] = values[offset : offset + size].hex()
-                offset += size
-        return {"kind": "tpm", "ak_public": b64e(ak), "quote": b64e(attest), "signature": b64e(signature), "pcrs": pcrs}
+def quote(tcti: str, handle: str, pcrs: str, nonce: bytes) -> tuple[bytes, bytes, dict[str, dict[str, str]]]:
+    """A quote by the AK at ``handle`` over ``pcrs`` with ``nonce`` as extraData: the TPMS_ATTEST, the
+    TPMT_SIGNATURE, and the quoted PCR values (``{bank: {index: hex}}``)."""
+    with tempfile.TemporaryDirectory(prefix="modelseal-tpm-") as tmp:
+        work = Path(tmp)
+        run_tool(
+            ["tpm2_quote", "-c", handle, "-l", pcrs, "-q", nonce.hex(), "-g", "sha256",
+             "-m", str(work / "quote"), "-s", str(work / "sig"), "-o", str(work / "pcrs"), "-F", "values"],
+            tcti_env(tcti),
+            "the TPM quote",
+        )  # fmt: skip
+        attest, signature, values = ((work / n).read_bytes() for n in ("quote", "sig", "pcrs"))
+    selection = tpm_structs.parse_quote(attest).selection
+    banks: dict[str, dict[str, str]] = {}
+    offset = 0
+    for bank, indices in selection:
+        size = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}[bank]
+        for index in indices:
+            banks.setdefault(bank, {})[str(index)] = values[offset : offset + size].hex()
+            offset += size
+    return attest, signature, banks
 
 
 def enroll(tcti: str, handle: str = DEFAULT_HANDLE, pcrs: str = DEFAULT_PCRS, replace: bool = False) -> dict[str, Any]:
     """Create an ECC endorsement key and a restricted ECDSA P-256 attestation key under it, persist the AK at
     ``handle`` (an existing AK there is kept unless ``replace``), quote the PCRs once, and return what the
     owner pins in a grant: the AK's TPM name and the current PCR values, as a ready requirement."""
-    env = {**os.environ, "TPM2TOOLS_TCTI": tcti}
+    env = tcti_env(tcti)
     exists = subprocess.run(["tpm2_readpublic", "-c", handle], env=env, capture_output=True).returncode == 0
     if exists and replace:
         run_tool(["tpm2_evictcontrol", "-C", "o", "-c", handle], env, f"removing the old key at {handle}")
@@ -100,10 +97,10 @@ def enroll(tcti: str, handle: str = DEFAULT_HANDLE, pcrs: str = DEFAULT_PCRS, re
             ]  # fmt: skip
             for args, what in steps:
                 run_tool(args, env, what)
-    evidence = TpmCollector(tcti, handle, pcrs)(os.urandom(32), b"")
-    name = tpm_structs.parse_public(b64d(evidence["ak_public"])).name
+    name = tpm_structs.parse_public(read_ak_public(tcti, handle)).name
+    _, _, banks = quote(tcti, handle, pcrs, os.urandom(32))
     measurements = {"ak": name}
-    for bank, values in evidence["pcrs"].items():
+    for bank, values in banks.items():
         measurements.update({f"pcr.{bank}.{index}": value for index, value in values.items()})
     return {"handle": handle, "created": replace or not exists, "ak_name": name,
             "requirement": {"kind": "tpm", "measurements": measurements}}  # fmt: skip

@@ -91,9 +91,8 @@ def attest_verify(
     Exits 1, naming what failed, when the evidence is not genuine, not bound to --binding, or does not
     meet --require.
     """
-    from modelseal.attest import VerificationContext, get_verifier
-    from modelseal.attest import verifiers as _verifiers  # noqa: F401  (registers the built-in verifiers)
-    from modelseal.attest.base import EvidenceError, unmet
+    from modelseal.attest import EvidenceError, VerificationContext, get_verifier
+    from modelseal.attest.base import unmet
 
     doc = evidence_document(evidence, kind, {"collateral": collateral, "vcek": vcek, "cert_chain": cert_chain})
     verifier = get_verifier(str(doc.get("kind")))
@@ -129,6 +128,5 @@ def attest_verify(
 def attest_kinds(as_json: bool) -> None:
     """List the evidence kinds this installation can verify."""
     from modelseal.attest import known_kinds
-    from modelseal.attest import verifiers as _verifiers  # noqa: F401
 
     emit(as_json, known_kinds(), known_kinds())
