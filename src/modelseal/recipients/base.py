@@ -1,8 +1,11 @@
-"""The recipient and identity interfaces, and the registry of recipient-string schemes."""
+"""The recipient and identity interfaces: all the format knows about who can unwrap a data key.
+
+The strings and key files that name recipients and identities are mapped to them in
+:mod:`modelseal.recipients.registry`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from modelseal.errors import KeyReleaseError, NoMatchingIdentityError
@@ -23,6 +26,19 @@ class Recipient(Protocol):
 
     def describe(self) -> str:
         """A short public description, e.g. ``x25519:AbC...`` (never secret)."""
+        ...
+
+
+@runtime_checkable
+class MatchingRecipient(Recipient, Protocol):
+    """A recipient that recognises its own stanzas in a header without any secret.
+
+    Optional: rekey needs it to find the stanzas a removed recipient wrote and to skip adding a
+    recipient that is already there. Recipients whose stanzas name no public key (``keyserver``) omit it.
+    """
+
+    def matches(self, stanza: Stanza) -> bool:
+        """Whether ``stanza`` was written by this recipient (same type and key id)."""
         ...
 
 
@@ -77,19 +93,3 @@ class IdentitySet:
 def members(identity: Identity) -> list[Identity]:
     """The identities to try one by one: the members of a set, or ``identity`` itself."""
     return list(identity.members) if isinstance(identity, IdentitySet) else [identity]
-
-
-_SCHEMES: dict[str, Callable[[str], Recipient]] = {}
-
-
-def register_scheme(prefix: str, factory: Callable[[str], Recipient]) -> None:
-    """Teach :func:`parse_recipient` a new ``prefix:...`` recipient string (e.g. ``keyserver``)."""
-    _SCHEMES[prefix] = factory
-
-
-def scheme(prefix: str) -> Callable[[str], Recipient] | None:
-    return _SCHEMES.get(prefix)
-
-
-def known_schemes() -> list[str]:
-    return sorted(_SCHEMES)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -21,7 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import AuthenticationError, FormatError, KeyFileError
 from modelseal.keyfile import write_secret
-from modelseal.recipients.base import Stanza, register_scheme
+from modelseal.recipients.base import Stanza
+
+if TYPE_CHECKING:
+    from modelseal.recipients.registry import Registry
 
 _RAW = (ser.Encoding.Raw, ser.PublicFormat.Raw)
 
@@ -133,9 +137,8 @@ class HpkeIdentity:
             ) from None
 
 
-def _scheme(kem: _Kem) -> Callable[[str], HpkeRecipient]:
-    return lambda text: HpkeRecipient.parse(kem, text)
-
-
-for _k in KEMS.values():
-    register_scheme(_k.name, _scheme(_k))
+def register(registry: Registry) -> None:
+    """Per KEM: its public key as a recipient string (``x25519:B64``) and its identity-file label."""
+    for kem in KEMS.values():
+        registry.scheme(kem.name, partial(HpkeRecipient.parse, kem), public_key=True)
+        registry.label(kem.label, partial(HpkeIdentity, kem))

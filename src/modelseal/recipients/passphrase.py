@@ -7,6 +7,7 @@ file cannot make a host spend unbounded memory.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -15,6 +16,9 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, NoMatchingIdentityError, UsageError
 from modelseal.recipients.base import Stanza
+
+if TYPE_CHECKING:
+    from modelseal.recipients.registry import Registry
 
 DEFAULT_LOG_N = 17  # 128 MiB, ~0.3 s here
 MIN_LOG_N, MAX_LOG_N = 10, 22
@@ -66,3 +70,8 @@ class Passphrase:
             return bytearray(AESGCM(_kek(self._secret, salt, log_n)).decrypt(_ZERO_NONCE, ct, context))
         except InvalidTag:
             raise NoMatchingIdentityError("wrong passphrase (or the passphrase stanza was tampered with)") from None
+
+
+def register(registry: Registry) -> None:
+    """``passphrase-env:VAR`` as an identity (sealing to a passphrase takes a :class:`Passphrase` object)."""
+    registry.spec("passphrase-env", Passphrase.from_env)

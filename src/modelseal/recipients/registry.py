@@ -1,31 +1,178 @@
-"""Turn command-line strings and key files into recipients and identities.
+"""The one registry: recipient strings, identity specs and key-file labels, mapped to their kinds.
 
 Recipient strings: ``x25519:B64``, ``mlkem768x25519:B64``, ``symmetric:PATH``, any registered scheme
 (``keyserver:URL#MODEL``), or the path of a public-key or identity file.
 Identity specs: an :class:`Identity` object, a list of them, identity text itself (``MODELSEAL-IDENTITY-...``
 lines, as ``keygen`` writes them), a key-file path, ``env:VAR`` (the variable holds identity text),
 ``passphrase-env:VAR`` (the variable holds a passphrase), ``agent:SOCKET`` (keys released by the key
-service through the host agent). No error message repeats a value that may be a secret.
+service through the host agent), or any registered spec prefix. No error message repeats a value that
+may be a secret.
+
+A kind is added by one module with one registration function ``register(registry)`` that claims its
+recipient schemes, identity-spec prefixes and key-file labels. The built-in kinds (``hpke``,
+``symmetric``, ``passphrase``) are listed in :data:`BUILTIN`; every other kind, including the key
+service's ``keyserver:`` and ``agent:`` in :mod:`modelseal.release`, is found through the entry-point
+group :data:`ENTRY_POINT_GROUP`, so this package never imports the layers above it. The registry is
+filled once, on the first lookup; :func:`register_kind` adds a kind from code. A name is claimed
+once: a later kind cannot take over ``x25519:`` and receive the data keys sealed to it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Union
+from typing import TypeVar, Union
 
 from modelseal.errors import KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text, shown_value
-from modelseal.recipients import hpke, symmetric
-from modelseal.recipients.base import Identity, IdentitySet, Recipient, known_schemes, scheme
-from modelseal.recipients.passphrase import Passphrase
-from modelseal.release import recipient as _keyserver_recipient  # noqa: F401  (registers keyserver:)
+from modelseal.recipients import hpke, passphrase, symmetric
+from modelseal.recipients.base import Identity, IdentitySet, Recipient
 
 IdentitySpec = Union[Identity, str, os.PathLike, Sequence[Union[Identity, str, os.PathLike]]]  # type: ignore[type-arg]
 
-_LABELS = {k.label: k for k in hpke.KEMS.values()}
-_SECRET_LABELS = {*_LABELS, symmetric.LABEL}
+ENTRY_POINT_GROUP = "modelseal.recipients"
+"""Entry points in this group name a ``register(registry)`` function, like :data:`BUILTIN`'s."""
+
+RecipientFactory = Callable[[str], Recipient]
+SpecFactory = Callable[[str], Union[Identity, list[Identity]]]
+LabelLoader = Callable[[bytes], Identity]
+
+_T = TypeVar("_T")
+_PREFIX = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+_LABEL = re.compile(r"[A-Z0-9][A-Z0-9-]*")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A recipient-string scheme: ``PREFIX:REST`` is handed to ``factory(REST)``."""
+
+    factory: RecipientFactory
+    public_key: bool  # REST is the public key itself: the line may also stand in a key file
+
+
+@dataclass(frozen=True)
+class Label:
+    """A key-file label: a ``LABEL:BASE64`` line is handed to ``loader(raw)``."""
+
+    loader: LabelLoader
+    raw_size: int | None  # the key may also be a binary file of exactly this many raw bytes
+
+
+@dataclass
+class Registry:
+    """What the strings and key files of every registered kind mean."""
+
+    schemes: dict[str, Scheme] = field(default_factory=dict)
+    specs: dict[str, SpecFactory] = field(default_factory=dict)
+    labels: dict[str, Label] = field(default_factory=dict)
+    source: str = "modelseal"  # the kind being registered, named in a conflict
+
+    def scheme(self, prefix: str, factory: RecipientFactory, *, public_key: bool = False) -> None:
+        """Claim the recipient string ``PREFIX:...`` (``public_key``: ``PREFIX:KEY`` lines in key files too)."""
+        self._claim(self.schemes, "recipient scheme", prefix, _PREFIX, Scheme(factory, public_key))
+
+    def spec(self, prefix: str, factory: SpecFactory) -> None:
+        """Claim the identity spec ``PREFIX:...``; ``factory`` gets what follows the colon."""
+        self._claim(self.specs, "identity spec", prefix, _PREFIX, factory)
+
+    def label(self, label: str, loader: LabelLoader, *, raw_size: int | None = None) -> None:
+        """Claim the key-file line ``LABEL:BASE64``; ``loader`` gets the decoded key bytes."""
+        self._claim(self.labels, "key-file label", label, _LABEL, Label(loader, raw_size))
+
+    def _claim(self, table: dict[str, _T], what: str, name: str, pattern: re.Pattern[str], value: _T) -> None:
+        if not pattern.fullmatch(name):
+            raise UsageError(f"{self.source}: {name!r} is not a valid {what} name")
+        if name in table and table[name] != value:
+            raise UsageError(f"{self.source}: the {what} {name!r} is already registered (a name has one kind)")
+        table[name] = value
+
+
+def _register_env(registry: Registry) -> None:
+    """``env:VAR``: the variable holds identity text (the key itself, as ``keygen`` writes it)."""
+
+    def from_env(var: str) -> list[Identity]:
+        value = os.environ.get(var)
+        if not value:
+            raise UsageError(f"environment variable {var} is not set or empty (it should hold an identity)")
+        return identities_from_text(value, f"${var}")
+
+    registry.spec("env", from_env)
+
+
+Hook = Callable[[Registry], None]
+
+BUILTIN: tuple[Hook, ...] = (hpke.register, symmetric.register, passphrase.register, _register_env)
+"""The kinds that ship inside this package, registered before any entry point."""
+
+_lock = threading.RLock()
+_registry: Registry | None = None
+
+
+def _apply(registry: Registry, hook: Hook, source: str) -> None:
+    registry.source = source
+    try:
+        hook(registry)
+    finally:
+        registry.source = "modelseal"
+
+
+def _fill() -> Registry:
+    registry = Registry()
+    for hook in BUILTIN:
+        _apply(registry, hook, f"{hook.__module__}.{hook.__name__}")
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        source = f"recipient plugin {ep.name} ({ep.value})"
+        try:
+            hook = ep.load()
+        except Exception as exc:  # a broken plugin is named, in one line, instead of a traceback
+            raise UsageError(f"{source} cannot be loaded: {type(exc).__name__}: {exc}") from None
+        _apply(registry, hook, source)
+    return registry
+
+
+def get_registry() -> Registry:
+    """The registry, filled on first use with :data:`BUILTIN` and the entry points."""
+    global _registry
+    if _registry is None:
+        with _lock:
+            if _registry is None:
+                _registry = _fill()
+    return _registry
+
+
+def register_kind(hook: Hook, source: str | None = None) -> None:
+    """Add a kind from code: ``hook(registry)`` claims its schemes, specs and labels.
+
+    The same function an entry point names; use it where installing a distribution is not possible.
+    """
+    with _lock:
+        _apply(get_registry(), hook, source or str(getattr(hook, "__qualname__", hook)))
+
+
+def register_scheme(prefix: str, factory: RecipientFactory) -> None:
+    """Teach :func:`parse_recipient` a new ``prefix:...`` recipient string (one-line :func:`register_kind`)."""
+    register_kind(lambda r: r.scheme(prefix, factory), f"scheme {prefix}:")
+
+
+def reset() -> None:
+    """Forget every registration; the next lookup fills the registry again (for tests of plugins)."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
+def scheme(prefix: str) -> RecipientFactory | None:
+    found = get_registry().schemes.get(prefix)
+    return found.factory if found else None
+
+
+def known_schemes() -> list[str]:
+    return sorted(get_registry().schemes)
 
 
 def parse_recipient(text: str) -> Recipient:
@@ -45,25 +192,28 @@ def parse_recipient(text: str) -> Recipient:
 
 
 def _recipient_from_file(path: str) -> Recipient:
+    """A public-key file's ``x25519:...`` line, an identity file's ``# recipient:`` comment, or a key
+    that is its own recipient (a symmetric key file)."""
+    reg = get_registry()
     text = read_text(path)
     for line in text.splitlines():
         line = line.strip().removeprefix("# recipient: ")
-        prefix = line.partition(":")[0]
-        if prefix in hpke.KEMS and not line.startswith("#"):
+        found = reg.schemes.get(line.partition(":")[0])
+        if found is not None and found.public_key and not line.startswith("#"):
             return parse_recipient(line)
-    if symmetric.LABEL in text:
-        return symmetric.SymmetricKey.load(path)
+    for label, entry in reg.labels.items():
+        if label in text:
+            for name, raw in key_lines(text, path):
+                key = entry.loader(raw) if name == label else None
+                if isinstance(key, Recipient):
+                    return key
     raise KeyFileError(f"{path} holds no recipient (expected a line like x25519:BASE64)")
 
 
 def identities_from_text(text: str, source: str) -> list[Identity]:
     """Parse identity-file text (one or more identity lines)."""
-    out: list[Identity] = []
-    for label, raw in key_lines(text, source):
-        if label in _LABELS:
-            out.append(hpke.HpkeIdentity(_LABELS[label], raw))
-        elif label == symmetric.LABEL:
-            out.append(symmetric.SymmetricKey(raw))
+    labels = get_registry().labels
+    out = [labels[label].loader(raw) for label, raw in key_lines(text, source) if label in labels]
     if not out:
         raise KeyFileError(f"{source} holds no identity (make one with `modelseal keygen`)")
     return out
@@ -92,29 +242,24 @@ def parse_identities(spec: IdentitySpec, origin: str | None = None) -> list[Iden
 def _from_string(text: str, origin: str | None) -> list[Identity]:
     if is_identity_text(text):  # the key itself, pasted into -i, identity= or $MODELSEAL_IDENTITY
         return identities_from_text(text, origin or "the identity text given")
-    if text.startswith("env:"):
-        var = text[4:]
-        value = os.environ.get(var)
-        if not value:
-            raise UsageError(f"environment variable {var} is not set or empty (it should hold an identity)")
-        return identities_from_text(value, f"${var}")
-    if text.startswith("passphrase-env:"):
-        return [Passphrase.from_env(text[len("passphrase-env:") :])]
-    if text.startswith("agent:"):
-        from modelseal.release.identity import AgentIdentity
-
-        return [AgentIdentity(text[len("agent:") :])]
+    reg = get_registry()
+    prefix, sep, rest = text.partition(":")
+    factory = reg.specs.get(prefix) if sep else None
+    if factory is not None:
+        found = factory(rest)
+        return found if isinstance(found, list) else [found]
     shown = origin or f"identity file {shown_value(text)}"
-    prefix = text.partition(":")[0]
-    if prefix != text and not os.path.exists(text) and scheme(prefix) is not None:
+    if sep and not os.path.exists(text) and prefix in reg.schemes:
         given = origin or shown_value(text)
         raise UsageError(f"{given} is a recipient, not an identity; pass the matching key file")
     try:
         raw = Path(text).read_bytes()
     except OSError as exc:
         raise KeyFileError(f"cannot read {shown}: {exc.strerror}") from None
-    if len(raw) == 32 and not raw.isascii():
-        return [symmetric.SymmetricKey(raw)]
+    if not raw.isascii():
+        for entry in reg.labels.values():
+            if entry.raw_size == len(raw):
+                return [entry.loader(raw)]
     try:
         contents = raw.decode("ascii")
     except UnicodeDecodeError:
@@ -124,7 +269,8 @@ def _from_string(text: str, origin: str | None) -> list[Identity]:
 
 def is_identity_text(text: str) -> bool:
     """Whether ``text`` is identity-file text (a ``MODELSEAL-...:BASE64`` line) rather than a spec or path."""
-    return any(line.strip().partition(":")[0] in _SECRET_LABELS for line in text.splitlines())
+    labels = get_registry().labels
+    return any(line.strip().partition(":")[0] in labels for line in text.splitlines())
 
 
 def load_identity(spec: IdentitySpec, origin: str | None = None) -> Identity:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -17,7 +18,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import AuthenticationError, KeyFileError
 from modelseal.keyfile import key_lines, read_text, shown_value, write_secret
-from modelseal.recipients.base import Stanza, register_scheme
+from modelseal.recipients.base import Stanza
+
+if TYPE_CHECKING:
+    from modelseal.recipients.registry import Registry
 
 LABEL = "MODELSEAL-SYMMETRIC-KEY"
 _ZERO_NONCE = bytes(12)  # each wrap uses a fresh salt, hence a fresh KEK: a fixed nonce is safe
@@ -83,4 +87,7 @@ class SymmetricKey:
             ) from None
 
 
-register_scheme("symmetric", lambda path: SymmetricKey.load(path))
+def register(registry: Registry) -> None:
+    """``symmetric:PATH`` seals to a key file; the key file (text, or 32 raw bytes) opens."""
+    registry.scheme("symmetric", SymmetricKey.load)
+    registry.label(LABEL, SymmetricKey, raw_size=32)

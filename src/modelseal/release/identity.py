@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from modelseal.errors import FormatError, KeyReleaseError
 from modelseal.recipients.base import Stanza
+from modelseal.recipients.registry import Registry
 from modelseal.release.wire import ask
 
 
 class AgentIdentity:
+    """Asks the host agent at ``socket`` for the data key of a ``keyserver`` stanza."""
+
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
+
+    @property
+    def socket(self) -> str:
+        """The agent's socket path: serve watches the same agent for dropped keys."""
+        return self.socket_path
 
     def describe(self) -> str:
         return f"agent at {self.socket_path}"
@@ -24,3 +32,8 @@ class AgentIdentity:
         if len(key) != 32:
             raise KeyReleaseError("agent_unavailable", "the agent sent a malformed key")
         return key
+
+
+def register(registry: Registry) -> None:
+    """The ``agent:SOCKET`` identity spec (entry point ``agent`` in ``modelseal.recipients``)."""
+    registry.spec("agent", AgentIdentity)

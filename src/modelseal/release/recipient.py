@@ -12,7 +12,8 @@ import hashlib
 
 from modelseal.encoding import b64e
 from modelseal.errors import KeyFileError
-from modelseal.recipients.base import Stanza, register_scheme
+from modelseal.recipients.base import Stanza
+from modelseal.recipients.registry import Registry
 
 TYPE = "keyserver"
 
@@ -47,4 +48,6 @@ class KeyserverRecipient:
         return {"type": TYPE, "url": self.url, "model": self.model, "key_id": key_id}
 
 
-register_scheme(TYPE, KeyserverRecipient.parse)
+def register(registry: Registry) -> None:
+    """The ``keyserver:URL#MODEL`` recipient scheme (entry point ``keyserver`` in ``modelseal.recipients``)."""
+    registry.scheme(TYPE, KeyserverRecipient.parse)
