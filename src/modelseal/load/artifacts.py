@@ -1,4 +1,9 @@
-"""Open any sealed file: detect its kind, unlock it with an identity, optionally check its signer."""
+"""Open any sealed file: detect its kind, unlock it with an identity, optionally check its signer.
+
+Also the one place that turns an identity spec (an argument, ``$MODELSEAL_IDENTITY``,
+``$MODELSEAL_AGENT_SOCKET``) into an :class:`Identity`: every loader, the CLI and serve call
+:func:`resolve_identity`, once per use, and pass the resolved object on.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,12 @@ import contextlib
 import os
 import stat
 from collections.abc import Sequence
+from pathlib import Path
 
 from modelseal.errors import FormatError, UsageError
 from modelseal.format.bundle import SealedBundle, is_bundle
 from modelseal.format.container import Artifact, Progress
+from modelseal.format.directory import list_members
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.recipients.base import Identity
 from modelseal.recipients.registry import IdentitySpec, load_identity
@@ -22,8 +29,12 @@ def resolve_identity(identity: IdentitySpec | None) -> Identity:
     """``identity`` as given, else ``$MODELSEAL_IDENTITY``, else the agent at ``$MODELSEAL_AGENT_SOCKET``.
 
     ``$MODELSEAL_IDENTITY`` holds any identity spec (a key-file path, ``env:VAR``, ``passphrase-env:VAR``,
-    ``agent:SOCKET``) or identity text itself; errors name the variable, never its value.
+    ``agent:SOCKET``) or identity text itself; errors name the variable, never its value. An
+    :class:`Identity` is returned as it is, so resolving once and passing the result costs nothing more:
+    key files are read, variables looked up and agents addressed once per use, not once per file.
     """
+    if isinstance(identity, Identity):
+        return identity
     if identity is not None:
         return load_identity(identity)
     if os.environ.get(IDENTITY_ENV):
@@ -41,6 +52,26 @@ def open_locked(path: str | os.PathLike[str]) -> Artifact:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
             raise FormatError(f"{path} is not a sealed modelseal file (not a regular file)")
     return SealedBundle.open(path) if is_bundle(path) else SealedSafetensors.open(path)
+
+
+def key_ids(artifact: Artifact | str | os.PathLike[str]) -> set[str]:
+    """The key-service key ids that a sealed file, bundle or directory (every member) is wrapped to.
+
+    Read from the header's stanzas without any key, hence unauthenticated: good for knowing which
+    keys the host agent must hold (serve watches them), not for any decision about trust.
+    """
+    if isinstance(artifact, Artifact):
+        return _stanza_key_ids(artifact)
+    path = Path(artifact)
+    found: set[str] = set()
+    for member in [path / name for name in list_members(path)] if path.is_dir() else [path]:
+        with open_locked(member) as art:
+            found |= _stanza_key_ids(art)
+    return found
+
+
+def _stanza_key_ids(art: Artifact) -> set[str]:
+    return {s["key_id"] for s in art.envelope.recipients if isinstance(s.get("key_id"), str)}
 
 
 def open_artifact(
