@@ -16,20 +16,17 @@ It plays both sides on one machine, with real processes and real TLS on loopback
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modelseal.crypto.signing import Signer
-from modelseal.errors import MissingDependencyError, UsageError
+from modelseal.devstack import Agent, KeyServer, Serve, free_port, wait_for
+from modelseal.errors import MissingDependencyError, ServiceError
 from modelseal.sealing.writer import seal
 
 CONFIG = """name: "classifier"
@@ -72,31 +69,6 @@ def classifier_onnx(rng: np.random.Generator) -> bytes:
     return model.SerializeToString()
 
 
-@contextmanager
-def _process(args: list[str], log: Path, ready: Callable[[], bool], what: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``python -m modelseal ARGS`` until the block ends; wait until ``ready()``."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "modelseal", *args], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise UsageError(f"the demo's {what} did not start; its log: {log}\n{log.read_text()[-1500:]}")
-            time.sleep(0.05)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(20)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     import httpx
 
@@ -104,8 +76,6 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
     import onnxruntime as ort
 
     from modelseal import pki
-    from modelseal.keyserver.config import init_state
-    from modelseal.release.client import AdminClient
     from modelseal.release.recipient import KeyserverRecipient
 
     say = log or (lambda _m: None)
@@ -119,28 +89,9 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
     plain.write_bytes(model_bytes)
     say(f"owner: built the plaintext model {plain} ({len(model_bytes)} bytes, ONNX)")
 
-    port = _free_port()
-    state = owner / f"keyserver-{port}"
-    info = init_state(state, listen=f"127.0.0.1:{port}")
-    config = Path(info["config"])
-    config.write_text(re.sub(r"renew_after_s = \d+", "renew_after_s = 1", config.read_text()))
-    url, ca = f"https://127.0.0.1:{port}", info["ca"]
-    token = Path(info["admin_token_file"]).read_text().strip()
-
-    def up(check_url: str, cert: tuple[str, str] | None = None) -> Callable[[], bool]:
-        def ready() -> bool:
-            try:
-                ctx = pki.client_context(ca, *(cert or (None, None)))
-                return httpx.get(check_url, verify=ctx, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        return ready
-
-    with _process(["keyserver", "run", "--config", str(config)], state / "keyserver.log",
-                  up(f"{url}/v1/health"), "key service"):  # fmt: skip
-        say(f"owner: key service up on {url} (SQLite, local master key, TLS 1.3 with its own CA)")
-        admin = AdminClient(url, token=token, ca=ca)
+    port = free_port()  # in the state directory's name: a second run in the same workdir gets a fresh one
+    with KeyServer(owner / f"keyserver-{port}", port=port, leases={"renew_after_s": 1}) as ks, ks.admin() as admin:
+        say(f"owner: key service up on {ks.url} (SQLite, local master key, TLS 1.3 with its own CA)")
         admin.call("POST", "/v1/admin/models", {"model": "demo-classifier", "description": "modelseal demo"})
         signer = Signer.generate()
         repo = host / "models"
@@ -148,63 +99,52 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
         (repo / "classifier" / "config.pbtxt").write_text(CONFIG)
         sealed = repo / "classifier" / "1" / "model.onnx.sealed"
         t0 = time.perf_counter()
-        recipient = KeyserverRecipient(url, "demo-classifier", token=token, ca=ca)
+        recipient = KeyserverRecipient(ks.url, "demo-classifier", token=ks.token, ca=ks.ca)
         seal(plain, sealed, [recipient], model_id="demo-classifier", signer=signer, force=True)
         t1 = time.perf_counter()
         say(f"owner: sealed it into the host's model repository {sealed} (signed by {signer.public[:20]}...)")
 
-        cert, key = pki.issue(state / "pki", "demo-host", uris=["spiffe://demo.example/host/1"])
+        cert = ks.host_cert("demo-host", "spiffe://demo.example/host/1")
         grant = admin.call(
             "POST", "/v1/admin/grants", {"model": "demo-classifier", "identity": "spiffe://demo.example/host/1"}
         )
         say(f"owner: issued the host a client certificate and granted it ({grant['grant_id']})")
 
-        sock = Path(tempfile.mkdtemp(prefix="modelseal-demo-")) / "agent.sock"  # short path: sun_path is 108 bytes
-        agent_cfg = host / "agent.toml"
-        agent_cfg.write_text(
-            f'keyserver = "{url}"\nca = "{ca}"\ncert = "{cert}"\nkey = "{key}"\nsocket = "{sock}"\n'
-            f'lease_public_key = "{info["lease_public_key"]}"\nprefetch = false\n'
-        )
-        server_cert, server_key = pki.issue(state / "pki", "demo-server", server_names=["127.0.0.1", "localhost"])
-        app_cert_path, app_key_path = pki.issue(state / "pki", "demo-app")
-        app_cert = (str(app_cert_path), str(app_key_path))
-        http_port = _free_port()
-        serve_args = ["serve", "--repository", str(repo), "--http", f"127.0.0.1:{http_port}", "--grpc",
-                      f"127.0.0.1:{_free_port()}", "-i", f"agent:{sock}", "--tls-cert", str(server_cert),
-                      "--tls-key", str(server_key), "--client-ca", ca, "--key-check", "0.5",
-                      "--trusted-signer", signer.public]  # fmt: skip
-        base = f"https://127.0.0.1:{http_port}"
-        with (
-            _process(["agent", "run", "--config", str(agent_cfg)], host / "agent.log", sock.exists, "agent"),
-            _process(
-                serve_args, host / "serve.log", up(f"{base}/v2/models/classifier/ready", app_cert), "inference server"
-            ),  # fmt: skip
-            httpx.Client(base_url=base, verify=pki.client_context(ca, *app_cert), timeout=10) as app,
-        ):
-            say(f"host:  agent on {sock}; modelseal serve on {base} (KServe V2 HTTP + gRPC, mTLS)")
-            image = rng.standard_normal((1, 3, 32, 32), dtype=np.float32)
-            request = {"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                                   "data": image.ravel().tolist()}]}  # fmt: skip
-            t2 = time.perf_counter()
-            answer = app.post("/v2/models/classifier/infer", json=request)
-            t3 = time.perf_counter()
-            answer.raise_for_status()
-            served = np.asarray(answer.json()["outputs"][0]["data"], dtype=np.float32)
-            plain_logits = ort.InferenceSession(model_bytes).run(["logits"], {"image": image})[0].ravel()
-            identical = bool(np.array_equal(served, plain_logits))
-            label = int(np.argmax(served))
-            say(f"app:   POST /v2/models/classifier/infer -> class {label}, "
-                f"logits {np.array2string(served[:4], precision=3)}... ({1000 * (t3 - t2):.1f} ms)")  # fmt: skip
-            say(f"check: outputs identical to the plaintext model in ONNX Runtime: {identical}")
-            if not identical:
-                raise AssertionError("the served sealed model's output differs from the plaintext model")
+        app_cert = ks.host_cert("demo-app")
+        server_tls = ks.issue("demo-server", server_names=["127.0.0.1", "localhost"])
+        with tempfile.TemporaryDirectory(prefix="modelseal-demo-") as sockets:  # short: sun_path is 108 bytes
+            agent = Agent(ks, cert, host, name="agent", socket=Path(sockets) / "agent.sock", prefetch=False)
+            serve_args = ["-i", f"agent:{agent.socket}", "--key-check", "0.5", "--trusted-signer", signer.public]
+            serve = Serve(repo, host / "serve.log", args=serve_args, tls=server_tls, client_ca=ks.ca)
+            client_tls = pki.client_context(ks.ca, *app_cert)
+            with agent, serve, httpx.Client(base_url=serve.base_url, verify=client_tls, timeout=10) as app:
+                wait_for(lambda: app.get("/v2/models/classifier/ready").status_code == 200, 30,
+                         f"the sealed classifier to load (log: {serve.log})")  # fmt: skip
+                say(
+                    f"host:  agent on {agent.socket}; modelseal serve on {serve.base_url} (KServe V2 HTTP + gRPC, mTLS)"
+                )
+                image = rng.standard_normal((1, 3, 32, 32), dtype=np.float32)
+                request = {"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                       "data": image.ravel().tolist()}]}  # fmt: skip
+                t2 = time.perf_counter()
+                answer = app.post("/v2/models/classifier/infer", json=request)
+                t3 = time.perf_counter()
+                if answer.status_code != 200:
+                    raise ServiceError(answer.status_code, "infer", f"inference failed: {answer.text[:300]}")
+                served = np.asarray(answer.json()["outputs"][0]["data"], dtype=np.float32)
+                plain_logits = ort.InferenceSession(model_bytes).run(["logits"], {"image": image})[0].ravel()
+                identical = bool(np.array_equal(served, plain_logits))
+                label = int(np.argmax(served))
+                say(f"app:   POST /v2/models/classifier/infer -> class {label}, "
+                    f"logits {np.array2string(served[:4], precision=3)}... ({1000 * (t3 - t2):.1f} ms)")  # fmt: skip
+                say(f"check: outputs identical to the plaintext model in ONNX Runtime: {identical}")
+                if not identical:
+                    raise AssertionError("the served sealed model's output differs from the plaintext model")
 
-            admin.call("POST", f"/v1/admin/grants/{grant['grant_id']}/revoke", {"reason": "demo: licence ended"})
-            say("owner: revoked the grant")
-            revoked = _wait_for_refusal(app, request)
-            say(f"app:   next request refused: {revoked}")
-        sock.parent.rmdir()
-        admin.close()
+                admin.call("POST", f"/v1/admin/grants/{grant['grant_id']}/revoke", {"reason": "demo: licence ended"})
+                say("owner: revoked the grant")
+                revoked = _wait_for_refusal(app, request)
+                say(f"app:   next request refused: {revoked}")
     return {
         "sealed": str(sealed),
         "class": label,
