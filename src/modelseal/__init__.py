@@ -30,19 +30,12 @@ from modelseal.load.artifacts import open_artifact
 from modelseal.load.bundles import open_bundle, read_bytes
 from modelseal.load.tensors import safe_open
 from modelseal.recipients import load_identity, parse_recipient
-from modelseal.recipients.hpke import KEMS, HpkeIdentity
+from modelseal.recipients.hpke import generate_identity
 from modelseal.recipients.passphrase import Passphrase
 from modelseal.recipients.symmetric import SymmetricKey
 from modelseal.sealing.writer import seal
 
 __version__ = "0.1.0"
-
-
-def generate_identity(kind: str = "x25519") -> HpkeIdentity:
-    """A new host identity: ``x25519`` or ``mlkem768x25519`` (post-quantum hybrid)."""
-    if kind not in KEMS:
-        raise ValueError(f"identity kind must be one of {', '.join(KEMS)}")
-    return HpkeIdentity.generate(KEMS[kind])
 
 
 __all__ = [

@@ -137,6 +137,13 @@ class HpkeIdentity:
             ) from None
 
 
+def generate_identity(kind: str = "x25519") -> HpkeIdentity:
+    """A new host identity: ``x25519`` or ``mlkem768x25519`` (post-quantum hybrid)."""
+    if kind not in KEMS:
+        raise ValueError(f"identity kind must be one of {', '.join(KEMS)}")
+    return HpkeIdentity.generate(KEMS[kind])
+
+
 def register(registry: Registry) -> None:
     """Per KEM: its public key as a recipient string (``x25519:B64``) and its identity-file label."""
     for kem in KEMS.values():
