@@ -37,6 +37,9 @@ pccs_url = "https://pccs.example:8081"   # TDX collateral
 pccs_url = "https://pccs.example:8081"
 ```
 
+The ``[tpm]``, ``[tsm]`` and ``[sgx]`` tables belong to the attestation kinds whose collectors read them
+(:mod:`modelseal.attest.registry`); a kind from another package brings its own table the same way.
+
 A key this module does not know (a typo such as ``lease_publickey``) is an error naming the key and
 the file: a misspelt pin or limit would otherwise be silently ignored.
 """

@@ -57,7 +57,7 @@ class Registry:
     def __init__(self) -> None:
         self._kinds: dict[str, AttestationKind] | None = None
         self._defaults: dict[str, Verifier] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def _loaded(self) -> dict[str, AttestationKind]:
         with self._lock:
