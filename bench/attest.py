@@ -27,14 +27,15 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the public evidence samples' readers, below
 
-from tests.services import KeyServer, SoftwareTpm
 from tests.test_attest_samples import AT, SNP_AT, dcap_evidence, snp_evidence
 
 from modelseal.attest import VerificationContext, get_verifier
 from modelseal.attest import verifiers as _verifiers  # noqa: F401
-from modelseal.attest.tpm_tools import TpmCollector, enroll
+from modelseal.attest.tpm import TpmCollector
+from modelseal.attest.tpm_tools import enroll
+from modelseal.devstack import KeyServer, SoftwareTpm
 from modelseal.encoding import b64d, b64e
 from modelseal.pki import client_context, identity_of_cert_file
 from modelseal.release.protocol import EphemeralKey, binding, load_service_public_key

@@ -20,17 +20,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.services import KeyServer, PostgresSchema
-
+from modelseal.devstack import KeyServer, PostgresSchema
 from modelseal.encoding import b64d, b64e
 from modelseal.pki import client_context, identity_of_cert_file
 from modelseal.release.protocol import EphemeralKey, load_service_public_key

@@ -22,12 +22,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test models' builders, below
 
 import httpx
-from tests.services import free_port, wait_for
-from tests.serving import ServeProcess, add_model, export_onnx, resnet50, small_cnn
+from tests.serving import add_model, export_onnx, resnet50, small_cnn
 
+from modelseal.devstack import Serve, free_port, wait_for
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 from modelseal.serve.loadgen import Target, run
 
@@ -54,7 +54,7 @@ def main() -> None:
         add_model(repo, "sealed", "onnxruntime_onnx", onnx_bytes, shape, classes, recipients=[identity.recipient])
         add_model(repo, "plain", "onnxruntime_onnx", onnx_bytes, shape, classes, recipients=None)
         (tmp / "plain.onnx").write_bytes(onnx_bytes)
-        server = ServeProcess(repo, tmp / "serve.log", extra=["-i", str(tmp / "host.key")])
+        server = Serve(repo, tmp / "serve.log", args=["-i", str(tmp / "host.key")]).start()
         port = free_port()
         baseline = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("fastapi_baseline.py")), str(tmp / "plain.onnx"), "plain",
