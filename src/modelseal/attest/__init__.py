@@ -11,7 +11,6 @@ from modelseal.attest.base import (
     EvidenceError,
     VerificationContext,
     Verifier,
-    register_verifier,
 )
 from modelseal.attest.registry import (
     ENTRY_POINT_GROUP,
@@ -34,6 +33,5 @@ __all__ = [
     "get_verifier",
     "known_kinds",
     "register_kind",
-    "register_verifier",
     "verifiers_from_config",
 ]

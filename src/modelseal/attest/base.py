@@ -103,27 +103,6 @@ class AttestationKind:
     agent_keys: tuple[str, ...] = ()
 
 
-def register_verifier(verifier: Verifier) -> None:
-    """Legacy (until the key service takes a ``verifiers`` mapping): see :mod:`modelseal.attest.registry`."""
-    from modelseal.attest import registry
-
-    registry.legacy_override(verifier)
-
-
-def get_verifier(kind: str) -> Verifier | None:
-    """Legacy import path of :func:`modelseal.attest.registry.get_verifier`."""
-    from modelseal.attest import registry
-
-    return registry.get_verifier(kind)
-
-
-def known_kinds() -> list[str]:
-    """Legacy import path of :func:`modelseal.attest.registry.known_kinds`."""
-    from modelseal.attest import registry
-
-    return registry.known_kinds()
-
-
 # --- helpers the verifiers share -----------------------------------------------------------------
 
 

@@ -177,7 +177,7 @@ def _collector(name: str, tables: Mapping[str, Mapping[str, Any]]) -> Collector:
 
 # --- legacy, until the key service takes a `verifiers` mapping -------------------------------------------
 # `modelseal.attest.verifiers.load_verifiers` puts the configured verifiers here and get_verifier() prefers
-# them, which is today's global behaviour. Delete with load_verifiers and register_verifier.
+# them, which is today's global behaviour. Delete with load_verifiers.
 _LEGACY_CONFIGURED: dict[str, Verifier] = {}
 
 
