@@ -74,13 +74,3 @@ def test_admin_commands_end_to_end(tmp_path: Path) -> None:
         assert denied.returncode == 1 and "401 unauthorised" in denied.stderr
     finally:
         server.stop()
-
-
-def test_service_commands_have_help() -> None:
-    for cmd in (
-        ["keyserver", "init"], ["keyserver", "run"], ["keyserver", "migrate"], ["keyserver", "model", "add"],
-        ["keyserver", "grant", "add"], ["keyserver", "grant", "revoke"], ["keyserver", "master-key", "rotate"],
-        ["keyserver", "audit", "verify"], ["keyserver", "audit", "export"], ["keyserver", "lease-key"],
-        ["agent", "run"], ["agent", "status"], ["pki", "init"], ["pki", "issue"], ["pki", "identity"],
-    ):  # fmt: skip
-        assert "Usage" in ms(*cmd, "--help").stdout
