@@ -11,14 +11,12 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from modelseal.pki import peer_identity
-from modelseal.serve import datatypes
 from modelseal.serve.errors import ServeError
-from modelseal.serve.infer import decode_grpc
+from modelseal.serve.infer import decode_grpc, server_metadata
 from modelseal.serve.protocol import inference
 from modelseal.serve.rest import OFFLOAD_BYTES
 
@@ -36,8 +34,6 @@ def client_identity(context: Any) -> str:
 def build_servicer(srv: Any) -> Any:
     """The servicer bound to a running :class:`~modelseal.serve.server.Server`."""
     import grpc
-
-    from modelseal import __version__
 
     pb, services = inference()
 
@@ -59,9 +55,7 @@ def build_servicer(srv: Any) -> Any:
             return pb.ModelReadyResponse(ready=True)
 
         async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-            from modelseal.serve.rest import EXTENSIONS
-
-            return pb.ServerMetadataResponse(name="modelseal", version=__version__, extensions=EXTENSIONS)
+            return pb.ServerMetadataResponse(**server_metadata())
 
         async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
@@ -96,10 +90,7 @@ def build_servicer(srv: Any) -> Any:
                     results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
                 finally:
                     srv.budget.release(size)
-                response = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
-                for out_name, array in results.items():
-                    response.outputs.add(name=out_name, datatype=datatypes.v2_name(array.dtype), shape=array.shape)
-                    response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+                response = decoded.respond(name, version, results).grpc(pb)
             except ServeError as exc:
                 record(exc.grpc_code.lower())
                 await abort(context, exc)

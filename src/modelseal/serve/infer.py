@@ -1,10 +1,12 @@
-"""One decoder and validator of Open Inference Protocol (KServe V2) inference requests for both transports,
-and the JSON encoding of responses.
+"""Open Inference Protocol (KServe V2) inference requests and responses, for both transports: one
+decoder per transport into :class:`InferRequest`, one validation against the model's config
+(:func:`validate`), and one :class:`InferResponse` encoded for REST or gRPC. The transports (``rest``,
+``grpc_api``) only move bytes and call these.
 
 Every field a client sends is checked for its type and range here, once, so that REST and gRPC refuse
 the same malformed request with the same 400 / ``INVALID_ARGUMENT`` message and nothing malformed reaches
-numpy or a runtime (where it used to end as a bare 500 / ``UNKNOWN``). What is checked against the
-*model* (input names, dtypes, dims, batch size) is :meth:`ModelManager.check`'s job.
+numpy or a runtime (where it used to end as a bare 500 / ``UNKNOWN``). :func:`validate` then checks it
+against the *model* (input names, dtypes, dims, batch size, output names).
 
 Non-finite values in JSON: JSON has no NaN or infinity, and strict parsers (the KServe SDK's orjson, Go,
 JavaScript) reject Python's bare ``NaN``/``Infinity``. Responses send them as the strings ``"NaN"``,
@@ -27,19 +29,112 @@ from modelseal.errors import UsageError
 from modelseal.jsonlimits import JSONLimitError, loads_bounded
 from modelseal.serve import datatypes
 from modelseal.serve.errors import ServeError, bad_request
+from modelseal.serve.repository import ModelSpec
 
+Tensors = dict[str, np.ndarray]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "metrics"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_JSON_DEPTH = 40  # a request is ~4 levels plus one per tensor dimension when data is sent nested
 MAX_RANK = 32
 MAX_DIM = 2**31 - 1
 
 
+def server_metadata() -> dict[str, Any]:
+    """The server metadata both transports answer: name, version (the installed distribution's, read
+    from its metadata, so that serve imports nothing of the library's public front), extensions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("modelseal")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        number = "unknown"
+    return {"name": "modelseal", "version": number, "extensions": EXTENSIONS}
+
+
 @dataclass
 class InferRequest:
-    inputs: dict[str, np.ndarray]
+    """A decoded request: well-formed tensors, not yet checked against a model (:meth:`validate`)."""
+
+    inputs: Tensors
     outputs: list[str]  # empty: every output of the model
     binary: dict[str, bool] = field(default_factory=dict)  # REST: output name ("*": default) -> binary data
     id: str = ""
+
+    def validate(self, spec: ModelSpec) -> list[str]:
+        """Check the request against ``spec``'s config; the outputs to compute."""
+        return validate(spec, self.inputs, self.outputs)
+
+    def respond(self, model: str, version: str, results: Tensors) -> InferResponse:
+        """The response to this request: its id, and REST's binary choices for each output."""
+        return InferResponse(model, version, results, self.id, self.binary)
+
+
+@dataclass
+class InferResponse:
+    model: str
+    version: str
+    outputs: Tensors
+    id: str = ""
+    binary: dict[str, bool] = field(default_factory=dict)  # as in InferRequest (REST only)
+
+    def rest(self) -> tuple[bytes, list[bytes]]:
+        """(JSON header, binary chunks); the header is strict JSON (no bare NaN)."""
+        outputs, chunks = [], []
+        for name, array in self.outputs.items():
+            entry: dict[str, Any] = {"name": name, "datatype": datatypes.v2_name(array.dtype),
+                                     "shape": list(array.shape)}  # fmt: skip
+            if self.binary.get(name, self.binary.get("*", False)):
+                raw = np.ascontiguousarray(array).tobytes()
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                chunks.append(raw)
+            else:
+                entry["data"] = json_values(array)
+            outputs.append(entry)
+        body: dict[str, Any] = {"model_name": self.model, "model_version": self.version, "outputs": outputs}
+        if self.id:
+            body["id"] = self.id
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode(), chunks
+
+    def grpc(self, pb: Any) -> Any:
+        """A ``ModelInferResponse`` (``pb``: the generated protocol module); tensors as raw contents."""
+        response = pb.ModelInferResponse(model_name=self.model, model_version=self.version, id=self.id)
+        for name, array in self.outputs.items():
+            response.outputs.add(name=name, datatype=datatypes.v2_name(array.dtype), shape=array.shape)
+            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        return response
+
+
+# --- the request against the model's config --------------------------------------------------------
+
+
+def validate(spec: ModelSpec, inputs: Tensors, outputs: list[str]) -> list[str]:
+    """Validate input names, dtypes and shapes and output names against ``spec``'s config; return the
+    outputs to compute (every declared one when ``outputs`` is empty)."""
+    declared = {t.name: t for t in spec.inputs}
+    missing = [n for n in declared if n not in inputs]
+    extra = [n for n in inputs if n not in declared]
+    if missing or extra:
+        raise bad_request(f"model {spec.name} expects inputs {sorted(declared)}; missing {missing}, unknown {extra}")
+    rows = None
+    for name, array in inputs.items():
+        t = declared[name]
+        if datatypes.v2_name(array.dtype) != t.datatype:
+            raise bad_request(f"input {name} must be {t.datatype}, got {datatypes.v2_name(array.dtype)}")
+        shape = array.shape[1:] if spec.batching else array.shape
+        if spec.batching:
+            if array.ndim == 0 or array.shape[0] < 1 or array.shape[0] > spec.max_batch_size:
+                raise bad_request(f"input {name}: batch size must be 1..{spec.max_batch_size}, shape {array.shape}")
+            if rows is not None and array.shape[0] != rows:
+                raise bad_request("all inputs must have the same batch size")
+            rows = array.shape[0]
+        if len(shape) != len(t.dims) or any(d != -1 and d != s for d, s in zip(t.dims, shape, strict=False)):
+            expected = [-1, *t.dims] if spec.batching else list(t.dims)
+            raise bad_request(f"input {name} has shape {list(array.shape)}, the model expects {expected}")
+    known = [t.name for t in spec.outputs]
+    unknown = [o for o in outputs if o not in known]
+    if unknown:
+        raise bad_request(f"model {spec.name} has no output(s) {unknown} (outputs: {known})")
+    return outputs or known
 
 
 # --- tensors (both transports) ----------------------------------------------------------------------
@@ -195,25 +290,6 @@ def json_values(array: np.ndarray) -> list[Any]:
     out[np.isposinf(flat)] = "Infinity"
     out[np.isneginf(flat)] = "-Infinity"
     return out.tolist()  # type: ignore[no-any-return]
-
-
-def encode_rest(model: str, version: str, request: InferRequest,
-                results: dict[str, np.ndarray]) -> tuple[bytes, list[bytes]]:  # fmt: skip
-    """(JSON header, binary chunks) of a REST response; the header is strict JSON (no bare NaN)."""
-    outputs, chunks = [], []
-    for name, array in results.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatypes.v2_name(array.dtype), "shape": list(array.shape)}
-        if request.binary.get(name, request.binary.get("*", False)):
-            raw = np.ascontiguousarray(array).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            entry["data"] = json_values(array)
-        outputs.append(entry)
-    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
-    if request.id:
-        body["id"] = request.id
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode(), chunks
 
 
 # --- gRPC -------------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import ContentEncodingError
 
 from modelseal.pki import peer_identity
+from modelseal.serve import infer as v2
 from modelseal.serve.errors import ServeError
-from modelseal.serve.infer import HEADER_LENGTH, decode_rest, encode_rest, parse_json
+from modelseal.serve.infer import HEADER_LENGTH, decode_rest, parse_json
 from modelseal.serve.models import ModelManager
 
 log = logging.getLogger("modelseal.serve")
 SERVER: web.AppKey[Any] = web.AppKey("server")
-EXTENSIONS = ["binary_tensor_data", "model_repository", "metrics"]
 
 
 def client_identity(request: web.Request) -> str:
@@ -136,9 +136,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    from modelseal import __version__
-
-    return web.json_response({"name": "modelseal", "version": __version__, "extensions": EXTENSIONS})
+    return web.json_response(v2.server_metadata())
 
 
 async def model_metadata(request: web.Request) -> web.Response:
@@ -170,7 +168,7 @@ async def infer(request: web.Request) -> web.Response:
             else:
                 decoded = decode_rest(body, header)
             results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
-        json_part, chunks = encode_rest(name, served_version, decoded, results)
+        json_part, chunks = decoded.respond(name, served_version, results).rest()
         status = "ok"
         if not chunks:
             return web.Response(body=json_part, content_type="application/json")
