@@ -19,6 +19,10 @@ a link someone planted. Every output therefore goes through :func:`write_file` (
   status (SIGTERM: 143 from a shell). SIGKILL cannot be caught: its leftovers are ``.*.partial`` names,
   mode 0600.
 
+The one write that is not a rename, :func:`overwrite_at`, changes bytes inside an existing file in
+place (rekey's header, rewritten in the space reserved for it), never creating, truncating or
+extending it.
+
 Errors from the operating system (full disk, no permission, missing parent) become a one-line
 :class:`WriteError` naming the path.
 """
@@ -302,6 +306,33 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def overwrite_at(path: str | os.PathLike[str], offset: int, data: bytes | bytearray | memoryview) -> None:
+    """Overwrite bytes of an existing regular file in place at ``offset``, then fsync it.
+
+    The one write that is not atomic by rename, for a change that must not copy the file: rekey
+    rewriting a header inside the space reserved for it (a few KiB in front of gigabytes of
+    ciphertext that stay where they are). It never creates, truncates or extends the file; a crash
+    in the middle can tear the header, which is why rekey is idempotent and is simply run again. A
+    symbolic link at ``path`` is refused, as everywhere else.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"{path} is a symbolic link; refusing to write through it") from None
+        raise _os_error(path, exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or offset + len(data) > os.fstat(fd).st_size:
+            raise UsageError(f"{path}: only bytes inside an existing regular file are overwritten in place")
+        pwrite_all(fd, data, offset)
+        os.fsync(fd)
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int, *, overwrite: bool = False) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +21,22 @@ from modelseal.format.container import Artifact
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.jsonlimits import loads_bounded
 from modelseal.load.artifacts import open_artifact, resolve_identity
-from modelseal.load.tensors import allocate
+from modelseal.load.tensors import decrypt_tensors
 from modelseal.recipients.registry import IdentitySpec
 
 MAX_CONFIG = 16 << 20  # a config.json is a few KiB; the cap only bounds what a damaged file can cost
 
 
-def _open_all(
-    root: Path, identity: IdentitySpec | None, trusted_signers: Sequence[str] | None, cache: dict[bytes, bytearray]
-) -> dict[str, Artifact]:
+def _open_dir(
+    root: Path, identity: IdentitySpec | None, trusted_signers: Sequence[str] | None = None
+) -> ContextManager[dict[str, Artifact]]:
+    """Every member of the sealed directory ``root``, unlocked with one identity and checked as a group."""
     ident = resolve_identity(identity)
-    arts: dict[str, Artifact] = {}
-    try:
-        for rel in directory.list_members(root):
-            arts[rel] = open_artifact(root / rel, ident, trusted_signers=trusted_signers, dek_cache=cache)
-        directory.check_group(root, arts)
-    except BaseException:
-        for a in arts.values():
-            a.close()
-        raise
-    return arts
+
+    def member(path: Path, cache: dict[bytes, bytearray]) -> Artifact:
+        return open_artifact(path, ident, trusted_signers=trusted_signers, dek_cache=cache)
+
+    return directory.open_directory(root, member)
 
 
 def load_state_dict(
@@ -54,44 +51,30 @@ def load_state_dict(
     root = Path(model_dir)
     if not root.is_dir():
         raise UsageError(f"{root} is not a directory")
-    cache: dict[bytes, bytearray] = {}
-    arts = _open_all(root, identity, trusted_signers, cache)
-    try:
+    with _open_dir(root, identity, trusted_signers) as arts:
         shards = [a for a in arts.values() if isinstance(a, SealedSafetensors)]
         if not shards:
             raise UsageError(f"{root} contains no sealed .safetensors files")
         fw = "np" if framework in ("np", "numpy") else "pt"
         state: dict[str, Any] = {}
         for shard in shards:
-            made = allocate(shard.entries, fw)
-            shard.decrypt_many([(e, v) for e, (_t, v) in zip(shard.entries, made, strict=True)])
-            for e, (t, _v) in zip(shard.entries, made, strict=True):
-                if e.name in state:
-                    raise UsageError(f"tensor {e.name!r} appears in two shards of {root}")
-                state[e.name] = t
-        if device != "cpu":
-            state = {k: v.to(device) for k, v in state.items()}
-        return state
-    finally:
-        for a in arts.values():
-            a.close()
-        directory.wipe_cache(cache)
+            for name, tensor in decrypt_tensors(shard, shard.entries, fw).items():
+                if name in state:
+                    raise UsageError(f"tensor {name!r} appears in two shards of {root}")
+                state[name] = tensor
+    if device != "cpu":
+        state = {k: v.to(device) for k, v in state.items()}
+    return state
 
 
 def read_file(model_dir: str | os.PathLike[str], name: str, *, identity: IdentitySpec | None = None) -> bytearray:
     """Decrypt one non-weight file (e.g. ``config.json``) of a sealed model directory."""
     root = Path(model_dir)
-    cache: dict[bytes, bytearray] = {}
-    arts = _open_all(root, identity, None, cache)
-    try:
+    with _open_dir(root, identity) as arts:
         art = arts.get(name)
         if not isinstance(art, SealedBundle):
             raise UsageError(f"{root} has no sealed file {name!r} (weights load with load_state_dict)")
         return art.read()
-    finally:
-        for a in arts.values():
-            a.close()
-        directory.wipe_cache(cache)
 
 
 def load_config(model_dir: str | os.PathLike[str], *, identity: IdentitySpec | None = None) -> dict[str, Any]:

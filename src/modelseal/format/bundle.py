@@ -173,6 +173,9 @@ class SealedBundle(Artifact):
         if root == "file" and (len(self.entries) != 1 or dirs):
             raise FormatError(f"{what}: a single-file bundle must hold exactly one file and no directories")
 
+    def encode_header(self, size: int | None) -> bytes:
+        return _header_bytes(self.envelope, size)
+
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 

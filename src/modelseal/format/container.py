@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+from modelseal import atomicfile
 from modelseal.crypto import keys, signing
 from modelseal.crypto.parallel import run_all, worker_count
 from modelseal.crypto.segments import TAG_SIZE, Segment, SegmentCipher, plan_entry, segment_count
@@ -25,10 +26,15 @@ from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError, SignatureError, UsageError
 from modelseal.format import schema
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
-from modelseal.memory import arena
 from modelseal.recipients.base import Identity, Recipient
 
 Progress = Callable[[int], None]
+Prepare = Callable[[memoryview], None]
+"""A loader's hook, called on a decryption worker with each destination range just before it fills it.
+
+How fresh memory gets its pages (``memory/arena.py`` maps them in one system call, interleaved with
+decryption on every core) is the caller's decision: it owns the buffers. The format only offers the moment.
+"""
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,6 @@ def write_artifact(
     tags = bytearray(tag_count * TAG_SIZE)
     digests: list[bytes] = [b""] * tag_count
     segments = [s for plan in plan_segments(req.entries, seg_size).values() for s in plan]
-    from modelseal import atomicfile  # the one writer of every output (temp file, fsync, rename, cleanup)
 
     def fill(fd: int) -> None:
         atomicfile.pwrite_all(fd, head, 0)
@@ -269,25 +274,34 @@ class Artifact:
         start = self.payload_offset + self.payload_size + seg.tag_index * TAG_SIZE
         return self._mm[start : start + TAG_SIZE]
 
-    def _decrypt(self, cipher: SegmentCipher, seg: Segment, out: memoryview) -> None:
+    def _decrypt(self, cipher: SegmentCipher, seg: Segment, out: memoryview, prepare: Prepare | None = None) -> None:
         """Read one segment's ciphertext into ``out`` and decrypt it there (see ``segments.py``)."""
-        arena.prefault(out)
+        if prepare is not None:
+            prepare(out)
         self._src.read_into(out, self.payload_offset + seg.offset)
         cipher.decrypt_in_place(seg, out, self._tag(seg))
 
-    def decrypt_many(self, jobs: list[tuple[Entry, memoryview]], progress: Progress | None = None) -> None:
+    def decrypt_many(
+        self, jobs: list[tuple[Entry, memoryview]], progress: Progress | None = None, prepare: Prepare | None = None
+    ) -> None:
         """Decrypt entries into their destination buffers on all cores; on any failure wipe them all."""
         for entry, out in jobs:
             if len(out) != entry.length:
                 raise UsageError(f"buffer for {entry.name!r} has {len(out)} bytes, the entry has {entry.length}")
-        self.decrypt_ranges([(entry, 0, entry.length, out) for entry, out in jobs], progress)
+        self.decrypt_ranges([(entry, 0, entry.length, out) for entry, out in jobs], progress, prepare)
 
-    def decrypt_ranges(self, jobs: list[tuple[Entry, int, int, memoryview]], progress: Progress | None = None) -> None:
+    def decrypt_ranges(
+        self,
+        jobs: list[tuple[Entry, int, int, memoryview]],
+        progress: Progress | None = None,
+        prepare: Prepare | None = None,
+    ) -> None:
         """Decrypt bytes ``[lo, hi)`` of each entry into its buffer, on all cores; wipe all on failure.
 
         Only the segments overlapping a range are read. Whole segments decrypt straight into the
-        destination; a segment the range cuts is decrypted (and authenticated) whole into a scratch
-        buffer, which is wiped after its needed part is copied out.
+        destination (``prepare``, if given, readies each one first); a segment the range cuts is
+        decrypted (and authenticated) whole into a scratch buffer, which is wiped after its needed
+        part is copied out.
         """
         cipher = self._cipher
         if cipher is None:
@@ -306,7 +320,7 @@ class Artifact:
         def one(item: tuple[Segment, memoryview, int]) -> None:
             seg, out, skip = item
             if len(out) == seg.length:
-                self._decrypt(cipher, seg, out)
+                self._decrypt(cipher, seg, out, prepare)
                 return
             scratch = memoryview(self._scratch(local, seg.length))[: seg.length]
             try:
@@ -425,6 +439,41 @@ class Artifact:
             )
         return sig["signer"]
 
+    # -- rewriting the header (rekey)
+    def encode_header(self, size: int | None) -> bytes:
+        """This artifact's header for its current envelope, padded to ``size`` bytes (None: the size a
+        newly sealed file would get); :class:`FormatError` when it does not fit. Each kind defines it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode its header")
+
+    def rewrite_header(self) -> bool:
+        """Write the header again for the current envelope (after its recipients changed); True if in place.
+
+        The new header goes into the space reserved for it at sealing time when it fits: one write, the
+        ciphertext untouched. Otherwise the file is replaced atomically by a larger header followed by
+        the same ciphertext and tags. Either way the payload is unchanged, so a publisher signature
+        (it covers the protected header and the ciphertext, not the stanzas) stays valid.
+        """
+        try:
+            head = self.encode_header(self.payload_offset)
+        except FormatError:  # the reserved space is too small for the new stanzas
+            head = b""
+        if head:
+            atomicfile.overwrite_at(self.path, 0, head)
+            return True
+        head = self.encode_header(None)
+        end = self.payload_offset + self.payload_size + self.tag_count * TAG_SIZE
+
+        def fill(fd: int) -> None:
+            atomicfile.write_all(fd, head)
+            chunk = bytearray(max(1, min(end - self.payload_offset, 16 << 20)))
+            for pos in range(self.payload_offset, end, len(chunk)):
+                part = memoryview(chunk)[: min(len(chunk), end - pos)]
+                self._src.read_into(part, pos)  # the opened file: a file shrinking meanwhile is an error
+                atomicfile.write_all(fd, part)
+
+        atomicfile.write_file(self.path, os.fstat(self._src.fd).st_mode & 0o7777, fill, overwrite=True)
+        return False
+
     def close(self) -> None:
         if self._dek is not None:
             keys.wipe(self._dek)
@@ -432,7 +481,7 @@ class Artifact:
         self._cipher = None
         self._src.close()
 
-    def __enter__(self) -> Artifact:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,8 +10,10 @@ swapping in a file from another sealed model is detected when the directory is l
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from modelseal.crypto import keys
 from modelseal.encoding import b64e
@@ -19,6 +21,10 @@ from modelseal.errors import AuthenticationError, FormatError, UsageError
 from modelseal.format.container import Artifact
 
 MARKER_KEY = "group"
+
+A = TypeVar("A", bound=Artifact)
+MemberOpener = Callable[[Path, dict[bytes, bytearray]], A]
+"""Opens one member file: (path, the directory's shared data-key cache) -> an open artifact."""
 
 
 def new_group(members: list[str]) -> dict[str, Any]:
@@ -60,6 +66,39 @@ def check_group(root: Path, artifacts: dict[str, Artifact]) -> None:
         missing = [m for m in members if m not in present]
         if missing:
             raise AuthenticationError(f"{root} is missing sealed files: {', '.join(missing[:5])}")
+
+
+@contextmanager
+def open_directory(
+    root: str | os.PathLike[str],
+    open_member: MemberOpener[A],
+    *,
+    members: Sequence[str] | None = None,
+    check: bool = True,
+) -> Iterator[dict[str, A]]:
+    """Open every member of a sealed directory: ``{relative path: artifact}``, closed and wiped on exit.
+
+    Members are opened in order with ``open_member(path, cache)``; the cache lets them share one
+    unwrap of the directory's data key (a passphrase is stretched once, an agent asked once). With
+    ``check`` the members must form the directory they were sealed as (:func:`check_group`) before
+    the caller sees any of them. On exit, however it happens, every artifact is closed (wiping its
+    data key) and the cache is wiped. ``members`` (default: every file under ``root``) also lets a
+    single sealed file go through the same path, with ``check=False``.
+    """
+    root = Path(root)
+    names = list_members(root) if members is None else list(members)
+    cache: dict[bytes, bytearray] = {}
+    arts: dict[str, A] = {}
+    try:
+        for rel in names:
+            arts[rel] = open_member(root / rel, cache)
+        if check:
+            check_group(root, dict(arts))
+        yield arts
+    finally:
+        for art in arts.values():
+            art.close()
+        wipe_cache(cache)
 
 
 def wipe_cache(cache: dict[bytes, bytearray]) -> None:

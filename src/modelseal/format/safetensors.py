@@ -34,6 +34,7 @@ from modelseal.format.container import (
     map_file,
     write_artifact,
 )
+from modelseal.format.dtypes import lookup
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Recipient
 
@@ -44,28 +45,6 @@ MAX_DIMS = 64  # numpy's limit; no real tensor comes near it
 _SNIFF = 1 << 20  # how far into a file that fails to parse to look for an envelope (damaged vs not sealed)
 HEADER_ALIGN = 4096  # payload starts page aligned (mmap, O_DIRECT, GPUDirect Storage)
 HEADER_SLACK = 4096  # room for rekey to add recipients without moving the payload
-
-DTYPE_SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "F8_E4M3FNUZ": 1,
-    "F8_E5M2FNUZ": 1,
-    "F8_E8M0": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "C64": 8,
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-}
 
 
 def parse_plain_header(buf: memoryview | bytes | bytearray | mmap.mmap, source: str) -> tuple[dict[str, Any], int]:
@@ -121,12 +100,12 @@ def check_tensor(e: dict[str, Any], source: str) -> None:
     """A tensor's byte length must match its dtype and shape (no silent reinterpretation)."""
     name = str(e.get("name"))[:80]
     dtype = e.get("dtype")
-    size = DTYPE_SIZES.get(dtype) if isinstance(dtype, str) else None
-    if size is None:
+    known = lookup(dtype)
+    if known is None:
         raise FormatError(f"{source}: tensor {name!r} has unsupported dtype {dtype!r:.40}")
     shape = _shape(e.get("shape"), f"{source}: shape of tensor {name!r}")
     begin, end = e["offsets"]
-    if (end - begin) != math.prod(shape) * size:
+    if (end - begin) != math.prod(shape) * known.itemsize:
         raise FormatError(f"{source}: tensor {name!r}: {end - begin} bytes do not match {dtype}{shape}")
 
 
@@ -240,6 +219,10 @@ class SealedSafetensors(Artifact):
             if e.name in RESERVED or e.name == "__metadata__":
                 raise FormatError(f"{self.path}: the index uses the reserved tensor name {e.name!r}")
             check_tensor(e.info, self.path)
+
+    def encode_header(self, size: int | None) -> bytes:
+        entries = [] if self.envelope.hidden else [dict(e.info) for e in self.entries]
+        return _header_bytes(self.envelope, entries, self.metadata(), size)
 
     def metadata(self) -> dict[str, str]:
         md = self.index.get("metadata") or {}

@@ -6,9 +6,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from modelseal.crypto import keys
 from modelseal.errors import UsageError
 from modelseal.format.bundle import SealedBundle
-from modelseal.load.artifacts import open_artifact
+from modelseal.format.directory import open_directory
+from modelseal.load.artifacts import open_artifact, resolve_identity
 from modelseal.recipients.registry import IdentitySpec
 
 
@@ -42,11 +44,8 @@ def read_bytes(
         if name is None:
             raise UsageError(f"{p} is a sealed directory: name the file to read")
         p, name = p / name, None
-    b = open_bundle(p, identity, trusted_signers=trusted_signers)
-    try:
+    with open_bundle(p, identity, trusted_signers=trusted_signers) as b:
         return b.read(name)
-    finally:
-        b.close()
 
 
 def read_all(
@@ -59,28 +58,27 @@ def read_all(
 
     The caller owns the buffers and should wipe them (``modelseal.crypto.keys.wipe``) when done.
     """
-    from modelseal.format import directory
-    from modelseal.load.artifacts import resolve_identity
-
     path = Path(path)
     ident = resolve_identity(identity)
     if path.is_dir():
-        cache: dict[bytes, bytearray] = {}
-        out: dict[str, bytearray] = {}
-        arts = {}
-        try:
-            for rel in directory.list_members(path):
-                arts[rel] = open_bundle(path / rel, ident, trusted_signers=trusted_signers, dek_cache=cache)
-            directory.check_group(path, arts)  # type: ignore[arg-type]
-            for rel, art in arts.items():
-                out[rel] = art.read()
-        finally:
-            for a in arts.values():
-                a.close()
-            directory.wipe_cache(cache)
-        return out
-    b = open_bundle(path, ident, trusted_signers=trusted_signers)
+
+        def member(p: Path, cache: dict[bytes, bytearray]) -> SealedBundle:
+            return open_bundle(p, ident, trusted_signers=trusted_signers, dek_cache=cache)
+
+        with open_directory(path, member) as arts:
+            return _read_each([(rel, art, None) for rel, art in arts.items()])
+    with open_bundle(path, ident, trusted_signers=trusted_signers) as b:
+        return _read_each([(name, b, name) for name in b.names()])
+
+
+def _read_each(files: list[tuple[str, SealedBundle, str | None]]) -> dict[str, bytearray]:
+    """{key: decrypted file}; if one fails, the ones already decrypted are wiped too."""
+    out: dict[str, bytearray] = {}
     try:
-        return {name: b.read(name) for name in b.names()}
-    finally:
-        b.close()
+        for key, art, name in files:
+            out[key] = art.read(name)
+    except BaseException:
+        for buf in out.values():
+            keys.wipe(buf)
+        raise
+    return out

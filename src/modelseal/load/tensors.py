@@ -13,6 +13,7 @@ from typing import Any
 from modelseal.crypto import keys
 from modelseal.errors import MissingDependencyError, UsageError
 from modelseal.format.container import Entry, Progress
+from modelseal.format.dtypes import DTYPES
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.load import slicing
 from modelseal.load.artifacts import open_artifact
@@ -25,33 +26,19 @@ FRAMEWORKS = ("pt", "torch", "np", "numpy")
 def _numpy_dtype(dtype: str) -> Any:
     import numpy as np
 
-    table = {
-        "BOOL": np.bool_,
-        "U8": np.uint8,
-        "I8": np.int8,
-        "I16": np.int16,
-        "U16": np.uint16,
-        "F16": np.float16,
-        "I32": np.int32,
-        "U32": np.uint32,
-        "F32": np.float32,
-        "F64": np.float64,
-        "I64": np.int64,
-        "U64": np.uint64,
-        "C64": np.complex64,
-    }
-    if dtype not in table:
+    known = DTYPES.get(dtype)
+    if known is None or known.numpy is None:
         raise UsageError(f"dtype {dtype} has no numpy equivalent: load with framework='pt'")
-    return table[dtype]
+    return np.dtype(known.numpy)
 
 
 def _torch_dtype(dtype: str) -> Any:
-    require_torch()
-    from safetensors.torch import _TYPES
-
-    if dtype not in _TYPES:
+    torch = require_torch()
+    known = DTYPES.get(dtype)
+    found = getattr(torch, known.torch, None) if known is not None and known.torch is not None else None
+    if not isinstance(found, torch.dtype):
         raise UsageError(f"dtype {dtype} is not supported by this PyTorch build")
-    return _TYPES[dtype]
+    return found
 
 
 def require_torch() -> Any:
@@ -104,6 +91,23 @@ def allocate(entries: Sequence[Entry], framework: str, pin: bool = False) -> lis
     ]
 
 
+def decrypt_tensors(
+    art: SealedSafetensors,
+    entries: Sequence[Entry],
+    framework: str,
+    pin: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Allocate ``entries``' tensors and decrypt into them on all cores: ``{name: tensor}``.
+
+    The memory policy is applied here, not in the format: each worker maps a segment's destination
+    pages in one system call just before it decrypts into them (``memory/arena.py``).
+    """
+    made = allocate(entries, framework, pin)
+    art.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)], progress, arena.prefault)
+    return {e.name: t for e, (t, _v) in zip(entries, made, strict=True)}
+
+
 def _empty_bytes(nbytes: int, framework: str) -> Any:
     if framework == "np":
         import numpy as np
@@ -133,15 +137,13 @@ class SealedSlice:
     def __getitem__(self, index: Any) -> Any:
         import numpy as np
 
-        from modelseal.format.safetensors import DTYPE_SIZES
-
         entry, framework = self._entry, self._owner._framework
-        itemsize = DTYPE_SIZES[self.get_dtype()]
+        itemsize = DTYPES[self.get_dtype()].itemsize
         plan = slicing.plan(self.get_shape(), itemsize, index)
         raw = _empty_bytes(plan.nbytes, framework)
         out = _byte_view(raw, framework)
         if plan.contiguous:
-            self._owner._art.decrypt_ranges([(entry, plan.lo, plan.hi, out)])
+            self._owner._art.decrypt_ranges([(entry, plan.lo, plan.hi, out)], prepare=arena.prefault)
         else:
             scratch = bytearray(plan.hi - plan.lo)
             try:
@@ -199,9 +201,8 @@ class safe_open:  # noqa: N801 - mirrors safetensors.safe_open
     def get_tensors(self, names: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, Any]:
         """Decrypt several tensors at once (all cores across tensors and segments)."""
         entries = self._art.entries if names is None else [self._art.entry(n) for n in names]
-        made = allocate(entries, self._framework, self._pin())
-        self._art.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)], progress)
-        return {e.name: self._place(t) for e, (t, _v) in zip(entries, made, strict=True)}
+        tensors = decrypt_tensors(self._art, entries, self._framework, self._pin(), progress)
+        return {name: self._place(t) for name, t in tensors.items()}
 
     def get_slice(self, name: str) -> SealedSlice:
         """Like ``safetensors``' ``get_slice``: index the result to decrypt only part of a tensor."""
