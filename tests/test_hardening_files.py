@@ -26,6 +26,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import modelseal
+from modelseal import atomicfile
 from modelseal.crypto.keys import new_dek
 from modelseal.errors import AuthenticationError, ModelsealError, UsageError
 from modelseal.format import bundle
@@ -397,33 +398,34 @@ def test_an_interrupted_rekey_of_a_directory_is_finished_by_running_it_again(
     """A revocation that stopped halfway (attack run 2: a full disk at the third member) must be
     completable: ac0b701 and the first fix refused the rerun ("no stanza matches") and left the weights
     open to the revoked key. Now the failure names what was rewritten, and the same command finishes."""
-    import modelseal.sealing.operations as ops
+    from modelseal.format.container import Artifact
+    from modelseal.sealing.operations import Rewrite
 
     revoked = HpkeIdentity.generate(KEMS["x25519"])
     rekey(sealed_dir, host, add=[revoked.recipient])
-    real, calls = ops._rewrite_header, []
+    real, calls = Artifact.rewrite_header, []
 
     def disk_full_at_the_second(art: Any) -> bool:
         calls.append(art.path)
         if len(calls) == 2:
-            raise ops.atomicfile.WriteError(f"cannot write {art.path}: File too large")
+            raise atomicfile.WriteError(f"cannot write {art.path}: File too large")
         return real(art)
 
-    monkeypatch.setattr(ops, "_rewrite_header", disk_full_at_the_second)
+    monkeypatch.setattr(Artifact, "rewrite_header", disk_full_at_the_second)
     with pytest.raises(ModelsealError, match=r"already rewritten: .*run the same command again to finish"):
         rekey(sealed_dir, host, remove=[revoked.recipient])
-    monkeypatch.setattr(ops, "_rewrite_header", real)
+    monkeypatch.setattr(Artifact, "rewrite_header", real)
     reports = rekey(sealed_dir, host, remove=[revoked.recipient])  # the same command again
-    assert [r["removed"] for r in reports].count(0) == 1  # the member done the first time is left as it is
-    assert any(r["rewritten"] == "unchanged (already done)" for r in reports)
+    assert [r.removed for r in reports].count(0) == 1  # the member done the first time is left as it is
+    assert any(r.rewritten is Rewrite.UNCHANGED for r in reports)
     for member in reports:
         with pytest.raises(ModelsealError):
-            open_locked(member["file"]).unlock(revoked)
+            open_locked(member.file).unlock(revoked)
     with pytest.raises(UsageError, match="no stanza matches"):  # nothing left to remove anywhere
         rekey(sealed_dir, host, remove=[revoked.recipient])
-    assert len(open_locked(reports[0]["file"]).envelope.recipients) == 1
+    assert len(open_locked(reports[0].file).envelope.recipients) == 1
     rekey(sealed_dir, host, add=[host.recipient])  # adding a recipient already present adds nothing
-    assert len(open_locked(reports[0]["file"]).envelope.recipients) == 1
+    assert len(open_locked(reports[0].file).envelope.recipients) == 1
 
 
 # ------------------------------------------------------------------------------------------ fsync
@@ -479,7 +481,7 @@ def test_outputs_are_fsynced_with_their_directory(
         out = sealed_file
         work = sealed_file.parent
         big = [HpkeIdentity.generate(KEMS["mlkem768x25519"]).recipient for _ in range(6)]  # header must move
-        assert rekey(out, host, add=big)[0]["rewritten"] == "header moved"
+        assert rekey(out, host, add=big)[0].rewritten == "header moved"
     assert synced(work, fsyncs), "the directory holding the output was not fsync'd"
     files = [p for p in [out, *out.rglob("*")] if p.is_file()] if out.is_dir() else [out]
     assert files and all(synced(f, fsyncs) for f in files)

@@ -6,6 +6,7 @@ Every command has ``--help``; those that report take ``--json``. Expected failur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from modelseal.cli.kit import OneLineErrors, emit, fail_closed, json_option, out
 from modelseal.cli.progress import byte_progress
 from modelseal.crypto.signing import Signer
 from modelseal.errors import UsageError
+from modelseal.load.artifacts import resolve_identity
+from modelseal.recipients.base import Identity
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 from modelseal.recipients.passphrase import Passphrase
 from modelseal.recipients.symmetric import SymmetricKey
@@ -37,10 +40,24 @@ passphrase_option = click.option(
 
 
 def identity_spec(identities: tuple[str, ...], passphrase_env: str | None) -> list[Any] | None:
+    """The identity options as one spec for :func:`resolve_identity` (None: none given on the command line)."""
     spec: list[Any] = list(identities)
     if passphrase_env:
         spec.append(Passphrase.from_env(passphrase_env))
     return spec or None
+
+
+def command_identity(
+    identities: tuple[str, ...], passphrase_env: str | None, *, optional: bool = False
+) -> Identity | None:
+    """The command's identity, resolved once by the one resolver (the options, else the environment).
+
+    With ``optional`` (``verify --trusted-signer`` alone needs no key) and no identity option, None.
+    """
+    spec = identity_spec(identities, passphrase_env)
+    if spec is None and optional:
+        return None
+    return resolve_identity(spec)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -205,24 +222,29 @@ def inspect(path: str, as_json: bool) -> None:
 
     def human() -> None:
         for r in reports:
-            out.print(f"[bold]{r['file']}[/]: {r['kind']} {r['format']}, model {r['model_id']} v{r['model_version']}")
+            out.print(f"[bold]{r.file}[/]: {r.kind} {r.format}, model {r.model_id} v{r.model_version}")
             out.print(
-                f"  payload {r['payload_bytes']} bytes in {r['segments']} segments of {r['segment_size']}; "
-                f"index {'hidden' if r['hidden_index'] else 'public'}; signer {r['signer'] or 'none'}"
+                f"  payload {r.payload_bytes} bytes in {r.segments} segments of {r.segment_size}; "
+                f"index {'hidden' if r.hidden_index else 'public'}; signer {r.signer or 'none'}"
             )
             out.print(
-                "  recipients: "
-                + ", ".join(s["type"] + (f" ({s['kid']})" if "kid" in s else "") for s in r["recipients"])
+                "  recipients: " + ", ".join(s["type"] + (f" ({s['kid']})" if "kid" in s else "") for s in r.recipients)
             )
-            if "tensors" in r:
+            if r.tensors is not None:
                 table = Table("tensor", "dtype", "shape")
-                for t in r["tensors"][:50]:
-                    table.add_row(t["name"], t["dtype"], str(t["shape"]))
+                for t in r.tensors[:50]:
+                    table.add_row(t.name, t.dtype, str(t.shape))
                 out.print(table)
-                if len(r["tensors"]) > 50:
-                    out.print(f"  ... {len(r['tensors']) - 50} more tensors")
+                if len(r.tensors) > 50:
+                    out.print(f"  ... {len(r.tensors) - 50} more tensors")
 
-    emit(as_json, reports if Path(path).is_dir() else reports[0], human)
+    docs = [inspect_json(r) for r in reports]
+    emit(as_json, docs if Path(path).is_dir() else docs[0], human)
+
+
+def inspect_json(info: operations.ArtifactInfo) -> dict[str, Any]:
+    """``inspect --json`` for one file: the header's fields; group, metadata and tensors only where present."""
+    return {k: v for k, v in dataclasses.asdict(info).items() if v is not None or k == "signer"}
 
 
 @main.command()
@@ -243,9 +265,17 @@ def verify(
 ) -> None:
     """Authenticate every byte of a sealed file or directory; exit 0 if authentic, 1 if not."""
     require_inputs(path)
-    spec = identity_spec(identities, passphrase_env)
+    identity = command_identity(identities, passphrase_env, optional=bool(signers))
     with byte_progress("verifying", operations.payload_bytes(path), not as_json) as advance:
-        reports = operations.verify(path, spec, list(signers), advance)
+        results = operations.verify(path, identity, list(signers), advance)
+    reports = [
+        {
+            "file": r.file,
+            "payload": "authentic" if r.payload_checked else "not checked (no identity)",
+            "signature": f"valid, by {r.signer}" if r.signer is not None else "not checked",
+        }
+        for r in results
+    ]
     emit(
         as_json,
         {"ok": True, "files": reports},
@@ -266,9 +296,9 @@ def open_cmd(
 ) -> None:
     """Decrypt a sealed artifact to plaintext files (the owner's explicit, on-disk decrypt)."""
     require_inputs(path)
-    spec = identity_spec(identities, passphrase_env)
+    identity = command_identity(identities, passphrase_env)
     with byte_progress("opening", operations.payload_bytes(path), not as_json) as advance:
-        written = operations.open_to_disk(path, output, spec, force=force, progress=advance)
+        written = operations.open_to_disk(path, output, identity, force=force, progress=advance)
     emit(as_json, {"written": written}, [f"wrote {w}" for w in written])
 
 
@@ -292,15 +322,12 @@ def rekey(
 ) -> None:
     """Add or remove recipients; rewrites headers only, never the encrypted weights."""
     require_inputs(path)
-    spec = identity_spec(identities, passphrase_env)
-    reports = operations.rekey(path, spec, add, remove)
+    identity = command_identity(identities, passphrase_env)
+    results = operations.rekey(path, identity, add, remove)
     emit(
         as_json,
-        reports,
-        [
-            f"{r['file']}: +{r['added']} -{r['removed']} -> {r['recipients']} recipients ({r['rewritten']})"
-            for r in reports
-        ],
+        [{**dataclasses.asdict(r), "rewritten": r.rewritten.value} for r in results],
+        [f"{r.file}: +{r.added} -{r.removed} -> {r.recipients} recipients ({r.rewritten.value})" for r in results],
     )
 
 

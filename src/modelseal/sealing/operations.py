@@ -1,6 +1,8 @@
 """Whole-artifact operations behind the CLI: inspect, verify, open (decrypt to disk), rekey.
 
-Each works on a sealed file or a sealed directory and returns a JSON-ready report.
+Each works on a sealed file or a sealed directory and returns typed results; the CLI formats them
+(text and ``--json``). Keys are handled in one place: :func:`modelseal.format.directory.open_directory`
+opens the members, shares one data-key cache, checks the directory group, and closes and wipes them.
 """
 
 from __future__ import annotations
@@ -9,19 +11,22 @@ import json
 import os
 import struct
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from modelseal import atomicfile
-from modelseal.crypto.segments import TAG_SIZE
-from modelseal.errors import FormatError, ModelsealError, UsageError
+from modelseal.errors import ModelsealError, UsageError
 from modelseal.format import bundle, directory
 from modelseal.format import safetensors as sst
 from modelseal.format.container import Artifact, Entry, Progress
+from modelseal.format.directory import MemberOpener, open_directory
 from modelseal.format.envelope import dek_context
 from modelseal.load.artifacts import open_artifact, open_locked, resolve_identity
 from modelseal.recipients import parse_recipient
-from modelseal.recipients.base import Recipient, Stanza
+from modelseal.recipients.base import Identity, Recipient, Stanza
 from modelseal.recipients.registry import IdentitySpec
 
 
@@ -43,32 +48,83 @@ def payload_bytes(path: str | os.PathLike[str]) -> int:
     return sum((root / n).stat().st_size for n in names)
 
 
-def describe(art: Artifact) -> dict[str, Any]:
+def _unlocking(identity: Identity) -> MemberOpener:
+    """Open and unlock each member with ``identity``, sharing the directory's data-key cache."""
+    return lambda path, cache: open_artifact(path, identity, dek_cache=cache)
+
+
+def _open_sealed(path: str | os.PathLike[str], open_member: MemberOpener) -> ContextManager[dict[str, Artifact]]:
+    """:func:`open_directory` for a sealed file or a sealed directory (only a directory has a group)."""
+    root, names = sealed_files(path)
+    return open_directory(root, open_member, members=names, check=Path(path).is_dir())
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A directory member's place in its sealed directory."""
+
+    id: str
+    path: str
+    members: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What a sealed file's header says, read without any key (``group``, ``metadata`` and ``tensors``
+    are None where the file has none or hides them)."""
+
+    file: str
+    kind: str
+    format: str
+    model_id: str
+    model_version: str
+    artifact_id: str
+    segment_size: int
+    payload_bytes: int
+    segments: int
+    hidden_index: bool
+    recipients: list[dict[str, Any]]  # each stanza's public fields: type, kid, url, model, key_id
+    signer: str | None
+    group: GroupInfo | None = None
+    metadata: dict[str, str] | None = None
+    tensors: list[TensorInfo] | None = None
+
+
+def describe(art: Artifact) -> ArtifactInfo:
     env = art.envelope
     p = env.protected
-    out: dict[str, Any] = {
-        "file": art.path,
-        "kind": p["kind"],
-        "format": p["format"],
-        "model_id": p["model_id"],
-        "model_version": p["model_version"],
-        "artifact_id": p["artifact_id"],
-        "segment_size": p["segment_size"],
-        "payload_bytes": p["payload_size"],
-        "segments": p["tag_count"],
-        "hidden_index": env.hidden,
-        "recipients": [{k: s[k] for k in ("type", "kid", "url", "model", "key_id") if k in s} for s in env.recipients],
-        "signer": env.signature["signer"] if env.signature else None,
-    }
-    if "group" in p:
-        out["group"] = {"id": p["group"]["id"], "path": p["group"]["path"], "members": len(p["group"]["members"])}
-    if not env.hidden and isinstance(art, sst.SealedSafetensors):
-        out["metadata"] = art.metadata()
-        out["tensors"] = [{"name": e.name, "dtype": e.info["dtype"], "shape": e.info["shape"]} for e in art.entries]
-    return out
+    public = not env.hidden and isinstance(art, sst.SealedSafetensors)
+    g = p.get("group")
+    return ArtifactInfo(
+        file=art.path,
+        kind=p["kind"],
+        format=p["format"],
+        model_id=p["model_id"],
+        model_version=p["model_version"],
+        artifact_id=p["artifact_id"],
+        segment_size=p["segment_size"],
+        payload_bytes=p["payload_size"],
+        segments=p["tag_count"],
+        hidden_index=env.hidden,
+        recipients=[{k: s[k] for k in ("type", "kid", "url", "model", "key_id") if k in s} for s in env.recipients],
+        signer=env.signature["signer"] if env.signature else None,
+        group=GroupInfo(g["id"], g["path"], len(g["members"])) if g is not None else None,
+        metadata=art.metadata() if public else None,  # type: ignore[attr-defined]
+        tensors=[TensorInfo(e.name, e.info["dtype"], e.info["shape"]) for e in art.entries] if public else None,
+    )
 
 
-def inspect(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def inspect(path: str | os.PathLike[str]) -> list[ArtifactInfo]:
     """Describe sealed files without any key."""
     root, names = sealed_files(path)
     reports = []
@@ -78,40 +134,43 @@ def inspect(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return reports
 
 
+# ----------------------------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """One authenticated file: whether its payload was checked (it needs a key) and by whom it is signed
+    (None: the signature was not checked)."""
+
+    file: str
+    payload_checked: bool
+    signer: str | None
+
+
 def verify(
     path: str | os.PathLike[str],
     identity: IdentitySpec | None = None,
     trusted_signers: Sequence[str] | None = None,
     progress: Progress | None = None,
-) -> list[dict[str, Any]]:
-    """Fully authenticate sealed files: header, every segment, directory membership, signature.
+) -> list[VerifyResult]:
+    """Fully authenticate sealed files: header, directory membership, every segment, signature.
 
     Without an identity only the signature can be checked (``trusted_signers`` required then).
     """
-    root, names = sealed_files(path)
+    sealed_files(path)  # a missing input is reported before the identity is needed
     ident = resolve_identity(identity) if identity is not None or not trusted_signers else None
-    cache: dict[bytes, bytearray] = {}
-    arts: dict[str, Artifact] = {}
+    opener = _unlocking(ident) if ident is not None else (lambda member, _cache: open_locked(member))
     reports = []
-    try:
-        for n in names:
-            art = open_locked(root / n)
-            arts[n] = art
-            report = {"file": art.path, "payload": "not checked (no identity)", "signature": "not checked"}
+    with _open_sealed(path, opener) as arts:
+        for art in arts.values():
             if ident is not None:
-                art.unlock(ident, cache)
                 art.verify_payload(progress)
-                report["payload"] = "authentic"
-            if trusted_signers:
-                report["signature"] = f"valid, by {art.verify_signature(list(trusted_signers))}"
-            reports.append(report)
-        if Path(path).is_dir():
-            directory.check_group(root, arts)
-    finally:
-        for a in arts.values():
-            a.close()
-        directory.wipe_cache(cache)
+            signer = art.verify_signature(list(trusted_signers)) if trusted_signers else None
+            reports.append(VerifyResult(art.path, ident is not None, signer))
     return reports
+
+
+# ------------------------------------------------------------------------------------------------- open
 
 
 def _write_plain_safetensors(art: sst.SealedSafetensors, out_fd: int, progress: Progress | None) -> None:
@@ -150,31 +209,23 @@ def open_to_disk(
     :mod:`modelseal.atomicfile`).
     """
     src, out = Path(path), Path(output)
-    root, names = sealed_files(src)
+    sealed_files(src)  # a missing input is reported before anything else
     atomicfile.check_apart(src, out)
     ident = resolve_identity(identity)
-    cache: dict[bytes, bytearray] = {}
-    arts: dict[str, Artifact] = {}
-    try:
-        for n in names:
-            arts[n] = open_artifact(root / n, ident, dek_cache=cache)
-        if src.is_dir():
-            directory.check_group(root, arts)
-        if not src.is_dir() and not _is_tree(arts[names[0]]):
-            return [str(_extract(arts[names[0]], out, force, progress))]
+    with _open_sealed(src, _unlocking(ident)) as arts:
+        if not src.is_dir():
+            (art,) = arts.values()
+            if not _is_tree(art):
+                return [str(_extract(art, out, force, progress))]
         with atomicfile.directory(out, overwrite=force) as tmp:
             if src.is_dir():
                 for n, art in arts.items():
                     _mkdirs(tmp / n, parents_only=not _is_tree(art))
                     _extract(art, tmp / n, False, progress)
             else:
-                _extract(arts[names[0]], tmp, False, progress)
+                _extract(art, tmp, False, progress)
             written = [f.relative_to(tmp) for f in sorted(tmp.rglob("*")) if f.is_file()]
         return [str(out / w) for w in written]
-    finally:
-        for a in arts.values():
-            a.close()
-        directory.wipe_cache(cache)
 
 
 def _is_tree(art: Artifact) -> bool:
@@ -222,6 +273,25 @@ def _extract(art: Artifact, target: Path, overwrite: bool, progress: Progress | 
 # ------------------------------------------------------------------------------------------------ rekey
 
 
+class Rewrite(StrEnum):
+    """What rekey did to one file's header."""
+
+    IN_PLACE = "header only"  # written into the space reserved for it; nothing else touched
+    MOVED = "header moved"  # the file was rewritten (atomically) behind a larger header
+    UNCHANGED = "unchanged (already done)"  # nothing to add or remove
+
+
+@dataclass
+class RekeyResult:
+    """One file's recipients after rekey: how many were added and removed, how many it has now."""
+
+    file: str
+    added: int
+    removed: int
+    recipients: int
+    rewritten: Rewrite = Rewrite.UNCHANGED
+
+
 def _matches(recipient: Recipient, stanza: Stanza) -> bool:
     m = getattr(recipient, "matches", None)
     if m is None:
@@ -234,7 +304,7 @@ def rekey(
     identity: IdentitySpec | None,
     add: Sequence[Recipient | str] = (),
     remove: Sequence[Recipient | str] = (),
-) -> list[dict[str, Any]]:
+) -> list[RekeyResult]:
     """Add or remove recipients by rewriting headers only; the ciphertext is not touched.
 
     Idempotent, so that a rekey of a directory interrupted halfway (a full disk, a signal) is finished
@@ -245,15 +315,11 @@ def rekey(
     removes = [parse_recipient(r) if isinstance(r, str) else r for r in remove]
     if not adds and not removes:
         raise UsageError("nothing to do: give --add-recipient and/or --remove-recipient")
-    root, names = sealed_files(path)
+    sealed_files(path)  # a missing input is reported before the identity is needed
     ident = resolve_identity(identity)
-    cache: dict[bytes, bytearray] = {}
-    arts: list[Artifact] = []
-    reports = []
-    try:
-        for n in names:  # every header is prepared (and every check passed) before any file changes
-            art = open_artifact(root / n, ident, dek_cache=cache)
-            arts.append(art)
+    reports: list[RekeyResult] = []
+    with _open_sealed(path, _unlocking(ident)) as arts:
+        for art in arts.values():  # every header is prepared (and every check passed) before any file changes
             env = art.envelope
             kept = [s for s in env.recipients if not any(_matches(r, s) for r in removes)]
             removed = len(env.recipients) - len(kept)
@@ -262,67 +328,18 @@ def rekey(
             if not kept:
                 raise UsageError(f"{art.path}: refusing to remove every recipient (nobody could open it)")
             env.recipients = kept
-            reports.append({"file": art.path, "added": len(new), "removed": removed, "recipients": len(kept)})
-        if removes and not any(r["removed"] for r in reports):
+            reports.append(RekeyResult(art.path, len(new), removed, len(kept)))
+        if removes and not any(r.removed for r in reports):
             raise UsageError(f"{path}: no stanza matches the recipient(s) to remove")
         done: list[str] = []
-        for art, report in zip(arts, reports, strict=True):
-            if not (report["added"] or report["removed"]):
-                report["rewritten"] = "unchanged (already done)"
+        for art, report in zip(arts.values(), reports, strict=True):
+            if not (report.added or report.removed):
                 continue
             try:
-                report["rewritten"] = "header only" if _rewrite_header(art) else "header moved"
+                report.rewritten = Rewrite.IN_PLACE if art.rewrite_header() else Rewrite.MOVED
             except ModelsealError as exc:
                 if done:  # say what changed, and that running the same command again finishes it
                     exc.args = (f"{exc}; already rewritten: {', '.join(done)}; run the same command again to finish",)
                 raise
             done.append(str(art.path))
-    finally:
-        for a in arts:
-            a.close()
-        directory.wipe_cache(cache)
     return reports
-
-
-def _new_header(art: Artifact, size: int | None) -> bytes:
-    if isinstance(art, sst.SealedSafetensors):
-        entries = [] if art.envelope.hidden else [dict(e.info) for e in art.entries]
-        return sst._header_bytes(art.envelope, entries, art.metadata(), size)
-    return bundle._header_bytes(art.envelope, size)
-
-
-def _rewrite_header(art: Artifact) -> bool:
-    """Write the new header in the reserved space, or copy the ciphertext behind a larger header."""
-    try:
-        head = _new_header(art, art.payload_offset)
-    except FormatError:  # the reserved space is too small for the new stanzas
-        head = b""
-    if head:
-        try:
-            fd = os.open(art.path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.pwrite(fd, head, 0)  # one write of the header's reserved space; the payload is untouched
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise atomicfile.WriteError(f"cannot rewrite the header of {art.path}: {exc.strerror}") from None
-        return True
-    head = _new_header(art, None)
-    end = art.payload_offset + art.payload_size + art.tag_count * TAG_SIZE
-
-    def fill(fd: int) -> None:
-        atomicfile.write_all(fd, head)
-        with open(art.path, "rb") as src:
-            src.seek(art.payload_offset)
-            remaining = end - art.payload_offset
-            while remaining:
-                chunk = src.read(min(remaining, 16 << 20))
-                if not chunk:
-                    raise FormatError(f"{art.path} shrank while it was being rekeyed")
-                atomicfile.write_all(fd, chunk)
-                remaining -= len(chunk)
-
-    mode = os.stat(art.path).st_mode & 0o7777
-    atomicfile.write_file(art.path, mode, fill, overwrite=True)
-    return False
