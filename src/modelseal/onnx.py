@@ -5,6 +5,13 @@ data files), or a sealed directory. Models with external data are supported with
 external tensors are decrypted into memory and handed to ONNX Runtime with
 ``SessionOptions.add_external_initializers`` (ORT copies them, so peak memory is about twice the
 weights; our copies are wiped once the session exists).
+
+What stays in memory: ONNX Runtime's session holds its own copy of the graph and weights, which it
+frees (does not wipe) when the session is dropped. The decrypted files are in our buffers, wiped once the
+session exists; the model itself reaches ONNX Runtime through an anonymous memory file, zeroed and
+closed right after (see :func:`_memory_file`), never as an immutable ``bytes``. The graph is also parsed
+by the ``onnx`` package to find its external tensors: that protobuf copy (with the weights stored inside
+the graph) is freed, not wiped, as soon as the session exists.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import os
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ORT writes a telemetry DB under ~/.cache otherwise
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,41 +41,86 @@ def InferenceSession(  # noqa: N802 - mirrors onnxruntime.InferenceSession
     **kwargs: Any,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` for a sealed ONNX model."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MissingDependencyError("this needs ONNX Runtime: pip install 'modelseal[onnx]'") from None
+    _onnxruntime()
     files = read_all(Path(path), identity=identity, trusted_signers=trusted_signers)
     try:
-        models = [n for n in files if n.endswith(".onnx")]
-        if len(files) == 1 and not models:
-            models = list(files)
-        if len(models) != 1:
-            raise UsageError(f"{path} must hold exactly one .onnx model, found {len(models)}")
-        model_name = models[0]
-        opts = sess_options or ort.SessionOptions()
-        base = str(Path(model_name).parent)
-        external = _external_initializers(files[model_name], files, "" if base == "." else base + "/", str(path))
-        if external:
-            opts.add_external_initializers(
-                list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
-            )
-        try:
-            return ort.InferenceSession(
-                bytes(files[model_name]),
-                sess_options=opts,
-                providers=list(providers or ["CPUExecutionProvider"]),
-                **kwargs,
-            )
-        except Exception as exc:  # ORT raises its own exception types for invalid models
-            raise FormatError(f"{path}: ONNX Runtime cannot load the decrypted model: {str(exc)[:200]}") from None
+        return session_from_files(files, str(path), providers=providers, sess_options=sess_options, **kwargs)
     finally:
         for data in files.values():
             keys.wipe(data)
 
 
-def _external_initializers(model: bytearray, files: dict[str, bytearray], base: str, source: str) -> dict[str, Any]:
-    """Numpy views over the decrypted external-data files, by initializer name."""
+def session_from_files(
+    files: Mapping[str, bytearray],
+    source: str,
+    *,
+    providers: Sequence[Any] | None = None,
+    sess_options: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` from a model's decrypted files ({relative name: content}: one
+    ``.onnx`` and its external data files); the caller wipes them. ``source`` names the model in errors."""
+    ort = _onnxruntime()
+    models = [n for n in files if n.endswith(".onnx")]
+    if len(files) == 1 and not models:
+        models = list(files)
+    if len(models) != 1:
+        raise UsageError(f"{source} must hold exactly one .onnx model, found {len(models)}")
+    model_name = models[0]
+    opts = sess_options or ort.SessionOptions()
+    base = str(Path(model_name).parent)
+    external = _external_initializers(files[model_name], files, "" if base == "." else base + "/", source)
+    if external:
+        opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
+    try:
+        with _memory_file(files[model_name]) as model_path:
+            return ort.InferenceSession(
+                model_path, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]), **kwargs
+            )
+    except Exception as exc:  # ORT raises its own exception types for invalid models
+        raise FormatError(f"{source}: ONNX Runtime cannot load the decrypted model: {str(exc)[:200]}") from None
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingDependencyError("this needs ONNX Runtime: pip install 'modelseal[onnx]'") from None
+    return ort
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytearray) -> Iterator[str | bytes]:
+    """A path to a copy of ``data`` in an anonymous memory file (``memfd_create``: never on a disk),
+    zeroed and closed on exit.
+
+    Why not pass the bytes: ``onnxruntime.InferenceSession`` accepts a model only as a path or as
+    ``bytes``, and keeps a ``bytes`` model referenced for the session's whole life (to rebuild it on a
+    provider fallback), so the decrypted graph would sit in an immutable object no wipe can reach for as
+    long as the model is served. Given a path, ONNX Runtime reads the file into its own memory. Where
+    there is no ``memfd_create`` (not Linux), it gets that ``bytes`` copy."""
+    if not hasattr(os, "memfd_create"):
+        yield bytes(data)
+        return
+    fd = os.memfd_create("modelseal-model", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data).cast("B")
+        written = 0
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], written)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            zeros = bytes(min(len(view), 1 << 20))
+            for start in range(0, len(view), len(zeros)):
+                os.pwrite(fd, zeros[: len(view) - start], start)
+    finally:
+        os.close(fd)
+
+
+def _external_initializers(model: bytearray, files: Mapping[str, bytearray], base: str, source: str) -> dict[str, Any]:
+    """Numpy views over the decrypted external-data files, by initializer name (ONNX Runtime copies
+    them into the session; ours are wiped by the caller)."""
     try:
         import onnx
         from onnx.helper import tensor_dtype_to_np_dtype
@@ -78,8 +131,9 @@ def _external_initializers(model: bytearray, files: dict[str, bytearray], base: 
     import numpy as np
     from google.protobuf.message import DecodeError
 
-    try:
-        proto = onnx.load_model_from_string(bytes(model))  # never reads external data itself
+    proto = onnx.ModelProto()
+    try:  # parsed from our buffer (no bytes copy); never reads external data itself
+        proto.ParseFromString(memoryview(model))
     except DecodeError:
         raise FormatError(f"{source}: the decrypted model is not a valid ONNX protobuf") from None
     out: dict[str, Any] = {}

@@ -1,8 +1,9 @@
-"""Loaded models: load and unload, instances, dynamic batching, request checks, and key revocation.
+"""Loaded models: load and unload, instances, dynamic batching, and running requests on them.
 
-A sealed model's key comes from the host agent (or an identity file). When the agent drops a model's key
-(the owner revoked the grant, or the lease ran out during an outage) the watcher unloads the model: its
-runtimes are closed and their memory freed, requests get a clear ``UNAVAILABLE`` naming the reason, and
+A sealed model's key comes from the host agent (or an identity file): the identity is resolved once, when
+the manager is made, and each load opens the model's artifact once (:class:`~.source.ModelSource`) for
+all its instances. When the agent drops a model's key, :mod:`.keywatch` unloads the model: its runtimes
+are closed and their memory wiped and freed, requests get a clear ``UNAVAILABLE`` naming the reason, and
 the model is retried every ``retry_s`` so that a re-grant brings it back without a restart.
 """
 
@@ -19,23 +20,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelseal.errors import KeyReleaseError, ModelsealError, UsageError
+from modelseal.load.artifacts import resolve_identity
+from modelseal.recipients.base import Identity
 from modelseal.recipients.registry import IdentitySpec
-from modelseal.serve import datatypes
+from modelseal.serve import keywatch
 from modelseal.serve.batching import DynamicBatcher, Tensors
-from modelseal.serve.errors import ServeError, bad_request, not_found, unavailable
-from modelseal.serve.infer import runtime_refusal
+from modelseal.serve.errors import ServeError, not_found, unavailable
+from modelseal.serve.infer import runtime_refusal, validate
 from modelseal.serve.metrics import Metrics
-from modelseal.serve.repository import ConfigError, ModelSpec, Repository, capped, is_sealed
-from modelseal.serve.runtimes import Runtime, load_runtime
+from modelseal.serve.repository import ConfigError, ModelSpec, Repository, capped
+from modelseal.serve.runtimes.base import Runtime, build
+from modelseal.serve.source import ModelSource
 
 log = logging.getLogger("modelseal.serve")
-
-
-def key_ids(artifact: Any) -> set[str]:
-    """Key-service key ids a sealed artifact is wrapped to (the agent reports which it holds)."""
-    from modelseal.sealing.operations import inspect
-
-    return {r["key_id"] for report in inspect(artifact) for r in report["recipients"] if "key_id" in r}
 
 
 @dataclass
@@ -100,10 +97,15 @@ async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
 
 
 class ModelManager:
+    """``identity``: an :class:`Identity` already resolved, or a spec (``None``: the environment's, as
+    :func:`~modelseal.load.artifacts.resolve_identity` says) resolved here, once. A spec that cannot be
+    resolved does not stop the server: it is each sealed model's load-failure reason. The agent watched
+    for revocations is ``agent_socket``, else the identity's own when it is an agent."""
+
     def __init__(
         self,
         repository: Repository,
-        identity: IdentitySpec | None,
+        identity: Identity | IdentitySpec | None,
         metrics: Metrics,
         *,
         agent_socket: str | None = None,
@@ -112,8 +114,15 @@ class ModelManager:
         threads: int = 0,
         trusted_signers: list[str] | None = None,
     ) -> None:
-        self.repository, self.identity, self.metrics = repository, identity, metrics
-        self.agent_socket, self.key_check_s, self.retry_s, self.threads = agent_socket, key_check_s, retry_s, threads
+        self.repository, self.metrics = repository, metrics
+        self.identity: Identity | None = None
+        self.identity_error: ModelsealError | None = None
+        try:
+            self.identity = identity if isinstance(identity, Identity) else resolve_identity(identity)
+        except ModelsealError as exc:
+            self.identity_error = exc
+        self.agent_socket = agent_socket or keywatch.agent_socket(self.identity)
+        self.key_check_s, self.retry_s, self.threads = key_check_s, retry_s, threads
         self.trusted_signers = list(trusted_signers or [])
         self.models: dict[str, LoadedModel] = {}
         self.states: dict[str, ModelState] = {}
@@ -124,7 +133,8 @@ class ModelManager:
 
     def start(self) -> None:
         if self.agent_socket and self._watcher is None:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_keys(), name="key watcher")
+            watching = keywatch.watch(self, self.agent_socket, self.key_check_s, self.retry_s)
+            self._watcher = asyncio.get_running_loop().create_task(watching, name="key watcher")
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -206,20 +216,24 @@ class ModelManager:
         return ServeError(status, f"model {name} cannot be loaded: {reason}")
 
     def _build(self, spec: ModelSpec, version: int) -> LoadedModel:
+        """Open the version's artifact once, unlock it once, and build every instance from it."""
         artifact = spec.artifact(version)
-        sealed = is_sealed(artifact)
-        if not sealed and self.trusted_signers:
-            raise UsageError(f"{artifact} is not sealed, so it carries no signature from a trusted signer")
-        keys = key_ids(artifact) if sealed else set()
         runtimes: list[Runtime] = []
-        try:
-            for _ in range(spec.instances):
-                identity = self.identity if sealed else None
-                runtimes.append(load_runtime(spec, artifact, identity, self.threads, self.trusted_signers))
-        except BaseException:
-            for r in runtimes:
-                r.close()
-            raise
+        with ModelSource.open(artifact) as source:
+            if not source.sealed and self.trusted_signers:
+                raise UsageError(f"{artifact} is not sealed, so it carries no signature from a trusted signer")
+            if source.sealed:
+                if self.identity is None:
+                    raise (self.identity_error or UsageError("no identity")).with_traceback(None)
+                source.unlock(self.identity, self.trusted_signers)
+            keys = source.key_ids()
+            try:
+                for _ in range(spec.instances):
+                    runtimes.append(build(spec, source, self.threads))
+            except BaseException:
+                for r in runtimes:
+                    r.close()
+                raise
         pool = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"model-{spec.name}")
         return LoadedModel(spec, version, runtimes, keys, pool)
 
@@ -267,39 +281,8 @@ class ModelManager:
         """Loaded models whose dynamic batcher cannot answer requests (readiness reports them)."""
         return [n for n, m in self.models.items() if m.batcher is not None and not m.batcher.alive]
 
-    def check(self, model: LoadedModel, inputs: Tensors, outputs: list[str]) -> list[str]:
-        """Validate names, dtypes and shapes against the config; return the outputs to compute."""
-        spec = model.spec
-        declared = {t.name: t for t in spec.inputs}
-        missing = [n for n in declared if n not in inputs]
-        extra = [n for n in inputs if n not in declared]
-        if missing or extra:
-            raise bad_request(
-                f"model {spec.name} expects inputs {sorted(declared)}; missing {missing}, unknown {extra}"
-            )
-        rows = None
-        for name, array in inputs.items():
-            t = declared[name]
-            if datatypes.v2_name(array.dtype) != t.datatype:
-                raise bad_request(f"input {name} must be {t.datatype}, got {datatypes.v2_name(array.dtype)}")
-            shape = array.shape[1:] if spec.batching else array.shape
-            if spec.batching:
-                if array.ndim == 0 or array.shape[0] < 1 or array.shape[0] > spec.max_batch_size:
-                    raise bad_request(f"input {name}: batch size must be 1..{spec.max_batch_size}, shape {array.shape}")
-                if rows is not None and array.shape[0] != rows:
-                    raise bad_request("all inputs must have the same batch size")
-                rows = array.shape[0]
-            if len(shape) != len(t.dims) or any(d != -1 and d != s for d, s in zip(t.dims, shape, strict=False)):
-                expected = [-1, *t.dims] if spec.batching else list(t.dims)
-                raise bad_request(f"input {name} has shape {list(array.shape)}, the model expects {expected}")
-        known = [t.name for t in spec.outputs]
-        unknown = [o for o in outputs if o not in known]
-        if unknown:
-            raise bad_request(f"model {spec.name} has no output(s) {unknown} (outputs: {known})")
-        return outputs or known
-
     async def infer(self, model: LoadedModel, inputs: Tensors, outputs: list[str]) -> Tensors:
-        wanted = self.check(model, inputs, outputs)
+        wanted = validate(model.spec, inputs, outputs)
         model.in_flight += 1
         try:
             if model.batcher is not None:
@@ -349,33 +332,13 @@ class ModelManager:
         while any(m.in_flight for m in self.models.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
-    # --- key revocation -----------------------------------------------------------------------------
+    # --- key revocation (what keywatch needs) ---------------------------------------------------------
 
-    async def _watch_keys(self) -> None:
-        from modelseal.release.wire import ask
+    def key_ids(self) -> dict[str, set[str]]:
+        return {name: model.keys for name, model in self.models.items()}
 
-        last_retry = 0.0
-        while True:
-            await asyncio.sleep(self.key_check_s)
-            try:
-                status, _ = await asyncio.to_thread(ask, str(self.agent_socket), {"op": "status"})
-            except ModelsealError as exc:
-                log.warning("cannot ask the agent for key status: %s", exc)
-                continue
-            held = {k["key_id"] for k in status.get("keys", [])}
-            dropped = status.get("dropped", {})
-            for name, model in list(self.models.items()):
-                lost = model.keys - held
-                if lost:
-                    key_id = sorted(lost)[0]
-                    why = dropped.get(key_id, {})
-                    reason = f"key {key_id} was dropped by the agent: {why.get('code', 'not held')}"
-                    if why.get("message"):
-                        reason += f" ({why['message']})"
-                    await self.unload(name, reason, retry=True)
-            if time.monotonic() - last_retry >= self.retry_s:
-                last_retry = time.monotonic()
-                for name, state in list(self.states.items()):
-                    if state.retry and name not in self.models:
-                        with contextlib.suppress(ServeError):
-                            await self.load(name)
+    async def retry_dropped(self) -> None:
+        for name, state in list(self.states.items()):
+            if state.retry and name not in self.models:
+                with contextlib.suppress(ServeError):
+                    await self.load(name)

@@ -6,8 +6,10 @@
     REPO/<model>/<version>/model.safetensors.sealed  (a state dict + the config's entry_point module)
     REPO/<model>/<version>/model.savedmodel.sealed   (TensorFlow SavedModel: a sealed directory or bundle)
 
-The config is read with protobuf's text format against ``protocol/model_config.proto`` (Triton's field
-names), so an existing ``config.pbtxt`` works unchanged; YAML and JSON use the same names.
+Which platforms exist, and the model file names each looks for, come from the runtime registry
+(:mod:`modelseal.serve.runtimes.base`). The config is read with protobuf's text format against
+``protocol/model_config.proto`` (Triton's field names), so an existing ``config.pbtxt`` works unchanged;
+YAML and JSON use the same names.
 """
 
 from __future__ import annotations
@@ -20,19 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelseal.errors import FormatError, UsageError
-from modelseal.format.bundle import is_bundle
+from modelseal.errors import UsageError
 from modelseal.serve import datatypes
 from modelseal.serve.protocol import model_config
+from modelseal.serve.runtimes.base import registry
 
 log = logging.getLogger("modelseal.serve")
 CONFIG_NAMES = ("config.pbtxt", "config.yaml", "config.yml", "config.json")
-PLATFORMS = {
-    "onnxruntime_onnx": ("model.onnx.sealed", "model.onnx"),
-    "pytorch_libtorch": ("model.pt.sealed", "model.pt", "model.safetensors.sealed", "model.safetensors"),
-    "tensorflow_savedmodel": ("model.savedmodel.sealed", "model.savedmodel"),
-}
-BACKENDS = {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch", "tensorflow": "tensorflow_savedmodel"}
 # Limits on what a config may ask for: a config is operator input, but a typo (or a hostile repository)
 # must be a clear refusal, not a server that forks 100,000 runtimes or holds requests for 584,000 years.
 MAX_CONFIG_BYTES = 1 << 20
@@ -89,26 +85,14 @@ class ModelSpec:
     def artifact(self, version: int) -> Path:
         """The model file of ``version``: the configured file name, else the platform's default names."""
         base = self.path / str(version)
-        names = (self.default_model_filename,) if self.default_model_filename else PLATFORMS[self.platform]
+        info = registry().get(self.platform)
+        names = info.files if info is not None else ()
+        if self.default_model_filename:
+            names = (self.default_model_filename,)
         for name in names:
             if (base / name).exists():
                 return base / name
         raise ConfigError(f"model {self.name} version {version}: none of {', '.join(names)} in {base}")
-
-
-def is_sealed(path: Path) -> bool:
-    """A sealed bundle or sealed safetensors file, or a sealed directory (its members are bundles)."""
-    if path.is_dir():
-        return any(is_bundle(p) for p in path.rglob("*") if p.is_file())
-    if is_bundle(path):
-        return True
-    from modelseal.load.artifacts import open_locked
-
-    try:
-        open_locked(path).close()
-    except (FormatError, OSError):
-        return False
-    return True
 
 
 def parse_config(directory: Path) -> ModelSpec:
@@ -135,11 +119,12 @@ def parse_config(directory: Path) -> ModelSpec:
     name = config.name or directory.name
     if name != directory.name:
         raise ConfigError(f"{path}: name {name!r} differs from the model directory {directory.name!r}")
-    platform = config.platform or BACKENDS.get(config.backend, "")
-    if platform not in PLATFORMS:
+    runtimes = registry()
+    platform = runtimes.platform_of(config.platform, config.backend)
+    if platform is None:
         raise ConfigError(
             f"{path}: platform {config.platform or config.backend or '(none)'} is not served "
-            f"(supported: {', '.join(PLATFORMS)}; backends {', '.join(BACKENDS)})"
+            f"(supported: {', '.join(runtimes.platforms())}; backends {', '.join(runtimes.backends())})"
         )
 
     def tensors(items: Any, what: str) -> tuple[TensorSpec, ...]:

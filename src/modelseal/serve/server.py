@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import signal
 import socket
 import ssl
@@ -39,8 +38,8 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_ca: Path | None = None  # set: clients must present a certificate it issued (mTLS)
-    identity: IdentitySpec | None = None
-    agent_socket: str | None = None
+    identity: IdentitySpec | None = None  # None: $MODELSEAL_IDENTITY, else the agent at $MODELSEAL_AGENT_SOCKET
+    agent_socket: str | None = None  # watched for revocations; None: the identity's agent, if it is one
     models: list[str] = field(default_factory=list)  # empty: every model in the repository
     key_check_s: float = 5
     retry_s: float = 30
@@ -51,13 +50,6 @@ class ServeConfig:
     drain_s: float = 10
     threads: int = 0
     trusted_signers: list[str] = field(default_factory=list)  # set: serve only models these publishers signed
-
-    def agent(self) -> str | None:
-        if self.agent_socket:
-            return self.agent_socket
-        if isinstance(self.identity, str) and self.identity.startswith("agent:"):
-            return self.identity.removeprefix("agent:")
-        return None if self.identity else os.environ.get("MODELSEAL_AGENT_SOCKET")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -109,8 +101,8 @@ class Server:
         self.budget = ByteBudget(config.max_inflight_bytes)
         self.metrics = Metrics()
         self.audit = AuditLog(config.audit_log)
-        self.models = ModelManager(
-            Repository(config.repository), config.identity, self.metrics, agent_socket=config.agent(),
+        self.models = ModelManager(  # resolves the identity, once for the server's life
+            Repository(config.repository), config.identity, self.metrics, agent_socket=config.agent_socket,
             key_check_s=config.key_check_s, retry_s=config.retry_s, threads=config.threads,
             trusted_signers=config.trusted_signers,
         )  # fmt: skip

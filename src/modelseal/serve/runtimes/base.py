@@ -1,0 +1,150 @@
+"""The :class:`Runtime` interface and the one registry of served platforms.
+
+A platform (config.pbtxt's ``platform``, Triton's names) maps to one :class:`RuntimeInfo`: the runtime
+class, the default model file names looked for in a version directory, and the ``backend`` alias a
+config may name instead. The registry is filled once, on first use: the built-in modules listed in
+:data:`BUILTIN` (one line each), then every ``modelseal.runtimes`` entry point of an installed package,
+each of which names a :class:`RuntimeInfo`. :func:`register` adds one from a program. The repository (which
+platforms and files exist) and the model manager (which class builds an instance) only ask the registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from modelseal.errors import UsageError
+
+if TYPE_CHECKING:
+    from modelseal.serve.repository import ModelSpec
+    from modelseal.serve.source import ModelSource
+
+log = logging.getLogger("modelseal.serve")
+ENTRY_POINT_GROUP = "modelseal.runtimes"
+BUILTIN = (  # each defines RUNTIME, a RuntimeInfo; importing one imports no framework
+    "modelseal.serve.runtimes.onnxruntime",
+    "modelseal.serve.runtimes.pytorch",
+    "modelseal.serve.runtimes.tensorflow",
+)
+
+
+class Runtime(Protocol):
+    """One instance of a model in memory. Built by ``RuntimeInfo.runtime(spec, source, threads)`` from
+    the version's :class:`~modelseal.serve.source.ModelSource` (sealed: unlocked, to decrypt from; plain:
+    a path), it may use the source only while it is being built. ``run`` is called from one thread at a
+    time per instance; ``close`` frees the model and wipes every buffer of decrypted data it kept."""
+
+    device: str
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
+
+    def check(self, spec: ModelSpec) -> None:
+        """Raise :class:`~modelseal.serve.repository.ConfigError` naming how the config disagrees with
+        the model (see :mod:`.declared`); called once per instance, right after it is built."""
+
+    def close(self) -> None: ...
+
+
+RuntimeFactory = Callable[["ModelSpec", "ModelSource", int], Runtime]
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What serving one platform takes."""
+
+    platform: str  # config.pbtxt's ``platform``: onnxruntime_onnx, pytorch_libtorch...
+    runtime: RuntimeFactory  # (spec, source, intra-op threads or 0) -> a Runtime; usually the class
+    files: tuple[str, ...]  # default model file names in a version directory, in the order looked for
+    backend: str = ""  # config.pbtxt's ``backend`` name meaning this platform ("": none)
+
+
+class RuntimeRegistry:
+    """Platforms by name, and backend aliases. Use :func:`registry` for the process's one registry."""
+
+    def __init__(self) -> None:
+        self._platforms: dict[str, RuntimeInfo] = {}
+        self._backends: dict[str, str] = {}
+
+    def register(self, info: RuntimeInfo) -> None:
+        """Add ``info``; a platform or backend name already taken is refused."""
+        if not isinstance(info, RuntimeInfo):
+            raise UsageError(f"a serving runtime is registered with a RuntimeInfo, not {type(info).__name__}")
+        if not info.platform or not info.files:
+            raise UsageError("a serving runtime needs a platform name and at least one model file name")
+        if info.platform in self._platforms:
+            raise UsageError(
+                f"platform {info.platform!r} is already served by {self._platforms[info.platform].runtime}"
+            )
+        if info.backend and info.backend in self._backends:
+            raise UsageError(f"backend {info.backend!r} already means platform {self._backends[info.backend]!r}")
+        self._platforms[info.platform] = info
+        if info.backend:
+            self._backends[info.backend] = info.platform
+
+    def fill(self) -> RuntimeRegistry:
+        """Register the built-in runtimes, then the installed ``modelseal.runtimes`` entry points. A plug-in
+        that fails to load or clashes with a name already taken is logged and left out: it must not stop
+        the server from serving everything else."""
+        for module in BUILTIN:
+            self.register(importlib.import_module(module).RUNTIME)
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                self.register(point.load())
+            except Exception as exc:  # a third party's import error, wrong type or clash
+                log.warning("serving runtime %s (%s) is not used: %s", point.name, point.value, exc)
+        return self
+
+    def get(self, platform: str) -> RuntimeInfo | None:
+        return self._platforms.get(platform)
+
+    def platform_of(self, platform: str, backend: str) -> str | None:
+        """The platform a config names: ``platform``, else what its ``backend`` means; None when neither
+        is served."""
+        name = platform or self._backends.get(backend, "")
+        return name if name in self._platforms else None
+
+    def platforms(self) -> list[str]:
+        return list(self._platforms)
+
+    def backends(self) -> list[str]:
+        return list(self._backends)
+
+
+_registry: RuntimeRegistry | None = None
+_filling = threading.Lock()
+
+
+def registry() -> RuntimeRegistry:
+    """The process's registry, filled on first use (configs are read on threads: filled once under a lock)."""
+    global _registry
+    with _filling:
+        if _registry is None:
+            _registry = RuntimeRegistry().fill()
+        return _registry
+
+
+def register(info: RuntimeInfo) -> None:
+    """Serve ``info.platform`` with ``info.runtime`` in this process (a program embedding the server, or
+    a test); an installed package declares an entry point in the ``modelseal.runtimes`` group instead."""
+    registry().register(info)
+
+
+def build(spec: ModelSpec, source: ModelSource, threads: int = 0) -> Runtime:
+    """One instance of ``spec``'s model from ``source``, checked to agree with the config."""
+    info = registry().get(spec.platform)
+    if info is None:  # a config is checked against the registry when it is read: only a registry changed since
+        raise UsageError(f"model {spec.name}: platform {spec.platform} is not served")
+    runtime = info.runtime(spec, source, threads)
+    try:
+        runtime.check(spec)
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime

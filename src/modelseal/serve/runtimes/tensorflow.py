@@ -1,0 +1,80 @@
+"""TensorFlow SavedModels (``platform: "tensorflow_savedmodel"``, ``backend: "tensorflow"``). Sealed, the
+SavedModel is loaded from memory (:func:`modelseal.tensorflow.saved_model_from_files`): it never exists
+on a disk. ``parameters { key: "signature" ... }`` picks the signature (``serving_default``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from modelseal.errors import MissingDependencyError, UsageError
+from modelseal.serve import datatypes
+from modelseal.serve.repository import ModelSpec
+from modelseal.serve.runtimes.base import RuntimeInfo
+from modelseal.serve.runtimes.declared import Declared, check_tensors
+from modelseal.serve.source import ModelSource
+
+
+class TensorflowRuntime:
+    def __init__(self, spec: ModelSpec, source: ModelSource, threads: int) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:
+            import tensorflow as tf
+        except ImportError:
+            raise MissingDependencyError("SavedModels need TensorFlow: pip install 'modelseal[tensorflow]'") from None
+        self.tf = tf
+        self.device = "cuda" if tf.config.list_physical_devices("GPU") else "cpu"
+        if source.sealed:
+            from modelseal.crypto.keys import wipe
+            from modelseal.tensorflow import saved_model_from_files
+
+            files = source.files()
+            try:
+                self.model = saved_model_from_files(files, str(source.path))
+            finally:
+                for data in files.values():
+                    wipe(data)
+        else:
+            self.model = tf.saved_model.load(str(source.path))
+        name = spec.parameters.get("signature", "serving_default")
+        if name not in self.model.signatures:
+            raise UsageError(f"model {spec.name} has no signature {name!r} (has {sorted(self.model.signatures)})")
+        self.fn = self.model.signatures[name]
+
+    def check(self, spec: ModelSpec) -> None:
+        def declared(specs: Any) -> dict[str, Declared]:
+            found: dict[str, Declared] = {}
+            for key, s in specs.items():
+                try:
+                    dtype: str | None = datatypes.v2_name(s.dtype.as_numpy_dtype)
+                except (UsageError, TypeError):
+                    dtype = s.dtype.name
+                dims = s.shape.as_list() if s.shape.rank is not None else None
+                found[key] = (dtype, tuple(dims) if dims is not None else None)
+            return found
+
+        _, kwargs = self.fn.structured_input_signature
+        outputs = self.fn.structured_outputs
+        check_tensors(spec, "TensorFlow", declared(kwargs), declared(outputs) if isinstance(outputs, dict) else None)
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        result = self.fn(**{n: self.tf.constant(a) for n, a in inputs.items()})
+        missing = [n for n in outputs if n not in result]
+        if missing:
+            raise UsageError(f"the signature returned {sorted(result)}, not {missing}")
+        return {n: result[n].numpy() for n in outputs}
+
+    def close(self) -> None:
+        model, self.fn, self.model = self.model, None, None
+        for variable in getattr(model, "variables", None) or []:  # the weights: zeroed, not only freed
+            variable.assign(self.tf.zeros_like(variable))
+
+
+RUNTIME = RuntimeInfo(
+    "tensorflow_savedmodel",
+    TensorflowRuntime,
+    ("model.savedmodel.sealed", "model.savedmodel"),
+    backend="tensorflow",
+)
