@@ -19,7 +19,6 @@ from typing import Any
 
 from aiohttp import web
 
-from modelseal.attest.base import known_kinds
 from modelseal.encoding import b64d
 from modelseal.errors import FormatError, ModelsealError
 from modelseal.jsonlimits import JSONLimitError, loads_bounded
@@ -191,7 +190,7 @@ async def health(request: web.Request) -> web.Response:
 async def info(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     return web.json_response(
-        {"lease_public_key": service_public_key_text(service.signer), "evidence_kinds": known_kinds()}
+        {"lease_public_key": service_public_key_text(service.signer), "evidence_kinds": service.evidence_kinds}
     )
 
 

@@ -16,11 +16,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select, update
-
 from modelseal.errors import FormatError
 from modelseal.jsonlimits import loads_bounded
-from modelseal.keyserver.sqlstore import schema
+from modelseal.keyserver.store import AuditEntry
 
 GENESIS = "0" * 64
 
@@ -33,28 +31,21 @@ def _link(prev_hash: str, seq: int, ts_ms: int, entry: str) -> str:
     return h.hexdigest()
 
 
-def lock_head(conn: Connection) -> tuple[int, str]:
-    """Lock the chain head for this transaction (serialises all writers); return (seq, hash)."""
-    row = conn.execute(select(schema.audit_head).where(schema.audit_head.c.id == 1).with_for_update()).one()
-    return int(row.seq), str(row.hash)
-
-
-def append(conn: Connection, head: tuple[int, str], event: dict[str, Any]) -> tuple[int, str]:
-    """Append one event after ``head`` (from :func:`lock_head`, same transaction); return the new head."""
+def next_entry(head: tuple[int, str], event: dict[str, Any]) -> AuditEntry:
+    """The entry that chains ``event`` after ``head`` (``(seq, hash)``, locked by the caller's transaction)."""
     seq, prev = head[0] + 1, head[1]
     ts_ms = int(time.time() * 1000)
     entry = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
-    digest = _link(prev, seq, ts_ms, entry)
-    conn.execute(schema.audit.insert().values(seq=seq, ts_ms=ts_ms, entry=entry, prev_hash=prev, hash=digest))
-    conn.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1).values(seq=seq, hash=digest))
-    return seq, digest
+    return AuditEntry(seq, ts_ms, entry, prev, _link(prev, seq, ts_ms, entry))
 
 
-def entries(conn: Connection, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
-    query = select(schema.audit).where(schema.audit.c.seq > after).order_by(schema.audit.c.seq)
-    if limit is not None:
-        query = query.limit(limit)
-    return [dict(row._mapping) for row in conn.execute(query)]
+def entries(conn: Any, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """Entries of a SQL store on an open SQLAlchemy connection (kept for ``keyserver audit verify --db``).
+
+    New code reads :meth:`modelseal.keyserver.store.Store.audit_entries` instead."""
+    from modelseal.keyserver.sqlstore.store import read_audit
+
+    return [e.to_json() for e in read_audit(conn, after, limit)]
 
 
 @dataclass

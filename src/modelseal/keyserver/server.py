@@ -1,4 +1,4 @@
-"""Run the key service: harden the process, open the database, check its schema, load the keys, serve HTTPS."""
+"""Run the key service: harden the process, open its store, check its schema, load the keys, serve HTTPS."""
 
 from __future__ import annotations
 
@@ -9,28 +9,32 @@ import socket
 from aiohttp import web
 
 from modelseal import pki
-from modelseal.attest.verifiers import load_verifiers
+from modelseal.attest import Verifier, verifiers_from_config
 from modelseal.errors import UsageError
 from modelseal.keyserver.app import build_app
 from modelseal.keyserver.config import KeyServerConfig
 from modelseal.keyserver.service import KeyService
 from modelseal.keyserver.sqlstore import db
+from modelseal.keyserver.sqlstore.store import open_store
 from modelseal.memory.locked import harden_process
 
 _BIND_ERRORS = {errno.EADDRINUSE: "the port is already in use", errno.EACCES: "permission denied",
                 errno.EADDRNOTAVAIL: "no such local address"}  # fmt: skip
 
 
-def build_service(cfg: KeyServerConfig, migrate: bool = True) -> KeyService:
+def verifiers(cfg: KeyServerConfig) -> dict[str, Verifier]:
+    """The evidence verifiers configured by the file's ``[attestation]`` table, by kind."""
     try:
-        load_verifiers(cfg.attestation, cfg.path.parent)
+        return verifiers_from_config(cfg.attestation, cfg.path.parent)
     except UsageError as exc:
         raise UsageError(f"{cfg.path}: {exc}") from None
-    engine = db.connect(cfg.database)
-    if migrate:
-        db.migrate(engine)
-    db.check_current(engine)
-    return KeyService(engine, cfg.master_key(), cfg.signer(), cfg.settings, cfg.refusals)
+
+
+def build_service(cfg: KeyServerConfig, migrate: bool = True) -> KeyService:
+    """The key service ``cfg`` describes, on its database (migrated first unless ``migrate`` is False)."""
+    checked = verifiers(cfg)
+    store = open_store(cfg.database, migrate)
+    return KeyService(store, cfg.master_key(), cfg.signer(), cfg.settings, checked, cfg.refusals)
 
 
 def run(cfg: KeyServerConfig, migrate: bool = True) -> None:

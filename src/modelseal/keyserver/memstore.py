@@ -1,0 +1,195 @@
+"""An in-process :class:`~modelseal.keyserver.store.Store`: the key service's state in dictionaries.
+
+It keeps the same promises as the SQL store, so the service's decisions can be exercised (and a
+tool can run the service) without a database: one transaction at a time (a lock stands in for the
+audit-head row lock), all-or-nothing (a transaction works on copies of the tables and publishes
+them only when it ends normally), primary keys and the model references checked like the schema's
+constraints, and the same hash-chained audit log. State lives as long as the object: nothing is
+written anywhere. Each transaction copies the table indexes (not the records), which suits tests
+and tools, not a production key service with a large history.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from modelseal.keyserver import auditchain
+from modelseal.keyserver.store import (
+    AuditEntry,
+    ChallengeRecord,
+    GrantRecord,
+    GrantUse,
+    KeyRecord,
+    LeaseRecord,
+    ModelRecord,
+    ModelSummary,
+)
+
+R = TypeVar("R")
+
+
+class StoreIntegrityError(ValueError):
+    """A write the SQL schema's constraints would refuse (duplicate id, unknown model or grant)."""
+
+
+def _insert(table: dict[str, R], key: str, record: R, what: str) -> None:
+    if key in table:
+        raise StoreIntegrityError(f"{what} {key} already exists")
+    table[key] = record
+
+
+@dataclass
+class _Tables:
+    models: dict[str, ModelRecord] = field(default_factory=dict)
+    keys: dict[str, KeyRecord] = field(default_factory=dict)
+    grants: dict[str, GrantRecord] = field(default_factory=dict)
+    grant_hosts: dict[str, dict[str, int]] = field(default_factory=dict)  # grant id -> host -> first seen
+    challenges: dict[str, ChallengeRecord] = field(default_factory=dict)
+    leases: dict[str, LeaseRecord] = field(default_factory=dict)
+
+    def copy(self) -> _Tables:
+        return _Tables(
+            dict(self.models), dict(self.keys), dict(self.grants),
+            {g: dict(hosts) for g, hosts in self.grant_hosts.items()}, dict(self.challenges), dict(self.leases),
+        )  # fmt: skip
+
+
+class MemoryTransaction:
+    """:class:`~modelseal.keyserver.store.Transaction` on private copies of the tables."""
+
+    def __init__(self, tables: _Tables, head: tuple[int, str]) -> None:
+        self.tables, self.head = tables, head
+        self.appended: list[AuditEntry] = []
+
+    def has_model(self, name: str) -> bool:
+        return name in self.tables.models
+
+    def add_model(self, model: ModelRecord) -> None:
+        _insert(self.tables.models, model.name, model, "model")
+
+    def key(self, key_id: str) -> KeyRecord | None:
+        return self.tables.keys.get(key_id)
+
+    def add_key(self, key: KeyRecord) -> None:
+        self._need_model(key.model)
+        _insert(self.tables.keys, key.key_id, key, "key")
+
+    def keys(self) -> list[KeyRecord]:
+        return list(self.tables.keys.values())
+
+    def rewrap_key(self, key_id: str, wrapped: bytes, wrap_version: str) -> None:
+        key = self.tables.keys.get(key_id)
+        if key is not None:
+            self.tables.keys[key_id] = replace(key, wrapped=wrapped, wrap_version=wrap_version)
+
+    def grant(self, grant_id: str) -> GrantRecord | None:
+        return self.tables.grants.get(grant_id)
+
+    def add_grant(self, grant: GrantRecord) -> None:
+        self._need_model(grant.model)
+        _insert(self.tables.grants, grant.grant_id, grant, "grant")
+
+    def grants_for_model(self, model: str, include_revoked: bool) -> list[GrantRecord]:
+        rows = [
+            g for g in self.tables.grants.values()
+            if g.model == model and (include_revoked or g.revoked_at is None)
+        ]  # fmt: skip
+        rows.sort(key=lambda g: g.grant_id)
+        rows.sort(key=lambda g: g.created_at, reverse=True)  # stable: newest first, ties by grant id
+        return rows
+
+    def revoke_grant(self, grant_id: str, at: int, reason: str) -> None:
+        grant = self.tables.grants.get(grant_id)
+        if grant is not None:
+            self.tables.grants[grant_id] = replace(grant, revoked_at=at, revoke_reason=reason)
+
+    def grant_hosts(self, grant_id: str) -> set[str]:
+        return set(self.tables.grant_hosts.get(grant_id, {}))
+
+    def record_release(self, lease: LeaseRecord, new_host: bool) -> None:
+        grant = self.tables.grants.get(lease.grant_id)
+        if grant is None:
+            raise StoreIntegrityError(f"lease {lease.lease_id} names no stored grant {lease.grant_id}")
+        _insert(self.tables.leases, lease.lease_id, lease, "lease")
+        self.tables.grants[grant.grant_id] = replace(grant, releases=grant.releases + 1)
+        if new_host:
+            _insert(self.tables.grant_hosts.setdefault(grant.grant_id, {}), lease.host, lease.issued_at, "grant host")
+
+    def add_challenge(self, challenge: ChallengeRecord) -> None:
+        _insert(self.tables.challenges, challenge.nonce, challenge, "challenge")
+
+    def purge_challenges(self, expired_before: int) -> None:
+        table = self.tables.challenges
+        for nonce in [n for n, c in table.items() if c.expires_at < expired_before]:
+            del table[nonce]
+
+    def challenge(self, nonce: str) -> ChallengeRecord | None:
+        return self.tables.challenges.get(nonce)
+
+    def spend_challenge(self, nonce: str, at: int) -> bool:
+        row = self.tables.challenges.get(nonce)
+        if row is None or row.used_at is not None:
+            return False
+        self.tables.challenges[nonce] = replace(row, used_at=at)
+        return True
+
+    def append_audit(self, event: dict[str, Any]) -> AuditEntry:
+        entry = auditchain.next_entry(self.head, event)
+        self.appended.append(entry)
+        self.head = (entry.seq, entry.hash)
+        return entry
+
+    def _need_model(self, name: str) -> None:
+        if name not in self.tables.models:
+            raise StoreIntegrityError(f"no model {name} is stored")
+
+
+class MemoryStore:
+    """:class:`~modelseal.keyserver.store.Store` in this process's memory (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._tables = _Tables()
+        self._audit: list[AuditEntry] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[MemoryTransaction]:
+        with self._lock:
+            head = (self._audit[-1].seq, self._audit[-1].hash) if self._audit else (0, auditchain.GENESIS)
+            tx = MemoryTransaction(self._tables.copy(), head)
+            yield tx  # an exception here leaves the published tables and log untouched
+            self._tables = tx.tables
+            self._audit.extend(tx.appended)
+
+    def models(self) -> list[ModelSummary]:
+        tables = self._tables
+        counts: dict[str, int] = {}
+        for key in tables.keys.values():
+            counts[key.model] = counts.get(key.model, 0) + 1
+        return [
+            ModelSummary(m.name, m.description, m.created_at, counts.get(m.name, 0))
+            for m in sorted(tables.models.values(), key=lambda m: m.name)
+        ]
+
+    def grants(self, model: str | None = None) -> list[GrantUse]:
+        tables = self._tables
+        rows = sorted(tables.grants.values(), key=lambda g: (g.created_at, g.grant_id))
+        return [GrantUse(g, len(tables.grant_hosts.get(g.grant_id, {}))) for g in rows if not model or g.model == model]
+
+    def live_grants(self) -> list[GrantRecord]:
+        return [g for g in self._tables.grants.values() if g.revoked_at is None]
+
+    def keys_of(self, models: Iterable[str]) -> list[tuple[str, str]]:
+        wanted = set(models)
+        return [(k.key_id, k.model) for k in self._tables.keys.values() if k.model in wanted]
+
+    def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
+        rows = self._audit[max(after, 0) :]  # entry n sits at index n - 1
+        return rows if limit is None else rows[:limit]
+
+    def close(self) -> None:
+        """Nothing to release: the state goes with the object."""

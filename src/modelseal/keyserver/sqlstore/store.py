@@ -1,0 +1,216 @@
+"""The key service's :class:`~modelseal.keyserver.store.Store` on SQLAlchemy: SQLite or PostgreSQL.
+
+A transaction is one database transaction whose first statement locks the audit-head row
+(:func:`lock_head`): ``SELECT ... FOR UPDATE`` on PostgreSQL, so replicas sharing the database
+serialise on it; on SQLite the write lock is already held from ``BEGIN IMMEDIATE``
+(:func:`modelseal.keyserver.sqlstore.db.connect`). Spending a nonce is a conditional ``UPDATE`` whose
+row count says who won, so two replicas never release against one nonce.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, func, select, update
+
+from modelseal.keyserver import auditchain
+from modelseal.keyserver.sqlstore import db, schema
+from modelseal.keyserver.store import (
+    AuditEntry,
+    ChallengeRecord,
+    GrantRecord,
+    GrantUse,
+    KeyRecord,
+    LeaseRecord,
+    ModelRecord,
+    ModelSummary,
+)
+
+
+def open_store(url: str, migrate: bool = True) -> SqlStore:
+    """Connect to ``url`` (:func:`~modelseal.keyserver.sqlstore.db.normalise_url`), migrate the schema to
+    the newest revision if asked, and refuse a schema at any other revision."""
+    engine = db.connect(url)
+    if migrate:
+        db.migrate(engine)
+    db.check_current(engine)
+    return SqlStore(engine)
+
+
+def lock_head(conn: Connection) -> tuple[int, str]:
+    """Lock the chain head for this transaction (serialises all writers); return (seq, hash)."""
+    row = conn.execute(select(schema.audit_head).where(schema.audit_head.c.id == 1).with_for_update()).one()
+    return int(row.seq), str(row.hash)
+
+
+def read_audit(conn: Connection, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
+    query = select(schema.audit).where(schema.audit.c.seq > after).order_by(schema.audit.c.seq)
+    if limit is not None:
+        query = query.limit(limit)
+    return [AuditEntry(int(r.seq), int(r.ts_ms), r.entry, r.prev_hash, r.hash) for r in conn.execute(query)]
+
+
+def _grant(row: Any) -> GrantRecord:
+    return GrantRecord(
+        grant_id=row.grant_id, model=row.model, identity=row.identity, not_before=row.not_before,
+        not_after=row.not_after, max_hosts=row.max_hosts, max_releases=row.max_releases, releases=row.releases,
+        policy=row.policy, grace_s=row.grace_s, created_at=row.created_at, evidence=json.loads(row.evidence),
+        revoked_at=row.revoked_at, revoke_reason=row.revoke_reason,
+    )  # fmt: skip
+
+
+def _key(row: Any) -> KeyRecord:
+    return KeyRecord(row.key_id, row.model, bytes(row.wrapped), row.wrap_version, row.created_at)
+
+
+class SqlTransaction:
+    """:class:`~modelseal.keyserver.store.Transaction` on one connection inside ``engine.begin()``."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.head = lock_head(conn)
+
+    def has_model(self, name: str) -> bool:
+        return self.conn.execute(select(schema.models.c.name).where(schema.models.c.name == name)).first() is not None
+
+    def add_model(self, model: ModelRecord) -> None:
+        self.conn.execute(
+            schema.models.insert().values(name=model.name, description=model.description, created_at=model.created_at)
+        )
+
+    def key(self, key_id: str) -> KeyRecord | None:
+        row = self.conn.execute(select(schema.keys).where(schema.keys.c.key_id == key_id)).first()
+        return None if row is None else _key(row)
+
+    def add_key(self, key: KeyRecord) -> None:
+        self.conn.execute(
+            schema.keys.insert().values(
+                key_id=key.key_id, model=key.model, wrapped=key.wrapped, wrap_version=key.wrap_version,
+                created_at=key.created_at,
+            )
+        )  # fmt: skip
+
+    def keys(self) -> list[KeyRecord]:
+        return [_key(row) for row in self.conn.execute(select(schema.keys))]
+
+    def rewrap_key(self, key_id: str, wrapped: bytes, wrap_version: str) -> None:
+        self.conn.execute(
+            update(schema.keys).where(schema.keys.c.key_id == key_id).values(wrapped=wrapped, wrap_version=wrap_version)
+        )
+
+    def grant(self, grant_id: str) -> GrantRecord | None:
+        row = self.conn.execute(select(schema.grants).where(schema.grants.c.grant_id == grant_id)).first()
+        return None if row is None else _grant(row)
+
+    def add_grant(self, grant: GrantRecord) -> None:
+        row = {**asdict(grant), "evidence": json.dumps(grant.evidence)}
+        self.conn.execute(schema.grants.insert().values(**row))
+
+    def grants_for_model(self, model: str, include_revoked: bool) -> list[GrantRecord]:
+        query = select(schema.grants).where(schema.grants.c.model == model)
+        if not include_revoked:
+            query = query.where(schema.grants.c.revoked_at.is_(None))
+        query = query.order_by(schema.grants.c.created_at.desc(), schema.grants.c.grant_id)
+        return [_grant(row) for row in self.conn.execute(query)]
+
+    def revoke_grant(self, grant_id: str, at: int, reason: str) -> None:
+        self.conn.execute(
+            update(schema.grants)
+            .where(schema.grants.c.grant_id == grant_id)
+            .values(revoked_at=at, revoke_reason=reason)
+        )
+
+    def grant_hosts(self, grant_id: str) -> set[str]:
+        query = select(schema.grant_hosts.c.host).where(schema.grant_hosts.c.grant_id == grant_id)
+        return {host for (host,) in self.conn.execute(query)}
+
+    def record_release(self, lease: LeaseRecord, new_host: bool) -> None:
+        self.conn.execute(schema.leases.insert().values(**asdict(lease)))
+        self.conn.execute(
+            update(schema.grants)
+            .where(schema.grants.c.grant_id == lease.grant_id)
+            .values(releases=schema.grants.c.releases + 1)
+        )
+        if new_host:
+            self.conn.execute(
+                schema.grant_hosts.insert().values(grant_id=lease.grant_id, host=lease.host, first_seen=lease.issued_at)
+            )
+
+    def add_challenge(self, challenge: ChallengeRecord) -> None:
+        self.conn.execute(schema.challenges.insert().values(**asdict(challenge)))
+
+    def purge_challenges(self, expired_before: int) -> None:
+        self.conn.execute(delete(schema.challenges).where(schema.challenges.c.expires_at < expired_before))
+
+    def challenge(self, nonce: str) -> ChallengeRecord | None:
+        row = self.conn.execute(select(schema.challenges).where(schema.challenges.c.nonce == nonce)).first()
+        return None if row is None else ChallengeRecord(row.nonce, row.host, row.key_id, row.expires_at, row.used_at)
+
+    def spend_challenge(self, nonce: str, at: int) -> bool:
+        spent = self.conn.execute(
+            update(schema.challenges)
+            .where(schema.challenges.c.nonce == nonce, schema.challenges.c.used_at.is_(None))
+            .values(used_at=at)
+        )
+        return spent.rowcount == 1
+
+    def append_audit(self, event: dict[str, Any]) -> AuditEntry:
+        entry = auditchain.next_entry(self.head, event)
+        self.conn.execute(schema.audit.insert().values(**entry.to_json()))
+        self.conn.execute(
+            update(schema.audit_head).where(schema.audit_head.c.id == 1).values(seq=entry.seq, hash=entry.hash)
+        )
+        self.head = (entry.seq, entry.hash)
+        return entry
+
+
+class SqlStore:
+    """:class:`~modelseal.keyserver.store.Store` on an engine from :func:`~modelseal.keyserver.sqlstore.db.connect`
+    (its schema migrated: :func:`open_store`)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqlTransaction]:
+        with self.engine.begin() as conn:
+            yield SqlTransaction(conn)
+
+    def models(self) -> list[ModelSummary]:
+        counts = select(schema.keys.c.model, func.count().label("n")).group_by(schema.keys.c.model).subquery()
+        query = (
+            select(schema.models, func.coalesce(counts.c.n, 0).label("keys"))
+            .outerjoin(counts, counts.c.model == schema.models.c.name)
+            .order_by(schema.models.c.name)
+        )
+        with self.engine.connect() as conn:
+            return [ModelSummary(r.name, r.description, r.created_at, r.keys) for r in conn.execute(query)]
+
+    def grants(self, model: str | None = None) -> list[GrantUse]:
+        query = select(schema.grants).order_by(schema.grants.c.created_at, schema.grants.c.grant_id)
+        if model:
+            query = query.where(schema.grants.c.model == model)
+        with self.engine.connect() as conn:
+            counts = select(schema.grant_hosts.c.grant_id, func.count()).group_by(schema.grant_hosts.c.grant_id)
+            hosts: dict[str, int] = {grant_id: n for grant_id, n in conn.execute(counts)}
+            return [GrantUse(_grant(r), hosts.get(r.grant_id, 0)) for r in conn.execute(query)]
+
+    def live_grants(self) -> list[GrantRecord]:
+        with self.engine.connect() as conn:
+            return [_grant(r) for r in conn.execute(select(schema.grants).where(schema.grants.c.revoked_at.is_(None)))]
+
+    def keys_of(self, models: Iterable[str]) -> list[tuple[str, str]]:
+        query = select(schema.keys.c.key_id, schema.keys.c.model).where(schema.keys.c.model.in_(list(models)))
+        with self.engine.connect() as conn:
+            return [(k, m) for k, m in conn.execute(query)]
+
+    def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
+        with self.engine.connect() as conn:
+            return read_audit(conn, after, limit)
+
+    def close(self) -> None:
+        self.engine.dispose()

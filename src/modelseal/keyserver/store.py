@@ -1,0 +1,208 @@
+"""What the key service keeps, and the one shape every storage backend gives it: :class:`Store`.
+
+:class:`~modelseal.keyserver.service.KeyService` makes every decision; a store only keeps records and
+answers lookups, in the service's own terms (models, wrapped keys, grants and the hosts using them,
+challenges, leases, the audit chain). Backends: :mod:`modelseal.keyserver.sqlstore` (SQLite embedded,
+PostgreSQL for replicas) and :mod:`modelseal.keyserver.memstore` (in-process, for tests and tools).
+A new backend is one module, ``keyserver/<name>store.py``, implementing these two protocols.
+
+The guarantees a backend owes the service (the service relies on them, it cannot check them):
+
+- :meth:`Store.transaction` is one unit of work. It locks the audit-chain head on entry, so writers
+  across every process sharing the store run one at a time and each audit entry links to the one
+  before; it commits when the block ends normally and rolls back everything when it raises. The
+  service audits a refusal inside the same block and lets it end normally, so the refusal's record
+  and its side effects (a spent nonce) commit together.
+- :meth:`Transaction.spend_challenge` is atomic: of two transactions spending one nonce, one wins.
+- Reads outside a transaction (:meth:`Store.models` ...) see only committed state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    description: str
+    created_at: int
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model as ``GET /v1/admin/models`` lists it (field order is the JSON's)."""
+
+    name: str
+    description: str
+    created_at: int
+    keys: int
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A data key, only ever wrapped by the master key (``wrap_version`` names the master-key version)."""
+
+    key_id: str
+    model: str
+    wrapped: bytes
+    wrap_version: str
+    created_at: int
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    """A grant: ``identity`` (canonical, :mod:`modelseal.keyserver.identity`) may use ``model``'s keys.
+
+    ``evidence`` holds the requirements as their verifiers completed them; field order is the admin API's."""
+
+    grant_id: str
+    model: str
+    identity: str
+    not_before: int | None
+    not_after: int | None
+    max_hosts: int | None
+    max_releases: int | None
+    releases: int
+    policy: str | None
+    grace_s: int
+    created_at: int
+    evidence: list[dict[str, Any]]
+    revoked_at: int | None = None
+    revoke_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ChallengeRecord:
+    """A nonce issued to ``host`` for ``key_id``; ``used_at`` is set once, when a release spends it."""
+
+    nonce: str
+    host: str
+    key_id: str
+    expires_at: int
+    used_at: int | None = None
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    lease_id: str
+    grant_id: str
+    key_id: str
+    host: str
+    issued_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One link of the audit chain (:mod:`modelseal.keyserver.auditchain`); field order is the export's."""
+
+    seq: int
+    ts_ms: int
+    entry: str
+    prev_hash: str
+    hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "ts_ms": self.ts_ms, "entry": self.entry, "prev_hash": self.prev_hash,
+                "hash": self.hash}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GrantUse:
+    """A grant with how many distinct hosts have used it."""
+
+    grant: GrantRecord
+    hosts: int
+
+
+class Transaction(Protocol):
+    """One unit of work inside :meth:`Store.transaction` (the audit head is locked for its whole life)."""
+
+    # models and keys
+    def has_model(self, name: str) -> bool: ...
+
+    def add_model(self, model: ModelRecord) -> None: ...
+
+    def key(self, key_id: str) -> KeyRecord | None: ...
+
+    def add_key(self, key: KeyRecord) -> None: ...
+
+    def keys(self) -> list[KeyRecord]: ...
+
+    def rewrap_key(self, key_id: str, wrapped: bytes, wrap_version: str) -> None: ...
+
+    # grants
+    def grant(self, grant_id: str) -> GrantRecord | None: ...
+
+    def add_grant(self, grant: GrantRecord) -> None: ...
+
+    def grants_for_model(self, model: str, include_revoked: bool) -> list[GrantRecord]:
+        """The model's grants, newest first (ties: by grant id); revoked ones only if asked."""
+        ...
+
+    def revoke_grant(self, grant_id: str, at: int, reason: str) -> None:
+        """Mark the grant revoked (the caller checked it exists and is not revoked yet)."""
+        ...
+
+    def grant_hosts(self, grant_id: str) -> set[str]:
+        """The key hashes (``spki:...``) of every host that has used the grant."""
+        ...
+
+    def record_release(self, lease: LeaseRecord, new_host: bool) -> None:
+        """Store the lease, count one release on its grant, and remember a new host (first seen at issue)."""
+        ...
+
+    # challenges
+    def add_challenge(self, challenge: ChallengeRecord) -> None: ...
+
+    def purge_challenges(self, expired_before: int) -> None:
+        """Forget challenges that expired before this time (spent or not)."""
+        ...
+
+    def challenge(self, nonce: str) -> ChallengeRecord | None: ...
+
+    def spend_challenge(self, nonce: str, at: int) -> bool:
+        """Mark the nonce used if nobody has; False if it was already spent (atomically)."""
+        ...
+
+    # audit
+    def append_audit(self, event: dict[str, Any]) -> AuditEntry:
+        """Chain ``event`` after the locked head (:func:`modelseal.keyserver.auditchain.next_entry`),
+        store it and move the head to it."""
+        ...
+
+
+class Store(Protocol):
+    """Where the key service keeps its state; reads outside :meth:`transaction` see committed state."""
+
+    def transaction(self) -> AbstractContextManager[Transaction]:
+        """Lock the audit head, yield the unit of work; commit on normal exit, roll back on an exception."""
+        ...
+
+    def models(self) -> list[ModelSummary]:
+        """Every model with its number of keys, by name."""
+        ...
+
+    def grants(self, model: str | None = None) -> list[GrantUse]:
+        """Grants (of one model, or all) oldest first (ties: by grant id), with their host counts."""
+        ...
+
+    def live_grants(self) -> list[GrantRecord]:
+        """Every grant not revoked."""
+        ...
+
+    def keys_of(self, models: Iterable[str]) -> list[tuple[str, str]]:
+        """``(key_id, model)`` of every key of these models."""
+        ...
+
+    def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
+        """Audit entries with ``seq > after``, in order, at most ``limit``."""
+        ...
+
+    def close(self) -> None:
+        """Release connections (the store is not used afterwards)."""
+        ...
