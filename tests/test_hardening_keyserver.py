@@ -38,11 +38,10 @@ from modelseal.keyserver import auditchain as audit
 from modelseal.keyserver.sqlstore import db
 from modelseal.pki import PeerIdentity, identity_of_cert_file
 from modelseal.release import protocol
-from modelseal.sealing import operations
 
 from .services import KeyServer, wait_for
 from .test_cli import ms
-from .test_keyserver import grant, sealed_model
+from .test_keyserver import grant, key_of, sealed_model
 
 # --- helpers -----------------------------------------------------------------------------------------
 
@@ -108,10 +107,6 @@ def audit_events(server: KeyServer) -> list[dict[str, Any]]:
         entries = admin.call("GET", "/v1/admin/audit", limit=10000)["entries"]
     assert audit.verify_entries(entries).ok
     return [json.loads(e["entry"]) for e in entries]
-
-
-def key_of(sealed: Path) -> str:
-    return str(operations.inspect(sealed)[0]["recipients"][0]["key_id"])
 
 
 # --- item 1: grant impersonation -------------------------------------------------------------------

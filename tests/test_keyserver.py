@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +16,11 @@ import modelseal
 import modelseal.numpy
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import KeyReleaseError
+from modelseal.load.artifacts import key_ids
 from modelseal.pki import identity_of_cert_file
 from modelseal.release import protocol
 from modelseal.release.recipient import KeyserverRecipient
 from modelseal.release.wire import ask
-from modelseal.sealing import operations
 
 from .conftest import make_tensors
 from .services import Agent, KeyServer, PostgresSchema, wait_for
@@ -62,6 +61,12 @@ def sealed_model(server: KeyServer, tmp_path: Path, model: str = "demo") -> Path
     return out
 
 
+def key_of(sealed: Path) -> str:
+    """The key-service key id a sealed file is wrapped to (read from its header, no key needed)."""
+    [key_id] = key_ids(sealed)
+    return key_id
+
+
 def grant(server: KeyServer, model: str, identity: str, **extra: object) -> dict:  # type: ignore[type-arg]
     with server.admin() as admin:
         return admin.call("POST", "/v1/admin/grants", {"model": model, "identity": identity, **extra})
@@ -69,8 +74,7 @@ def grant(server: KeyServer, model: str, identity: str, **extra: object) -> dict
 
 def test_grant_load_refuse_revoke_regrant(server: KeyServer, tmp_path: Path) -> None:
     sealed = sealed_model(server, tmp_path)
-    header = json.dumps(operations.inspect(sealed))
-    assert "key_id" in header and server.token not in header  # the file carries only the key id
+    assert key_of(sealed).startswith("k_") and server.token.encode() not in sealed.read_bytes()  # only the key id
     cert_a, cert_b = server.host_cert("host-a"), server.host_cert("host-b")
     g = grant(server, "demo", identity_of_cert_file(cert_a[0]).spki)
     agent_a, agent_b = Agent(server, cert_a, tmp_path).start(), Agent(server, cert_b, tmp_path).start()
@@ -119,7 +123,7 @@ def _code(response: httpx.Response) -> tuple[int, str]:
 
 def test_attacks_and_bad_requests_are_refused_and_audited(server: KeyServer, tmp_path: Path) -> None:
     sealed = sealed_model(server, tmp_path)
-    key_id = operations.inspect(sealed)[0]["recipients"][0]["key_id"]
+    key_id = key_of(sealed)
     cert_a, cert_b = server.host_cert("host-a"), server.host_cert("host-b")
     spki_a = identity_of_cert_file(cert_a[0])
     grant(server, "demo", spki_a.spki)
@@ -155,19 +159,6 @@ def test_attacks_and_bad_requests_are_refused_and_audited(server: KeyServer, tmp
         big = a.post("/v1/release", content=b"x" * (65 * 1024), headers={"content-type": "application/json"})
         assert _code(big) == (413, "too_large")
 
-    # an expired grant, a release-limited grant, a policy and an evidence requirement
-    now = int(time.time())
-    cert_c, cert_d, cert_e = server.host_cert("host-c"), server.host_cert("host-d"), server.host_cert("host-e")
-    grant(server, "demo", identity_of_cert_file(cert_c[0]).spki, not_after=now - 1)
-    grant(server, "demo", identity_of_cert_file(cert_d[0]).spki, max_releases=1, policy="licence.releases < 5")
-    past = "now < timestamp('2000-01-01T00:00:00Z')"
-    grant(server, "demo", identity_of_cert_file(cert_e[0]).spki, evidence=[{"kind": "mtls"}], policy=past)
-    with server.host_client(cert_c) as c, server.host_client(cert_d) as d, server.host_client(cert_e) as e:
-        assert _code(c.post("/v1/release", json=_release_body(c, key_id)[0])) == (403, "expired")
-        assert d.post("/v1/release", json=_release_body(d, key_id)[0]).status_code == 200
-        assert _code(d.post("/v1/release", json=_release_body(d, key_id)[0])) == (403, "release_limit")
-        assert _code(e.post("/v1/release", json=_release_body(e, key_id)[0])) == (403, "policy_denied")
-
     # a client certificate from a foreign CA never gets past the TLS handshake
     from modelseal import pki
 
@@ -180,7 +171,7 @@ def test_attacks_and_bad_requests_are_refused_and_audited(server: KeyServer, tmp
     with server.admin() as admin:
         codes = [json.loads(e["entry"]).get("code") for e in admin.call("GET", "/v1/admin/audit")["entries"]]
     expected = "nonce_reused nonce_mismatch not_granted no_client_cert nonce_unknown unknown_key malformed_json"
-    for code in (*expected.split(), "bad_request", "too_large", "expired", "release_limit", "policy_denied"):
+    for code in (*expected.split(), "bad_request", "too_large"):
         assert code in codes, code
     assert codes.count("nonce_reused") == 2
     server.stop()
