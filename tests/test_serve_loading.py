@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import io
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+import modelseal
 from modelseal.recipients.hpke import HpkeIdentity
+from modelseal.serve.errors import ServeError
 from modelseal.serve.metrics import Metrics
 from modelseal.serve.models import ModelManager
 from modelseal.serve.repository import Repository
@@ -143,3 +146,58 @@ def test_unloading_a_torch_model_zeroes_its_weights(tmp_path: Path, host: HpkeId
 
     weights = asyncio.run(scenario())
     assert weights and all(bool((w == 0).all()) for w in weights)
+
+
+def test_a_sealed_directory_with_external_weights_is_served_from_memory(tmp_path: Path, host: HpkeIdentity) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .serving import CONFIG
+
+    weight = np.arange(16, dtype=np.float32).reshape(4, 4)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["output"])], "matmul",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(weight, "w")],
+    )  # fmt: skip
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), plain / "model.onnx",
+                    save_as_external_data=True, location="weights.bin", size_threshold=0)  # fmt: skip
+    repo = tmp_path / "repo"
+    (repo / "mm" / "1").mkdir(parents=True)
+    modelseal.seal(plain, repo / "mm" / "1" / "model.onnx.sealed", [host.recipient])
+    (repo / "mm" / "config.pbtxt").write_text(CONFIG.format(name="mm", platform="onnxruntime_onnx", max_batch=2,
+                                                            dims=4, classes=4, instances=1, batching=""))  # fmt: skip
+
+    async def scenario() -> np.ndarray:
+        manager = ModelManager(Repository(repo), host, Metrics())
+        await manager.load("mm")
+        x = np.ones((1, 4), np.float32)
+        y = (await manager.infer(manager.get("mm"), {"input": x}, []))["output"]
+        await manager.close()
+        return y
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), np.ones((1, 4), np.float32) @ weight)
+
+
+def test_an_identity_that_cannot_be_resolved_is_the_reason_sealed_models_do_not_load(
+    tmp_path: Path, host: HpkeIdentity
+) -> None:
+    repo = tmp_path / "repo"
+    add_model(repo, "sealed", "onnxruntime_onnx", double_model(), (4,), 4, recipients=[host.recipient])
+    add_model(repo, "plain", "onnxruntime_onnx", double_model(), (4,), 4, recipients=None)
+
+    async def scenario() -> list[dict[str, str]]:
+        manager = ModelManager(Repository(repo), str(tmp_path / "missing.key"), Metrics())
+        for name in ("sealed", "plain"):
+            with contextlib.suppress(ServeError):
+                await manager.load(name)
+        index = manager.index()
+        await manager.close()
+        return index
+
+    plain, sealed = asyncio.run(scenario())
+    assert plain == {"name": "plain", "version": "1", "state": "READY"}
+    assert sealed["state"] == "UNAVAILABLE"
+    assert sealed["reason"] == f"cannot read identity file '{tmp_path / 'missing.key'}': No such file or directory"

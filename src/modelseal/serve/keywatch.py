@@ -24,10 +24,7 @@ log = logging.getLogger("modelseal.serve")
 
 def agent_socket(identity: object) -> str | None:
     """The socket of the host agent that ``identity`` gets its keys from; None for any other identity."""
-    if not isinstance(identity, AgentIdentity):
-        return None
-    socket = getattr(identity, "socket", None) or getattr(identity, "socket_path", None)
-    return str(socket) if socket else None
+    return identity.socket if isinstance(identity, AgentIdentity) else None
 
 
 class WatchedModels(Protocol):

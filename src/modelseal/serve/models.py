@@ -30,7 +30,7 @@ from modelseal.serve.infer import runtime_refusal, validate
 from modelseal.serve.metrics import Metrics
 from modelseal.serve.repository import ConfigError, ModelSpec, Repository, capped
 from modelseal.serve.runtimes.base import Runtime, build
-from modelseal.serve.source import ModelSource
+from modelseal.serve.source import open_source
 
 log = logging.getLogger("modelseal.serve")
 
@@ -219,13 +219,9 @@ class ModelManager:
         """Open the version's artifact once, unlock it once, and build every instance from it."""
         artifact = spec.artifact(version)
         runtimes: list[Runtime] = []
-        with ModelSource.open(artifact) as source:
+        with open_source(artifact, self._identity, self.trusted_signers) as source:
             if not source.sealed and self.trusted_signers:
                 raise UsageError(f"{artifact} is not sealed, so it carries no signature from a trusted signer")
-            if source.sealed:
-                if self.identity is None:
-                    raise (self.identity_error or UsageError("no identity")).with_traceback(None)
-                source.unlock(self.identity, self.trusted_signers)
             keys = source.key_ids()
             try:
                 for _ in range(spec.instances):
@@ -236,6 +232,12 @@ class ModelManager:
                 raise
         pool = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"model-{spec.name}")
         return LoadedModel(spec, version, runtimes, keys, pool)
+
+    def _identity(self) -> Identity:
+        """The server's identity, for a sealed artifact; why there is none, when it could not be resolved."""
+        if self.identity is None:
+            raise (self.identity_error or UsageError("no identity")).with_traceback(None)
+        return self.identity
 
     def _start_model(self, model: LoadedModel) -> None:
         for runtime in model.runtimes:

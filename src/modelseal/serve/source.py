@@ -11,9 +11,11 @@ A plain (unsealed) artifact is only named: its runtime loads it from the path th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
+from modelseal.crypto.keys import wipe
 from modelseal.errors import FormatError, UsageError
 from modelseal.format import directory
 from modelseal.format.bundle import SealedBundle, is_bundle
@@ -24,61 +26,17 @@ from modelseal.recipients.base import Identity
 
 
 class ModelSource:
-    """``path`` and, when it is sealed, its unlocked artifacts by relative name (``""`` for a single file).
+    """``path`` and, when it is sealed, its unlocked artifacts by relative name (one for a sealed file).
+    Made by :func:`open_source`, valid inside its ``with`` block."""
 
-    Open with :meth:`open`, then :meth:`unlock` a sealed one; use as a context manager or call
-    :meth:`close`: closing wipes every data key."""
-
-    def __init__(self, path: Path, artifacts: dict[str, Artifact]) -> None:
+    def __init__(self, path: Path, artifacts: dict[str, Artifact], directory: bool) -> None:
         self.path = path
         self.artifacts = artifacts
+        self._directory = directory
 
     @property
     def sealed(self) -> bool:
         return bool(self.artifacts)
-
-    @classmethod
-    def open(cls, path: Path) -> ModelSource:
-        """Open ``path``: when sealed, each file once, its header parsed and checked (no key needed yet)."""
-        return cls(path, cls._open_locked(path))
-
-    def unlock(self, identity: Identity, trusted_signers: list[str] | None = None) -> None:
-        """Unwrap the data key with ``identity`` (one unwrap for a whole sealed directory: its members share
-        it) and authenticate the headers; with ``trusted_signers``, require a trusted publisher's signature;
-        a sealed directory's members must be the ones it was sealed with, at their sealed paths."""
-        cache: dict[bytes, bytearray] = {}
-        try:
-            for art in self.artifacts.values():
-                art.unlock(identity, cache)
-        finally:
-            directory.wipe_cache(cache)  # each artifact keeps its own copy, which close() wipes
-        if trusted_signers:
-            for art in self.artifacts.values():
-                art.verify_signature(list(trusted_signers))
-        if self.path.is_dir():
-            directory.check_group(self.path, self.artifacts)
-
-    @staticmethod
-    def _open_locked(path: Path) -> dict[str, Artifact]:
-        """The sealed artifacts at ``path`` with their headers parsed, or {} when it is not sealed."""
-        if path.is_dir():
-            if not any(is_bundle(p) for p in path.rglob("*") if p.is_file()):
-                return {}
-            found: dict[str, Artifact] = {}
-            try:
-                for rel in directory.list_members(path):
-                    found[rel] = open_locked(path / rel)
-            except BaseException:
-                for art in found.values():
-                    art.close()
-                raise
-            return found
-        try:
-            return {"": open_locked(path)}
-        except FormatError:
-            if is_bundle(path):
-                raise  # a damaged sealed bundle: say what is wrong with it
-            return {}  # a plain model file (or plain safetensors)
 
     def key_ids(self) -> set[str]:
         """Key-service key ids the artifact is wrapped to (the agent reports which keys it still holds)."""
@@ -92,13 +50,11 @@ class ModelSource:
             for rel, art in self.artifacts.items():
                 if not isinstance(art, SealedBundle):
                     raise UsageError(f"{art.path} is sealed safetensors, not a bundle: use modelseal.safe_open")
-                if rel:  # a member of a sealed directory: a bundle of that one file
+                if self._directory:  # a member of a sealed directory: a bundle of that one file
                     out[rel] = art.read()
                 else:
                     out.update((name, art.read(name)) for name in art.names())
         except BaseException:
-            from modelseal.crypto.keys import wipe
-
             for data in out.values():
                 wipe(data)
             raise
@@ -106,18 +62,48 @@ class ModelSource:
 
     def safetensors(self) -> SealedSafetensors:
         """The unlocked sealed safetensors file (a state dict)."""
-        art = self.artifacts.get("")
-        if not isinstance(art, SealedSafetensors):
+        arts = list(self.artifacts.values())
+        if self._directory or len(arts) != 1 or not isinstance(arts[0], SealedSafetensors):
             raise UsageError(f"{self.path} is not a sealed safetensors file")
+        return arts[0]
+
+
+@contextlib.contextmanager
+def open_source(
+    path: Path, identity: Callable[[], Identity], trusted_signers: list[str] | None = None
+) -> Iterator[ModelSource]:
+    """``path`` opened once: when sealed, each file's header parsed and its data key unwrapped with
+    ``identity()`` (asked only then: a plain artifact needs none; one unwrap for a whole sealed directory),
+    with ``trusted_signers`` a trusted publisher's signature required, and a sealed directory's members
+    checked to be the ones it was sealed with. On exit every artifact is closed and its data key wiped."""
+
+    def unlocked(art: Artifact, cache: dict[bytes, bytearray]) -> Artifact:
+        try:
+            art.unlock(identity(), cache)
+            if trusted_signers:
+                art.verify_signature(list(trusted_signers))
+        except BaseException:
+            art.close()
+            raise
         return art
 
-    def close(self) -> None:
-        for art in self.artifacts.values():
-            art.close()
-        self.artifacts = {}
-
-    def __enter__(self) -> ModelSource:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    if path.is_dir():
+        if not any(is_bundle(p) for p in path.rglob("*") if p.is_file()):
+            yield ModelSource(path, {}, directory=True)
+            return
+        with directory.open_directory(path, lambda member, cache: unlocked(open_locked(member), cache)) as arts:
+            yield ModelSource(path, dict(arts), directory=True)
+        return
+    try:
+        art = open_locked(path)
+    except FormatError:
+        if is_bundle(path):
+            raise  # a damaged sealed bundle: say what is wrong with it
+        yield ModelSource(path, {}, directory=False)  # a plain model file (or plain safetensors)
+        return
+    # one sealed file goes through the same open-close-wipe path as a directory's members (unlocked()
+    # closes it if unlocking fails, before open_directory holds it)
+    single = directory.open_directory(path.parent, lambda _member, cache: unlocked(art, cache),
+                                      members=[path.name], check=False)  # fmt: skip
+    with single as arts:
+        yield ModelSource(path, dict(arts), directory=False)
