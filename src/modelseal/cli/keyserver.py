@@ -110,9 +110,15 @@ def ks_init(
 
 
 @keyserver.command("run")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="The keyserver.toml that `keyserver init` wrote.",
+)
 @click.option("--no-migrate", is_flag=True, help="Refuse to start on an old schema instead of migrating it.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 @fail_closed
 def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
     """Serve the key service (HTTPS, TLS 1.3) until SIGINT/SIGTERM."""
@@ -124,7 +130,13 @@ def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
 
 
 @keyserver.command("migrate")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="The keyserver.toml that `keyserver init` wrote.",
+)
 @json_option
 @fail_closed
 def ks_migrate(config_path: str, as_json: bool) -> None:
@@ -273,7 +285,12 @@ def grant_list(ctx: click.Context, model: str | None, as_json: bool) -> None:
 
 @grant_group.command("revoke")
 @click.argument("grant_id")
-@click.option("--reason", default="revoked by the model owner", show_default=True)
+@click.option(
+    "--reason",
+    default="revoked by the model owner",
+    show_default=True,
+    help="Why: kept in the audit log and told to hosts that ask again.",
+)
 @json_option
 @click.pass_context
 @fail_closed
