@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import ServiceError
 from modelseal.keyserver import auditchain as audit
-from modelseal.keyserver.sqlstore import db
+from modelseal.keyserver.sqlstore.store import open_store
 from modelseal.pki import PeerIdentity, identity_of_cert_file
 from modelseal.release import protocol
 
@@ -354,8 +354,11 @@ def test_refusal_counts_are_written_every_interval_and_at_shutdown(tmp_path: Pat
     ks.start()
 
     def stored() -> tuple[int, int]:
-        with db.connect(f"sqlite:///{ks.dir / 'keyserver.db'}").connect() as conn:
-            rows = audit.entries(conn)
+        store = open_store(f"sqlite:///{ks.dir / 'keyserver.db'}", migrate=False)
+        try:
+            rows = [e.to_json() for e in store.audit_entries()]
+        finally:
+            store.close()
         assert audit.verify_entries(rows).ok
         return _refusals([json.loads(r["entry"]) for r in rows], "challenge", "no_client_cert")
 

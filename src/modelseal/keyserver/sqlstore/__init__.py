@@ -1,1 +1,1 @@
-"""keyserver/sqlstore"""
+"""The key service's SQL store: schema, engines and migrations (SQLite embedded, PostgreSQL for replicas)."""
