@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -89,7 +90,7 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
-class ModelsealProcess:
+class ModelsealProcess(ABC):
     """One ``python -m modelseal ARGS`` child with stdout and stderr appended to ``log``.
 
     Subclasses say what to run (:meth:`command`) and when it is ready (:meth:`ready`); ``start`` waits for
@@ -105,13 +106,13 @@ class ModelsealProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_from = 0
 
+    @abstractmethod
     def command(self) -> list[str]:
         """The arguments after ``python -m modelseal``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def ready(self) -> bool:
         """Whether the program is ready; it runs (see :meth:`running`) while this is asked."""
-        raise NotImplementedError
 
     def start(self) -> Self:
         """Start the program and return once it is ready; stop it and raise :class:`StackError` if it is not."""
