@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 
@@ -107,8 +107,7 @@ class AuditEntry:
     hash: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "ts_ms": self.ts_ms, "entry": self.entry, "prev_hash": self.prev_hash,
-                "hash": self.hash}  # fmt: skip
+        return asdict(self)
 
 
 @dataclass(frozen=True)
