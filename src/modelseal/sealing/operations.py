@@ -103,7 +103,10 @@ class ArtifactInfo:
 def describe(art: Artifact) -> ArtifactInfo:
     env = art.envelope
     p = env.protected
-    public = not env.hidden and isinstance(art, sst.SealedSafetensors)
+    listing = art if isinstance(art, sst.SealedSafetensors) and not env.hidden else None  # tensors shown
+    tensors = None
+    if listing is not None:
+        tensors = [TensorInfo(e.name, e.info["dtype"], e.info["shape"]) for e in listing.entries]
     g = p.get("group")
     return ArtifactInfo(
         file=art.path,
@@ -119,8 +122,8 @@ def describe(art: Artifact) -> ArtifactInfo:
         recipients=[{k: s[k] for k in ("type", "kid", "url", "model", "key_id") if k in s} for s in env.recipients],
         signer=env.signature["signer"] if env.signature else None,
         group=GroupInfo(g["id"], g["path"], len(g["members"])) if g is not None else None,
-        metadata=art.metadata() if public else None,  # type: ignore[attr-defined]
-        tensors=[TensorInfo(e.name, e.info["dtype"], e.info["shape"]) for e in art.entries] if public else None,
+        metadata=listing.metadata() if listing is not None else None,
+        tensors=tensors,
     )
 
 
