@@ -18,7 +18,8 @@ map a segment's destination pages in one ``MADV_POPULATE_WRITE`` call just befor
 than taking one page fault per 4 KiB page from the copy loop. A page fault is an exception entry and
 exit; on these VMs 262,144 of them (1 GiB) cost more than decrypting the gigabyte. Populating per
 segment, on the workers, spreads that work over all cores and interleaves it with decryption
-(``bench/prefault.py``).
+(``bench/prefault.py``). The loaders (``load/tensors.py``) hand it to the format as the ``prepare``
+hook of ``Artifact.decrypt_many``: the format reads and decrypts, this module decides about memory.
 """
 
 from __future__ import annotations
