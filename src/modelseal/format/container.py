@@ -451,7 +451,8 @@ class Artifact:
         The new header goes into the space reserved for it at sealing time when it fits: one write, the
         ciphertext untouched. Otherwise the file is replaced atomically by a larger header followed by
         the same ciphertext and tags. Either way the payload is unchanged, so a publisher signature
-        (it covers the protected header and the ciphertext, not the stanzas) stays valid.
+        (it covers the protected header and the ciphertext, not the stanzas) stays valid. After a
+        move this object still reads the old file: close it and open the path again to read on.
         """
         try:
             head = self.encode_header(self.payload_offset)
