@@ -89,12 +89,14 @@ def ks_init(
 ) -> None:
     """Create a key-service state directory: config, CA and server certificate, master key, admin token."""
     from modelseal.keyserver.config import KeyServerConfig, init_state
-    from modelseal.keyserver.sqlstore import db
+    from modelseal.keyserver.store import open_store
 
     transit = {"url": transit_url, "token_env": transit_token_env} if transit_url else None
     result = init_state(directory, database=database, listen=listen, server_names=list(server_names), transit=transit)
     cfg = KeyServerConfig.load(result["config"])
-    result["schema"] = db.migrate(db.connect(cfg.database))
+    store = open_store(cfg.database, migrate=True)
+    result["schema"] = store.schema_revision()
+    store.close()
     emit(
         as_json,
         result,
@@ -142,9 +144,11 @@ def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
 def ks_migrate(config_path: str, as_json: bool) -> None:
     """Upgrade the database schema to this version (Alembic). Back up first."""
     from modelseal.keyserver.config import KeyServerConfig
-    from modelseal.keyserver.sqlstore import db
+    from modelseal.keyserver.store import open_store
 
-    revision = db.migrate(db.connect(KeyServerConfig.load(config_path).database))
+    store = open_store(KeyServerConfig.load(config_path).database, migrate=True)
+    revision = store.schema_revision()
+    store.close()
     emit(as_json, {"revision": revision}, [f"schema at revision {revision}"])
 
 
@@ -358,10 +362,13 @@ def audit_verify(ctx: click.Context, path: Any, database: str | None, head: str 
     if path is not None:
         rows = list(audit.read_jsonl(path))
     elif database:
-        from modelseal.keyserver.sqlstore import db
+        from modelseal.keyserver.store import open_store
 
-        with db.connect(database).connect() as conn:
-            rows = audit.entries(conn)
+        store = open_store(database, migrate=False)
+        try:
+            rows = [entry.to_json() for entry in store.audit_entries()]
+        finally:
+            store.close()
     else:
         rows = _fetch_audit(ctx)
     expected = None

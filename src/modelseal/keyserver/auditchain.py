@@ -39,15 +39,6 @@ def next_entry(head: tuple[int, str], event: dict[str, Any]) -> AuditEntry:
     return AuditEntry(seq, ts_ms, entry, prev, _link(prev, seq, ts_ms, entry))
 
 
-def entries(conn: Any, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
-    """Entries of a SQL store on an open SQLAlchemy connection (kept for ``keyserver audit verify --db``).
-
-    New code reads :meth:`modelseal.keyserver.store.Store.audit_entries` instead."""
-    from modelseal.keyserver.sqlstore.store import read_audit
-
-    return [e.to_json() for e in read_audit(conn, after, limit)]
-
-
 @dataclass
 class ChainReport:
     ok: bool

@@ -191,5 +191,11 @@ class MemoryStore:
         rows = self._audit[max(after, 0) :]  # entry n sits at index n - 1
         return rows if limit is None else rows[:limit]
 
+    def describe(self) -> str:
+        return "memory"
+
+    def schema_revision(self) -> str:
+        return "memory"  # no schema: the tables are the dataclasses in store.py
+
     def close(self) -> None:
         """Nothing to release: the state goes with the object."""

@@ -14,8 +14,7 @@ from modelseal.errors import UsageError
 from modelseal.keyserver.app import build_app
 from modelseal.keyserver.config import KeyServerConfig
 from modelseal.keyserver.service import KeyService
-from modelseal.keyserver.sqlstore import db
-from modelseal.keyserver.sqlstore.store import open_store
+from modelseal.keyserver.store import open_store
 from modelseal.memory.locked import harden_process
 
 _BIND_ERRORS = {errno.EADDRINUSE: "the port is already in use", errno.EACCES: "permission denied",
@@ -57,7 +56,7 @@ def run(cfg: KeyServerConfig, migrate: bool = True) -> None:
         access_log=None,
         print=lambda _msg: logging.getLogger("modelseal.keyserver").info(
             "key service on https://%s:%d (%s, master key: %s)", cfg.host, cfg.port,
-            db.normalise_url(cfg.database).split("://")[0], service.master.describe(),
+            service.store.describe(), service.master.describe(),
         ),
         shutdown_timeout=10,
     )  # fmt: skip

@@ -4,7 +4,9 @@
 answers lookups, in the service's own terms (models, wrapped keys, grants and the hosts using them,
 challenges, leases, the audit chain). Backends: :mod:`modelseal.keyserver.sqlstore` (SQLite embedded,
 PostgreSQL for replicas) and :mod:`modelseal.keyserver.memstore` (in-process, for tests and tools).
-A new backend is one module, ``keyserver/<name>store.py``, implementing these two protocols.
+A new backend is one module, ``keyserver/<name>store.py``, implementing these two protocols, plus one
+registration: a line in :data:`BUILTIN` or an entry point in :data:`ENTRY_POINT_GROUP` named by its URL
+scheme; :func:`open_store` picks it from ``[database] url``.
 
 The guarantees a backend owes the service (the service relies on them, it cannot check them):
 
@@ -19,10 +21,14 @@ The guarantees a backend owes the service (the service relies on them, it cannot
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import importlib
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
+from importlib.metadata import entry_points
 from typing import Any, Protocol
+
+from modelseal.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,59 @@ class Store(Protocol):
         """Audit entries with ``seq > after``, in order, at most ``limit``."""
         ...
 
+    def describe(self) -> str:
+        """What this store is, for the start-up log line (``sqlite``, ``postgresql``, ...); no secrets."""
+        ...
+
+    def schema_revision(self) -> str:
+        """The revision of the stored schema (``keyserver init`` and ``migrate`` print it)."""
+        ...
+
     def close(self) -> None:
         """Release connections (the store is not used afterwards)."""
         ...
+
+
+StoreOpener = Callable[[str, bool], Store]
+"""``opener(url, migrate)``: connect to ``url``, bring its schema up to date if ``migrate``, or refuse."""
+
+ENTRY_POINT_GROUP = "modelseal.keyserver.stores"
+"""Entry points in this group are named by a URL scheme and point at a :data:`StoreOpener`."""
+
+# The built-in backends by URL scheme (``sqlite+pysqlite://`` counts as ``sqlite``); a bare path is SQLite.
+BUILTIN = {
+    "sqlite": "modelseal.keyserver.sqlstore.store:open_store",
+    "postgresql": "modelseal.keyserver.sqlstore.store:open_store",
+    "postgres": "modelseal.keyserver.sqlstore.store:open_store",
+}
+
+
+def url_scheme(url: str) -> str:
+    """The backend a ``[database] url`` asks for: its scheme without a driver (``postgresql+psycopg``)."""
+    if "://" not in url:
+        return "sqlite"
+    return url.split("://", 1)[0].split("+", 1)[0].lower()
+
+
+def open_store(url: str, migrate: bool = True) -> Store:
+    """The store ``url`` names: a built-in backend, or one installed under :data:`ENTRY_POINT_GROUP`.
+
+    Adding a backend is one module implementing :class:`Store` plus that one entry point; nothing here
+    changes. The service itself never learns which backend it runs on.
+    """
+    scheme = url_scheme(url)
+    target = BUILTIN.get(scheme)
+    if target is not None:
+        module, _, name = target.partition(":")
+        opener: StoreOpener = getattr(importlib.import_module(module), name)
+    else:
+        found = list(entry_points(group=ENTRY_POINT_GROUP, name=scheme))
+        if not found:
+            installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} - set(BUILTIN))
+            known = ", ".join([*BUILTIN, *installed])
+            raise UsageError(f"no key-service store for {scheme}:// database URLs (known: {known})")
+        try:
+            opener = found[0].load()
+        except Exception as exc:  # a broken plugin is named in one line, never a traceback
+            raise UsageError(f"key-service store plugin {scheme} ({found[0].value}) cannot be loaded: {exc}") from None
+    return opener(url, migrate)

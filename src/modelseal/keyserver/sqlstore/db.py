@@ -74,14 +74,19 @@ def migrate(engine: Engine) -> str:
     return ScriptDirectory.from_config(cfg).get_current_head() or ""
 
 
+def revision(engine: Engine) -> str | None:
+    """The schema revision the database is at (None: no schema yet)."""
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise UsageError(f"cannot open the key-service database: {exc.orig}") from None
+
+
 def check_current(engine: Engine) -> None:
     """Refuse to serve on a database whose schema is not at the newest revision."""
     head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-    try:
-        with engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as exc:
-        raise UsageError(f"cannot open the key-service database: {exc.orig}") from None
+    current = revision(engine)
     if current != head:
         raise UsageError(
             f"the key-service database is at schema revision {current or 'none'}, this version needs {head}: "

@@ -212,5 +212,11 @@ class SqlStore:
         with self.engine.connect() as conn:
             return read_audit(conn, after, limit)
 
+    def describe(self) -> str:
+        return self.engine.dialect.name  # sqlite or postgresql; never the URL (it may hold a password)
+
+    def schema_revision(self) -> str:
+        return db.revision(self.engine) or ""
+
     def close(self) -> None:
         self.engine.dispose()
