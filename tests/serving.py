@@ -17,6 +17,25 @@ from modelseal import pki
 from .services import free_port, wait_for
 
 
+def compile_model_config() -> None:
+    """Compile the model-config messages in this process now, before any test imports TensorFlow:
+    grpc_tools' protoc (which compiles them on first use, for reading config.pbtxt) crashes a process that
+    has loaded TensorFlow's protobuf first; compiled, they are cached for the process. A server compiles
+    them before it builds any TensorFlow model; test modules that import TensorFlow import this one first.
+    (Not the inference service's messages: in a test process tritonclient's copies of them, same names,
+    are already in protobuf's default pool.)"""
+    from modelseal.errors import MissingDependencyError
+    from modelseal.serve.protocol import model_config
+
+    try:
+        model_config()
+    except (MissingDependencyError, ImportError, NotImplementedError):  # no grpcio(-tools): serving tests skip
+        pass
+
+
+compile_model_config()
+
+
 def small_cnn(seed: int = 0) -> Any:
     """A small image classifier (conv, batch norm, pooling, linear) with fixed random weights."""
     import torch

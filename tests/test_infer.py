@@ -38,10 +38,9 @@ def refused(call: Any, *args: Any) -> str:
 
 @pytest.fixture(scope="module")
 def pb() -> Any:
-    pytest.importorskip("grpc_tools")
-    from modelseal.serve.protocol import inference
-
-    return inference()[0]
+    """The V2 gRPC messages as a real client builds them (tritonclient's generated module: the same
+    package, names and field numbers as the server's ``protocol/inference.proto``)."""
+    return pytest.importorskip("tritonclient.grpc.service_pb2")
 
 
 # --- REST -----------------------------------------------------------------------------------------
