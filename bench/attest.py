@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the public evide
 from tests.test_attest_samples import AT, SNP_AT, dcap_evidence, snp_evidence
 
 from modelseal.attest import VerificationContext, get_verifier
-from modelseal.attest import verifiers as _verifiers  # noqa: F401
 from modelseal.attest.tpm import TpmCollector
 from modelseal.attest.tpm_tools import enroll
 from modelseal.devstack import KeyServer, SoftwareTpm

@@ -139,7 +139,7 @@ def verifiers_from_config(settings: Mapping[str, Any] | None = None, base: Path 
 
 def get_verifier(kind: str) -> Verifier | None:
     """The unconfigured verifier of ``kind`` (offline checks: ``modelseal attest verify``), or None."""
-    return _LEGACY_CONFIGURED.get(kind) or REGISTRY.default_verifier(kind)
+    return REGISTRY.default_verifier(kind)
 
 
 def agent_tables() -> dict[str, tuple[str, ...]]:
@@ -173,13 +173,3 @@ def _collector(name: str, tables: Mapping[str, Mapping[str, Any]]) -> Collector:
         names = ", ".join(["none", *(k.name for k in REGISTRY.kinds())])
         raise UsageError(f"unknown evidence kind {name!r} ({names})")
     return kind.collector(dict(tables.get(kind.agent_table, {})) if kind.agent_table else {})
-
-
-# --- legacy, until the key service takes a `verifiers` mapping -------------------------------------------
-# `modelseal.attest.verifiers.load_verifiers` puts the configured verifiers here and get_verifier() prefers
-# them, which is today's global behaviour. Delete with load_verifiers.
-_LEGACY_CONFIGURED: dict[str, Verifier] = {}
-
-
-def legacy_override(verifier: Verifier) -> None:
-    _LEGACY_CONFIGURED[verifier.kind] = verifier
