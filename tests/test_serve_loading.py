@@ -201,3 +201,36 @@ def test_an_identity_that_cannot_be_resolved_is_the_reason_sealed_models_do_not_
     assert plain == {"name": "plain", "version": "1", "state": "READY"}
     assert sealed["state"] == "UNAVAILABLE"
     assert sealed["reason"] == f"cannot read identity file '{tmp_path / 'missing.key'}': No such file or directory"
+
+
+def test_a_sealed_state_dict_becomes_the_module_and_is_zeroed_on_unload(tmp_path: Path, host: HpkeIdentity) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from .serving import CONFIG
+
+    model_dir = tmp_path / "repo" / "lin"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "linarch_loading.py").write_text("import torch\n\ndef build():\n    return torch.nn.Linear(4, 4)\n")
+    torch.manual_seed(1)
+    reference = torch.nn.Linear(4, 4)
+    save_file(reference.state_dict(), str(tmp_path / "state.safetensors"))
+    modelseal.seal(tmp_path / "state.safetensors", model_dir / "1" / "model.safetensors.sealed", [host.recipient])
+    config = CONFIG.format(name="lin", platform="pytorch_libtorch", max_batch=2, dims=4, classes=4, instances=1,
+                           batching="")  # fmt: skip
+    (model_dir / "config.pbtxt").write_text(config + 'parameters { key: "entry_point" value: '
+                                            '{ string_value: "linarch_loading:build" } }\n')  # fmt: skip
+
+    async def scenario() -> tuple[np.ndarray, list[Any]]:
+        manager = ModelManager(Repository(tmp_path / "repo"), host, Metrics())
+        await manager.load("lin")
+        weights = [*manager.get("lin").runtimes[0].module.parameters()]  # type: ignore[attr-defined]
+        x = np.ones((1, 4), np.float32)
+        y = (await manager.infer(manager.get("lin"), {"input": x}, []))["output"]
+        await manager.close()
+        return y, weights
+
+    y, weights = asyncio.run(scenario())
+    with torch.no_grad():
+        np.testing.assert_allclose(y, reference(torch.ones(1, 4)).numpy(), rtol=1e-6)
+    assert len(weights) == 2 and all(bool((w == 0).all()) for w in weights)

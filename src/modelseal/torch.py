@@ -59,15 +59,24 @@ def load_model(
 
 def load_model_from(model: Any, artifact: SealedSafetensors, *, strict: bool = True, device: str = "cpu") -> Any:
     """:func:`load_model` from a sealed safetensors file that is already open and unlocked (a server
-    opens a model's file once for all its instances). Each tensor is decrypted straight into its own
-    allocation, which becomes the parameter (``assign=True``)."""
+    opens a model's file once for all its instances). On the CPU each tensor is decrypted straight into
+    its own allocation, which becomes the parameter (``assign=True``); for another device it is decrypted
+    into a (pinned) CPU buffer, copied over, and that buffer is wiped once the copy is done."""
+    torch = require_torch()
     entries = artifact.entries
-    made = allocate(entries, "pt", pin=device != "cpu" and require_torch().cuda.is_available())
-    artifact.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)])
-    state = {
-        e.name: t if device == "cpu" else t.to(device, non_blocking=True)
-        for e, (t, _v) in zip(entries, made, strict=True)
-    }
+    staged, cuda = device != "cpu", device.startswith("cuda")
+    made = allocate(entries, "pt", pin=cuda and torch.cuda.is_available())
+    try:
+        artifact.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)])
+        state = {
+            e.name: t.to(device, non_blocking=cuda) if staged else t for e, (t, _v) in zip(entries, made, strict=True)
+        }
+        if cuda:
+            torch.cuda.synchronize(device)  # the copies have landed: the staging buffers can go
+    finally:
+        if staged:
+            for _t, view in made:
+                keys.wipe(view)
     return model.load_state_dict(state, strict=strict, assign=True)
 
 

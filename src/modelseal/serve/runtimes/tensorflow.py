@@ -67,8 +67,14 @@ class TensorflowRuntime:
         return {n: result[n].numpy() for n in outputs}
 
     def close(self) -> None:
+        """Zero the weights (every variable the signatures use), then drop the model: TensorFlow would
+        only free them. A loaded SavedModel lists its variables on each signature, not always on itself."""
         model, self.fn, self.model = self.model, None, None
-        for variable in getattr(model, "variables", None) or []:  # the weights: zeroed, not only freed
+        if model is None:
+            return
+        variables = {id(v): v for f in model.signatures.values() for v in f.variables}
+        variables.update((id(v), v) for v in getattr(model, "variables", None) or ())
+        for variable in variables.values():
             variable.assign(self.tf.zeros_like(variable))
 
 
