@@ -105,7 +105,7 @@ class ModelManager:
     def __init__(
         self,
         repository: Repository,
-        identity: Identity | IdentitySpec | None,
+        identity: IdentitySpec | None,
         metrics: Metrics,
         *,
         agent_socket: str | None = None,
@@ -118,7 +118,7 @@ class ModelManager:
         self.identity: Identity | None = None
         self.identity_error: ModelsealError | None = None
         try:
-            self.identity = identity if isinstance(identity, Identity) else resolve_identity(identity)
+            self.identity = resolve_identity(identity)
         except ModelsealError as exc:
             self.identity_error = exc
         self.agent_socket = agent_socket or keywatch.agent_socket(self.identity)
