@@ -107,3 +107,17 @@ def test_a_config_that_disagrees_with_the_signature_is_unavailable(served: dict[
     assert "input 'input' is FP64 in the config but FP32 in the model" in reason
     assert "has shape [-1, 16, 16, 4] in the config but [-1, 16, 16, 3] in the model" in reason
     assert index["tf_cnn"]["state"] == "READY"
+
+
+def test_the_public_loader_opens_a_sealed_saved_model_from_memory(served: dict[str, Any]) -> None:
+    """``modelseal.tensorflow.load_saved_model``: what the server runs, for programs of their own."""
+    import modelseal.tensorflow
+
+    tmp = served["tmp"]
+    batch = np.random.default_rng(6).standard_normal((2, 16, 16, 3), dtype=np.float32)
+    plain = tf.saved_model.load(str(tmp / "plain.savedmodel")).signatures["serving_default"]
+    sealed = modelseal.tensorflow.load_saved_model(tmp / "repo" / "tf_cnn" / "1" / "model.savedmodel.sealed",
+                                                   identity=str(tmp / "host.key"))  # fmt: skip
+    got = sealed.signatures["serving_default"](input=tf.constant(batch))["output"].numpy()
+    np.testing.assert_array_equal(got, plain(input=tf.constant(batch))["output"].numpy())
+    assert not tf.io.gfile.glob("ram://modelseal-*"), "the ram:// copy is removed once loaded"
