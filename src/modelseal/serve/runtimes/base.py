@@ -118,15 +118,17 @@ class RuntimeRegistry:
 
 
 _registry: RuntimeRegistry | None = None
-_filling = threading.Lock()
+_filling = threading.RLock()
 
 
 def registry() -> RuntimeRegistry:
-    """The process's registry, filled on first use (configs are read on threads: filled once under a lock)."""
+    """The process's registry, filled on first use (configs are read on threads: filled once under a lock).
+    A plug-in that asks for the registry while it is being loaded gets it as filled so far."""
     global _registry
     with _filling:
         if _registry is None:
-            _registry = RuntimeRegistry().fill()
+            _registry = RuntimeRegistry()
+            _registry.fill()
         return _registry
 
 
