@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 
@@ -15,10 +14,8 @@ from modelseal.keyserver.app import build_app
 from modelseal.keyserver.config import KeyServerConfig
 from modelseal.keyserver.service import KeyService
 from modelseal.keyserver.store import open_store
+from modelseal.listening import bind_tcp
 from modelseal.memory.locked import harden_process
-
-_BIND_ERRORS = {errno.EADDRINUSE: "the port is already in use", errno.EACCES: "permission denied",
-                errno.EADDRNOTAVAIL: "no such local address"}  # fmt: skip
 
 
 def verifiers(cfg: KeyServerConfig) -> dict[str, Verifier]:
@@ -64,13 +61,4 @@ def run(cfg: KeyServerConfig, migrate: bool = True) -> None:
 
 def listen(cfg: KeyServerConfig) -> socket.socket:
     """Bind the listening socket here, so a taken port is one clear error naming it (not a traceback)."""
-    where = f"{cfg.host}:{cfg.port}"
-    try:
-        family = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((cfg.host, cfg.port), family=family, backlog=1024)
-    except socket.gaierror as exc:
-        raise UsageError(f"cannot listen on {where}: {exc.strerror}; check [server] listen in {cfg.path}") from None
-    except OSError as exc:
-        why = _BIND_ERRORS.get(exc.errno or 0, exc.strerror)
-        hint = "stop the other process or change" if exc.errno == errno.EADDRINUSE else "change"
-        raise UsageError(f"cannot listen on {where}: {why}; {hint} [server] listen in {cfg.path}") from None
+    return bind_tcp(f"{cfg.host}:{cfg.port}", "the key service", f"change [server] listen in {cfg.path}")

@@ -14,6 +14,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from modelseal.listening import cannot_listen
 from modelseal.pki import peer_identity
 from modelseal.serve.errors import ServeError
 from modelseal.serve.infer import decode_grpc, server_metadata
@@ -141,7 +142,7 @@ def build_server(srv: Any, address: str, tls: tuple[bytes, bytes, bytes | None] 
         ]
     )
     services.add_GRPCInferenceServiceServicer_to_server(build_servicer(srv), server)
-    from modelseal.serve.server import cannot_listen
+    from modelseal.serve.server import port_fix
 
     try:
         if tls is None:
@@ -152,8 +153,8 @@ def build_server(srv: Any, address: str, tls: tuple[bytes, bytes, bytes | None] 
                 [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
             )
             port = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:  # grpcio: "Failed to bind to address"
-        raise cannot_listen("gRPC", address, exc) from None
+    except RuntimeError:  # grpcio: "Failed to bind to address" (check_free ran first: a race or a bad address)
+        raise cannot_listen("gRPC", address, None, port_fix("gRPC")) from None
     if port == 0:
-        raise cannot_listen("gRPC", address, RuntimeError("no address bound"))
+        raise cannot_listen("gRPC", address, None, port_fix("gRPC"))
     return server

@@ -7,10 +7,8 @@ unloads every model, which closes its runtimes and drops the decrypted weights a
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import signal
-import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from aiohttp import web
 
 from modelseal import pki
 from modelseal.errors import UsageError
+from modelseal.listening import cannot_listen, check_free, split_address
 from modelseal.recipients.registry import IdentitySpec
 from modelseal.serve.audit import AuditLog
 from modelseal.serve.errors import ServeError
@@ -52,41 +51,9 @@ class ServeConfig:
     trusted_signers: list[str] = field(default_factory=list)  # set: serve only models these publishers signed
 
 
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    try:
-        return host.strip("[]") or "127.0.0.1", int(port)
-    except ValueError:
-        raise UsageError(f"bad listen address {address!r} (HOST:PORT)") from None
-
-
-def cannot_listen(what: str, address: str, exc: OSError | RuntimeError) -> UsageError:
-    """One line naming the protocol and port (the CLI prints it and exits 1)."""
-    port = split_address(address)[1]
-    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-        why = f"port {port} is already in use (another server? pick another port with --{what.lower()})"
-    elif isinstance(exc, OSError):
-        why = f"port {port}: {exc.strerror or exc}"
-    else:
-        why = f"port {port} cannot be bound"
-    return UsageError(f"cannot listen for {what} on {address}: {why}")
-
-
-def check_free(what: str, address: str) -> None:
-    """Bind ``address`` once and let it go, so that a port in use is reported in one clean line before
-    anything starts (gRPC's C core would also log its own error line, and HTTP would already be up)."""
-    host, port = split_address(address)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise UsageError(f"cannot listen for {what} on {address}: {exc.strerror}") from None
-    family, _, _, _, sockaddr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is free
-        try:
-            probe.bind(sockaddr)
-        except OSError as exc:
-            raise cannot_listen(what, address, exc) from None
+def port_fix(what: str) -> str:
+    """What an operator changes when ``what`` (HTTP or gRPC) cannot listen."""
+    return f"pick another port with --{what.lower()}"
 
 
 class Server:
@@ -150,7 +117,7 @@ class Server:
         harden_process()  # decrypted weights live in this process: no core dumps, no ptrace by other users
         for what, address in (("HTTP", self.config.http), ("gRPC", self.config.grpc)):
             if address:
-                check_free(what, address)
+                check_free(address, what, port_fix(what))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -163,7 +130,7 @@ class Server:
                 try:
                     await web.TCPSite(runner, host, port, ssl_context=self.ssl_context()).start()
                 except OSError as exc:
-                    raise cannot_listen("HTTP", self.config.http, exc) from None
+                    raise cannot_listen("HTTP", self.config.http, exc, port_fix("HTTP")) from None
             if self.config.grpc:
                 grpc_server = build_server(self, self.config.grpc, self.grpc_tls(), self.config.max_body_bytes)
                 await grpc_server.start()
