@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,8 +10,7 @@ from typing import Any
 import numpy as np
 
 from modelseal import pki
-
-from .services import free_port, wait_for
+from modelseal.devstack import Serve
 
 
 def compile_model_config() -> None:
@@ -159,30 +155,20 @@ class Tls:
         return str(cert), str(key)
 
 
-class ServeProcess:
-    """`modelseal serve` in a subprocess on free loopback ports."""
+class ServeProcess(Serve):
+    """`modelseal serve` (:class:`modelseal.devstack.Serve`), started at once, with tritonclient clients
+    that match its TLS settings."""
 
     def __init__(
         self, repo: Path, log: Path, *, tls: Tls | None = None, mtls: bool = True,
         env: dict[str, str] | None = None, extra: list[str] | None = None,
     ) -> None:  # fmt: skip
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.http, self.grpc = f"127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
-        args = [sys.executable, "-m", "modelseal", "serve", "--repository", str(repo), "--http", self.http,
-                "--grpc", self.grpc, *(extra or [])]  # fmt: skip
-        if tls:
-            args += ["--tls-cert", tls.cert, "--tls-key", tls.key]
-            if mtls:
-                args += ["--client-ca", tls.ca]
-        self.tls, self.log = tls, log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        wait_for(self.up, 90, f"modelseal serve (log: {log})")
-
-    def up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"modelseal serve exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
-        return "server ready" in self.log.read_text()
+        super().__init__(
+            repo, log, args=extra or (), env=env,
+            tls=(tls.cert, tls.key) if tls else None, client_ca=tls.ca if tls and mtls else None,
+        )  # fmt: skip
+        self.tls = tls
+        self.start()
 
     def http_client(self, cert: tuple[str, str] | None = None) -> Any:
         import tritonclient.http as httpclient
@@ -203,12 +189,6 @@ class ServeProcess:
             self.grpc, ssl=True, root_certificates=self.tls.ca,
             private_key=cert[1] if cert else None, certificate_chain=cert[0] if cert else None,
         )  # fmt: skip
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-        return self.proc.returncode
 
 
 def infer_http(client: Any, model: str, batch: np.ndarray, binary: bool = True) -> np.ndarray:
