@@ -51,6 +51,8 @@ def test_every_command_has_help(path: tuple[str, ...], command: click.Command) -
     assert result.output.startswith(f"Usage: {where} "), result.output
     assert command.help and command.help.strip(), f"`{where}` has no help text"
     assert command.get_short_help_str(limit=45).rstrip(".") in " ".join(result.output.split())
+    bare = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.hidden and not p.help]
+    assert not bare, f"`{where}` options without help: {bare}"
 
 
 def test_the_tree_has_every_documented_command() -> None:

@@ -17,8 +17,11 @@ def agent() -> None:
 
 
 @agent.command("run")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True))
-@click.option("-v", "--verbose", is_flag=True)
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True),
+    help="The agent's TOML config (key service URL, TLS files, socket, evidence); see docs/operations.md.",
+)  # fmt: skip
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too (never key material).")
 @fail_closed
 def agent_run(config_path: str, verbose: bool) -> None:
     """Serve keys on the configured unix socket until SIGINT/SIGTERM (keys are wiped on exit)."""

@@ -65,7 +65,7 @@ from modelseal.cli.kit import emit, fail_closed, json_option
     help="Serve only models signed by this publisher key (ed25519:...); repeatable.",
 )
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line (for log collectors).")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too (never key material).")
 @fail_closed
 def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key: Path | None,
           client_ca: Path | None, identity: str | None, agent_socket: str | None, models: tuple[str, ...],
@@ -101,7 +101,10 @@ def bench() -> None:
 
 @bench.command("client")
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server HOST:PORT.")
-@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option(
+    "--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
+    help="Which of the server's endpoints the clients use.",
+)  # fmt: skip
 @click.option("-m", "--model", required=True, help="Model name.")
 @click.option("--batch", default=1, show_default=True, help="Rows per request.")
 @click.option("--cnum", "concurrency", default=1, show_default=True, help="Concurrent clients.")
