@@ -7,7 +7,7 @@ The top-level API mirrors ``safetensors`` so that most code changes one import::
     with modelseal.safe_open("model.sealed.safetensors", "pt", identity="host.key") as f:
         w = f.get_tensor("weight")
 
-Framework loaders live in ``modelseal.torch``, ``modelseal.numpy``, ``modelseal.onnx`` and
+Framework loaders live in ``modelseal.torch``, ``modelseal.numpy``, ``modelseal.onnx``, ``modelseal.tensorflow`` and
 ``modelseal.transformers``; errors in ``modelseal.errors``.
 """
 
@@ -34,9 +34,7 @@ from modelseal.recipients.hpke import generate_identity
 from modelseal.recipients.passphrase import Passphrase
 from modelseal.recipients.symmetric import SymmetricKey
 from modelseal.sealing.writer import seal
-
-__version__ = "0.1.0"
-
+from modelseal.version import __version__
 
 __all__ = [
     "AuthenticationError",

@@ -30,6 +30,7 @@ from modelseal.jsonlimits import JSONLimitError, loads_bounded
 from modelseal.serve import datatypes
 from modelseal.serve.errors import ServeError, bad_request
 from modelseal.serve.repository import ModelSpec
+from modelseal.version import __version__
 
 Tensors = dict[str, np.ndarray]
 EXTENSIONS = ["binary_tensor_data", "model_repository", "metrics"]
@@ -40,15 +41,8 @@ MAX_DIM = 2**31 - 1
 
 
 def server_metadata() -> dict[str, Any]:
-    """The server metadata both transports answer: name, version (the installed distribution's, read
-    from its metadata, so that serve imports nothing of the library's public front), extensions."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        number = version("modelseal")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        number = "unknown"
-    return {"name": "modelseal", "version": number, "extensions": EXTENSIONS}
+    """The server metadata both transports answer: name, version, extensions."""
+    return {"name": "modelseal", "version": __version__, "extensions": EXTENSIONS}
 
 
 @dataclass
