@@ -28,6 +28,7 @@ from modelseal.format.safetensors import SealedSafetensors
 from modelseal.load.bundles import read_bytes
 from modelseal.load.tensors import allocate, require_torch
 from modelseal.load.tensors import load_file as _load_file
+from modelseal.memory import arena
 from modelseal.recipients.registry import IdentitySpec
 
 
@@ -67,7 +68,9 @@ def load_model_from(model: Any, artifact: SealedSafetensors, *, strict: bool = T
     staged, cuda = device != "cpu", device.startswith("cuda")
     made = allocate(entries, "pt", pin=cuda and torch.cuda.is_available())
     try:
-        artifact.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)])
+        # pre-faulted per segment like every other load (load.tensors.decrypt_tensors); the views stay
+        # here because a staged load wipes them after the copy
+        artifact.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)], None, arena.prefault)
         state = {
             e.name: t.to(device, non_blocking=cuda) if staged else t for e, (t, _v) in zip(entries, made, strict=True)
         }

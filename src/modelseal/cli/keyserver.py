@@ -17,7 +17,6 @@ import click
 from modelseal import pki
 from modelseal.cli import logs
 from modelseal.cli.kit import emit, fail_closed, json_option
-from modelseal.cli.pki import pki_group  # noqa: F401  (re-exported until cli/main.py imports it from cli.pki)
 from modelseal.errors import UsageError
 from modelseal.jsonlimits import loads_bounded
 

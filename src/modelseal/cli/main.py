@@ -353,7 +353,8 @@ def demo(workdir: str, as_json: bool) -> None:
 def _register_service_commands() -> None:
     from modelseal.cli.agent import agent
     from modelseal.cli.attest import attest
-    from modelseal.cli.keyserver import keyserver, pki_group
+    from modelseal.cli.keyserver import keyserver
+    from modelseal.cli.pki import pki_group
 
     main.add_command(keyserver, "keyserver")
     main.add_command(agent, "agent")
