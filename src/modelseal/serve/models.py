@@ -99,7 +99,8 @@ async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
 class ModelManager:
     """``identity``: an :class:`Identity` already resolved, or a spec (``None``: the environment's, as
     :func:`~modelseal.load.artifacts.resolve_identity` says) resolved here, once. A spec that cannot be
-    resolved does not stop the server: it is each sealed model's load-failure reason. The agent watched
+    resolved does not stop the server: it is each sealed model's load-failure reason, and is tried again at
+the next load. The agent watched
     for revocations is ``agent_socket``, else the identity's own when it is an agent."""
 
     def __init__(
@@ -115,12 +116,10 @@ class ModelManager:
         trusted_signers: list[str] | None = None,
     ) -> None:
         self.repository, self.metrics = repository, metrics
+        self.identity_spec = identity
         self.identity: Identity | None = None
         self.identity_error: ModelsealError | None = None
-        try:
-            self.identity = resolve_identity(identity)
-        except ModelsealError as exc:
-            self.identity_error = exc
+        self._resolve_identity()
         self.agent_socket = agent_socket or keywatch.agent_socket(self.identity)
         self.key_check_s, self.retry_s, self.threads = key_check_s, retry_s, threads
         self.trusted_signers = list(trusted_signers or [])
@@ -233,8 +232,20 @@ class ModelManager:
         pool = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"model-{spec.name}")
         return LoadedModel(spec, version, runtimes, keys, pool)
 
+    def _resolve_identity(self) -> None:
+        try:
+            self.identity, self.identity_error = resolve_identity(self.identity_spec), None
+        except ModelsealError as exc:
+            self.identity_error = exc
+
     def _identity(self) -> Identity:
-        """The server's identity, for a sealed artifact; why there is none, when it could not be resolved."""
+        """The server's identity, for a sealed artifact; why there is none, when it could not be resolved.
+
+        A spec that failed is tried again at each load (a key file that appears later, a variable set in
+        a restarted unit's environment file), so a retried or requested load can succeed; once resolved
+        it is kept for the life of the server."""
+        if self.identity is None:
+            self._resolve_identity()
         if self.identity is None:
             raise (self.identity_error or UsageError("no identity")).with_traceback(None)
         return self.identity
