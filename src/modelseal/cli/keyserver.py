@@ -110,14 +110,17 @@ def ks_init(
     )
 
 
-@keyserver.command("run")
-@click.option(
+config_option = click.option(
     "--config",
     "config_path",
     required=True,
     type=click.Path(dir_okay=False, exists=True),
     help="The keyserver.toml that `keyserver init` wrote.",
 )
+
+
+@keyserver.command("run")
+@config_option
 @click.option("--no-migrate", is_flag=True, help="Refuse to start on an old schema instead of migrating it.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 @fail_closed
@@ -131,13 +134,7 @@ def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
 
 
 @keyserver.command("migrate")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False, exists=True),
-    help="The keyserver.toml that `keyserver init` wrote.",
-)
+@config_option
 @json_option
 @fail_closed
 def ks_migrate(config_path: str, as_json: bool) -> None:
