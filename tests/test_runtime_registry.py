@@ -142,7 +142,10 @@ def test_a_plugin_that_fails_to_load_is_left_out_and_named(
     with caplog.at_level(logging.WARNING, logger="modelseal.serve"):
         platforms = base.registry().platforms()
     assert platforms == ["onnxruntime_onnx", "pytorch_libtorch", "tensorflow_savedmodel"]
-    assert "serving runtime broken (no_such_module_here:RUNTIME) is not used: No module named" in caplog.text
+    assert (
+        "serving runtime broken (no_such_module_here:RUNTIME of broken_runtime) is not used: "
+        "ModuleNotFoundError: No module named" in caplog.text
+    )
 
 
 def test_a_config_naming_no_registered_platform_lists_what_is_served(tmp_path: Path, fresh_registry: None) -> None:
@@ -153,3 +156,30 @@ def test_a_config_naming_no_registered_platform_lists_what_is_served(tmp_path: P
     served = "supported: onnxruntime_onnx, pytorch_libtorch, tensorflow_savedmodel; backends onnxruntime, pytorch"
     with pytest.raises(ConfigError, match=rf"platform toy_scale is not served \({served}, tensorflow\)"):
         parse_config(tmp_path / "toy")
+
+
+def test_a_platform_two_installed_plugins_claim_is_served_once_and_the_clash_names_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    toy_module(tmp_path, "toy_runtime_twice", monkeypatch)
+    for dist in ("toy_runtime_a", "toy_runtime_b"):
+        (tmp_path / dist).mkdir()
+        entry_point(tmp_path / dist, dist, f"{dist.removeprefix('toy_runtime_')} = toy_runtime_twice:RUNTIME")
+        monkeypatch.syspath_prepend(str(tmp_path / dist))
+    with caplog.at_level(logging.WARNING, logger="modelseal.serve"):
+        assert base.registry().platforms().count("toy_scale") == 1
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "toy_runtime_a" in warning and "toy_runtime_b" in warning and "toy_runtime_twice:RUNTIME" in warning
+
+
+def test_a_plugin_failure_is_logged_in_one_line_with_its_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "toy_runtime_raises.py").write_text('raise RuntimeError("cannot start\\n  detail line two")\n')
+    entry_point(tmp_path, "toy_runtime_raises", "raises = toy_runtime_raises:RUNTIME")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "toy_runtime_raises", raising=False)
+    with caplog.at_level(logging.WARNING, logger="modelseal.serve"):
+        base.registry()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.endswith("is not used: RuntimeError: cannot start") and "\n" not in warning

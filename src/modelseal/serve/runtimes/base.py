@@ -71,20 +71,22 @@ class RuntimeRegistry:
     def __init__(self) -> None:
         self._platforms: dict[str, RuntimeInfo] = {}
         self._backends: dict[str, str] = {}
+        self._sources: dict[str, str] = {}  # platform -> who registered it, named when another claims it
 
-    def register(self, info: RuntimeInfo) -> None:
-        """Add ``info``; a platform or backend name already taken is refused."""
+    def register(self, info: RuntimeInfo, source: str = "") -> None:
+        """Add ``info`` (``source``: who registers it, named in a later clash; by default the runtime
+        itself); a platform or backend name already taken is refused, naming its holder."""
         if not isinstance(info, RuntimeInfo):
             raise UsageError(f"a serving runtime is registered with a RuntimeInfo, not {type(info).__name__}")
         if not info.platform or not info.files:
             raise UsageError("a serving runtime needs a platform name and at least one model file name")
         if info.platform in self._platforms:
-            raise UsageError(
-                f"platform {info.platform!r} is already served by {self._platforms[info.platform].runtime}"
-            )
+            raise UsageError(f"platform {info.platform!r} is already served by {self._sources[info.platform]}")
         if info.backend and info.backend in self._backends:
-            raise UsageError(f"backend {info.backend!r} already means platform {self._backends[info.backend]!r}")
+            held = self._backends[info.backend]
+            raise UsageError(f"backend {info.backend!r} already means platform {held!r} ({self._sources[held]})")
         self._platforms[info.platform] = info
+        self._sources[info.platform] = source or str(info.runtime)
         if info.backend:
             self._backends[info.backend] = info.platform
 
@@ -93,12 +95,13 @@ class RuntimeRegistry:
         that fails to load or clashes with a name already taken is logged and left out: it must not stop
         the server from serving everything else."""
         for module in BUILTIN:
-            self.register(importlib.import_module(module).RUNTIME)
+            self.register(importlib.import_module(module).RUNTIME, module)
         for point in entry_points(group=ENTRY_POINT_GROUP):
+            source = f"serving runtime {point.name} ({point.value} of {point.dist.name if point.dist else '?'})"
             try:
-                self.register(point.load())
-            except Exception as exc:  # a third party's import error, wrong type or clash
-                log.warning("serving runtime %s (%s) is not used: %s", point.name, point.value, exc)
+                self.register(point.load(), source)
+            except Exception as exc:  # a third party's import error, wrong type or clash: one line, with its type
+                log.warning("%s is not used: %s: %s", source, type(exc).__name__, (str(exc).splitlines() or [""])[0])
         return self
 
     def get(self, platform: str) -> RuntimeInfo | None:
