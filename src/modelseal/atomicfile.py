@@ -308,7 +308,9 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         view, offset = view[n:], offset + n
 
 
-def overwrite_at(path: str | os.PathLike[str], offset: int, data: bytes | bytearray | memoryview) -> None:
+def overwrite_at(
+    path: str | os.PathLike[str], offset: int, data: bytes | bytearray | memoryview, *, same_as: int | None = None
+) -> None:
     """Overwrite bytes of an existing regular file in place at ``offset``, then fsync it.
 
     The one write that is not atomic by rename, for a change that must not copy the file: rekey
@@ -316,16 +318,28 @@ def overwrite_at(path: str | os.PathLike[str], offset: int, data: bytes | bytear
     ciphertext that stay where they are). It never creates, truncates or extends the file; a crash
     in the middle can tear the header, which is why rekey is idempotent and is simply run again. A
     symbolic link at ``path`` is refused, as everywhere else.
+
+    ``same_as`` is the descriptor of the file the caller opened and checked at ``path``: the path is
+    reopened (without following a link and without blocking, so a FIFO put there cannot hang the
+    write) and the write is refused unless it still names that very file, so a hard link to another
+    file swapped in meanwhile is never written through.
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UsageError(f"{path} is a symbolic link; refusing to write through it") from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads, or a socket: not the file that was opened
+            raise WriteError(f"{path} is no longer a regular file; refusing to write into it") from None
         raise _os_error(path, exc) from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or offset + len(data) > os.fstat(fd).st_size:
+        found = os.fstat(fd)
+        if same_as is not None:
+            opened = os.fstat(same_as)
+            if (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino):
+                raise WriteError(f"{path} was replaced since it was opened; refusing to write into the new file")
+        if not stat.S_ISREG(found.st_mode) or offset + len(data) > found.st_size:
             raise UsageError(f"{path}: only bytes inside an existing regular file are overwritten in place")
         pwrite_all(fd, data, offset)
         os.fsync(fd)

@@ -459,7 +459,7 @@ class Artifact:
         except FormatError:  # the reserved space is too small for the new stanzas
             head = b""
         if head:
-            atomicfile.overwrite_at(self.path, 0, head)
+            atomicfile.overwrite_at(self.path, 0, head, same_as=self._src.fd)  # this file, not a swap
             return True
         head = self.encode_header(None)
         end = self.payload_offset + self.payload_size + self.tag_count * TAG_SIZE
