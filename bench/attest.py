@@ -19,17 +19,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the public evidence samples' readers, below
-
-from tests.test_attest_samples import AT, SNP_AT, dcap_evidence, snp_evidence
+from samples import AT, SNP_AT, dcap_evidence, snp_evidence
 
 from modelseal.attest import VerificationContext, get_verifier
 from modelseal.attest.tpm import TpmCollector

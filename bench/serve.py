@@ -22,10 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test models' builders, below
-
 import httpx
-from tests.serving import add_model, export_onnx, resnet50, small_cnn
+from models import add_model, export_onnx, resnet50, small_cnn
 
 from modelseal.devstack import Serve, free_port, wait_for
 from modelseal.recipients.hpke import KEMS, HpkeIdentity

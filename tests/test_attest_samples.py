@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench.samples import AT, SAMPLES, SNP_AT, dcap_evidence, snp_evidence
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -25,28 +26,6 @@ from modelseal.attest import EvidenceError, VerificationContext, get_verifier
 from modelseal.attest.base import expected_report_data, unmet
 from modelseal.attest.snp import OID_HWID, OID_SPL, SnpVerifier
 from modelseal.encoding import b64d, b64e
-
-# Public samples (Phala-Network/dcap-qvl, MIT; virtee/sev, Apache-2.0), copied with their licences.
-SAMPLES = Path(__file__).parent / "data" / "attestation"
-# Inside each collateral's window (latest issueDate .. earliest nextUpdate), per the samples' README.
-AT = {"sgx_quote": 1752919277, "tdx_quote": 1752919234, "tdx_quote_outdated": 1772323200}
-SNP_AT = 1752919277
-
-
-def dcap_evidence(name: str) -> dict[str, Any]:
-    kind = name.split("_")[0]
-    quote = (SAMPLES / "dcap" / name).read_bytes()
-    collateral = json.loads((SAMPLES / "dcap" / f"{name}_collateral.json").read_text())
-    return {"kind": kind, "quote": b64e(quote), "collateral": collateral}
-
-
-def snp_evidence() -> dict[str, Any]:
-    return {
-        "kind": "sev-snp",
-        "report": b64e(bytes.fromhex((SAMPLES / "snp" / "report_milan.hex").read_text().strip())),
-        "vcek": b64e((SAMPLES / "snp" / "vcek_milan.der").read_bytes()),
-        "cert_chain": (SAMPLES / "snp" / "cert_chain_milan").read_text(),
-    }
 
 
 def verify(evidence: dict[str, Any], at: int, binding: bytes | None = None, verifier: Any = None) -> Any:
