@@ -107,15 +107,26 @@ def test_toy_kind_registered_by_function(fresh_registry: None, plain: Path, tmp_
     seal_and_open_toy(plain, tmp_path)
 
 
-def install_toy_distribution(root: Path, entry_point: str) -> None:
+def register_raising(kinds: registry.Registry) -> None:
+    """A plugin whose registration fails, with a message of several lines."""
+    raise RuntimeError("the toy kind cannot start\n  a second line that must not reach the user")
+
+
+def claim_agent(kinds: registry.Registry) -> None:
+    """A plugin that tries to take over modelseal's own ``agent:`` identity spec."""
+    kinds.spec("agent", ToyKey)
+
+
+def install_toy_distribution(root: Path, entry_point: str, name: str = "toy") -> None:
     """What ``pip install toy`` would leave: a module and a dist-info naming it in the recipients group."""
     (root / "toy_kind.py").write_text(
-        f'"""A recipient kind that lives outside modelseal."""\nfrom {__name__} import register_toy as register\n'
+        f'"""A recipient kind that lives outside modelseal."""\n'
+        f"from {__name__} import claim_agent, register_raising, register_toy as register\n"
     )
-    info = root / "toy-0.dist-info"
+    info = root / f"{name}-0.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy\nVersion: 0\n")
-    (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\ntoy = {entry_point}\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\n{name} = {entry_point}\n")
     importlib.invalidate_caches()
 
 
@@ -141,6 +152,57 @@ def test_broken_plugin_is_named_in_one_line(
         modelseal.parse_recipient("x25519:AAAA")
 
 
+def test_a_plugin_whose_registration_fails_is_named_in_one_line(
+    fresh_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "site").mkdir()
+    install_toy_distribution(tmp_path / "site", "toy_kind:register_raising")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    registry.reset()
+    with pytest.raises(UsageError) as refused:
+        modelseal.parse_recipient("x25519:AAAA")
+    assert str(refused.value) == (
+        "recipient plugin toy (toy_kind:register_raising) cannot register: RuntimeError: the toy kind cannot start"
+    )
+
+
+def test_a_plugin_that_fails_to_import_is_named_in_one_line(
+    fresh_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "toy_kind_raises.py").write_text('raise RuntimeError("cannot import\\n  line two")\n')
+    install_toy_distribution(tmp_path, "toy_kind_raises:register")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "toy_kind_raises", raising=False)
+    registry.reset()
+    with pytest.raises(UsageError) as refused:
+        modelseal.parse_recipient("x25519:AAAA")
+    assert str(refused.value).endswith("cannot be loaded: RuntimeError: cannot import")
+
+
+def test_modelseals_own_kinds_need_no_install_metadata(fresh_registry: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PYTHONPATH=src``, a zipapp or a frozen binary has no entry points: agent: and keyserver: stay."""
+    monkeypatch.setattr(registry, "entry_points", lambda **_: ())
+    registry.reset()
+    assert "keyserver" in registry.known_schemes()
+    assert isinstance(modelseal.load_identity("agent:/run/x.sock"), AgentIdentity)
+
+
+def test_a_plugin_cannot_claim_modelseals_own_kinds_whatever_its_name(
+    fresh_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built-ins are registered before every entry point, so ``aaa`` (sorted first) is the one refused."""
+    (tmp_path / "site").mkdir()
+    install_toy_distribution(tmp_path / "site", "toy_kind:claim_agent", name="aaa")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    registry.reset()
+    with pytest.raises(UsageError) as refused:
+        modelseal.parse_recipient("x25519:AAAA")
+    assert str(refused.value) == (
+        "recipient plugin aaa (toy_kind:claim_agent): the identity spec 'agent' is already registered by "
+        "modelseal.release.identity:register (a name has one kind)"
+    )
+
+
 def test_builtin_and_installed_kinds(fresh_registry: None) -> None:
     kinds = registry.get_registry()
     assert {"x25519", "mlkem768x25519", "symmetric", "keyserver"} <= set(kinds.schemes)
@@ -164,7 +226,7 @@ def test_unknown_scheme_lists_the_known_ones(fresh_registry: None) -> None:
 
 def test_a_name_belongs_to_one_kind(fresh_registry: None) -> None:
     """A plugin cannot take over x25519: (and receive the data keys sealed to it) or an identity label."""
-    with pytest.raises(UsageError, match="'x25519' is already registered"):
+    with pytest.raises(UsageError, match=r"'x25519' is already registered by modelseal\.recipients\.hpke:register"):
         registry.register_kind(lambda kinds: kinds.scheme("x25519", ToyKey))
     with pytest.raises(UsageError, match="already registered"):
         registry.register_kind(lambda kinds: kinds.label("MODELSEAL-SYMMETRIC-KEY", lambda raw: ToyKey("x")))

@@ -9,16 +9,19 @@ service through the host agent), or any registered spec prefix. No error message
 may be a secret.
 
 A kind is added by one module with one registration function ``register(registry)`` that claims its
-recipient schemes, identity-spec prefixes and key-file labels. The built-in kinds (``hpke``,
-``symmetric``, ``passphrase``) are listed in :data:`BUILTIN`; every other kind, including the key
-service's ``keyserver:`` and ``agent:`` in :mod:`modelseal.release`, is found through the entry-point
-group :data:`ENTRY_POINT_GROUP`, so this package never imports the layers above it. The registry is
-filled once, on the first lookup; :func:`register_kind` adds a kind from code. A name is claimed
-once: a later kind cannot take over ``x25519:`` and receive the data keys sealed to it.
+recipient schemes, identity-spec prefixes and key-file labels. modelseal's own kinds (``hpke``,
+``symmetric``, ``passphrase``, ``env:``, and the key service's ``keyserver:`` and ``agent:`` in
+:mod:`modelseal.release`) are listed in :data:`BUILTIN` as ``"module:function"`` strings, imported by name
+so this package never imports the layers above it, and they exist without install metadata (a source
+tree on ``PYTHONPATH``, a zipapp, a frozen binary). Other distributions' kinds are found through the
+entry-point group :data:`ENTRY_POINT_GROUP`, after every built-in. The registry is filled once, on the
+first lookup; :func:`register_kind` adds a kind from code. A name is claimed once: a later kind cannot
+take over ``x25519:`` or ``agent:`` and receive the data keys meant for it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import threading
@@ -30,7 +33,6 @@ from typing import TypeVar, Union
 
 from modelseal.errors import KeyFileError, UsageError
 from modelseal.keyfile import key_lines, read_text, shown_value
-from modelseal.recipients import hpke, passphrase, symmetric
 from modelseal.recipients.base import Identity, IdentitySet, Recipient
 
 IdentitySpec = Union[Identity, str, os.PathLike, Sequence[Union[Identity, str, os.PathLike]]]  # type: ignore[type-arg]
@@ -45,6 +47,10 @@ LabelLoader = Callable[[bytes], Identity]
 _T = TypeVar("_T")
 _PREFIX = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 _LABEL = re.compile(r"[A-Z0-9][A-Z0-9-]*")
+
+
+class _ClaimError(UsageError):
+    """A claim refused by :class:`Registry`: its message already names the kind that tried and the holder."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Registry:
     specs: dict[str, SpecFactory] = field(default_factory=dict)
     labels: dict[str, Label] = field(default_factory=dict)
     source: str = "modelseal"  # the kind being registered, named in a conflict
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (what, name) -> the kind that claimed it
 
     def scheme(self, prefix: str, factory: RecipientFactory, *, public_key: bool = False) -> None:
         """Claim the recipient string ``PREFIX:...`` (``public_key``: ``PREFIX:KEY`` lines in key files too)."""
@@ -86,10 +93,12 @@ class Registry:
 
     def _claim(self, table: dict[str, _T], what: str, name: str, pattern: re.Pattern[str], value: _T) -> None:
         if not pattern.fullmatch(name):
-            raise UsageError(f"{self.source}: {name!r} is not a valid {what} name")
+            raise _ClaimError(f"{self.source}: {name!r} is not a valid {what} name")
         if name in table and table[name] != value:
-            raise UsageError(f"{self.source}: the {what} {name!r} is already registered (a name has one kind)")
+            held = f"the {what} {name!r} is already registered by {self.owners[what, name]}"
+            raise _ClaimError(f"{self.source}: {held} (a name has one kind)")
         table[name] = value
+        self.owners.setdefault((what, name), self.source)
 
 
 def _register_env(registry: Registry) -> None:
@@ -106,8 +115,16 @@ def _register_env(registry: Registry) -> None:
 
 Hook = Callable[[Registry], None]
 
-BUILTIN: tuple[Hook, ...] = (hpke.register, symmetric.register, passphrase.register, _register_env)
-"""The kinds that ship inside this package, registered before any entry point."""
+BUILTIN: tuple[str, ...] = (
+    "modelseal.recipients.hpke:register",
+    "modelseal.recipients.symmetric:register",
+    "modelseal.recipients.passphrase:register",
+    "modelseal.recipients.registry:_register_env",
+    "modelseal.release.recipient:register",  # keyserver:URL#MODEL
+    "modelseal.release.identity:register",  # agent:SOCKET
+)
+"""The kinds that ship with modelseal, as ``module:function``: imported by name (no import edge from this
+package to :mod:`modelseal.release`) and registered, in this order, before any entry point."""
 
 _lock = threading.RLock()
 _registry: Registry | None = None
@@ -121,17 +138,28 @@ def _apply(registry: Registry, hook: Hook, source: str) -> None:
         registry.source = "modelseal"
 
 
+def _failure(exc: Exception) -> str:
+    """A plugin's exception as one line: its type and the first line of its message (no traceback)."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
 def _fill() -> Registry:
     registry = Registry()
-    for hook in BUILTIN:
-        _apply(registry, hook, f"{hook.__module__}.{hook.__name__}")
+    for target in BUILTIN:
+        module, _, attr = target.partition(":")
+        _apply(registry, getattr(importlib.import_module(module), attr), target)
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
         source = f"recipient plugin {ep.name} ({ep.value})"
         try:
             hook = ep.load()
         except Exception as exc:  # a broken plugin is named, in one line, instead of a traceback
-            raise UsageError(f"{source} cannot be loaded: {type(exc).__name__}: {exc}") from None
-        _apply(registry, hook, source)
+            raise UsageError(f"{source} cannot be loaded: {_failure(exc)}") from None
+        try:
+            _apply(registry, hook, source)
+        except _ClaimError:  # already one line naming the plugin and the kind holding the name
+            raise
+        except Exception as exc:
+            raise UsageError(f"{source} cannot register: {_failure(exc)}") from None
     return registry
 
 

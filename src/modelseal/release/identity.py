@@ -35,5 +35,5 @@ class AgentIdentity:
 
 
 def register(registry: Registry) -> None:
-    """The ``agent:SOCKET`` identity spec (entry point ``agent`` in ``modelseal.recipients``)."""
+    """The ``agent:SOCKET`` identity spec (listed in :data:`modelseal.recipients.registry.BUILTIN`)."""
     registry.spec("agent", AgentIdentity)

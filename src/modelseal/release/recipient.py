@@ -49,5 +49,5 @@ class KeyserverRecipient:
 
 
 def register(registry: Registry) -> None:
-    """The ``keyserver:URL#MODEL`` recipient scheme (entry point ``keyserver`` in ``modelseal.recipients``)."""
+    """The ``keyserver:URL#MODEL`` recipient scheme (listed in :data:`modelseal.recipients.registry.BUILTIN`)."""
     registry.scheme(TYPE, KeyserverRecipient.parse)
