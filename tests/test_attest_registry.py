@@ -172,7 +172,9 @@ def test_a_broken_entry_point_stops_start_up_with_its_name(
 ) -> None:
     write_distribution(tmp_path, "broken_attest_plugin", {"broken": "no_such_module_xyz:KIND"})
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(UsageError, match=r"'broken' .*cannot be loaded: No module named 'no_such_module_xyz'"):
+    with pytest.raises(
+        UsageError, match=r"'broken' .*cannot be loaded: ModuleNotFoundError: No module named 'no_such_module_xyz'"
+    ):
         verifiers_from_config()
 
 
@@ -206,3 +208,70 @@ def test_bad_attestation_settings_are_refused(
 ) -> None:
     with pytest.raises(UsageError, match=message):
         verifiers_from_config(settings, tmp_path)
+
+
+def test_a_plugin_error_is_one_line_with_its_type(
+    fresh_registry: attest_registry.Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_distribution(tmp_path, "raising_attest_plugin", {"raising": "raising_attest_plugin:KIND"})
+    (tmp_path / "raising_attest_plugin.py").write_text('raise RuntimeError("no device\\n  second line")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "raising_attest_plugin", raising=False)
+    with pytest.raises(UsageError) as refused:
+        known_kinds()
+    assert str(refused.value).endswith("cannot be loaded: RuntimeError: no device")
+
+
+def test_attest_kinds_with_a_broken_plugin_is_one_line_and_exit_1(
+    fresh_registry: attest_registry.Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from modelseal.cli.main import main
+
+    write_distribution(tmp_path, "broken_attest_plugin", {"broken": "no_such_module_xyz:KIND"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(main, ["attest", "kinds"], prog_name="modelseal")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # not an escaped UsageError
+    assert result.output.startswith("modelseal: error: attestation kind 'broken' (entry point no_such_module_xyz")
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_two_installed_distributions_providing_one_kind_are_both_named(
+    fresh_registry: attest_registry.Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "toy_attest_plugin.py").write_text(textwrap.dedent(TOY_KIND.format(name="toy")))
+    for dist in ("toy_attest_a", "toy_attest_b"):
+        (tmp_path / dist).mkdir()
+        write_distribution(tmp_path / dist, dist, {"toy": "toy_attest_plugin:KIND"})
+        monkeypatch.syspath_prepend(str(tmp_path / dist))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "toy_attest_plugin", raising=False)
+    with pytest.raises(UsageError) as refused:
+        known_kinds()
+    message = str(refused.value)
+    assert "toy_attest_a" in message and "toy_attest_b" in message and "by modelseal" not in message
+
+
+def test_register_verifier_adds_a_kind_without_a_collector(fresh_registry: attest_registry.Registry) -> None:
+    """The pre-registry public name: a verifier alone becomes a kind the key service checks; an agent
+    configured to present it is refused at start-up, naming why."""
+    from modelseal.attest import register_verifier
+
+    class Legacy:
+        kind = "legacy"
+
+        def verify(self, evidence: dict[str, object], ctx: VerificationContext) -> object:
+            raise EvidenceError("legacy evidence is never good enough")
+
+        def check_requirement(self, requirement: dict[str, object]) -> dict[str, object]:
+            return requirement
+
+    verifier = Legacy()
+    register_verifier(verifier)  # type: ignore[arg-type]
+    assert "legacy" in known_kinds()
+    assert get_verifier("legacy") is verifier and verifiers_from_config()["legacy"] is verifier
+    with pytest.raises(UsageError, match=r"evidence kind 'legacy' has no collector .*register_verifier"):
+        collectors_from_config(["legacy"], {})
+    with pytest.raises(UsageError, match="'tpm' is already registered"):
+        register_verifier(Legacy.__new__(type("Impostor", (Legacy,), {"kind": "tpm"})))  # type: ignore[arg-type]

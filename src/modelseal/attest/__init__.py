@@ -18,6 +18,7 @@ from modelseal.attest.registry import (
     get_verifier,
     known_kinds,
     register_kind,
+    register_verifier,
     verifiers_from_config,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "get_verifier",
     "known_kinds",
     "register_kind",
+    "register_verifier",
     "verifiers_from_config",
 ]

@@ -6,12 +6,14 @@ registration:
 - a line in :data:`BUILTIN` for the kinds shipped here;
 - an entry point in the group ``modelseal.attestation`` for a kind from another distribution
   (``[project.entry-points."modelseal.attestation"]  my-tee = "my_package.my_tee:KIND"``);
-- :func:`register_kind` for a program that builds its own.
+- :func:`register_kind` for a program that builds its own (:func:`register_verifier`, the older API,
+  for a verifier alone).
 
 Nothing registers itself on import, and configuration never changes the registry:
 :func:`verifiers_from_config` and :func:`collectors_from_config` build new objects on every call, so two
 key services (or tests) in one process configured differently do not see each other's settings. A kind
-cannot replace another of the same name, so an installed package cannot swap out the ``tpm`` verifier.
+cannot replace another of the same name, so an installed package cannot swap out the ``tpm`` verifier,
+and two installed packages providing one name are both refused, by name.
 """
 
 from __future__ import annotations
@@ -63,15 +65,19 @@ class Registry:
         with self._lock:
             if self._kinds is None:
                 kinds = {name: _checked(name, _import(target), target) for name, target in BUILTIN.items()}
+                origins = {name: f"modelseal ({target})" for name, target in BUILTIN.items()}
                 for ep in entry_points(group=ENTRY_POINT_GROUP):
                     origin = f"entry point {ep.value} of {ep.dist.name if ep.dist else 'an unknown distribution'}"
-                    if ep.name in kinds:
-                        raise UsageError(f"attestation kind {ep.name!r} ({origin}) is already provided by modelseal")
+                    plugin = f"attestation kind {ep.name!r} ({origin})"
+                    if ep.name in kinds:  # a built-in, or another distribution's: neither is silently chosen
+                        raise UsageError(f"{plugin} is already provided by {origins[ep.name]}")
                     try:
                         loaded = ep.load()
-                    except Exception as exc:  # a broken plugin must stop start-up, with its name
-                        raise UsageError(f"attestation kind {ep.name!r} ({origin}) cannot be loaded: {exc}") from None
+                    except Exception as exc:  # a broken plugin must stop start-up, with its name, in one line
+                        failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                        raise UsageError(f"{plugin} cannot be loaded: {failure}") from None
                     kinds[ep.name] = _checked(ep.name, loaded, origin)
+                    origins[ep.name] = origin
                 self._kinds = kinds
             return self._kinds
 
@@ -105,6 +111,25 @@ REGISTRY = Registry()
 def register_kind(kind: AttestationKind) -> None:
     """Add a kind to this process's registry (an installed package uses an entry point instead)."""
     REGISTRY.register(kind)
+
+
+def register_verifier(verifier: Verifier) -> None:
+    """Add a kind that only verifies: the API from before kinds had collectors, kept for programs that use it.
+
+    The key service uses ``verifier`` itself for ``verifier.kind`` (``[attestation]`` settings do not reach
+    it); an agent configured to present that kind is refused at start-up, as nothing here can collect its
+    evidence. Like :func:`register_kind`, it cannot replace a kind already registered. New code defines an
+    :class:`~modelseal.attest.base.AttestationKind` (verifier and collector) and calls :func:`register_kind`.
+    """
+    name = verifier.kind
+
+    def no_collector(table: Mapping[str, Any]) -> Collector:
+        raise UsageError(
+            f"evidence kind {name!r} has no collector (it was added with register_verifier, which registers "
+            "only a verifier; define an AttestationKind with a collector so an agent can present it)"
+        )
+
+    register_kind(AttestationKind(name, verifier=lambda settings, base: verifier, collector=no_collector))
 
 
 def known_kinds() -> list[str]:

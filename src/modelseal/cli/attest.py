@@ -125,6 +125,7 @@ def attest_verify(
 
 @attest.command("kinds")
 @json_option
+@fail_closed
 def attest_kinds(as_json: bool) -> None:
     """List the evidence kinds this installation can verify."""
     from modelseal.attest import known_kinds
