@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 import modelseal
+import modelseal.torch
+import modelseal.transformers
 from modelseal import atomicfile
 from modelseal.atomicfile import WriteError
 from modelseal.load.artifacts import open_artifact
@@ -75,3 +78,102 @@ def test_overwrite_at_without_an_opened_file_still_writes(tmp_path: Path) -> Non
         atomicfile.overwrite_at(f, 2, b"ab", same_as=opened.fileno())
     atomicfile.overwrite_at(f, 0, b"z")
     assert f.read_bytes() == b"z1ab456789"
+
+
+# ------------------------------------------------------- a load for another device wipes its staging
+
+
+@pytest.fixture
+def staged(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, memoryview]]:
+    """Every (tensor, byte view) the loaders allocate to decrypt into, recorded as they are made."""
+    from modelseal.load import tensors
+
+    made: list[tuple[Any, memoryview]] = []
+    real = tensors.allocate
+
+    def recording(*args: Any, **kwargs: Any) -> list[tuple[Any, memoryview]]:
+        out = real(*args, **kwargs)
+        made.extend(out)
+        return out
+
+    monkeypatch.setattr(tensors, "allocate", recording)
+    return made
+
+
+def _wiped(made: list[tuple[Any, memoryview]]) -> bool:
+    return bool(made) and all(not any(view) for _t, view in made)
+
+
+def test_safe_open_for_another_device_wipes_the_cpu_copies(
+    sealed: Path, host: HpkeIdentity, staged: list[tuple[Any, memoryview]]
+) -> None:
+    pytest.importorskip("torch")
+    out = modelseal.torch.load_file(sealed, "meta", identity=host)
+    assert {k: (v.device.type, tuple(v.shape)) for k, v in out.items()} == {"w": ("meta", (3000,)), "b": ("meta", (7,))}
+    assert _wiped(staged)
+
+
+def test_a_slice_for_another_device_wipes_its_cpu_copy(
+    sealed: Path, host: HpkeIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("torch")
+    from modelseal.load import tensors
+
+    made: list[Any] = []
+    real = tensors._empty_bytes
+
+    def recording(nbytes: int, framework: str) -> Any:
+        made.append(real(nbytes, framework))
+        return made[-1]
+
+    monkeypatch.setattr(tensors, "_empty_bytes", recording)
+    with modelseal.safe_open(sealed, "pt", device="meta", identity=host) as f:
+        part = f.get_slice("w")[10:20]
+    assert part.device.type == "meta" and tuple(part.shape) == (10,)
+    assert made and not any(raw.any() for raw in made)
+
+
+def test_transformers_for_another_device_wipes_the_cpu_copies(
+    tmp_path: Path, host: HpkeIdentity, staged: list[tuple[Any, memoryview]]
+) -> None:
+    pytest.importorskip("torch")
+    src = tmp_path / "dir"
+    src.mkdir()
+    save_file({"w": np.arange(3000, dtype=np.float32)}, str(src / "model.safetensors"))
+    (src / "config.json").write_text('{"model_type": "x"}')
+    modelseal.seal(src, tmp_path / "sealed", [host.recipient], segment_size=SEG)
+    state = modelseal.transformers.load_state_dict(tmp_path / "sealed", identity=host, device="meta")
+    assert state["w"].device.type == "meta"
+    assert _wiped(staged)
+
+
+def test_load_model_from_for_another_device_wipes_the_cpu_copies(
+    sealed: Path, host: HpkeIdentity, staged: list[tuple[Any, memoryview]]
+) -> None:
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Module()
+    model.w, model.b = torch.nn.Parameter(torch.empty(3000)), torch.nn.Parameter(torch.empty(7))
+    with open_artifact(sealed, host) as art:
+        modelseal.torch.load_model_from(model, art, device="meta")  # type: ignore[arg-type]
+    assert model.w.device.type == "meta" and _wiped(staged)
+
+
+def test_the_cpu_path_hands_over_the_decrypted_tensors_themselves(
+    sealed: Path, host: HpkeIdentity, staged: list[tuple[Any, memoryview]]
+) -> None:
+    pytest.importorskip("torch")
+    from modelseal.load.tensors import to_device
+
+    out = modelseal.torch.load_file(sealed, identity=host)
+    assert [id(t) for t in out.values()] == [id(t) for t, _v in staged]
+    assert out["w"][2999].item() == 2999.0
+    assert to_device(staged, "cpu")[0] is staged[0][0] and any(staged[0][1])
+
+
+def test_a_state_dict_the_module_refuses_is_zeroed(sealed: Path, host: HpkeIdentity) -> None:
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.empty(3000))  # no "b": strict loading fails after assigning "w"
+    with open_artifact(sealed, host) as art, pytest.raises(RuntimeError, match="Unexpected key"):
+        modelseal.torch.load_model_from(model, art)  # type: ignore[arg-type]
+    assert not model.w.detach().any()

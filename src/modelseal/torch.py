@@ -26,9 +26,8 @@ from modelseal.errors import FormatError
 from modelseal.format.container import Progress
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.load.bundles import read_bytes
-from modelseal.load.tensors import allocate, require_torch
+from modelseal.load.tensors import decrypt_tensors, require_torch
 from modelseal.load.tensors import load_file as _load_file
-from modelseal.memory import arena
 from modelseal.recipients.registry import IdentitySpec
 
 
@@ -62,25 +61,17 @@ def load_model_from(model: Any, artifact: SealedSafetensors, *, strict: bool = T
     """:func:`load_model` from a sealed safetensors file that is already open and unlocked (a server
     opens a model's file once for all its instances). On the CPU each tensor is decrypted straight into
     its own allocation, which becomes the parameter (``assign=True``); for another device it is decrypted
-    into a (pinned) CPU buffer, copied over, and that buffer is wiped once the copy is done."""
+    into a (pinned) CPU buffer, copied over, and that buffer is wiped (``load.tensors.to_device``). When
+    the module refuses the state dict, every tensor of it is zeroed (some may be parameters already)."""
     torch = require_torch()
-    entries = artifact.entries
-    staged, cuda = device != "cpu", device.startswith("cuda")
-    made = allocate(entries, "pt", pin=cuda and torch.cuda.is_available())
+    state = decrypt_tensors(artifact, artifact.entries, "pt", device)
     try:
-        # pre-faulted per segment like every other load (load.tensors.decrypt_tensors); the views stay
-        # here because a staged load wipes them after the copy
-        artifact.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)], None, arena.prefault)
-        state = {
-            e.name: t.to(device, non_blocking=cuda) if staged else t for e, (t, _v) in zip(entries, made, strict=True)
-        }
-        if cuda:
-            torch.cuda.synchronize(device)  # the copies have landed: the staging buffers can go
-    finally:
-        if staged:
-            for _t, view in made:
-                keys.wipe(view)
-    return model.load_state_dict(state, strict=strict, assign=True)
+        return model.load_state_dict(state, strict=strict, assign=True)
+    except BaseException:
+        with torch.no_grad():
+            for tensor in state.values():
+                tensor.zero_()
+        raise
 
 
 class _PlainReader(io.RawIOBase):

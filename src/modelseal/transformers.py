@@ -58,12 +58,10 @@ def load_state_dict(
         fw = "np" if framework in ("np", "numpy") else "pt"
         state: dict[str, Any] = {}
         for shard in shards:
-            for name, tensor in decrypt_tensors(shard, shard.entries, fw).items():
+            for name, tensor in decrypt_tensors(shard, shard.entries, fw, device).items():
                 if name in state:
                     raise UsageError(f"tensor {name!r} appears in two shards of {root}")
                 state[name] = tensor
-    if device != "cpu":
-        state = {k: v.to(device) for k, v in state.items()}
     return state
 
 

@@ -95,17 +95,54 @@ def decrypt_tensors(
     art: SealedSafetensors,
     entries: Sequence[Entry],
     framework: str,
-    pin: bool = False,
+    device: str = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Allocate ``entries``' tensors and decrypt into them on all cores: ``{name: tensor}``.
+    """Allocate ``entries``' tensors, decrypt into them on all cores and put them on ``device``
+    (torch only; see :func:`to_device`): ``{name: tensor}``.
 
     The memory policy is applied here, not in the format: each worker maps a segment's destination
     pages in one system call just before it decrypts into them (``memory/arena.py``).
     """
-    made = allocate(entries, framework, pin)
-    art.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)], progress, arena.prefault)
-    return {e.name: t for e, (t, _v) in zip(entries, made, strict=True)}
+    made = allocate(entries, framework, pin=framework == "pt" and _pinned(device))
+    try:
+        art.decrypt_many([(e, view) for e, (_t, view) in zip(entries, made, strict=True)], progress, arena.prefault)
+    except BaseException:
+        for _t, view in made:  # some segments may be decrypted already
+            keys.wipe(view)
+        raise
+    placed = to_device(made, device) if framework == "pt" else [t for t, _v in made]
+    return {e.name: t for e, t in zip(entries, placed, strict=True)}
+
+
+def to_device(made: Sequence[tuple[Any, memoryview]], device: str) -> list[Any]:
+    """The decrypted CPU tensors of ``made`` (tensor and byte view, as :func:`allocate` returns them)
+    on ``device``, in order.
+
+    On the CPU: the tensors themselves, no copy, nothing wiped. Elsewhere each is copied over (for
+    CUDA asynchronously from pinned memory, then waited for), and the CPU buffers are wiped, also when a
+    copy fails: they are plaintext the allocator would only free, and pinned memory is reused as is.
+    """
+    if device == "cpu":
+        return [t for t, _v in made]
+    torch = require_torch()
+    cuda = torch.device(device).type == "cuda"
+    try:
+        moved = [t.to(device, non_blocking=cuda) for t, _v in made]
+        if cuda:
+            torch.cuda.synchronize(device)  # the copies have landed: the staging buffers can go
+    finally:
+        for _t, view in made:
+            keys.wipe(view)
+    return moved
+
+
+def _pinned(device: str) -> bool:
+    """Whether a load for ``device`` stages in page-locked memory (a CUDA copy from it is asynchronous)."""
+    if device == "cpu":
+        return False
+    torch = require_torch()
+    return bool(torch.device(device).type == "cuda" and torch.cuda.is_available())
 
 
 def _empty_bytes(nbytes: int, framework: str) -> Any:
@@ -155,7 +192,7 @@ class SealedSlice:
                 del picked
             finally:
                 keys.wipe(scratch)
-        return self._owner._place(_typed(raw, self.get_dtype(), plan.shape, framework))
+        return self._owner._place(_typed(raw, self.get_dtype(), plan.shape, framework), out)
 
 
 def _normalise_framework(framework: str) -> str:
@@ -201,20 +238,15 @@ class safe_open:  # noqa: N801 - mirrors safetensors.safe_open
     def get_tensors(self, names: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, Any]:
         """Decrypt several tensors at once (all cores across tensors and segments)."""
         entries = self._art.entries if names is None else [self._art.entry(n) for n in names]
-        tensors = decrypt_tensors(self._art, entries, self._framework, self._pin(), progress)
-        return {name: self._place(t) for name, t in tensors.items()}
+        return decrypt_tensors(self._art, entries, self._framework, self._device, progress)
 
     def get_slice(self, name: str) -> SealedSlice:
         """Like ``safetensors``' ``get_slice``: index the result to decrypt only part of a tensor."""
         return SealedSlice(self, self._art.entry(name))
 
-    def _place(self, tensor: Any) -> Any:
-        if self._framework == "pt" and self._device != "cpu":
-            return tensor.to(self._device, non_blocking=True)
-        return tensor
-
-    def _pin(self) -> bool:
-        return self._device != "cpu" and require_torch().cuda.is_available()
+    def _place(self, tensor: Any, view: memoryview) -> Any:
+        """A decrypted tensor (``view``: its bytes) where this file's tensors go; see :func:`to_device`."""
+        return to_device([(tensor, view)], self._device)[0] if self._framework == "pt" else tensor
 
     def close(self) -> None:
         self._art.close()
