@@ -14,7 +14,7 @@ from modelseal.keyserver.store import open_store, url_scheme
 
 from .test_keyservice_decisions import host, make_rig
 
-TOY_MODULE = '''
+TOY_MODULE = """
 from modelseal.keyserver.memstore import MemoryStore
 
 OPENED = []
@@ -32,7 +32,7 @@ def open_toy(url: str, migrate: bool) -> ToyStore:
 
 def broken(url: str, migrate: bool):
     raise AssertionError("never called")
-'''
+"""
 
 
 def install(root: Path, entry_points: str) -> None:
@@ -92,3 +92,27 @@ def test_the_built_in_sql_store_opens_by_url(tmp_path: Path) -> None:
         assert store.describe() == "sqlite" and len(store.schema_revision()) >= 4
     finally:
         store.close()
+
+
+def test_two_installed_stores_for_one_scheme_are_refused_naming_both(plugin_path: Path) -> None:
+    install(plugin_path, "toy = toystore:open_toy")
+    other = plugin_path / "othertoy-0.dist-info"
+    other.mkdir()
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: othertoy\nVersion: 0\n")
+    (other / "entry_points.txt").write_text("[modelseal.keyserver.stores]\ntoy = othertoy:open_store\n")
+    with pytest.raises(UsageError) as refused:
+        open_store("toy://anywhere")
+    message = str(refused.value)
+    assert "toystore:open_toy of toystore" in message and "othertoy:open_store of othertoy" in message
+    assert "toystore" not in sys.modules  # neither was imported, let alone opened
+
+
+def test_a_plugin_import_error_is_one_line_with_its_type(plugin_path: Path) -> None:
+    install(plugin_path, "worse = toystore_raises:open_store")
+    (plugin_path / "toystore_raises.py").write_text('raise RuntimeError("no driver\\n  second line")\n')
+    try:
+        with pytest.raises(UsageError) as refused:
+            open_store("worse://x")
+    finally:
+        sys.modules.pop("toystore_raises", None)
+    assert str(refused.value).endswith("cannot be loaded: RuntimeError: no driver")

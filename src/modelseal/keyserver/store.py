@@ -259,8 +259,13 @@ def open_store(url: str, migrate: bool = True) -> Store:
             installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} - set(BUILTIN))
             known = ", ".join([*BUILTIN, *installed])
             raise UsageError(f"no key-service store for {scheme}:// database URLs (known: {known})")
+        if len(found) > 1:  # which one the keys would go to must not depend on installation order
+            both = " and ".join(sorted(f"{ep.value} of {ep.dist.name if ep.dist else '?'}" for ep in found))
+            raise UsageError(f"{scheme}:// database URLs have more than one key-service store installed: {both}")
+        (point,) = found
         try:
-            opener = found[0].load()
+            opener = point.load()
         except Exception as exc:  # a broken plugin is named in one line, never a traceback
-            raise UsageError(f"key-service store plugin {scheme} ({found[0].value}) cannot be loaded: {exc}") from None
+            failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            raise UsageError(f"key-service store plugin {scheme} ({point.value}) cannot be loaded: {failure}") from None
     return opener(url, migrate)
