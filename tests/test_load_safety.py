@@ -4,6 +4,7 @@ ONNX memory file is zeroed on every path, and a runtime that fails after loading
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -177,3 +178,39 @@ def test_a_state_dict_the_module_refuses_is_zeroed(sealed: Path, host: HpkeIdent
     with open_artifact(sealed, host) as art, pytest.raises(RuntimeError, match="Unexpected key"):
         modelseal.torch.load_model_from(model, art)  # type: ignore[arg-type]
     assert not model.w.detach().any()
+
+
+# --------------------------------------------------------------------------- the ONNX memory file
+
+
+def test_the_onnx_memory_file_is_zeroed_when_the_copy_into_it_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelseal import onnx
+
+    if not hasattr(os, "memfd_create"):
+        pytest.skip("no memfd_create here")
+    kept: list[int] = []
+    real_memfd, real_pwrite = os.memfd_create, os.pwrite
+
+    def memfd(name: str, flags: int = 0) -> int:
+        fd = real_memfd(name, flags)
+        kept.append(os.dup(fd))  # the test's own handle, to read what is left after the file is closed
+        return fd
+
+    def short_then_full(fd: int, data: Any, offset: int) -> int:
+        if offset == 0:
+            return real_pwrite(fd, memoryview(data)[:100], 0)
+        if any(memoryview(data)):  # copying the model: the disk is "full"; zeros still go through
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "memfd_create", memfd)
+    monkeypatch.setattr(os, "pwrite", short_then_full)
+    with pytest.raises(OSError, match="No space"), onnx._memory_file(bytearray(b"\x07" * 1000)):
+        pytest.fail("the body must not run")
+    monkeypatch.undo()
+    (fd,) = kept
+    try:
+        left = os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    assert len(left) >= 100 and not any(left)

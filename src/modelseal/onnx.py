@@ -9,7 +9,9 @@ weights; our copies are wiped once the session exists).
 What stays in memory: ONNX Runtime's session holds its own copy of the graph and weights, which it
 frees (does not wipe) when the session is dropped. The decrypted files are in our buffers, wiped once the
 session exists; the model itself reaches ONNX Runtime through an anonymous memory file, zeroed and
-closed right after (see :func:`_memory_file`), never as an immutable ``bytes``. The graph is also parsed
+closed right after (see :func:`_memory_file`), not as an immutable ``bytes`` -- except where the system
+has no ``memfd_create`` (not Linux): there ORT gets a ``bytes`` copy of the graph and keeps it for the
+session's life, and no wipe reaches it. The graph is also parsed
 by the ``onnx`` package to find its external tensors: that protobuf copy (with the weights stored inside
 the graph) is freed, not wiped, as soon as the session exists.
 """
@@ -25,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from modelseal.atomicfile import pwrite_all
 from modelseal.crypto import keys
 from modelseal.errors import FormatError, MissingDependencyError, UsageError
 from modelseal.load.bundles import read_all
@@ -98,24 +101,25 @@ def _memory_file(data: bytearray) -> Iterator[str | bytes]:
     ``bytes``, and keeps a ``bytes`` model referenced for the session's whole life (to rebuild it on a
     provider fallback), so the decrypted graph would sit in an immutable object no wipe can reach for as
     long as the model is served. Given a path, ONNX Runtime reads the file into its own memory. Where
-    there is no ``memfd_create`` (not Linux), it gets that ``bytes`` copy."""
+    there is no ``memfd_create`` (not Linux), it gets that ``bytes`` copy all the same (documented in
+    docs/serving.md, "What stays in memory")."""
     if not hasattr(os, "memfd_create"):
         yield bytes(data)
         return
+    view = memoryview(data).cast("B")
+    written = 0
     fd = os.memfd_create("modelseal-model", os.MFD_CLOEXEC)
     try:
-        view = memoryview(data).cast("B")
-        written = 0
         while written < len(view):
             written += os.pwrite(fd, view[written:], written)
+        yield f"/proc/self/fd/{fd}"
+    finally:  # on every path, a failed copy included: what reached the file is zeroed before it goes
         try:
-            yield f"/proc/self/fd/{fd}"
+            zeros = bytes(min(written, 1 << 20))
+            for start in range(0, written, len(zeros) or 1):
+                pwrite_all(fd, zeros[: written - start], start)
         finally:
-            zeros = bytes(min(len(view), 1 << 20))
-            for start in range(0, len(view), len(zeros)):
-                os.pwrite(fd, zeros[: len(view) - start], start)
-    finally:
-        os.close(fd)
+            os.close(fd)
 
 
 def _external_initializers(model: bytearray, files: Mapping[str, bytearray], base: str, source: str) -> dict[str, Any]:
