@@ -277,3 +277,13 @@ def test_key_ids_without_a_key(tmp_path: Path, plain: Path, host: HpkeIdentity) 
 def test_toy_kind_satisfies_the_contract() -> None:
     toy = ToyKey("alpha")
     assert isinstance(toy, Recipient) and isinstance(toy, Identity)
+
+
+def test_names_public_before_the_redesign_still_work(plain: Path, tmp_path: Path) -> None:
+    """``modelseal.HpkeIdentity`` and ``modelseal.KEMS`` were importable (not in ``__all__``) and stay so."""
+    identity = modelseal.HpkeIdentity.generate(modelseal.KEMS["mlkem768x25519"])
+    sealed = tmp_path / "pq.sealed.safetensors"
+    modelseal.seal(plain, sealed, [identity.recipient])
+    opens_with(sealed, identity)
+    assert set(modelseal.KEMS) == {"x25519", "mlkem768x25519"}
+    assert not {"HpkeIdentity", "KEMS"} & set(modelseal.__all__)

@@ -30,6 +30,8 @@ from modelseal.load.artifacts import open_artifact
 from modelseal.load.bundles import open_bundle, read_bytes
 from modelseal.load.tensors import safe_open
 from modelseal.recipients import load_identity, parse_recipient
+from modelseal.recipients.hpke import KEMS as KEMS  # public since 0.1 (not in __all__): kept for existing code
+from modelseal.recipients.hpke import HpkeIdentity as HpkeIdentity  # likewise
 from modelseal.recipients.hpke import generate_identity
 from modelseal.recipients.passphrase import Passphrase
 from modelseal.recipients.symmetric import SymmetricKey
