@@ -214,3 +214,45 @@ def test_the_onnx_memory_file_is_zeroed_when_the_copy_into_it_fails(monkeypatch:
     finally:
         os.close(fd)
     assert len(left) >= 100 and not any(left)
+
+
+# ------------------------------------------------------------- a runtime that fails after loading
+
+
+def test_a_savedmodel_without_the_requested_signature_is_zeroed_before_the_refusal(
+    tmp_path: Path, host: HpkeIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tf = pytest.importorskip("tensorflow")
+    import modelseal.tensorflow
+    from modelseal.errors import UsageError
+    from modelseal.serve.repository import ModelSpec
+    from modelseal.serve.runtimes.tensorflow import TensorflowRuntime
+    from modelseal.serve.source import open_source
+
+    class Scale(tf.Module):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = tf.Variable(tf.fill([64], 7.0))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32, name="x")])
+        def serve(self, x: Any) -> dict[str, Any]:
+            return {"y": x * self.w}
+
+    model = Scale()
+    tf.saved_model.save(model, str(tmp_path / "plain"), signatures={"serving_default": model.serve})
+    modelseal.seal(tmp_path / "plain", tmp_path / "model.savedmodel.sealed", [host.recipient])
+    loaded: list[Any] = []
+    real = modelseal.tensorflow.saved_model_from_files
+
+    def recording(*args: Any) -> Any:
+        loaded.append(real(*args))
+        return loaded[-1]
+
+    monkeypatch.setattr(modelseal.tensorflow, "saved_model_from_files", recording)
+    spec = ModelSpec("scale", tmp_path, "tensorflow_savedmodel", 0, (), (), parameters={"signature": "nope"})
+    with open_source(tmp_path / "model.savedmodel.sealed", lambda: host) as source:
+        with pytest.raises(UsageError, match="has no signature 'nope'"):
+            TensorflowRuntime(spec, source, 0)
+    (weights,) = {id(v): v for f in loaded[0].signatures.values() for v in f.variables}.values()
+    assert not weights.numpy().any()

@@ -38,10 +38,14 @@ class TensorflowRuntime:
                     wipe(data)
         else:
             self.model = tf.saved_model.load(str(source.path))
-        name = spec.parameters.get("signature", "serving_default")
-        if name not in self.model.signatures:
-            raise UsageError(f"model {spec.name} has no signature {name!r} (has {sorted(self.model.signatures)})")
-        self.fn = self.model.signatures[name]
+        try:  # TensorFlow holds the weights now: a refusal zeroes them first (build() never gets this object)
+            name = spec.parameters.get("signature", "serving_default")
+            if name not in self.model.signatures:
+                raise UsageError(f"model {spec.name} has no signature {name!r} (has {sorted(self.model.signatures)})")
+            self.fn = self.model.signatures[name]
+        except BaseException:
+            self.close()
+            raise
 
     def check(self, spec: ModelSpec) -> None:
         def declared(specs: Any) -> dict[str, Declared]:
