@@ -148,8 +148,10 @@ def test_broken_plugin_is_named_in_one_line(
     install_toy_distribution(tmp_path / "site", "toy_kind:no_such_function")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     registry.reset()
+    x25519 = f"x25519:{b64e(bytes(32))}"
+    assert modelseal.parse_recipient(x25519)  # built-in names never wait on the plugins
     with pytest.raises(UsageError, match=r"^recipient plugin toy \(toy_kind:no_such_function\) cannot be loaded"):
-        modelseal.parse_recipient("x25519:AAAA")
+        modelseal.parse_recipient("toy:AAAA")  # a name no built-in kind holds reads the plugins
 
 
 def test_a_plugin_whose_registration_fails_is_named_in_one_line(
@@ -160,7 +162,7 @@ def test_a_plugin_whose_registration_fails_is_named_in_one_line(
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     registry.reset()
     with pytest.raises(UsageError) as refused:
-        modelseal.parse_recipient("x25519:AAAA")
+        modelseal.parse_recipient("toy:AAAA")
     assert str(refused.value) == (
         "recipient plugin toy (toy_kind:register_raising) cannot register: RuntimeError: the toy kind cannot start"
     )
@@ -175,7 +177,7 @@ def test_a_plugin_that_fails_to_import_is_named_in_one_line(
     monkeypatch.delitem(sys.modules, "toy_kind_raises", raising=False)
     registry.reset()
     with pytest.raises(UsageError) as refused:
-        modelseal.parse_recipient("x25519:AAAA")
+        registry.known_schemes()  # listing every kind reads the plugins
     assert str(refused.value).endswith("cannot be loaded: RuntimeError: cannot import")
 
 
@@ -190,13 +192,15 @@ def test_modelseals_own_kinds_need_no_install_metadata(fresh_registry: None, mon
 def test_a_plugin_cannot_claim_modelseals_own_kinds_whatever_its_name(
     fresh_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Built-ins are registered before every entry point, so ``aaa`` (sorted first) is the one refused."""
+    """Built-ins are registered before every entry point, so ``aaa`` (sorted first) is the one refused; a
+    built-in name is answered without the plugins, so the plugin never even sees it."""
     (tmp_path / "site").mkdir()
     install_toy_distribution(tmp_path / "site", "toy_kind:claim_agent", name="aaa")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     registry.reset()
+    assert isinstance(modelseal.load_identity("agent:/run/x.sock"), AgentIdentity)
     with pytest.raises(UsageError) as refused:
-        modelseal.parse_recipient("x25519:AAAA")
+        modelseal.parse_recipient("nosuch:AAAA")
     assert str(refused.value) == (
         "recipient plugin aaa (toy_kind:claim_agent): the identity spec 'agent' is already registered by "
         "modelseal.release.identity:register (a name has one kind)"
@@ -287,3 +291,20 @@ def test_names_public_before_the_redesign_still_work(plain: Path, tmp_path: Path
     opens_with(sealed, identity)
     assert set(modelseal.KEMS) == {"x25519", "mlkem768x25519"}
     assert not {"HpkeIdentity", "KEMS"} & set(modelseal.__all__)
+
+
+def test_built_in_names_never_read_the_installed_plugins(
+    fresh_registry: None, host: HpkeIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading every distribution's entry points costs milliseconds; a load with a built-in kind skips it."""
+
+    def no_scan(**_: object) -> tuple[()]:
+        raise AssertionError("the entry points were read")
+
+    monkeypatch.setattr(registry, "entry_points", no_scan)
+    registry.reset()
+    host.save(tmp_path / "host.key")
+    assert modelseal.load_identity(str(tmp_path / "host.key")).recipient.describe() == host.recipient.describe()
+    assert modelseal.parse_recipient(host.recipient.describe())
+    assert isinstance(modelseal.load_identity("agent:/run/x.sock"), AgentIdentity)
+    assert not registry.is_identity_text(str(tmp_path / "host.key"))

@@ -128,6 +128,7 @@ package to :mod:`modelseal.release`) and registered, in this order, before any e
 
 _lock = threading.RLock()
 _registry: Registry | None = None
+_plugins_loaded = False
 
 
 def _apply(registry: Registry, hook: Hook, source: str) -> None:
@@ -143,11 +144,21 @@ def _failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
-def _fill() -> Registry:
-    registry = Registry()
-    for target in BUILTIN:
-        module, _, attr = target.partition(":")
-        _apply(registry, getattr(importlib.import_module(module), attr), target)
+def _builtins() -> Registry:
+    """The registry with modelseal's own kinds (:data:`BUILTIN`); plugins join it when first needed."""
+    global _registry
+    if _registry is None:
+        with _lock:
+            if _registry is None:
+                registry = Registry()
+                for target in BUILTIN:
+                    module, _, attr = target.partition(":")
+                    _apply(registry, getattr(importlib.import_module(module), attr), target)
+                _registry = registry
+    return _registry
+
+
+def _load_plugins(registry: Registry) -> None:
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
         source = f"recipient plugin {ep.name} ({ep.value})"
         try:
@@ -160,17 +171,29 @@ def _fill() -> Registry:
             raise
         except Exception as exc:
             raise UsageError(f"{source} cannot register: {_failure(exc)}") from None
-    return registry
 
 
 def get_registry() -> Registry:
-    """The registry, filled on first use with :data:`BUILTIN` and the entry points."""
-    global _registry
-    if _registry is None:
+    """Every kind: :data:`BUILTIN`, then the installed plugins (the entry points, read once).
+
+    Lookups ask the built-in kinds first and read the entry points only for a name they do not hold
+    (reading every installed distribution's metadata costs milliseconds a small load should not pay);
+    a plugin can never take a built-in name, whether it is read early or late.
+    """
+    global _plugins_loaded
+    registry = _builtins()
+    if not _plugins_loaded:
         with _lock:
-            if _registry is None:
-                _registry = _fill()
-    return _registry
+            if not _plugins_loaded:
+                _load_plugins(registry)
+                _plugins_loaded = True
+    return registry
+
+
+def _find(table: Callable[[Registry], dict[str, _T]], name: str) -> _T | None:
+    """``name`` in a table of the built-in kinds, else (reading the plugins) of every kind."""
+    found = table(_builtins()).get(name)
+    return found if found is not None else table(get_registry()).get(name)
 
 
 def register_kind(hook: Hook, source: str | None = None) -> None:
@@ -189,13 +212,13 @@ def register_scheme(prefix: str, factory: RecipientFactory) -> None:
 
 def reset() -> None:
     """Forget every registration; the next lookup fills the registry again (for tests of plugins)."""
-    global _registry
+    global _registry, _plugins_loaded
     with _lock:
-        _registry = None
+        _registry, _plugins_loaded = None, False
 
 
 def scheme(prefix: str) -> RecipientFactory | None:
-    found = get_registry().schemes.get(prefix)
+    found = _find(lambda r: r.schemes, prefix)
     return found.factory if found else None
 
 
@@ -240,8 +263,11 @@ def _recipient_from_file(path: str) -> Recipient:
 
 def identities_from_text(text: str, source: str) -> list[Identity]:
     """Parse identity-file text (one or more identity lines)."""
-    labels = get_registry().labels
-    out = [labels[label].loader(raw) for label, raw in key_lines(text, source) if label in labels]
+    lines = key_lines(text, source)
+    labels = _builtins().labels
+    if not all(label in labels for label, _raw in lines):
+        labels = get_registry().labels  # a line no built-in kind reads: perhaps a plugin's
+    out = [labels[label].loader(raw) for label, raw in lines if label in labels]
     if not out:
         raise KeyFileError(f"{source} holds no identity (make one with `modelseal keygen`)")
     return out
@@ -270,14 +296,13 @@ def parse_identities(spec: IdentitySpec, origin: str | None = None) -> list[Iden
 def _from_string(text: str, origin: str | None) -> list[Identity]:
     if is_identity_text(text):  # the key itself, pasted into -i, identity= or $MODELSEAL_IDENTITY
         return identities_from_text(text, origin or "the identity text given")
-    reg = get_registry()
     prefix, sep, rest = text.partition(":")
-    factory = reg.specs.get(prefix) if sep else None
+    factory = _find(lambda r: r.specs, prefix) if sep else None
     if factory is not None:
         found = factory(rest)
         return found if isinstance(found, list) else [found]
     shown = origin or f"identity file {shown_value(text)}"
-    if sep and not os.path.exists(text) and prefix in reg.schemes:
+    if sep and not os.path.exists(text) and scheme(prefix) is not None:
         given = origin or shown_value(text)
         raise UsageError(f"{given} is a recipient, not an identity; pass the matching key file")
     try:
@@ -285,9 +310,10 @@ def _from_string(text: str, origin: str | None) -> list[Identity]:
     except OSError as exc:
         raise KeyFileError(f"cannot read {shown}: {exc.strerror}") from None
     if not raw.isascii():
-        for entry in reg.labels.values():
-            if entry.raw_size == len(raw):
-                return [entry.loader(raw)]
+        for registry in (_builtins, get_registry):
+            for entry in registry().labels.values():
+                if entry.raw_size == len(raw):
+                    return [entry.loader(raw)]
     try:
         contents = raw.decode("ascii")
     except UnicodeDecodeError:
@@ -297,8 +323,12 @@ def _from_string(text: str, origin: str | None) -> list[Identity]:
 
 def is_identity_text(text: str) -> bool:
     """Whether ``text`` is identity-file text (a ``MODELSEAL-...:BASE64`` line) rather than a spec or path."""
-    labels = get_registry().labels
-    return any(line.strip().partition(":")[0] in labels for line in text.splitlines())
+    heads = [head for head, sep, _ in (line.strip().partition(":") for line in text.splitlines()) if sep]
+    if any(head in _builtins().labels for head in heads):
+        return True
+    if not any(_LABEL.fullmatch(head) for head in heads):  # nothing a plugin's label could be (a path, env:X)
+        return False
+    return any(head in get_registry().labels for head in heads)
 
 
 def load_identity(spec: IdentitySpec, origin: str | None = None) -> Identity:
