@@ -63,3 +63,9 @@ class ServiceError(ModelsealError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code = status, code
+
+
+def one_line(exc: BaseException) -> str:
+    """Another library's or a plugin's exception as one line for our own message: its type and the first
+    line of its text (their messages may run to pages, or carry a traceback of their own)."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.attest.base import AttestationKind, Collector, Verifier
-from modelseal.errors import UsageError
+from modelseal.errors import UsageError, one_line
 
 ENTRY_POINT_GROUP = "modelseal.attestation"
 # The built-in kinds, declared like entry points; this order is the order error messages list them in.
@@ -74,7 +74,7 @@ class Registry:
                     try:
                         loaded = ep.load()
                     except Exception as exc:  # a broken plugin must stop start-up, with its name, in one line
-                        failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                        failure = one_line(exc)
                         raise UsageError(f"{plugin} cannot be loaded: {failure}") from None
                     kinds[ep.name] = _checked(ep.name, loaded, origin)
                     origins[ep.name] = origin

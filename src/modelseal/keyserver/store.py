@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
-from modelseal.errors import UsageError
+from modelseal.errors import UsageError, one_line
 
 
 @dataclass(frozen=True)
@@ -266,6 +266,6 @@ def open_store(url: str, migrate: bool = True) -> Store:
         try:
             opener = point.load()
         except Exception as exc:  # a broken plugin is named in one line, never a traceback
-            failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            failure = one_line(exc)
             raise UsageError(f"key-service store plugin {scheme} ({point.value}) cannot be loaded: {failure}") from None
     return opener(url, migrate)

@@ -31,7 +31,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TypeVar, Union
 
-from modelseal.errors import KeyFileError, UsageError
+from modelseal.errors import KeyFileError, UsageError, one_line
 from modelseal.keyfile import key_lines, read_text, shown_value
 from modelseal.recipients.base import Identity, IdentitySet, Recipient
 
@@ -139,11 +139,6 @@ def _apply(registry: Registry, hook: Hook, source: str) -> None:
         registry.source = "modelseal"
 
 
-def _failure(exc: Exception) -> str:
-    """A plugin's exception as one line: its type and the first line of its message (no traceback)."""
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-
-
 def _builtins() -> Registry:
     """The registry with modelseal's own kinds (:data:`BUILTIN`); plugins join it when first needed."""
     global _registry
@@ -164,13 +159,13 @@ def _load_plugins(registry: Registry) -> None:
         try:
             hook = ep.load()
         except Exception as exc:  # a broken plugin is named, in one line, instead of a traceback
-            raise UsageError(f"{source} cannot be loaded: {_failure(exc)}") from None
+            raise UsageError(f"{source} cannot be loaded: {one_line(exc)}") from None
         try:
             _apply(registry, hook, source)
         except _ClaimError:  # already one line naming the plugin and the kind holding the name
             raise
         except Exception as exc:
-            raise UsageError(f"{source} cannot register: {_failure(exc)}") from None
+            raise UsageError(f"{source} cannot register: {one_line(exc)}") from None
 
 
 def get_registry() -> Registry:

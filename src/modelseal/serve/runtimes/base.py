@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from modelseal.errors import UsageError
+from modelseal.errors import UsageError, one_line
 
 if TYPE_CHECKING:
     from modelseal.serve.repository import ModelSpec
@@ -101,7 +101,7 @@ class RuntimeRegistry:
             try:
                 self.register(point.load(), source)
             except Exception as exc:  # a third party's import error, wrong type or clash: one line, with its type
-                log.warning("%s is not used: %s: %s", source, type(exc).__name__, (str(exc).splitlines() or [""])[0])
+                log.warning("%s is not used: %s", source, one_line(exc))
         return self
 
     def get(self, platform: str) -> RuntimeInfo | None:
