@@ -28,7 +28,7 @@ import asyncio
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from modelseal.attest.base import (
+    AttestationKind,
     Claims,
     EvidenceError,
     VerificationContext,
@@ -189,6 +190,17 @@ def root_ca(settings: Mapping[str, Any], base: Path | None) -> bytes | None:
         return path.read_bytes()
     except OSError as exc:
         raise UsageError(f"[attestation] dcap_root_ca: cannot read {path}: {exc.strerror}") from None
+
+
+def kind_of(kind: str, collector: Callable[[Mapping[str, Any]], Any], agent_table: str) -> AttestationKind:
+    """A DCAP-quoted kind (``sgx``, ``tdx``): the one verifier, pinned to ``[attestation] dcap_root_ca``, and
+    the kind's own collector, which reads ``path`` and ``pccs_url`` from its agent table."""
+
+    def verifier(settings: Mapping[str, Any], base: Path | None) -> DcapVerifier:
+        return DcapVerifier(kind, root_ca(settings, base))
+
+    return AttestationKind(kind, verifier=verifier, collector=collector, settings=("dcap_root_ca",),
+                           agent_table=agent_table, agent_keys=("path", "pccs_url"))  # fmt: skip
 
 
 def pccs_collateral(pccs_url: str, quote: bytes) -> dict[str, Any]:

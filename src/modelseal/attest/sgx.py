@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from modelseal.attest.base import REPORT_DATA_SIZE, AttestationKind, EvidenceError, expected_report_data
-from modelseal.attest.dcap import DcapVerifier, pccs_collateral, root_ca
+from modelseal.attest.base import REPORT_DATA_SIZE, EvidenceError, expected_report_data
+from modelseal.attest.dcap import kind_of, pccs_collateral
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
 
@@ -41,15 +41,4 @@ class GramineCollector:
         return {"kind": "sgx", "quote": b64e(quote), "collateral": pccs_collateral(self.pccs_url, quote)}
 
 
-def _verifier(settings: Mapping[str, Any], base: Path | None) -> DcapVerifier:
-    return DcapVerifier("sgx", root_ca(settings, base))
-
-
-KIND = AttestationKind(
-    "sgx",
-    verifier=_verifier,
-    collector=GramineCollector,
-    settings=("dcap_root_ca",),
-    agent_table="sgx",
-    agent_keys=("path", "pccs_url"),
-)
+KIND = kind_of("sgx", GramineCollector, agent_table="sgx")

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from modelseal.attest.base import AttestationKind
-from modelseal.attest.dcap import DcapVerifier, pccs_collateral, root_ca
+from modelseal.attest.dcap import kind_of, pccs_collateral
 from modelseal.attest.tsm import TSM_REPORTS, tsm_report
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
@@ -32,15 +31,4 @@ class TdxCollector:
         return {"kind": "tdx", "quote": b64e(quote), "collateral": pccs_collateral(self.pccs_url, quote)}
 
 
-def _verifier(settings: Mapping[str, Any], base: Path | None) -> DcapVerifier:
-    return DcapVerifier("tdx", root_ca(settings, base))
-
-
-KIND = AttestationKind(
-    "tdx",
-    verifier=_verifier,
-    collector=TdxCollector,
-    settings=("dcap_root_ca",),
-    agent_table="tsm",
-    agent_keys=("path", "pccs_url"),
-)
+KIND = kind_of("tdx", TdxCollector, agent_table="tsm")
