@@ -24,7 +24,7 @@ from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
 from modelseal.format import schema
-from modelseal.format.container import Artifact, Entry, Progress, SealRequest, map_file, write_artifact
+from modelseal.format.container import Artifact, Entry, Progress, SealRequest, SourceFile, map_file, write_artifact
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Recipient
 
@@ -34,6 +34,7 @@ HEADER_SLACK = 4096
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` starts with the sealed-bundle magic (to choose a reader before opening it)."""
     try:
         with open(path, "rb") as f:
             return f.read(8) == MAGIC
@@ -137,8 +138,12 @@ class SealedBundle(Artifact):
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> SealedBundle:
-        src = map_file(path)
-        mm = src.mm
+        return cls.from_source(map_file(path))
+
+    @classmethod
+    def from_source(cls, src: SourceFile) -> SealedBundle:
+        """The bundle in a file already opened by :func:`map_file` (closed here if it is not one)."""
+        path, mm = src.path, src.mm
         try:
             if mm[:8] != MAGIC:
                 raise FormatError(f"{path} is not a sealed modelseal file (no sealed-bundle magic)")

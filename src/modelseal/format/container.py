@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -526,20 +527,29 @@ class SourceFile:
 
 
 def map_file(path: str | os.PathLike[str]) -> SourceFile:
-    """Open a sealed file for reading; an empty or unreadable file is a clear error."""
+    """Open a sealed file for reading, once: everything after this reads the descriptor it checked.
+
+    Opened without blocking (a FIFO or device swapped in would otherwise hang the open), then refused
+    unless it is a regular, non-empty file; an unreadable path is one clear error.
+    """
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise FormatError(f"{path} is not a sealed modelseal file (it is empty)")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            fd = os.dup(f.fileno())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory; use the directory loaders") from None
     except OSError as exc:
-        if isinstance(exc, ModelsealError):
-            raise
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"{path} is a directory; use the directory loaders")
+        if not stat.S_ISREG(info.st_mode):
+            raise FormatError(f"{path} is not a sealed modelseal file (not a regular file)")
+        if info.st_size == 0:
+            raise FormatError(f"{path} is not a sealed modelseal file (it is empty)")
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError) and not isinstance(exc, ModelsealError):
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        raise
     return SourceFile(str(path), mm, fd)

@@ -30,6 +30,7 @@ from modelseal.format.container import (
     Entry,
     Progress,
     SealRequest,
+    SourceFile,
     entries_from_index,
     map_file,
     write_artifact,
@@ -168,8 +169,12 @@ class SealedSafetensors(Artifact):
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> SealedSafetensors:
-        src = map_file(path)
-        mm = src.mm
+        return cls.from_source(map_file(path))
+
+    @classmethod
+    def from_source(cls, src: SourceFile) -> SealedSafetensors:
+        """The sealed safetensors in a file already opened by :func:`map_file` (closed here if it is not)."""
+        path, mm = src.path, src.mm
         try:
             try:
                 header, data_start = parse_plain_header(mm, str(path))

@@ -7,15 +7,14 @@ Also the one place that turns an identity spec (an argument, ``$MODELSEAL_IDENTI
 
 from __future__ import annotations
 
-import contextlib
 import os
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from modelseal.errors import FormatError, UsageError
-from modelseal.format.bundle import SealedBundle, is_bundle
-from modelseal.format.container import Artifact, Progress
+from modelseal.errors import UsageError
+from modelseal.format.bundle import MAGIC as BUNDLE_MAGIC
+from modelseal.format.bundle import SealedBundle
+from modelseal.format.container import Artifact, Progress, map_file
 from modelseal.format.directory import list_members
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.recipients.base import Identity
@@ -47,11 +46,11 @@ def resolve_identity(identity: IdentitySpec | None) -> Identity:
 
 
 def open_locked(path: str | os.PathLike[str]) -> Artifact:
-    """Open a sealed file without a key (header only)."""
-    with contextlib.suppress(OSError):  # a missing file is reported by the reader, naming it
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
-            raise FormatError(f"{path} is not a sealed modelseal file (not a regular file)")
-    return SealedBundle.open(path) if is_bundle(path) else SealedSafetensors.open(path)
+    """Open a sealed file without a key (header only): one open, whose first bytes choose the reader."""
+    src = map_file(path)  # refuses FIFOs, devices and directories without blocking on them
+    if src.mm[:8] == BUNDLE_MAGIC:
+        return SealedBundle.from_source(src)
+    return SealedSafetensors.from_source(src)
 
 
 def key_ids(artifact: Artifact | str | os.PathLike[str]) -> set[str]:
