@@ -178,6 +178,11 @@ def test_a_state_dict_the_module_refuses_is_zeroed(sealed: Path, host: HpkeIdent
     with open_artifact(sealed, host) as art, pytest.raises(RuntimeError, match="Unexpected key"):
         modelseal.torch.load_model_from(model, art)  # type: ignore[arg-type]
     assert not model.w.detach().any()
+    other = torch.nn.Module()
+    other.w = torch.nn.Parameter(torch.empty(3000))
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # the public loader, by file name, alike
+        modelseal.torch.load_model(other, sealed, identity=host)
+    assert not other.w.detach().any()
 
 
 # --------------------------------------------------------------------------- the ONNX memory file

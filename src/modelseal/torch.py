@@ -53,18 +53,21 @@ def load_model(
     trusted_signers: Sequence[str] | None = None,
 ) -> Any:
     """Load a sealed state dict into ``model`` (``assign=True``: no second copy). Returns the result."""
-    state = load_file(filename, device, identity=identity, trusted_signers=trusted_signers)
-    return model.load_state_dict(state, strict=strict, assign=True)
+    return _assign(model, load_file(filename, device, identity=identity, trusted_signers=trusted_signers), strict)
 
 
 def load_model_from(model: Any, artifact: SealedSafetensors, *, strict: bool = True, device: str = "cpu") -> Any:
     """:func:`load_model` from a sealed safetensors file that is already open and unlocked (a server
     opens a model's file once for all its instances). On the CPU each tensor is decrypted straight into
     its own allocation, which becomes the parameter (``assign=True``); for another device it is decrypted
-    into a (pinned) CPU buffer, copied over, and that buffer is wiped (``load.tensors.to_device``). When
-    the module refuses the state dict, every tensor of it is zeroed (some may be parameters already)."""
+    into a (pinned) CPU buffer, copied over, and that buffer is wiped (``load.tensors.to_device``)."""
+    return _assign(model, decrypt_tensors(artifact, artifact.entries, "pt", device), strict)
+
+
+def _assign(model: Any, state: dict[str, Any], strict: bool) -> Any:
+    """``model.load_state_dict(state, assign=True)``; when the module refuses it, every tensor of the state
+    is zeroed (with ``assign=True`` some may already be its parameters, and nobody else can wipe them)."""
     torch = require_torch()
-    state = decrypt_tensors(artifact, artifact.entries, "pt", device)
     try:
         return model.load_state_dict(state, strict=strict, assign=True)
     except BaseException:
