@@ -12,7 +12,7 @@ from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ServiceError
 from modelseal.pki import client_context, identity_of_cert_file
 from modelseal.release.client import decode, require_httpx
-from modelseal.release.protocol import EphemeralKey, Lease, binding, load_service_public_key
+from modelseal.release.protocol import EphemeralKey, Lease, Route, binding, load_service_public_key
 
 
 def collect(
@@ -54,13 +54,13 @@ class ReleaseClient:
     async def service_key(self) -> Any:
         """The pinned lease-signing key, or the one the (TLS-authenticated) service publishes."""
         if self._service_key is None:
-            info = await self._call("GET", "/v1/info")
+            info = await self._call("GET", Route.INFO)
             self._service_key = load_service_public_key(str(info.get("lease_public_key", "")))
         return self._service_key
 
     async def granted_keys(self) -> list[dict[str, str]]:
         """``[{"key_id": ..., "model": ...}]``: every key of every model a live grant gives this host."""
-        keys = (await self._call("GET", "/v1/keys")).get("keys")
+        keys = (await self._call("GET", Route.KEYS)).get("keys")
         if not isinstance(keys, list) or not all(
             isinstance(item, dict) and isinstance(item.get("key_id"), str) and isinstance(item.get("model"), str)
             for item in keys
@@ -71,7 +71,7 @@ class ReleaseClient:
     async def fetch(self, key_id: str) -> tuple[Lease, bytearray]:
         """One full exchange for ``key_id``; raises :class:`ServiceError` or :class:`KeyReleaseError`."""
         service_key = await self.service_key()
-        challenge = await self._call("POST", "/v1/challenge", {"key_id": key_id})
+        challenge = await self._call("POST", Route.CHALLENGE, {"key_id": key_id})
         try:
             nonce = b64d(challenge.get("nonce"), what="nonce", length=32)
         except FormatError as exc:
@@ -84,7 +84,7 @@ class ReleaseClient:
         except EvidenceError as exc:
             raise ServiceError(0, "evidence_unavailable", f"cannot collect evidence on this host: {exc}") from None
         body = {"key_id": key_id, "nonce": b64e(nonce), "ephemeral_key": b64e(ephemeral.public), "evidence": evidence}
-        answer = await self._call("POST", "/v1/release", body)
+        answer = await self._call("POST", Route.RELEASE, body)
         return ephemeral.open_release(
             answer, nonce=nonce, client_spki_hash=self.identity.spki_hash, key_id=key_id, service_key=service_key
         )

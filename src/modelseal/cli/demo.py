@@ -92,7 +92,7 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
     port = free_port()  # in the state directory's name: a second run in the same workdir gets a fresh one
     with KeyServer(owner / f"keyserver-{port}", port=port, leases={"renew_after_s": 1}) as ks, ks.admin() as admin:
         say(f"owner: key service up on {ks.url} (SQLite, local master key, TLS 1.3 with its own CA)")
-        admin.call("POST", "/v1/admin/models", {"model": "demo-classifier", "description": "modelseal demo"})
+        admin.add_model("demo-classifier", "modelseal demo")
         signer = Signer.generate()
         repo = host / "models"
         (repo / "classifier" / "1").mkdir(parents=True, exist_ok=True)
@@ -105,9 +105,7 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
         say(f"owner: sealed it into the host's model repository {sealed} (signed by {signer.public[:20]}...)")
 
         cert = ks.host_cert("demo-host", "spiffe://demo.example/host/1")
-        grant = admin.call(
-            "POST", "/v1/admin/grants", {"model": "demo-classifier", "identity": "spiffe://demo.example/host/1"}
-        )
+        grant = admin.add_grant({"model": "demo-classifier", "identity": "spiffe://demo.example/host/1"})
         say(f"owner: issued the host a client certificate and granted it ({grant['grant_id']})")
 
         app_cert = ks.host_cert("demo-app")
@@ -141,7 +139,7 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
                 if not identical:
                     raise AssertionError("the served sealed model's output differs from the plaintext model")
 
-                admin.call("POST", f"/v1/admin/grants/{grant['grant_id']}/revoke", {"reason": "demo: licence ended"})
+                admin.revoke_grant(grant["grant_id"], "demo: licence ended")
                 say("owner: revoked the grant")
                 revoked = _wait_for_refusal(app, request)
                 say(f"app:   next request refused: {revoked}")

@@ -191,7 +191,7 @@ def model_group() -> None:
 def model_add(ctx: click.Context, name: str, description: str, as_json: bool) -> None:
     """Register model NAME (then seal with -r keyserver:URL#NAME)."""
     with _admin(ctx) as admin:
-        result = admin.call("POST", "/v1/admin/models", {"model": name, "description": description})
+        result = admin.add_model(name, description)
     emit(as_json, result, [f"registered model {name}"])
 
 
@@ -202,7 +202,7 @@ def model_add(ctx: click.Context, name: str, description: str, as_json: bool) ->
 def model_list(ctx: click.Context, as_json: bool) -> None:
     """List models and how many keys each has."""
     with _admin(ctx) as admin:
-        models = admin.call("GET", "/v1/admin/models")["models"]
+        models = admin.models()
     emit(as_json, models, [f"{m['name']}\t{m['keys']} key(s)\t{m['description']}" for m in models])
 
 
@@ -249,7 +249,7 @@ def grant_add(ctx: click.Context, model: str, identity: str | None, cert: str | 
             body[name] = opts[name]
     body["evidence"] = [_requirement(e) for e in opts["evidence"]]
     with _admin(ctx) as admin:
-        grant = admin.call("POST", "/v1/admin/grants", body)
+        grant = admin.add_grant(body)
     emit(as_json, grant, [f"grant {grant['grant_id']}: {who} may use {model}"])
 
 
@@ -271,7 +271,7 @@ def _requirement(text: str) -> dict[str, Any]:
 def grant_list(ctx: click.Context, model: str | None, as_json: bool) -> None:
     """List grants with their use (releases, hosts) and state."""
     with _admin(ctx) as admin:
-        grants = admin.call("GET", "/v1/admin/grants", **({"model": model} if model else {}))["grants"]
+        grants = admin.grants(model)
     emit(
         as_json,
         grants,
@@ -297,7 +297,7 @@ def grant_list(ctx: click.Context, model: str | None, as_json: bool) -> None:
 def grant_revoke(ctx: click.Context, grant_id: str, reason: str, as_json: bool) -> None:
     """Revoke GRANT_ID: its hosts drop the key at their next renewal."""
     with _admin(ctx) as admin:
-        result = admin.call("POST", f"/v1/admin/grants/{grant_id}/revoke", {"reason": reason})
+        result = admin.revoke_grant(grant_id, reason)
     emit(as_json, result, [f"grant {grant_id} revoked"])
 
 
@@ -313,7 +313,7 @@ def master_key_group() -> None:
 def master_rotate(ctx: click.Context, as_json: bool) -> None:
     """New master-key version; every stored key is re-wrapped (sealed files are not touched)."""
     with _admin(ctx) as admin:
-        result = admin.call("POST", "/v1/admin/master-key/rotate")
+        result = admin.rotate_master_key()
     emit(as_json, result, [f"master key now {result['version']}; {result['rewrapped']} key(s) re-wrapped"])
 
 
@@ -326,7 +326,7 @@ def _fetch_audit(ctx: click.Context, after: int = 0) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with _admin(ctx) as admin:
         while True:
-            page = admin.call("GET", "/v1/admin/audit", after=after, limit=1000)["entries"]
+            page = admin.audit_page(after, 1000)
             rows += page
             if len(page) < 1000:
                 return rows

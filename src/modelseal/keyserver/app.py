@@ -26,7 +26,7 @@ from modelseal.keyserver.config import token_hash
 from modelseal.keyserver.openapi import openapi_document
 from modelseal.keyserver.service import KeyService, Refused
 from modelseal.pki import PeerIdentity, peer_identity
-from modelseal.release.protocol import service_public_key_text
+from modelseal.release.protocol import Route, service_public_key_text
 
 log = logging.getLogger("modelseal.keyserver")
 SERVICE: web.AppKey[KeyService] = web.AppKey("service", KeyService)
@@ -57,7 +57,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
         message = exc.reason if exc.status != 413 else f"request body exceeds {request.app[MAX_BODY]} bytes"
-        if exc.status == 413 or request.path.startswith(("/v1/release", "/v1/challenge", "/v1/admin")):
+        if exc.status == 413 or request.path.startswith((Route.RELEASE, Route.CHALLENGE, Route.ADMIN)):
             service.audit_refusal({"event": "request", **_actor(request)}, exc.status, code, message)
         response = error_response(exc.status, code, message)
     except ModelsealError as exc:  # a configuration or backend problem: the caller cannot fix it
@@ -302,20 +302,20 @@ def build_app(service: KeyService, admin_token_sha256: str, max_body_bytes: int 
     app[MAX_BODY] = max_body_bytes
     app.add_routes(
         [
-            web.get("/v1/health", health),
-            web.get("/v1/info", info),
+            web.get(Route.HEALTH, health),
+            web.get(Route.INFO, info),
             web.get("/openapi.json", openapi),
-            web.post("/v1/challenge", challenge),
-            web.post("/v1/release", release),
-            web.get("/v1/keys", my_keys),
-            web.post("/v1/admin/models", add_model),
-            web.get("/v1/admin/models", list_models),
-            web.post("/v1/admin/keys", register_key),
-            web.post("/v1/admin/grants", add_grant),
-            web.get("/v1/admin/grants", list_grants),
-            web.post("/v1/admin/grants/{grant_id}/revoke", revoke_grant),
-            web.post("/v1/admin/master-key/rotate", rotate_master_key),
-            web.get("/v1/admin/audit", audit_log),
+            web.post(Route.CHALLENGE, challenge),
+            web.post(Route.RELEASE, release),
+            web.get(Route.KEYS, my_keys),
+            web.post(Route.MODELS, add_model),
+            web.get(Route.MODELS, list_models),
+            web.post(Route.ADMIN_KEYS, register_key),
+            web.post(Route.GRANTS, add_grant),
+            web.get(Route.GRANTS, list_grants),
+            web.post(Route.REVOKE, revoke_grant),
+            web.post(Route.ROTATE_MASTER_KEY, rotate_master_key),
+            web.get(Route.AUDIT, audit_log),
         ]
     )
     return app

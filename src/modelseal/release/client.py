@@ -11,9 +11,11 @@ import re
 import ssl
 from typing import Any
 
+from modelseal.encoding import b64e
 from modelseal.errors import MissingDependencyError, ServiceError
 from modelseal.jsonlimits import JSONLimitError, loads_bounded
 from modelseal.pki import client_context
+from modelseal.release.protocol import Route
 
 ADMIN_TOKEN_ENV = "MODELSEAL_ADMIN_TOKEN"  # noqa: S105  (a variable name)
 ADMIN_TOKEN_FILE_ENV = "MODELSEAL_ADMIN_TOKEN_FILE"  # noqa: S105
@@ -82,7 +84,7 @@ def service_info(url: str, ca: str | None = None, timeout: float = 30) -> dict[s
     """``GET /v1/info`` (no credentials): the lease-signing public key and the evidence kinds."""
     httpx = require_httpx()
     try:
-        response = httpx.get(f"{url.rstrip('/')}/v1/info", verify=client_context(ca or os.environ.get(CA_ENV)),
+        response = httpx.get(f"{url.rstrip('/')}{Route.INFO}", verify=client_context(ca or os.environ.get(CA_ENV)),
                              timeout=timeout)  # fmt: skip
     except httpx.HTTPError as exc:
         raise _unreachable(url, exc) from None
@@ -108,6 +110,36 @@ class AdminClient:
         except self._errors as exc:
             raise _unreachable(self.url, exc) from None
         return decode(response)
+
+    # --- the admin API, one method per route (answers as the service sends them: docs/key-release.md)
+
+    def add_model(self, name: str, description: str = "") -> dict[str, Any]:
+        return self.call("POST", Route.MODELS, {"model": name, "description": description})
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self.call("GET", Route.MODELS)["models"])
+
+    def register_key(self, model: str, key: bytes | bytearray) -> str:
+        """Register a data key under ``model``; its key id."""
+        return str(self.call("POST", Route.ADMIN_KEYS, {"model": model, "key": b64e(bytes(key))})["key_id"])
+
+    def add_grant(self, grant: dict[str, Any]) -> dict[str, Any]:
+        """``grant``: the grant document (``model``, ``identity``, terms); the stored grant."""
+        return self.call("POST", Route.GRANTS, grant)
+
+    def grants(self, model: str | None = None) -> list[dict[str, Any]]:
+        params = {"model": model} if model else {}
+        return list(self.call("GET", Route.GRANTS, None, **params)["grants"])
+
+    def revoke_grant(self, grant_id: str, reason: str = "") -> dict[str, Any]:
+        return self.call("POST", Route.REVOKE.format(grant_id=grant_id), {"reason": reason})
+
+    def rotate_master_key(self) -> dict[str, Any]:
+        return self.call("POST", Route.ROTATE_MASTER_KEY)
+
+    def audit_page(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Audit entries with ``seq > after``, at most ``limit``."""
+        return list(self.call("GET", Route.AUDIT, after=after, limit=limit)["entries"])
 
     def close(self) -> None:
         self._client.close()

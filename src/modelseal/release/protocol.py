@@ -32,6 +32,26 @@ from modelseal.jsonlimits import loads_bounded
 # a model name, as the key service accepts it and the agent checks it before logging or forwarding it
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 
+
+
+class Route:
+    """The key service's HTTP routes, named once for the service (``keyserver/app.py``), the agent and
+    the admin client."""
+
+    HEALTH = "/v1/health"
+    INFO = "/v1/info"  # no credentials: the lease-signing public key, the evidence kinds
+    CHALLENGE = "/v1/challenge"
+    RELEASE = "/v1/release"
+    KEYS = "/v1/keys"  # the keys a live grant gives the calling host
+    ADMIN = "/v1/admin"
+    MODELS = "/v1/admin/models"
+    ADMIN_KEYS = "/v1/admin/keys"
+    GRANTS = "/v1/admin/grants"
+    REVOKE = "/v1/admin/grants/{grant_id}/revoke"
+    ROTATE_MASTER_KEY = "/v1/admin/master-key/rotate"
+    AUDIT = "/v1/admin/audit"
+
+
 BINDING_DOMAIN = b"modelseal/1 key-release binding"
 LEASE_DOMAIN = b"modelseal/1 key-release lease"
 WRAP_DOMAIN = b"modelseal/1 key-release wrap"

@@ -43,8 +43,7 @@ class KeyserverRecipient:
         key_id = self._registered.get(fingerprint)
         if key_id is None:
             with AdminClient(self.url, token=self._token, ca=self._ca) as client:
-                answer = client.call("POST", "/v1/admin/keys", {"model": self.model, "key": b64e(bytes(dek))})
-            key_id = self._registered[fingerprint] = str(answer["key_id"])
+                key_id = self._registered[fingerprint] = client.register_key(self.model, dek)
         return {"type": TYPE, "url": self.url, "model": self.model, "key_id": key_id}
 
 
