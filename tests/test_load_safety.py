@@ -261,3 +261,38 @@ def test_a_savedmodel_without_the_requested_signature_is_zeroed_before_the_refus
             TensorflowRuntime(spec, source, 0)
     (weights,) = {id(v): v for f in loaded[0].signatures.values() for v in f.variables}.values()
     assert not weights.numpy().any()
+
+
+# --------------------------------------------------------------------------- every spelling of the CPU
+
+
+@pytest.mark.parametrize("spelling", ["cpu", "cpu:0", "torch.device"], ids=str)
+def test_every_spelling_of_the_cpu_gets_the_weights_not_zeros(sealed: Path, host: HpkeIdentity, spelling: str) -> None:
+    """``t.to(cpu)`` returns ``t`` itself: wiping the "staging copy" of a CPU load would zero the weights
+    handed back (``device=torch.device("cpu")`` returned all zeros for a while)."""
+    torch = pytest.importorskip("torch")
+    device: Any = torch.device("cpu") if spelling == "torch.device" else spelling
+    expected = modelseal.torch.load_file(sealed, identity=host)
+    assert expected["w"].any()
+    got = modelseal.torch.load_file(sealed, device, identity=host)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    with modelseal.safe_open(sealed, "pt", device=device, identity=host) as f:
+        assert torch.equal(f.get_tensor("w"), expected["w"])
+        assert torch.equal(f.get_slice("w")[10:20], expected["w"][10:20])
+
+
+def test_to_device_never_wipes_a_tensor_it_hands_back() -> None:
+    """Defence in depth: whatever the device, a "move" that returns the source keeps its bytes."""
+    torch = pytest.importorskip("torch")
+    from modelseal.load.tensors import to_device
+
+    class Stays:  # a tensor whose .to() is a no-op, like .to(its own device)
+        def to(self, *_: Any, **__: Any) -> Stays:
+            return self
+
+    kept, moved = bytearray(b"\x07" * 8), torch.arange(4.0)
+    moved_bytes = bytearray(b"\x09" * 8)
+    stays = Stays()
+    out = to_device([(stays, memoryview(kept)), (moved, memoryview(moved_bytes))], "meta")
+    assert out[0] is stays and kept == b"\x07" * 8  # handed back: untouched
+    assert out[1].device.type == "meta" and not any(moved_bytes)  # copied away: its staging bytes wiped

@@ -123,23 +123,32 @@ def to_device(made: Sequence[tuple[Any, memoryview]], device: str) -> list[Any]:
     CUDA asynchronously from pinned memory, then waited for), and the CPU buffers are wiped, also when a
     copy fails: they are plaintext the allocator would only free, and pinned memory is reused as is.
     """
-    if device == "cpu":
+    if _on_cpu(device):
         return [t for t, _v in made]
     torch = require_torch()
     cuda = torch.device(device).type == "cuda"
+    moved: list[Any] = []
     try:
         moved = [t.to(device, non_blocking=cuda) for t, _v in made]
         if cuda:
             torch.cuda.synchronize(device)  # the copies have landed: the staging buffers can go
     finally:
-        for _t, view in made:
-            keys.wipe(view)
+        for i, (t, view) in enumerate(made):
+            if i >= len(moved) or moved[i] is not t:  # never the tensor handed back (a CPU "move" is a no-op)
+                keys.wipe(view)
     return moved
+
+
+def _on_cpu(device: Any) -> bool:
+    """``"cpu"``, ``"cpu:0"``, ``torch.device("cpu")``: the decrypted tensors are already where they go."""
+    if device == "cpu":
+        return True
+    return bool(require_torch().device(device).type == "cpu")
 
 
 def _pinned(device: str) -> bool:
     """Whether a load for ``device`` stages in page-locked memory (a CUDA copy from it is asynchronous)."""
-    if device == "cpu":
+    if _on_cpu(device):
         return False
     torch = require_torch()
     return bool(torch.device(device).type == "cuda" and torch.cuda.is_available())
