@@ -20,12 +20,22 @@ _WHY = {
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; an empty host is loopback) as ``(host, port)``."""
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; an empty host is loopback) as ``(host, port)``.
+
+    The port must be ASCII digits in 0-65535: ``int()`` alone takes ``'８０８９'`` and ``' 80'``, and a
+    port past 65535 would end in the socket layer's OverflowError traceback instead of this line."""
     host, _, port = address.rpartition(":")
-    try:
-        return host.strip("[]") or "127.0.0.1", int(port)
-    except ValueError:
-        raise UsageError(f"bad listen address {address!r} (HOST:PORT)") from None
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise UsageError(f"bad listen address {address!r} (HOST:PORT, port 0-65535)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def normalise_address(address: str) -> str:
+    """``address`` checked and written the way every listener takes it: ``host:port`` with the empty host
+    made loopback and an IPv6 host in brackets (gRPC refuses ``:PORT``; aiohttp and gRPC then bind the
+    very address :func:`check_free` checked)."""
+    host, port = split_address(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def cannot_listen(what: str, address: str, exc: OSError | None, fix: str) -> UsageError:

@@ -14,7 +14,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from modelseal.listening import cannot_listen
+from modelseal.listening import cannot_listen, normalise_address
 from modelseal.pki import peer_identity
 from modelseal.serve.errors import ServeError
 from modelseal.serve.infer import decode_grpc, server_metadata
@@ -133,6 +133,7 @@ def build_server(srv: Any, address: str, tls: tuple[bytes, bytes, bytes | None] 
     """A grpc.aio server on ``address``; ``tls`` = (cert PEM, key PEM, client CA PEM or None for TLS only)."""
     import grpc
 
+    address = normalise_address(address)  # gRPC refuses an empty host (':PORT')
     _, services = inference()
     server = grpc.aio.server(
         options=[

@@ -10,14 +10,14 @@ import asyncio
 import logging
 import signal
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import web
 
 from modelseal import pki
 from modelseal.errors import UsageError
-from modelseal.listening import cannot_listen, check_free, split_address
+from modelseal.listening import cannot_listen, check_free, normalise_address, split_address
 from modelseal.recipients.registry import IdentitySpec
 from modelseal.serve.audit import AuditLog
 from modelseal.serve.errors import ServeError
@@ -64,7 +64,12 @@ class Server:
             raise UsageError("--client-ca (mTLS) needs --tls-cert and --tls-key")
         if config.max_inflight_bytes < config.max_body_bytes:
             raise UsageError("--max-inflight-mb must be at least --max-body-mb (one request must fit)")
-        self.config = config
+        # a bad port is one line now, and gRPC and aiohttp bind the same host:port (gRPC refuses ':PORT')
+        self.config = config = replace(
+            config,
+            http=normalise_address(config.http) if config.http else None,
+            grpc=normalise_address(config.grpc) if config.grpc else None,
+        )
         self.budget = ByteBudget(config.max_inflight_bytes)
         self.metrics = Metrics()
         self.audit = AuditLog(config.audit_log)
