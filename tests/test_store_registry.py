@@ -116,3 +116,32 @@ def test_a_plugin_import_error_is_one_line_with_its_type(plugin_path: Path) -> N
     finally:
         sys.modules.pop("toystore_raises", None)
     assert str(refused.value).endswith("cannot be loaded: RuntimeError: no driver")
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite+foo:///x.db", "postgresql+asyncpg://h/db"], ids=lambda u: u.split(":")[0]
+)
+def test_a_driver_the_service_was_not_built_on_is_one_line(url: str) -> None:
+    with pytest.raises(UsageError, match=r"^unsupported database URL scheme .*through psycopg 3\)$") as refused:
+        open_store(url)
+    assert "\n" not in str(refused.value)
+
+
+def test_an_unreachable_postgresql_is_one_line() -> None:
+    with pytest.raises(UsageError, match=r"^cannot migrate the key-service database: .*Connection refused$") as r:
+        open_store("postgresql://127.0.0.1:1/db")  # psycopg's message has a hint on a second line
+    assert "\n" not in str(r.value)
+
+
+def test_the_scheme_is_read_in_any_case_with_the_sqlite_discipline(tmp_path: Path) -> None:
+    """``SQLITE://`` used to reach SQLAlchemy as a dialect name it has not (a traceback)."""
+    from modelseal.keyserver.sqlstore.store import SqlStore
+
+    store = open_store(f"SQLITE:///{tmp_path / 'ks.db'}")
+    try:
+        assert isinstance(store, SqlStore)
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        store.close()

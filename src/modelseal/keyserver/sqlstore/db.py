@@ -24,16 +24,28 @@ from modelseal.errors import UsageError
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
+# The drivers the service's transaction discipline was built and tested on, by URL scheme (any case).
+_DRIVERS = {"sqlite": "sqlite", "sqlite+pysqlite": "sqlite", "postgresql": "postgresql+psycopg",
+            "postgres": "postgresql+psycopg", "postgresql+psycopg": "postgresql+psycopg"}  # fmt: skip
+
+
 def normalise_url(url: str) -> str:
-    """Accept ``sqlite:///path``, a bare path, ``postgresql://...``; pick the psycopg 3 driver."""
+    """Accept ``sqlite:///path``, a bare path, ``postgresql://...`` (scheme in any case); pick the psycopg 3
+    driver. Other drivers are refused: the locking the audit chain relies on was only proven on these."""
     if "://" not in url:
         url = f"sqlite:///{Path(url).absolute()}"
-    if url.startswith(("postgresql://", "postgres://")):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    scheme, rest = url.split("://", 1)
+    driver = _DRIVERS.get(scheme.lower())
+    if driver is None:
+        raise UsageError(
+            f"unsupported database URL scheme {scheme[:40]!r}: use sqlite:///PATH or postgresql://HOST/DB "
+            "(the key service runs SQLite or PostgreSQL through psycopg 3)"
+        )
+    url = f"{driver}://{rest}"
     try:
         make_url(url)
     except ArgumentError:
-        raise UsageError(f"not a database URL: {url!r} (expected sqlite:///PATH or postgresql://HOST/DB)") from None
+        raise UsageError("not a database URL (expected sqlite:///PATH or postgresql://HOST/DB)") from None
     return url
 
 
@@ -47,6 +59,11 @@ def connect(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
     return engine
+
+
+def _first_line(exc: BaseException | None) -> str:
+    """A driver's message (psycopg's run to several lines, with hints) as one line."""
+    return (str(exc).splitlines() or ["unknown error"])[0]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -70,7 +87,7 @@ def migrate(engine: Engine) -> str:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except OperationalError as exc:
-        raise UsageError(f"cannot migrate the key-service database: {exc.orig}") from None
+        raise UsageError(f"cannot migrate the key-service database: {_first_line(exc.orig)}") from None
     return ScriptDirectory.from_config(cfg).get_current_head() or ""
 
 
@@ -80,7 +97,7 @@ def revision(engine: Engine) -> str | None:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except OperationalError as exc:
-        raise UsageError(f"cannot open the key-service database: {exc.orig}") from None
+        raise UsageError(f"cannot open the key-service database: {_first_line(exc.orig)}") from None
 
 
 def check_current(engine: Engine) -> None:
