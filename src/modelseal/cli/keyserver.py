@@ -363,6 +363,7 @@ def audit_verify(ctx: click.Context, path: Any, database: str | None, head: str 
         store = open_store(database, migrate=False)
         try:
             rows = [entry.to_json() for entry in store.audit_entries()]
+            recorded = store.audit_head()
         finally:
             store.close()
     else:
@@ -374,6 +375,8 @@ def audit_verify(ctx: click.Context, path: Any, database: str | None, head: str 
             raise UsageError("--head must be SEQ:HASH (64 hex digits)")
         expected = (int(seq), digest)
     report = audit.verify_entries(rows, expected)
+    if database and path is None:
+        report = audit.against_recorded_head(report, recorded)
     emit(
         as_json,
         report.__dict__,

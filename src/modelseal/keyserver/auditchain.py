@@ -54,6 +54,9 @@ def verify_entries(rows: Iterable[dict[str, Any]], expected_head: tuple[int, str
     seen_at_expected = None
     for row in rows:
         count += 1
+        if not _well_formed(row):  # a tampered database or export: a broken chain, not a crash
+            why = f"entry {seq + 1} is malformed (a field is missing or mistyped)"
+            return ChainReport(False, count, seq, prev, why)
         if int(row["seq"]) != seq + 1:
             return ChainReport(False, count, seq, prev, f"entry {seq + 1} is missing (found {row['seq']} next)")
         if row["prev_hash"] != prev:
@@ -70,6 +73,31 @@ def verify_entries(rows: Iterable[dict[str, Any]], expected_head: tuple[int, str
         if want_seq > 0 and seen_at_expected != want_hash:
             return ChainReport(False, count, seq, prev, f"entry {want_seq} differs from the exported head")
     return ChainReport(True, count, seq, prev)
+
+
+def against_recorded_head(report: ChainReport, recorded: tuple[int, str] | None) -> ChainReport:
+    """``report`` of a store's entries, also checked against the head the store recorded with its last
+    append: entries deleted from the end (or all of them) leave a chain that links, but not to that head."""
+    if not report.ok:
+        return report
+    if recorded is None:
+        return ChainReport(False, report.count, report.head_seq, report.head_hash, "the store has no audit head record")
+    if (report.head_seq, report.head_hash) != tuple(recorded):
+        why = f"the log ends at entry {report.head_seq}, but the store's head record says entry {recorded[0]}"
+        return ChainReport(False, report.count, report.head_seq, report.head_hash, why)
+    return report
+
+
+def _well_formed(row: Any) -> bool:
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    return (
+        isinstance(row, dict)
+        and integer(row.get("seq"))
+        and integer(row.get("ts_ms"))
+        and all(isinstance(row.get(k), str) for k in ("entry", "prev_hash", "hash"))
+    )
 
 
 def read_jsonl(lines: Iterable[str]) -> Iterator[dict[str, Any]]:

@@ -191,6 +191,10 @@ class MemoryStore:
         rows = self._audit[max(after, 0) :]  # entry n sits at index n - 1
         return rows if limit is None else rows[:limit]
 
+    def audit_head(self) -> tuple[int, str] | None:
+        with self._lock:
+            return (self._audit[-1].seq, self._audit[-1].hash) if self._audit else (0, auditchain.GENESIS)
+
     def describe(self) -> str:
         return "memory"
 

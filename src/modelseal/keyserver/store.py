@@ -208,6 +208,11 @@ class Store(Protocol):
         """Audit entries with ``seq > after``, in order, at most ``limit``."""
         ...
 
+    def audit_head(self) -> tuple[int, str] | None:
+        """The chain head the store recorded with its last append (``(0, GENESIS)`` before any), or None
+        when the record is gone: what a verifier compares the entries' end with, so a cut tail shows."""
+        ...
+
     def describe(self) -> str:
         """What this store is, for the start-up log line (``sqlite``, ``postgresql``, ...); no secrets."""
         ...

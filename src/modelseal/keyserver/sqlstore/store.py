@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from modelseal.keyserver import auditchain
 from modelseal.keyserver.sqlstore import db, schema
@@ -51,7 +52,9 @@ def read_audit(conn: Connection, after: int = 0, limit: int | None = None) -> li
     query = select(schema.audit).where(schema.audit.c.seq > after).order_by(schema.audit.c.seq)
     if limit is not None:
         query = query.limit(limit)
-    return [AuditEntry(int(r.seq), int(r.ts_ms), r.entry, r.prev_hash, r.hash) for r in conn.execute(query)]
+    # as stored, not coerced: a tampered row (text in seq, a BLOB entry) must reach the chain check, which
+    # reports it as a broken link, rather than crash the reader
+    return [AuditEntry(r.seq, r.ts_ms, r.entry, r.prev_hash, r.hash) for r in conn.execute(query)]
 
 
 def _grant(row: Any) -> GrantRecord:
@@ -211,6 +214,14 @@ class SqlStore:
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
         with self.engine.connect() as conn:
             return read_audit(conn, after, limit)
+
+    def audit_head(self) -> tuple[int, str] | None:
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(select(schema.audit_head).where(schema.audit_head.c.id == 1)).one_or_none()
+        except SQLAlchemyError:  # the table itself is gone (a tampered database)
+            return None
+        return None if row is None else (row.seq, row.hash)
 
     def describe(self) -> str:
         return self.engine.dialect.name  # sqlite or postgresql; never the URL (it may hold a password)
