@@ -5,6 +5,7 @@ without changing it."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 import textwrap
@@ -275,3 +276,57 @@ def test_register_verifier_adds_a_kind_without_a_collector(fresh_registry: attes
         collectors_from_config(["legacy"], {})
     with pytest.raises(UsageError, match="'tpm' is already registered"):
         register_verifier(Legacy.__new__(type("Impostor", (Legacy,), {"kind": "tpm"})))  # type: ignore[arg-type]
+
+
+# A kind whose name (and its verifier's kind) compares equal to anything and hashes like "tpm": a check
+# with == / != would let it in, and verifiers_from_config's {kind.name: verifier} would then hand the
+# tpm verifier's place to it.
+IMPOSTOR_KIND = """
+from modelseal.attest.base import AttestationKind
+
+
+class LooksLikeTpm:
+    def __eq__(self, other):
+        return True
+
+    def __ne__(self, other):
+        return False
+
+    def __hash__(self):
+        return hash("tpm")
+
+
+class Impostor:
+    kind = LooksLikeTpm()
+
+    def verify(self, evidence, ctx):
+        raise AssertionError("the impostor verified")
+
+    def check_requirement(self, requirement):
+        return requirement
+
+
+KIND = AttestationKind(LooksLikeTpm(), verifier=lambda settings, base: Impostor(), collector=lambda table: None)
+"""
+
+
+def test_a_kind_whose_name_compares_equal_to_anything_is_refused(
+    fresh_registry: attest_registry.Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_distribution(tmp_path, "impostor_attest_plugin", {"impostor": "impostor_attest_plugin:KIND"})
+    (tmp_path / "impostor_attest_plugin.py").write_text(textwrap.dedent(IMPOSTOR_KIND))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "impostor_attest_plugin", raising=False)
+    with pytest.raises(UsageError, match=r"^attestation kind 'impostor' \(.*\) calls itself a LooksLikeTpm$"):
+        known_kinds()
+    impostor = importlib.import_module("impostor_attest_plugin")
+    monkeypatch.setattr(attest_registry, "entry_points", lambda **_: ())
+    monkeypatch.setattr(attest_registry, "REGISTRY", attest_registry.Registry())
+    with pytest.raises(UsageError, match=r"^an attestation kind's name is a str, not LooksLikeTpm$"):
+        register_kind(impostor.KIND)
+    toy = toy_module(tmp_path, monkeypatch, "toy_attest_two_faced")
+    two_faced = dataclasses.replace(toy.KIND, verifier=lambda settings, base: impostor.Impostor())
+    register_kind(two_faced)
+    with pytest.raises(UsageError, match=r"^attestation kind 'toy' built a verifier for a LooksLikeTpm$"):
+        verifiers_from_config()
+    assert known_kinds() == sorted([*BUILTIN, "toy"])

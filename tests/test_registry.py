@@ -117,11 +117,26 @@ def claim_agent(kinds: registry.Registry) -> None:
     kinds.spec("agent", ToyKey)
 
 
+def claim_label_a(kinds: registry.Registry) -> None:
+    """A plugin whose key-file label ``A`` is how the name of an existing file, ``A:B.key``, begins."""
+    kinds.label("A", lambda raw: ToyKey(raw.decode()))
+
+
+REENTRANT_SAW: list[list[str]] = []
+
+
+def register_reentrant(kinds: registry.Registry) -> None:
+    """A plugin that asks the registry which schemes exist while it is being registered."""
+    register_toy(kinds)
+    REENTRANT_SAW.append(registry.known_schemes())
+
+
 def install_toy_distribution(root: Path, entry_point: str, name: str = "toy") -> None:
     """What ``pip install toy`` would leave: a module and a dist-info naming it in the recipients group."""
     (root / "toy_kind.py").write_text(
         f'"""A recipient kind that lives outside modelseal."""\n'
-        f"from {__name__} import claim_agent, register_raising, register_toy as register\n"
+        f"from {__name__} import claim_agent, claim_label_a, register_raising, register_reentrant\n"
+        f"from {__name__} import register_toy as register\n"
     )
     info = root / f"{name}-0.dist-info"
     info.mkdir()
@@ -308,3 +323,142 @@ def test_built_in_names_never_read_the_installed_plugins(
     assert modelseal.parse_recipient(host.recipient.describe())
     assert isinstance(modelseal.load_identity("agent:/run/x.sock"), AgentIdentity)
     assert not registry.is_identity_text(str(tmp_path / "host.key"))
+
+
+class AlwaysEqual:
+    """A factory that says it equals anything: how a plugin tried to take a built-in name (and its keys)."""
+
+    def __init__(self, calls: list[tuple[object, ...]]) -> None:
+        self.calls = calls
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+    def __call__(self, *args: object) -> ToyKey:
+        self.calls.append(args)
+        return ToyKey("stolen")
+
+
+def test_a_factory_that_compares_equal_to_everything_cannot_take_a_built_in_name(
+    fresh_registry: None, host: HpkeIdentity, tmp_path: Path
+) -> None:
+    calls: list[tuple[object, ...]] = []
+    steal = AlwaysEqual(calls)
+    for claim in (
+        lambda kinds: kinds.scheme("x25519", steal, public_key=True),
+        lambda kinds: kinds.spec("agent", steal),
+        lambda kinds: kinds.spec("env", steal),
+        lambda kinds: kinds.label("MODELSEAL-IDENTITY-X25519", steal),
+    ):
+        with pytest.raises(UsageError, match=r"is already registered by modelseal\.recipients\.|by modelseal\.release"):
+            registry.register_kind(claim, "stealer")
+    host.save(tmp_path / "host.key")
+    assert modelseal.load_identity(str(tmp_path / "host.key")).recipient.describe() == host.recipient.describe()
+    assert not isinstance(modelseal.parse_recipient(host.recipient.describe()), ToyKey)
+    assert isinstance(modelseal.load_identity("agent:/run/x.sock"), AgentIdentity)
+    assert calls == []
+    registry.register_scheme("toy", ToyKey)
+    registry.register_scheme("toy", ToyKey)  # the identical registration again is no conflict
+    with pytest.raises(UsageError, match="'toy' is already registered by scheme toy:"):
+        registry.register_scheme("toy", AlwaysEqual(calls))
+
+
+def install_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *plugins: tuple[str, str]) -> None:
+    """Install each ``(name, entry point)`` as its own distribution, then fill the registry afresh."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for name, target in plugins:
+        install_toy_distribution(site, target, name=name)
+    monkeypatch.syspath_prepend(str(site))
+    registry.reset()
+
+
+def test_a_broken_plugin_leaves_key_files_and_paths_with_colons_working(
+    fresh_registry: None, host: HpkeIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What worked before plugins existed (``-r host.pub``, ``-i A:B.key``, ``-i env:K``) needs no plugin."""
+    install_site(tmp_path, monkeypatch, ("toy", "toy_kind:no_such_function"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "host.pub").write_text(f"# a public key\n{host.recipient.describe()}\n")
+    host.save(tmp_path / "A:B.key")
+    (tmp_path / "dir:x").mkdir()
+    host.save(tmp_path / "dir:x" / "h.key")
+    assert modelseal.parse_recipient("host.pub").describe() == host.recipient.describe()
+    for path in ("A:B.key", "dir:x/h.key", str(tmp_path / "A:B.key")):
+        assert modelseal.load_identity(path).recipient.describe() == host.recipient.describe()
+    (tmp_path / "env:K").write_text("not a key")  # a built-in spec prefix keeps its meaning
+    monkeypatch.setenv("K", (tmp_path / "A:B.key").read_text())
+    assert modelseal.load_identity("env:K").recipient.describe() == host.recipient.describe()
+    with pytest.raises(UsageError, match=r"^recipient plugin toy \(toy_kind:no_such_function\) cannot be loaded"):
+        modelseal.load_identity("kms:x")  # a prefix no built-in kind holds, naming no file, reads the plugins
+
+
+def test_a_plugin_label_does_not_turn_an_existing_path_into_key_text(
+    fresh_registry: None, host: HpkeIdentity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_site(tmp_path, monkeypatch, ("alabel", "toy_kind:claim_label_a"))
+    monkeypatch.chdir(tmp_path)
+    host.save(tmp_path / "A:B.key")
+    assert not registry.is_identity_text("A:B.key")
+    assert modelseal.load_identity("A:B.key").recipient.describe() == host.recipient.describe()
+    assert registry.is_identity_text(f"A:{b64e(b'alpha')}")  # the plugin's label, given as text, is key text
+
+
+def test_a_failed_plugin_is_reported_the_same_on_every_lookup_and_publishes_nothing(
+    fresh_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A good plugin loaded before the broken one is not registered again (and called a conflict with itself)."""
+    install_site(tmp_path, monkeypatch, ("aaa", "toy_kind:register"), ("kms", "toy_kind:no_such_function"))
+    messages = []
+    for _ in range(3):
+        with pytest.raises(UsageError) as refused:
+            registry.known_schemes()
+        messages.append(str(refused.value))
+    assert messages[0].startswith("recipient plugin kms (toy_kind:no_such_function) cannot be loaded: ")
+    assert messages == [messages[0]] * 3 and "\n" not in messages[0]
+    with pytest.raises(UsageError, match=r"^recipient plugin kms"):
+        modelseal.parse_recipient("toy:alpha")  # the good plugin's kind is not half-published either
+    assert modelseal.parse_recipient(f"x25519:{b64e(bytes(32))}")  # built-in lookups keep working
+    assert isinstance(modelseal.load_identity("agent:/run/x.sock"), AgentIdentity)
+
+
+def test_a_plugin_asking_the_registry_while_it_registers_sees_what_is_loaded_so_far(
+    fresh_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_site(tmp_path, monkeypatch, ("reent", "toy_kind:register_reentrant"))
+    REENTRANT_SAW.clear()
+    assert "toy" in registry.known_schemes()
+    (saw,) = REENTRANT_SAW
+    assert {"toy", "x25519", "keyserver"} <= set(saw)
+    assert isinstance(modelseal.parse_recipient("toy:alpha"), ToyKey)
+
+
+def register_nothing(kinds: registry.Registry) -> None:
+    """A kind whose factories hand back nothing, or the wrong thing."""
+    kinds.scheme("nothing", lambda rest: None)  # type: ignore[arg-type,return-value]
+    kinds.spec("nothing", lambda rest: None)  # type: ignore[arg-type,return-value]
+    kinds.spec("notalist", lambda rest: [ToyKey("a"), 3])  # type: ignore[list-item]
+    kinds.label("MODELSEAL-IDENTITY-NOTHING", lambda raw: None, raw_size=7)  # type: ignore[arg-type,return-value]
+
+
+def test_a_plugin_handing_back_the_wrong_thing_is_named_in_one_line(fresh_registry: None, tmp_path: Path) -> None:
+    registry.register_kind(register_nothing, "nothing plugin")
+    with pytest.raises(UsageError) as refused:
+        modelseal.parse_recipient("nothing:x")
+    assert str(refused.value) == "nothing plugin: the recipient scheme 'nothing' returned None, not a Recipient"
+    (tmp_path / "seven.bin").write_bytes(b"\xff" * 7)
+    label = "the key-file label 'MODELSEAL-IDENTITY-NOTHING' returned None"
+    for spec, refusal in (
+        ("nothing:x", "the identity spec 'nothing' returned None"),
+        ("notalist:x", "the identity spec 'notalist' returned a list holding a value of type int"),
+        (f"MODELSEAL-IDENTITY-NOTHING:{b64e(b'x')}", label),
+        (str(tmp_path / "seven.bin"), label),  # a binary key file of the label's raw size
+    ):
+        with pytest.raises(UsageError) as refused:
+            modelseal.load_identity(spec)
+        assert str(refused.value) == f"nothing plugin: {refusal}, not an Identity"

@@ -39,11 +39,18 @@ BUILTIN = {
 }
 
 
+def _shown(name: object) -> str:
+    """A name for a message: a plugin's own object is named by its type, never its ``repr``."""
+    return repr(name) if type(name) is str else f"a {type(name).__name__}"
+
+
 def _checked(name: str, obj: Any, origin: str) -> AttestationKind:
+    """``obj`` if it is a kind named exactly ``name``: a plain ``str``, so no ``__eq__`` or ``__hash__`` of
+    the plugin's decides which kind a name (``tpm``) means."""
     if not isinstance(obj, AttestationKind):
         raise UsageError(f"attestation kind {name!r} ({origin}) is not an AttestationKind")
-    if obj.name != name:
-        raise UsageError(f"attestation kind {name!r} ({origin}) calls itself {obj.name!r}")
+    if type(obj.name) is not str or obj.name != name:
+        raise UsageError(f"attestation kind {name!r} ({origin}) calls itself {_shown(obj.name)}")
     return obj
 
 
@@ -82,6 +89,10 @@ class Registry:
             return self._kinds
 
     def register(self, kind: AttestationKind) -> None:
+        if not isinstance(kind, AttestationKind):
+            raise UsageError(f"register_kind takes an AttestationKind, not {type(kind).__name__}")
+        if type(kind.name) is not str:
+            raise UsageError(f"an attestation kind's name is a str, not {type(kind.name).__name__}")
         kinds = self._loaded()
         with self._lock:
             if kind.name in kinds:
@@ -139,8 +150,8 @@ def known_kinds() -> list[str]:
 
 def _built(kind: AttestationKind, settings: Mapping[str, Any], base: Path | None) -> Verifier:
     verifier = kind.verifier(settings, base)
-    if verifier.kind != kind.name:
-        raise UsageError(f"attestation kind {kind.name!r} built a verifier for {verifier.kind!r}")
+    if type(verifier.kind) is not str or verifier.kind != kind.name:  # a str compared, never the plugin's object
+        raise UsageError(f"attestation kind {kind.name!r} built a verifier for {_shown(verifier.kind)}")
     return verifier
 
 

@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TypeVar, Union
+from types import MethodType
+from typing import Any, TypeVar, Union
 
 from modelseal.errors import KeyFileError, UsageError, one_line
 from modelseal.keyfile import key_lines, read_text, shown_value
@@ -59,6 +60,15 @@ class Scheme:
 
     factory: RecipientFactory
     public_key: bool  # REST is the public key itself: the line may also stand in a key file
+    source: str = "modelseal"  # the kind that claimed it, named when it hands back the wrong thing
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An identity spec: ``PREFIX:REST`` is handed to ``factory(REST)``."""
+
+    factory: SpecFactory
+    source: str = "modelseal"
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,17 @@ class Label:
 
     loader: LabelLoader
     raw_size: int | None  # the key may also be a binary file of exactly this many raw bytes
+    source: str = "modelseal"
+
+
+def _same(a: object, b: object) -> bool:
+    """Whether two registered callables are one registration: by identity only (a plugin's object may
+    define ``__eq__`` to equal anything), a bound method by its function and instance."""
+    if a is b:
+        return True
+    if isinstance(a, MethodType) and isinstance(b, MethodType):
+        return a.__func__ is b.__func__ and a.__self__ is b.__self__
+    return False
 
 
 @dataclass
@@ -74,31 +95,88 @@ class Registry:
     """What the strings and key files of every registered kind mean."""
 
     schemes: dict[str, Scheme] = field(default_factory=dict)
-    specs: dict[str, SpecFactory] = field(default_factory=dict)
+    specs: dict[str, Spec] = field(default_factory=dict)
     labels: dict[str, Label] = field(default_factory=dict)
     source: str = "modelseal"  # the kind being registered, named in a conflict
-    owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (what, name) -> the kind that claimed it
 
     def scheme(self, prefix: str, factory: RecipientFactory, *, public_key: bool = False) -> None:
         """Claim the recipient string ``PREFIX:...`` (``public_key``: ``PREFIX:KEY`` lines in key files too)."""
-        self._claim(self.schemes, "recipient scheme", prefix, _PREFIX, Scheme(factory, public_key))
+        entry = Scheme(factory, bool(public_key), self.source)
+        self._claim(self.schemes, "recipient scheme", prefix, _PREFIX, entry, factory, entry.public_key)
 
     def spec(self, prefix: str, factory: SpecFactory) -> None:
         """Claim the identity spec ``PREFIX:...``; ``factory`` gets what follows the colon."""
-        self._claim(self.specs, "identity spec", prefix, _PREFIX, factory)
+        self._claim(self.specs, "identity spec", prefix, _PREFIX, Spec(factory, self.source), factory, None)
 
     def label(self, label: str, loader: LabelLoader, *, raw_size: int | None = None) -> None:
         """Claim the key-file line ``LABEL:BASE64``; ``loader`` gets the decoded key bytes."""
-        self._claim(self.labels, "key-file label", label, _LABEL, Label(loader, raw_size))
+        if raw_size is not None and (type(raw_size) is not int or raw_size <= 0):
+            raise _ClaimError(f"{self.source}: a key-file label's raw_size must be a positive int or None")
+        entry = Label(loader, raw_size, self.source)
+        self._claim(self.labels, "key-file label", label, _LABEL, entry, loader, raw_size)
 
-    def _claim(self, table: dict[str, _T], what: str, name: str, pattern: re.Pattern[str], value: _T) -> None:
+    def copy(self) -> Registry:
+        """Another registry holding the same claims, to fill and publish only if every claim succeeds."""
+        return Registry(dict(self.schemes), dict(self.specs), dict(self.labels))
+
+    def _claim(
+        self,
+        table: dict[str, Any],
+        what: str,
+        name: str,
+        pattern: re.Pattern[str],
+        entry: Scheme | Spec | Label,
+        call: Callable[..., object],
+        option: bool | int | None,
+    ) -> None:
+        """Claim ``name`` once. Nothing a plugin hands over is compared with ``==``: the name must be an
+        exact ``str`` and a second claim must be the identical callable with the same (built-in typed) option."""
+        if type(name) is not str:
+            raise _ClaimError(f"{self.source}: a {what} name must be a str, not {type(name).__name__}")
         if not pattern.fullmatch(name):
             raise _ClaimError(f"{self.source}: {name!r} is not a valid {what} name")
-        if name in table and table[name] != value:
-            held = f"the {what} {name!r} is already registered by {self.owners[what, name]}"
-            raise _ClaimError(f"{self.source}: {held} (a name has one kind)")
-        table[name] = value
-        self.owners.setdefault((what, name), self.source)
+        held = table.get(name)
+        if held is not None:
+            held_call = held.factory if isinstance(held, (Scheme, Spec)) else held.loader
+            held_option = held.public_key if isinstance(held, Scheme) else getattr(held, "raw_size", None)
+            if _same(held_call, call) and held_option == option:  # both bool/int/None, built by this class
+                return
+            claimed = f"the {what} {name!r} is already registered by {held.source}"
+            raise _ClaimError(f"{self.source}: {claimed} (a name has one kind)")
+        table[name] = entry
+
+
+def _shown(value: object) -> str:
+    return "None" if value is None else f"a value of type {type(value).__name__}"
+
+
+def _recipient(found: object, entry: Scheme, prefix: str) -> Recipient:
+    """What a scheme's factory made, if it is a recipient; otherwise one line naming the kind."""
+    if not isinstance(found, Recipient):
+        raise UsageError(f"{entry.source}: the recipient scheme {prefix!r} returned {_shown(found)}, not a Recipient")
+    return found
+
+
+def _identity(found: object, source: str, what: str) -> Identity:
+    """What a spec factory or label loader made, if it is an identity; otherwise one line naming the kind."""
+    if not isinstance(found, Identity):
+        raise UsageError(f"{source}: the {what} returned {_shown(found)}, not an Identity")
+    return found
+
+
+def _spec_identities(entry: Spec, prefix: str, rest: str) -> list[Identity]:
+    found = entry.factory(rest)
+    what = f"identity spec {prefix!r}"
+    if isinstance(found, list):
+        for item in found:
+            if not isinstance(item, Identity):
+                raise UsageError(f"{entry.source}: the {what} returned a list holding {_shown(item)}, not an Identity")
+        return found
+    return [_identity(found, entry.source, what)]
+
+
+def _label_identity(entry: Label, label: str, raw: bytes) -> Identity:
+    return _identity(entry.loader(raw), entry.source, f"key-file label {label!r}")
 
 
 def _register_env(registry: Registry) -> None:
@@ -127,8 +205,10 @@ BUILTIN: tuple[str, ...] = (
 package to :mod:`modelseal.release`) and registered, in this order, before any entry point."""
 
 _lock = threading.RLock()
-_registry: Registry | None = None
-_plugins_loaded = False
+_builtin: Registry | None = None  # modelseal's own kinds: never waits on (or breaks with) a plugin
+_full: Registry | None = None  # the built-ins, the plugins and register_kind's: published once complete
+_loading: Registry | None = None  # being filled by the plugins now (what a plugin asking the registry sees)
+_failure: str | None = None  # the one line of the plugin that failed: said again on every later lookup
 
 
 def _apply(registry: Registry, hook: Hook, source: str) -> None:
@@ -140,17 +220,17 @@ def _apply(registry: Registry, hook: Hook, source: str) -> None:
 
 
 def _builtins() -> Registry:
-    """The registry with modelseal's own kinds (:data:`BUILTIN`); plugins join it when first needed."""
-    global _registry
-    if _registry is None:
+    """The registry with modelseal's own kinds (:data:`BUILTIN`); plugins join a copy of it when needed."""
+    global _builtin
+    if _builtin is None:
         with _lock:
-            if _registry is None:
+            if _builtin is None:
                 registry = Registry()
                 for target in BUILTIN:
                     module, _, attr = target.partition(":")
                     _apply(registry, getattr(importlib.import_module(module), attr), target)
-                _registry = registry
-    return _registry
+                _builtin = registry
+    return _builtin
 
 
 def _load_plugins(registry: Registry) -> None:
@@ -173,16 +253,32 @@ def get_registry() -> Registry:
 
     Lookups ask the built-in kinds first and read the entry points only for a name they do not hold
     (reading every installed distribution's metadata costs milliseconds a small load should not pay);
-    a plugin can never take a built-in name, whether it is read early or late.
+    a plugin can never take a built-in name, whether it is read early or late. The plugins fill a copy
+    of the built-ins, published only when all of them registered: after a failure nothing is
+    half-registered, and every later call raises the same one-line error (built-in lookups keep
+    working). A plugin asking the registry while it registers gets the kinds registered so far.
     """
-    global _plugins_loaded
-    registry = _builtins()
-    if not _plugins_loaded:
-        with _lock:
-            if not _plugins_loaded:
-                _load_plugins(registry)
-                _plugins_loaded = True
-    return registry
+    global _full, _loading, _failure
+    if _full is not None:
+        return _full
+    with _lock:
+        if _full is not None:
+            return _full
+        if _loading is not None:  # a plugin's register() asking (this thread holds the lock): no recursion
+            return _loading
+        if _failure is not None:
+            raise UsageError(_failure)
+        registry = _builtins().copy()
+        _loading = registry
+        try:
+            _load_plugins(registry)
+        except UsageError as exc:
+            _failure = str(exc)
+            raise UsageError(_failure) from None
+        finally:
+            _loading = None
+        _full = registry
+        return registry
 
 
 def _find(table: Callable[[Registry], dict[str, _T]], name: str) -> _T | None:
@@ -192,12 +288,19 @@ def _find(table: Callable[[Registry], dict[str, _T]], name: str) -> _T | None:
 
 
 def register_kind(hook: Hook, source: str | None = None) -> None:
-    """Add a kind from code: ``hook(registry)`` claims its schemes, specs and labels.
+    """Add a kind from code: ``hook(registry)`` claims its schemes, specs and labels, all or none.
 
     The same function an entry point names; use it where installing a distribution is not possible.
     """
+    global _full, _loading
     with _lock:
-        _apply(get_registry(), hook, source or str(getattr(hook, "__qualname__", hook)))
+        current = get_registry()
+        trial = current.copy()
+        _apply(trial, hook, source or str(getattr(hook, "__qualname__", hook)))
+        if current is _loading:  # called by a plugin while the plugins load: join what they fill
+            current.schemes, current.specs, current.labels = trial.schemes, trial.specs, trial.labels
+        else:
+            _full = trial
 
 
 def register_scheme(prefix: str, factory: RecipientFactory) -> None:
@@ -206,10 +309,11 @@ def register_scheme(prefix: str, factory: RecipientFactory) -> None:
 
 
 def reset() -> None:
-    """Forget every registration; the next lookup fills the registry again (for tests of plugins)."""
-    global _registry, _plugins_loaded
+    """Forget every registration and plugin failure; the next lookup fills the registry again (for tests)."""
+    global _builtin, _full, _loading, _failure
     with _lock:
-        _registry, _plugins_loaded = None, False
+        _builtin = _full = _loading = None
+        _failure = None
 
 
 def scheme(prefix: str) -> RecipientFactory | None:
@@ -222,14 +326,20 @@ def known_schemes() -> list[str]:
 
 
 def parse_recipient(text: str) -> Recipient:
-    """Parse one recipient string (see module docstring)."""
+    """Parse one recipient string (see module docstring).
+
+    A built-in scheme wins over a file of that name; a file wins over the plugins (a path such as
+    ``dir:x/host.pub`` works, even with a broken plugin installed).
+    """
     text = text.strip()
     prefix, sep, rest = text.partition(":")
-    factory = scheme(prefix) if sep else None
-    if factory is not None:
-        return factory(rest)
-    if os.path.isfile(text):
+    found = _builtins().schemes.get(prefix) if sep else None
+    if found is None and os.path.isfile(text):
         return _recipient_from_file(text)
+    if found is None and sep:
+        found = get_registry().schemes.get(prefix)
+    if found is not None:
+        return _recipient(found.factory(rest), found, prefix)
     expected = ", ".join(s + ":..." for s in known_schemes())
     raise KeyFileError(
         f"unrecognised recipient {shown_value(text)}: expected one of {expected}, "
@@ -239,9 +349,17 @@ def parse_recipient(text: str) -> Recipient:
 
 def _recipient_from_file(path: str) -> Recipient:
     """A public-key file's ``x25519:...`` line, an identity file's ``# recipient:`` comment, or a key
-    that is its own recipient (a symmetric key file)."""
-    reg = get_registry()
+    that is its own recipient (a symmetric key file). The built-in kinds are asked first: the plugins
+    are read only for a file none of them understands."""
     text = read_text(path)
+    for registry in (_builtins, get_registry):
+        found = _recipient_in(registry(), text, path)
+        if found is not None:
+            return found
+    raise KeyFileError(f"{path} holds no recipient (expected a line like x25519:BASE64)")
+
+
+def _recipient_in(reg: Registry, text: str, path: str) -> Recipient | None:
     for line in text.splitlines():
         line = line.strip().removeprefix("# recipient: ")
         found = reg.schemes.get(line.partition(":")[0])
@@ -250,10 +368,10 @@ def _recipient_from_file(path: str) -> Recipient:
     for label, entry in reg.labels.items():
         if label in text:
             for name, raw in key_lines(text, path):
-                key = entry.loader(raw) if name == label else None
+                key = _label_identity(entry, label, raw) if name == label else None
                 if isinstance(key, Recipient):
                     return key
-    raise KeyFileError(f"{path} holds no recipient (expected a line like x25519:BASE64)")
+    return None
 
 
 def identities_from_text(text: str, source: str) -> list[Identity]:
@@ -262,7 +380,7 @@ def identities_from_text(text: str, source: str) -> list[Identity]:
     labels = _builtins().labels
     if not all(label in labels for label, _raw in lines):
         labels = get_registry().labels  # a line no built-in kind reads: perhaps a plugin's
-    out = [labels[label].loader(raw) for label, raw in lines if label in labels]
+    out = [_label_identity(labels[label], label, raw) for label, raw in lines if label in labels]
     if not out:
         raise KeyFileError(f"{source} holds no identity (make one with `modelseal keygen`)")
     return out
@@ -289,13 +407,16 @@ def parse_identities(spec: IdentitySpec, origin: str | None = None) -> list[Iden
 
 
 def _from_string(text: str, origin: str | None) -> list[Identity]:
+    """A built-in spec (``env:``, ``agent:``...) means that spec; then a path that exists is a key file;
+    only then is an unknown prefix a plugin's spec (``dir:x/host.key`` works with a broken plugin)."""
     if is_identity_text(text):  # the key itself, pasted into -i, identity= or $MODELSEAL_IDENTITY
         return identities_from_text(text, origin or "the identity text given")
     prefix, sep, rest = text.partition(":")
-    factory = _find(lambda r: r.specs, prefix) if sep else None
-    if factory is not None:
-        found = factory(rest)
-        return found if isinstance(found, list) else [found]
+    spec = _builtins().specs.get(prefix) if sep else None
+    if spec is None and sep and not os.path.exists(text):
+        spec = get_registry().specs.get(prefix)
+    if spec is not None:
+        return _spec_identities(spec, prefix, rest)
     shown = origin or f"identity file {shown_value(text)}"
     if sep and not os.path.exists(text) and scheme(prefix) is not None:
         given = origin or shown_value(text)
@@ -306,9 +427,9 @@ def _from_string(text: str, origin: str | None) -> list[Identity]:
         raise KeyFileError(f"cannot read {shown}: {exc.strerror}") from None
     if not raw.isascii():
         for registry in (_builtins, get_registry):
-            for entry in registry().labels.values():
+            for label, entry in registry().labels.items():
                 if entry.raw_size == len(raw):
-                    return [entry.loader(raw)]
+                    return [_label_identity(entry, label, raw)]
     try:
         contents = raw.decode("ascii")
     except UnicodeDecodeError:
@@ -317,11 +438,16 @@ def _from_string(text: str, origin: str | None) -> list[Identity]:
 
 
 def is_identity_text(text: str) -> bool:
-    """Whether ``text`` is identity-file text (a ``MODELSEAL-...:BASE64`` line) rather than a spec or path."""
+    """Whether ``text`` is identity-file text (a ``MODELSEAL-...:BASE64`` line) rather than a spec or path.
+
+    The plugins' labels are read only for text that could be one and names no existing file: a plugin's
+    label ``A`` does not make the file ``A:B.key`` key text (nor a broken plugin break it)."""
     heads = [head for head, sep, _ in (line.strip().partition(":") for line in text.splitlines()) if sep]
     if any(head in _builtins().labels for head in heads):
         return True
     if not any(_LABEL.fullmatch(head) for head in heads):  # nothing a plugin's label could be (a path, env:X)
+        return False
+    if os.path.exists(text):
         return False
     return any(head in get_registry().labels for head in heads)
 
