@@ -183,3 +183,32 @@ def test_a_plugin_failure_is_logged_in_one_line_with_its_type(
         base.registry()
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.endswith("is not used: RuntimeError: cannot start") and "\n" not in warning
+
+
+class SaysItIsEveryName(str):
+    """A platform name that equals any other and hashes like onnxruntime_onnx."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    def __hash__(self) -> int:
+        return hash("onnxruntime_onnx")
+
+
+def test_platform_backend_and_file_names_are_plain_strings(fresh_registry: None) -> None:
+    """Names are compared as ``str``: a plug-in's own ``__eq__``/``__hash__`` never decides what a name means."""
+    onnx = base.registry().get("onnxruntime_onnx")
+    assert onnx is not None
+    for info in (
+        base.RuntimeInfo(SaysItIsEveryName("toy_scale"), onnx.runtime, ("model.scale",)),
+        base.RuntimeInfo("toy_scale", onnx.runtime, ("model.scale",), backend=SaysItIsEveryName("toy")),
+        base.RuntimeInfo("toy_scale", onnx.runtime, (SaysItIsEveryName("model.scale"),)),
+        base.RuntimeInfo("toy_scale", onnx.runtime, "model.scale"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(UsageError, match=r"^a serving runtime's platform, backend and file names are str"):
+            base.register(info)
+    assert base.registry().platforms() == ["onnxruntime_onnx", "pytorch_libtorch", "tensorflow_savedmodel"]
+    assert base.registry().get("onnxruntime_onnx") is onnx

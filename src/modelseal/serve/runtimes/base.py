@@ -78,6 +78,9 @@ class RuntimeRegistry:
         itself); a platform or backend name already taken is refused, naming its holder."""
         if not isinstance(info, RuntimeInfo):
             raise UsageError(f"a serving runtime is registered with a RuntimeInfo, not {type(info).__name__}")
+        names = (info.platform, info.backend, *info.files) if type(info.files) is tuple else (None,)
+        if any(type(name) is not str for name in names):  # compared and hashed as str, never by a plug-in's __eq__
+            raise UsageError("a serving runtime's platform, backend and file names are str (files: a tuple of str)")
         if not info.platform or not info.files:
             raise UsageError("a serving runtime needs a platform name and at least one model file name")
         if info.platform in self._platforms:
@@ -131,7 +134,11 @@ def registry() -> RuntimeRegistry:
     with _filling:
         if _registry is None:
             _registry = RuntimeRegistry()
-            _registry.fill()
+            try:
+                _registry.fill()
+            except BaseException:  # a built-in failed: the next call tries again, not with half a registry
+                _registry = None
+                raise
         return _registry
 
 
