@@ -34,12 +34,19 @@ HEADER_SLACK = 4096
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` starts with the sealed-bundle magic (to choose a reader before opening it)."""
+    """Whether ``path`` is a regular file that starts with the sealed-bundle magic (to choose a reader
+    before opening it). Opened without blocking and checked on the descriptor: a FIFO or device is not a
+    bundle, and a blocking open of a FIFO would wait for a writer for good."""
     try:
-        with open(path, "rb") as f:
-            return f.read(8) == MAGIC
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 8, 0) == MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _header_bytes(env: Envelope, size: int | None) -> bytes:

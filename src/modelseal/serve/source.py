@@ -12,6 +12,7 @@ A plain (unsealed) artifact is only named: its runtime loads it from the path th
 from __future__ import annotations
 
 import contextlib
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def open_source(
         return art
 
     if path.is_dir():
-        if not any(is_bundle(p) for p in path.rglob("*") if p.is_file()):
+        members = list(path.rglob("*"))
+        for member in members:
+            _refuse_special(member)
+        if not any(is_bundle(p) for p in members if p.is_file()):
             yield ModelSource(path, {}, directory=True)
             return
         with directory.open_directory(path, lambda member, cache: unlocked(open_locked(member), cache)) as arts:
@@ -99,6 +103,7 @@ def open_source(
     except FormatError:
         if is_bundle(path):
             raise  # a damaged sealed bundle: say what is wrong with it
+        _refuse_special(path)  # its runtime would block opening a FIFO
         yield ModelSource(path, {}, directory=False)  # a plain model file (or plain safetensors)
         return
     # one sealed file goes through the same open-close-wipe path as a directory's members (unlocked()
@@ -107,3 +112,17 @@ def open_source(
                                       members=[path.name], check=False)  # fmt: skip
     with single as arts:
         yield ModelSource(path, dict(arts), directory=False)
+
+
+def _refuse_special(path: Path) -> None:
+    """Refuse ``path`` unless it is a regular file or a directory (``stat``, which never blocks).
+
+    A FIFO (or device) named as a model, or inside a model's directory, would hang the load thread for good
+    in the runtime's blocking open -- holding the model's lock, and every later model and the shutdown
+    behind it; instead it is that model's load-failure reason."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # gone or unreadable: the open that follows says so
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise FormatError(f"{path} is not a regular file (a FIFO or device cannot be a model file)")
