@@ -15,8 +15,14 @@ recipient schemes, identity-spec prefixes and key-file labels. modelseal's own k
 so this package never imports the layers above it, and they exist without install metadata (a source
 tree on ``PYTHONPATH``, a zipapp, a frozen binary). Other distributions' kinds are found through the
 entry-point group :data:`ENTRY_POINT_GROUP`, after every built-in. The registry is filled once, on the
-first lookup; :func:`register_kind` adds a kind from code. A name is claimed once: a later kind cannot
-take over ``x25519:`` or ``agent:`` and receive the data keys meant for it.
+first lookup that needs them; :func:`register_kind` adds a kind from code. A name is claimed once, and
+claims are compared by identity, never with a plugin's ``__eq__``: a later kind cannot take over
+``x25519:`` or ``agent:`` and receive the data keys meant for it.
+
+Precedence: a built-in scheme or spec prefix, then an existing file, then a plugin's prefix. So what
+worked before plugins existed (``-r host.pub``, ``-i dir:x/host.key``) never reads them, and a broken
+plugin breaks only the lookups that need one (each repeats its one-line error). What a plugin's factory
+or loader hands back is checked to be a :class:`Recipient` / :class:`Identity`.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import MethodType
-from typing import Any, TypeVar, Union
+from typing import TypeVar, Union
 
 from modelseal.errors import KeyFileError, UsageError, one_line
 from modelseal.keyfile import key_lines, read_text, shown_value
@@ -46,6 +52,7 @@ SpecFactory = Callable[[str], Union[Identity, list[Identity]]]
 LabelLoader = Callable[[bytes], Identity]
 
 _T = TypeVar("_T")
+_E = TypeVar("_E", "Scheme", "Spec", "Label")
 _PREFIX = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 _LABEL = re.compile(r"[A-Z0-9][A-Z0-9-]*")
 
@@ -62,6 +69,9 @@ class Scheme:
     public_key: bool  # REST is the public key itself: the line may also stand in a key file
     source: str = "modelseal"  # the kind that claimed it, named when it hands back the wrong thing
 
+    def same(self, other: Scheme) -> bool:
+        return _same(self.factory, other.factory) and self.public_key is other.public_key
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -69,6 +79,9 @@ class Spec:
 
     factory: SpecFactory
     source: str = "modelseal"
+
+    def same(self, other: Spec) -> bool:
+        return _same(self.factory, other.factory)
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,9 @@ class Label:
     loader: LabelLoader
     raw_size: int | None  # the key may also be a binary file of exactly this many raw bytes
     source: str = "modelseal"
+
+    def same(self, other: Label) -> bool:
+        return _same(self.loader, other.loader) and self.raw_size == other.raw_size  # int or None, checked
 
 
 def _same(a: object, b: object) -> bool:
@@ -101,45 +117,33 @@ class Registry:
 
     def scheme(self, prefix: str, factory: RecipientFactory, *, public_key: bool = False) -> None:
         """Claim the recipient string ``PREFIX:...`` (``public_key``: ``PREFIX:KEY`` lines in key files too)."""
-        entry = Scheme(factory, bool(public_key), self.source)
-        self._claim(self.schemes, "recipient scheme", prefix, _PREFIX, entry, factory, entry.public_key)
+        self._claim(self.schemes, "recipient scheme", prefix, _PREFIX, Scheme(factory, bool(public_key), self.source))
 
     def spec(self, prefix: str, factory: SpecFactory) -> None:
         """Claim the identity spec ``PREFIX:...``; ``factory`` gets what follows the colon."""
-        self._claim(self.specs, "identity spec", prefix, _PREFIX, Spec(factory, self.source), factory, None)
+        self._claim(self.specs, "identity spec", prefix, _PREFIX, Spec(factory, self.source))
 
     def label(self, label: str, loader: LabelLoader, *, raw_size: int | None = None) -> None:
         """Claim the key-file line ``LABEL:BASE64``; ``loader`` gets the decoded key bytes."""
         if raw_size is not None and (type(raw_size) is not int or raw_size <= 0):
             raise _ClaimError(f"{self.source}: a key-file label's raw_size must be a positive int or None")
-        entry = Label(loader, raw_size, self.source)
-        self._claim(self.labels, "key-file label", label, _LABEL, entry, loader, raw_size)
+        self._claim(self.labels, "key-file label", label, _LABEL, Label(loader, raw_size, self.source))
 
     def copy(self) -> Registry:
         """Another registry holding the same claims, to fill and publish only if every claim succeeds."""
         return Registry(dict(self.schemes), dict(self.specs), dict(self.labels))
 
-    def _claim(
-        self,
-        table: dict[str, Any],
-        what: str,
-        name: str,
-        pattern: re.Pattern[str],
-        entry: Scheme | Spec | Label,
-        call: Callable[..., object],
-        option: bool | int | None,
-    ) -> None:
+    def _claim(self, table: dict[str, _E], what: str, name: str, pattern: re.Pattern[str], entry: _E) -> None:
         """Claim ``name`` once. Nothing a plugin hands over is compared with ``==``: the name must be an
-        exact ``str`` and a second claim must be the identical callable with the same (built-in typed) option."""
+        exact ``str``, and a second claim is accepted only as the identical registration (the same
+        callable object, see :func:`_same`)."""
         if type(name) is not str:
             raise _ClaimError(f"{self.source}: a {what} name must be a str, not {type(name).__name__}")
         if not pattern.fullmatch(name):
             raise _ClaimError(f"{self.source}: {name!r} is not a valid {what} name")
         held = table.get(name)
         if held is not None:
-            held_call = held.factory if isinstance(held, (Scheme, Spec)) else held.loader
-            held_option = held.public_key if isinstance(held, Scheme) else getattr(held, "raw_size", None)
-            if _same(held_call, call) and held_option == option:  # both bool/int/None, built by this class
+            if held.same(entry):
                 return
             claimed = f"the {what} {name!r} is already registered by {held.source}"
             raise _ClaimError(f"{self.source}: {claimed} (a name has one kind)")
