@@ -23,6 +23,8 @@ import os
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ORT writes a telemetry DB under ~/.cache otherwise
 
 import contextlib
+import re
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 from modelseal.atomicfile import pwrite_all
 from modelseal.crypto import keys
 from modelseal.errors import FormatError, MissingDependencyError, UsageError
+from modelseal.format import schema
 from modelseal.load.bundles import read_all
 from modelseal.recipients.registry import IdentitySpec
 
@@ -124,7 +127,14 @@ def _memory_file(data: bytearray) -> Iterator[str | bytes]:
 
 def _external_initializers(model: bytearray, files: Mapping[str, bytearray], base: str, source: str) -> dict[str, Any]:
     """Numpy views over the decrypted external-data files, by initializer name (ONNX Runtime copies
-    them into the session; ours are wiped by the caller)."""
+    them into the session; ours are wiped by the caller).
+
+    Every tensor of the model is checked, not only the main graph's initializers: ONNX Runtime reads any
+    other tensor with external data (a Constant node's value, a subgraph's initializer, a sparse tensor)
+    from a file it resolves against the model's directory -- ``/proc/self/fd`` for our memory file, so
+    ``location: "5"`` is whatever the server has open as descriptor 5 (another model's decrypted memory
+    file), and for a ``bytes`` model the working directory. Only the main graph's initializers are handed
+    over from memory, and only from the model's own sealed files; any other external tensor is refused."""
     try:
         import onnx
         from onnx.helper import tensor_dtype_to_np_dtype
@@ -140,14 +150,22 @@ def _external_initializers(model: bytearray, files: Mapping[str, bytearray], bas
         proto.ParseFromString(memoryview(model))
     except DecodeError:
         raise FormatError(f"{source}: the decrypted model is not a valid ONNX protobuf") from None
+    names = Counter(t.name for t in proto.graph.initializer)
     out: dict[str, Any] = {}
-    for init in proto.graph.initializer:
+    for where, init in _tensors(proto, "", onnx.TensorProto):
         if init.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in init.external_data}
-        name = base + info.get("location", "")
+        what = f"tensor {init.name!r} ({where})" if init.name else f"tensor {where}"
+        if not re.fullmatch(r"graph\.initializer\[\d+\]", where) or names[init.name] != 1:
+            raise FormatError(
+                f"{source}: {what} keeps its data outside the model ({info.get('location', '')[:80]!r}); "
+                "only the main graph's uniquely named initializers may, in the model's sealed files"
+            )
+        location = schema.relpath(info.get("location", ""), f"{source}: external data of {what}")
+        name = base + location
         if name not in files:
-            raise FormatError(f"{source}: external data file {info.get('location')!r} of {init.name!r} is missing")
+            raise FormatError(f"{source}: external data file {location[:80]!r} of {init.name!r} is missing")
         dtype = np.dtype(tensor_dtype_to_np_dtype(init.data_type))
         count = int(np.prod(init.dims)) if len(init.dims) else 1
         offset = int(info.get("offset", 0))
@@ -156,3 +174,27 @@ def _external_initializers(model: bytearray, files: Mapping[str, bytearray], bas
             raise FormatError(f"{source}: external data of {init.name!r} does not match its shape")
         out[init.name] = np.frombuffer(files[name], dtype=dtype, count=count, offset=offset).reshape(tuple(init.dims))
     return out
+
+
+def _tensors(message: Any, where: str, tensor_type: type) -> Iterator[tuple[str, Any]]:
+    """Every ``tensor_type`` (``onnx.TensorProto``) anywhere inside the protobuf ``message``, with its
+    field path (``graph.node[3].attribute[0].t``).
+
+    A walk over the message's set fields rather than a list of the places tensors live: onnx's own
+    helper for this is private and misses sparse tensors, and a field a later ONNX version adds (or
+    one we did not think of: functions, training info) is covered all the same."""
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        path = f"{where}.{field.name}" if where else field.name
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(value)] if _repeated(field) else [(path, value)]
+        for at, item in items:
+            if isinstance(item, tensor_type):
+                yield at, item
+            else:
+                yield from _tensors(item, at, tensor_type)
+
+
+def _repeated(field: Any) -> bool:
+    """Whether a protobuf field is repeated (``is_repeated`` from protobuf 6, where ``label`` warns)."""
+    return bool(field.is_repeated) if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
