@@ -86,3 +86,18 @@ def test_a_fifo_as_a_model_file_is_that_models_reason_and_other_models_load(tmp_
         assert index[name]["state"] == "UNAVAILABLE"
         assert index[name]["reason"] == f"{fifo} is not a regular file (a FIFO or device cannot be a model file)"
     assert not is_bundle(fifos[0]) and not is_bundle("/dev/null") and not is_bundle(tmp_path)
+
+
+def test_an_onnx_model_reading_a_descriptor_of_the_server_is_that_models_reason(
+    tmp_path: Path, host: HpkeIdentity
+) -> None:
+    """A Constant whose external data is 'N' would read the server's descriptor N (/proc/self/fd/N)."""
+    from .test_onnx import hostile_model
+
+    repo = tmp_path / "repo"
+    add_model(repo, "fd", "onnxruntime_onnx", hostile_model("constant", "3").SerializeToString(), (4,), 4,
+              recipients=[host.recipient])  # fmt: skip
+    add_model(repo, "good", "onnxruntime_onnx", double_model(), (4,), 4, recipients=[host.recipient])
+    index = load_all(repo, host, [], timeout_s=10)
+    assert index["good"]["state"] == "READY" and index["fd"]["state"] == "UNAVAILABLE"
+    assert "tensor 'c' (graph.node[0].attribute[0].t) keeps its data outside the model ('3')" in index["fd"]["reason"]
