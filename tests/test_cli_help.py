@@ -1,6 +1,7 @@
 """Every command's ``--help`` and the usage-error promise, in process through click's runner.
 
-The command tree is walked, so a command added later is covered without touching this file. Two subprocesses
+The command tree is walked, so a command added later is covered without touching this file; what each help
+must name (the variables a command reads, the files it writes) is a table here, the contract. Two subprocesses
 check that ``python -m modelseal`` and the console script start at all (imports, registration, no traceback);
 the rest runs in milliseconds, in the fast tier. What the commands *do* is tested as a user runs them, in
 subprocesses, in test_cli.py and test_keyserver_cli.py.
@@ -9,6 +10,8 @@ subprocesses, in test_cli.py and test_keyserver_cli.py.
 from __future__ import annotations
 
 import importlib
+import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -19,6 +22,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from modelseal.cli.helptext import ENVIRONMENT
 from modelseal.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +57,103 @@ def test_every_command_has_help(path: tuple[str, ...], command: click.Command) -
     assert command.get_short_help_str(limit=45).rstrip(".") in " ".join(result.output.split())
     bare = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.hidden and not p.help]
     assert not bare, f"`{where}` options without help: {bare}"
+
+
+# --- the contract: which environment variables each command reads ----------------------------------------
+# Its help's "Environment:" list names exactly these; a command not listed reads none. Found by following
+# every os.environ read in src/modelseal from each command: the identity resolver (load/artifacts.py), the
+# admin client (release/client.py, also behind -r keyserver:...), crypto/parallel.py's thread count,
+# memory/arena.py's load tuning, the transit master key (keyserver/config.py), click's envvar= options.
+# VAR stands for a variable the command line names (--passphrase-env VAR, -i env:VAR).
+IDENTITY = {"MODELSEAL_IDENTITY", "MODELSEAL_AGENT_SOCKET"}
+ADMIN = {"MODELSEAL_KEYSERVER_URL", "MODELSEAL_KEYSERVER_CA", "MODELSEAL_ADMIN_TOKEN", "MODELSEAL_ADMIN_TOKEN_FILE"}
+KEYSERVER_RECIPIENT = ADMIN - {"MODELSEAL_KEYSERVER_URL"}  # -r keyserver:URL#MODEL carries its URL
+READS: dict[str, set[str]] = {
+    "seal": {"MODELSEAL_THREADS", "VAR"} | KEYSERVER_RECIPIENT,
+    "verify": IDENTITY | {"MODELSEAL_THREADS", "VAR"},
+    "open": IDENTITY | {"MODELSEAL_THREADS", "VAR"},
+    "rekey": IDENTITY | {"VAR"} | KEYSERVER_RECIPIENT,
+    "serve": IDENTITY | {"MODELSEAL_THREADS", "MODELSEAL_HUGEPAGES", "MODELSEAL_PREFAULT", "VAR"},
+    "keyserver": ADMIN,
+    "keyserver init": {"BAO_TOKEN"},
+    "keyserver run": {"BAO_TOKEN"},
+    "keyserver lease-key": {"MODELSEAL_KEYSERVER_URL", "MODELSEAL_KEYSERVER_CA"},
+    **{f"keyserver {group}": ADMIN for group in ("model", "grant", "master-key", "audit")},
+    **{f"keyserver {command}": ADMIN for command in ("model add", "model list", "grant add", "grant list",
+                                                    "grant revoke", "master-key rotate", "audit export",
+                                                    "audit verify")},
+    "agent status": {"MODELSEAL_AGENT_SOCKET"},
+    "agent tpm-enroll": {"TPM2TOOLS_TCTI"},
+}  # fmt: skip
+# Commands that write files (or persistent state) and must say what, in a "Writes:" list; SECRET ones
+# write a key or plaintext and must give its mode, 0600.
+WRITES = {"keygen", "seal", "open", "rekey", "demo", "keyserver init", "keyserver run", "keyserver migrate",
+          "keyserver audit export", "pki init", "pki issue", "agent run", "agent tpm-enroll", "serve"}  # fmt: skip
+SECRET = {"keygen", "open", "keyserver init", "pki init", "pki issue", "serve"}
+# Long-running services: they report through their logs, not a --json document.
+SERVICES = {"keyserver run", "agent run", "serve"}
+
+
+def section(help_text: str, title: str) -> list[str]:
+    """The terms of a help list ("Environment:", "Writes:"): the first word of each two-space-indented row."""
+    lines = help_text.splitlines()
+    if f"{title}:" not in lines:
+        return []
+    rows = []
+    for line in lines[lines.index(f"{title}:") + 1 :]:
+        if not line.strip():
+            break
+        if re.match(r"  \S", line):
+            rows.append(line.split()[0])
+    return rows
+
+
+@pytest.mark.parametrize(("path", "command"), TREE, ids=[" ".join(p) or "modelseal" for p, _ in TREE])
+def test_help_names_the_environment_it_reads(path: tuple[str, ...], command: click.Command) -> None:
+    listed = section(invoke(*path, "--help").output, "Environment")
+    assert len(listed) == len(set(listed)), listed
+    assert set(listed) == READS.get(" ".join(path), set()), f"`modelseal {' '.join(path)} --help`"
+
+
+@pytest.mark.parametrize(("path", "command"), TREE, ids=[" ".join(p) or "modelseal" for p, _ in TREE])
+def test_help_says_what_it_writes(path: tuple[str, ...], command: click.Command) -> None:
+    name = " ".join(path)
+    output = invoke(*path, "--help").output
+    writes = output[output.index("\nWrites:\n") :] if "\nWrites:\n" in output else ""
+    assert bool(writes) == (name in WRITES), f"`modelseal {name} --help`: Writes: {bool(writes)}"
+    if name in SECRET:
+        assert "0600" in writes.partition("\n\n")[0], writes
+    if not isinstance(command, click.Group) and name not in SERVICES:
+        assert "--json" in output, f"`modelseal {name}` has no --json"
+
+
+def test_the_contract_covers_every_variable() -> None:
+    """A variable read anywhere in modelseal is described in the one table, and some command lists it."""
+    source = "\n".join(p.read_text() for p in (ROOT / "src" / "modelseal").rglob("*.py") if p.name != "devstack.py")
+    read = set(re.findall(r'"(MODELSEAL_[A-Z_]+)"', source))  # devstack's MODELSEAL_TEST_POSTGRES is the tests'
+    assert read <= set(ENVIRONMENT), sorted(read - set(ENVIRONMENT))
+    assert set(ENVIRONMENT) == set().union(*READS.values())
+
+
+@pytest.mark.parametrize(
+    ("listen", "names", "url"),
+    [
+        ("127.0.0.1:9443", [], "https://127.0.0.1:9443"),  # the default names cover the listen address
+        ("127.0.0.1:9443", ["localhost"], "https://localhost:9443"),  # issue 23: printed 127.0.0.1
+        ("127.0.0.1:9443", ["keys.example", "127.0.0.1"], "https://127.0.0.1:9443"),
+        ("[::1]:9443", ["::1"], "https://[::1]:9443"),
+        ("0.0.0.0:9443", ["keys.example"], "https://keys.example:9443"),
+    ],
+)
+def test_init_prints_a_url_its_certificate_covers(tmp_path: Path, listen: str, names: list[str], url: str) -> None:
+    """``keyserver init`` tells clients a URL whose name the server certificate holds (the run log too:
+    test_keyserver_cli.py); the URL a client is given must pass its TLS check."""
+    names_args = [a for n in names for a in ("--server-name", n)]
+    human = invoke("keyserver", "init", str(tmp_path / "a"), "--listen", listen, *names_args)
+    assert human.exit_code == 0, human.output
+    assert f"service URL:       {url} (what --url and keyserver: recipients take)" in human.stdout.splitlines()
+    report = invoke("keyserver", "init", str(tmp_path / "b"), "--listen", listen, *names_args, "--json")
+    assert json.loads(report.stdout)["url"] == url
 
 
 def test_the_tree_has_every_documented_command() -> None:

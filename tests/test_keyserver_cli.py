@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from modelseal.pki import identity_of_cert_file
 
-from .services import Agent, KeyServer
+from .services import Agent, KeyServer, free_port, wait_for
 from .test_cli import ms
 from .test_keyserver import sealed_model
 
@@ -57,8 +59,13 @@ def test_admin_commands_end_to_end(tmp_path: Path) -> None:
         assert rotated == {"version": "local:2", "rewrapped": 1}
 
         export = tmp_path / "audit.jsonl"
-        ms("keyserver", "audit", "export", "-o", export, env=env)
+        done = ms("keyserver", "audit", "export", "-o", export, env=env)
         last = json.loads(export.read_text().splitlines()[-1])
+        head = f"{last['seq']}:{last['hash']}"
+        assert done.stdout == (
+            f"exported {last['seq']} entries to {export}; head {head} (keep it for `audit verify --head`)\n"
+        )
+        check_audit_export_outputs(tmp_path, env, last["seq"])
         ok = json.loads(ms("keyserver", "audit", "verify", "--file", export, "--head", f"{last['seq']}:{last['hash']}",
                            "--json").stdout)  # fmt: skip
         assert ok["ok"] and ok["count"] == last["seq"]
@@ -74,3 +81,47 @@ def test_admin_commands_end_to_end(tmp_path: Path) -> None:
         assert denied.returncode == 1 and "401 unauthorised" in denied.stderr
     finally:
         server.stop()
+
+
+def check_audit_export_outputs(tmp_path: Path, env: dict[str, str], seq: int) -> None:
+    """``audit export``: --json names the head it wrote; to stdout, the entries stay pure JSON Lines and the
+    summary goes to stderr; --json with stdout is a one-line usage error (issue 23: it printed nothing)."""
+    again = tmp_path / "again.jsonl"
+    report = json.loads(
+        ms("keyserver", "audit", "export", "-o", again, "--after", str(seq - 2), "--json", env=env).stdout
+    )
+    rows = [json.loads(line) for line in again.read_text().splitlines()]
+    assert rows[0]["seq"] == seq - 1 and report == {
+        "file": str(again), "entries": len(rows), "after": seq - 2, "head": f"{rows[-1]['seq']}:{rows[-1]['hash']}"
+    }  # fmt: skip
+    piped = ms("keyserver", "audit", "export", "--after", str(seq - 2), env=env)
+    rows = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert piped.stderr == f"exported {len(rows)} entries to stdout; head {rows[-1]['seq']}:{rows[-1]['hash']} " \
+        "(keep it for `audit verify --head`)\n"  # fmt: skip
+    none = ms("keyserver", "audit", "export", "--after", "999999", env=env)
+    assert none.stdout == "" and none.stderr == "exported 0 entries to stdout (none after 999999)\n"
+    refused = ms("keyserver", "audit", "export", "--json", env=env, check=False)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr == "modelseal: error: --json needs -o FILE (stdout carries the entries)\n"
+
+
+def test_run_logs_a_url_its_certificate_covers(tmp_path: Path) -> None:
+    """Issue 23: with ``init --server-name localhost`` the start-up line said https://127.0.0.1:PORT, a URL
+    whose name the certificate does not hold; it names localhost now, as ``init`` printed."""
+    port = free_port()
+    init = json.loads(ms("keyserver", "init", tmp_path / "ks", "--listen", f"127.0.0.1:{port}",
+                         "--server-name", "localhost", "--json").stdout)  # fmt: skip
+    assert init["url"] == f"https://localhost:{port}"
+    log = tmp_path / "run.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelseal.cli.main", "keyserver", "run", "--config", init["config"]],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: "key service on" in log.read_text() or proc.poll() is not None, what="the start-up line")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    line = next(line for line in log.read_text().splitlines() if "key service on" in line)
+    assert f"key service on https://localhost:{port} (" in line, line

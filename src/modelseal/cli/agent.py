@@ -8,15 +8,19 @@ import logging
 
 import click
 
+from modelseal.cli.helptext import Group
 from modelseal.cli.kit import emit, fail_closed, json_option
 
 
-@click.group()
+@click.group(cls=Group)
 def agent() -> None:
     """The host agent: fetches granted keys, keeps them in memory only, serves local loaders."""
 
 
-@agent.command("run")
+@agent.command(
+    "run",
+    writes=[("the config's socket", "The unix socket loaders and `serve` ask for keys (its mode from the config).")],
+)
 @click.option(
     "--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True),
     help="The agent's TOML config (key service URL, TLS files, socket, evidence); see docs/operations.md.",
@@ -47,7 +51,7 @@ def agent_run(config_path: str, verbose: bool) -> None:
     )
 
 
-@agent.command("status")
+@agent.command("status", reads=[("MODELSEAL_AGENT_SOCKET", "The agent's socket, when --socket is not given.")])
 @click.option("--socket", "socket_path", required=True, envvar="MODELSEAL_AGENT_SOCKET", help="Agent socket.")
 @json_option
 @fail_closed
@@ -66,7 +70,11 @@ def agent_status(socket_path: str, as_json: bool) -> None:
     emit(as_json, answer, lines or ["no keys held"])
 
 
-@agent.command("tpm-enroll")
+@agent.command(
+    "tpm-enroll",
+    reads=["TPM2TOOLS_TCTI"],
+    writes=[("the TPM", "The attestation key, persisted at --handle (no file is written).")],
+)
 @click.option("--tcti", required=True, envvar="TPM2TOOLS_TCTI", help="TPM: device:/dev/tpmrm0, swtpm:port=2321...")
 @click.option("--handle", default="0x81010002", show_default=True, help="Persistent handle for the AK.")
 @click.option("--pcrs", default="sha256:0,1,2,3,4,5,6,7", show_default=True, help="PCRs the quotes will cover.")

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from modelseal.cli.helptext import Group
 from modelseal.cli.kit import emit, fail_closed, json_option
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
@@ -59,7 +60,7 @@ def evidence_document(path: str, kind: str | None, extras: dict[str, str | None]
     return {"kind": kind, "quote": b64e(data), "collateral": collateral}
 
 
-@click.group()
+@click.group(cls=Group)
 def attest() -> None:
     """Attestation evidence: TPM 2.0 quotes, Intel SGX/TDX DCAP quotes, AMD SEV-SNP reports."""
 

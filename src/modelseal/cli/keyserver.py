@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
-from modelseal import pki
+from modelseal import atomicfile, pki
 from modelseal.cli import logs
+from modelseal.cli.helptext import ADMIN_VARS, Group
 from modelseal.cli.kit import emit, fail_closed, json_option
 from modelseal.errors import UsageError
 from modelseal.jsonlimits import loads_bounded
@@ -45,7 +46,7 @@ def _time(value: str | None) -> int | None:
 # --- keyserver: local ------------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=Group, reads=ADMIN_VARS)
 @click.option("--url", envvar=URL_ENV, help=f"Key-service URL for admin commands [env {URL_ENV}].")
 @click.option(
     "--ca", envvar="MODELSEAL_KEYSERVER_CA", help="CA certificate of the key service [env MODELSEAL_KEYSERVER_CA]."
@@ -63,7 +64,19 @@ def keyserver(ctx: click.Context, url: str | None, ca: str | None) -> None:
     ctx.obj = {"url": url, "ca": ca}
 
 
-@keyserver.command("init")
+@keyserver.command(
+    "init",
+    reads=[("BAO_TOKEN", "With --transit-url: the transit token (or the variable --transit-token-env names).")],
+    writes=[
+        ("DIRECTORY/keyserver.toml", "The config `keyserver run --config` takes."),
+        ("DIRECTORY/pki/", "ca.pem, the CA clients check the service against; ca.key and keyserver.key, mode 0600; "
+         "keyserver.pem, the server certificate (--server-name)."),
+        ("DIRECTORY/master.key", "The local master key, mode 0600 (not with --transit-url)."),
+        ("DIRECTORY/lease-signing.key", "The key that signs leases, mode 0600."),
+        ("DIRECTORY/admin.token", "The admin token, mode 0600 (admin commands: MODELSEAL_ADMIN_TOKEN_FILE)."),
+        ("DIRECTORY/keyserver.db", "The SQLite database (not with --db)."),
+    ],
+)  # fmt: skip
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--db", "database", help="Database URL (default: SQLite in DIRECTORY). postgresql://... for replicas.")
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT to serve on.")
@@ -86,8 +99,13 @@ def ks_init(
     transit_token_env: str,
     as_json: bool,
 ) -> None:
-    """Create a key-service state directory: config, CA and server certificate, master key, admin token."""
+    """Create a key-service state directory: config, CA and server certificate, master key, admin token.
+
+    Prints the service's URL with a name its certificate covers: the listen address if a --server-name
+    names it, else the first --server-name.
+    """
     from modelseal.keyserver.config import KeyServerConfig, init_state
+    from modelseal.keyserver.server import public_url
     from modelseal.keyserver.store import open_store
 
     transit = {"url": transit_url, "token_env": transit_token_env} if transit_url else None
@@ -96,12 +114,14 @@ def ks_init(
     store = open_store(cfg.database, migrate=True)
     result["schema"] = store.schema_revision()
     store.close()
+    result["url"] = public_url(cfg)
     emit(
         as_json,
         result,
         [
             f"config:            {result['config']}",
             f"CA for clients:    {result['ca']}",
+            f"service URL:       {result['url']} (what --url and keyserver: recipients take)",
             f"admin token file:  {result['admin_token_file']} (0600; set MODELSEAL_ADMIN_TOKEN_FILE to it)",
             f"lease signing key: {result['lease_public_key']} (pin it in agent configs; "
             f"`modelseal keyserver lease-key --config {result['config']}` prints it again)",
@@ -119,13 +139,25 @@ config_option = click.option(
 )
 
 
-@keyserver.command("run")
+@keyserver.command(
+    "run",
+    reads=[("BAO_TOKEN", "With a transit master key: its token (or the variable the config's token_env names).")],
+    writes=[
+        ("the config's database", "Models, wrapped keys, grants, leases and the audit log (SQLite: keyserver.db)."),
+        ("master.key", "New versions on `master-key rotate` (local master key, mode 0600)."),
+    ],
+)
 @config_option
 @click.option("--no-migrate", is_flag=True, help="Refuse to start on an old schema instead of migrating it.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 @fail_closed
 def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
-    """Serve the key service (HTTPS, TLS 1.3) until SIGINT/SIGTERM."""
+    """Serve the key service (HTTPS, TLS 1.3) until SIGINT/SIGTERM.
+
+    Logs the URL clients use (with a name the certificate covers). The admin API accepts the admin token
+    `init` made (the config keeps only its hash); admin commands send it from MODELSEAL_ADMIN_TOKEN or
+    MODELSEAL_ADMIN_TOKEN_FILE.
+    """
     from modelseal.keyserver.config import KeyServerConfig
     from modelseal.keyserver.server import run
 
@@ -133,7 +165,7 @@ def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
     run(KeyServerConfig.load(config_path), migrate=not no_migrate)
 
 
-@keyserver.command("migrate")
+@keyserver.command("migrate", writes=[("the config's database", "Its schema, upgraded in place.")])
 @config_option
 @json_option
 @fail_closed
@@ -148,7 +180,7 @@ def ks_migrate(config_path: str, as_json: bool) -> None:
     emit(as_json, {"revision": revision}, [f"schema at revision {revision}"])
 
 
-@keyserver.command("lease-key")
+@keyserver.command("lease-key", reads=["MODELSEAL_KEYSERVER_URL", "MODELSEAL_KEYSERVER_CA"])
 @click.option(
     "--config",
     "config_path",
@@ -177,12 +209,12 @@ def ks_lease_key(ctx: click.Context, config_path: str | None, as_json: bool) -> 
 # --- keyserver: admin API ------------------------------------------------------------------------------
 
 
-@keyserver.group("model")
+@keyserver.group("model", reads=ADMIN_VARS)
 def model_group() -> None:
     """Register and list models."""
 
 
-@model_group.command("add")
+@model_group.command("add", reads=ADMIN_VARS)
 @click.argument("name")
 @click.option("--description", default="", help="Free text shown in listings.")
 @json_option
@@ -195,7 +227,7 @@ def model_add(ctx: click.Context, name: str, description: str, as_json: bool) ->
     emit(as_json, result, [f"registered model {name}"])
 
 
-@model_group.command("list")
+@model_group.command("list", reads=ADMIN_VARS)
 @json_option
 @click.pass_context
 @fail_closed
@@ -206,12 +238,12 @@ def model_list(ctx: click.Context, as_json: bool) -> None:
     emit(as_json, models, [f"{m['name']}\t{m['keys']} key(s)\t{m['description']}" for m in models])
 
 
-@keyserver.group("grant")
+@keyserver.group("grant", reads=ADMIN_VARS)
 def grant_group() -> None:
     """Grant hosts access to a model's keys, list and revoke grants."""
 
 
-@grant_group.command("add")
+@grant_group.command("add", reads=ADMIN_VARS)
 @click.argument("model")
 @click.argument("identity", required=False)
 @click.option("--cert", type=click.Path(dir_okay=False, exists=True), help="Grant the host holding this certificate.")
@@ -263,7 +295,7 @@ def _requirement(text: str) -> dict[str, Any]:
     return requirement
 
 
-@grant_group.command("list")
+@grant_group.command("list", reads=ADMIN_VARS)
 @click.option("--model", help="Only this model's grants.")
 @json_option
 @click.pass_context
@@ -283,7 +315,7 @@ def grant_list(ctx: click.Context, model: str | None, as_json: bool) -> None:
     )
 
 
-@grant_group.command("revoke")
+@grant_group.command("revoke", reads=ADMIN_VARS)
 @click.argument("grant_id")
 @click.option(
     "--reason",
@@ -301,12 +333,12 @@ def grant_revoke(ctx: click.Context, grant_id: str, reason: str, as_json: bool) 
     emit(as_json, result, [f"grant {grant_id} revoked"])
 
 
-@keyserver.group("master-key")
+@keyserver.group("master-key", reads=ADMIN_VARS)
 def master_key_group() -> None:
     """Rotate the master key that wraps every stored model key."""
 
 
-@master_key_group.command("rotate")
+@master_key_group.command("rotate", reads=ADMIN_VARS)
 @json_option
 @click.pass_context
 @fail_closed
@@ -317,7 +349,7 @@ def master_rotate(ctx: click.Context, as_json: bool) -> None:
     emit(as_json, result, [f"master key now {result['version']}; {result['rewrapped']} key(s) re-wrapped"])
 
 
-@keyserver.group("audit")
+@keyserver.group("audit", reads=ADMIN_VARS)
 def audit_group() -> None:
     """Export and verify the hash-chained audit log."""
 
@@ -333,18 +365,50 @@ def _fetch_audit(ctx: click.Context, after: int = 0) -> list[dict[str, Any]]:
             after = int(page[-1]["seq"])
 
 
-@audit_group.command("export")
-@click.option("-o", "--output", type=click.File("w"), default="-", help="JSON Lines file (default stdout).")
+@audit_group.command(
+    "export",
+    reads=ADMIN_VARS,
+    writes=[("OUTPUT", "The entries as JSON Lines, replacing the file (default: stdout).")],
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="-",
+    help="JSON Lines file (default stdout; the summary then goes to stderr).",
+)
 @click.option("--after", type=int, default=0, help="Only entries after this sequence number.")
+@json_option
 @click.pass_context
 @fail_closed
-def audit_export(ctx: click.Context, output: Any, after: int) -> None:
-    """Export audit entries as JSON Lines (keep exports: they anchor the chain's head)."""
-    for row in _fetch_audit(ctx, after):
-        output.write(json.dumps(row, sort_keys=True) + "\n")
+def audit_export(ctx: click.Context, output: str, after: int, as_json: bool) -> None:
+    """Export audit entries as JSON Lines; print how many and the head SEQ:HASH.
+
+    Keep the head with the export: `audit verify --head SEQ:HASH` later proves the log still holds every
+    entry up to it (a log cut short fails).
+    """
+    if as_json and output == "-":
+        raise UsageError("--json needs -o FILE (stdout carries the entries)")
+    rows = _fetch_audit(ctx, after)
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    if output == "-":
+        click.echo(text, nl=False)
+    else:
+        atomicfile.write_bytes(output, text.encode(), atomicfile.default_mode(), overwrite=True)
+    head = f"{rows[-1]['seq']}:{rows[-1]['hash']}" if rows else None
+    where = "stdout" if output == "-" else output
+    summary = (
+        f"exported {len(rows)} entries to {where}; head {head} (keep it for `audit verify --head`)"
+        if head
+        else f"exported 0 entries to {where} (none after {after})"
+    )
+    if as_json:
+        emit(True, {"file": output, "entries": len(rows), "after": after, "head": head}, [])
+    else:
+        click.echo(summary, err=output == "-")
 
 
-@audit_group.command("verify")
+@audit_group.command("verify", reads=ADMIN_VARS)
 @click.option("--file", "path", type=click.File("r"), help="Verify an exported JSON Lines file.")
 @click.option("--db", "database", help="Verify straight from the database (URL).")
 @click.option("--head", help="SEQ:HASH from an earlier export: also detects a log cut short.")

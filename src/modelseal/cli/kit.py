@@ -12,13 +12,14 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
+from modelseal.cli.helptext import Group
 from modelseal.errors import ModelsealError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 out = Console()
 
 
-class OneLineErrors(click.Group):
+class OneLineErrors(Group):
     """The top-level group: click's usage errors (a bad option value, a missing argument, exclusive
     options) become one line on stderr and exit 1, like every other error, instead of click's
     multi-line usage text and exit 2."""

@@ -15,6 +15,7 @@ import click
 from rich.table import Table
 
 from modelseal import atomicfile
+from modelseal.cli.helptext import IDENTITY_VARS
 from modelseal.cli.kit import OneLineErrors, emit, fail_closed, json_option, out, require_inputs
 from modelseal.cli.progress import byte_progress
 from modelseal.crypto.signing import Signer
@@ -66,7 +67,12 @@ def main() -> None:
     """Seal model weights for the hosts you authorise; load them from memory at full speed."""
 
 
-@main.command()
+@main.command(
+    writes=[
+        ("OUTPUT", "The secret key file, mode 0600."),
+        ("OUTPUT's stem.pub", "Its public part, beside it (host.key -> host.pub); none for --symmetric."),
+    ]
+)
 @click.option(
     "-o",
     "--output",
@@ -132,7 +138,20 @@ def public_file_for(key_file: Path) -> Path:
     return key_file.with_suffix(".pub") if key_file.suffix else key_file.with_name(key_file.name + ".pub")
 
 
-@main.command()
+# With -r keyserver:...: the admin API registers the data key (the URL is in the recipient).
+KEYSERVER_RECIPIENT_VARS = [
+    ("MODELSEAL_KEYSERVER_CA", "With keyserver:... recipients: the CA the key service's certificate must chain to."),
+    ("MODELSEAL_ADMIN_TOKEN", "With keyserver:... recipients: the admin token that registers the data key."),
+    ("MODELSEAL_ADMIN_TOKEN_FILE", "Else, the file holding it (DIR/admin.token)."),
+]
+PASSPHRASE_VAR = ("VAR", "The variable --passphrase-env names: a passphrase.")
+IDENTITY_VAR = ("VAR", "The variable --passphrase-env VAR or -i env:VAR names: a passphrase or identity text.")
+
+
+@main.command(
+    reads=["MODELSEAL_THREADS", *KEYSERVER_RECIPIENT_VARS, PASSPHRASE_VAR],
+    writes=[("OUTPUT", "The sealed file; for a directory SRC, a directory of sealed files (not secret).")],
+)
 @click.argument("src", type=click.Path())
 @click.option(
     "-o",
@@ -247,7 +266,7 @@ def inspect_json(info: operations.ArtifactInfo) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(info).items() if v is not None or k == "signer"}
 
 
-@main.command()
+@main.command(reads=[*IDENTITY_VARS, "MODELSEAL_THREADS", IDENTITY_VAR])
 @click.argument("path", type=click.Path())
 @identity_option
 @passphrase_option
@@ -283,7 +302,11 @@ def verify(
     )
 
 
-@main.command(name="open")
+@main.command(
+    name="open",
+    reads=[*IDENTITY_VARS, "MODELSEAL_THREADS", IDENTITY_VAR],
+    writes=[("OUTPUT", "The plaintext file, or a directory of them: files mode 0600, directories 0700.")],
+)
 @click.argument("path", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Plaintext output file or directory.")
 @identity_option
@@ -302,7 +325,16 @@ def open_cmd(
     emit(as_json, {"written": written}, [f"wrote {w}" for w in written])
 
 
-@main.command()
+@main.command(
+    reads=[*IDENTITY_VARS, IDENTITY_VAR, *KEYSERVER_RECIPIENT_VARS],
+    writes=[
+        (
+            "PATH",
+            "Each sealed file's header, in place; a header that outgrew its reserved space moves the "
+            "weights behind it (the file is rewritten atomically, never re-encrypted).",
+        )
+    ],
+)
 @click.argument("path", type=click.Path())
 @identity_option
 @passphrase_option
@@ -331,7 +363,15 @@ def rekey(
     )
 
 
-@main.command()
+@main.command(
+    writes=[
+        (
+            "WORKDIR",
+            "owner/ (the plaintext model, key-service state with its keys at 0600) and host/ (the sealed model "
+            "repository, the host's certificate and key, logs).",
+        )
+    ]
+)
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False),

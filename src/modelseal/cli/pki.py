@@ -10,15 +10,22 @@ from __future__ import annotations
 import click
 
 from modelseal import pki
+from modelseal.cli.helptext import Group
 from modelseal.cli.kit import emit, fail_closed, json_option
 
 
-@click.group()
+@click.group(cls=Group)
 def pki_group() -> None:
     """A small CA for a first deployment: key-service server and host client certificates."""
 
 
-@pki_group.command("init")
+@pki_group.command(
+    "init",
+    writes=[
+        ("DIRECTORY/ca.pem", "The CA certificate (clients and the key service trust it)."),
+        ("DIRECTORY/ca.key", "The CA's key, mode 0600 (keep it offline)."),
+    ],
+)
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--name", default="modelseal CA", show_default=True, help="CA common name.")
 @click.option("--force", is_flag=True, help="Overwrite an existing CA key.")
@@ -30,7 +37,13 @@ def pki_init(directory: str, name: str, force: bool, as_json: bool) -> None:
     emit(as_json, {"ca": str(cert)}, [f"CA certificate: {cert} (keep {pki.CA_KEY} offline)"])
 
 
-@pki_group.command("issue")
+@pki_group.command(
+    "issue",
+    writes=[
+        ("DIRECTORY/NAME.pem", "The certificate, signed by the CA in DIRECTORY."),
+        ("DIRECTORY/NAME.key", "Its key, mode 0600."),
+    ],
+)
 @click.argument("directory", type=click.Path(file_okay=False, exists=True))
 @click.argument("name")
 @click.option("--server-name", "server_names", multiple=True, help="DNS name or IP: makes a server certificate.")

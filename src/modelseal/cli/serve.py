@@ -6,10 +6,22 @@ from pathlib import Path
 
 import click
 
+from modelseal.cli.helptext import IDENTITY_VARS, Command, Group
 from modelseal.cli.kit import emit, fail_closed, json_option
 
 
-@click.command("serve")
+@click.command(
+    "serve",
+    cls=Command,
+    reads=[
+        *IDENTITY_VARS,
+        "MODELSEAL_THREADS",
+        "MODELSEAL_HUGEPAGES",
+        "MODELSEAL_PREFAULT",
+        ("VAR", "The variable -i env:VAR names: identity text."),
+    ],
+    writes=[("--audit-log FILE", "One JSON line per request, appended (created mode 0600).")],
+)
 @click.option(
     "--repository",
     "-r",
@@ -94,7 +106,7 @@ def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key
     )  # fmt: skip
 
 
-@click.group("bench")
+@click.group("bench", cls=Group)
 def bench() -> None:
     """Load generators and benchmarks."""
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 
 from aiohttp import web
+from cryptography import x509
 
 from modelseal import pki
 from modelseal.attest import Verifier, verifiers_from_config
@@ -52,11 +54,37 @@ def run(cfg: KeyServerConfig, migrate: bool = True) -> None:
         ssl_context=ssl_context,
         access_log=None,
         print=lambda _msg: logging.getLogger("modelseal.keyserver").info(
-            "key service on https://%s:%d (%s, master key: %s)", cfg.host, cfg.port,
+            "key service on %s (%s, master key: %s)", public_url(cfg),
             service.store.describe(), service.master.describe(),
         ),
         shutdown_timeout=10,
     )  # fmt: skip
+
+
+def public_url(cfg: KeyServerConfig) -> str:
+    """The URL clients should use: ``https://NAME:PORT`` with a NAME the server certificate covers.
+
+    The listen address when the certificate names it (the default: 127.0.0.1), else the certificate's first
+    DNS name or IP address: ``init --server-name localhost`` listens on 127.0.0.1, which a client checking
+    the certificate would refuse. Without a readable certificate or names, the listen address.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(cfg.tls_cert.read_bytes()) if cfg.tls_cert else None
+        names = list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value) if cert else []
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        names = []
+    covered = [str(n.value) for n in names if isinstance(n, (x509.DNSName, x509.IPAddress))]
+    covered = [n for n in covered if not n.startswith("*")]  # a wildcard names no host to print
+    host = cfg.host if _canonical(cfg.host) in {_canonical(n) for n in covered} or not covered else covered[0]
+    return f"https://[{host}]:{cfg.port}" if ":" in host else f"https://{host}:{cfg.port}"
+
+
+def _canonical(name: str) -> str:
+    """An IP address in one spelling (``::1`` for ``0:0::1``), a DNS name in lower case."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name.lower()
 
 
 def listen(cfg: KeyServerConfig) -> socket.socket:
