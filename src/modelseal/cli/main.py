@@ -326,7 +326,7 @@ def open_cmd(
 
 
 @main.command(
-    reads=[*IDENTITY_VARS, IDENTITY_VAR, *KEYSERVER_RECIPIENT_VARS],
+    reads=[*IDENTITY_VARS, *KEYSERVER_RECIPIENT_VARS, IDENTITY_VAR],
     writes=[
         (
             "PATH",
