@@ -296,3 +296,19 @@ def test_to_device_never_wipes_a_tensor_it_hands_back() -> None:
     out = to_device([(stays, memoryview(kept)), (moved, memoryview(moved_bytes))], "meta")
     assert out[0] is stays and kept == b"\x07" * 8  # handed back: untouched
     assert out[1].device.type == "meta" and not any(moved_bytes)  # copied away: its staging bytes wiped
+
+
+def test_sealing_a_torchscript_archive_without_as_bundle_is_one_line(tmp_path: Path, host: HpkeIdentity) -> None:
+    """torch.load printed its own warning (two lines naming our source) before our error."""
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from modelseal.cli.main import main
+
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), str(tmp_path / "ts.pt"))
+    result = CliRunner().invoke(main, ["seal", str(tmp_path / "ts.pt"), "-o", str(tmp_path / "x"), "-r",
+                                       host.recipient.describe()])  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "is a TorchScript archive" in result.output
+    assert "--as-bundle" in result.output
+    assert not (tmp_path / "x").exists()

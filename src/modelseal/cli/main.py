@@ -32,8 +32,9 @@ identity_option = click.option(
     "--identity",
     "identities",
     multiple=True,
-    metavar="KEYFILE|env:VAR",
-    help="Identity to unwrap the data key (repeatable). Default: $MODELSEAL_IDENTITY.",
+    metavar="IDENTITY",
+    help="Identity to unwrap the data key (repeatable): a key file, env:VAR, passphrase-env:VAR, agent:SOCKET, "
+    "or the key text itself. Default: $MODELSEAL_IDENTITY, then the agent at $MODELSEAL_AGENT_SOCKET.",
 )
 passphrase_option = click.option(
     "--passphrase-env", metavar="VAR", help="Read a passphrase from this environment variable."

@@ -46,7 +46,10 @@ def pki_init(directory: str, name: str, force: bool, as_json: bool) -> None:
 )
 @click.argument("directory", type=click.Path(file_okay=False, exists=True))
 @click.argument("name")
-@click.option("--server-name", "server_names", multiple=True, help="DNS name or IP: makes a server certificate.")
+@click.option(
+    "--server-name", "server_names", multiple=True,
+    help="DNS name or IP the server is reached at (repeatable): makes a server certificate.",
+)  # fmt: skip
 @click.option(
     "--uri",
     "uris",

@@ -41,8 +41,8 @@ from modelseal.cli.kit import emit, fail_closed, json_option
 @click.option(
     "-i",
     "--identity",
-    help="Key for sealed models: agent:SOCKET, a key file, env:VAR "
-    "(default $MODELSEAL_IDENTITY, then $MODELSEAL_AGENT_SOCKET).",
+    help="Key for sealed models: agent:SOCKET, a key file, env:VAR, passphrase-env:VAR or the key text "
+    "itself (default $MODELSEAL_IDENTITY, then $MODELSEAL_AGENT_SOCKET).",
 )
 @click.option("--agent-socket", help="Agent to watch for dropped keys (default: the identity's agent).")
 @click.option("--model", "models", multiple=True, help="Load only these models (default: all).")

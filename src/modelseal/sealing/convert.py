@@ -7,6 +7,8 @@ file contains. The result never touches the disk; it is sealed straight from mem
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from typing import Any
 
 from modelseal.errors import FormatError, MissingDependencyError
@@ -20,8 +22,15 @@ def checkpoint_to_safetensors(path: str | os.PathLike[str]) -> bytes:
         raise MissingDependencyError(
             "converting .pt checkpoints needs PyTorch: pip install 'modelseal[torch]'"
         ) from None
+    if _is_torchscript(path):
+        raise FormatError(
+            f"{path} is a TorchScript archive, not a checkpoint of tensors: seal it as an opaque file with "
+            "--as-bundle (as_bundle=True) and load it with modelseal.torch.load_torchscript"
+        )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        with warnings.catch_warnings():  # torch's own warnings would print before our one-line error
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # torch raises many types for unreadable or unsafe pickles
         raise FormatError(
             f"{path} is not a PyTorch checkpoint that loads with weights_only=True ({type(exc).__name__}); "
@@ -38,6 +47,16 @@ def checkpoint_to_safetensors(path: str | os.PathLike[str]) -> bytes:
             seen.add(t.untyped_storage().data_ptr())
         tensors[name] = t
     return save(tensors, metadata={"format": "pt", "converted_from": os.path.basename(path)})
+
+
+def _is_torchscript(path: str | os.PathLike[str]) -> bool:
+    """A ``torch.jit.save`` archive: a zip with ``constants.pkl`` and compiled ``code/`` beside the data."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 def _state_dict(obj: Any, source: str) -> dict[str, Any]:
