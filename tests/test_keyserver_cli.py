@@ -23,8 +23,9 @@ def test_admin_commands_end_to_end(tmp_path: Path) -> None:
     env = server.admin_env()
     try:
         assert "registered model m1" in ms("keyserver", "model", "add", "m1", "--description", "first", env=env).stdout
+        assert "registered model m0" in ms("keyserver", "model", "add", "m0", env=env).stdout  # no description
         models = json.loads(ms("keyserver", "model", "list", "--json", env=env).stdout)
-        assert [(m["name"], m["keys"]) for m in models] == [("m1", 0)]
+        assert [(m["name"], m["keys"]) for m in models] == [("m0", 0), ("m1", 0)]
 
         issued = json.loads(
             ms("pki", "issue", tmp_path / "ks" / "pki", "host-a", "--uri", "spiffe://t/a", "--json").stdout

@@ -114,7 +114,8 @@ class AdminClient:
     # --- the admin API, one method per route (answers as the service sends them: docs/key-release.md)
 
     def add_model(self, name: str, description: str = "") -> dict[str, Any]:
-        return self.call("POST", Route.MODELS, {"model": name, "description": description})
+        """Register model ``name``; the service refuses an empty description, so none is sent then."""
+        return self.call("POST", Route.MODELS, {"model": name, **({"description": description} if description else {})})
 
     def models(self) -> list[dict[str, Any]]:
         return list(self.call("GET", Route.MODELS)["models"])
