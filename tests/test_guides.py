@@ -6,8 +6,8 @@ the owner started); the developer's page runs alone (it seals its own model and 
 What a page may rely on, and what it must look like:
 
 - ``bash`` blocks are run; other blocks (``sh`` for install lines the reader runs once, ``toml``,
-  ``python``, ``text``) are not, unless a ``bash`` block runs them (a ``python`` block is usually written to a file by the ``bash`` block before it, with a
-  heredoc, so the reader sees the same code).
+  ``python``, ``text``) are not. Code the walk needs is written to a file by a ``bash`` block, with a
+  heredoc, so the reader sees and runs the same code.
 - A ``text`` block right after a ``bash`` block is the output that block shows: each of its lines must
   appear in the real output, in order (other lines may come between). ``...`` inside a line stands for
   anything (ids, hashes, times); a line that is only ``...`` stands for lines left out.
