@@ -224,6 +224,7 @@ def test_the_onnx_memory_file_is_zeroed_when_the_copy_into_it_fails(monkeypatch:
 # ------------------------------------------------------------- a runtime that fails after loading
 
 
+@pytest.mark.slow  # importing TensorFlow alone takes seconds
 def test_a_savedmodel_without_the_requested_signature_is_zeroed_before_the_refusal(
     tmp_path: Path, host: HpkeIdentity, monkeypatch: pytest.MonkeyPatch
 ) -> None:

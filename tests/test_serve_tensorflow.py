@@ -18,11 +18,17 @@ from .serving import ServeProcess, infer_grpc, infer_http
 pytestmark = pytest.mark.slow  # real processes (servers, CLI): the full suite, not the fast tier
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if os.environ.get("CI"):
-    import tensorflow as tf  # CI installs it (scripts/test.sh): a missing TensorFlow must fail there
-else:
-    tf = pytest.importorskip("tensorflow")
 pytest.importorskip("tritonclient.grpc")
+
+
+def tensorflow() -> Any:
+    """TensorFlow, imported by the first test that needs it, not at collection: the import takes seconds,
+    and the fast tier collects this module only to deselect it."""
+    if os.environ.get("CI"):
+        import tensorflow as tf  # CI installs it (scripts/test.sh): a missing TensorFlow must fail there
+
+        return tf
+    return pytest.importorskip("tensorflow")
 
 CONFIG = """name: "tf_cnn"
 platform: "tensorflow_savedmodel"
@@ -33,6 +39,8 @@ output [ { name: "output" data_type: TYPE_FP32 dims: [ 10 ] } ]
 
 
 def saved_model(path: Path) -> None:
+    tf = tensorflow()
+
     class Cnn(tf.Module):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             super().__init__()
@@ -80,6 +88,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 
 def test_sealed_saved_model_matches_plain_tensorflow(served: dict[str, Any]) -> None:
+    tf = tensorflow()
     batch = np.random.default_rng(5).standard_normal((3, 16, 16, 3), dtype=np.float32)
     plain = tf.saved_model.load(str(served["tmp"] / "plain.savedmodel"))
     expected = plain.signatures["serving_default"](input=tf.constant(batch))["output"].numpy()
@@ -111,6 +120,7 @@ def test_a_config_that_disagrees_with_the_signature_is_unavailable(served: dict[
 
 def test_the_public_loader_opens_a_sealed_saved_model_from_memory(served: dict[str, Any]) -> None:
     """``modelseal.tensorflow.load_saved_model``: what the server runs, for programs of their own."""
+    tf = tensorflow()
     import modelseal.tensorflow
 
     tmp = served["tmp"]
