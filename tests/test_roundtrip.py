@@ -178,3 +178,18 @@ def test_torch_load_model_assigns_without_copy(tmp_path: Path, host: HpkeIdentit
     target = torch.nn.Linear(16, 16)
     modelseal.torch.load_model(target, sealed2, identity=host)
     assert torch.equal(target.weight, model.weight)
+
+
+def test_a_trusted_signer_given_as_the_public_files_text_is_read(tmp_path: Path) -> None:
+    """``--trusted-signer "$(cat publisher.pub)"``: the file's comment line came along and was refused."""
+    from click.testing import CliRunner
+
+    from modelseal.cli.main import main
+    from modelseal.crypto.signing import Signer, parse_public, public_string
+
+    assert CliRunner().invoke(main, ["keygen", "--signing", "-o", str(tmp_path / "pub.sign")]).exit_code == 0
+    signer = Signer.load(tmp_path / "pub.sign")
+    text = (tmp_path / "pub.pub").read_text()  # as keygen writes it
+    assert text.lstrip().startswith("#")  # the case: a comment line before the key
+    assert public_string(parse_public(text)) == signer.public
+    assert public_string(parse_public(str(tmp_path / "pub.pub"))) == signer.public

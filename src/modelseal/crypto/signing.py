@@ -82,14 +82,17 @@ def public_string(key: Ed25519PublicKey) -> str:
 
 
 def parse_public(text: str) -> Ed25519PublicKey:
-    """Parse ``ed25519:BASE64`` or a file containing it (a public line or a signing key file)."""
+    """Parse ``ed25519:BASE64``, the text of a public-key file (``"$(cat publisher.pub)"``, comment lines
+    and all), or the path of a file containing it (a public line or a signing key file)."""
     text = text.strip()
+    if not text.startswith(PUBLIC_PREFIX) and "\n" in text:
+        found = _public_line(text)
+        if found is not None:
+            return parse_public(found)
     if not text.startswith(PUBLIC_PREFIX) and os.path.exists(text):
-        content = read_text(text)
-        for line in content.splitlines():
-            line = line.strip().removeprefix("# public: ")
-            if line.startswith(PUBLIC_PREFIX):
-                return parse_public(line)
+        found = _public_line(read_text(text))
+        if found is not None:
+            return parse_public(found)
         return Signer.load(text)._key.public_key()
     if not text.startswith(PUBLIC_PREFIX):
         raise KeyFileError(f"not an Ed25519 public key (expected {PUBLIC_PREFIX}BASE64 or a key file): {text[:40]!r}")
@@ -98,6 +101,15 @@ def parse_public(text: str) -> Ed25519PublicKey:
     except FormatError as exc:
         raise KeyFileError(str(exc)) from None
     return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _public_line(content: str) -> str | None:
+    """The ``ed25519:...`` line of key-file text (``keygen`` also writes it as a ``# public:`` comment)."""
+    for line in content.splitlines():
+        line = line.strip().removeprefix("# public: ")
+        if line.startswith(PUBLIC_PREFIX):
+            return line
+    return None
 
 
 def verify(signer_public: str, signature: bytes, message: bytes, trusted: list[str]) -> None:
