@@ -211,3 +211,15 @@ def test_console_script_starts() -> None:
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.startswith("Usage: modelseal ") and "Commands:" in proc.stdout
+
+
+def test_init_sets_how_often_leases_renew(tmp_path: Path) -> None:
+    """``--renew-after``: how soon a revocation reaches hosts, without editing the config by hand."""
+    import tomllib
+
+    assert invoke("keyserver", "init", str(tmp_path / "ks"), "--renew-after", "2").exit_code == 0
+    leases = tomllib.loads((tmp_path / "ks" / "keyserver.toml").read_text())["leases"]
+    assert leases["renew_after_s"] == 2 and leases["lease_ttl_s"] == 300
+    refused = invoke("keyserver", "init", str(tmp_path / "bad"), "--renew-after", "300")
+    assert refused.exit_code == 1 and "--renew-after must be 1 to 299 seconds" in refused.output
+    assert not (tmp_path / "bad").exists()

@@ -88,6 +88,10 @@ def keyserver(ctx: click.Context, url: str | None, ca: str | None) -> None:
 )
 @click.option("--transit-url", help="Keep the master key in OpenBao/Vault transit at this URL instead of a local file.")
 @click.option("--transit-token-env", default="BAO_TOKEN", show_default=True, help="Variable holding the transit token.")
+@click.option(
+    "--renew-after", "renew_after", type=int, default=60, show_default=True, metavar="SECONDS",
+    help="How often agents renew leases: a revocation reaches hosts within this ([leases] renew_after_s).",
+)  # fmt: skip
 @json_option
 @fail_closed
 def ks_init(
@@ -97,6 +101,7 @@ def ks_init(
     server_names: tuple[str, ...],
     transit_url: str | None,
     transit_token_env: str,
+    renew_after: int,
     as_json: bool,
 ) -> None:
     """Create a key-service state directory: config, CA and server certificate, master key, admin token.
@@ -109,7 +114,8 @@ def ks_init(
     from modelseal.keyserver.store import open_store
 
     transit = {"url": transit_url, "token_env": transit_token_env} if transit_url else None
-    result = init_state(directory, database=database, listen=listen, server_names=list(server_names), transit=transit)
+    result = init_state(directory, database=database, listen=listen, server_names=list(server_names),
+                        transit=transit, renew_after_s=renew_after)  # fmt: skip
     cfg = KeyServerConfig.load(result["config"])
     store = open_store(cfg.database, migrate=True)
     result["schema"] = store.schema_revision()

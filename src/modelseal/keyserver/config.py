@@ -161,11 +161,17 @@ def init_state(
     listen: str = "127.0.0.1:8443",
     server_names: list[str] | None = None,
     transit: dict[str, str] | None = None,
+    renew_after_s: int = 60,
 ) -> dict[str, Any]:
     """Create a ready-to-run state directory: config, TLS (a small CA), master key, signing key, token.
 
+    ``renew_after_s``: how often agents renew their leases, hence how soon a revocation reaches hosts
+    (1 to 299 seconds; leases last 300).
+
     Returns what the operator needs next (paths, the admin token, the lease-signing public key).
     """
+    if not 1 <= renew_after_s < 300:
+        raise UsageError(f"--renew-after must be 1 to 299 seconds (leases last 300), not {renew_after_s}")
     out = Path(directory)
     if (out / CONFIG_NAME).exists():
         raise UsageError(f"{out / CONFIG_NAME} already exists; refusing to overwrite a key service")
@@ -210,7 +216,7 @@ token_sha256 = "{token_hash(token)}"
 
 [leases]
 lease_ttl_s = 300
-renew_after_s = 60
+renew_after_s = {renew_after_s}
 challenge_ttl_s = 60
 default_grace_s = 600
 
