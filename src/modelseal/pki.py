@@ -22,10 +22,11 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from modelseal import atomicfile
@@ -242,6 +243,54 @@ def init_ca(
     return out / CA_CERT
 
 
+MAX_CSR = 64 * 1024  # a CSR is a few hundred bytes; anything near this is not one
+
+
+def request(directory: str | os.PathLike[str], name: str, *, force: bool = False) -> tuple[Path, Path]:
+    """On the host: a new key ``NAME.key`` (0600, never leaves the host) and a signing request ``NAME.csr``
+    for the owner's CA (:func:`issue` with ``csr=``). The request carries only the public key and the
+    name; the owner decides the names and URIs the certificate will hold."""
+    out = Path(directory)
+    _check_name(name)
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(_name(name)).sign(key, hashes.SHA256())
+    _write_key(out / f"{name}.key", key, force)
+    atomicfile.write_bytes(out / f"{name}.csr", csr.public_bytes(serialization.Encoding.PEM),
+                           atomicfile.default_mode(), overwrite=force)  # fmt: skip
+    return out / f"{name}.csr", out / f"{name}.key"
+
+
+def read_csr(path: str | os.PathLike[str]) -> Any:
+    """The public key of the signing request at ``path``, once its self-signature checks (proof that the
+    requester holds the key). It crosses a trust boundary: size-bounded, PEM or DER, EC P-256/P-384 or
+    RSA of at least 2048 bits; its names are ignored (the signer sets them)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CSR + 1)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_CSR:
+        raise KeyFileError(f"{path} is over {MAX_CSR // 1024} KiB: not a certificate signing request")
+    try:
+        csr = (x509.load_pem_x509_csr if data.lstrip().startswith(b"-----") else x509.load_der_x509_csr)(data)
+    except ValueError:
+        raise KeyFileError(f"{path} is not a certificate signing request (PEM or DER)") from None
+    if not csr.is_signature_valid:
+        raise KeyFileError(f"{path}: the request's signature does not verify (tampered, or not made with its key)")
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in ("secp256r1", "secp384r1"):
+        return key
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048:
+        return key
+    raise KeyFileError(f"{path}: the request's key must be EC P-256/P-384 or RSA of at least 2048 bits")
+
+
+def _check_name(name: str) -> None:
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise UsageError(f"certificate name {name!r} may hold only letters, digits, '-', '_' and '.'")
+
+
 def issue(
     directory: str | os.PathLike[str],
     name: str,
@@ -251,35 +300,66 @@ def issue(
     days: int = 825,
     force: bool = False,
 ) -> tuple[Path, Path]:
-    """Issue ``NAME.pem`` / ``NAME.key`` signed by the CA in ``directory``.
+    """Issue ``NAME.pem`` / ``NAME.key`` signed by the CA in ``directory`` (the key is made here: for a
+    first deployment; :func:`sign_request` certifies a key the host made and kept).
 
     ``server_names`` (DNS names or IP addresses) make it a server certificate; otherwise it is a client
     certificate whose ``uris`` (e.g. ``spiffe://example.org/host/a``) a grant can name; each must pass
     :func:`identity_uri` and is written in its canonical form.
     """
+    out, key = Path(directory), ec.generate_private_key(ec.SECP256R1())
+    cert = _certify(out, name, key.public_key(), server_names, uris, days)
+    _write_key(out / f"{name}.key", key, force)
+    _write_cert(out / f"{name}.pem", cert, force)
+    return out / f"{name}.pem", out / f"{name}.key"
+
+
+def sign_request(
+    directory: str | os.PathLike[str],
+    name: str,
+    csr: str | os.PathLike[str],
+    *,
+    server_names: list[str] | None = None,
+    uris: list[str] | None = None,
+    days: int = 825,
+    force: bool = False,
+) -> Path:
+    """Issue ``NAME.pem`` for the key in the host's signing request ``csr`` (:func:`request`): the key
+    never leaves the host. Names and URIs come from the arguments, never from the request."""
     out = Path(directory)
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise UsageError(f"certificate name {name!r} may hold only letters, digits, '-', '_' and '.'")
-    uris = [identity_uri(u) for u in uris or []]
+    _write_cert(out / f"{name}.pem", _certify(out, name, read_csr(csr), server_names, uris, days), force)
+    return out / f"{name}.pem"
+
+
+def _certify(
+    out: Path,
+    name: str,
+    public_key: Any,
+    server_names: list[str] | None,
+    uris: list[str] | None,
+    days: int,
+) -> x509.Certificate:
+    """A certificate for ``public_key`` signed by the CA in ``out`` (checked and built, not written)."""
+    _check_name(name)
+    canonical = [identity_uri(u) for u in uris or []]
     try:
         ca_key = serialization.load_pem_private_key(_read(out / CA_KEY), None)
     except ValueError:
         raise KeyFileError(f"{out / CA_KEY} is not a PEM private key") from None
     ca_cert = x509.load_pem_x509_certificate(_read(out / CA_CERT))
-    key = ec.generate_private_key(ec.SECP256R1())
     alt: list[x509.GeneralName] = []
     for n in server_names or []:
         try:
             alt.append(x509.IPAddress(ipaddress.ip_address(n)))
         except ValueError:
             alt.append(x509.DNSName(n))
-    alt += [x509.UniformResourceIdentifier(u) for u in uris]
+    alt += [x509.UniformResourceIdentifier(u) for u in canonical]
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - dt.timedelta(minutes=5))
         .not_valid_after(_now() + dt.timedelta(days=days))
@@ -289,7 +369,4 @@ def issue(
     )
     if alt:
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    _write_key(out / f"{name}.key", key, force)
-    _write_cert(out / f"{name}.pem", cert, force)
-    return out / f"{name}.pem", out / f"{name}.key"
+    return builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ def pki_init(directory: str, name: str, force: bool, as_json: bool) -> None:
     "issue",
     writes=[
         ("DIRECTORY/NAME.pem", "The certificate, signed by the CA in DIRECTORY."),
-        ("DIRECTORY/NAME.key", "Its key, mode 0600."),
+        ("DIRECTORY/NAME.key", "Its key, mode 0600 (not with --csr: the key stays with the requester)."),
     ],
 )
 @click.argument("directory", type=click.Path(file_okay=False, exists=True))
@@ -58,6 +58,11 @@ def pki_init(directory: str, name: str, force: bool, as_json: bool) -> None:
     "empty segments, %-escapes, query or fragment).",
 )
 @click.option("--days", default=825, show_default=True, help="Validity in days.")
+@click.option(
+    "--csr", type=click.Path(dir_okay=False, exists=True),
+    help="Certify the key in this signing request (`pki request` on the host) instead of making one here; "
+    "its names are ignored: --server-name and --uri decide.",
+)  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @json_option
 @fail_closed
@@ -67,21 +72,52 @@ def pki_issue(
     server_names: tuple[str, ...],
     uris: tuple[str, ...],
     days: int,
+    csr: str | None,
     force: bool,
     as_json: bool,
 ) -> None:
-    """Issue NAME.pem / NAME.key signed by the CA in DIRECTORY; print the identity a grant names."""
-    cert, key = pki.issue(directory, name, server_names=list(server_names), uris=list(uris), days=days, force=force)
+    """Issue NAME.pem (and NAME.key, unless --csr) signed by the CA in DIRECTORY; print the identity a grant
+    names."""
+    if csr is None:
+        cert, key = pki.issue(directory, name, server_names=list(server_names), uris=list(uris), days=days,
+                              force=force)  # fmt: skip
+    else:
+        cert = pki.sign_request(directory, name, csr, server_names=list(server_names), uris=list(uris), days=days,
+                                force=force)  # fmt: skip
+        key = None
     ident = pki.identity_of_cert_file(cert)
     emit(
         as_json,
-        {"cert": str(cert), "key": str(key), "identity": ident.spki, "uris": list(ident.uris)},
+        {"cert": str(cert), "key": str(key) if key else None, "identity": ident.spki, "uris": list(ident.uris)},
         [
             f"certificate: {cert}",
-            f"key:         {key}",
+            *([f"key:         {key}"] if key else []),
             f"identity:    {ident.spki}",
             *(f"uri:         {u}" for u in ident.uris),
         ],
+    )
+
+
+@pki_group.command(
+    "request",
+    writes=[
+        ("DIRECTORY/NAME.key", "A new private key, mode 0600: it never leaves this machine."),
+        ("DIRECTORY/NAME.csr", "The signing request to hand to the CA's owner (`pki issue --csr`)."),
+    ],
+)
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@json_option
+@fail_closed
+def pki_request(directory: str, name: str, force: bool, as_json: bool) -> None:
+    """On the host: make NAME.key (0600) and a signing request NAME.csr for the owner's CA, so the host's
+    key never leaves the host."""
+    csr, key = pki.request(directory, name, force=force)
+    emit(
+        as_json,
+        {"csr": str(csr), "key": str(key)},
+        [f"key:     {key} (0600; stays here)", f"request: {csr} (give it to the CA's owner: pki issue --csr)"],
     )
 
 
