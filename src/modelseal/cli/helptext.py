@@ -67,8 +67,9 @@ def format_sections(formatter: click.HelpFormatter, writes: Writes, environment:
                 formatter.write_dl(rows)
 
 
-class Command(click.Command):
-    """A command whose help lists what it writes (``writes=``) and which variables it reads (``reads=``)."""
+class _Sections:
+    """What :class:`Command` and :class:`Group` add to click's classes: ``reads=`` and ``writes=``, shown
+    after the options (and a group's commands) by :func:`format_sections`."""
 
     def __init__(self, *args: Any, reads: Reads = (), writes: Writes = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -76,21 +77,16 @@ class Command(click.Command):
         self.writes = list(writes)
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        super().format_epilog(ctx, formatter)
+        super().format_epilog(ctx, formatter)  # type: ignore[misc]
         format_sections(formatter, self.writes, self.environment)
 
 
-class Group(click.Group):
+class Command(_Sections, click.Command):
+    """A command whose help lists what it writes (``writes=``) and which variables it reads (``reads=``)."""
+
+
+class Group(_Sections, click.Group):
     """A group with the same help sections; its commands and subgroups are of these classes too."""
 
     command_class = Command
     group_class = type  # subgroups: this class
-
-    def __init__(self, *args: Any, reads: Reads = (), writes: Writes = (), **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.environment = environment_rows(reads)
-        self.writes = list(writes)
-
-    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        super().format_epilog(ctx, formatter)
-        format_sections(formatter, self.writes, self.environment)
