@@ -18,7 +18,7 @@ and two installed packages providing one name are both refused, by name.
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 import threading
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
@@ -54,11 +54,6 @@ def _checked(name: str, obj: Any, origin: str) -> AttestationKind:
     return obj
 
 
-def _import(target: str) -> Any:
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 class Registry:
     """Kinds by name: the built-ins, then the entry points, read once on first use; then any
     :meth:`register`-ed. Safe to use from several threads."""
@@ -71,7 +66,7 @@ class Registry:
     def _loaded(self) -> dict[str, AttestationKind]:
         with self._lock:
             if self._kinds is None:
-                kinds = {name: _checked(name, _import(target), target) for name, target in BUILTIN.items()}
+                kinds = {name: _checked(name, pkgutil.resolve_name(target), target) for name, target in BUILTIN.items()}
                 origins = {name: f"modelseal ({target})" for name, target in BUILTIN.items()}
                 for ep in entry_points(group=ENTRY_POINT_GROUP):
                     origin = f"entry point {ep.value} of {ep.dist.name if ep.dist else 'an unknown distribution'}"

@@ -21,7 +21,7 @@ The guarantees a backend owes the service (the service relies on them, it cannot
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -256,8 +256,7 @@ def open_store(url: str, migrate: bool = True) -> Store:
     scheme = url_scheme(url)
     target = BUILTIN.get(scheme)
     if target is not None:
-        module, _, name = target.partition(":")
-        opener: StoreOpener = getattr(importlib.import_module(module), name)
+        opener: StoreOpener = pkgutil.resolve_name(target)
     else:
         found = list(entry_points(group=ENTRY_POINT_GROUP, name=scheme))
         if not found:

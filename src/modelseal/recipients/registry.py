@@ -27,8 +27,8 @@ or loader hands back is checked to be a :class:`Recipient` / :class:`Identity`.
 
 from __future__ import annotations
 
-import importlib
 import os
+import pkgutil
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -231,8 +231,7 @@ def _builtins() -> Registry:
             if _builtin is None:
                 registry = Registry()
                 for target in BUILTIN:
-                    module, _, attr = target.partition(":")
-                    _apply(registry, getattr(importlib.import_module(module), attr), target)
+                    _apply(registry, pkgutil.resolve_name(target), target)
                 _builtin = registry
     return _builtin
 
