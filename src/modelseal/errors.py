@@ -17,6 +17,10 @@ class FormatError(ModelsealError):
     """The file is not a sealed artifact, is truncated, or its structure is malformed."""
 
 
+class NotSealedError(FormatError):
+    """The file is a regular file but no sealed artifact at all (a plain file): not damage, a different kind."""
+
+
 class UnsupportedVersionError(FormatError):
     """The artifact was written by a newer (or unknown) format version."""
 

@@ -24,7 +24,7 @@ from modelseal.crypto.parallel import run_all, worker_count
 from modelseal.crypto.segments import TAG_SIZE, Segment, SegmentCipher, plan_entry, segment_count
 from modelseal.crypto.signing import Signer, content_digest, segment_digest, signed_message
 from modelseal.encoding import b64d, b64e
-from modelseal.errors import FormatError, ModelsealError, SignatureError, UsageError
+from modelseal.errors import FormatError, ModelsealError, NotSealedError, SignatureError, UsageError
 from modelseal.format import schema
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Identity, Recipient
@@ -545,7 +545,7 @@ def map_file(path: str | os.PathLike[str]) -> SourceFile:
         if not stat.S_ISREG(info.st_mode):
             raise FormatError(f"{path} is not a sealed modelseal file (not a regular file)")
         if info.st_size == 0:
-            raise FormatError(f"{path} is not a sealed modelseal file (it is empty)")
+            raise NotSealedError(f"{path} is not a sealed modelseal file (it is empty)")
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     except BaseException as exc:
         os.close(fd)

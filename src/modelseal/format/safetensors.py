@@ -23,7 +23,7 @@ from typing import Any
 
 from modelseal.crypto.segments import TAG_SIZE
 from modelseal.crypto.signing import Signer
-from modelseal.errors import FormatError, UsageError
+from modelseal.errors import FormatError, NotSealedError, UsageError
 from modelseal.format import schema
 from modelseal.format.container import (
     Artifact,
@@ -181,12 +181,12 @@ class SealedSafetensors(Artifact):
             except FormatError:
                 if mm.find(b'"modelseal"', 8, 8 + _SNIFF) >= 0:
                     raise  # a damaged sealed file: say what is wrong with it
-                raise FormatError(
+                raise NotSealedError(
                     f"{path} is not a sealed modelseal file (neither a sealed bundle nor sealed safetensors)"
                 ) from None
             env_text = (header.get("__metadata__") or {}).get("modelseal")
             if not isinstance(env_text, str):
-                raise FormatError(
+                raise NotSealedError(
                     f"{path} is not a sealed modelseal file: it is a plain safetensors file (no modelseal envelope)"
                 )
             env = Envelope.parse(env_text, str(path))

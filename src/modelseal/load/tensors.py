@@ -82,7 +82,7 @@ def allocate(entries: Sequence[Entry], framework: str, pin: bool = False) -> lis
         raws = [
             torch.frombuffer(buf, dtype=torch.uint8, count=e.length, offset=off)
             if buf is not None and e.length
-            else torch.empty(e.length, dtype=torch.uint8, pin_memory=pin)
+            else torch.empty(e.length, dtype=torch.uint8, device="cpu", pin_memory=pin)
             for e, off in zip(entries, offsets, strict=True)
         ]
     return [
@@ -160,7 +160,32 @@ def _empty_bytes(nbytes: int, framework: str) -> Any:
 
         return np.empty(nbytes, np.uint8)
     torch = require_torch()
-    return torch.empty(nbytes, dtype=torch.uint8)
+    return torch.empty(nbytes, dtype=torch.uint8, device="cpu")  # "cpu" even under a default-device context
+
+
+def decrypt_slice(art: SealedSafetensors, entry: Entry, index: Any, framework: str) -> tuple[Any, memoryview]:
+    """``tensor[index]`` of ``entry`` on the CPU, decrypting only the segments that hold the selected
+    elements (see ``slicing.py``): the tensor and a writable byte view of it (for :func:`to_device`)."""
+    import numpy as np
+
+    dtype = str(entry.info["dtype"])
+    plan = slicing.plan(list(entry.info["shape"]), DTYPES[dtype].itemsize, index)
+    raw = _empty_bytes(plan.nbytes, framework)
+    out = _byte_view(raw, framework)
+    if plan.contiguous:
+        art.decrypt_ranges([(entry, plan.lo, plan.hi, out)], prepare=arena.prefault)
+    else:
+        scratch = bytearray(plan.hi - plan.lo)
+        try:
+            art.decrypt_ranges([(entry, plan.lo, plan.hi, memoryview(scratch))])
+            picked = np.lib.stride_tricks.as_strided(
+                np.frombuffer(scratch, np.uint8), (*plan.shape, plan.itemsize), (*plan.strides, 1), writeable=False
+            )
+            np.copyto(np.frombuffer(out, np.uint8).reshape((*plan.shape, plan.itemsize)), picked)
+            del picked
+        finally:
+            keys.wipe(scratch)
+    return _typed(raw, dtype, plan.shape, framework), out
 
 
 class SealedSlice:
@@ -181,27 +206,8 @@ class SealedSlice:
         return str(self._entry.info["dtype"])
 
     def __getitem__(self, index: Any) -> Any:
-        import numpy as np
-
-        entry, framework = self._entry, self._owner._framework
-        itemsize = DTYPES[self.get_dtype()].itemsize
-        plan = slicing.plan(self.get_shape(), itemsize, index)
-        raw = _empty_bytes(plan.nbytes, framework)
-        out = _byte_view(raw, framework)
-        if plan.contiguous:
-            self._owner._art.decrypt_ranges([(entry, plan.lo, plan.hi, out)], prepare=arena.prefault)
-        else:
-            scratch = bytearray(plan.hi - plan.lo)
-            try:
-                self._owner._art.decrypt_ranges([(entry, plan.lo, plan.hi, memoryview(scratch))])
-                picked = np.lib.stride_tricks.as_strided(
-                    np.frombuffer(scratch, np.uint8), (*plan.shape, itemsize), (*plan.strides, 1), writeable=False
-                )
-                np.copyto(np.frombuffer(out, np.uint8).reshape((*plan.shape, itemsize)), picked)
-                del picked
-            finally:
-                keys.wipe(scratch)
-        return self._owner._place(_typed(raw, self.get_dtype(), plan.shape, framework), out)
+        tensor, view = decrypt_slice(self._owner._art, self._entry, index, self._owner._framework)
+        return self._owner._place(tensor, view)
 
 
 def _normalise_framework(framework: str) -> str:

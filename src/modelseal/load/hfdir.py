@@ -1,0 +1,146 @@
+"""Hugging Face model directories sealed with ``modelseal seal DIR``, as LLM engines consume them.
+
+Weights (``*.safetensors`` shards) are always sealed; an owner may leave some other files plain, e.g.
+``config.json`` or the tokenizer, accepting that they reveal the architecture or the vocabulary
+(docs/llm.md). :func:`open_model_dir` opens such a directory: every sealed member is unlocked with one
+identity (one key release for the whole directory) and checked as the group it was sealed as; plain
+files are listed, never trusted for weights: a plain weight file is refused unless ``allow_plain``.
+:func:`stage` puts the non-weight files where an engine can open them by name: sealed ones decrypted
+into a private RAM directory (:mod:`modelseal.load.memdir`), plain ones linked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelseal.crypto import keys
+from modelseal.errors import NotSealedError, UsageError
+from modelseal.format import directory
+from modelseal.format.bundle import SealedBundle
+from modelseal.format.container import Artifact
+from modelseal.format.safetensors import SealedSafetensors
+from modelseal.load.artifacts import open_locked, resolve_identity
+from modelseal.load.memdir import MemoryDir
+from modelseal.recipients.registry import IdentitySpec
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".tensors")
+
+
+def is_weight_file(name: str) -> bool:
+    return name.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def natural_key(name: str) -> list[object]:
+    """``model-2-of-10`` before ``model-10-of-10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class ModelDir:
+    """An opened model directory: its unlocked sealed members and the files left plain."""
+
+    root: Path
+    sealed: dict[str, Artifact]
+    plain: list[str] = field(default_factory=list)
+
+    @property
+    def shards(self) -> list[SealedSafetensors]:
+        """The sealed weight shards, in natural order of their names."""
+        found = [(rel, a) for rel, a in self.sealed.items() if isinstance(a, SealedSafetensors)]
+        return [a for _rel, a in sorted(found, key=lambda item: natural_key(item[0]))]
+
+    @property
+    def files(self) -> dict[str, SealedBundle]:
+        """The sealed non-weight files (config, tokenizer, ...), by relative path."""
+        return {rel: a for rel, a in self.sealed.items() if isinstance(a, SealedBundle)}
+
+    def keyserver_keys(self) -> set[tuple[str, str]]:
+        """(key id, model) of every key-service stanza: what a lease watchdog asks the agent about."""
+        found = set()
+        for art in self.sealed.values():
+            for stanza in art.envelope.recipients:
+                if stanza.get("type") == "keyserver" and isinstance(stanza.get("key_id"), str):
+                    found.add((str(stanza["key_id"]), str(stanza.get("model"))))
+        return found
+
+
+@contextmanager
+def open_model_dir(
+    root: str | os.PathLike[str],
+    identity: IdentitySpec | None = None,
+    *,
+    trusted_signers: Sequence[str] | None = None,
+    allow_plain: bool = False,
+) -> Iterator[ModelDir]:
+    """Open a (wholly or partly) sealed model directory; see the module docstring. Every artifact is
+    closed and the shared key cache wiped on exit."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory")
+    members = directory.list_members(root)
+    locked: dict[str, Artifact] = {}
+    plain: list[str] = []
+    cache: dict[bytes, bytearray] = {}
+    try:
+        for rel in members:
+            try:
+                locked[rel] = open_locked(root / rel)
+            except NotSealedError:
+                plain.append(rel)
+        _check_plain(root, plain, bool(locked), allow_plain)
+        if locked:
+            ident = resolve_identity(identity)
+            for art in locked.values():
+                art.unlock(ident, cache)
+                if trusted_signers:
+                    art.verify_signature(list(trusted_signers))
+            directory.check_group(root, locked)
+        yield ModelDir(root, locked, plain)
+    finally:
+        for art in locked.values():
+            art.close()
+        directory.wipe_cache(cache)
+
+
+def _check_plain(root: Path, plain: list[str], any_sealed: bool, allow_plain: bool) -> None:
+    weights = [rel for rel in plain if is_weight_file(rel)]
+    if allow_plain:
+        return
+    if not any_sealed:
+        raise UsageError(
+            f"{root} holds no sealed file: plain models are refused here unless explicitly allowed "
+            "(allow_plain); seal it with `modelseal seal`"
+        )
+    if weights:
+        raise UsageError(
+            f"{root} holds plain weight files ({', '.join(weights[:3])}): refused unless explicitly allowed "
+            "(allow_plain); every weight file of a sealed model must be sealed"
+        )
+
+
+def stage(model: ModelDir, into: MemoryDir | None = None) -> MemoryDir:
+    """The model's non-weight files in a private RAM directory: sealed ones decrypted, plain ones linked.
+
+    The engine reads configuration and tokenizer from there; weights are not staged (nor linked), so
+    nothing in that directory can be mistaken for the model's weights.
+    """
+    out = into or MemoryDir()
+    try:
+        for rel, bundle in model.files.items():
+            data = bundle.read()
+            try:
+                out.write(rel, data)
+            finally:
+                keys.wipe(data)
+        for rel in model.plain:
+            if not is_weight_file(rel):
+                out.link(rel, model.root / rel)
+    except BaseException:
+        out.close()
+        raise
+    return out

@@ -1,0 +1,109 @@
+"""A sealed tensor that decrypts only what its consumer takes from it: the tensor-parallel loading path.
+
+Engines shard weights as they load them: vLLM's layers call ``loaded_weight.narrow(dim, start, size)``
+on each full checkpoint tensor and copy the rank's part into their parameter. Handing them a
+:class:`LazySealedTensor` instead of a decrypted tensor turns that ``narrow`` into a decryption of the
+segments holding the rank's part only (``get_slice``). Any other use (a copy, ``.to``, arithmetic)
+decrypts the whole tensor once, on first use, so semantics never change; only ``narrow`` is cheaper.
+Shape, dtype, device and dimension queries need no decryption at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from modelseal.format.container import Entry
+from modelseal.format.safetensors import SealedSafetensors
+from modelseal.load.tensors import _torch_dtype, decrypt_slice, decrypt_tensors
+
+
+@dataclass
+class DecryptTally:
+    """Bytes decrypted against bytes the checkpoint holds: what a tensor-parallel rank saved."""
+
+    decrypted: int = 0
+    total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.decrypted += nbytes
+
+
+_METADATA = {
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.element_size, torch.Tensor.__len__,
+    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.ndim.__get__, torch.Tensor.is_cuda.__get__, torch.Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.layout.__get__, torch.Tensor.is_sparse.__get__, torch.Tensor.is_quantized.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.is_meta.__get__, torch.Tensor.nbytes.__get__, torch.Tensor.itemsize.__get__,  # type: ignore[attr-defined]
+}  # fmt: skip
+
+
+class LazySealedTensor(torch.Tensor):
+    """A CPU tensor of ``entry``'s shape and dtype whose bytes are decrypted on demand (module docstring)."""
+
+    _art: SealedSafetensors
+    _entry: Entry
+    _tally: DecryptTally
+    _full: torch.Tensor | None
+
+    @staticmethod
+    def __new__(cls, art: SealedSafetensors, entry: Entry, tally: DecryptTally) -> LazySealedTensor:
+        shape, dtype = list(entry.info["shape"]), _torch_dtype(str(entry.info["dtype"]))
+        made = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device="cpu")  # type: ignore[attr-defined]
+        made._art, made._entry, made._tally, made._full = art, entry, tally, None
+        return made  # type: ignore[no-any-return]
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__()
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"LazySealedTensor({self._entry.name!r}, shape={list(self.shape)}, dtype={self.dtype})"
+
+    def materialize(self) -> torch.Tensor:
+        """The whole tensor, decrypted once and kept for further uses of this object."""
+        if self._full is None:
+            self._full = decrypt_tensors(self._art, [self._entry], "pt")[self._entry.name]
+            self._tally.add(self._entry.length)
+        return self._full
+
+    def narrow_sealed(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """``narrow`` decrypting only the selected part (or cut from the whole tensor if already decrypted)."""
+        if self._full is not None:
+            return self._full.narrow(dim, start, length)
+        ndim = len(self._entry.info["shape"])
+        dim = dim + ndim if dim < 0 else dim
+        index = tuple([slice(None)] * dim + [slice(start, start + length)])
+        tensor, view = decrypt_slice(self._art, self._entry, index, "pt")
+        self._tally.add(len(view))
+        return tensor  # type: ignore[no-any-return]
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if func is torch.Tensor.narrow and type(args[0]) is cls and not kwargs and len(args) == 4:
+            dim, start, length = (int(a) for a in args[1:])
+            return args[0].narrow_sealed(dim, start, length)
+        args, kwargs = tree_map(_real, (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        args, kwargs = tree_map(_real, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def _real(value: Any) -> Any:
+    return value.materialize() if isinstance(value, LazySealedTensor) else value

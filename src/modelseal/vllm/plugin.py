@@ -1,0 +1,82 @@
+"""What ``modelseal.vllm.register`` does in every vLLM process (vLLM loads general plugins in all of them).
+
+1. Registers the ``modelseal`` load format (:mod:`modelseal.vllm.loader`).
+2. Where the engine configuration is built (``vllm serve``'s front end, or the process that
+   calls ``LLM(...)``): when the load format is ``modelseal`` and the model is a local sealed directory,
+   its non-weight files (``config.json``, tokenizer, ...) are staged in a private RAM directory and vLLM
+   is pointed there for them, while ``model_weights`` keeps the sealed directory for the loader. The
+   directory is opened (and the key released) here, so a wrong key, a revoked grant, a missing shard or
+   plain weights stop vLLM before any engine process starts.
+3. Teaches the LoRA loader sealed adapters (:mod:`modelseal.vllm.lora`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from vllm.logger import init_logger
+
+from modelseal.errors import ModelsealError
+from modelseal.load.hfdir import open_model_dir, stage
+from modelseal.load.memdir import MemoryDir
+from modelseal.vllm import lora
+from modelseal.vllm.options import LOAD_FORMAT, parse_options
+
+log = init_logger("vllm.modelseal")  # under vLLM's own log handlers and format
+_staged: dict[str, MemoryDir] = {}  # sealed directory -> its staged files, alive as long as this process
+
+
+def stage_sealed_model(args: Any) -> None:
+    """Step 2 of the module docstring, on vLLM's ``EngineArgs`` (changed in place)."""
+    if args.load_format != LOAD_FORMAT or args.model_weights:
+        return
+    model = str(args.model)
+    if not os.path.isdir(model):
+        raise ModelsealError(f"--load-format {LOAD_FORMAT} needs a local sealed model directory, not {model!r}")
+    opts = parse_options(args.model_loader_extra_config)
+    with open_model_dir(model, opts.identity, trusted_signers=opts.trusted_signers, allow_plain=opts.allow_plain) as m:
+        if not m.shards and not opts.allow_plain:
+            raise ModelsealError(f"{model} holds no sealed weight files (*.safetensors)")
+        staged = _staged.get(model) or stage(m)
+    _staged[model] = staged
+    log.info("modelseal: %s: configuration staged in memory at %s", model, staged.path)
+    if args.tokenizer in (None, model):
+        args.tokenizer = str(staged.path)
+    if args.hf_config_path in (None, model):
+        args.hf_config_path = None
+    args.model_weights = model
+    args.model = str(staged.path)
+    if not getattr(args, "served_model_name", None):
+        args.served_model_name = model  # clients keep addressing the model by the path they know
+
+
+def _from_cli() -> bool:
+    """True in ``vllm serve`` (its CLI module is loaded), False under the ``LLM(...)`` Python API."""
+    return "vllm.entrypoints.cli.main" in sys.modules
+
+
+def install() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import register_model_loader
+
+    from modelseal.vllm.loader import SealedModelLoader
+
+    register_model_loader(LOAD_FORMAT)(SealedModelLoader)
+    lora.install()
+    if getattr(EngineArgs.create_engine_config, "_modelseal", False):
+        return
+    original = EngineArgs.create_engine_config
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            stage_sealed_model(self)
+        except ModelsealError as exc:
+            if _from_cli():
+                raise SystemExit(f"modelseal: {exc}") from None  # one line and exit 1, not a traceback
+            raise
+        return original(self, *args, **kwargs)
+
+    create_engine_config._modelseal = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
