@@ -53,18 +53,30 @@ def main() -> int:
         def progress(r: Report) -> None:
             print(f"  {r.cases} cases, {len(r.bugs)} bugs", file=sys.stderr, flush=True)
 
-        report = run(targets, args.cases, args.seed, work / "cases", time_bound_s=args.time_bound,
-                     memory_mib=args.memory_bound,
-                     progress=progress, first=args.first)
-    print(f"seed {args.seed}, cases {args.first}..{args.first + report.cases - 1}, kinds: "
-          f"{', '.join(f'{k} {n}' for k, n in sorted(report.by_kind.items()))}")
+        report = run(
+            targets,
+            args.cases,
+            args.seed,
+            work / "cases",
+            time_bound_s=args.time_bound,
+            memory_mib=args.memory_bound,
+            progress=progress,
+            first=args.first,
+        )
+    print(
+        f"seed {args.seed}, cases {args.first}..{args.first + report.cases - 1}, kinds: "
+        f"{', '.join(f'{k} {n}' for k, n in sorted(report.by_kind.items()))}"
+    )
     print(_table(report))
-    print(f"total: {report.cases} cases, {sum(report.refused.values())} refused with a ModelsealError, "
-          f"{report.accepted_identical} accepted with identical content, {report.accepted_relabelled} re-MACed "
-          f"and accepted with identical bytes (relabelled by the key holder), {len(report.bugs)} bugs")
+    print(
+        f"total: {report.cases} cases, {sum(report.refused.values())} refused with a ModelsealError, "
+        f"{report.accepted_identical} accepted with identical content, {report.accepted_relabelled} re-MACed "
+        f"and accepted with identical bytes (relabelled by the key holder), {len(report.bugs)} bugs"
+    )
     print("exceptions by type: " + ", ".join(f"{k} {v}" for k, v in report.exceptions.most_common()))
-    print(f"slowest case {report.slowest_s:.3f} s, {report.seconds:.0f} s in all, "
-          f"peak RSS {report.peak_rss_mib:.0f} MiB")
+    print(
+        f"slowest case {report.slowest_s:.3f} s, {report.seconds:.0f} s in all, peak RSS {report.peak_rss_mib:.0f} MiB"
+    )
     for bug in report.bugs[:50]:
         print("BUG", json.dumps(bug))
     for err in report.harness_errors[:20]:

@@ -65,7 +65,7 @@ class LeaseWatch:
             return None
         if self.failing_since is None:
             self.failing_since = now
-            self.log.error("modelseal: %s; the engine stops in %.0f s unless the key is released again", problem, self.grace_s)
+            self.log.error("modelseal: %s; stopping in %.0f s unless the key is released again", problem, self.grace_s)
         if now - self.failing_since >= self.grace_s:
             return problem
         return None

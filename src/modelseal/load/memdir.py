@@ -22,6 +22,7 @@ from modelseal.errors import UsageError
 MEMDIR_ENV = "MODELSEAL_MEMDIR"
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 PREFIX = "modelseal-"
+DEFAULT_BASE = "/dev/shm"  # noqa: S108 - private 0700 directories made with mkdtemp, checked to be RAM
 
 
 def filesystem_type(path: str | os.PathLike[str]) -> str | None:
@@ -75,7 +76,7 @@ class MemoryDir:
     """A fresh private directory on a RAM filesystem; see the module docstring."""
 
     def __init__(self, base: str | os.PathLike[str] | None = None) -> None:
-        root = Path(base or os.environ.get(MEMDIR_ENV) or "/dev/shm")
+        root = Path(base or os.environ.get(MEMDIR_ENV) or DEFAULT_BASE)
         kind = filesystem_type(root) if root.is_dir() else None
         if kind not in RAM_FILESYSTEMS:
             where = f"${MEMDIR_ENV} ({root})" if os.environ.get(MEMDIR_ENV) and base is None else str(root)
