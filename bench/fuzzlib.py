@@ -52,50 +52,10 @@ from modelseal.sealing.operations import verify
 
 SEG = 4096  # the smallest segment size: several segments per tensor in small files
 Content = dict[str, Any]  # what a load returned, in a comparable form
-INTERESTING_INTS = [
-    0,
-    1,
-    -1,
-    2,
-    7,
-    8,
-    15,
-    16,
-    4095,
-    4096,
-    4097,
-    65536,
-    2**31 - 1,
-    2**31,
-    2**32,
-    2**32 + 1,
-    2**53,
-    2**63 - 1,
-    2**63,
-    2**64 - 1,
-    2**64,
-    1 << 30,
-    (1 << 30) + 1,
-    100 << 20,
-    305 << 20,
-    10**30,
-]
-MUTATIONS = (
-    "flip",
-    "run",
-    "truncate",
-    "extend",
-    "shift",
-    "length",
-    "json",
-    "stanza",
-    "remac",
-    "resegment",
-    "deep",
-    "typeswap",
-    "splice",
-    "dirsplice",
-)
+INTERESTING_INTS = [0, 1, -1, 2, 7, 8, 15, 16, 4095, 4096, 4097, 65536, 2**31 - 1, 2**31, 2**32, 2**32 + 1,
+                    2**53, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 1 << 30, (1 << 30) + 1, 100 << 20, 305 << 20, 10**30]
+MUTATIONS = ("flip", "run", "truncate", "extend", "shift", "length", "json", "stanza", "remac", "resegment",
+             "deep", "typeswap", "splice", "dirsplice")
 
 
 class CaseTimeout(BaseException):  # a BaseException: no ``except Exception`` in a loader eats it
@@ -208,9 +168,8 @@ def build_corpus(work: Path, kinds: tuple[str, ...] | None = None) -> list[Targe
         out = []
         for version in ("1", "2"):
             dst = work / f"{name}.v{version}{'' if src.is_dir() else src.suffix}"
-            modelseal.seal(
-                src, dst, [ident.recipient], model_id="fuzz", model_version=version, segment_size=SEG, **opts
-            )
+            modelseal.seal(src, dst, [ident.recipient], model_id="fuzz", model_version=version,
+                           segment_size=SEG, **opts)
             out.append(dst)
         return out[0], out[1]
 
@@ -324,30 +283,10 @@ def _get(value: Any, path: list[Any]) -> Any:
 def _other_type(rng: random.Random, old: Any) -> Any:
     """A value of another JSON type than ``old`` (or a hostile one of the same type)."""
     choices: list[Any] = [
-        None,
-        True,
-        False,
-        rng.choice(INTERESTING_INTS),
-        -rng.choice(INTERESTING_INTS),
-        1.5,
-        -0.0,
-        1e308,
-        "",
-        "x" * rng.choice([1, 64, 4096]),
-        "../../etc/passwd",
-        "/abs",
-        "a\u0000b",
-        "\ud800",
-        "__metadata__",
-        "__modelseal_tags__",
-        [],
-        [rng.randint(0, 9)],
-        [[0, 1]],
-        {},
-        {"a": 1},
-        {"entries": []},
-        f"{_DEEP}{rng.choice([17, 100, 1000, 100_000])}",
-        _BIGNUM,
+        None, True, False, rng.choice(INTERESTING_INTS), -rng.choice(INTERESTING_INTS), 1.5, -0.0, 1e308,
+        "", "x" * rng.choice([1, 64, 4096]), "../../etc/passwd", "/abs", "a\u0000b", "\ud800", "__metadata__",
+        "__modelseal_tags__", [], [rng.randint(0, 9)], [[0, 1]], {}, {"a": 1}, {"entries": []},
+        f"{_DEEP}{rng.choice([17, 100, 1000, 100_000])}", _BIGNUM,
     ]
     while True:
         new = rng.choice(choices)
@@ -531,19 +470,8 @@ def _run(rng: random.Random, raw: bytes, head: int) -> bytes:
 def _length(rng: random.Random, raw: bytes) -> bytes:
     at = 8 if raw[:8] == b"MSEALBN1" else 0
     (n,) = struct.unpack("<Q", raw[at : at + 8])
-    value = rng.choice(
-        [
-            n - 1,
-            n + 1,
-            n - 8,
-            n + 8,
-            n // 2,
-            len(raw),
-            len(raw) - at - 8,
-            len(raw) + 1,
-            *[v for v in INTERESTING_INTS if 0 <= v < 2**64],
-        ]
-    )
+    value = rng.choice([n - 1, n + 1, n - 8, n + 8, n // 2, len(raw), len(raw) - at - 8, len(raw) + 1,
+                        *[v for v in INTERESTING_INTS if 0 <= v < 2**64]])
     return raw[:at] + struct.pack("<Q", max(0, value) % 2**64) + raw[at + 8 :]
 
 

@@ -81,18 +81,8 @@ _saved: dict[int, Any] = {}  # signal number -> the handler we replaced, while o
 # and SIGXFSZ are ignored by Python, so writes fail with an error that cleans up instead.)
 _GUARDED = tuple(
     getattr(signal, name)
-    for name in (
-        "SIGINT",
-        "SIGTERM",
-        "SIGHUP",
-        "SIGQUIT",
-        "SIGUSR1",
-        "SIGUSR2",
-        "SIGALRM",
-        "SIGVTALRM",
-        "SIGPROF",
-        "SIGXCPU",
-    )
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
+                 "SIGPROF", "SIGXCPU")
     if hasattr(signal, name)
 )
 

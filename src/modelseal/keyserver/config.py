@@ -193,7 +193,8 @@ def init_state(
     token = secrets.token_urlsafe(32)
     atomicfile.write_bytes(out / "admin.token", (token + "\n").encode(), atomicfile.PRIVATE)
     db_url = database or "sqlite:///keyserver.db"
-    config = f"""# modelseal key service (docs/operations.md)
+    config = (
+        f"""# modelseal key service (docs/operations.md)
 [server]
 listen = "{listen}"
 tls_cert = "pki/keyserver.pem"
@@ -224,6 +225,7 @@ default_grace_s = 600
 burst = 5
 interval_s = 60
 """
+    )
     atomicfile.write_bytes(out / CONFIG_NAME, config.encode(), atomicfile.default_mode())
     return {
         "config": str(out / CONFIG_NAME),

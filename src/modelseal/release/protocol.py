@@ -33,6 +33,7 @@ from modelseal.jsonlimits import loads_bounded
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 
 
+
 class Route:
     """The key service's HTTP routes, named once for the service (``keyserver/app.py``), the agent and
     the admin client."""

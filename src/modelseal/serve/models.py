@@ -98,10 +98,10 @@ async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
 
 class ModelManager:
     """``identity``: an :class:`Identity` already resolved, or a spec (``None``: the environment's, as
-        :func:`~modelseal.load.artifacts.resolve_identity` says) resolved here, once. A spec that cannot be
-        resolved does not stop the server: it is each sealed model's load-failure reason, and is tried again at
-    the next load. The agent watched
-        for revocations is ``agent_socket``, else the identity's own when it is an agent."""
+    :func:`~modelseal.load.artifacts.resolve_identity` says) resolved here, once. A spec that cannot be
+    resolved does not stop the server: it is each sealed model's load-failure reason, and is tried again at
+the next load. The agent watched
+    for revocations is ``agent_socket``, else the identity's own when it is an agent."""
 
     def __init__(
         self,
