@@ -55,7 +55,7 @@ class LazySealedTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, art: SealedSafetensors, entry: Entry, tally: DecryptTally) -> LazySealedTensor:
         shape, dtype = list(entry.info["shape"]), _torch_dtype(str(entry.info["dtype"]))
-        made = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device="cpu")  # type: ignore[attr-defined]
+        made = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=torch.device("cpu"))
         made._art, made._entry, made._tally, made._full = art, entry, tally, None
         return made  # type: ignore[no-any-return]
 
@@ -98,7 +98,7 @@ class LazySealedTensor(torch.Tensor):
         return func(*args, **kwargs)
 
     @classmethod
-    def __torch_dispatch__(
+    def __torch_dispatch__(  # type: ignore[override]
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         args, kwargs = tree_map(_real, (args, kwargs or {}))

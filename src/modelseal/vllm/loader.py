@@ -102,7 +102,8 @@ class SealedModelLoader(BaseModelLoader):
                 raise ModelsealError(f"{root} holds no weight files (*.safetensors)")
             tally = DecryptTally(total=sum(e.length for shard in sealed.shards for e in shard.entries))
             source = _lazy(sealed, tally) if lazy else _eager(sealed, tally)
-            loaded = model.load_weights(_chain(source, _plain(sealed) if opts.allow_plain else iter(())))
+            plain = _plain(sealed) if opts.allow_plain else iter(())
+            loaded = model.load_weights(_chain(source, plain))  # type: ignore[operator]
             watched = sealed.keyserver_keys()
             shards = len(sealed.shards)
         _check_complete(model, loaded, model_config, root)

@@ -1,0 +1,185 @@
+"""The engine-independent parts of the LLM loaders (modelseal.vllm and modelseal.transformers use them):
+model directories that are partly plain, the private RAM directory for configuration files, the lazy
+tensor that decrypts only what tensor parallelism takes, the loader options and the lease watchdog."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import modelseal
+from modelseal.errors import AuthenticationError, UsageError
+from modelseal.load.artifacts import open_artifact
+from modelseal.load.hfdir import open_model_dir, stage
+from modelseal.load.lazytensor import DecryptTally, LazySealedTensor
+from modelseal.load.leasewatch import LeaseWatch
+from modelseal.load.memdir import MemoryDir, filesystem_type
+from modelseal.recipients.hpke import HpkeIdentity
+from modelseal.vllm.options import parse_options
+
+SEGMENT = 16 << 10
+
+
+@pytest.fixture
+def hf(tmp_path: Path, host: HpkeIdentity) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A two-shard model directory with config and tokenizer, and its sealed copy."""
+    torch.manual_seed(0)
+    src = tmp_path / "hf"
+    src.mkdir()
+    tensors = {"a.weight": torch.randn(64, 96), "b.weight": torch.randn(96, 64), "norm": torch.randn(64)}
+    save_file({"a.weight": tensors["a.weight"]}, str(src / "model-00001-of-00002.safetensors"))
+    save_file({k: tensors[k] for k in ("b.weight", "norm")}, str(src / "model-00002-of-00002.safetensors"))
+    (src / "config.json").write_text(json.dumps({"model_type": "toy", "hidden_size": 64}))
+    (src / "tokenizer.json").write_text(json.dumps({"vocab": {"a": 0}}))
+    sealed = tmp_path / "sealed"
+    modelseal.seal(src, sealed, [host.recipient], segment_size=SEGMENT)
+    return src, sealed, tensors
+
+
+def test_stage_puts_configuration_in_ram_and_removes_it(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
+    src, sealed, _ = hf
+    with open_model_dir(sealed, host) as model:
+        assert [Path(s.path).name for s in model.shards] == [
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+        ]  # fmt: skip
+        staged = stage(model)
+    try:
+        assert filesystem_type(staged.path) in ("tmpfs", "ramfs")
+        assert staged.path.stat().st_mode & 0o777 == 0o700
+        assert sorted(p.name for p in staged.path.iterdir()) == ["config.json", "tokenizer.json"]  # no weights
+        assert (staged.path / "config.json").read_bytes() == (src / "config.json").read_bytes()
+        assert (staged.path / "config.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        staged.close()
+    assert not staged.path.exists()
+
+
+def test_plain_files_beside_sealed_weights(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
+    src, sealed, _ = hf
+    shutil.copy(src / "config.json", sealed / "config.json")  # the owner left the config plain
+    with open_model_dir(sealed, host) as model, stage(model) as staged:
+        assert model.plain == ["config.json"]
+        assert (staged.path / "config.json").is_symlink()
+    shutil.copy(src / "model-00001-of-00002.safetensors", sealed / "model-00001-of-00002.safetensors")
+    with pytest.raises(UsageError, match=r"holds plain weight files \(model-00001-of-00002.safetensors\)"):
+        with open_model_dir(sealed, host):
+            pass
+    with open_model_dir(sealed, host, allow_plain=True) as model:
+        assert len(model.shards) == 1 and "model-00001-of-00002.safetensors" in model.plain
+    with pytest.raises(UsageError, match="holds no sealed file"):
+        with open_model_dir(src, host):
+            pass
+
+
+def test_a_swapped_shard_is_refused_before_anything_is_staged(hf: tuple, host: HpkeIdentity, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    src, sealed, _ = hf
+    other = tmp_path / "other"
+    modelseal.seal(src, other, [host.recipient])
+    shutil.copy(other / "model-00002-of-00002.safetensors", sealed / "model-00002-of-00002.safetensors")
+    before = set(Path("/dev/shm").glob("modelseal-*"))
+    with pytest.raises(AuthenticationError, match="different sealed models"):
+        with open_model_dir(sealed, host) as model:
+            stage(model)
+    assert set(Path("/dev/shm").glob("modelseal-*")) == before
+
+
+def test_memory_dir_refuses_a_disk_and_sweeps_dead_owners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELSEAL_MEMDIR", str(tmp_path))
+    with pytest.raises(UsageError, match=r"\$MODELSEAL_MEMDIR .* is not a RAM filesystem"):
+        MemoryDir()
+    monkeypatch.delenv("MODELSEAL_MEMDIR")
+    dead = Path("/dev/shm") / "modelseal-999999999-leftover"  # no such pid
+    dead.mkdir()
+    (dead / "config.json").write_text("{}")
+    with MemoryDir() as fresh:
+        assert not dead.exists()
+        for bad in ("../escape", "/etc/passwd", "."):
+            with pytest.raises(UsageError, match="not a path inside"):
+                fresh.write(bad, b"x")
+        fresh.write("sub/x.json", b"{}")
+        with pytest.raises(FileExistsError):
+            fresh.write("sub/x.json", b"{}")
+
+
+def test_lazy_tensor_decrypts_only_the_rank_part(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
+    _src, sealed, tensors = hf
+    art = open_artifact(sealed / "model-00001-of-00002.safetensors", host)
+    with art:
+        tally = DecryptTally()
+        lazy = LazySealedTensor(art, art.entry("a.weight"), tally)  # type: ignore[arg-type]
+        assert lazy.shape == (64, 96) and lazy.dtype == torch.float32 and lazy.dim() == 2 and lazy.numel() == 64 * 96
+        assert tally.decrypted == 0  # metadata needs no decryption
+        half = lazy.narrow(0, 32, 32)
+        assert type(half) is torch.Tensor and torch.equal(half, tensors["a.weight"][32:])
+        assert tally.decrypted == 32 * 96 * 4  # rows: exactly the rank's bytes
+        cols = lazy.narrow(1, 48, 48)
+        assert torch.equal(cols, tensors["a.weight"][:, 48:])
+        param = torch.empty(64, 96)
+        param.copy_(lazy)  # any other use decrypts the whole tensor once
+        assert torch.equal(param, tensors["a.weight"]) and torch.equal(lazy + 0, tensors["a.weight"])
+        whole = tally.decrypted
+        assert torch.equal(lazy.narrow(0, 0, 8), tensors["a.weight"][:8]) and tally.decrypted == whole
+        assert "a.weight" in repr(lazy)
+
+
+def test_lazy_tensor_under_a_default_device_allocates_on_the_cpu(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
+    _src, sealed, tensors = hf
+    with open_artifact(sealed / "model-00002-of-00002.safetensors", host) as art, torch.device("meta"):
+        lazy = LazySealedTensor(art, art.entry("norm"), DecryptTally())  # type: ignore[arg-type]
+        assert torch.equal(lazy.narrow(0, 0, 64), tensors["norm"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"identiy": "x"}, r"unknown modelseal loader option\(s\) \['identiy'\]"),
+        ("agent:/x", "must be a JSON object"),
+        ({"identity": 3}, "'identity' must be a non-empty string"),
+        ({"allow_plain": "yes"}, "'allow_plain' must be true or false"),
+        ({"grace_s": -1}, "between 0 and"),
+        ({"key_check_s": float("nan")}, "must be a number"),
+        ({"key_check_s": True}, "must be a number"),
+        ({"trusted_signers": [1]}, "list of public keys"),
+    ],
+)
+def test_loader_options_refuse_what_they_do_not_know(raw: object, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_options(raw)
+
+
+def test_loader_options_defaults() -> None:
+    opts = parse_options({"identity": "agent:/run/a.sock", "trusted_signers": "ed25519:x", "lazy": None})
+    assert (opts.identity, opts.trusted_signers) == ("agent:/run/a.sock", ("ed25519:x",))
+    assert (opts.allow_plain, opts.lazy) == (False, None)
+    assert parse_options(None).key_check_s == 30 and parse_options({}).grace_s == 60
+
+
+def test_lease_watch_stops_only_after_the_grace_period(tmp_path: Path) -> None:
+    now = [0.0]
+    lost: list[str] = []
+    watch = LeaseWatch(str(tmp_path / "no-agent.sock"), [("k_1", "llm")], 1, 10, lost.append, clock=lambda: now[0])
+    assert watch.check() is None and watch.failing_since == 0.0  # unreachable: the grace period starts
+    now[0] = 9.9
+    assert watch.check() is None
+    now[0] = 10.0
+    reason = watch.check()
+    assert reason is not None and "key k_1 of model 'llm'" in reason and "agent_unavailable" in reason
+    assert not os.path.exists(tmp_path / "no-agent.sock")
+    assert LeaseWatch("x", [], 1, 0, lost.append)._thread is None
+
+
+def test_transformers_state_dict_from_a_partly_plain_directory(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
+    import modelseal.transformers as mt
+
+    src, sealed, tensors = hf
+    shutil.copy(src / "config.json", sealed / "config.json")
+    state = mt.load_state_dict(sealed, identity=host, framework="np")
+    assert sorted(state) == sorted(tensors)
+    np.testing.assert_array_equal(state["b.weight"], tensors["b.weight"].numpy())
