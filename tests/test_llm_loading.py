@@ -61,12 +61,23 @@ def test_stage_puts_configuration_in_ram_and_removes_it(hf: tuple, host: HpkeIde
     assert not staged.path.exists()
 
 
-def test_plain_files_beside_sealed_weights(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
+def test_plain_files_in_a_sealed_directory_are_refused_unless_allowed(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
     src, sealed, _ = hf
-    shutil.copy(src / "config.json", sealed / "config.json")  # the owner left the config plain
-    with open_model_dir(sealed, host) as model, stage(model) as staged:
-        assert model.plain == ["config.json"]
-        assert (staged.path / "config.json").is_symlink()
+    # a sealed config swapped for a plain one (say, with auto_map pointing at code) is a swap
+    (sealed / "config.json").write_text(json.dumps({"model_type": "toy", "auto_map": {"AutoModel": "x.Evil"}}))
+    with pytest.raises(AuthenticationError, match=r"config\.json was sealed but is now a plain file"):
+        with open_model_dir(sealed, host):
+            pass
+    with open_model_dir(sealed, host, allow_plain=True) as model, stage(model) as staged:
+        assert model.plain == ["config.json"] and (staged.path / "config.json").is_symlink()
+    modelseal.seal(src, sealed, [host.recipient], force=True)
+    (sealed / "x.py").write_text("print('added after sealing')")  # a file nobody sealed
+    (sealed / "chat_template.jinja").write_text("{{ messages }}")
+    with pytest.raises(UsageError, match=r"files the owner did not seal \(chat_template.jinja, x.py\)"):
+        with open_model_dir(sealed, host):
+            pass
+    (sealed / "x.py").unlink()
+    (sealed / "chat_template.jinja").unlink()
     shutil.copy(src / "model-00001-of-00002.safetensors", sealed / "model-00001-of-00002.safetensors")
     with pytest.raises(UsageError, match=r"holds plain weight files \(model-00001-of-00002.safetensors\)"):
         with open_model_dir(sealed, host):
@@ -76,6 +87,15 @@ def test_plain_files_beside_sealed_weights(hf: tuple, host: HpkeIdentity) -> Non
     with pytest.raises(UsageError, match="holds no sealed file"):
         with open_model_dir(src, host):
             pass
+
+
+def test_sealed_python_files_are_not_staged(tmp_path: Path, hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
+    src, _, _ = hf
+    (src / "modeling_toy.py").write_text("class Toy: pass")
+    sealed = tmp_path / "with-code"
+    modelseal.seal(src, sealed, [host.recipient])
+    with open_model_dir(sealed, host) as model, pytest.raises(UsageError, match="custom model code"):
+        stage(model)
 
 
 def test_a_swapped_shard_is_refused_before_anything_is_staged(hf: tuple, host: HpkeIdentity, tmp_path: Path) -> None:  # type: ignore[type-arg]
@@ -95,12 +115,12 @@ def test_memory_dir_refuses_a_disk_and_sweeps_dead_owners(tmp_path: Path, monkey
     with pytest.raises(UsageError, match=r"\$MODELSEAL_MEMDIR .* is not a RAM filesystem"):
         MemoryDir()
     monkeypatch.delenv("MODELSEAL_MEMDIR")
-    dead = Path("/dev/shm") / "modelseal-999999999-leftover"  # no such pid
+    dead = Path("/dev/shm") / "modelseal-999999999-leftover"  # nobody holds its lock
     dead.mkdir()
     (dead / "config.json").write_text("{}")
-    with MemoryDir() as fresh:
-        assert not dead.exists()
-        for bad in ("../escape", "/etc/passwd", "."):
+    with MemoryDir() as live, MemoryDir() as fresh:
+        assert not dead.exists() and live.path.exists()  # the live one (its lock is held) stays
+        for bad in ("../escape", "/etc/passwd", ".", "a/../../b"):
             with pytest.raises(UsageError, match="not a path inside"):
                 fresh.write(bad, b"x")
         fresh.write("sub/x.json", b"{}")
@@ -175,11 +195,39 @@ def test_lease_watch_stops_only_after_the_grace_period(tmp_path: Path) -> None:
     assert LeaseWatch("x", [], 1, 0, lost.append)._thread is None
 
 
-def test_transformers_state_dict_from_a_partly_plain_directory(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
+def test_lease_watch_fails_closed_on_an_answer_without_a_key(tmp_path: Path) -> None:
+    """A fake agent that says ok but sends a malformed or short key: the watchdog counts it as lost."""
+    import socket
+    import threading
+
+    path = str(tmp_path / "fake.sock")
+    answers = [b'{"ok": true, "key_bytes": [1]}\n', b'{"ok": true, "key_bytes": 3}\nabc', b'{"ok": true}\n']
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+
+    def serve() -> None:
+        for answer in answers:
+            conn, _ = server.accept()
+            conn.recv(4096)
+            conn.sendall(answer)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    watch = LeaseWatch(path, [("k_1", "llm")], 1, 0, lambda why: None)
+    for _ in answers:
+        reason = watch.check()
+        assert reason is not None and "k_1" in reason, reason
+    server.close()
+
+
+def test_transformers_state_dict_with_plain_files_allowed(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
     import modelseal.transformers as mt
 
     src, sealed, tensors = hf
     shutil.copy(src / "config.json", sealed / "config.json")
-    state = mt.load_state_dict(sealed, identity=host, framework="np")
+    with pytest.raises(AuthenticationError, match="swapped"):
+        mt.load_state_dict(sealed, identity=host)
+    state = mt.load_state_dict(sealed, identity=host, framework="np", allow_plain=True)
     assert sorted(state) == sorted(tensors)
     np.testing.assert_array_equal(state["b.weight"], tensors["b.weight"].numpy())

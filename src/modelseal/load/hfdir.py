@@ -1,10 +1,10 @@
 """Hugging Face model directories sealed with ``modelseal seal DIR``, as LLM engines consume them.
 
-Weights (``*.safetensors`` shards) are always sealed; an owner may leave some other files plain, e.g.
-``config.json`` or the tokenizer, accepting that they reveal the architecture or the vocabulary
-(docs/llm.md). :func:`open_model_dir` opens such a directory: every sealed member is unlocked with one
-identity (one key release for the whole directory) and checked as the group it was sealed as; plain
-files are listed, never trusted for weights: a plain weight file is refused unless ``allow_plain``.
+``modelseal seal DIR`` seals every file. :func:`open_model_dir` opens such a directory: every sealed
+member is unlocked with one identity (one key release for the whole directory) and checked as the group
+it was sealed as. A plain file in it (a sealed file swapped for a plain one, or a file added after
+sealing, such as a config or chat template written beside the sealed ones) is refused unless the host
+passes ``allow_plain``, which also admits plain weights and wholly plain models.
 :func:`stage` puts the non-weight files where an engine can open them by name: sealed ones decrypted
 into a private RAM directory (:mod:`modelseal.load.memdir`), plain ones linked.
 """
@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelseal.crypto import keys
-from modelseal.errors import NotSealedError, UsageError
+from modelseal.errors import AuthenticationError, NotSealedError, UsageError
 from modelseal.format import directory
 from modelseal.format.bundle import SealedBundle
 from modelseal.format.container import Artifact
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.load.artifacts import open_locked, resolve_identity
 from modelseal.load.memdir import MemoryDir
+from modelseal.recipients.base import Identity
 from modelseal.recipients.registry import IdentitySpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".tensors")
@@ -69,6 +70,17 @@ class ModelDir:
         return found
 
 
+def identity_for(spec: IdentitySpec | None, allow_plain: bool) -> Identity | None:
+    """The identity to open a model directory with, resolved once; None for a plain model that was
+    explicitly allowed and named no identity (a sealed file in it then asks for one, saying none was given)."""
+    try:
+        return resolve_identity(spec)
+    except UsageError:
+        if allow_plain and spec is None:
+            return None
+        raise
+
+
 @contextmanager
 def open_model_dir(
     root: str | os.PathLike[str],
@@ -92,7 +104,7 @@ def open_model_dir(
                 locked[rel] = open_locked(root / rel)
             except NotSealedError:
                 plain.append(rel)
-        _check_plain(root, plain, bool(locked), allow_plain)
+        _check_plain(root, plain, locked, allow_plain)
         if locked:
             ident = resolve_identity(identity)
             for art in locked.values():
@@ -107,20 +119,35 @@ def open_model_dir(
         directory.wipe_cache(cache)
 
 
-def _check_plain(root: Path, plain: list[str], any_sealed: bool, allow_plain: bool) -> None:
-    weights = [rel for rel in plain if is_weight_file(rel)]
-    if allow_plain:
+def _check_plain(root: Path, plain: list[str], sealed: dict[str, Artifact], allow_plain: bool) -> None:
+    """Plain files are refused unless the host allowed them: a plain file where the sealed member list
+    names a sealed one is a swap, and any other plain file is one the owner did not seal (sealing a
+    directory seals every file), e.g. a config or chat template written beside the sealed ones."""
+    if allow_plain or not plain:
         return
-    if not any_sealed:
+    if not sealed:
         raise UsageError(
             f"{root} holds no sealed file: plain models are refused here unless explicitly allowed "
             "(allow_plain); seal it with `modelseal seal`"
         )
+    weights = [rel for rel in plain if is_weight_file(rel)]
     if weights:
         raise UsageError(
             f"{root} holds plain weight files ({', '.join(weights[:3])}): refused unless explicitly allowed "
             "(allow_plain); every weight file of a sealed model must be sealed"
         )
+    listed: set[str] = set()
+    for art in sealed.values():
+        group = art.envelope.protected.get(directory.MARKER_KEY)
+        if isinstance(group, dict) and isinstance(group.get("members"), list):
+            listed |= {m for m in group["members"] if isinstance(m, str)}
+    swapped = [rel for rel in plain if rel in listed]
+    if swapped:
+        raise AuthenticationError(f"{root}: {', '.join(swapped[:3])} was sealed but is now a plain file (swapped?)")
+    raise UsageError(
+        f"{root} holds files the owner did not seal ({', '.join(plain[:3])}): refused unless explicitly "
+        "allowed (allow_plain); remove them or seal the directory again"
+    )
 
 
 def stage(model: ModelDir, into: MemoryDir | None = None) -> MemoryDir:
@@ -129,6 +156,12 @@ def stage(model: ModelDir, into: MemoryDir | None = None) -> MemoryDir:
     The engine reads configuration and tokenizer from there; weights are not staged (nor linked), so
     nothing in that directory can be mistaken for the model's weights.
     """
+    code = [rel for rel in model.files if rel.endswith(".py")]
+    if code:
+        raise UsageError(
+            f"{model.root} holds sealed Python files ({', '.join(code[:3])}): custom model code is not supported, "
+            "as transformers copies it to ~/.cache/huggingface/modules, on disk"
+        )
     out = into or MemoryDir()
     try:
         for rel, bundle in model.files.items():

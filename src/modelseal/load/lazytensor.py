@@ -74,10 +74,15 @@ class LazySealedTensor(torch.Tensor):
 
     def narrow_sealed(self, dim: int, start: int, length: int) -> torch.Tensor:
         """``narrow`` decrypting only the selected part (or cut from the whole tensor if already decrypted)."""
-        if self._full is not None:
-            return self._full.narrow(dim, start, length)
-        ndim = len(self._entry.info["shape"])
-        dim = dim + ndim if dim < 0 else dim
+        shape = list(self._entry.info["shape"])
+        ndim = len(shape)
+        if -ndim <= dim < 0:
+            dim += ndim
+        if 0 <= dim < ndim and -shape[dim] <= start < 0:
+            start += shape[dim]
+        simple = 0 <= dim < ndim and 0 <= start <= shape[dim] and 0 <= length <= shape[dim] - start
+        if self._full is not None or not simple:  # anything unusual: torch's own narrow, and its errors
+            return self.materialize().narrow(dim, start, length)
         index = tuple([slice(None)] * dim + [slice(start, start + length)])
         tensor, view = decrypt_slice(self._art, self._entry, index, "pt")
         self._tally.add(len(view))

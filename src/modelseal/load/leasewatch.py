@@ -4,13 +4,16 @@ Weights already in an engine's memory cannot be recalled, so the engine must sto
 owner revokes the key or the lease runs out. Every ``check_s`` the watchdog asks the host agent for each
 key the model was sealed to, exactly as a loader would (any user the agent serves may do this, unlike
 ``status``). A refusal (revoked, expired, no longer granted) or an agent that cannot be reached starts
-the grace period; the key answering again ends it; when ``grace_s`` has passed the watchdog calls
-``on_lost`` with the reason, once. The key bytes received are wiped at once.
+the grace period, as does an answer without a proper key (the watchdog fails closed); the key answering
+again ends it; when ``grace_s`` has passed the watchdog calls ``on_lost`` with the reason, once, and
+:func:`exit_now` is what engines pass as its end. The key bytes received are wiped at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +23,22 @@ from modelseal.errors import KeyReleaseError
 from modelseal.release.wire import ask
 
 log = logging.getLogger("modelseal.leasewatch")
+KEY_BYTES = 32
+EXIT_KEY_LOST = 3
+"""Exit status of an engine process stopped because its key was revoked or its lease ran out."""
+
+
+def exit_now(message: str, code: int, cleanup: Callable[[], None] | None = None) -> None:
+    """Say ``message`` on stderr (and in the log), run ``cleanup`` as far as it goes, and end the process
+    with ``code`` whatever happens: the caller has decided the engine must not go on."""
+    try:
+        log.critical(message)
+        print(message, file=sys.stderr, flush=True)
+        if cleanup is not None:
+            cleanup()
+        logging.shutdown()
+    finally:
+        os._exit(code)
 
 
 class LeaseWatch:
@@ -51,7 +70,12 @@ class LeaseWatch:
                 _answer, key = ask(self.socket, {"op": "key", "key_id": key_id, "model": model}, timeout=30)
             except KeyReleaseError as exc:
                 return f"key {key_id} of model {model!r}: {exc.code}: {exc}"
+            except Exception as exc:  # a malformed answer is no key: fail closed, never kill the watchdog
+                return f"key {key_id} of model {model!r}: the agent's answer is unusable ({type(exc).__name__})"
+            held = len(key) == KEY_BYTES
             keys.wipe(key)
+            if not held:
+                return f"key {key_id} of model {model!r}: the agent sent no key of {KEY_BYTES} bytes"
         return None
 
     def check(self) -> str | None:
@@ -78,7 +102,10 @@ class LeaseWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.check_s):
-            reason = self.check()
+            try:
+                reason = self.check()
+            except Exception as exc:  # a bug here must not leave the engine running unwatched
+                reason = f"the lease watchdog failed ({type(exc).__name__})"
             if reason is not None:
                 self.on_lost(reason)
                 return

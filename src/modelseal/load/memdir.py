@@ -5,12 +5,15 @@ directory path, in every process they spawn. When the owner sealed those files t
 files somewhere, but never on a disk: they go to a fresh ``0700`` directory on a RAM filesystem (``tmpfs``
 or ``ramfs``; ``/dev/shm`` unless ``$MODELSEAL_MEMDIR`` names another), each file ``0600``. The directory
 is removed when it is closed or the process exits; one left behind by a killed process (still only in
-RAM) is removed by the next process that makes one, once its owner's pid is gone. Weights never go
+RAM) is removed by the next process that makes one: each owner holds a lock on its directory, which the
+kernel drops when the owner (and any process it forked) ends, so a live directory is never swept, even
+by a process in another pid namespace sharing ``/dev/shm``. Weights never go
 here: they are decrypted straight into the engine's tensors.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -45,31 +48,46 @@ def filesystem_type(path: str | os.PathLike[str]) -> str | None:
     return kind
 
 
-def _alive(pid: int) -> bool:
+def _try_lock(path: Path) -> int | None:
+    """An fd holding ``path``'s exclusive lock, or None when a live process holds it (or it is not ours)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _sweep(base: Path) -> None:
-    """Remove directories this user's dead processes left in ``base`` (their pid is in the name)."""
+    """Remove this user's directories in ``base`` whose owner is gone: the owner holds a lock on its
+    directory for as long as it (or a process it forked) lives, and the kernel drops it when they end."""
     try:
         entries = list(base.iterdir())
     except OSError:
         return
     for entry in entries:
-        pid = entry.name[len(PREFIX) :].split("-", 1)[0]
-        if not entry.name.startswith(PREFIX) or not pid.isdigit() or entry.is_symlink():
-            continue
         try:
-            if entry.stat().st_uid == os.getuid() and not _alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+            if not entry.name.startswith(PREFIX) or entry.is_symlink() or entry.stat().st_uid != os.getuid():
+                continue
         except OSError:
             continue
+        fd = _try_lock(entry)
+        if fd is not None:
+            try:
+                shutil.rmtree(entry, ignore_errors=True)
+            finally:
+                os.close(fd)
+
+
+def _remove(path: str, fd: int) -> None:
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 class MemoryDir:
@@ -86,7 +104,11 @@ class MemoryDir:
             )
         _sweep(root)
         self.path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+        fd = _try_lock(self.path)
+        if fd is None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise UsageError(f"cannot lock the staging directory {self.path}")
+        self._finalizer = weakref.finalize(self, _remove, str(self.path), fd)
 
     def write(self, relative: str, data: bytes | bytearray | memoryview) -> Path:
         """Write ``data`` to ``relative`` inside the directory (``0600``, never through a link)."""

@@ -9,9 +9,7 @@ part. After loading, a lease watchdog stops the engine when the key is revoked (
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,18 +22,16 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from modelseal.errors import ModelsealError
-from modelseal.load.artifacts import resolve_identity
-from modelseal.load.hfdir import ModelDir, is_weight_file, natural_key, open_model_dir
+from modelseal.load.hfdir import ModelDir, identity_for, is_weight_file, natural_key, open_model_dir
 from modelseal.load.lazytensor import DecryptTally, LazySealedTensor
-from modelseal.load.leasewatch import LeaseWatch
+from modelseal.load.leasewatch import EXIT_KEY_LOST, LeaseWatch, exit_now
 from modelseal.load.tensors import decrypt_tensors
 from modelseal.release.identity import AgentIdentity
+from modelseal.vllm import lora
 from modelseal.vllm.options import parse_options
 
 log = init_logger("vllm.modelseal")  # under vLLM's own log handlers and format
 
-EXIT_KEY_LOST = 3
-"""Exit status of an engine process stopped by the lease watchdog."""
 BATCH_BYTES = 256 << 20
 """Eager loading decrypts this much at a time (all cores across tensors), then hands it over."""
 
@@ -94,7 +90,8 @@ class SealedModelLoader(BaseModelLoader):
         opts, root = self.options, weights_dir(model_config)
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         lazy = opts.lazy if opts.lazy is not None else tp > 1
-        identity = resolve_identity(opts.identity)
+        identity = identity_for(opts.identity, opts.allow_plain)
+        lora.identity, lora.trusted_signers = identity, opts.trusted_signers  # for adapters loaded later here
         with open_model_dir(
             root, identity, trusted_signers=opts.trusted_signers, allow_plain=opts.allow_plain
         ) as sealed:
@@ -134,11 +131,10 @@ def _check_complete(model: nn.Module, loaded: Any, model_config: ModelConfig, ro
 
 def _stop(model: nn.Module, reason: str) -> None:
     """The key is gone: zero the weights, say why, and end the process (vLLM then shuts down)."""
-    message = f"modelseal: stopping the engine: {reason}"
-    log.critical(message)
-    print(message, file=sys.stderr, flush=True)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-    logging.shutdown()
-    os._exit(EXIT_KEY_LOST)
+
+    def zero() -> None:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.zero_()
+
+    exit_now(f"modelseal: stopping the engine: {reason}", EXIT_KEY_LOST, zero)

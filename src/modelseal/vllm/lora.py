@@ -11,32 +11,39 @@ with (or ``$MODELSEAL_IDENTITY``), so a revoked key refuses new adapter loads.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from modelseal.crypto import keys
 from modelseal.errors import ModelsealError
-from modelseal.format.bundle import MAGIC as BUNDLE_MAGIC
 from modelseal.jsonlimits import loads_bounded
+from modelseal.load.artifacts import open_locked
 from modelseal.load.hfdir import open_model_dir
 from modelseal.load.tensors import decrypt_tensors
 from modelseal.recipients.registry import IdentitySpec
 
 CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
 identity: IdentitySpec | None = None
-"""Set by the model loader in the worker: adapters use the base model's identity."""
+"""Set by the model loader in the worker: adapters use the base model's identity..."""
+trusted_signers: Sequence[str] = ()
+"""...and its trusted publishers."""
 
 
 def is_sealed_adapter(directory: str) -> bool:
-    try:
-        with open(os.path.join(directory, CONFIG), "rb") as f:
-            return f.read(len(BUNDLE_MAGIC)) == BUNDLE_MAGIC
-    except OSError:
-        return False
+    """Whether either adapter file is sealed (then both must be, checked as one sealed directory)."""
+    for name in (CONFIG, WEIGHTS):
+        try:
+            with open_locked(os.path.join(directory, name)):
+                return True
+        except (OSError, ModelsealError):
+            continue
+    return False
 
 
 def sealed_config(directory: str) -> dict[str, Any]:
     """The adapter's ``adapter_config.json``, decrypted in memory."""
-    with open_model_dir(directory, identity) as adapter:
+    with open_model_dir(directory, identity, trusted_signers=trusted_signers) as adapter:
         bundle = adapter.files.get(CONFIG)
         if bundle is None:
             raise ModelsealError(f"{directory}: {CONFIG} is not sealed with the adapter's weights")
@@ -55,7 +62,7 @@ class SealedAdapterTensors:
 
     def __init__(self, path: str) -> None:
         directory = os.path.dirname(path)
-        with open_model_dir(directory, identity) as adapter:
+        with open_model_dir(directory, identity, trusted_signers=trusted_signers) as adapter:
             shard = next((s for s in adapter.shards if os.path.basename(s.path) == os.path.basename(path)), None)
             if shard is None:
                 raise ModelsealError(f"{path} is not a sealed weight file of the adapter {directory}")
@@ -85,7 +92,7 @@ class SealedAwareSafetensors:
 
     def safe_open(self, path: str, framework: str = "pt", device: str = "cpu") -> Any:
         if is_sealed_adapter(os.path.dirname(path)):
-            return SealedAdapterTensors(path)
+            return SealedAdapterTensors(path)  # the plain-config case is refused there, with the group check
         return self._real.safe_open(path, framework=framework, device=device)
 
 

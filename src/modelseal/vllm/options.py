@@ -35,6 +35,8 @@ class LoaderOptions:
 
 def _number(raw: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
     value = raw.get(key, default)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**12:
+        value = math.inf  # refused below, as float() would overflow
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise UsageError(f"{LOAD_FORMAT} loader option {key!r} must be a number of seconds")
     if not low <= value <= high:

@@ -6,7 +6,9 @@
    its non-weight files (``config.json``, tokenizer, ...) are staged in a private RAM directory and vLLM
    is pointed there for them, while ``model_weights`` keeps the sealed directory for the loader. The
    directory is opened (and the key released) here, so a wrong key, a revoked grant, a missing shard or
-   plain weights stop vLLM before any engine process starts.
+   plain weights stop vLLM before any engine process starts. With keys from the host agent, a lease
+   watchdog here ends vLLM, non-zero, when the key is revoked (each worker has its own, which zeroes its
+   weights first).
 3. Teaches the LoRA loader sealed adapters (:mod:`modelseal.vllm.lora`).
 """
 
@@ -19,13 +21,33 @@ from typing import Any
 from vllm.logger import init_logger
 
 from modelseal.errors import ModelsealError
-from modelseal.load.hfdir import open_model_dir, stage
+from modelseal.load.hfdir import identity_for, open_model_dir, stage
+from modelseal.load.leasewatch import EXIT_KEY_LOST, LeaseWatch, exit_now
 from modelseal.load.memdir import MemoryDir
+from modelseal.release.identity import AgentIdentity
 from modelseal.vllm import lora
 from modelseal.vllm.options import LOAD_FORMAT, parse_options
 
 log = init_logger("vllm.modelseal")  # under vLLM's own log handlers and format
 _staged: dict[str, MemoryDir] = {}  # sealed directory -> its staged files, alive as long as this process
+_watches: dict[str, LeaseWatch] = {}
+
+
+def _stop(reason: str) -> None:
+    """The key is gone: end the engine processes this one started, then this one, non-zero (the workers'
+    own watchdogs zero their weights; this makes ``vllm serve`` itself exit with the reason)."""
+
+    def children() -> None:
+        import psutil
+
+        procs = psutil.Process().children(recursive=True)
+        for proc in procs:
+            proc.terminate()
+        _gone, alive = psutil.wait_procs(procs, timeout=5)
+        for proc in alive:
+            proc.kill()
+
+    exit_now(f"modelseal: stopping vLLM: {reason}", EXIT_KEY_LOST, children)
 
 
 def stage_sealed_model(args: Any) -> None:
@@ -36,11 +58,16 @@ def stage_sealed_model(args: Any) -> None:
     if not os.path.isdir(model):
         raise ModelsealError(f"--load-format {LOAD_FORMAT} needs a local sealed model directory, not {model!r}")
     opts = parse_options(args.model_loader_extra_config)
-    with open_model_dir(model, opts.identity, trusted_signers=opts.trusted_signers, allow_plain=opts.allow_plain) as m:
+    identity = identity_for(opts.identity, opts.allow_plain)
+    with open_model_dir(model, identity, trusted_signers=opts.trusted_signers, allow_plain=opts.allow_plain) as m:
         if not m.shards and not opts.allow_plain:
             raise ModelsealError(f"{model} holds no sealed weight files (*.safetensors)")
         staged = _staged.get(model) or stage(m)
+        watched = m.keyserver_keys()
     _staged[model] = staged
+    if isinstance(identity, AgentIdentity) and watched and model not in _watches:
+        _watches[model] = LeaseWatch(identity.socket, watched, opts.key_check_s, opts.grace_s, _stop, log=log)
+        _watches[model].start()
     log.info("modelseal: %s: configuration staged in memory at %s", model, staged.path)
     if args.tokenizer in (None, model):
         args.tokenizer = str(staged.path)
