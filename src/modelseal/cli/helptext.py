@@ -33,6 +33,11 @@ ENVIRONMENT: dict[str, str] = {
     "TPM2TOOLS_TCTI": "The TPM, when --tcti is not given.",
     "VAR": "A variable named on the command line (--passphrase-env VAR, -i env:VAR): a passphrase or identity text.",
 }
+# Read only by Python APIs that no command runs (the LLM loaders: docs/llm.md), so no --help lists them.
+LIBRARY_ENVIRONMENT: dict[str, str] = {
+    "MODELSEAL_MEMDIR": "The RAM filesystem (tmpfs) for the decrypted configuration files of an LLM directory "
+    "(default /dev/shm).",
+}
 
 # Shared by every command that takes an identity (-i, else the environment).
 IDENTITY_VARS = ("MODELSEAL_IDENTITY", "MODELSEAL_AGENT_SOCKET")
