@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ from modelseal.release.wire import ask
 from ..services import Agent, KeyServer, wait_for
 from ..test_keyserver import grant
 from .conftest import Llm
-from .engines import VllmServer
+from .engines import VLLM, VllmServer, vllm_env
 
 PROMPTS = ["w1 w2 w3 w4", "w10 w20 w30", "w200 w5 w7 w9 w11"]
 
@@ -96,6 +97,14 @@ def test_serve_sealed_llm_from_the_agent_with_lora_then_revoke(
             stopped = r"modelseal: stopping (vLLM|the engine): key \S+ of model 'tiny-llama': revoked"
             assert re.search(stopped, log), log[-3000:]
             assert server.proc.returncode == EXIT_KEY_LOST
+            # and it cannot start again: the refusal is one line, before any engine process
+            again = subprocess.run(
+                [*VLLM, "serve", str(sealed), "--load-format", "modelseal", "--model-loader-extra-config",
+                 json.dumps(extra), "--port", "1"], capture_output=True, text=True, timeout=300, env=vllm_env(),
+            )  # fmt: skip
+            assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-2000:]
+            refusal = rf"^modelseal: {re.escape(str(sealed))}/\S+: .*revoked"
+            assert re.search(refusal, again.stderr, re.M), again.stderr[-800:]
         finally:
             server.stop()
             agent.stop()
