@@ -130,22 +130,34 @@ def test_memory_dir_refuses_a_disk_and_sweeps_dead_owners(tmp_path: Path, monkey
 
 def test_lazy_tensor_decrypts_only_the_rank_part(hf: tuple, host: HpkeIdentity) -> None:  # type: ignore[type-arg]
     _src, sealed, tensors = hf
+    want = tensors["a.weight"]
     art = open_artifact(sealed / "model-00001-of-00002.safetensors", host)
     with art:
         tally = DecryptTally()
         lazy = LazySealedTensor(art, art.entry("a.weight"), tally)  # type: ignore[arg-type]
         assert lazy.shape == (64, 96) and lazy.dtype == torch.float32 and lazy.dim() == 2 and lazy.numel() == 64 * 96
-        assert tally.decrypted == 0  # metadata needs no decryption
-        half = lazy.narrow(0, 32, 32)
-        assert type(half) is torch.Tensor and torch.equal(half, tensors["a.weight"][32:])
-        assert tally.decrypted == 32 * 96 * 4  # rows: exactly the rank's bytes
-        cols = lazy.narrow(1, 48, 48)
-        assert torch.equal(cols, tensors["a.weight"][:, 48:])
-        param = torch.empty(64, 96)
-        param.copy_(lazy)  # any other use decrypts the whole tensor once
-        assert torch.equal(param, tensors["a.weight"]) and torch.equal(lazy + 0, tensors["a.weight"])
-        whole = tally.decrypted
-        assert torch.equal(lazy.narrow(0, 0, 8), tensors["a.weight"][:8]) and tally.decrypted == whole
+        half = lazy.narrow(0, 32, 32)  # a rank's rows: still lazy, nothing decrypted yet
+        assert type(half) is LazySealedTensor and half.shape == (32, 96) and tally.decrypted == 0
+        param = torch.zeros(32, 96)
+        assert param.copy_(half) is param and torch.equal(param, want[32:])  # decrypted straight into param
+        assert tally.decrypted == 32 * 96 * 4  # exactly the rank's bytes
+        assert torch.equal(half.narrow(0, 8, 8) * 1, want[40:48])  # a part of a part, then any other use
+        cols = lazy.narrow(1, 48, 48)  # columns: decrypted (gathered) at once
+        assert type(cols) is torch.Tensor and torch.equal(cols, want[:, 48:])
+        whole = torch.empty(64, 96)
+        whole.copy_(lazy)
+        assert torch.equal(whole, want) and torch.equal(lazy + 0, want)
+        with pytest.raises(RuntimeError):  # same size, other shape: copy_'s own rules (no broadcast)
+            torch.empty(96, 64).copy_(LazySealedTensor(art, art.entry("a.weight"), tally))
+        row = torch.empty(1, 96)
+        row.copy_(lazy.narrow(0, 5, 1))  # broadcasting and dtype rules stay torch's
+        assert torch.equal(row, want[5:6])
+        assert torch.equal(torch.empty(64, 96, dtype=torch.float64).copy_(lazy), want.double())
+        for dim, start, length in ((0, -2, 2), (-1, 0, 96), (0, 64, 0)):
+            assert torch.equal(lazy.narrow(dim, start, length) * 1, want.narrow(dim, start, length))
+        for dim, start, length in ((-3, 0, 1), (0, 60, 5), (0, 2, -1)):
+            with pytest.raises((IndexError, RuntimeError)):
+                lazy.narrow(dim, start, length)
         assert "a.weight" in repr(lazy)
 
 

@@ -2,9 +2,9 @@
 
 Each worker (one per tensor-parallel rank) opens the sealed directory itself, gets the key from the host
 agent (ranks on one host share the agent's cached key: one release per host), and feeds the model's own
-``load_weights`` with tensors decrypted in memory. With tensor parallelism the tensors are
-:class:`~modelseal.load.lazytensor.LazySealedTensor`: the layer's ``narrow`` decrypts only that rank's
-part. After loading, a lease watchdog stops the engine when the key is revoked (options.py).
+``load_weights`` with :class:`~modelseal.load.lazytensor.LazySealedTensor` objects: a layer's copy into
+its parameter decrypts straight into the parameter's memory, and under tensor parallelism its ``narrow``
+keeps that to the rank's part. After loading, a lease watchdog stops the engine when the key is revoked (options.py).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class SealedModelLoader(BaseModelLoader):
     def _load(self, model: nn.Module, model_config: ModelConfig) -> None:
         opts, root = self.options, weights_dir(model_config)
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        lazy = opts.lazy if opts.lazy is not None else tp > 1
+        lazy = opts.lazy if opts.lazy is not None else tp > 1  # bench/vllm_load.py: eager is faster at TP=1
         identity = identity_for(opts.identity, opts.allow_plain)
         lora.identity, lora.trusted_signers = identity, opts.trusted_signers  # for adapters loaded later here
         with open_model_dir(

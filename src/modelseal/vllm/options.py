@@ -26,7 +26,9 @@ class LoaderOptions:
     allow_plain: bool = False
     """Load plain (unsealed) weight files too; off by default, so a swapped-in plain file is refused."""
     lazy: bool | None = None
-    """Decrypt only each rank's part of sharded tensors; default: when tensor parallel size > 1."""
+    """Decrypt what each layer takes straight into its parameter (only the rank's part under tensor
+    parallelism); default: when tensor parallel size > 1. False: whole tensors in batches on all cores,
+    then vLLM copies them (measured faster at TP=1: docs/benchmarks.md)."""
     key_check_s: float = 30.0
     """How often the lease watchdog asks the agent whether the key is still released (0: never)."""
     grace_s: float = 60.0
