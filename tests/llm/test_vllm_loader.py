@@ -25,7 +25,7 @@ STRACE = shutil.which("strace")
 WRITES = "write,pwrite64,writev,pwritev,pwritev2"
 
 
-def needles(model: Path, per_tensor: int = 1) -> list[str]:
+def needles(model: Path) -> list[str]:
     """16-byte pieces of every weight tensor of ``model``, as strace -xx prints bytes."""
     found = []
     for shard in sorted(model.glob("*.safetensors")):
@@ -33,7 +33,7 @@ def needles(model: Path, per_tensor: int = 1) -> list[str]:
             for name in f.keys():
                 raw = f.get_tensor(name).tobytes()
                 if len(raw) >= 64:
-                    found += ["".join(f"\\x{b:02x}" for b in raw[32:48])] * per_tensor
+                    found.append("".join(f"\\x{b:02x}" for b in raw[32:48]))
     return found
 
 

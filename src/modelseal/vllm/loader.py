@@ -44,12 +44,14 @@ def weights_dir(model_config: ModelConfig) -> str:
 def _eager(model: ModelDir, tally: DecryptTally) -> Iterator[tuple[str, torch.Tensor]]:
     for shard in model.shards:
         batch: list[Any] = []
+        size = 0
         for n, entry in enumerate(shard.entries):
             batch.append(entry)
-            if sum(e.length for e in batch) >= BATCH_BYTES or n == len(shard.entries) - 1:
+            size += entry.length
+            if size >= BATCH_BYTES or n == len(shard.entries) - 1:
                 tensors = decrypt_tensors(shard, batch, "pt")
-                tally.add(sum(e.length for e in batch))
-                batch = []
+                tally.add(size)
+                batch, size = [], 0
                 yield from tensors.items()
 
 
