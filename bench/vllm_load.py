@@ -13,7 +13,7 @@ tensorizer 2.12.1 cannot encrypt a vLLM 0.32 CPU model: its serializer fails on 
 encrypting (IndexError in _write_tensor; vLLM's CPU model has some), so on these machines the run says
 so and goes on without it; bench/peers.py compares encrypted tensorizer at the loader level instead.
 
-Run in .venv-vllm:  .venv-vllm/bin/python bench/vllm_load.py [--size-mib 1024] [--rounds 5]
+Run in .venv-vllm:  .venv-vllm/bin/python bench/vllm_load.py [--size-mib 1024] [--rounds 5] [--lazy]
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ def bench_model(root: Path, size_mib: int) -> Path:
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ, VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return e
+    return dict(os.environ, VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def run(model: Path, opts: dict[str, object]) -> dict[str, float]:
@@ -80,7 +79,7 @@ def run(model: Path, opts: dict[str, object]) -> dict[str, float]:
     return json.loads(found.group(1))  # type: ignore[no-any-return]
 
 
-def prepare(root: Path, plain: Path) -> dict[str, tuple[Path, dict[str, object]]]:
+def prepare(root: Path, plain: Path, lazy: bool) -> dict[str, tuple[Path, dict[str, object]]]:
     import modelseal
     from modelseal.recipients.hpke import KEMS, HpkeIdentity
 
@@ -94,6 +93,9 @@ def prepare(root: Path, plain: Path) -> dict[str, tuple[Path, dict[str, object]]
         "plain": (plain, {}),
         "modelseal": (sealed, {"load_format": "modelseal", "model_loader_extra_config": {"identity": str(key)}}),
     }
+    if lazy:  # the tensor-parallel path (decrypt straight into each parameter) at TP=1 too
+        extra = {"identity": str(key), "lazy": True}
+        formats["modelseal (lazy)"] = (sealed, {"load_format": "modelseal", "model_loader_extra_config": extra})
     tensorized = root / (plain.name + ".tensors")
     keyfile = root / "tensorizer.key"
     try:
@@ -139,12 +141,13 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/modelseal-bench-vllm"))
+    ap.add_argument("--lazy", action="store_true", help="also time the loader's lazy path at TP=1")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     plain = bench_model(args.dir, args.size_mib)
     size = sum(p.stat().st_size for p in plain.glob("*.safetensors"))
-    formats = prepare(args.dir, plain)
+    formats = prepare(args.dir, plain, args.lazy)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in formats}
     for _ in range(args.rounds):
         for name, (model, opts) in formats.items():  # interleaved: each round runs every format once
