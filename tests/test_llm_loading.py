@@ -243,3 +243,49 @@ def test_transformers_state_dict_with_plain_files_allowed(hf: tuple, host: HpkeI
     state = mt.load_state_dict(sealed, identity=host, framework="np", allow_plain=True)
     assert sorted(state) == sorted(tensors)
     np.testing.assert_array_equal(state["b.weight"], tensors["b.weight"].numpy())
+
+
+def test_sealed_lora_adapters_and_their_attacks(tmp_path: Path, host: HpkeIdentity, other_host: HpkeIdentity,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """What vLLM's LoRA loader gets for a sealed adapter directory (modelseal.vllm.lora, without vLLM)."""
+    import safetensors
+
+    from modelseal.errors import NoMatchingIdentityError
+    from modelseal.vllm import lora
+
+    src, sealed = tmp_path / "adapter", tmp_path / "sealed"
+    src.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    name, tensor = "base_model.model.layers.0.q_proj.lora_A.weight", torch.randn(4, 16)
+    weights = {name: tensor}
+    save_file(weights, str(src / "adapter_model.safetensors"))
+    modelseal.seal(src, sealed, [host.recipient])
+    monkeypatch.setattr(lora, "identity", host)
+    module = lora.SealedAwareSafetensors(safetensors)
+
+    assert lora.is_sealed_adapter(str(sealed)) and not lora.is_sealed_adapter(str(src))
+    assert lora.sealed_config(str(sealed)) == config
+    with module.safe_open(str(sealed / "adapter_model.safetensors"), framework="pt") as f:
+        assert f.keys() == [name] and torch.equal(f.get_tensor(name), tensor)
+    with module.safe_open(str(src / "adapter_model.safetensors"), framework="pt") as f:  # plain: vLLM's own path
+        assert list(f.keys()) == list(weights)
+
+    # a plain config beside the sealed weights: still a sealed adapter, and the swap is refused
+    shutil.copy(src / "adapter_config.json", sealed / "adapter_config.json")
+    assert lora.is_sealed_adapter(str(sealed))
+    with pytest.raises(AuthenticationError, match="was sealed but is now a plain file"):
+        lora.sealed_config(str(sealed))
+    with pytest.raises(AuthenticationError, match="was sealed but is now a plain file"):
+        module.safe_open(str(sealed / "adapter_model.safetensors"))
+
+    # an adapter sealed to another host, or no identity at all
+    theirs = tmp_path / "theirs"
+    modelseal.seal(src, theirs, [other_host.recipient])
+    with pytest.raises(NoMatchingIdentityError):
+        lora.sealed_config(str(theirs))
+    monkeypatch.setattr(lora, "identity", None)
+    monkeypatch.delenv("MODELSEAL_IDENTITY", raising=False)
+    monkeypatch.delenv("MODELSEAL_AGENT_SOCKET", raising=False)
+    with pytest.raises(UsageError, match="no identity given"):
+        lora.sealed_config(str(theirs))
