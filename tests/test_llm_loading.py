@@ -197,7 +197,9 @@ def test_lease_watch_stops_only_after_the_grace_period(tmp_path: Path) -> None:
     now = [0.0]
     lost: list[str] = []
     watch = LeaseWatch(str(tmp_path / "no-agent.sock"), [("k_1", "llm")], 1, 10, lost.append, clock=lambda: now[0])
+    assert watch.problem is None
     assert watch.check() is None and watch.failing_since == 0.0  # unreachable: the grace period starts
+    assert watch.problem is not None and "agent_unavailable" in watch.problem  # what an early exit reports
     now[0] = 9.9
     assert watch.check() is None
     now[0] = 10.0

@@ -61,6 +61,9 @@ class LeaseWatch:
         self.on_lost = on_lost
         self.clock = clock
         self.failing_since: float | None = None
+        self.problem: str | None = None
+        """Why the key is refused now (None while it is held): an engine that ends during the grace
+        period ended without its key, whoever noticed first."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -82,6 +85,7 @@ class LeaseWatch:
         """One round: the reason to stop now, or None (the key is held, or the grace period runs)."""
         problem = self._problem()
         now = self.clock()
+        self.problem = problem
         if problem is None:
             if self.failing_since is not None:
                 self.log.warning("modelseal: the key is released again; the engine keeps running")

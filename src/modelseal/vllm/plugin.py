@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from typing import Any
@@ -50,6 +51,15 @@ def _stop(reason: str) -> None:
     exit_now(f"modelseal: stopping vLLM: {reason}", EXIT_KEY_LOST, children)
 
 
+def _exit_if_key_refused() -> None:
+    """At exit: vLLM ends itself with status 0 when a worker stops on its own watchdog, which can happen
+    before this process's grace period runs out. An exit while the key is refused is that same stop, so
+    it gets the same message and status 3."""
+    for watch in _watches.values():
+        if watch.problem is not None:
+            exit_now(f"modelseal: stopping vLLM: {watch.problem}", EXIT_KEY_LOST)
+
+
 def stage_sealed_model(args: Any) -> None:
     """Step 2 of the module docstring, on vLLM's ``EngineArgs`` (changed in place)."""
     if args.load_format != LOAD_FORMAT or args.model_weights:
@@ -68,6 +78,8 @@ def stage_sealed_model(args: Any) -> None:
     if isinstance(identity, AgentIdentity) and watched and model not in _watches:
         _watches[model] = LeaseWatch(identity.socket, watched, opts.key_check_s, opts.grace_s, _stop, log=log)
         _watches[model].start()
+        if len(_watches) == 1:
+            atexit.register(_exit_if_key_refused)
     log.info("modelseal: %s: configuration staged in memory at %s", model, staged.path)
     if args.tokenizer in (None, model):
         args.tokenizer = str(staged.path)
