@@ -19,7 +19,7 @@ if ! command -v swtpm >/dev/null || ! command -v tpm2_quote >/dev/null || ! comm
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[torch,onnx,tensorflow,keyserver,agent,serve,test]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[torch,onnx,tensorflow,tvm,openvino,keyserver,agent,serve,test]'
 # The LLM engine tests (tests/llm) get their own environment, frozen in requirements-vllm.lock (which says
 # why it cannot share .venv); MODELSEAL_SKIP_LLM=1 leaves it out on a machine without room for it.
 if [ "${MODELSEAL_SKIP_LLM:-0}" != 1 ]; then

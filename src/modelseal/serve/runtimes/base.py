@@ -45,6 +45,13 @@ class Runtime(Protocol):
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
 
+    def declared(self) -> Signature:
+        """What the model itself says of its inputs and outputs, in the model's own order: for each
+        tensor its V2 datatype and full shape (batch dimension included; None for a variable dim), either
+        None where the framework cannot tell, and (None, None) for a framework that knows nothing. The
+        names are those :meth:`run` takes and returns. A config left without inputs or outputs is
+        completed from this (:mod:`modelseal.serve.autocomplete`), before :meth:`check`."""
+
     def check(self, spec: ModelSpec) -> None:
         """Raise :class:`~modelseal.serve.repository.ConfigError` naming how the config disagrees with
         the model (see :mod:`.declared`); called once per instance, right after it is built."""
@@ -52,6 +59,11 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+# what a model itself says about one tensor: (V2 datatype, or the framework's own name for a type the
+# protocol lacks, or None when unknown; the full shape with None for a variable dim, or None when unknown)
+Declared = tuple[str | None, tuple[int | None, ...] | None]
+# (inputs, outputs) by name, in the model's order; None: the framework cannot tell
+Signature = tuple[dict[str, Declared] | None, dict[str, Declared] | None]
 RuntimeFactory = Callable[["ModelSpec", "ModelSource", int], Runtime]
 
 

@@ -9,10 +9,7 @@ import inspect
 from typing import Any
 
 from modelseal.serve.repository import ConfigError, ModelSpec, TensorSpec
-
-# what a model itself says about one tensor: (V2 datatype, or the framework's own name for a type the
-# protocol lacks, or None when unknown; the full shape with None for a variable dim, or None when unknown)
-Declared = tuple[str | None, tuple[int | None, ...] | None]
+from modelseal.serve.runtimes.base import Declared
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:

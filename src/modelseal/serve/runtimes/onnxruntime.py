@@ -10,8 +10,8 @@ import numpy as np
 
 from modelseal.errors import MissingDependencyError
 from modelseal.serve.repository import ModelSpec
-from modelseal.serve.runtimes.base import RuntimeInfo
-from modelseal.serve.runtimes.declared import Declared, check_tensors
+from modelseal.serve.runtimes.base import Declared, RuntimeInfo
+from modelseal.serve.runtimes.declared import check_tensors
 from modelseal.serve.source import ModelSource
 
 _ORT_TYPES = {f"tensor({n})": v2 for n, v2 in (

@@ -12,8 +12,8 @@ import numpy as np
 from modelseal.errors import MissingDependencyError, UsageError
 from modelseal.serve import datatypes
 from modelseal.serve.repository import ModelSpec
-from modelseal.serve.runtimes.base import RuntimeInfo
-from modelseal.serve.runtimes.declared import Declared, check_tensors
+from modelseal.serve.runtimes.base import Declared, RuntimeInfo
+from modelseal.serve.runtimes.declared import check_tensors
 from modelseal.serve.source import ModelSource
 
 
