@@ -156,8 +156,8 @@ def test_malformed_grpc_requests_are_refused_naming_the_problem(pb: Any) -> None
     assert refused(decode_grpc, fp16) == "input h: FP16 must be sent as raw_input_contents"
 
     unknown = pb.ModelInferRequest()
-    unknown.inputs.add(name="s", datatype="BYTES", shape=[1])
-    assert "input s: data type 'BYTES' is not supported" in refused(decode_grpc, unknown)
+    unknown.inputs.add(name="s", datatype="FP8", shape=[1])
+    assert "input s: data type 'FP8' is not supported" in refused(decode_grpc, unknown)
 
     twice = pb.ModelInferRequest()
     for _ in range(2):

@@ -1,7 +1,8 @@
 """What a model itself declares about its tensors, checked against its config at load, so that a
 mismatch is a clear UNAVAILABLE reason naming the fix instead of a failure on the first request.
-Runtimes call :func:`check_tensors` (frameworks that know names, dtypes and shapes) or
-:func:`check_arity` (PyTorch, which knows only its ``forward``'s parameters)."""
+Each runtime's ``check`` compares its own ``declared()`` with the config through :func:`check_tensors`;
+PyTorch, whose tensors are positional, also calls :func:`check_arity` (the count ``forward`` accepts) and
+compares datatypes and ranks only where example inputs tell them."""
 
 from __future__ import annotations
 
