@@ -90,12 +90,15 @@ MISMATCHED = [
     ("bad_name", batched("bad_name").replace('name: "x"', 'name: "input"'), "config input(s) ['input'] are not in"),
     ("bad_output", batched("bad_output").replace('"neg"', '"logits"'), "config output(s) ['logits'] are not in"),
     ("bad_rank", batched("bad_rank", dims="2, 2"), "has shape [-1, 2, 2] in the config but [-1, 4] in the model"),
+    ("bad_string", batched("bad_string", dtype="TYPE_STRING"), "input 'x' is BYTES in the config but FP32 in the"),
 ]
 UNUSABLE = [
-    ("bad_type", batched("bad_type", dtype="TYPE_STRING"), "data type TYPE_STRING is not supported"),
-    ("no_inputs", batched("no_inputs").replace('input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]', ""),
-     "no inputs declared"),
-    ("no_config", None, "has no config"),
+    ("bad_type", batched("bad_type", dtype="TYPE_INVALID"), "data type TYPE_INVALID is not supported"),
+]
+# configs that leave out what the model itself tells: completed at load, as Triton does (--strict-config refuses)
+COMPLETED = [
+    ("no_inputs", batched("no_inputs").replace('input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]', "")),
+    ("no_config", None),
 ]  # fmt: skip
 
 
@@ -107,6 +110,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     add(repo, "two", batched("two", extra="dynamic_batching { max_queue_delay_microseconds: 5000 }"), model)
     add(repo, "ints", INTS, int8_model())
     for name, config, _ in MISMATCHED + UNUSABLE:
+        add(repo, name, config, model)
+    for name, config in COMPLETED:
         add(repo, name, config, model)
     server = ServeProcess(
         repo, tmp / "serve.log", extra=["--max-body-mb", "4", "--max-inflight-mb", "8", "--body-timeout", "4"]
@@ -506,6 +511,11 @@ def test_config_that_disagrees_with_its_model_is_unavailable_with_the_reason(ser
         assert httpx.get(f"http://{server.http}/v2/models/{name}").status_code == 503  # no metadata published
     assert post(server, "/v2/repository/models/nonexistent/load", b"").status_code == 404
     assert index["two"]["state"] == "READY"
+    for name, _ in COMPLETED:
+        assert index[name]["state"] == "READY", index[name]
+        config = httpx.get(f"http://{server.http}/v2/models/{name}/config").json()
+        assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}], config
+        assert config["max_batch_size"] == 4, config  # the config's; a model completed from nothing: the default
 
 
 def _serve_on(tmp: Path, http: str, grpc: str) -> subprocess.CompletedProcess[str]:

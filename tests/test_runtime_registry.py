@@ -21,6 +21,8 @@ from modelseal.serve.models import ModelManager
 from modelseal.serve.repository import Repository
 from modelseal.serve.runtimes import base
 
+BUILT_IN = ["onnxruntime_onnx", "pytorch_libtorch", "tensorflow_savedmodel", "tvm", "openvino"]
+
 TOY = '''
 """A toy runtime that is no part of modelseal: its model is a JSON file {"scale": k}, and y = k * x."""
 import json
@@ -141,7 +143,7 @@ def test_a_plugin_that_fails_to_load_is_left_out_and_named(
     monkeypatch.syspath_prepend(str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="modelseal.serve"):
         platforms = base.registry().platforms()
-    assert platforms == ["onnxruntime_onnx", "pytorch_libtorch", "tensorflow_savedmodel"]
+    assert platforms == BUILT_IN
     assert (
         "serving runtime broken (no_such_module_here:RUNTIME of broken_runtime) is not used: "
         "ModuleNotFoundError: No module named" in caplog.text
@@ -153,8 +155,8 @@ def test_a_config_naming_no_registered_platform_lists_what_is_served(tmp_path: P
 
     (tmp_path / "toy").mkdir()
     (tmp_path / "toy" / "config.pbtxt").write_text(CONFIG.format(platform='platform: "toy_scale"'))
-    served = "supported: onnxruntime_onnx, pytorch_libtorch, tensorflow_savedmodel; backends onnxruntime, pytorch"
-    with pytest.raises(ConfigError, match=rf"platform toy_scale is not served \({served}, tensorflow\)"):
+    served = f"supported: {', '.join(BUILT_IN)}; backends onnxruntime, pytorch, tensorflow, tvm, openvino"
+    with pytest.raises(ConfigError, match=rf"platform toy_scale is not served \({served}\)"):
         parse_config(tmp_path / "toy")
 
 
@@ -210,5 +212,5 @@ def test_platform_backend_and_file_names_are_plain_strings(fresh_registry: None)
     ):
         with pytest.raises(UsageError, match=r"^a serving runtime's platform, backend and file names are str"):
             base.register(info)
-    assert base.registry().platforms() == ["onnxruntime_onnx", "pytorch_libtorch", "tensorflow_savedmodel"]
+    assert base.registry().platforms() == BUILT_IN
     assert base.registry().get("onnxruntime_onnx") is onnx

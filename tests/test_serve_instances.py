@@ -7,11 +7,12 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 
 from modelseal.serve.models import LoadedModel
+from modelseal.serve.repository import ModelSpec
 
 
 class SlowRuntime:
@@ -38,7 +39,8 @@ class SlowRuntime:
 def test_a_cancelled_request_keeps_its_instance_until_the_run_ends() -> None:
     async def scenario() -> int:
         runtime = SlowRuntime()
-        model = LoadedModel(spec=Any, version=1, runtimes=[runtime], keys=set(),  # type: ignore[arg-type]
+        spec = ModelSpec("slow", Path("."), "onnxruntime_onnx", 0, (), ())
+        model = LoadedModel(spec=spec, version=1, runtimes=[runtime], keys=set(),  # type: ignore[list-item]
                             pool=ThreadPoolExecutor(max_workers=2))  # fmt: skip
         model.idle.put_nowait(runtime)  # type: ignore[arg-type]
         x = {"x": np.zeros(1, np.float32)}

@@ -76,14 +76,26 @@ from modelseal.cli.kit import emit, fail_closed, json_option
     multiple=True,
     help="Serve only models signed by this publisher key (ed25519:...); repeatable.",
 )
+@click.option(
+    "--strict-config",
+    is_flag=True,
+    help="Require every model's config to declare its platform, inputs and outputs (no auto-completion).",
+)
+@click.option(
+    "--default-max-batch-size",
+    default=4,
+    show_default=True,
+    type=click.IntRange(0, 1 << 20),
+    help="max_batch_size of a config completed from a model whose first dimension is variable (0: no batching).",
+)
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line (for log collectors).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too (never key material).")
 @fail_closed
 def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key: Path | None,
           client_ca: Path | None, identity: str | None, agent_socket: str | None, models: tuple[str, ...],
           key_check_s: float, retry_s: float, max_body_mb: int, max_inflight_mb: int, body_timeout_s: float,
-          audit_log: Path | None, threads: int, trusted_signers: tuple[str, ...], log_json: bool,
-          verbose: bool) -> None:  # fmt: skip
+          audit_log: Path | None, threads: int, trusted_signers: tuple[str, ...], strict_config: bool,
+          default_max_batch_size: int, log_json: bool, verbose: bool) -> None:  # fmt: skip
     """Serve the sealed models of a repository to tritonclient / KServe clients, HTTP and gRPC.
 
     Weights are decrypted in memory only, with keys from the host agent; a model whose key the agent
@@ -101,7 +113,8 @@ def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key
             max_body_bytes=max_body_mb * 1024 * 1024, max_inflight_bytes=max_inflight_mb * 1024 * 1024,
             body_timeout_s=body_timeout_s,
             audit_log=audit_log, threads=threads,
-            trusted_signers=list(trusted_signers),
+            trusted_signers=list(trusted_signers), strict_config=strict_config,
+            default_max_batch_size=default_max_batch_size,
         )
     )  # fmt: skip
 

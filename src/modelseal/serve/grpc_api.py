@@ -18,8 +18,8 @@ from modelseal.listening import cannot_listen, normalise_address
 from modelseal.pki import peer_identity
 from modelseal.serve.errors import ServeError
 from modelseal.serve.infer import decode_grpc, server_metadata
-from modelseal.serve.protocol import inference
-from modelseal.serve.rest import OFFLOAD_BYTES
+from modelseal.serve.protocol import inference, model_config
+from modelseal.serve.rest import OFFLOAD_BYTES, load_config_override
 
 log = logging.getLogger("modelseal.serve")
 
@@ -51,9 +51,30 @@ def build_servicer(srv: Any) -> Any:
         async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
                 srv.models.get(request.name, request.version)
-            except ServeError:
+            except ServeError as exc:
+                if exc.status == 404:  # an unknown model (or version) is NOT_FOUND, as over HTTP
+                    await abort(context, exc)
                 return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=True)
+
+        async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
+            from google.protobuf import json_format
+
+            try:
+                config = srv.models.config(srv.models.get(request.name, request.version))
+            except ServeError as exc:
+                await abort(context, exc)
+            message = json_format.ParseDict(config, model_config().ModelConfig())
+            return pb.ModelConfigResponse(config=message)
+
+        async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
+            from google.protobuf import json_format
+
+            try:
+                stats = srv.models.statistics(request.name, request.version)
+            except ServeError as exc:
+                await abort(context, exc)
+            return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
         async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
             return pb.ServerMetadataResponse(**server_metadata())
@@ -91,7 +112,7 @@ def build_servicer(srv: Any) -> Any:
                     results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
                 finally:
                     srv.budget.release(size)
-                response = decoded.respond(name, version, results).grpc(pb)
+                response = decoded.respond(name, version, results, model.spec, model.labels).grpc(pb)
             except ServeError as exc:
                 record(exc.grpc_code.lower())
                 await abort(context, exc)
@@ -110,17 +131,21 @@ def build_servicer(srv: Any) -> Any:
             return pb.RepositoryIndexResponse(models=[entry(**m) for m in srv.models.index(request.ready)])
 
         async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
+            parameters = {key: p.string_param if p.HasField("string_param") else p.bytes_param.decode(errors="replace")
+                          for key, p in request.parameters.items()}  # fmt: skip
             try:
-                await srv.models.load(request.model_name)
+                await srv.models.load(request.model_name, load_config_override(parameters))
             except ServeError as exc:
                 await abort(context, exc)
             srv.audit.record("grpc", request.model_name, "", client_identity(context), "load", 0.0)
             return pb.RepositoryModelLoadResponse()
 
         async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
+            name = request.model_name
             try:
-                srv.models.get(request.model_name)
-                await srv.models.unload(request.model_name, "unloaded through the repository API")
+                if name not in srv.models.models and name not in srv.models.repository.names():
+                    raise ServeError(404, f"unknown model {name[:200]!r}")
+                await srv.models.unload(name, "unloaded through the repository API")  # not loaded: a success
             except ServeError as exc:
                 await abort(context, exc)
             srv.audit.record("grpc", request.model_name, "", client_identity(context), "unload", 0.0)

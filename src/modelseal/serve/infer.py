@@ -13,12 +13,20 @@ JavaScript) reject Python's bare ``NaN``/``Infinity``. Responses send them as th
 ``"Infinity"`` and ``"-Infinity"``, which ``numpy.array(data, dtype)`` (what tritonclient and the KServe
 SDK call) turns back into the float values. Requests are read as strict JSON too (the shared bounded
 reader: no bare constants, no duplicate keys) and accept the same strings in ``data``.
+
+Data types (:mod:`.datatypes`): ``BYTES`` tensors are numpy object arrays of ``bytes`` in the server; in
+JSON they are strings (UTF-8), in REST binary data and gRPC raw contents Triton's length-prefixed form
+(each element a 4-byte little-endian length, then its bytes: :func:`encode_bytes`, :func:`decode_bytes`),
+in gRPC typed contents ``bytes_contents``. ``BF16`` (``ml_dtypes.bfloat16``) travels as binary data only,
+2 bytes an element, as in Triton; in JSON it is refused both ways. ``FP16`` travels in JSON as numbers
+(Triton refuses that; tritonclient sends it), and in gRPC as raw contents only (no typed field).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +41,13 @@ from modelseal.serve.repository import ModelSpec
 from modelseal.version import __version__
 
 Tensors = dict[str, np.ndarray]
-EXTENSIONS = ["binary_tensor_data", "model_repository", "metrics"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics",
+              "metrics"]  # fmt: skip
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_JSON_DEPTH = 40  # a request is ~4 levels plus one per tensor dimension when data is sent nested
 MAX_RANK = 32
 MAX_DIM = 2**31 - 1
+LENGTH = struct.Struct("<I")  # the length prefix of each BYTES element in binary form
 
 
 def server_metadata() -> dict[str, Any]:
@@ -53,14 +63,47 @@ class InferRequest:
     outputs: list[str]  # empty: every output of the model
     binary: dict[str, bool] = field(default_factory=dict)  # REST: output name ("*": default) -> binary data
     id: str = ""
+    classification: dict[str, int] = field(default_factory=dict)  # output name -> top classes to answer
 
     def validate(self, spec: ModelSpec) -> list[str]:
         """Check the request against ``spec``'s config; the outputs to compute."""
         return validate(spec, self.inputs, self.outputs)
 
-    def respond(self, model: str, version: str, results: Tensors) -> InferResponse:
-        """The response to this request: its id, and REST's binary choices for each output."""
+    def respond(self, model: str, version: str, results: Tensors, spec: ModelSpec | None = None,
+                labels: dict[str, list[str]] | None = None) -> InferResponse:  # fmt: skip
+        """The response to this request: its id, REST's binary choices for each output, and the outputs
+        asked for as classifications turned into them (``spec``: the model's config, ``labels``: its class
+        labels by output)."""
+        for name, count in self.classification.items():
+            batching = spec.batching if spec is not None else False
+            results[name] = classify(name, results[name], count, (labels or {}).get(name, []), batching)
         return InferResponse(model, version, results, self.id, self.binary)
+
+
+MAX_CLASSES = 1 << 16
+
+
+def classification_count(name: str, value: Any) -> int:
+    """An output's ``classification`` parameter: how many top classes to answer (1..65536)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_CLASSES:
+        raise bad_request(f"output {name}: 'classification' must be an integer 1..{MAX_CLASSES}")
+    return value
+
+
+def classify(name: str, array: np.ndarray, count: int, labels: list[str], batching: bool) -> np.ndarray:
+    """The classification extension (Triton's): the ``count`` largest values of each row (each batch
+    entry; the whole tensor without batching) as BYTES ``"value:index"``, or ``"value:index:label"`` when
+    the config's ``label_filename`` names that index, largest first."""
+    if array.dtype.kind not in "biuf":
+        raise bad_request(f"output {name}: classification needs a numeric output, not {datatypes.v2_name(array.dtype)}")
+    rows = array.reshape(array.shape[0] if batching and array.ndim else 1, -1)
+    top = min(count, rows.shape[1])
+    classes = np.empty((rows.shape[0], top), dtype=object)
+    for r, row in enumerate(rows):
+        for j, index in enumerate(np.argsort(-row.astype(np.float64), kind="stable")[:top]):
+            label = f":{labels[index]}" if index < len(labels) and labels[index] else ""
+            classes[r, j] = f"{float(row[index]):f}:{index}{label}".encode()
+    return classes if batching and array.ndim else classes[0]
 
 
 @dataclass
@@ -75,14 +118,17 @@ class InferResponse:
         """(JSON header, binary chunks); the header is strict JSON (no bare NaN)."""
         outputs, chunks = [], []
         for name, array in self.outputs.items():
-            entry: dict[str, Any] = {"name": name, "datatype": datatypes.v2_name(array.dtype),
-                                     "shape": list(array.shape)}  # fmt: skip
+            datatype = datatypes.v2_name(array.dtype)
+            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
             if self.binary.get(name, self.binary.get("*", False)):
-                raw = np.ascontiguousarray(array).tobytes()
+                raw = raw_bytes(array)
                 entry["parameters"] = {"binary_data_size": len(raw)}
                 chunks.append(raw)
             else:
-                entry["data"] = json_values(array)
+                if datatype == "BF16":
+                    raise bad_request(f"output {name}: BF16 data cannot be sent as JSON; request it as binary "
+                                      "data (output parameter binary_data: true)")  # fmt: skip
+                entry["data"] = json_values(array, name)
             outputs.append(entry)
         body: dict[str, Any] = {"model_name": self.model, "model_version": self.version, "outputs": outputs}
         if self.id:
@@ -94,7 +140,7 @@ class InferResponse:
         response = pb.ModelInferResponse(model_name=self.model, model_version=self.version, id=self.id)
         for name, array in self.outputs.items():
             response.outputs.add(name=name, datatype=datatypes.v2_name(array.dtype), shape=array.shape)
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+            response.raw_output_contents.append(raw_bytes(array))
         return response
 
 
@@ -154,21 +200,110 @@ def check_dtype(name: str, datatype: Any) -> np.dtype:
 
 def tensor(name: str, datatype: Any, shape: Any, *, raw: bytes | memoryview | None = None,
            values: Any = None) -> np.ndarray:  # fmt: skip
-    """An input tensor from raw little-endian bytes or (nested) JSON/protobuf values, checked to fill
-    ``shape`` exactly. Sizes are computed with Python integers, so huge dims cannot wrap around."""
+    """An input tensor from raw little-endian bytes (``BYTES``: length-prefixed elements) or (nested)
+    JSON/protobuf values, checked to fill ``shape`` exactly. Sizes are computed with Python integers, so
+    huge dims cannot wrap around."""
     dtype, dims = check_dtype(name, datatype), check_shape(name, shape)
     count = math.prod(dims)
     if raw is not None:
+        if datatype == "BYTES":
+            return decode_bytes(raw, count, name, dims).reshape(dims)
         if len(raw) != count * dtype.itemsize:
             raise bad_request(f"input {name}: {len(raw)} bytes of data do not match shape {dims} of {datatype}")
         return np.frombuffer(raw, dtype=dtype).reshape(dims)
-    try:
-        array = np.asarray(values, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise bad_request(f"input {name}: the data are not {datatype} values ({exc})") from None
+    if datatype == "BYTES":
+        array = _byte_values(name, values)
+    else:
+        try:
+            with np.errstate(over="raise"):  # 1e39 as FP32, 70000 as FP16: refused, not made infinite
+                array = np.asarray(values, dtype=dtype)
+        except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
+            raise bad_request(f"input {name}: the data are not {datatype} values ({exc})") from None
     if array.size != count:
         raise bad_request(f"input {name}: {array.size} values do not fill shape {dims}")
     return array.reshape(dims)
+
+
+def _byte_values(name: str, values: Any) -> np.ndarray:
+    """BYTES elements from JSON strings (encoded as UTF-8) or gRPC ``bytes_contents``, flat or nested
+    (JSON nesting is bounded by the parser's depth limit)."""
+    flat: list[bytes] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, bytes):
+            flat.append(value)
+        elif isinstance(value, str):
+            try:
+                flat.append(value.encode("utf-8"))
+            except UnicodeEncodeError:  # a lone surrogate escape ("\udc80") is not text
+                raise bad_request(f"input {name}: BYTES data hold a string that is not valid Unicode") from None
+        else:
+            raise bad_request(f"input {name}: BYTES data must be strings, not {type(value).__name__}")
+
+    walk(values)
+    array = np.empty(len(flat), dtype=object)
+    array[:] = flat
+    return array
+
+
+def decode_bytes(raw: bytes | memoryview, count: int, name: str = "", dims: Any = None) -> np.ndarray:
+    """``count`` BYTES elements from Triton's binary form (a 4-byte little-endian length, then that many
+    bytes, for each), as a flat object array of ``bytes``. Data that end inside a length or an element,
+    or go on after the last, are a 400."""
+    view = memoryview(raw).cast("B")
+    size = len(view)
+    what = f"input {name}" if name else "BYTES data"
+    if count * LENGTH.size > size:  # checked first: a huge shape with little data costs nothing
+        raise bad_request(f"{what}: {size} bytes of data cannot hold the {count} BYTES elements of shape "
+                          f"{dims if dims is not None else [count]} (each takes at least {LENGTH.size})")  # fmt: skip
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for i in range(count):
+        if size - offset < LENGTH.size:
+            raise bad_request(f"{what}: the data end inside the length of BYTES element {i}")
+        (length,) = LENGTH.unpack_from(view, offset)
+        offset += LENGTH.size
+        if length > size - offset:
+            raise bad_request(f"{what}: BYTES element {i} has length {length}, past the end of the data "
+                              f"({size - offset} bytes left)")  # fmt: skip
+        out[i] = view[offset : offset + length].tobytes()
+        offset += length
+    if offset != size:
+        raise bad_request(f"{what}: {size - offset} bytes of data follow the last of its {count} BYTES elements")
+    return out
+
+
+def as_bytes(value: Any) -> bytes:
+    """One BYTES element as ``bytes``: bytes as they are, text as UTF-8 (what runtimes return)."""
+    if isinstance(value, bytes):
+        return bytes(value)  # np.bytes_ too
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"a BYTES element must be bytes or str, not {type(value).__name__}")
+
+
+def encode_bytes(array: np.ndarray) -> bytes:
+    """Triton's binary form of a BYTES tensor, elements in row-major order (:func:`decode_bytes`)."""
+    parts: list[bytes] = []
+    for value in array.ravel(order="C"):
+        data = as_bytes(value)
+        if len(data) > 0xFFFFFFFF:
+            raise ValueError("a BYTES element longer than 4 GiB has no length prefix")
+        parts += (LENGTH.pack(len(data)), data)
+    return b"".join(parts)
+
+
+def raw_bytes(array: np.ndarray) -> bytes:
+    """A tensor's binary data (REST binary extension, gRPC raw contents): little-endian values, or the
+    length-prefixed elements of a BYTES tensor."""
+    if array.dtype.kind in "OSU":
+        return encode_bytes(array)
+    return np.ascontiguousarray(array).tobytes()
 
 
 def add_input(arrays: dict[str, np.ndarray], name: Any, array_of: Any) -> None:
@@ -250,6 +385,9 @@ def decode_rest(body: bytes, header_length: str | None) -> InferRequest:
             if size is None:
                 if "data" not in item:
                     raise bad_request(f"input {name} has neither 'data' nor binary data")
+                if item.get("datatype") == "BF16":
+                    raise bad_request(f"input {name}: BF16 data cannot be sent as JSON; send it as binary data "
+                                      "(the binary tensor data extension; tritonclient: binary_data=True)")  # fmt: skip
                 return tensor(name, item.get("datatype"), item.get("shape"), values=item["data"])
             if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary) - offset:
                 raise bad_request(f"input {name}: binary_data_size {size!r} is not within the "
@@ -266,17 +404,25 @@ def decode_rest(body: bytes, header_length: str | None) -> InferRequest:
         raise bad_request("'outputs' must be a list of JSON objects")
     names = check_outputs([o.get("name") for o in outputs])
     binary_out = {"*": default_binary}
+    classes = {}
     for name, o in zip(names, outputs, strict=True):
         parameters = _object(o.get("parameters"), f"output {name} 'parameters'")
         binary_out[name] = _flag(parameters, "binary_data", default_binary, f"output {name}'s")
         if "classification" in parameters:
-            raise bad_request(f"output {name}: the classification extension is not supported")
-    return InferRequest(arrays, names, binary_out, request_id)
+            classes[name] = classification_count(name, parameters["classification"])
+    return InferRequest(arrays, names, binary_out, request_id, classes)
 
 
-def json_values(array: np.ndarray) -> list[Any]:
-    """Tensor values for a JSON response: numbers, with non-finite floats as "NaN"/"Infinity"/"-Infinity"."""
+def json_values(array: np.ndarray, name: str = "") -> list[Any]:
+    """Tensor values for a JSON response: numbers, with non-finite floats as "NaN"/"Infinity"/"-Infinity";
+    BYTES elements as strings, refused (400) when one is not UTF-8 text, which JSON cannot carry."""
     flat = array.ravel()
+    if flat.dtype.kind in "OSU":
+        try:
+            return [v if isinstance(v, str) else as_bytes(v).decode("utf-8") for v in flat.tolist()]
+        except UnicodeDecodeError:
+            raise bad_request(f"output {name}: BYTES data that are not UTF-8 cannot be sent as JSON; request "
+                              "it as binary data (output parameter binary_data: true)") from None  # fmt: skip
     if flat.dtype.kind != "f" or np.isfinite(flat).all():
         return flat.tolist()  # type: ignore[no-any-return]
     out = flat.astype(object)
@@ -311,7 +457,10 @@ def decode_grpc(request: Any) -> InferRequest:
             return tensor(name, t.datatype, list(t.shape), values=list(getattr(t.contents, contents)))
 
         add_input(arrays, t.name, decode)
-    return InferRequest(arrays, check_outputs([o.name for o in request.outputs]), id=request.id)
+    classes = {o.name: classification_count(o.name, o.parameters["classification"].int64_param)
+               for o in request.outputs if "classification" in o.parameters}  # fmt: skip
+    return InferRequest(arrays, check_outputs([o.name for o in request.outputs]), id=request.id,
+                        classification=classes)  # fmt: skip
 
 
 def runtime_refusal(exc: Exception) -> ServeError | None:

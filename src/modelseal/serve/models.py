@@ -24,11 +24,12 @@ from modelseal.load.artifacts import resolve_identity
 from modelseal.recipients.base import Identity
 from modelseal.recipients.registry import IdentitySpec
 from modelseal.serve import keywatch
+from modelseal.serve.autocomplete import effective_config
 from modelseal.serve.batching import DynamicBatcher, Tensors
 from modelseal.serve.errors import ServeError, not_found, unavailable
 from modelseal.serve.infer import runtime_refusal, validate
 from modelseal.serve.metrics import Metrics
-from modelseal.serve.repository import ConfigError, ModelSpec, Repository, capped
+from modelseal.serve.repository import ConfigError, ModelSpec, Repository, capped, read_labels
 from modelseal.serve.runtimes.base import Runtime, build
 from modelseal.serve.source import open_source
 
@@ -36,26 +37,90 @@ log = logging.getLogger("modelseal.serve")
 
 
 @dataclass
+class Statistics:
+    """Per model version, what ``ModelStatistics`` reports (Triton's names; durations in ns). ``queue`` is
+    the wait for a free instance of each execution (a dynamic batch's forming time is in ``success``)."""
+
+    success: list[int] = field(default_factory=lambda: [0, 0])  # [count, ns], end to end per request
+    fail: list[int] = field(default_factory=lambda: [0, 0])
+    queue: list[int] = field(default_factory=lambda: [0, 0])  # per execution
+    compute_infer: list[int] = field(default_factory=lambda: [0, 0])  # per execution: the runtime's run
+    inference_count: int = 0  # rows (batch entries) answered successfully
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [executions, compute ns]
+
+    def executed(self, rows: int, waited_ns: int, compute_ns: int) -> None:
+        self.execution_count += 1
+        for counter, ns in ((self.queue, waited_ns), (self.compute_infer, compute_ns)):
+            counter[0] += 1
+            counter[1] += ns
+        batch = self.batches.setdefault(rows, [0, 0])
+        batch[0] += 1
+        batch[1] += compute_ns
+
+    def answered(self, ok: bool, rows: int, ns: int) -> None:
+        counter = self.success if ok else self.fail
+        counter[0] += 1
+        counter[1] += ns
+        if ok:
+            self.inference_count += rows
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def report(self, name: str, version: int) -> dict[str, Any]:
+        """Triton's JSON form of ``ModelStatistics`` (also the gRPC message's fields)."""
+
+        def duration(counter: list[int]) -> dict[str, int]:
+            return {"count": counter[0], "ns": counter[1]}
+
+        zero = {"count": 0, "ns": 0}
+        return {
+            "name": name, "version": str(version), "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count, "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": duration(self.success), "fail": duration(self.fail), "queue": duration(self.queue),
+                "compute_input": zero, "compute_infer": duration(self.compute_infer), "compute_output": zero,
+            },
+            "batch_stats": [
+                {"batch_size": size, "compute_input": zero, "compute_infer": duration(counter), "compute_output": zero}
+                for size, counter in sorted(self.batches.items())
+            ],
+        }  # fmt: skip
+
+
+@dataclass
 class LoadedModel:
-    spec: ModelSpec
+    spec: ModelSpec  # completed from the model where its config left inputs or outputs out
     version: int
     runtimes: list[Runtime]
     keys: set[str]
     pool: ThreadPoolExecutor
+    labels: dict[str, list[str]] = field(default_factory=dict)  # output name -> class labels
     idle: asyncio.Queue[Runtime | None] = field(default_factory=asyncio.Queue)  # None: closed
     batcher: DynamicBatcher | None = None
     in_flight: int = 0
     closed: bool = False
+    stats: Statistics = field(default_factory=Statistics)
 
     async def execute(self, inputs: Tensors, outputs: list[str]) -> Tensors:
         """Run on a free instance, in the instance pool (never on the event loop). A request that still
         holds this model after it was unloaded is refused (503), not run on a closed pool."""
+        rows = next(iter(inputs.values())).shape[0] if self.spec.batching and inputs else 1  # before: never
+        asked = time.perf_counter_ns()  # leave between taking an instance and handing it back
         runtime = None if self.closed else await self.idle.get()
         if runtime is None or self.closed:
             if runtime is not None or not self.closed:
                 self.idle.put_nowait(runtime)  # wakes the next waiter, which is refused in turn
             raise unavailable(f"model {self.spec.name} was unloaded")
-        running = asyncio.get_running_loop().run_in_executor(self.pool, runtime.run, inputs, outputs)
+        waited = time.perf_counter_ns() - asked
+
+        def run() -> Tensors:
+            started = time.perf_counter_ns()
+            results = runtime.run(inputs, outputs)
+            self.stats.executed(rows, waited, time.perf_counter_ns() - started)
+            return results
+
+        running = asyncio.get_running_loop().run_in_executor(self.pool, run)
 
         def release(done: asyncio.Future[Tensors]) -> None:
             # A cancelled caller (client gone, batch abandoned) must not free the instance while its thread
@@ -123,7 +188,7 @@ the next load. The agent watched
         self.agent_socket = agent_socket or keywatch.agent_socket(self.identity)
         self.key_check_s, self.retry_s, self.threads = key_check_s, retry_s, threads
         self.trusted_signers = list(trusted_signers or [])
-        self.models: dict[str, LoadedModel] = {}
+        self.models: dict[str, dict[int, LoadedModel]] = {}  # name -> its served versions
         self.states: dict[str, ModelState] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -143,53 +208,61 @@ the next load. The agent watched
         for name in list(self.models):
             await self.unload(name, "server shutdown")
 
-    async def load(self, name: str) -> None:
-        """Load (or reload) the newest version of ``name``; errors are recorded in its state and raised:
-        404 when the repository has no such model directory, 400 when its config is unusable (or
-        disagrees with the model), 503 when the model cannot be loaded (key refused, runtime refused it).
+    async def load(self, name: str, config: str | None = None) -> None:
+        """Load (or reload) the versions of ``name`` its version policy names (the newest by default);
+        ``config``: a JSON config used instead of the model's file (a repository load request's). Errors
+        are recorded in its state and raised: 404 when the repository has no such model directory, 400
+        when its config is unusable (or disagrees with the model), 503 when the model cannot be loaded
+        (key refused, runtime refused it). Versions are all-or-nothing: a reload that fails keeps every
+        version loaded before serving.
 
         The load runs to its end even if the caller goes away (aiohttp cancels the handler of a client
         that disconnects): cancelled halfway, it left the model LOADING for good, and the instances
         being built, decrypted weights included, installed nowhere and closed by nobody."""
-        await _to_the_end(self._load(name))
+        await _to_the_end(self._load(name, config))
 
     async def unload(self, name: str, reason: str, retry: bool = False) -> None:
         """Stop serving ``name`` and free its runtimes (weights and, for sealed models, nothing on disk);
         like :meth:`load`, it runs to its end even if the caller goes away."""
         await _to_the_end(self._unload(name, reason, retry))
 
-    async def _load(self, name: str) -> None:
+    async def _load(self, name: str, config: str | None) -> None:
         async with self.locks.setdefault(name, asyncio.Lock()):
             if name not in self.repository.names():
                 raise not_found(f"model {name!r} is not in the repository {self.repository.root}")
             state = self.states.setdefault(name, ModelState())
             try:
-                spec = await asyncio.to_thread(self.repository.spec, name)  # file reads off the event loop
+                spec = await asyncio.to_thread(self.repository.spec, name, config)  # file reads off the loop
                 versions = spec.versions()
                 if not versions:
-                    raise ConfigError(f"model {name} has no numeric version directory in {spec.path}")
+                    named = "" if spec.version_policy.kind == "latest" else " that its version_policy names"
+                    raise ConfigError(f"model {name} has no numeric version directory{named} in {spec.path}")
             except ModelsealError as exc:
                 raise self._load_failed(name, state, exc) from None
-            version = versions[-1]
             state.state = "LOADING"  # keeps the reason it was unavailable until the load succeeds
             started = time.monotonic()
+            loaded: dict[int, LoadedModel] = {}
             try:
-                loaded = await asyncio.to_thread(self._build, spec, version)
+                for version in versions:
+                    loaded[version] = await asyncio.to_thread(self._build, spec, version)
             except Exception as exc:  # whatever failed, the server keeps serving the other models
+                for model in loaded.values():
+                    await model.close()
                 raise self._load_failed(name, state, exc) from None
-            old = self.models.pop(name, None)
-            if old is not None:
+            for old in self.models.pop(name, {}).values():
                 await old.close()
-            self._start_model(loaded)
+            for model in loaded.values():
+                self._start_model(model)
             self.models[name] = loaded
             state.state, state.reason, state.retry = "READY", "", False
             self.metrics.loads.labels(name, "ok").inc()
-            if loaded.keys:
+            if any(model.keys for model in loaded.values()):
                 self.metrics.key_fetches.labels(name, "ok").inc()
             self.metrics.load_seconds.labels(name).observe(time.monotonic() - started)
             self.metrics.ready.labels(name).set(1)
-            log.info("model %s version %d ready (%d instance(s), %s)", name, version, len(loaded.runtimes),
-                     loaded.runtimes[0].device)  # fmt: skip
+            newest = loaded[versions[-1]]
+            log.info("model %s version %s ready (%d instance(s) each, %s)", name, ", ".join(map(str, loaded)),
+                     len(newest.runtimes), newest.runtimes[0].device)  # fmt: skip
 
     def _load_failed(self, name: str, state: ModelState, exc: Exception) -> ServeError:
         """Record (state, index, log) why a load failed; a failed *reload* keeps the loaded version serving."""
@@ -207,7 +280,7 @@ the next load. The agent watched
         if name in self.models:
             state.state, state.reason = (
                 "READY",
-                f"reload failed, still serving version {self.models[name].version}: {reason}",
+                f"reload failed, still serving version(s) {', '.join(map(str, self.models[name]))}: {reason}",
             )
         else:
             state.state, state.reason, state.retry = "UNAVAILABLE", reason, retry
@@ -217,20 +290,22 @@ the next load. The agent watched
     def _build(self, spec: ModelSpec, version: int) -> LoadedModel:
         """Open the version's artifact once, unlock it once, and build every instance from it."""
         artifact = spec.artifact(version)
+        labels = read_labels(spec)
         runtimes: list[Runtime] = []
         with open_source(artifact, self._identity, self.trusted_signers) as source:
             if not source.sealed and self.trusted_signers:
                 raise UsageError(f"{artifact} is not sealed, so it carries no signature from a trusted signer")
             keys = source.key_ids()
             try:
-                for _ in range(spec.instances):
-                    runtimes.append(build(spec, source, self.threads))
+                for _ in range(spec.instances):  # the first completes the config (if it must) for the others
+                    runtime, spec = build(spec, source, self.threads, self.repository.default_max_batch_size)
+                    runtimes.append(runtime)
             except BaseException:
                 for r in runtimes:
                     r.close()
                 raise
-        pool = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"model-{spec.name}")
-        return LoadedModel(spec, version, runtimes, keys, pool)
+        pool = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"model-{spec.name}-{version}")
+        return LoadedModel(spec, version, runtimes, keys, pool, labels)
 
     def _resolve_identity(self) -> None:
         try:
@@ -262,47 +337,65 @@ the next load. The agent watched
 
     async def _unload(self, name: str, reason: str, retry: bool) -> None:
         async with self.locks.setdefault(name, asyncio.Lock()):
-            model = self.models.pop(name, None)
+            versions = self.models.pop(name, {})
             state = self.states.setdefault(name, ModelState())
             state.state, state.reason, state.retry = "UNAVAILABLE", reason, retry
-            if model is None:
+            if not versions:
                 return
             self.metrics.ready.labels(name).set(0)
             self.metrics.unloads.labels(name, "key_dropped" if retry else "requested").inc()
-            await model.close()
-            del model
+            for model in versions.values():
+                await model.close()
+            del model, versions
             gc.collect()
             log.warning("model %s unloaded: %s", name, reason)
 
     # --- requests ---------------------------------------------------------------------------------
 
     def get(self, name: str, version: str = "") -> LoadedModel:
-        model = self.models.get(name)
-        if model is None:
+        """The loaded ``version`` of ``name`` (``""``: the newest loaded): 404 for an unknown model or a
+        version not loaded, 503 for a model not ready."""
+        versions = self.models.get(name)
+        if not versions:
             state = self.states.get(name)
             if state is None and name not in self.repository.names():
                 raise not_found(f"unknown model {name!r}")
             reason = state.reason if state and state.reason else ("loading" if state else "not loaded")
             raise unavailable(f"model {name} is not ready: {reason}")
-        if version and version != str(model.version):
-            raise not_found(f"model {name} has no ready version {version!r} (ready: {model.version})")
+        if version:
+            model = versions.get(int(version)) if version.isdigit() and len(version) < 19 else None
+            if model is None:
+                ready = ", ".join(map(str, versions))
+                raise not_found(f"model {name} has no ready version {version[:40]!r} (ready: {ready})")
+        else:
+            model = versions[max(versions)]
         if model.batcher is not None and not model.batcher.alive:
             raise unavailable(f"model {name} is not ready: {model.batcher.failure or 'its dynamic batcher stopped'}")
         return model
 
     def dead_batchers(self) -> list[str]:
         """Loaded models whose dynamic batcher cannot answer requests (readiness reports them)."""
-        return [n for n, m in self.models.items() if m.batcher is not None and not m.batcher.alive]
+        return [n for n, m in self.loaded() if m.batcher is not None and not m.batcher.alive]
+
+    def loaded(self) -> list[tuple[str, LoadedModel]]:
+        """Every loaded (name, version) pair, by name then version."""
+        return [(name, versions[v]) for name, versions in sorted(self.models.items()) for v in sorted(versions)]
 
     async def infer(self, model: LoadedModel, inputs: Tensors, outputs: list[str]) -> Tensors:
-        wanted = validate(model.spec, inputs, outputs)
+        started, ok = time.perf_counter_ns(), False
+        rows = 1
         model.in_flight += 1
         try:
+            wanted = validate(model.spec, inputs, outputs)
+            rows = next(iter(inputs.values())).shape[0] if model.spec.batching else 1
             if model.batcher is not None:
-                return await model.batcher.submit(inputs, wanted)
-            if model.spec.batching:
-                self.metrics.batch_size.labels(model.spec.name).observe(next(iter(inputs.values())).shape[0])
-            return await model.execute(inputs, wanted)
+                results = await model.batcher.submit(inputs, wanted)
+            else:
+                if model.spec.batching:
+                    self.metrics.batch_size.labels(model.spec.name).observe(rows)
+                results = await model.execute(inputs, wanted)
+            ok = True
+            return results
         except ServeError:
             raise
         except Exception as exc:  # a runtime failure: report the kind, never tensor contents
@@ -314,27 +407,31 @@ the next load. The agent watched
             raise ServeError(500, f"inference on {model.spec.name} failed: {why}") from None
         finally:
             model.in_flight -= 1
+            model.stats.answered(ok, rows, time.perf_counter_ns() - started)
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """One row per loaded version (as Triton lists them), one for each model with none loaded."""
         rows = []
         for name in self.repository.names():
             state = self.states.get(name, ModelState())
-            model = self.models.get(name)
-            if ready_only and model is None:
+            versions = self.models.get(name, {})
+            if ready_only and not versions:
                 continue
-            row = {"name": name, "version": str(model.version) if model else "", "state": state.state}
-            if state.reason:
-                row["reason"] = state.reason
-            if model is not None and model.batcher is not None and not model.batcher.alive:
-                row["state"], row["reason"] = "UNAVAILABLE", model.batcher.failure or "its dynamic batcher stopped"
-            rows.append(row)
+            served: list[LoadedModel | None] = [versions[v] for v in sorted(versions)]
+            for model in served or [None]:
+                row = {"name": name, "version": str(model.version) if model else "", "state": state.state}
+                if state.reason:
+                    row["reason"] = state.reason
+                if model is not None and model.batcher is not None and not model.batcher.alive:
+                    row["state"], row["reason"] = "UNAVAILABLE", model.batcher.failure or "its dynamic batcher stopped"
+                rows.append(row)
         return rows
 
     def metadata(self, model: LoadedModel) -> dict[str, Any]:
         spec = model.spec
         return {
             "name": spec.name,
-            "versions": [str(model.version)],
+            "versions": [str(v) for v in sorted(self.models.get(spec.name, {model.version: model}))],
             "platform": spec.platform,
             "inputs": [t.metadata(spec.batching) for t in spec.inputs],
             "outputs": [t.metadata(spec.batching) for t in spec.outputs],
@@ -342,13 +439,27 @@ the next load. The agent watched
 
     async def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while any(m.in_flight for m in self.models.values()) and time.monotonic() < deadline:
+        while any(m.in_flight for _, m in self.loaded()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     # --- key revocation (what keywatch needs) ---------------------------------------------------------
 
     def key_ids(self) -> dict[str, set[str]]:
-        return {name: model.keys for name, model in self.models.items()}
+        return {name: set().union(*(m.keys for m in versions.values())) for name, versions in self.models.items()}
+
+    def config(self, model: LoadedModel) -> dict[str, Any]:
+        """The loaded model's config, completed from the model where it had to be (Triton's JSON form)."""
+        return effective_config(model.spec, model.runtimes[0].device if model.runtimes else "cpu")
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """``ModelStatistics`` of the loaded versions of ``name`` (``""``: every model; ``version``: only
+        that one, 404 when it is not loaded)."""
+        if name:
+            if version:
+                return [self.get(name, version).stats.report(name, int(version))]
+            self.get(name)
+            return [m.stats.report(name, m.version) for n, m in self.loaded() if n == name]
+        return [m.stats.report(n, m.version) for n, m in self.loaded()]
 
     async def retry_dropped(self) -> None:
         for name, state in list(self.states.items()):

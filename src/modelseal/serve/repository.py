@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.errors import UsageError
+from modelseal.jsonlimits import JSONLimitError, loads_bounded
 from modelseal.serve import datatypes
 from modelseal.serve.protocol import model_config
 from modelseal.serve.runtimes.base import registry
@@ -34,6 +35,7 @@ CONFIG_NAMES = ("config.pbtxt", "config.yaml", "config.yml", "config.json")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_INSTANCES = 64
 MAX_QUEUE_DELAY_US = 10_000_000
+MAX_VERSIONS = 16  # versions of one model served at once (each holds its weights in memory)
 MAX_REASON_CHARS = 1000  # a load failure's reason in the index and the log (a parser may quote its input)
 
 
@@ -52,6 +54,7 @@ class TensorSpec:
     name: str
     datatype: str  # protocol name: FP32, INT64...
     dims: tuple[int, ...]  # without the batch dimension when the model batches; -1 = variable
+    label_filename: str = ""  # outputs: one class label per line (the classification extension)
 
     def metadata(self, batching: bool) -> dict[str, Any]:
         return {
@@ -62,25 +65,56 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class VersionPolicy:
+    """Which version directories are served (Triton's ``version_policy``): the newest ``latest`` ones
+    (default 1), ``all``, or a ``specific`` list."""
+
+    kind: str = "latest"  # latest | all | specific
+    latest: int = 1
+    specific: tuple[int, ...] = ()
+
+    def choose(self, versions: list[int]) -> list[int]:
+        """The versions served, oldest first, out of the version directories found (sorted)."""
+        if self.kind == "all":
+            return list(versions)
+        if self.kind == "specific":
+            return [v for v in versions if v in self.specific]
+        return versions[-self.latest :]
+
+    def config(self) -> dict[str, Any]:
+        if self.kind == "specific":
+            return {"specific": {"versions": list(self.specific)}}
+        return {"all": {}} if self.kind == "all" else {"latest": {"num_versions": self.latest}}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     path: Path
     platform: str
     max_batch_size: int
-    inputs: tuple[TensorSpec, ...]
+    inputs: tuple[TensorSpec, ...]  # empty: completed from the model at load (modelseal.serve.autocomplete)
     outputs: tuple[TensorSpec, ...]
     instances: int = 1
     max_queue_delay_s: float | None = None  # None: no dynamic batching
     preferred_batch_sizes: tuple[int, ...] = ()
     default_model_filename: str | None = None
     parameters: dict[str, str] = field(default_factory=dict)
+    version_policy: VersionPolicy = VersionPolicy()
+    backend: str = ""
 
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 0
 
+    @property
+    def complete(self) -> bool:
+        """Whether the config declares inputs and outputs (else the model fills them in at load)."""
+        return bool(self.inputs) and bool(self.outputs)
+
     def versions(self) -> list[int]:
-        return sorted(int(p.name) for p in self.path.iterdir() if p.is_dir() and p.name.isdigit())
+        """The version directories served under the version policy, oldest first."""
+        return self.version_policy.choose(version_dirs(self.path))
 
     def artifact(self, version: int) -> Path:
         """The model file of ``version``: the configured file name, else the platform's default names."""
@@ -95,70 +129,104 @@ class ModelSpec:
         raise ConfigError(f"model {self.name} version {version}: none of {', '.join(names)} in {base}")
 
 
-def parse_config(directory: Path) -> ModelSpec:
-    """Read ``directory``'s config (pbtxt, YAML or JSON) into a :class:`ModelSpec`, checking it."""
+def version_dirs(path: Path) -> list[int]:
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and len(p.name) < 19)
+
+
+def _platform_from_files(directory: Path) -> str | None:
+    """With no platform in the config (or no config), the platform whose model file the newest version
+    directory holds, as Triton guesses from ``model.onnx``, ``model.pt``..."""
+    runtimes = registry()
+    for version in reversed(version_dirs(directory)):
+        for platform in runtimes.platforms():
+            info = runtimes.get(platform)
+            if info is not None and any((directory / str(version) / n).exists() for n in info.files):
+                return platform
+    return None
+
+
+def parse_config(directory: Path, override: str | None = None, strict: bool = False) -> ModelSpec:
+    """Read ``directory``'s config (pbtxt, YAML or JSON; ``override``: a JSON config given with a load
+    request instead) into a :class:`ModelSpec`, checking it. A model without a config, or whose config
+    leaves out the platform, inputs or outputs, is completed from its model files and, at load, from the
+    model itself, as Triton does; ``strict`` (``--strict-config``) requires a config naming all three."""
     from google.protobuf import json_format, text_format
 
     messages = model_config()
     config = messages.ModelConfig()
     found = [directory / n for n in CONFIG_NAMES if (directory / n).exists()]
-    if not found:
-        raise ConfigError(f"model {directory.name}: {directory} has no config ({' or '.join(CONFIG_NAMES)})")
-    path = found[0]
+    path = found[0] if found else directory / CONFIG_NAMES[0]
+    where = f"model {directory.name}'s load request config" if override is not None else str(path)
+    if override is None and not found and strict:
+        raise ConfigError(f"model {directory.name}: {directory} has no config ({' or '.join(CONFIG_NAMES)}) "
+                          "and --strict-config requires one")  # fmt: skip
     try:
-        text = _read_config(path)
-        if path.suffix == ".pbtxt":
-            text_format.Parse(text, config, allow_unknown_field=True)
-        else:
-            data = json.loads(text) if path.suffix == ".json" else _yaml(text, path)
+        if override is not None:
+            data = loads_bounded(override.encode(), max_bytes=MAX_CONFIG_BYTES, max_depth=32, what=where)
             json_format.ParseDict(data or {}, config, ignore_unknown_fields=True)
+        elif found:
+            text = _read_config(path)
+            if path.suffix == ".pbtxt":
+                text_format.Parse(text, config, allow_unknown_field=True)
+            else:
+                data = json.loads(text) if path.suffix == ".json" else _yaml(text, path)
+                json_format.ParseDict(data or {}, config, ignore_unknown_fields=True)
+    except JSONLimitError as exc:
+        raise ConfigError(capped(str(exc))) from None
     except (text_format.ParseError, json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
-        raise ConfigError(capped(f"{path}: {exc}")) from None
+        raise ConfigError(capped(f"{where}: {exc}")) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     name = config.name or directory.name
     if name != directory.name:
-        raise ConfigError(f"{path}: name {name!r} differs from the model directory {directory.name!r}")
+        raise ConfigError(f"{where}: name {name!r} differs from the model directory {directory.name!r}")
     runtimes = registry()
     platform = runtimes.platform_of(config.platform, config.backend)
+    if platform is None and not (config.platform or config.backend) and not strict:
+        platform = _platform_from_files(directory)
     if platform is None:
-        raise ConfigError(
-            f"{path}: platform {config.platform or config.backend or '(none)'} is not served "
-            f"(supported: {', '.join(runtimes.platforms())}; backends {', '.join(runtimes.backends())})"
-        )
+        named = config.platform or config.backend
+        served = f"supported: {', '.join(runtimes.platforms())}; backends {', '.join(runtimes.backends())}"
+        if named:
+            raise ConfigError(f"{where}: platform {named} is not served ({served})")
+        raise ConfigError(f"{where}: no platform given, and no version directory holds a model file that tells "
+                          f"it ({served})")  # fmt: skip
 
     def tensors(items: Any, what: str) -> tuple[TensorSpec, ...]:
         specs: list[TensorSpec] = []
         for t in items:
             if not t.name:
-                raise ConfigError(f"{path}: an {what} has no name")
+                raise ConfigError(f"{where}: an {what} has no name")
             if any(s.name == t.name for s in specs):
-                raise ConfigError(f"{path}: {what} {t.name!r} is declared twice")
+                raise ConfigError(f"{where}: {what} {t.name!r} is declared twice")
             try:
                 dtype = datatypes.from_config(messages.DataType.Name(t.data_type))
             except (UsageError, ValueError) as exc:
-                raise ConfigError(f"{path}: {what} {t.name!r}: {exc}") from None
+                raise ConfigError(f"{where}: {what} {t.name!r}: {exc}") from None
             dims = tuple(int(d) for d in t.dims)
             if any(d < -1 for d in dims):
-                raise ConfigError(f"{path}: {what} {t.name!r} has dims {list(dims)}; each must be -1 or >= 0")
-            specs.append(TensorSpec(t.name, dtype, dims))
-        if not specs:
-            raise ConfigError(f"{path}: no {what}s declared")
+                raise ConfigError(f"{where}: {what} {t.name!r} has dims {list(dims)}; each must be -1 or >= 0")
+            labels = getattr(t, "label_filename", "")
+            if labels and (labels.startswith(".") or "/" in labels or "\\" in labels):
+                raise ConfigError(f"{where}: {what} {t.name!r}: label_filename must name a file in {directory}")
+            specs.append(TensorSpec(t.name, dtype, dims, labels))
+        if not specs and strict:
+            raise ConfigError(f"{where}: no {what}s declared (--strict-config requires them)")
         return tuple(specs)
 
     batching = config.HasField("dynamic_batching")
     delay = config.dynamic_batching.max_queue_delay_microseconds / 1e6 if batching else None
     if batching and config.max_batch_size <= 0:
-        raise ConfigError(f"{path}: dynamic_batching needs max_batch_size > 0")
+        raise ConfigError(f"{where}: dynamic_batching needs max_batch_size > 0")
     if batching and config.dynamic_batching.max_queue_delay_microseconds > MAX_QUEUE_DELAY_US:
-        raise ConfigError(f"{path}: max_queue_delay_microseconds is at most {MAX_QUEUE_DELAY_US} (10 s)")
+        raise ConfigError(f"{where}: max_queue_delay_microseconds is at most {MAX_QUEUE_DELAY_US} (10 s)")
     preferred = tuple(config.dynamic_batching.preferred_batch_size)
     if any(not 0 < size <= config.max_batch_size for size in preferred):
-        raise ConfigError(f"{path}: each preferred_batch_size must be between 1 and max_batch_size "
+        raise ConfigError(f"{where}: each preferred_batch_size must be between 1 and max_batch_size "
                           f"({config.max_batch_size}); got {list(preferred)}")  # fmt: skip
     instances = sum(g.count or 1 for g in config.instance_group) or 1
     if not 0 < instances <= MAX_INSTANCES:
-        raise ConfigError(f"{path}: instance_group counts add up to {instances}; at most {MAX_INSTANCES}")
+        raise ConfigError(f"{where}: instance_group counts add up to {instances}; at most {MAX_INSTANCES}")
     return ModelSpec(
         name=name,
         path=directory,
@@ -171,7 +239,42 @@ def parse_config(directory: Path) -> ModelSpec:
         preferred_batch_sizes=preferred,
         default_model_filename=config.default_model_filename or None,
         parameters={k: v.string_value for k, v in config.parameters.items()},
+        version_policy=_version_policy(config, where),
+        backend=config.backend,
     )
+
+
+def _version_policy(config: Any, where: str) -> VersionPolicy:
+    choice = config.version_policy.WhichOneof("policy_choice") if config.HasField("version_policy") else None
+    if choice == "all":
+        return VersionPolicy("all")
+    if choice == "specific":
+        versions = tuple(int(v) for v in config.version_policy.specific.versions)
+        if not versions or any(v < 1 for v in versions):
+            raise ConfigError(f"{where}: version_policy specific needs version numbers >= 1, got {list(versions)}")
+        return VersionPolicy("specific", specific=versions)
+    if choice == "latest":
+        n = config.version_policy.latest.num_versions
+        if not 0 < n <= MAX_VERSIONS:
+            raise ConfigError(f"{where}: version_policy latest num_versions must be 1..{MAX_VERSIONS}, got {n}")
+        return VersionPolicy("latest", latest=n)
+    return VersionPolicy()
+
+
+def read_labels(spec: ModelSpec) -> dict[str, list[str]]:
+    """The class labels of each output that names a ``label_filename`` (one per line, in the model's
+    directory, read like a config: a regular file of at most 1 MiB)."""
+    labels = {}
+    for t in spec.outputs:
+        if t.label_filename:
+            path = spec.path / t.label_filename
+            try:
+                labels[t.name] = _read_config(path).splitlines()
+            except OSError as exc:
+                raise ConfigError(f"model {spec.name}: label file {path} cannot be read ({exc.strerror})") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"model {spec.name}: label file {path} is not UTF-8 text") from None
+    return labels
 
 
 def _read_config(path: Path) -> str:
@@ -211,16 +314,22 @@ def _yaml(text: str, path: Path) -> Any:
 
 
 class Repository:
-    def __init__(self, root: str | Path) -> None:
+    """``strict``: every model needs a full config (``--strict-config``); ``default_max_batch_size``: what
+    a completed config's max_batch_size becomes when the model has a variable first dimension on every
+    input and output (Triton's ``default-max-batch-size``; 0: never batch a completed model)."""
+
+    def __init__(self, root: str | Path, strict: bool = False, default_max_batch_size: int = 4) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise UsageError(f"model repository {self.root} is not a directory")
+        self.strict, self.default_max_batch_size = strict, default_max_batch_size
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def spec(self, name: str) -> ModelSpec:
+    def spec(self, name: str, override: str | None = None) -> ModelSpec:
+        """``name``'s config (``override``: the JSON config of a load request, used instead of the file)."""
         directory = self.root / name
         if not directory.is_dir() or name.startswith(".") or "/" in name:
             raise UsageError(f"model {name!r} is not in the repository {self.root}")
-        return parse_config(directory)
+        return parse_config(directory, override, self.strict)

@@ -50,8 +50,13 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SERVER].config.max_body_bytes
         return web.json_response({"error": f"request body too large (limit {limit} bytes)"}, status=413)
-    except web.HTTPException:
-        raise  # aiohttp's own answers (404 route, 405 method)
+    except web.HTTPException as exc:  # aiohttp's own answers (no such route, method not allowed): JSON too
+        if exc.status < 400:
+            raise
+        what = f"{request.method} {request.path[:200]}"
+        reason = "no such route" if exc.status == 404 else exc.reason.lower()
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response({"error": f"{what}: {reason}"}, status=exc.status, headers=allow)
     except Exception as exc:  # a bug, not bad input: log it, tell the client only the kind
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response({"error": f"internal error ({type(exc).__name__})"}, status=500)
@@ -145,6 +150,18 @@ async def model_metadata(request: web.Request) -> web.Response:
     return web.json_response(models.metadata(model))
 
 
+async def model_config(request: web.Request) -> web.Response:
+    models: ModelManager = server(request).models
+    model = models.get(request.match_info["model"], request.match_info.get("version", ""))
+    return web.json_response(models.config(model))
+
+
+async def model_statistics(request: web.Request) -> web.Response:
+    models: ModelManager = server(request).models
+    stats = models.statistics(request.match_info.get("model", ""), request.match_info.get("version", ""))
+    return web.json_response({"model_stats": stats})
+
+
 async def model_ready(request: web.Request) -> web.Response:
     try:
         server(request).models.get(request.match_info["model"], request.match_info.get("version", ""))
@@ -168,7 +185,7 @@ async def infer(request: web.Request) -> web.Response:
             else:
                 decoded = decode_rest(body, header)
             results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
-        json_part, chunks = decoded.respond(name, served_version, results).rest()
+        json_part, chunks = decoded.respond(name, served_version, results, model.spec, model.labels).rest()
         status = "ok"
         if not chunks:
             return web.Response(body=json_part, content_type="application/json")
@@ -192,10 +209,28 @@ async def repository_index(request: web.Request) -> web.Response:
     return web.json_response(server(request).models.index(ready_only))
 
 
+def load_config_override(parameters: Any) -> str | None:
+    """The ``config`` of a repository load request's parameters (a JSON string, as tritonclient sends
+    it), None without one; model files sent with the request (``file:...``) are refused: a served model's
+    files come from the repository, sealed."""
+    if not isinstance(parameters, dict):
+        raise ServeError(400, "the load request's 'parameters' must be a JSON object")
+    if any(isinstance(key, str) and key.startswith("file:") for key in parameters):
+        raise ServeError(400, "model files cannot be sent with a load request: put them, sealed, in the repository")
+    config = parameters.get("config")
+    if config is not None and not isinstance(config, str):
+        raise ServeError(400, "the load request's 'config' parameter must be a string holding a JSON model config")
+    return config
+
+
 async def repository_load(request: web.Request) -> web.Response:
     srv = server(request)
     name = request.match_info["model"]
-    await srv.models.load(name)
+    async with body_within_budget(request) as raw:
+        body = parse_json(raw) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise ServeError(400, "the load request must be a JSON object")
+    await srv.models.load(name, load_config_override(body.get("parameters", {})))
     srv.audit.record("http", name, "", client_identity(request), "load", 0.0)
     return web.json_response({})
 
@@ -203,8 +238,9 @@ async def repository_load(request: web.Request) -> web.Response:
 async def repository_unload(request: web.Request) -> web.Response:
     srv = server(request)
     name = request.match_info["model"]
-    srv.models.get(name)  # 404 / 503 for unknown or not loaded
-    await srv.models.unload(name, "unloaded through the repository API")
+    if name not in srv.models.models and name not in srv.models.repository.names():
+        raise ServeError(404, f"unknown model {name[:200]!r}")
+    await srv.models.unload(name, "unloaded through the repository API")  # not loaded: a success, as in Triton
     srv.audit.record("http", name, "", client_identity(request), "unload", 0.0)
     return web.json_response({})
 
@@ -225,6 +261,11 @@ def build_app(srv: Any, max_body_bytes: int) -> web.Application:
         web.get("/v2", server_metadata),
         web.get(model, model_metadata),
         web.get(versioned, model_metadata),
+        web.get(f"{model}/config", model_config),
+        web.get(f"{versioned}/config", model_config),
+        web.get("/v2/models/stats", model_statistics),
+        web.get(f"{model}/stats", model_statistics),
+        web.get(f"{versioned}/stats", model_statistics),
         web.get(f"{model}/ready", model_ready),
         web.get(f"{versioned}/ready", model_ready),
         web.post(f"{model}/infer", infer),

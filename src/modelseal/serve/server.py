@@ -49,6 +49,8 @@ class ServeConfig:
     drain_s: float = 10
     threads: int = 0
     trusted_signers: list[str] = field(default_factory=list)  # set: serve only models these publishers signed
+    strict_config: bool = False  # every model needs a config declaring platform, inputs and outputs
+    default_max_batch_size: int = 4  # of a config completed from a model that batches (Triton's default)
 
 
 def port_fix(what: str) -> str:
@@ -73,8 +75,9 @@ class Server:
         self.budget = ByteBudget(config.max_inflight_bytes)
         self.metrics = Metrics()
         self.audit = AuditLog(config.audit_log)
+        repository = Repository(config.repository, config.strict_config, config.default_max_batch_size)
         self.models = ModelManager(  # resolves the identity, once for the server's life
-            Repository(config.repository), config.identity, self.metrics, agent_socket=config.agent_socket,
+            repository, config.identity, self.metrics, agent_socket=config.agent_socket,
             key_check_s=config.key_check_s, retry_s=config.retry_s, threads=config.threads,
             trusted_signers=config.trusted_signers,
         )  # fmt: skip

@@ -32,6 +32,8 @@ BUILTIN = (  # each defines RUNTIME, a RuntimeInfo; importing one imports no fra
     "modelseal.serve.runtimes.onnxruntime",
     "modelseal.serve.runtimes.pytorch",
     "modelseal.serve.runtimes.tensorflow",
+    "modelseal.serve.runtimes.tvm",
+    "modelseal.serve.runtimes.openvino",
 )
 
 
@@ -160,15 +162,22 @@ def register(info: RuntimeInfo) -> None:
     registry().register(info)
 
 
-def build(spec: ModelSpec, source: ModelSource, threads: int = 0) -> Runtime:
-    """One instance of ``spec``'s model from ``source``, checked to agree with the config."""
+def build(
+    spec: ModelSpec, source: ModelSource, threads: int = 0, default_max_batch_size: int = 4
+) -> tuple[Runtime, ModelSpec]:
+    """One instance of ``spec``'s model from ``source``, and ``spec`` completed from the model where the
+    config leaves inputs or outputs out (:mod:`modelseal.serve.autocomplete`), checked to agree."""
+    from modelseal.serve.autocomplete import complete
+
     info = registry().get(spec.platform)
     if info is None:  # a config is checked against the registry when it is read: only a registry changed since
         raise UsageError(f"model {spec.name}: platform {spec.platform} is not served")
     runtime = info.runtime(spec, source, threads)
     try:
+        if not spec.complete:  # a complete config is only checked (a PyTorch model is not run to learn it)
+            spec = complete(spec, runtime.declared(), default_max_batch_size)
         runtime.check(spec)
     except BaseException:
         runtime.close()
         raise
-    return runtime
+    return runtime, spec
