@@ -1,11 +1,14 @@
-"""Serving cost of sealing: the same ONNX model, sealed and plaintext, served by the same `modelseal serve`
-process in the same run, and the plaintext model behind a plain FastAPI endpoint with the same runtime.
+"""Serving cost of sealing: the same model, sealed and plaintext, served by the same `modelseal serve`
+process in the same run, for each runtime asked for (ONNX Runtime: the chosen model; OpenVINO and TVM:
+the test suite's tiny models, as their frameworks compile them), and the plaintext ONNX model behind a
+plain FastAPI endpoint with the same runtime.
 
 Every measurement uses the official tritonclient (``modelseal.serve.loadgen``): N concurrent clients each
 sending R sequential requests of batch B. Rounds alternate between targets and are repeated; medians of
 the rounds are reported, and the ratio sealed / plaintext (throughput; 1.0 = no cost).
 
-    python bench/serve.py [--model resnet50|cnn] [--batch 1] [--cnum 1,4] [--loop 50] [--rounds 3] [--json]
+    python bench/serve.py [--model resnet50|cnn] [--runtimes onnxruntime,openvino,tvm] [--batch 1]
+                          [--cnum 1,4] [--loop 50] [--rounds 3] [--json]
 
 The key comes from an identity file here (the key service and agent only matter at load time). On this
 2-core machine the load generator shares the CPU with the server, as in the TF Serving article's setup.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,16 +29,43 @@ from typing import Any
 import httpx
 from models import add_model, export_onnx, resnet50, small_cnn
 
+import modelseal
 from modelseal.devstack import Serve, free_port, wait_for
 from modelseal.recipients.hpke import KEMS, HpkeIdentity
 from modelseal.serve.loadgen import Target, run
 
 SHAPES = {"resnet50": ((3, 224, 224), 1000), "cnn": ((3, 16, 16), 10)}
+RUNTIMES = ("onnxruntime", "openvino", "tvm")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_compiled(repo: Path, runtime: str, scratch: Path, recipient: Any) -> None:
+    """``{runtime}_sealed`` and ``{runtime}_plain``: the test suite's tiny OpenVINO IR or TVM module, the
+    same files sealed and plain, with configs completed from the model (none is written)."""
+    sys.path.insert(0, str(ROOT))  # the test models (tests/openvino_models.py, tests/tvm_models.py)
+    if runtime == "openvino":
+        from tests.openvino_models import write_ir
+
+        write_ir(scratch / "ir")
+        plain, file_name = scratch / "ir", "model.xml"
+    else:
+        from tests.tvm_models import build_tiny
+
+        build_tiny(scratch / "tvm")
+        plain, file_name = scratch / "tvm", "model.tvm"
+    version = repo / f"{runtime}_plain" / "1"
+    if runtime == "openvino":  # Triton's OpenVINO layout: model.xml + model.bin in the version directory
+        shutil.copytree(plain, version)
+    else:  # a plain TVM export directory named model.tvm
+        shutil.copytree(plain, version / file_name)
+    (repo / f"{runtime}_sealed" / "1").mkdir(parents=True)
+    modelseal.seal(plain, repo / f"{runtime}_sealed" / "1" / f"{file_name}.sealed", [recipient])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SHAPES), default="resnet50")
+    parser.add_argument("--model", choices=sorted(SHAPES), default="resnet50", help="the ONNX Runtime model")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="runtimes to compare, comma-separated")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--cnum", default="1,4", help="concurrency levels, comma-separated")
     parser.add_argument("--loop", type=int, default=50, help="requests per client per round")
@@ -49,8 +80,15 @@ def main() -> None:
         identity = HpkeIdentity.generate(KEMS["x25519"])
         identity.save(tmp / "host.key")
         repo = tmp / "repo"
-        add_model(repo, "sealed", "onnxruntime_onnx", onnx_bytes, shape, classes, recipients=[identity.recipient])
-        add_model(repo, "plain", "onnxruntime_onnx", onnx_bytes, shape, classes, recipients=None)
+        runtimes = [r for r in args.runtimes.split(",") if r]
+        if "onnxruntime" not in runtimes or any(r not in RUNTIMES for r in runtimes):
+            parser.error(f"--runtimes: onnxruntime and any of {', '.join(RUNTIMES[1:])}")
+        add_model(repo, "onnxruntime_sealed", "onnxruntime_onnx", onnx_bytes, shape, classes,
+                  recipients=[identity.recipient])  # fmt: skip
+        add_model(repo, "onnxruntime_plain", "onnxruntime_onnx", onnx_bytes, shape, classes, recipients=None)
+        for runtime in runtimes:
+            if runtime != "onnxruntime":
+                add_compiled(repo, runtime, tmp, identity.recipient)
         (tmp / "plain.onnx").write_bytes(onnx_bytes)
         server = Serve(repo, tmp / "serve.log", args=["-i", str(tmp / "host.key")]).start()
         port = free_port()
@@ -61,12 +99,11 @@ def main() -> None:
         try:
             wait_for(lambda: _ready(f"http://127.0.0.1:{port}/v2/health/ready"), 60, "the FastAPI baseline")
             targets = {
-                ("modelseal", "grpc", "sealed"): Target(server.grpc, "grpc", "sealed"),
-                ("modelseal", "grpc", "plain"): Target(server.grpc, "grpc", "plain"),
-                ("modelseal", "http", "sealed"): Target(server.http, "http", "sealed"),
-                ("modelseal", "http", "plain"): Target(server.http, "http", "plain"),
-                ("fastapi", "http", "plain"): Target(f"127.0.0.1:{port}", "http", "plain"),
+                ("modelseal", protocol, f"{runtime}_{kind}"): Target(address, protocol, f"{runtime}_{kind}")
+                for runtime in runtimes for protocol, address in (("grpc", server.grpc), ("http", server.http))
+                for kind in ("sealed", "plain")
             }
+            targets["fastapi", "http", "onnxruntime_plain"] = Target(f"127.0.0.1:{port}", "http", "plain")
             rows = []
             for cnum in (int(c) for c in args.cnum.split(",")):
                 rounds: dict[tuple[str, str, str], list[dict[str, Any]]] = {k: [] for k in targets}
@@ -90,9 +127,9 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"{args.model}, batch {args.batch}, {args.loop} requests per client, median of {args.rounds} rounds")
-    print(f"{'server':10} {'proto':5} {'model':7} {'cnum':>4} {'inf/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'server':10} {'proto':5} {'model':18} {'cnum':>4} {'inf/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for r in rows:
-        print(f"{r['server']:10} {r['protocol']:5} {r['model']:7} {r['cnum']:4d} {r['inferences_per_s']:8.1f} "
+        print(f"{r['server']:10} {r['protocol']:5} {r['model']:18} {r['cnum']:4d} {r['inferences_per_s']:8.1f} "
               f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f}")  # fmt: skip
     for line in report["ratios"]:
         print(line)
@@ -105,13 +142,16 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
         )
 
     out = []
+    runtimes = sorted({r["model"].rsplit("_", 1)[0] for r in rows}, key=RUNTIMES.index)
     for cnum in sorted({r["cnum"] for r in rows}):
-        for protocol in ("grpc", "http"):
-            sealed, plain = find("modelseal", protocol, "sealed", cnum), find("modelseal", protocol, "plain", cnum)
-            out.append(f"cnum {cnum} {protocol}: sealed / plaintext throughput on modelseal serve = "
-                       f"{sealed['inferences_per_s'] / plain['inferences_per_s']:.3f}")  # fmt: skip
-        fastapi = find("fastapi", "http", "plain", cnum)
-        ours = find("modelseal", "http", "sealed", cnum)
+        for runtime in runtimes:
+            for protocol in ("grpc", "http"):
+                sealed = find("modelseal", protocol, f"{runtime}_sealed", cnum)
+                plain = find("modelseal", protocol, f"{runtime}_plain", cnum)
+                out.append(f"cnum {cnum} {protocol} {runtime}: sealed / plaintext throughput on modelseal serve = "
+                           f"{sealed['inferences_per_s'] / plain['inferences_per_s']:.3f}")  # fmt: skip
+        fastapi = find("fastapi", "http", "onnxruntime_plain", cnum)
+        ours = find("modelseal", "http", "onnxruntime_sealed", cnum)
         out.append(f"cnum {cnum} http: modelseal serve (sealed) / plain FastAPI throughput = "
                    f"{ours['inferences_per_s'] / fastapi['inferences_per_s']:.3f}")  # fmt: skip
     return out
