@@ -3,6 +3,7 @@ declares, version policies, the override of a load request, and the classificati
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,14 @@ def test_configs_from_a_load_request_are_checked_like_files(tmp_path: Path) -> N
     for text, why in [
         ('{"version_policy": {"latest": {"num_versions": 99}}}', "num_versions must be 1..16"),
         ('{"version_policy": {"specific": {"versions": [0]}}}', "version numbers >= 1"),
-        ('{"output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [3], "label_filename": "../x"}]}',
-         "label_filename must name a file in"),
+        # the review's attacks: a load request loading native code from anywhere (default_model_filename),
+        # importing any module and calling it (a state dict's entry_point), reading any file as labels
+        ('{"backend": "tvm", "default_model_filename": "/tmp/evil"}', "may not set default_model_filename, backend"),
+        ('{"defaultModelFilename": "../../outside/secret.onnx"}', "may not set default_model_filename"),
+        ('{"parameters": {"entry_point": {"string_value": "os:abort"}}}', "may not set parameters"),
+        ('{"platform": "tensorflow_savedmodel"}', "may not set platform"),
+        ('{"output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [3], "label_filename": "model.py"}]}',
+         "may not set label_filename"),
         ('{"name": "other"}', "differs from the model directory"),
         ('[' * 100, "load request config"),
         ('{"a": 1, "a": 2}', "load request config"),
@@ -87,6 +94,34 @@ def test_configs_from_a_load_request_are_checked_like_files(tmp_path: Path) -> N
             parse_config(tmp_path / "m", text)
     with pytest.raises(ConfigError, match="--strict-config requires one"):
         parse_config(tmp_path / "m", strict=True)
+    for name in ("../../outside/secret.onnx", "/etc/passwd", ".hidden"):  # the operator's files too
+        (tmp_path / "m" / "config.json").write_text(json.dumps({"default_model_filename": name}))
+        with pytest.raises(ConfigError, match="default_model_filename must name a file in the version directory"):
+            parse_config(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"output": [
+        {"name": "y", "data_type": "TYPE_FP32", "dims": [3], "label_filename": "../labels.txt"}]}))  # fmt: skip
+    with pytest.raises(ConfigError, match="label_filename must name a file in"):
+        parse_config(tmp_path / "m")
+
+
+def test_an_override_changes_how_the_model_is_served_and_keeps_what_the_operator_set(tmp_path: Path) -> None:
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "model.pt").write_bytes(b"")
+    (tmp_path / "m" / "config.pbtxt").write_text(
+        'platform: "pytorch_libtorch"\nmax_batch_size: 8\ndefault_model_filename: "model.pt"\n'
+        'parameters { key: "entry_point" value: { string_value: "arch:build" } }\n'
+    )
+    merged = parse_config(tmp_path / "m", '{"max_batch_size": 2, "version_policy": {"all": {}}}')
+    assert merged.max_batch_size == 2 and merged.version_policy.kind == "all"
+    assert merged.platform == "pytorch_libtorch" and merged.default_model_filename == "model.pt"
+    assert merged.parameters == {"entry_point": "arch:build"}
+
+
+def test_version_numbers_are_ascii_digits() -> None:
+    from modelseal.serve.repository import version_number
+
+    assert [version_number(t) for t in ("1", "007", "²", "١", "-1", "1.0", "9" * 19, "")] == [
+        1, 7, None, None, None, None, None, None]  # fmt: skip
 
 
 def test_classification_answers_value_index_and_label_largest_first() -> None:

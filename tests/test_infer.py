@@ -86,6 +86,16 @@ X = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}
     ({"inputs": [X, X]}, "input x is given twice"),
     ({"inputs": [{**X, "name": ""}]}, "each input needs a non-empty 'name'"),
     ({"inputs": [{**X, "data": ["a"]}]}, "input x: the data are not FP32 values"),
+    # values numpy would convert silently into something else (the review: "false" became True)
+    ({"inputs": [{**X, "datatype": "BOOL", "data": ["false"]}]}, "input x: the data are not BOOL values"),
+    ({"inputs": [{**X, "datatype": "BOOL", "data": [0]}]}, "input x: the data are not BOOL values"),
+    ({"inputs": [{**X, "datatype": "INT64", "data": [1.7]}]}, "input x: the data are not INT64 values"),
+    ({"inputs": [{**X, "datatype": "INT64", "data": "5"}]}, "input x: the data are not INT64 values"),
+    ({"inputs": [{**X, "datatype": "INT8", "data": [True]}]}, "input x: the data are not INT8 values"),
+    ({"inputs": [{**X, "data": [True]}]}, "input x: the data are not FP32 values"),
+    ({"inputs": [{**X, "shape": [2], "data": [1, "nan"]}]}, "input x: the data are not FP32 values"),
+    ({"inputs": [{**X, "datatype": "BYTES", "shape": [1 << 21], "data": []}]},
+     "input x: 2097152 BYTES elements; at most 1048576 per tensor"),
     ({"inputs": [X], "outputs": [{"name": "y"}, {"name": "y"}]}, "requested outputs ['y', 'y'] name an output twice"),
     ({"inputs": [X], "outputs": [{"name": "y", "parameters": {"classification": 0}}]},
      "output y: 'classification' must be an integer 1..65536"),
@@ -98,6 +108,16 @@ X = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}
 ])  # fmt: skip
 def test_malformed_rest_bodies_are_refused_naming_the_problem(body: Any, message: str) -> None:
     assert message in refused(decode_rest, json.dumps(body).encode(), None)
+
+
+def test_json_values_of_the_right_kind_are_taken() -> None:
+    inputs = [{"name": "b", "datatype": "BOOL", "shape": [2], "data": [True, False]},
+              {"name": "i", "datatype": "INT32", "shape": [2], "data": [3, 3.0]},
+              {"name": "f", "datatype": "FP32", "shape": [3], "data": [1, 2.5, "NaN"]},
+              {"name": "e", "datatype": "INT64", "shape": [0], "data": []}]  # fmt: skip
+    decoded = decode_rest(json.dumps({"inputs": inputs}).encode(), None).inputs
+    assert decoded["b"].tolist() == [True, False] and decoded["i"].tolist() == [3, 3]
+    assert decoded["f"][:2].tolist() == [1.0, 2.5] and np.isnan(decoded["f"][2]) and decoded["e"].size == 0
 
 
 def test_a_bad_header_length_is_refused() -> None:

@@ -53,3 +53,24 @@ def test_a_cancelled_request_keeps_its_instance_until_the_run_ends() -> None:
         return runtime.overlaps
 
     assert asyncio.run(scenario()) == 0  # ac0b701 ran the second request on the busy instance
+
+
+def test_every_request_waiting_for_an_instance_is_answered_when_the_model_closes() -> None:
+    """The review left 12 of 40 trials with requests waiting forever: the closed sentinel woke one waiter,
+    which did not pass it on."""
+
+    async def scenario() -> list[str]:
+        runtime = SlowRuntime()
+        spec = ModelSpec("slow", Path("."), "onnxruntime_onnx", 0, (), ())
+        model = LoadedModel(spec=spec, version=1, runtimes=[runtime], keys=set(),  # type: ignore[list-item]
+                            pool=ThreadPoolExecutor(max_workers=1))  # fmt: skip
+        model.idle.put_nowait(runtime)  # type: ignore[arg-type]
+        x = {"x": np.zeros(1, np.float32)}
+        waiting = [asyncio.ensure_future(model.execute(x, ["y"])) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(model.close(), 10)
+        done = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
+        return ["ok" if isinstance(r, dict) else type(r).__name__ for r in done]
+
+    answers = asyncio.run(scenario())
+    assert answers[0] == "ok" and set(answers[1:]) == {"ServeError"}, answers

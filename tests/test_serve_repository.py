@@ -392,8 +392,11 @@ def test_load_with_a_config_override_and_unload_of_an_unloaded_model(served: dic
     grpc.load_model("every", config=json.dumps({"version_policy": {"all": {}}, "max_batch_size": 2}))
     assert http.get_model_metadata("every")["versions"] == ["1", "2", "3"]
     assert http.get_model_config("every")["max_batch_size"] == 2
-    refused = {json.dumps({"platform": "nope"}): "platform nope is not served", "{not json": "load request config",
-               json.dumps({"name": "other"}): "differs from"}  # fmt: skip
+    refused = {json.dumps({"platform": "nope"}): "may not set platform", "{not json": "load request config",
+               json.dumps({"name": "other"}): "differs from",
+               json.dumps({"default_model_filename": "/etc/passwd"}): "may not set default_model_filename",
+               json.dumps({"version_policy": {"all": {}}, "input": [{"name": "x", "data_type": "TYPE_STRING",
+                                                                    "dims": [4]}]}): "BYTES in the config"}  # fmt: skip
     for bad, why in refused.items():
         r = httpx.post(load, json={"parameters": {"config": bad}})
         assert r.status_code == 400 and why in r.json()["error"], r.text

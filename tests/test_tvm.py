@@ -215,10 +215,23 @@ def test_hostile_metadata_is_one_clear_error(case: str) -> None:
     assert "\n" not in str(info.value) and len(str(info.value)) < 400
 
 
-def test_hostile_metadata_in_a_sealed_model(tiny: dict[str, Any], tmp_path: Path) -> None:
+def test_hostile_metadata_in_a_sealed_model(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """End to end: sealed with metadata whose params do not match the params file, and with a wrong
-    arity, and with garbage JSON: each load is one FormatError, and no memory file is left behind."""
+    arity, and with garbage JSON: each load is one FormatError, and no memory file is left behind. A load
+    that fails after the library was mapped still zeroes it (the review found the failed call's frames
+    kept TVM's executable alive, so the decrypted code was closed unzeroed)."""
     import shutil
+
+    zeroed: list[bool] = []
+    release = modelseal.tvm._MemoryLibrary.release
+
+    def spy(library: Any) -> bool:
+        zeroed.append(release(library))
+        return zeroed[-1]
+
+    monkeypatch.setattr(modelseal.tvm._MemoryLibrary, "release", spy)
 
     cases = {
         "params": ({**_good_metadata(), "params": ["w"]}, "does not match metadata.json's params"),
@@ -232,6 +245,7 @@ def test_hostile_metadata_in_a_sealed_model(tiny: dict[str, Any], tmp_path: Path
         modelseal.seal(export, tmp_path / f"sealed-{name}", [tiny["identity"].recipient])
         with pytest.raises(FormatError, match=message):
             modelseal.tvm.load(tmp_path / f"sealed-{name}", identity=tiny["key"])
+    assert zeroed == [True], zeroed  # the arity case is the one that gets as far as mapping the library
     with open("/proc/self/maps", "rb") as maps:
         assert b"/memfd:modelseal-tvm-" not in maps.read()
 

@@ -395,6 +395,7 @@ def module_from_artifacts(artifacts: Mapping[str, Artifact], source: str, *, dir
     finally:
         keys.wipe(meta_bytes)
     model = Module(metadata, source)
+    module = None
     try:
         if isinstance(params_art, SealedSafetensors):
             _decrypt_params(model, params_art, source)
@@ -412,7 +413,11 @@ def module_from_artifacts(artifacts: Mapping[str, Artifact], source: str, *, dir
         module = _load_library(tvm, model._library.path, source)
         _check_mapped(model._library, source)
         model._start(module)
-    except BaseException:
+    except BaseException as exc:
+        # The library is unloaded (and its memory file zeroed) only once nothing holds the executable:
+        # neither this frame nor the frames of the failed call, which the traceback keeps alive.
+        module = None
+        exc.__traceback__ = None
         model.close()
         raise
     return model

@@ -7,6 +7,7 @@ the verified client certificate (``context.auth_context()``), which names the ca
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -112,7 +113,11 @@ def build_servicer(srv: Any) -> Any:
                     results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
                 finally:
                     srv.budget.release(size)
-                response = decoded.respond(name, version, results, model.spec, model.labels).grpc(pb)
+                answer = functools.partial(decoded.respond, name, version, results, model.spec, model.labels)
+                if decoded.classification:  # sorting and formatting classes: off the event loop
+                    response = (await asyncio.to_thread(answer)).grpc(pb)
+                else:
+                    response = answer().grpc(pb)
             except ServeError as exc:
                 record(exc.grpc_code.lower())
                 await abort(context, exc)

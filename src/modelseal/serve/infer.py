@@ -81,6 +81,7 @@ class InferRequest:
 
 
 MAX_CLASSES = 1 << 16
+MAX_BYTES_ELEMENTS = 1 << 20  # BYTES elements per tensor (each becomes a Python object while decoded)
 
 
 def classification_count(name: str, value: Any) -> int:
@@ -100,7 +101,9 @@ def classify(name: str, array: np.ndarray, count: int, labels: list[str], batchi
     top = min(count, rows.shape[1])
     classes = np.empty((rows.shape[0], top), dtype=object)
     for r, row in enumerate(rows):
-        for j, index in enumerate(np.argsort(-row.astype(np.float64), kind="stable")[:top]):
+        values = -row.astype(np.float64)
+        chosen = np.argpartition(values, top - 1)[:top] if 0 < top < len(values) else np.arange(len(values))
+        for j, index in enumerate(chosen[np.lexsort((chosen, values[chosen]))]):  # largest first, then by index
             label = f":{labels[index]}" if index < len(labels) and labels[index] else ""
             classes[r, j] = f"{float(row[index]):f}:{index}{label}".encode()
     return classes if batching and array.ndim else classes[0]
@@ -205,6 +208,8 @@ def tensor(name: str, datatype: Any, shape: Any, *, raw: bytes | memoryview | No
     huge dims cannot wrap around."""
     dtype, dims = check_dtype(name, datatype), check_shape(name, shape)
     count = math.prod(dims)
+    if datatype == "BYTES" and count > MAX_BYTES_ELEMENTS:  # each element is a Python object: bounded
+        raise bad_request(f"input {name}: {count} BYTES elements; at most {MAX_BYTES_ELEMENTS} per tensor")
     if raw is not None:
         if datatype == "BYTES":
             return decode_bytes(raw, count, name, dims).reshape(dims)
@@ -215,6 +220,7 @@ def tensor(name: str, datatype: Any, shape: Any, *, raw: bytes | memoryview | No
         array = _byte_values(name, values)
     else:
         try:
+            _check_value_types(name, datatype, dtype, values)
             with np.errstate(over="raise"):  # 1e39 as FP32, 70000 as FP16: refused, not made infinite
                 array = np.asarray(values, dtype=dtype)
         except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
@@ -247,6 +253,29 @@ def _byte_values(name: str, values: Any) -> np.ndarray:
     array = np.empty(len(flat), dtype=object)
     array[:] = flat
     return array
+
+
+NON_FINITE = {"NaN", "Infinity", "-Infinity"}
+
+
+def _check_value_types(name: str, datatype: str, dtype: np.dtype, values: Any) -> None:
+    """JSON values must be of the tensor's kind, not merely convertible: numpy would turn ``"false"``
+    into True, ``1.7`` into 1 and ``"5"`` into 5, silently. BOOL takes true/false, integer types take
+    integers (or integral numbers), float types take numbers and the strings NaN/Infinity/-Infinity."""
+    given = np.asarray(values)
+    if given.size == 0:
+        return
+    kind, want = given.dtype.kind, dtype.kind
+    if kind in "OU" and want == "f":  # strings among the numbers: only the non-finite names
+        strings = {v for v in np.asarray(values, dtype=object).ravel().tolist() if isinstance(v, str)}
+        if strings - NON_FINITE or any(isinstance(v, bool) for v in np.asarray(values, dtype=object).ravel()):
+            raise ValueError(f"only numbers and {sorted(NON_FINITE)} are {datatype} values")
+        return
+    fits = {"b": kind == "b", "i": kind in "iu", "u": kind in "iu", "f": kind in "iuf"}.get(want, True)
+    if not fits and want in "iu" and kind == "f" and bool(np.all(np.mod(given, 1) == 0)):
+        fits = True  # 3.0 for an INT32 is 3
+    if not fits:
+        raise ValueError(f"JSON {given.dtype.name} values are not {datatype} values")
 
 
 def decode_bytes(raw: bytes | memoryview, count: int, name: str = "", dims: Any = None) -> np.ndarray:
@@ -356,7 +385,7 @@ def decode_rest(body: bytes, header_length: str | None) -> InferRequest:
     if header_length is None:
         json_part, binary = view, view[len(view) :]
     else:
-        if not header_length.strip().isdigit():
+        if not (header_length.strip().isascii() and header_length.strip().isdigit()):
             raise bad_request(f"{HEADER_LENGTH} must be a non-negative integer")
         n = int(header_length)
         if n > len(body):

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,15 @@ from modelseal.serve.batching import DynamicBatcher, Tensors
 from modelseal.serve.errors import ServeError, not_found, unavailable
 from modelseal.serve.infer import runtime_refusal, validate
 from modelseal.serve.metrics import Metrics
-from modelseal.serve.repository import ConfigError, ModelSpec, Repository, capped, read_labels
+from modelseal.serve.repository import (
+    MAX_VERSIONS,
+    ConfigError,
+    ModelSpec,
+    Repository,
+    capped,
+    read_labels,
+    version_number,
+)
 from modelseal.serve.runtimes.base import Runtime, build
 from modelseal.serve.source import open_source
 
@@ -49,8 +58,13 @@ class Statistics:
     execution_count: int = 0
     last_inference_ms: int = 0
     batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [executions, compute ns]
+    lock: threading.Lock = field(default_factory=threading.Lock)  # executions end on the instance threads
 
     def executed(self, rows: int, waited_ns: int, compute_ns: int) -> None:
+        with self.lock:
+            self._executed(rows, waited_ns, compute_ns)
+
+    def _executed(self, rows: int, waited_ns: int, compute_ns: int) -> None:
         self.execution_count += 1
         for counter, ns in ((self.queue, waited_ns), (self.compute_infer, compute_ns)):
             counter[0] += 1
@@ -109,8 +123,8 @@ class LoadedModel:
         asked = time.perf_counter_ns()  # leave between taking an instance and handing it back
         runtime = None if self.closed else await self.idle.get()
         if runtime is None or self.closed:
-            if runtime is not None or not self.closed:
-                self.idle.put_nowait(runtime)  # wakes the next waiter, which is refused in turn
+            self.idle.put_nowait(runtime)  # hands the instance (or the closed sentinel) to the next waiter,
+            # which is refused in turn: every request waiting when the model closed is answered
             raise unavailable(f"model {self.spec.name} was unloaded")
         waited = time.perf_counter_ns() - asked
 
@@ -237,6 +251,9 @@ the next load. The agent watched
                 if not versions:
                     named = "" if spec.version_policy.kind == "latest" else " that its version_policy names"
                     raise ConfigError(f"model {name} has no numeric version directory{named} in {spec.path}")
+                if len(versions) > MAX_VERSIONS:  # each version holds its own decrypted weights
+                    raise ConfigError(f"model {name}: its version_policy names {len(versions)} versions; "
+                                      f"at most {MAX_VERSIONS} are served at once")  # fmt: skip
             except ModelsealError as exc:
                 raise self._load_failed(name, state, exc) from None
             state.state = "LOADING"  # keeps the reason it was unavailable until the load succeeds
@@ -363,7 +380,8 @@ the next load. The agent watched
             reason = state.reason if state and state.reason else ("loading" if state else "not loaded")
             raise unavailable(f"model {name} is not ready: {reason}")
         if version:
-            model = versions.get(int(version)) if version.isdigit() and len(version) < 19 else None
+            number = version_number(version)
+            model = versions.get(number) if number is not None else None
             if model is None:
                 ready = ", ".join(map(str, versions))
                 raise not_found(f"model {name} has no ready version {version[:40]!r} (ready: {ready})")

@@ -124,13 +124,19 @@ class ModelSpec:
         if self.default_model_filename:
             names = (self.default_model_filename,)
         for name in names:
-            if (base / name).exists():
+            if _plain_name(name) and (base / name).exists():
                 return base / name
         raise ConfigError(f"model {self.name} version {version}: none of {', '.join(names)} in {base}")
 
 
+def version_number(text: str) -> int | None:
+    """``text`` as a version number: ASCII digits only (``int`` takes "²" and "١" too), at most 18."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None
+
+
 def version_dirs(path: Path) -> list[int]:
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and len(p.name) < 19)
+    found = (version_number(p.name) for p in path.iterdir() if p.is_dir())
+    return sorted(v for v in found if v is not None)
 
 
 def _platform_from_files(directory: Path) -> str | None:
@@ -161,22 +167,26 @@ def parse_config(directory: Path, override: str | None = None, strict: bool = Fa
         raise ConfigError(f"model {directory.name}: {directory} has no config ({' or '.join(CONFIG_NAMES)}) "
                           "and --strict-config requires one")  # fmt: skip
     try:
-        if override is not None:
-            data = loads_bounded(override.encode(), max_bytes=MAX_CONFIG_BYTES, max_depth=32, what=where)
-            json_format.ParseDict(data or {}, config, ignore_unknown_fields=True)
-        elif found:
+        if found:
             text = _read_config(path)
             if path.suffix == ".pbtxt":
                 text_format.Parse(text, config, allow_unknown_field=True)
             else:
                 data = json.loads(text) if path.suffix == ".json" else _yaml(text, path)
                 json_format.ParseDict(data or {}, config, ignore_unknown_fields=True)
+        if override is not None:
+            patch = messages.ModelConfig()
+            data = loads_bounded(override.encode(), max_bytes=MAX_CONFIG_BYTES, max_depth=32, what=where)
+            json_format.ParseDict(data or {}, patch, ignore_unknown_fields=True)
+            _apply_override(config, patch, where)
     except JSONLimitError as exc:
         raise ConfigError(capped(str(exc))) from None
     except (text_format.ParseError, json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
         raise ConfigError(capped(f"{where}: {exc}")) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    if config.default_model_filename and not _plain_name(config.default_model_filename):
+        raise ConfigError(f"{where}: default_model_filename must name a file in the version directory")
     name = config.name or directory.name
     if name != directory.name:
         raise ConfigError(f"{where}: name {name!r} differs from the model directory {directory.name!r}")
@@ -207,7 +217,7 @@ def parse_config(directory: Path, override: str | None = None, strict: bool = Fa
             if any(d < -1 for d in dims):
                 raise ConfigError(f"{where}: {what} {t.name!r} has dims {list(dims)}; each must be -1 or >= 0")
             labels = getattr(t, "label_filename", "")
-            if labels and (labels.startswith(".") or "/" in labels or "\\" in labels):
+            if labels and not _plain_name(labels):
                 raise ConfigError(f"{where}: {what} {t.name!r}: label_filename must name a file in {directory}")
             specs.append(TensorSpec(t.name, dtype, dims, labels))
         if not specs and strict:
@@ -242,6 +252,33 @@ def parse_config(directory: Path, override: str | None = None, strict: bool = Fa
         version_policy=_version_policy(config, where),
         backend=config.backend,
     )
+
+
+OVERRIDABLE = ("name", "version_policy", "max_batch_size", "input", "output", "instance_group", "dynamic_batching")
+
+
+def _apply_override(config: Any, patch: Any, where: str) -> None:
+    """A load request's config over the repository's: it may change how the model is served (versions,
+    batching, instances, tensors), never what is loaded or run -- the platform, the model file, the
+    parameters (a state dict's entry point is code), label files -- which stay the operator's."""
+    refused = [described.name for described, _ in patch.ListFields() if described.name not in OVERRIDABLE]
+    refused += ["label_filename"] if any(t.label_filename for t in patch.output) else []
+    if refused:
+        raise ConfigError(f"{where}: a load request may not set {', '.join(refused)} (they come from the "
+                          f"repository's own config; it may set {', '.join(OVERRIDABLE[1:])})")  # fmt: skip
+    for described, value in patch.ListFields():
+        config.ClearField(described.name)
+        if described.is_repeated:
+            getattr(config, described.name).extend(value)
+        elif described.message_type is not None:
+            getattr(config, described.name).CopyFrom(value)
+        else:
+            setattr(config, described.name, value)
+
+
+def _plain_name(name: str) -> bool:
+    """A file name in one directory: no path separator, no leading dot (``..``, hidden files), not empty."""
+    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def _version_policy(config: Any, where: str) -> VersionPolicy:

@@ -185,7 +185,11 @@ async def infer(request: web.Request) -> web.Response:
             else:
                 decoded = decode_rest(body, header)
             results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
-        json_part, chunks = decoded.respond(name, served_version, results, model.spec, model.labels).rest()
+        def encode() -> tuple[bytes, list[bytes]]:
+            return decoded.respond(name, served_version, results, model.spec, model.labels).rest()
+
+        # sorting and formatting classes happens off the event loop, as large decodes do
+        json_part, chunks = await asyncio.to_thread(encode) if decoded.classification else encode()
         status = "ok"
         if not chunks:
             return web.Response(body=json_part, content_type="application/json")
