@@ -278,7 +278,7 @@ the next load. The agent watched
             self.metrics.load_seconds.labels(name).observe(time.monotonic() - started)
             self.metrics.ready.labels(name).set(1)
             newest = loaded[versions[-1]]
-            log.info("model %s version %s ready (%d instance(s) each, %s)", name, ", ".join(map(str, loaded)),
+            log.info("model %s version %s ready (%d instance(s), %s)", name, ", ".join(map(str, loaded)),
                      len(newest.runtimes), newest.runtimes[0].device)  # fmt: skip
 
     def _load_failed(self, name: str, state: ModelState, exc: Exception) -> ServeError:
