@@ -3,6 +3,10 @@ process in the same run, for each runtime asked for (ONNX Runtime: the chosen mo
 the test suite's tiny models, as their frameworks compile them), and the plaintext ONNX model behind a
 plain FastAPI endpoint with the same runtime.
 
+This VM's speed drifts by more than the difference measured (identical work, sealed and plain, differs by
+up to 20% between rounds), so each ratio is the median over rounds of that round's sealed / plain
+throughput, measured back to back, the order alternating from round to round.
+
 Every measurement uses the official tritonclient (``modelseal.serve.loadgen``): N concurrent clients each
 sending R sequential requests of batch B. Rounds alternate between targets and are repeated; medians of
 the rounds are reported, and the ratio sealed / plaintext (throughput; 1.0 = no cost).
@@ -107,9 +111,9 @@ def main() -> None:
             rows = []
             for cnum in (int(c) for c in args.cnum.split(",")):
                 rounds: dict[tuple[str, str, str], list[dict[str, Any]]] = {k: [] for k in targets}
-                for _ in range(args.rounds):
-                    for key, target in targets.items():
-                        rounds[key].append(run(target, batch=args.batch, concurrency=cnum, requests=args.loop))
+                for n in range(args.rounds):
+                    for key in list(targets) if n % 2 == 0 else reversed(list(targets)):
+                        rounds[key].append(run(targets[key], batch=args.batch, concurrency=cnum, requests=args.loop))
                 for key, results in rounds.items():
                     rows.append({
                         "server": key[0], "protocol": key[1], "model": key[2], "cnum": cnum, "batch": args.batch,
@@ -117,6 +121,7 @@ def main() -> None:
                         "p50_ms": statistics.median(r["p50_ms"] for r in results),
                         "p99_ms": statistics.median(r["p99_ms"] for r in results),
                         "errors": sum(r["errors"] for r in results),
+                        "rounds": [r["inferences_per_s"] for r in results],
                     })  # fmt: skip
         finally:
             server.stop()
@@ -148,8 +153,9 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
             for protocol in ("grpc", "http"):
                 sealed = find("modelseal", protocol, f"{runtime}_sealed", cnum)
                 plain = find("modelseal", protocol, f"{runtime}_plain", cnum)
+                paired = statistics.median(s / p for s, p in zip(sealed["rounds"], plain["rounds"], strict=True))
                 out.append(f"cnum {cnum} {protocol} {runtime}: sealed / plaintext throughput on modelseal serve = "
-                           f"{sealed['inferences_per_s'] / plain['inferences_per_s']:.3f}")  # fmt: skip
+                           f"{paired:.3f} (median of per-round ratios)")  # fmt: skip
         fastapi = find("fastapi", "http", "onnxruntime_plain", cnum)
         ours = find("modelseal", "http", "onnxruntime_sealed", cnum)
         out.append(f"cnum {cnum} http: modelseal serve (sealed) / plain FastAPI throughput = "
