@@ -36,13 +36,19 @@ class SlowRuntime:
         pass
 
 
+def one_instance(threads: int) -> tuple[SlowRuntime, LoadedModel]:
+    """A loaded model of one slow instance (inside a running event loop), its pool of ``threads``."""
+    runtime = SlowRuntime()
+    spec = ModelSpec("slow", Path("."), "onnxruntime_onnx", 0, (), ())
+    model = LoadedModel(spec=spec, version=1, runtimes=[runtime], keys=set(),  # type: ignore[list-item]
+                        pool=ThreadPoolExecutor(max_workers=threads))  # fmt: skip
+    model.idle.put_nowait(runtime)  # type: ignore[arg-type]
+    return runtime, model
+
+
 def test_a_cancelled_request_keeps_its_instance_until_the_run_ends() -> None:
     async def scenario() -> int:
-        runtime = SlowRuntime()
-        spec = ModelSpec("slow", Path("."), "onnxruntime_onnx", 0, (), ())
-        model = LoadedModel(spec=spec, version=1, runtimes=[runtime], keys=set(),  # type: ignore[list-item]
-                            pool=ThreadPoolExecutor(max_workers=2))  # fmt: skip
-        model.idle.put_nowait(runtime)  # type: ignore[arg-type]
+        runtime, model = one_instance(2)
         x = {"x": np.zeros(1, np.float32)}
         first = asyncio.ensure_future(model.execute(x, ["y"]))
         await asyncio.sleep(0.05)
@@ -60,11 +66,7 @@ def test_every_request_waiting_for_an_instance_is_answered_when_the_model_closes
     which did not pass it on."""
 
     async def scenario() -> list[str]:
-        runtime = SlowRuntime()
-        spec = ModelSpec("slow", Path("."), "onnxruntime_onnx", 0, (), ())
-        model = LoadedModel(spec=spec, version=1, runtimes=[runtime], keys=set(),  # type: ignore[list-item]
-                            pool=ThreadPoolExecutor(max_workers=1))  # fmt: skip
-        model.idle.put_nowait(runtime)  # type: ignore[arg-type]
+        _, model = one_instance(1)
         x = {"x": np.zeros(1, np.float32)}
         waiting = [asyncio.ensure_future(model.execute(x, ["y"])) for _ in range(8)]
         await asyncio.sleep(0.05)
