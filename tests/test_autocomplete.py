@@ -115,6 +115,16 @@ def test_an_override_changes_how_the_model_is_served_and_keeps_what_the_operator
     assert merged.max_batch_size == 2 and merged.version_policy.kind == "all"
     assert merged.platform == "pytorch_libtorch" and merged.default_model_filename == "model.pt"
     assert merged.parameters == {"entry_point": "arch:build"}
+    # the second review: a load request raised sizes (instances x versions of decrypted weights, batches
+    # whose classification holds the GIL for tens of seconds); it may only lower them
+    raised = {'{"max_batch_size": 2147483647}': "may lower max_batch_size, not raise it above the repository's 8",
+              '{"instance_group": [{"count": 64}]}': r"may not ask for more instances \(64\) than the repository's"}
+    for text, why in raised.items():
+        with pytest.raises(ConfigError, match=why):
+            parse_config(tmp_path / "m", text)
+    (tmp_path / "m" / "config.pbtxt").write_text("max_batch_size: 100000\n")
+    with pytest.raises(ConfigError, match="max_batch_size is at most 65536"):
+        parse_config(tmp_path / "m")
 
 
 def test_version_numbers_are_ascii_digits() -> None:

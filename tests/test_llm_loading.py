@@ -199,7 +199,10 @@ def test_lease_watch_stops_only_after_the_grace_period(tmp_path: Path) -> None:
     watch = LeaseWatch(str(tmp_path / "no-agent.sock"), [("k_1", "llm")], 1, 10, lost.append, clock=lambda: now[0])
     assert watch.problem is None
     assert watch.check() is None and watch.failing_since == 0.0  # unreachable: the grace period starts
-    assert watch.problem is not None and "agent_unavailable" in watch.problem  # what an early exit reports
+    assert watch.problem is not None and "agent_unavailable" in watch.problem and not watch.refused
+    assert watch.stopped_reason() is None  # a blip of silence: a Ctrl-C now is an ordinary stop
+    now[0] = 8.0
+    assert watch.stopped_reason() == watch.problem  # about the grace: a worker's watchdog may have fired
     now[0] = 9.9
     assert watch.check() is None
     now[0] = 10.0

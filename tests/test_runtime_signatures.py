@@ -186,6 +186,37 @@ def test_a_state_dict_takes_example_inputs_from_its_entry_point(tmp_path: Path) 
         sys.modules.pop("arch_examples", None)
 
 
+def test_a_config_cannot_make_the_server_build_huge_examples(tmp_path: Path) -> None:
+    """The second review: dims [12000, 12000] in a load request's config made 1.1 GB of zeros to run the
+    model on, kept after the failure by the traceback; each such request grew the server by a gigabyte."""
+    import torch
+
+    from modelseal.serve.runtimes.pytorch import MAX_EXAMPLE_BYTES, TorchRuntime
+
+    artifact = torchscript(tmp_path / "lin.pt", torch.nn.Linear(3, 2))
+    huge = spec("pytorch_libtorch", (TensorSpec("x", "FP64", (12000, 12000)),))
+    runtime = TorchRuntime(huge, ModelSource(artifact, {}, False), 1)
+    with pytest.raises(ConfigError, match=f"example inputs to learn the outputs from; at most {MAX_EXAMPLE_BYTES}"):
+        runtime.declared()
+    float64 = spec("pytorch_libtorch", (TensorSpec("x", "FP64", (3,)),))
+    wrong = TorchRuntime(float64, ModelSource(artifact, {}, False), 1)
+    with pytest.raises(ConfigError, match="forward failed on its example inputs") as caught:
+        wrong.declared()
+    assert caught.value.__context__ is None and caught.value.__cause__ is None  # nothing keeps the zeros alive
+
+
+def test_an_entry_point_file_is_loaded_by_path_and_never_put_on_sys_path(tmp_path: Path) -> None:
+    """The second review: the model directory stayed on sys.path, so a yaml.py in it ran when the server
+    next imported yaml, for every model."""
+    from modelseal.serve.runtimes.pytorch import build_module
+
+    (tmp_path / "model.py").write_text("import torch\ndef model():\n    return torch.nn.Linear(2, 2)\n")
+    (tmp_path / "json.py").write_text("raise SystemExit('hijacked')\n")
+    module = build_module(spec("pytorch_libtorch", path=tmp_path))
+    assert type(module).__name__ == "Linear" and str(tmp_path) not in sys.path
+    assert "model" not in sys.modules or getattr(sys.modules["model"], "__file__", "") != str(tmp_path / "model.py")
+
+
 # --- TensorFlow -----------------------------------------------------------------------------------
 
 

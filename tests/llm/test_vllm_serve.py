@@ -97,6 +97,8 @@ def test_serve_sealed_llm_from_the_agent_with_lora_then_revoke(
             stopped = r"modelseal: stopping (vLLM|the engine): key \S+ of model 'tiny-llama': revoked"
             assert re.search(stopped, log), log[-3000:]
             assert server.proc.returncode == EXIT_KEY_LOST
+            # the staged configuration went with it (os._exit skips the finalizer that removes it)
+            assert not list(Path("/dev/shm").glob(f"modelseal-{server.proc.pid}-*"))
             # and it cannot start again: the refusal is one line, before any engine process
             again = subprocess.run(
                 [*VLLM, "serve", str(sealed), "--load-format", "modelseal", "--model-loader-extra-config",

@@ -61,17 +61,18 @@ class LeaseWatch:
         self.on_lost = on_lost
         self.clock = clock
         self.failing_since: float | None = None
-        self.problem: str | None = None
-        """Why the key is refused now (None while it is held): an engine that ends during the grace
-        period ended without its key, whoever noticed first."""
+        self.problem: str | None = None  # why the key is not held now (None while it is)
+        self.refused = False  # the problem is the agent's refusal (revoked, expired), not its silence
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _problem(self) -> str | None:
+        self.refused = False
         for key_id, model in self.watched:
             try:
                 _answer, key = ask(self.socket, {"op": "key", "key_id": key_id, "model": model}, timeout=30)
             except KeyReleaseError as exc:
+                self.refused = exc.code != "agent_unavailable"
                 return f"key {key_id} of model {model!r}: {exc.code}: {exc}"
             except Exception as exc:  # a malformed answer is no key: fail closed, never kill the watchdog
                 return f"key {key_id} of model {model!r}: the agent's answer is unusable ({type(exc).__name__})"
@@ -97,6 +98,16 @@ class LeaseWatch:
         if now - self.failing_since >= self.grace_s:
             return problem
         return None
+
+    def stopped_reason(self) -> str | None:
+        """Why an engine that is ending now ended without its key, or None: the agent refuses the key, or
+        has not answered for about the grace period (an engine process's own watchdog counts its grace
+        from its own checks, up to two of ours apart). A blip of silence is no reason: a Ctrl-C during
+        one is an ordinary stop."""
+        if self.problem is None:
+            return None
+        lasted = self.clock() - self.failing_since if self.failing_since is not None else 0.0
+        return self.problem if self.refused or lasted >= self.grace_s - 2 * self.check_s else None
 
     def start(self) -> None:
         if self.check_s <= 0 or not self.watched or self._thread is not None:

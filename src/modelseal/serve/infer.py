@@ -81,7 +81,7 @@ class InferRequest:
 
 
 MAX_CLASSES = 1 << 16
-MAX_BYTES_ELEMENTS = 1 << 20  # BYTES elements per tensor (each becomes a Python object while decoded)
+MAX_BYTES_ELEMENTS = 1 << 20  # BYTES elements per request (each becomes a Python object while decoded)
 
 
 def classification_count(name: str, value: Any) -> int:
@@ -208,8 +208,6 @@ def tensor(name: str, datatype: Any, shape: Any, *, raw: bytes | memoryview | No
     huge dims cannot wrap around."""
     dtype, dims = check_dtype(name, datatype), check_shape(name, shape)
     count = math.prod(dims)
-    if datatype == "BYTES" and count > MAX_BYTES_ELEMENTS:  # each element is a Python object: bounded
-        raise bad_request(f"input {name}: {count} BYTES elements; at most {MAX_BYTES_ELEMENTS} per tensor")
     if raw is not None:
         if datatype == "BYTES":
             return decode_bytes(raw, count, name, dims).reshape(dims)
@@ -271,6 +269,8 @@ def _check_value_types(name: str, datatype: str, dtype: np.dtype, values: Any) -
         if strings - NON_FINITE or any(isinstance(v, bool) for v in np.asarray(values, dtype=object).ravel()):
             raise ValueError(f"only numbers and {sorted(NON_FINITE)} are {datatype} values")
         return
+    if want != "b" and kind in "iuf" and any(type(v) is bool for v in np.asarray(values, dtype=object).ravel()):
+        raise ValueError(f"true/false are not {datatype} values")  # numpy made [True, 2] integers
     fits = {"b": kind == "b", "i": kind in "iu", "u": kind in "iu", "f": kind in "iuf"}.get(want, True)
     if not fits and want in "iu" and kind == "f" and bool(np.all(np.mod(given, 1) == 0)):
         fits = True  # 3.0 for an INT32 is 3
@@ -333,6 +333,18 @@ def raw_bytes(array: np.ndarray) -> bytes:
     if array.dtype.kind in "OSU":
         return encode_bytes(array)
     return np.ascontiguousarray(array).tobytes()
+
+
+def check_bytes_budget(arrays: dict[str, np.ndarray], name: str, datatype: Any, shape: Any) -> None:
+    """A request's BYTES tensors hold at most :data:`MAX_BYTES_ELEMENTS` elements in all, checked before
+    each is decoded: every element becomes a Python object (about 7 times a short element's bytes, outside
+    the in-flight byte budget), and decoding holds the GIL."""
+    if datatype != "BYTES":
+        return
+    held = sum(a.size for a in arrays.values() if a.dtype == object)
+    if held + math.prod(check_shape(name, shape)) > MAX_BYTES_ELEMENTS:
+        raise bad_request(f"input {name}: the request's BYTES tensors would hold more than {MAX_BYTES_ELEMENTS} "
+                          "elements in all")  # fmt: skip
 
 
 def add_input(arrays: dict[str, np.ndarray], name: Any, array_of: Any) -> None:
@@ -410,6 +422,7 @@ def decode_rest(body: bytes, header_length: str | None) -> InferRequest:
 
         def decode(name: str, item: dict[str, Any] = item) -> np.ndarray:
             nonlocal offset
+            check_bytes_budget(arrays, name, item.get("datatype"), item.get("shape"))
             size = _object(item.get("parameters"), f"input {name} 'parameters'").get("binary_data_size")
             if size is None:
                 if "data" not in item:
@@ -475,6 +488,7 @@ def decode_grpc(request: Any) -> InferRequest:
     for i, t in enumerate(request.inputs):
 
         def decode(name: str, i: int = i, t: Any = t) -> np.ndarray:
+            check_bytes_budget(arrays, name, t.datatype, list(t.shape))
             if raw:
                 if t.HasField("contents"):
                     raise bad_request(f"input {name}: data in both raw_input_contents and contents")

@@ -31,6 +31,7 @@ from modelseal.serve.errors import ServeError, not_found, unavailable
 from modelseal.serve.infer import runtime_refusal, validate
 from modelseal.serve.metrics import Metrics
 from modelseal.serve.repository import (
+    MAX_INSTANCES,
     MAX_VERSIONS,
     ConfigError,
     ModelSpec,
@@ -254,6 +255,9 @@ the next load. The agent watched
                 if len(versions) > MAX_VERSIONS:  # each version holds its own decrypted weights
                     raise ConfigError(f"model {name}: its version_policy names {len(versions)} versions; "
                                       f"at most {MAX_VERSIONS} are served at once")  # fmt: skip
+                if len(versions) * spec.instances > MAX_INSTANCES:
+                    raise ConfigError(f"model {name}: {len(versions)} versions of {spec.instances} instances each; "
+                                      f"at most {MAX_INSTANCES} instances in all")  # fmt: skip
             except ModelsealError as exc:
                 raise self._load_failed(name, state, exc) from None
             state.state = "LOADING"  # keeps the reason it was unavailable until the load succeeds

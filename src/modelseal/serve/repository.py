@@ -33,7 +33,8 @@ CONFIG_NAMES = ("config.pbtxt", "config.yaml", "config.yml", "config.json")
 # Limits on what a config may ask for: a config is operator input, but a typo (or a hostile repository)
 # must be a clear refusal, not a server that forks 100,000 runtimes or holds requests for 584,000 years.
 MAX_CONFIG_BYTES = 1 << 20
-MAX_INSTANCES = 64
+MAX_INSTANCES = 64  # instances of one model, all its versions together
+MAX_BATCH_SIZE = 1 << 16
 MAX_QUEUE_DELAY_US = 10_000_000
 MAX_VERSIONS = 16  # versions of one model served at once (each holds its weights in memory)
 MAX_REASON_CHARS = 1000  # a load failure's reason in the index and the log (a parser may quote its input)
@@ -234,7 +235,9 @@ def parse_config(directory: Path, override: str | None = None, strict: bool = Fa
     if any(not 0 < size <= config.max_batch_size for size in preferred):
         raise ConfigError(f"{where}: each preferred_batch_size must be between 1 and max_batch_size "
                           f"({config.max_batch_size}); got {list(preferred)}")  # fmt: skip
-    instances = sum(g.count or 1 for g in config.instance_group) or 1
+    instances = _instances(config)
+    if config.max_batch_size > MAX_BATCH_SIZE:
+        raise ConfigError(f"{where}: max_batch_size is at most {MAX_BATCH_SIZE}, got {config.max_batch_size}")
     if not 0 < instances <= MAX_INSTANCES:
         raise ConfigError(f"{where}: instance_group counts add up to {instances}; at most {MAX_INSTANCES}")
     return ModelSpec(
@@ -266,6 +269,12 @@ def _apply_override(config: Any, patch: Any, where: str) -> None:
     if refused:
         raise ConfigError(f"{where}: a load request may not set {', '.join(refused)} (they come from the "
                           f"repository's own config; it may set {', '.join(OVERRIDABLE[1:])})")  # fmt: skip
+    if config.max_batch_size and patch.max_batch_size > config.max_batch_size:
+        raise ConfigError(f"{where}: a load request may lower max_batch_size, not raise it above the "
+                          f"repository's {config.max_batch_size}")  # fmt: skip
+    if patch.instance_group and _instances(patch) > _instances(config):
+        raise ConfigError(f"{where}: a load request may not ask for more instances ({_instances(patch)}) than "
+                          f"the repository's config ({_instances(config)})")  # fmt: skip
     for described, value in patch.ListFields():
         config.ClearField(described.name)
         if described.is_repeated:
@@ -274,6 +283,10 @@ def _apply_override(config: Any, patch: Any, where: str) -> None:
             getattr(config, described.name).CopyFrom(value)
         else:
             setattr(config, described.name, value)
+
+
+def _instances(config: Any) -> int:
+    return sum(g.count or 1 for g in config.instance_group) or 1
 
 
 def _plain_name(name: str) -> bool:

@@ -34,6 +34,12 @@ _staged: dict[str, MemoryDir] = {}  # sealed directory -> its staged files, aliv
 _watches: dict[str, LeaseWatch] = {}
 
 
+def _remove_staged() -> None:
+    """Remove the staged configuration files: ``os._exit`` skips the finalizers that would."""
+    for staged in _staged.values():
+        staged.close()
+
+
 def _stop(reason: str) -> None:
     """The key is gone: end the engine processes this one started, then this one, non-zero (the workers'
     own watchdogs zero their weights; this makes ``vllm serve`` itself exit with the reason)."""
@@ -47,6 +53,7 @@ def _stop(reason: str) -> None:
         _gone, alive = psutil.wait_procs(procs, timeout=5)
         for proc in alive:
             proc.kill()
+        _remove_staged()
 
     exit_now(f"modelseal: stopping vLLM: {reason}", EXIT_KEY_LOST, children)
 
@@ -54,10 +61,11 @@ def _stop(reason: str) -> None:
 def _exit_if_key_refused() -> None:
     """At exit: vLLM ends itself with status 0 when a worker stops on its own watchdog, which can happen
     before this process's grace period runs out. An exit while the key is refused is that same stop, so
-    it gets the same message and status 3."""
+    it gets the same message and status 3 (and the staged files are removed, as a normal exit would)."""
     for watch in _watches.values():
-        if watch.problem is not None:
-            exit_now(f"modelseal: stopping vLLM: {watch.problem}", EXIT_KEY_LOST)
+        reason = watch.stopped_reason()
+        if reason is not None:
+            exit_now(f"modelseal: stopping vLLM: {reason}", EXIT_KEY_LOST, _remove_staged)
 
 
 def stage_sealed_model(args: Any) -> None:

@@ -1,7 +1,8 @@
 """PyTorch models (``platform: "pytorch_libtorch"``, ``backend: "pytorch"``): a TorchScript archive
 (``model.pt``), or a state dict (``model.safetensors``) loaded into the module that the config's
-``parameters { key: "entry_point" value: { string_value: "module:factory" } }`` builds; ``module`` is
-imported with the model's directory on ``sys.path`` (so a ``model.py`` there works). On ``cuda`` when
+``parameters { key: "entry_point" value: { string_value: "module:factory" } }`` builds (default: a
+``model.py`` beside the config, ``model:model``); ``module`` is a file in the model's directory, loaded by
+path and never put on ``sys.path``, or else an installed module. On ``cuda`` when
 PyTorch sees a GPU. Unloading zeroes every parameter and buffer of the module: they are the decrypted
 weights, and PyTorch would only free them.
 
@@ -20,6 +21,7 @@ constraint: only datatypes and ranks are checked. ``BF16`` travels as ``torch.bf
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
@@ -39,6 +41,9 @@ _V2_OF_TORCH = {
     "bfloat16": "BF16",
 }  # fmt: skip
 _UNKNOWN: Any = object()  # not computed yet
+
+
+MAX_EXAMPLE_BYTES = 64 << 20  # zeros built from a config's dims to run a model once and learn its outputs
 
 
 class TorchRuntime:
@@ -138,6 +143,11 @@ class TorchRuntime:
         if any(by_v2[t.datatype] is None for t in spec.inputs):
             return None
         shapes = [[1, *t.dims] if spec.batching else list(t.dims) for t in spec.inputs]
+        size = sum(math.prod(shape) * torch.empty((), dtype=by_v2[t.datatype]).element_size()
+                   for shape, t in zip(shapes, spec.inputs, strict=True))  # fmt: skip
+        if size > MAX_EXAMPLE_BYTES:  # a config (or a load request's) asking for gigabytes of zeros
+            raise ConfigError(f"model {spec.name}: the config's input dims make {size} bytes of example "
+                              f"inputs to learn the outputs from; at most {MAX_EXAMPLE_BYTES}: declare the outputs")
         args = [torch.zeros(shape, dtype=by_v2[t.datatype], device=self.device)
                 for shape, t in zip(shapes, spec.inputs, strict=True)]  # fmt: skip
         return args, spec.batching
@@ -151,12 +161,15 @@ class TorchRuntime:
             if found is not None:
                 args, variable = found
                 torch = self.torch
+                failure = None
                 try:
                     with torch.inference_mode():
                         value = self.module(*args)
                 except Exception as exc:
-                    raise ConfigError(f"model {self.spec.name}: forward failed on its example inputs: "
-                                      f"{type(exc).__name__}: {one_line(exc)[:300]}") from None  # fmt: skip
+                    failure = f"{type(exc).__name__}: {one_line(exc)[:300]}"
+                del args, found  # not kept alive by a traceback when the run failed
+                if failure is not None:
+                    raise ConfigError(f"model {self.spec.name}: forward failed on its example inputs: {failure}")
                 values = [value] if isinstance(value, torch.Tensor) else value
                 if isinstance(values, list | tuple) and all(isinstance(v, torch.Tensor) for v in values):
                     named = [t.name for t in self.spec.outputs]
@@ -259,11 +272,11 @@ DEFAULT_ENTRY_POINT = "model:model"  # a model.py beside config.pbtxt whose mode
 def build_module(spec: ModelSpec, with_entry: bool = False) -> Any:
     """The untrained module a state dict is loaded into, from the config's ``entry_point`` (without one:
     ``model:model``, when the model's directory has a ``model.py``). A module file in the model's
-    directory is loaded under a name of its own per model, so two models' ``model.py`` never collide in
-    ``sys.modules``; any other module name is imported normally."""
+    directory is loaded by path under a name of its own per model, so two models' ``model.py`` never
+    collide in ``sys.modules``, and the directory is never put on ``sys.path`` (where a ``yaml.py`` in it
+    would replace the server's own imports, for every model); any other name is an installed module."""
     import importlib
     import importlib.util
-    import sys
 
     entry = spec.parameters.get("entry_point", "")
     if not entry and (spec.path / "model.py").is_file():
@@ -273,8 +286,6 @@ def build_module(spec: ModelSpec, with_entry: bool = False) -> Any:
         raise UsageError(f'model {spec.name}: a state dict needs a model.py defining model(), or parameters '
                          f'entry_point = "module:factory"')  # fmt: skip
     local = spec.path / f"{module_name}.py"
-    if str(spec.path) not in sys.path:  # what the entry module itself imports from beside it
-        sys.path.insert(0, str(spec.path))
     try:
         if module_name.isidentifier() and local.is_file():
             loader = importlib.util.spec_from_file_location(f"modelseal_entry_{spec.name}_{module_name}", local)
