@@ -12,6 +12,7 @@ milliseconds. Admitted connections get asyncio streams and a deadline for their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -171,6 +172,10 @@ class Listener:
                 await self.handler(reader, writer, pid, uid)
             finally:
                 writer.close()
+                # a client gone mid-answer leaves its broken pipe in the stream's "closed" future: awaited
+                # here, or asyncio logs "Future exception was never retrieved" with a traceback at exit
+                with contextlib.suppress(OSError, TimeoutError):
+                    await asyncio.wait_for(writer.wait_closed(), 1)
         except OSError:  # the client left before its transport was set up
             conn.close()
         finally:
