@@ -109,6 +109,13 @@ def test_runtime_declares_from_metadata_and_checks_config(tiny: dict[str, Any]) 
             runtime.check(bad)
         out = runtime.run({"x": tiny["model"].batch}, ["y"])
         np.testing.assert_array_equal(out["y"], tiny["model"].reference(tiny["model"].batch))
+        # the second review: a config saying -1 where the model is fixed let a wrong shape reach TVM (a 500
+        # and a traceback); it is a bad request
+        from modelseal.serve.errors import ServeError
+
+        with pytest.raises(ServeError, match=r"input x has shape \[2, 5\]; the TVM model takes \[-1, 4\]") as caught:
+            runtime.run({"x": np.zeros((2, 5), np.float32)}, ["y"])
+        assert caught.value.status == 400
     finally:
         runtime.close()
     runtime.close()  # twice is harmless

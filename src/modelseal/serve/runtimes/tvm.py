@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from modelseal.serve.errors import bad_request
 from modelseal.serve.repository import ModelSpec
 from modelseal.serve.runtimes.base import Declared, RuntimeInfo, Signature
 from modelseal.serve.runtimes.declared import check_tensors
@@ -58,7 +59,14 @@ class TvmRuntime:
         check_tensors(spec, "TVM", inputs, outputs)
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        return self._module().run(inputs, outputs)
+        model = self._module()
+        for t in model.metadata.inputs:  # a config may say -1 where the model is fixed: refused here as a
+            given = inputs.get(t.name)  # bad request, not as TVM's error (a 500 and a traceback)
+            if given is not None and (given.ndim != len(t.shape) or any(
+                    d is not None and d != g for d, g in zip(t.shape, given.shape, strict=False))):  # fmt: skip
+                fixed = [-1 if d is None else d for d in t.shape]
+                raise bad_request(f"input {t.name} has shape {list(given.shape)}; the TVM model takes {fixed}")
+        return model.run(inputs, outputs)
 
     def close(self) -> None:
         """Free the executable and zero every params array (and the memory file of the library)."""
