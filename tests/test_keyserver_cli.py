@@ -126,3 +126,13 @@ def test_run_logs_a_url_its_certificate_covers(tmp_path: Path) -> None:
             proc.wait(timeout=30)
     line = next(line for line in log.read_text().splitlines() if "key service on" in line)
     assert f"key service on https://localhost:{port} (" in line, line
+
+
+def test_init_with_an_unreachable_database_writes_nothing(tmp_path: Path) -> None:
+    """It wrote the master key, the admin token and the CA key, then failed on the database and left them:
+    a second init then refused the half-made directory."""
+    bad = "postgresql://nobody@127.0.0.1:1/nothing"
+    for _ in range(2):  # the second attempt fails the same way, not on what the first left
+        result = ms("keyserver", "init", tmp_path / "ks", "--db", bad, check=False)
+        assert result.returncode != 0 and "cannot migrate the key-service database" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "ks").exists()

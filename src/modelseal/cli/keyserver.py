@@ -113,6 +113,8 @@ def ks_init(
     from modelseal.keyserver.server import public_url
     from modelseal.keyserver.store import open_store
 
+    if database is not None:  # an unreachable database stops init before it writes a file (it used to
+        open_store(database, migrate=True).close()  # leave a half-made directory a second init refused)
     transit = {"url": transit_url, "token_env": transit_token_env} if transit_url else None
     result = init_state(directory, database=database, listen=listen, server_names=list(server_names),
                         transit=transit, renew_after_s=renew_after)  # fmt: skip
