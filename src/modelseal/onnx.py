@@ -29,11 +29,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from modelseal.atomicfile import pwrite_all
 from modelseal.crypto import keys
 from modelseal.errors import FormatError, MissingDependencyError, UsageError
 from modelseal.format import schema
 from modelseal.load.bundles import read_all
+from modelseal.memory.memfd import write_memory_file, zero_and_close
 from modelseal.recipients.registry import IdentitySpec
 
 
@@ -109,20 +109,11 @@ def _memory_file(data: bytearray) -> Iterator[str | bytes]:
     if not hasattr(os, "memfd_create"):
         yield bytes(data)
         return
-    view = memoryview(data).cast("B")
-    written = 0
-    fd = os.memfd_create("modelseal-model", os.MFD_CLOEXEC)
+    fd = write_memory_file("modelseal-model", data)  # a failed copy is zeroed and closed there
     try:
-        while written < len(view):
-            written += os.pwrite(fd, view[written:], written)
         yield f"/proc/self/fd/{fd}"
-    finally:  # on every path, a failed copy included: what reached the file is zeroed before it goes
-        try:
-            zeros = bytes(min(written, 1 << 20))
-            for start in range(0, written, len(zeros) or 1):
-                pwrite_all(fd, zeros[: written - start], start)
-        finally:
-            os.close(fd)
+    finally:
+        zero_and_close(fd, len(memoryview(data).cast("B")))
 
 
 def _external_initializers(model: bytearray, files: Mapping[str, bytearray], base: str, source: str) -> dict[str, Any]:

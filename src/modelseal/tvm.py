@@ -55,6 +55,7 @@ from modelseal.format.safetensors import SealedSafetensors, parse_plain_header, 
 from modelseal.jsonlimits import loads_bounded
 from modelseal.load.artifacts import open_artifact, resolve_identity
 from modelseal.load.bundles import open_bundle
+from modelseal.memory.memfd import write_memory_file, zero_and_close
 from modelseal.recipients.registry import IdentitySpec
 
 LIBRARY = "model.so"
@@ -185,15 +186,8 @@ class _MemoryLibrary:
         if not hasattr(os, "memfd_create"):
             raise UsageError("a sealed TVM module loads from an anonymous memory file: this needs Linux (memfd_create)")
         self.name = f"modelseal-tvm-{uuid.uuid4().hex}"
-        self.size = 0
-        self.fd: int | None = os.memfd_create(self.name, os.MFD_CLOEXEC)
-        try:
-            view = memoryview(data).cast("B")
-            while self.size < len(view):
-                self.size += os.pwrite(self.fd, view[self.size :], self.size)
-        except BaseException:
-            self.release()
-            raise
+        self.size = len(memoryview(data).cast("B"))
+        self.fd: int | None = write_memory_file(self.name, data)  # a failed copy is zeroed and closed there
         self.path = f"/proc/self/fd/{self.fd}"
 
     def mapped(self) -> bool:
@@ -209,14 +203,15 @@ class _MemoryLibrary:
             return True
         fd, self.fd = self.fd, None
         try:
-            if self.size and self.mapped():
-                return False
-            zeros = bytes(min(self.size, 1 << 20))
-            for start in range(0, self.size, len(zeros) or 1):
-                atomicfile.pwrite_all(fd, zeros[: self.size - start], start)
-            return True
-        finally:
+            mapped = bool(self.size) and self.mapped()
+        except BaseException:
             os.close(fd)
+            raise
+        if mapped:
+            os.close(fd)
+            return False
+        zero_and_close(fd, self.size)
+        return True
 
 
 def _load_library(tvm: Any, path: str, source: str) -> Any:

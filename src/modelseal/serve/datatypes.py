@@ -84,8 +84,3 @@ def v2_name(dtype: np.dtype | type) -> str:
         return V2[dtype]
     except KeyError:
         raise UsageError(f"numpy dtype {dtype} has no Open Inference Protocol type") from None
-
-
-def fixed_size(v2_name: str) -> bool:
-    """Whether each element of the type has one size (everything but ``BYTES``)."""
-    return v2_name != "BYTES"

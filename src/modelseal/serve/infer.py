@@ -264,12 +264,13 @@ def _check_value_types(name: str, datatype: str, dtype: np.dtype, values: Any) -
     if given.size == 0:
         return
     kind, want = given.dtype.kind, dtype.kind
+    elements = np.asarray(values, dtype=object).ravel().tolist() if kind in "OUiuf" and want != "b" else []
     if kind in "OU" and want == "f":  # strings among the numbers: only the non-finite names
-        strings = {v for v in np.asarray(values, dtype=object).ravel().tolist() if isinstance(v, str)}
-        if strings - NON_FINITE or any(isinstance(v, bool) for v in np.asarray(values, dtype=object).ravel()):
+        strings = {v for v in elements if isinstance(v, str)}
+        if strings - NON_FINITE or any(isinstance(v, bool) for v in elements):
             raise ValueError(f"only numbers and {sorted(NON_FINITE)} are {datatype} values")
         return
-    if want != "b" and kind in "iuf" and any(type(v) is bool for v in np.asarray(values, dtype=object).ravel()):
+    if want != "b" and kind in "iuf" and any(type(v) is bool for v in elements):
         raise ValueError(f"true/false are not {datatype} values")  # numpy made [True, 2] integers
     fits = {"b": kind == "b", "i": kind in "iu", "u": kind in "iu", "f": kind in "iuf"}.get(want, True)
     if not fits and want in "iu" and kind == "f" and bool(np.all(np.mod(given, 1) == 0)):
