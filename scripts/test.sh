@@ -20,6 +20,9 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[torch,onnx,tensorflow,tvm,openvino,keyserver,agent,serve,test]'
+# TF Serving's client package, for the tests that use it against modelseal serve: it requires the full
+# `tensorflow` package, which tensorflow-cpu (above) provides under another name
+.venv/bin/python -m pip install -q --no-deps -c constraints.txt tensorflow-serving-api
 # The LLM engine tests (tests/llm) get their own environment, frozen in requirements-vllm.lock (which says
 # why it cannot share .venv); MODELSEAL_SKIP_LLM=1 leaves it out on a machine without room for it.
 if [ "${MODELSEAL_SKIP_LLM:-0}" != 1 ]; then

@@ -127,8 +127,9 @@ def bench() -> None:
 @bench.command("client")
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server HOST:PORT.")
 @click.option(
-    "--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
-    help="Which of the server's endpoints the clients use.",
+    "--protocol", type=click.Choice(["grpc", "http", "tfserving"]), default="grpc", show_default=True,
+    help="Open Inference Protocol over gRPC or HTTP (tritonclient), or TF Serving's gRPC API (tfserving: "
+    "PredictionService.Predict, against modelseal serve's gRPC port or TensorFlow Serving).",
 )  # fmt: skip
 @click.option("-m", "--model", required=True, help="Model name.")
 @click.option("--batch", default=1, show_default=True, help="Rows per request.")
@@ -143,9 +144,10 @@ def bench() -> None:
 def bench_client(url: str, protocol: str, model: str, batch: int, concurrency: int, requests: int,
                  json_tensors: bool, ca: str | None, cert: str | None, key: str | None,
                  as_json: bool) -> None:  # fmt: skip
-    """Send requests to an Open Inference Protocol server; print throughput and latency percentiles.
+    """Send requests to an inference server; print throughput and latency percentiles.
 
-    Like TF Serving's `resnet_client_grpc.py -batch 1 -cnum 1 -loop 50`, with the official tritonclient.
+    Like TF Serving's `resnet_client_grpc.py -batch 1 -cnum 1 -loop 50`: over the Open Inference Protocol
+    with the official tritonclient, or over TF Serving's own gRPC API (--protocol tfserving).
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 

@@ -173,6 +173,9 @@ def build_server(srv: Any, address: str, tls: tuple[bytes, bytes, bytes | None] 
         ]
     )
     services.add_GRPCInferenceServiceServicer_to_server(build_servicer(srv), server)
+    from modelseal.serve.tfserving.grpc_api import build_handlers
+
+    server.add_generic_rpc_handlers(build_handlers(srv))  # TF Serving's PredictionService and ModelService
     from modelseal.serve.server import port_fix
 
     try:

@@ -255,6 +255,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(srv: Any, max_body_bytes: int) -> web.Application:
+    from modelseal.serve.tfserving.rest import routes as tfserving_routes
+
     app = web.Application(middlewares=[errors], client_max_size=max_body_bytes)
     app[SERVER] = srv
     model = "/v2/models/{model}"
@@ -278,5 +280,6 @@ def build_app(srv: Any, max_body_bytes: int) -> web.Application:
         web.post("/v2/repository/models/{model}/load", repository_load),
         web.post("/v2/repository/models/{model}/unload", repository_unload),
         web.get("/metrics", metrics),
+        *tfserving_routes(),  # TF Serving's REST API (/v1/models/...)
     ])  # fmt: skip
     return app
