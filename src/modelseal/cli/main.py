@@ -396,11 +396,13 @@ def _register_service_commands() -> None:
     from modelseal.cli.attest import attest
     from modelseal.cli.keyserver import keyserver
     from modelseal.cli.pki import pki_group
+    from modelseal.cli.triton import triton_repo
 
     main.add_command(keyserver, "keyserver")
     main.add_command(agent, "agent")
     main.add_command(pki_group, "pki")
     main.add_command(attest, "attest")
+    main.add_command(triton_repo, "triton-repo")
     try:
         from modelseal.cli.serve import bench, serve
     except ImportError:  # pragma: no cover (click is core; the serve extra is imported lazily)
