@@ -384,3 +384,60 @@ def test_bench_client_speaks_tf_serving(served: dict[str, Any]) -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["protocol"] == "tfserving" and result["requests"] == 10 and result["errors"] == 0
+
+
+OFFICIAL = {  # modelseal's message -> TF Serving's (or TensorFlow's) full name
+    "TensorShapeProto": "tensorflow.TensorShapeProto", "TensorProto": "tensorflow.TensorProto",
+    "TensorInfo": "tensorflow.TensorInfo", "SignatureDef": "tensorflow.SignatureDef",
+    "ModelSpec": "tensorflow.serving.ModelSpec", "PredictRequest": "tensorflow.serving.PredictRequest",
+    "PredictResponse": "tensorflow.serving.PredictResponse", "SignatureDefMap": "tensorflow.serving.SignatureDefMap",
+    "GetModelMetadataRequest": "tensorflow.serving.GetModelMetadataRequest",
+    "GetModelMetadataResponse": "tensorflow.serving.GetModelMetadataResponse",
+    "StatusProto": "tensorflow.serving.StatusProto",
+    "GetModelStatusRequest": "tensorflow.serving.GetModelStatusRequest",
+    "ModelVersionStatus": "tensorflow.serving.ModelVersionStatus",
+    "GetModelStatusResponse": "tensorflow.serving.GetModelStatusResponse",
+}  # fmt: skip
+
+
+def test_every_field_of_modelseals_messages_is_tf_servings() -> None:
+    """modelseal's copy of the messages (its own package name, so the two never collide) must put every
+    field where TF Serving's client puts it: same number, name, type, label and message type."""
+    apis()
+    from google.protobuf import descriptor_pool
+    from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2  # noqa: F401 (services)
+
+    from modelseal.serve.protocol import tfserving
+
+    pool = descriptor_pool.Default()
+    ours = tfserving()
+
+    def official_name(full: str) -> str:
+        if not full.startswith("modelseal.tfserving."):
+            return full  # google.protobuf's own
+        head, _, nested = full.removeprefix("modelseal.tfserving.").partition(".")
+        return OFFICIAL.get(head, full) + (f".{nested}" if nested else "")
+
+    def same_fields(mine: Any, theirs: Any) -> None:
+        for field in mine.fields:
+            other = theirs.fields_by_number[field.number]
+            assert (field.name, field.type, field.is_repeated) == (other.name, other.type, other.is_repeated), field
+            if field.message_type is not None:
+                if field.message_type.GetOptions().map_entry:
+                    same_fields(field.message_type, other.message_type)
+                else:
+                    assert other.message_type.full_name == official_name(field.message_type.full_name), field
+                    same_fields(field.message_type, other.message_type)
+            if field.enum_type is not None:
+                for value in field.enum_type.values:
+                    assert other.enum_type.values_by_number[value.number].name == value.name
+
+    for name, official in OFFICIAL.items():
+        same_fields(getattr(ours, name).DESCRIPTOR, pool.FindMessageTypeByName(official))
+    for service, method, request, response in (
+        ("PredictionService", "Predict", "PredictRequest", "PredictResponse"),
+        ("PredictionService", "GetModelMetadata", "GetModelMetadataRequest", "GetModelMetadataResponse"),
+        ("ModelService", "GetModelStatus", "GetModelStatusRequest", "GetModelStatusResponse"),
+    ):
+        found = pool.FindServiceByName(f"tensorflow.serving.{service}").methods_by_name[method]
+        assert (found.input_type.full_name, found.output_type.full_name) == (OFFICIAL[request], OFFICIAL[response])
