@@ -1,0 +1,118 @@
+"""A real ``tritonserver`` process (the one ``nvidia-pytriton`` ships), for the tests and ``bench/serve.py``.
+
+PyTriton's wheel carries Triton 2.51 with its Python backend but keeps the backend stubs apart, one per
+Python version; the server wants the stub beside ``libtriton_python.so``. So a private backend directory
+is made of links (site-packages stays untouched), and the server gets the wheel's bundled libraries and
+this Python's own lib directory (pyenv builds link libpython there) on ``LD_LIBRARY_PATH``. It listens on
+loopback only (Triton binds 0.0.0.0 by default), in explicit model-control mode without exiting on a model
+that fails to load, so one bad model is that model's error, not the end of the server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import urllib.request
+from pathlib import Path
+from typing import Self
+
+from modelseal.devstack import StackError, free_port, wait_for
+from modelseal.errors import MissingDependencyError
+
+ENV_VAR = "MODELSEAL_TRITON_ENV"
+"""A virtual environment with ``nvidia-pytriton`` installed, when it is not this one (it pins numpy<2)."""
+
+
+def tritonserver_root(env: str | None = None) -> Path:
+    """The ``pytriton/tritonserver`` tree of ``env`` (default ``$MODELSEAL_TRITON_ENV``, else this Python)."""
+    env = env or os.environ.get(ENV_VAR)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if env:
+        root = Path(env) / "lib" / version / "site-packages" / "pytriton" / "tritonserver"
+    else:
+        try:
+            import pytriton
+        except ImportError:
+            root = Path("/nonexistent")
+        else:
+            root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").exists():
+        raise MissingDependencyError(f"no tritonserver: pip install nvidia-pytriton (in a venv of its own, named by "
+                                     f"${ENV_VAR})")  # fmt: skip
+    return root
+
+
+class TritonServer:
+    """``tritonserver`` serving ``repository`` (models named in ``models`` loaded at start), logging to ``log``."""
+
+    def __init__(self, repository: Path, log: Path, models: list[str], env: dict[str, str] | None = None) -> None:
+        self.root = tritonserver_root()
+        self.repository, self.log, self.models = repository, log, models
+        self.env = dict(env or {})
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http, self.grpc = f"127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _backends(self) -> Path:
+        backends = self.log.parent / f"{self.log.stem}-backends"
+        python = backends / "python"
+        python.mkdir(parents=True, exist_ok=True)
+        stub = self.root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+        links = {**{n: self.root / "backends" / "python" / n for n in ("libtriton_python.so",
+                                                                        "triton_python_backend_utils.py")},
+                 "triton_python_backend_stub": stub / "triton_python_backend_stub"}  # fmt: skip
+        for name, target in links.items():
+            if not (python / name).exists():
+                (python / name).symlink_to(target)
+        return backends
+
+    def start(self, timeout: float = 120) -> Self:
+        libs = [str(self.root.parent.parent / "nvidia_pytriton.libs"), str(sysconfig.get_config_var("LIBDIR"))]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **self.env}
+        env["LD_LIBRARY_PATH"] = ":".join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+        args = [str(self.root / "bin" / "tritonserver"), f"--model-repository={self.repository}",
+                f"--backend-directory={self._backends()}", "--model-control-mode=explicit", "--exit-on-error=false",
+                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
+                f"--grpc-port={self.grpc_port}", "--allow-metrics=false", "--exit-timeout-secs=5",
+                *(f"--load-model={m}" for m in self.models)]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for(self._ready, timeout, f"tritonserver (log: {self.log})")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise StackError(f"tritonserver exited with status {self.proc.returncode} (log: {self.log})")
+        if "Started HTTPService" not in self.log.read_text(errors="replace"):
+            return False
+        try:  # the line comes just before the port accepts
+            with urllib.request.urlopen(f"http://{self.http}/v2/health/live", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
