@@ -31,12 +31,27 @@ if [ "${MODELSEAL_SKIP_LLM:-0}" != 1 ]; then
     .venv-vllm/bin/python -m pip install -q --no-deps -r requirements-vllm.lock
     .venv-vllm/bin/python -m pip install -q --no-deps -e .
 fi
+# Triton (tests/triton): nvidia-pytriton's tritonserver lives in .venv-triton, frozen in requirements-triton.lock
+# (PyTriton pins numpy<2); the Python-backend tests run in .venv and take only the server from there.
+# MODELSEAL_SKIP_TRITON=1 leaves it out (those tests then skip).
+if [ "${MODELSEAL_SKIP_TRITON:-0}" != 1 ]; then
+    [ -x .venv-triton/bin/python ] || "$PY" -m venv .venv-triton
+    .venv-triton/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv-triton/bin/python -m pip install -q --no-deps -r requirements-triton.lock
+    .venv-triton/bin/python -m pip install -q --no-deps -e .
+    export MODELSEAL_TRITON_ENV="$PWD/.venv-triton"
+fi
 export ORT_DISABLE_TELEMETRY=1
 echo "== ruff";  .venv/bin/ruff check src tests bench
 echo "== mypy";  .venv/bin/mypy
 echo "== import-linter"; .venv/bin/lint-imports
 echo "== pytest"
 .venv/bin/python -m pytest -n 2 -q "$@"
+if [ "${MODELSEAL_SKIP_TRITON:-0}" != 1 ] && [ $# -eq 0 ]; then
+    echo "== pytest: PyTriton in .venv-triton"
+    LD_LIBRARY_PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        .venv-triton/bin/python -m pytest -q tests/triton/test_pytriton.py
+fi
 if [ "${MODELSEAL_SKIP_LLM:-0}" != 1 ] && [ $# -eq 0 ]; then
     echo "== pytest: LLM engines (vLLM, transformers) in .venv-vllm"
     .venv-vllm/bin/python -m pytest -q tests/llm

@@ -83,13 +83,14 @@ READS: dict[str, set[str]] = {
                                                     "grant revoke", "master-key rotate", "audit export",
                                                     "audit verify")},
     "agent status": {"MODELSEAL_AGENT_SOCKET"},
+    "triton-repo": IDENTITY,
     "agent tpm-enroll": {"TPM2TOOLS_TCTI"},
 }  # fmt: skip
 # Commands that write files (or persistent state) and must say what, in a "Writes:" list; SECRET ones
 # write a key or plaintext and must give its mode, 0600.
 WRITES = {"keygen", "seal", "open", "rekey", "demo", "keyserver init", "keyserver run", "keyserver migrate",
           "keyserver audit export", "pki init", "pki issue", "pki request", "agent run", "agent tpm-enroll",
-          "serve"}  # fmt: skip
+          "serve", "triton-repo"}  # fmt: skip
 SECRET = {"keygen", "open", "keyserver init", "pki init", "pki issue", "pki request", "serve"}
 # Long-running services: they report through their logs, not a --json document.
 SERVICES = {"keyserver run", "agent run", "serve"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -48,9 +49,9 @@ PROBE = ("import json\nimport numpy, onnxruntime, torch\n" + WRITE_AUDIT_HOOK
 
 def server_or_skip(repo: Path, log: Path, models: list[str]) -> TritonServer:
     try:
-        return TritonServer(repo, log, models).start()
+        return TritonServer(repo, log, models, venv=os.environ.get("MODELSEAL_TRITON_ENV")).start()
     except MissingDependencyError as exc:
-        if __import__("os").environ.get("CI"):
+        if os.environ.get("CI"):
             raise
         pytest.skip(str(exc))
 

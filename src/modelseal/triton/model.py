@@ -53,7 +53,7 @@ class TritonPythonModel:
             settings = parse_settings(parameters(config))
             version = version_of(args["model_version"])
             spec = model_spec(config, Path(args["model_repository"]), version, settings)
-            self.model = SealedModel.load(spec, version, settings)
+            self.model = SealedModel.load(spec, spec.artifact(version), settings)
         except ModelsealError as exc:
             raise pb_utils.TritonModelException(f"modelseal: {exc}") from None
         except Exception as exc:  # a framework refusing the model: its type and first line, no traceback

@@ -16,6 +16,7 @@ import gc
 import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -59,10 +60,9 @@ class SealedModel:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, spec: ModelSpec, version: int, settings: Settings) -> SealedModel:
-        """Open ``spec``'s version ``version`` once, decrypt it in memory, build its runtime (completing
-        ``spec`` from the model where it leaves inputs or outputs out), and start the key watch."""
-        artifact = spec.artifact(version)
+    def load(cls, spec: ModelSpec, artifact: Path, settings: Settings) -> SealedModel:
+        """Open ``artifact`` once, decrypt it in memory, build its runtime (completing ``spec`` from the
+        model where it leaves inputs or outputs out), and start the key watch."""
         identity = resolve_identity(settings.identity)
         with open_source(artifact, lambda: identity, list(settings.trusted_signers)) as source:
             if not source.sealed:

@@ -22,13 +22,10 @@ from typing import Self
 from modelseal.devstack import StackError, free_port, wait_for
 from modelseal.errors import MissingDependencyError
 
-ENV_VAR = "MODELSEAL_TRITON_ENV"
-"""A virtual environment with ``nvidia-pytriton`` installed, when it is not this one (it pins numpy<2)."""
-
 
 def tritonserver_root(env: str | None = None) -> Path:
-    """The ``pytriton/tritonserver`` tree of ``env`` (default ``$MODELSEAL_TRITON_ENV``, else this Python)."""
-    env = env or os.environ.get(ENV_VAR)
+    """The ``pytriton/tritonserver`` tree of the venv ``env`` (PyTriton pins numpy<2, so it often has a venv of
+    its own; the tests and bench name it by ``$MODELSEAL_TRITON_ENV``), else of this Python."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     if env:
         root = Path(env) / "lib" / version / "site-packages" / "pytriton" / "tritonserver"
@@ -40,16 +37,18 @@ def tritonserver_root(env: str | None = None) -> Path:
         else:
             root = Path(pytriton.__file__).parent / "tritonserver"
     if not (root / "bin" / "tritonserver").exists():
-        raise MissingDependencyError(f"no tritonserver: pip install nvidia-pytriton (in a venv of its own, named by "
-                                     f"${ENV_VAR})")  # fmt: skip
+        raise MissingDependencyError(f"no tritonserver in {root.parent.parent}: pip install nvidia-pytriton")
     return root
 
 
 class TritonServer:
     """``tritonserver`` serving ``repository`` (models named in ``models`` loaded at start), logging to ``log``."""
 
-    def __init__(self, repository: Path, log: Path, models: list[str], env: dict[str, str] | None = None) -> None:
-        self.root = tritonserver_root()
+    def __init__(
+        self, repository: Path, log: Path, models: list[str], *, venv: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.root = tritonserver_root(venv)
         self.repository, self.log, self.models = repository, log, models
         self.env = dict(env or {})
         self.http_port, self.grpc_port = free_port(), free_port()
