@@ -21,6 +21,7 @@ sys.dont_write_bytecode = True  # the stub would leave __pycache__ beside every 
 import numpy as np  # noqa: E402
 
 from modelseal.errors import ModelsealError, one_line  # noqa: E402
+from modelseal.memory.locked import harden_process  # noqa: E402
 from modelseal.serve.infer import runtime_refusal  # noqa: E402
 from modelseal.triton.sealed import SealedModel, Tensors, version_of  # noqa: E402
 from modelseal.triton.settings import model_spec, parameters, parse_settings  # noqa: E402
@@ -49,6 +50,7 @@ class TritonPythonModel:
         """Decrypt and load the sealed model in memory; any failure leaves the model UNAVAILABLE, with a
         one-line reason Triton reports to clients (``load_model``) and in its log."""
         config = json.loads(args["model_config"])
+        harden_process()  # decrypted weights will live in this stub process: no core dumps, no ptrace by others
         try:
             settings = parse_settings(parameters(config))
             version = version_of(args["model_version"])
