@@ -1,7 +1,8 @@
 """Serving cost of sealing: the same model, sealed and plaintext, served by the same `modelseal serve`
 process in the same run, for each runtime asked for (ONNX Runtime: the chosen model; OpenVINO and TVM:
 the test suite's tiny models, as their frameworks compile them), and the plaintext ONNX model behind a
-plain FastAPI endpoint with the same runtime.
+plain FastAPI endpoint with the same runtime; with ``--triton-env`` (a venv holding nvidia-pytriton), the
+same sealed ONNX file in a real tritonserver through modelseal's Python-backend model too.
 
 This VM's speed drifts by more than the difference measured (identical work, sealed and plain, differs by
 up to 20% between rounds), so each ratio is the median over rounds of that round's sealed / plain
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -75,6 +77,9 @@ def main() -> None:
     parser.add_argument("--loop", type=int, default=50, help="requests per client per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--triton-env", default=os.environ.get("MODELSEAL_TRITON_ENV"),
+                        help="a venv with nvidia-pytriton: also serve the sealed ONNX model in tritonserver "
+                             "through modelseal's Python-backend model (default $MODELSEAL_TRITON_ENV)")  # fmt: skip
     args = parser.parse_args()
     shape, classes = SHAPES[args.model]
     model = resnet50() if args.model == "resnet50" else small_cnn()
@@ -95,6 +100,7 @@ def main() -> None:
                 add_compiled(repo, runtime, tmp, identity.recipient)
         (tmp / "plain.onnx").write_bytes(onnx_bytes)
         server = Serve(repo, tmp / "serve.log", args=["-i", str(tmp / "host.key")]).start()
+        triton = start_triton(args.triton_env, repo, tmp) if args.triton_env else None
         port = free_port()
         baseline = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("fastapi_baseline.py")), str(tmp / "plain.onnx"), "plain",
@@ -108,6 +114,9 @@ def main() -> None:
                 for kind in ("sealed", "plain")
             }
             targets["fastapi", "http", "onnxruntime_plain"] = Target(f"127.0.0.1:{port}", "http", "plain")
+            if triton is not None:
+                for protocol, address in (("grpc", triton.grpc), ("http", triton.http)):
+                    targets["triton", protocol, "onnxruntime_sealed"] = Target(address, protocol, "onnxruntime_sealed")
             rows = []
             for cnum in (int(c) for c in args.cnum.split(",")):
                 rounds: dict[tuple[str, str, str], list[dict[str, Any]]] = {k: [] for k in targets}
@@ -125,6 +134,8 @@ def main() -> None:
                     })  # fmt: skip
         finally:
             server.stop()
+            if triton is not None:
+                triton.stop()
             baseline.terminate()
             baseline.wait(10)
     report = {"model": args.model, "rows": rows, "ratios": ratios(rows)}
@@ -160,7 +171,26 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
         ours = find("modelseal", "http", "onnxruntime_sealed", cnum)
         out.append(f"cnum {cnum} http: modelseal serve (sealed) / plain FastAPI throughput = "
                    f"{ours['inferences_per_s'] / fastapi['inferences_per_s']:.3f}")  # fmt: skip
+        for protocol in ("grpc", "http") if any(r["server"] == "triton" for r in rows) else ():
+            triton = find("triton", protocol, "onnxruntime_sealed", cnum)
+            ours = find("modelseal", protocol, "onnxruntime_sealed", cnum)
+            paired = statistics.median(t / m for t, m in zip(triton["rounds"], ours["rounds"], strict=True))
+            out.append(f"cnum {cnum} {protocol}: sealed model in tritonserver (modelseal's Python backend) / in "
+                       f"modelseal serve throughput = {paired:.3f} (median of per-round ratios)")  # fmt: skip
     return out
+
+
+def start_triton(venv: str, repo: Path, tmp: Path) -> Any:
+    """tritonserver serving the same sealed ONNX file as ``onnxruntime_sealed``, laid out by triton-repo's
+    library call (the stub runs in this Python's environment, key from the same identity file)."""
+    from modelseal.triton.layout import Layout, lay_out
+    from modelseal.triton.server import TritonServer
+
+    key = str(tmp / "host.key")
+    sealed = repo / "onnxruntime_sealed" / "1" / "model.onnx.sealed"
+    lay_out(Layout(sealed, tmp / "triton-repo", "onnxruntime_sealed", identity=key, serve_identity=key,
+                   max_batch_size=8))
+    return TritonServer(tmp / "triton-repo", tmp / "triton.log", ["onnxruntime_sealed"], venv=venv).start()
 
 
 def _ready(url: str) -> bool:
