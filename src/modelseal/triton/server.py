@@ -11,7 +11,6 @@ that fails to load, so one bad model is that model's error, not the end of the s
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -19,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from modelseal.devstack import StackError, free_port, wait_for
+from modelseal.devstack import ModelsealProcess, free_port, wait_for
 from modelseal.errors import MissingDependencyError
 
 
@@ -41,19 +40,24 @@ def tritonserver_root(env: str | None = None) -> Path:
     return root
 
 
-class TritonServer:
-    """``tritonserver`` serving ``repository`` (models named in ``models`` loaded at start), logging to ``log``."""
+class TritonServer(ModelsealProcess):
+    """``tritonserver`` serving ``repository`` (models named in ``models`` loaded at start), logging to ``log``;
+    stopped (SIGTERM, then SIGKILL) like devstack's processes."""
+
+    what = "tritonserver"
 
     def __init__(
         self, repository: Path, log: Path, models: list[str], *, venv: str | None = None,
         env: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
+        super().__init__(log, env)
         self.root = tritonserver_root(venv)
-        self.repository, self.log, self.models = repository, log, models
-        self.env = dict(env or {})
+        self.repository, self.models = repository, models
         self.http_port, self.grpc_port = free_port(), free_port()
         self.http, self.grpc = f"127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
-        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:  # not `python -m modelseal`: start() runs the server binary itself
+        return []
 
     def _backends(self) -> Path:
         backends = self.log.parent / f"{self.log.stem}-backends"
@@ -80,16 +84,15 @@ class TritonServer:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            wait_for(self._ready, timeout, f"tritonserver (log: {self.log})")
+            wait_for(self.ready, timeout, f"tritonserver (log: {self.log})")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise StackError(f"tritonserver exited with status {self.proc.returncode} (log: {self.log})")
+    def ready(self) -> bool:
+        if not self.running():  # raises StackError, naming the log's last line, once it has exited
+            return False
         if "Started HTTPService" not in self.log.read_text(errors="replace"):
             return False
         try:  # the line comes just before the port accepts
@@ -97,21 +100,3 @@ class TritonServer:
                 return bool(answer.status == 200)
         except OSError:
             return False
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
