@@ -306,6 +306,11 @@ def test_bad_grpc_requests_get_tf_serving_codes(served: dict[str, Any]) -> None:
     code, details = grpc_error(stub.Predict, stray)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not int_val" in details
 
+    many = request(**{f"in{i:05d}": np.ones(1, np.float32) for i in range(2000)})
+    many.inputs[f"n{'x' * 100_000}"].CopyFrom(tf.make_tensor_proto(np.ones(1, np.float32)))
+    code, details = grpc_error(stub.Predict, many)  # names echoed in full made megabytes of trailers
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 4000 and "more)" in details
+
     raw = ch.unary_unary("/tensorflow.serving.PredictionService/Predict")  # bytes that are no message
     code, details = grpc_error(raw, b"\x0a\xff\xff\xff\xff\x0f")
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf message" in details
@@ -337,6 +342,9 @@ def test_bad_rest_requests_get_tf_serving_statuses(served: dict[str, Any]) -> No
              'Serving signature key "x" not found.'),
             (post("/v1/models/scorer:predict", {"instances": [[1, 2, 3, 4]]}), 400, "naming the inputs"),
             (post("/v1/models/doubler:classify", {"examples": []}), 501, "classify is not served"),
+            # a million one-number rows cost a gigabyte of dicts before the batch size was checked
+            (post("/v1/models/doubler:predict", {"instances": [1] * 1_000_000}), 400, "more than model doubler's"),
+            (post("/v1/models/doubler:predict", {"instances": [[None, 1]]}), 400, "null"),
             (client.get("/v1/models/nope"), 404, "Could not find any versions of model nope"),
             (client.get("/v1/models/doubler/versions/9"), 404, "Could not find version 9 of model doubler"),
         ]  # fmt: skip
@@ -360,6 +368,23 @@ def test_mtls_and_audit_cover_the_tf_serving_api(served: dict[str, Any]) -> None
     assert {"tfserving-grpc", "tfserving-http"} <= protocols
     mine = [r for r in records if r["protocol"].startswith("tfserving") and r["status"] == "ok"]
     assert mine and all(r["client"] != "anonymous" for r in mine)
+
+
+def test_names_a_client_chooses_stay_out_of_metrics_and_are_cut_in_audit_records(served: dict[str, Any]) -> None:
+    """Every distinct unknown model name was a Prometheus series for the server's life (rendered at every
+    scrape) and went whole into the audit log: 40 names of 1 MiB made /metrics 800 MiB."""
+    predict_pb2, _, _, prediction_grpc, _ = apis()
+    name = "m" * 300_000
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    code, _ = grpc_error(prediction_grpc.PredictionServiceStub(channel(served)).Predict, request)
+    assert code == grpc.StatusCode.NOT_FOUND
+    with https(served) as client:
+        metrics = client.get("/metrics").text
+    assert "m" * 1000 not in metrics and 'model="(unknown)"' in metrics
+    assert 'model="doubler"' in metrics  # known models keep their name
+    last = [json.loads(line) for line in served["audit"].read_text().splitlines() if '"mmmm' in line][-1]
+    assert len(last["model"]) < 300 and last["model"].endswith("(300000 characters)")
 
 
 def test_unloaded_model_reports_end_then_serves_again(served: dict[str, Any]) -> None:

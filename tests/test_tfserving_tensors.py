@@ -93,6 +93,8 @@ def test_typed_values_follow_tensorflows_fill_rule(pb: Any) -> None:
     [
         ("DT_FLOAT", [2**30, 2], {"float_val": [1.0]}, "over the request limit"),  # 8 bytes asking for 8 GiB
         ("DT_STRING", [2**21], {"string_val": [b"a"]}, "more than"),
+        # a 64 KiB string repeated 2**21 times: few elements, 128 GiB once TensorFlow copies each one
+        ("DT_STRING", [2, 2**20], {"string_val": [b"A" * 65536]}, "over the request limit"),
         ("DT_FLOAT", [2], {"int_val": [1, 2]}, "not int_val"),
         ("DT_FLOAT", [2], {"float_val": [1.0], "tensor_content": b"\0" * 8}, "both"),
         ("DT_FLOAT", [3], {"tensor_content": b"\0" * 8}, "do not match"),
@@ -171,3 +173,28 @@ def test_json_outputs_write_non_finite_floats_and_bfloat16_as_numbers() -> None:
     assert to_json("y", np.array([np.nan, np.inf], np.float32))[1] == float("inf")
     bf16 = datatypes.numpy_dtype("BF16")
     assert to_json("y", np.array([1.5, -2.0], dtype=bf16)) == [1.5, -2.0]
+
+
+def test_decoded_size_counts_what_the_fill_rule_makes(pb: Any) -> None:
+    from modelseal.serve.tfserving.tensors import decoded_size
+
+    assert decoded_size("x", tensor(pb, "DT_FLOAT", [1000, 4], float_val=[1.0]), names(pb)) == 16000
+    strings = tensor(pb, "DT_STRING", [4], string_val=[b"ab", b"cdef"])
+    assert decoded_size("x", strings, names(pb)) == 2 + 4 + 2 * 4  # the last one repeats
+
+
+def test_null_bf16_overflow_and_bool_bytes_are_refused() -> None:
+    """JSON null became NaN in float inputs (V2 too); a float32 past BF16's range became infinity; BOOL
+    raw bytes other than 0/1 went through as numpy bools holding 2 or 255 (V2's binary path too)."""
+    from modelseal.serve import infer
+
+    for datatype in ("FP32", "FP16", "BF16", "BOOL"):
+        with pytest.raises(ServeError, match="null"):
+            from_json("x", [None, 1], datatype, LIMIT)
+    with pytest.raises(ServeError, match="null"):
+        infer.tensor("x", "FP64", [2], values=[None, 1.0])
+    with pytest.raises(ServeError, match="range of BF16"):
+        from_json("x", [3.4e38], "BF16", LIMIT)
+    with pytest.raises(ServeError, match="other than 0 and 1"):
+        infer.tensor("x", "BOOL", [2], raw=b"\x02\x00")
+    assert infer.tensor("x", "BOOL", [2], raw=b"\x01\x00").tolist() == [True, False]

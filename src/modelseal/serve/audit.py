@@ -16,6 +16,13 @@ from pathlib import Path
 log = logging.getLogger("modelseal.serve.audit")
 
 
+MAX_NAME = 200
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_NAME else f"{text[:MAX_NAME]}...({len(text)} characters)"
+
+
 class AuditLog:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path else None
@@ -26,11 +33,13 @@ class AuditLog:
             self._file = os.fdopen(fd, "a", buffering=1)
 
     def record(self, protocol: str, model: str, version: str, client: str, status: str, seconds: float) -> None:
+        """``model`` and ``version`` are what the client asked for, cut to :data:`MAX_NAME` characters
+        (a gRPC request may name a model of megabytes; the record keeps its start and its length)."""
         entry = {
             "ts": round(time.time(), 3),
             "protocol": protocol,
-            "model": model,
-            "version": version,
+            "model": _bounded(model),
+            "version": _bounded(version),
             "client": client,
             "status": status,
             "ms": round(seconds * 1000, 3),

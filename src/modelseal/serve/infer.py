@@ -47,6 +47,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_JSON_DEPTH = 40  # a request is ~4 levels plus one per tensor dimension when data is sent nested
 MAX_RANK = 32
 MAX_DIM = 2**31 - 1
+MAX_SPAN = 2**48  # the product of a shape's dims, zeros counted as ones
 LENGTH = struct.Struct("<I")  # the length prefix of each BYTES element in binary form
 
 
@@ -189,6 +190,8 @@ def check_shape(name: str, shape: Any) -> list[int]:
     for d in shape:
         if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_DIM:
             raise bad_request(f"input {name}: shape {list(shape)} must hold integers 0..{MAX_DIM}")
+    if math.prod(max(int(d), 1) for d in shape) > MAX_SPAN:  # an empty [0, 2**31, 2**31, 2**31] too:
+        raise bad_request(f"input {name}: shape {list(shape)} is too large")  # numpy cannot even reshape to it
     return [int(d) for d in shape]
 
 
@@ -213,6 +216,8 @@ def tensor(name: str, datatype: Any, shape: Any, *, raw: bytes | memoryview | No
             return decode_bytes(raw, count, name, dims).reshape(dims)
         if len(raw) != count * dtype.itemsize:
             raise bad_request(f"input {name}: {len(raw)} bytes of data do not match shape {dims} of {datatype}")
+        if datatype == "BOOL" and count and np.frombuffer(raw, dtype=np.uint8).max() > 1:
+            raise bad_request(f"input {name}: BOOL data hold a byte other than 0 and 1")  # not a numpy bool
         return np.frombuffer(raw, dtype=dtype).reshape(dims)
     if datatype == "BYTES":
         array = _byte_values(name, values)
@@ -265,6 +270,8 @@ def _check_value_types(name: str, datatype: str, dtype: np.dtype, values: Any) -
         return
     kind, want = given.dtype.kind, dtype.kind
     elements = np.asarray(values, dtype=object).ravel().tolist() if kind in "OUiuf" and want != "b" else []
+    if kind == "O" and any(v is None for v in (elements or given.ravel().tolist())):
+        raise ValueError(f"null is not a {datatype} value")  # numpy would make it NaN
     if kind in "OU" and want == "f":  # strings among the numbers: only the non-finite names
         strings = {v for v in elements if isinstance(v, str)}
         if strings - NON_FINITE or any(isinstance(v, bool) for v in elements):

@@ -3,10 +3,20 @@ batch sizes, model loads and unloads, key fetches. Labels carry model names and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from modelseal.errors import MissingDependencyError
+
+UNKNOWN = "(unknown)"
 
 
 class Metrics:
+    """``labels`` maps the model and version a request named to the labels it is counted under: a name
+    chosen by a client becomes a label only when the server knows it (else every distinct unknown name,
+    up to the message size, would be a series kept, and rendered at every scrape, for the server's life)."""
+
+    labels: Callable[[str, str], tuple[str, str]] = staticmethod(lambda model, version: (UNKNOWN, ""))
+
     def __init__(self) -> None:
         try:
             import prometheus_client as prom
@@ -39,5 +49,6 @@ class Metrics:
         return self.prom.generate_latest(self.registry), self.prom.CONTENT_TYPE_LATEST
 
     def observe_request(self, model: str, version: str, protocol: str, status: str, seconds: float) -> None:
+        model, version = self.labels(model, version)
         self.requests.labels(model, version, protocol, status).inc()
         self.latency.labels(model, protocol).observe(seconds)

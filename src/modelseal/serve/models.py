@@ -29,7 +29,7 @@ from modelseal.serve.autocomplete import effective_config
 from modelseal.serve.batching import DynamicBatcher, Tensors
 from modelseal.serve.errors import ServeError, not_found, unavailable
 from modelseal.serve.infer import runtime_refusal, validate
-from modelseal.serve.metrics import Metrics
+from modelseal.serve.metrics import UNKNOWN, Metrics
 from modelseal.serve.repository import (
     MAX_INSTANCES,
     MAX_VERSIONS,
@@ -394,6 +394,15 @@ the next load. The agent watched
         if model.batcher is not None and not model.batcher.alive:
             raise unavailable(f"model {name} is not ready: {model.batcher.failure or 'its dynamic batcher stopped'}")
         return model
+
+    def labels(self, name: str, version: str) -> tuple[str, str]:
+        """The metric labels of a request for ``name``/``version``: a model the repository has (one the
+        server tried to load) and a version of it being served; anything else a client names is unknown
+        (:class:`~modelseal.serve.metrics.Metrics`)."""
+        if name not in self.states:
+            return UNKNOWN, ""
+        served = self.models.get(name, {})
+        return name, version if version_number(version) in served else ""
 
     def dead_batchers(self) -> list[str]:
         """Loaded models whose dynamic batcher cannot answer requests (readiness reports them)."""

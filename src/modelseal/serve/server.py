@@ -81,6 +81,7 @@ class Server:
             key_check_s=config.key_check_s, retry_s=config.retry_s, threads=config.threads,
             trusted_signers=config.trusted_signers,
         )  # fmt: skip
+        self.metrics.labels = self.models.labels  # client-chosen names become labels only when known
         self.started = False
         self.stopping = asyncio.Event()
 

@@ -26,6 +26,7 @@ from modelseal.serve.tfserving.tensors import tf_dtype
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 SIGNATURE_DEF_TYPE = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
+MAX_SHOWN_NAME, MAX_SHOWN_NAMES = 100, 10  # of the input names an error message lists
 # TF Serving's gRPC code -> HTTP status (model_servers/http_server.cc)
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404,
                "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 501, "INTERNAL": 500, "UNAVAILABLE": 503,
@@ -77,6 +78,14 @@ def check_signature(model: LoadedModel, signature: str) -> str:
     return wanted
 
 
+def _listed(names: list[str]) -> str:
+    """``{a,b,...}`` as TF Serving writes name sets, bounded: names a client chose may be megabytes long
+    and a request may hold a million of them (the message would outgrow gRPC's metadata limit)."""
+    shown = [n if len(n) <= MAX_SHOWN_NAME else f"{n[:MAX_SHOWN_NAME]}..." for n in names[:MAX_SHOWN_NAMES]]
+    more = f",...({len(names) - MAX_SHOWN_NAMES} more)" if len(names) > MAX_SHOWN_NAMES else ""
+    return "{" + ",".join(shown) + more + "}"
+
+
 def check_input_names(model: LoadedModel, names: list[str]) -> None:
     """TF Serving's check: exactly the signature's inputs, in its words."""
     declared = sorted(t.name for t in model.spec.inputs)
@@ -85,9 +94,8 @@ def check_input_names(model: LoadedModel, names: list[str]) -> None:
         missing = sorted(set(declared) - set(names))
         raise TFServingError(
             "INVALID_ARGUMENT",
-            f"input size does not match signature: {len(names)}!={len(declared)} len({{{','.join(sorted(names))}}}) "
-            f"!= len({{{','.join(declared)}}}). Sent extra: {{{','.join(extra)}}}. "
-            f"Missing but required: {{{','.join(missing)}}}.",
+            f"input size does not match signature: {len(names)}!={len(declared)} len({_listed(sorted(names))}) "
+            f"!= len({_listed(declared)}). Sent extra: {_listed(extra)}. Missing but required: {_listed(missing)}.",
         )
 
 

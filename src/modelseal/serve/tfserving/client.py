@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from modelseal.errors import MissingDependencyError
+from modelseal.errors import MissingDependencyError, UsageError
 from modelseal.serve.protocol import tfserving
-from modelseal.serve.tfserving.tensors import V2_DTYPES, from_proto, to_proto
+from modelseal.serve.tfserving.tensors import V2_DTYPES, decoded_size, from_proto, to_proto
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
@@ -52,7 +52,7 @@ class TFServingClient:
         signatures = self.pb.SignatureDefMap.FromString(packed.value)
         chosen = signatures.signature_def.get("serving_default") or next(iter(signatures.signature_def.values()))
         return {
-            side: [(name, V2_DTYPES.get(self.pb.enums["DataType"].values_by_number[info.dtype].name, "?"),
+            side: [(name, V2_DTYPES.get(self.dtype_names.get(info.dtype, ""), "?"),
                     [d.size for d in info.tensor_shape.dim]) for name, info in sorted(getattr(chosen, side).items())]
             for side in ("inputs", "outputs")
         }  # fmt: skip
@@ -65,8 +65,12 @@ class TFServingClient:
         return request
 
     def predict(self, request: Any) -> dict[str, np.ndarray]:
+        """The outputs, at most :data:`MAX_MESSAGE` bytes once decoded in all (whatever a server sends)."""
         response = self._predict(request, timeout=self.timeout_s)
-        return {name: from_proto(name, t, self.dtype_names, MAX_MESSAGE) for name, t in response.outputs.items()}
+        outputs = dict(response.outputs.items())
+        if sum(decoded_size(n, t, self.dtype_names) for n, t in outputs.items()) > MAX_MESSAGE:
+            raise UsageError(f"the server's answer would take more than {MAX_MESSAGE} bytes once decoded")
+        return {name: from_proto(name, t, self.dtype_names, MAX_MESSAGE) for name, t in outputs.items()}
 
     def close(self) -> None:
         self.channel.close()

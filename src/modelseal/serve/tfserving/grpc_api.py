@@ -23,7 +23,7 @@ from modelseal.serve.grpc_api import client_identity
 from modelseal.serve.protocol import tfserving
 from modelseal.serve.rest import OFFLOAD_BYTES
 from modelseal.serve.tfserving import api
-from modelseal.serve.tfserving.tensors import from_proto, to_proto
+from modelseal.serve.tfserving.tensors import decoded_size, from_proto, to_proto
 
 log = logging.getLogger("modelseal.serve")
 PROTOCOL = "tfserving-grpc"  # in metrics and audit records
@@ -72,7 +72,15 @@ def build_handlers(srv: Any) -> list[Any]:
             signature = api.check_signature(model, request.model_spec.signature_name)
             api.check_input_names(model, list(request.inputs))
             outputs = api.check_outputs(model, list(request.output_filter))
-            if len(data) >= OFFLOAD_BYTES:
+            # what the inputs take once decoded (TensorFlow's fill rule makes it more than the message):
+            # bounded by the request limit and charged to the budget before anything is allocated
+            decoded = sum(decoded_size(n, t, dtype_names) for n, t in request.inputs.items())
+            if decoded > srv.config.max_body_bytes:
+                raise ServeError(413, f"the inputs would take {decoded} bytes once decoded, over the request "
+                                      f"limit of {srv.config.max_body_bytes} bytes")  # fmt: skip
+            srv.budget.take(max(0, decoded - charged))
+            charged = max(charged, decoded)
+            if charged >= OFFLOAD_BYTES:
                 inputs = await asyncio.to_thread(decode_predict, request)
             else:
                 inputs = decode_predict(request)

@@ -61,11 +61,17 @@ def decode(model: LoadedModel, body: dict[str, Any], limit: int) -> tuple[dict[s
         rows = body["instances"]
         if not isinstance(rows, list) or not rows:
             raise bad("'instances' must be a non-empty list")
-        named = [_named(model, row, "each instance") for row in rows]
-        keys = set(named[0])
-        if any(set(row) != keys for row in named):
-            raise bad("every instance must name the same inputs")
-        columns = {key: [row[key] for row in named] for key in keys}
+        spec = model.spec
+        if spec.batching and len(rows) > spec.max_batch_size:  # before a row is looked at
+            raise bad(f"{len(rows)} instances are more than model {spec.name}'s max_batch_size {spec.max_batch_size}")
+        if len(datatypes) == 1 and not any(isinstance(row, dict) and not is_b64(row) for row in rows):
+            columns = {next(iter(datatypes)): rows}  # one input: the rows are its values, as they are
+        else:
+            named = [_named(model, row, "each instance") for row in rows]
+            keys = set(named[0])
+            if any(set(row) != keys for row in named):
+                raise bad("every instance must name the same inputs")
+            columns = {key: [row[key] for row in named] for key in keys}
     else:
         columns = _named(model, body["inputs"], "'inputs'")
     names = list(columns)

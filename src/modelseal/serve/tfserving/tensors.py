@@ -9,7 +9,13 @@ are refused rather than ignored, as TensorFlow would, which would run the model 
 JSON follows TF Serving's REST API: nested lists whose nesting gives the shape (checked to be
 rectangular), binary strings as ``{"b64": ...}``, and string outputs whose name ends in ``_bytes`` (or that
 are not UTF-8) sent back base64-encoded; non-finite floats are answered as bare ``NaN``/``Infinity``, as
-TF Serving does, and accepted as such or as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
+TF Serving does. Requests are strict JSON (modelseal's one bounded reader), so non-finite inputs are the
+strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, and ``null`` is no number.
+
+Sizes are what a tensor *will take once decoded*, which for a ``TensorProto`` filled by repetition is not
+its size on the wire: :func:`decoded_size` gives it without allocating anything, strings counted by their
+bytes (a 64 KiB string repeated 16,384 times is a gigabyte once TensorFlow copies each element), and the
+gRPC transport checks it against the request limit and charges it to the in-flight budget before decoding.
 """
 
 from __future__ import annotations
@@ -48,30 +54,46 @@ def tf_dtype(v2_name: str) -> str:
     return TF_DTYPES[v2_name]
 
 
-def _elements(name: str, dims: list[int], dtype: np.dtype, max_bytes: int) -> int:
-    """How many elements ``dims`` holds, refused (413 / RESOURCE_EXHAUSTED) past ``max_bytes``."""
-    count = math.prod(dims)
-    size = count * (dtype.itemsize if dtype != datatypes.BYTES else 1)
+def _within(name: str, dims: list[int], size: int, count: int, strings: bool, max_bytes: int) -> None:
+    """Refuse (413 / RESOURCE_EXHAUSTED) a tensor of ``size`` decoded bytes past ``max_bytes``, or of more
+    strings than a request may hold."""
     if size > max_bytes:
         raise ServeError(413, f"input {name}: shape {dims} would take {size} bytes, over the request limit "
                               f"of {max_bytes} bytes")  # fmt: skip
-    if dtype == datatypes.BYTES and count > v2.MAX_BYTES_ELEMENTS:
+    if strings and count > v2.MAX_BYTES_ELEMENTS:
         raise ServeError(413, f"input {name}: {count} strings are more than {v2.MAX_BYTES_ELEMENTS} in one tensor")
-    return count
 
 
-def from_proto(name: str, tensor: Any, dtype_names: Any, max_bytes: int) -> np.ndarray:
-    """A ``TensorProto`` as a numpy array (strings: an object array of bytes). ``dtype_names`` maps the
-    DataType enum's numbers to names; ``max_bytes`` bounds the tensor's size."""
+def _header(name: str, tensor: Any, dtype_names: Any) -> tuple[str, str, list[int]]:
+    """(DataType name, V2 datatype, dims) of a ``TensorProto``, each checked."""
     dtype_name = dtype_names.get(tensor.dtype, str(tensor.dtype))
     datatype = V2_DTYPES.get(dtype_name)
     if datatype is None:
         raise bad_request(f"input {name}: data type {dtype_name} is not served (served: {', '.join(VALUE_FIELD)})")
     if tensor.tensor_shape.unknown_rank:
         raise bad_request(f"input {name}: the tensor's shape has an unknown rank")
-    dims = v2.check_shape(name, [d.size for d in tensor.tensor_shape.dim])
+    return dtype_name, datatype, v2.check_shape(name, [d.size for d in tensor.tensor_shape.dim])
+
+
+def decoded_size(name: str, tensor: Any, dtype_names: Any) -> int:
+    """The bytes ``tensor`` takes once decoded (strings: their bytes, the repeated last one included),
+    computed without decoding it."""
+    dtype_name, datatype, dims = _header(name, tensor, dtype_names)
+    count = math.prod(dims)
+    if dtype_name != "DT_STRING":
+        return count * datatypes.numpy_dtype(datatype).itemsize
+    values = tensor.string_val
+    given = min(len(values), count)
+    return sum(len(v) for v in values) + (count - given) * (len(values[-1]) if values else 0)
+
+
+def from_proto(name: str, tensor: Any, dtype_names: Any, max_bytes: int) -> np.ndarray:
+    """A ``TensorProto`` as a numpy array (strings: an object array of bytes). ``dtype_names`` maps the
+    DataType enum's numbers to names; ``max_bytes`` bounds the tensor's decoded size."""
+    dtype_name, datatype, dims = _header(name, tensor, dtype_names)
     dtype = datatypes.numpy_dtype(datatype)
-    count = _elements(name, dims, dtype, max_bytes)
+    count = math.prod(dims)
+    _within(name, dims, decoded_size(name, tensor, dtype_names), count, dtype_name == "DT_STRING", max_bytes)
     field = VALUE_FIELD[dtype_name]
     stray = [f for f in TYPED_FIELDS if f != field and len(getattr(tensor, f))]
     if stray:
@@ -172,15 +194,19 @@ def from_json(name: str, value: Any, datatype: str, max_bytes: int) -> np.ndarra
     ``datatype`` for input ``name``."""
     dims, leaves = _nested_shape(name, value)
     dtype = datatypes.numpy_dtype(datatype)
-    _elements(name, dims, dtype, max_bytes)
+    _within(name, dims, len(leaves) * dtype.itemsize, len(leaves), datatype == "BYTES", max_bytes)
     if datatype == "BYTES":
         array = np.empty(len(leaves), dtype=object)
         array[:] = [_string(name, v) for v in leaves]
         return array.reshape(dims)
     if any(is_b64(v) for v in leaves):
         raise bad_request(f"input {name}: b64 values are for DT_STRING inputs, not {tf_dtype(datatype)}")
-    if datatype == "BF16":  # no JSON number is a bfloat16: read as float32, then rounded
-        return v2.tensor(name, "FP32", dims, values=leaves).astype(dtype)
+    if datatype == "BF16":  # no JSON number is a bfloat16: read as float32, then rounded (not past its range)
+        wide = v2.tensor(name, "FP32", dims, values=leaves)
+        narrow = wide.astype(dtype)
+        if np.any(np.isinf(narrow.astype(np.float32)) & np.isfinite(wide)):
+            raise bad_request(f"input {name}: a value is outside the range of BF16")
+        return narrow
     return v2.tensor(name, datatype, dims, values=leaves)
 
 
