@@ -1,8 +1,10 @@
 """Serving cost of sealing: the same model, sealed and plaintext, served by the same `modelseal serve`
 process in the same run, for each runtime asked for (ONNX Runtime: the chosen model; OpenVINO and TVM:
 the test suite's tiny models, as their frameworks compile them), and the plaintext ONNX model behind a
-plain FastAPI endpoint with the same runtime; with ``--triton-env`` (a venv holding nvidia-pytriton), the
-same sealed ONNX file in a real tritonserver through modelseal's Python-backend model too.
+plain FastAPI endpoint with the same runtime, and the sealed ONNX model through TF Serving's Predict on the
+same server (``tfserving``: modelseal's load generator, not tritonclient); with ``--triton-env`` (a venv
+holding nvidia-pytriton), the same sealed ONNX file in a real tritonserver through modelseal's
+Python-backend model too.
 
 This VM's speed drifts by more than the difference measured (identical work, sealed and plain, differs by
 up to 20% between rounds), so each ratio is the median over rounds of that round's sealed / plain
@@ -114,6 +116,9 @@ def main() -> None:
                 for kind in ("sealed", "plain")
             }
             targets["fastapi", "http", "onnxruntime_plain"] = Target(f"127.0.0.1:{port}", "http", "plain")
+            # TF Serving's Predict on the same server and sealed model (its gRPC port)
+            targets["modelseal", "tfserving", "onnxruntime_sealed"] = Target(server.grpc, "tfserving",
+                                                                            "onnxruntime_sealed")  # fmt: skip
             if triton is not None:
                 for protocol, address in (("grpc", triton.grpc), ("http", triton.http)):
                     targets["triton", protocol, "onnxruntime_sealed"] = Target(address, protocol, "onnxruntime_sealed")
@@ -143,9 +148,9 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"{args.model}, batch {args.batch}, {args.loop} requests per client, median of {args.rounds} rounds")
-    print(f"{'server':10} {'proto':5} {'model':18} {'cnum':>4} {'inf/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'server':10} {'proto':9} {'model':18} {'cnum':>4} {'inf/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for r in rows:
-        print(f"{r['server']:10} {r['protocol']:5} {r['model']:18} {r['cnum']:4d} {r['inferences_per_s']:8.1f} "
+        print(f"{r['server']:10} {r['protocol']:9} {r['model']:18} {r['cnum']:4d} {r['inferences_per_s']:8.1f} "
               f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f}")  # fmt: skip
     for line in report["ratios"]:
         print(line)
@@ -171,6 +176,11 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
         ours = find("modelseal", "http", "onnxruntime_sealed", cnum)
         out.append(f"cnum {cnum} http: modelseal serve (sealed) / plain FastAPI throughput = "
                    f"{ours['inferences_per_s'] / fastapi['inferences_per_s']:.3f}")  # fmt: skip
+        tfserving = find("modelseal", "tfserving", "onnxruntime_sealed", cnum)
+        v2 = find("modelseal", "grpc", "onnxruntime_sealed", cnum)
+        paired = statistics.median(t / v for t, v in zip(tfserving["rounds"], v2["rounds"], strict=True))
+        out.append(f"cnum {cnum}: TF Serving Predict / V2 ModelInfer throughput, sealed model, modelseal serve's "
+                   f"gRPC port = {paired:.3f} (median of per-round ratios)")  # fmt: skip
         for protocol in ("grpc", "http") if any(r["server"] == "triton" for r in rows) else ():
             triton = find("triton", protocol, "onnxruntime_sealed", cnum)
             ours = find("modelseal", protocol, "onnxruntime_sealed", cnum)
