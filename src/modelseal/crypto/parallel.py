@@ -24,7 +24,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[int, ThreadPoolExecutor] = {}  # by size: one per core for local reads, wider for network reads
 
 
 def worker_count() -> int:
@@ -59,18 +59,31 @@ def _collector_paused() -> Iterator[None]:
                 gc.enable()
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of ``workers`` threads, made once and reused by every later call of that width
+    (threads start lazily, so a pool never used past its first job costs one thread)."""
     with _lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=worker_count(), thread_name_prefix="modelseal")
-        return _pool
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelseal")
+        return pool
 
 
-def run_all(job: Callable[[T], object], items: Iterable[T], progress: Callable[[T], None] | None = None) -> None:
-    """Run ``job`` on every item in parallel; raise the first failure after all workers stopped."""
+def run_all(
+    job: Callable[[T], object],
+    items: Iterable[T],
+    progress: Callable[[T], None] | None = None,
+    *,
+    workers: int | None = None,
+) -> None:
+    """Run ``job`` on every item in parallel; raise the first failure after all workers stopped.
+
+    ``workers`` (default :func:`worker_count`) is how many run at once: a remote source asks for more
+    threads than cores, since each waits on the network most of the time (AES-GCM releases the GIL too).
+    """
     items = list(items)
-    if len(items) <= 1 or worker_count() == 1:
+    width = workers if workers and workers > 0 else worker_count()
+    if len(items) <= 1 or width == 1:
         for item in items:
             job(item)
             if progress:
@@ -90,7 +103,8 @@ def run_all(job: Callable[[T], object], items: Iterable[T], progress: Callable[[
             progress(item)
 
     with _collector_paused():
-        futures = [_executor().submit(guarded, item) for item in items]
+        pool = _executor(width)
+        futures = [pool.submit(guarded, item) for item in items]
         try:
             wait(futures)
         except BaseException:  # Ctrl-C in the waiting thread: stop, but never leave a worker writing

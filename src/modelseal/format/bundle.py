@@ -24,7 +24,7 @@ from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
 from modelseal.format import schema
-from modelseal.format.container import Artifact, Entry, Progress, SealRequest, SourceFile, map_file, write_artifact
+from modelseal.format.container import Artifact, ByteSource, Entry, Progress, SealRequest, map_file, write_artifact
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Recipient
 
@@ -148,19 +148,21 @@ class SealedBundle(Artifact):
         return cls.from_source(map_file(path))
 
     @classmethod
-    def from_source(cls, src: SourceFile) -> SealedBundle:
-        """The bundle in a file already opened by :func:`map_file` (closed here if it is not one)."""
-        path, mm = src.path, src.mm
+    def from_source(cls, src: ByteSource) -> SealedBundle:
+        """The bundle in an opened file or remote object (closed here if it is not one)."""
+        path = src.path
         try:
-            if mm[:8] != MAGIC:
+            head = src.region(0, 16)
+            if head[:8] != MAGIC:
                 raise FormatError(f"{path} is not a sealed modelseal file (no sealed-bundle magic)")
-            if len(mm) < 16:
+            if len(head) < 16:
                 raise FormatError(f"{path} is truncated inside its header")
-            (n,) = struct.unpack("<Q", mm[8:16])
+            (n,) = struct.unpack("<Q", head[8:16])
             if n > schema.MAX_HEADER:  # checked before anything is read: a huge header is refused, not parsed
                 raise FormatError(f"{path}: the bundle header is {n} bytes, over the limit of {schema.MAX_HEADER}")
-            if 16 + n > len(mm):
+            if 16 + n > src.size:
                 raise FormatError(f"{path} is truncated inside its header")
+            mm = src.region(0, 16 + n)
             env = Envelope.parse(bytes(mm[16 : 16 + n]).rstrip(b" "), str(path))
             if env.protected["kind"] != "bundle":
                 raise FormatError(f"{path}: envelope kind is {env.protected['kind']!r}, expected 'bundle'")

@@ -12,11 +12,11 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from modelseal import atomicfile
 from modelseal.crypto import keys, signing
@@ -179,33 +179,77 @@ def write_artifact(
 # --------------------------------------------------------------------------------------------- reading
 
 
+class ByteSource(Protocol):
+    """Where a sealed artifact's bytes come from: a local file (:class:`SourceFile`) or a remote object
+    (``modelseal.load.remote``, ranged HTTP and S3 reads). The format never learns which.
+
+    Small regions (the header, the tag region: a few KiB per GiB of weights) are read whole with
+    :meth:`region`; the payload only ever with :meth:`read_into` / :meth:`read_parts`, straight into the
+    buffer the caller decrypts in, so no source holds a copy of the ciphertext.
+    """
+
+    path: str
+    """What messages call it (a file path or a URL without credentials)."""
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the artifact."""
+        ...
+
+    @property
+    def part_size(self) -> int | None:
+        """Bytes one :meth:`read_parts` call should cover (whole segments are grouped up to it); None reads
+        segment by segment with :meth:`read_into` (a local file, where a read costs no round trip)."""
+        ...
+
+    @property
+    def workers(self) -> int | None:
+        """How many reads to run at once; None: one per core (see ``crypto.parallel``)."""
+        ...
+
+    def region(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)``, cut short at the end of the artifact (headers, tags)."""
+        ...
+
+    def read_into(self, out: memoryview, offset: int) -> None:
+        """Fill ``out`` from ``offset``, exactly, or raise."""
+        ...
+
+    def read_parts(self, offset: int, outs: Sequence[memoryview], done: Callable[[int], None]) -> None:
+        """Fill the buffers ``outs``, which hold consecutive bytes from ``offset``, in order, and call
+        ``done(i)`` as soon as ``outs[i]`` is complete (the caller decrypts it while the rest arrives)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Artifact:
-    """A sealed artifact opened read-only (see :class:`SourceFile`); decrypts entries on demand.
+    """A sealed artifact opened read-only (see :class:`ByteSource`); decrypts entries on demand.
 
     Construction parses and validates the header without a key; :meth:`unlock` unwraps the data key
     and authenticates the header; then entries can be decrypted into caller buffers.
     """
 
-    def __init__(self, path: str | os.PathLike[str], envelope: Envelope, payload_offset: int, src: SourceFile) -> None:
+    def __init__(self, path: str | os.PathLike[str], envelope: Envelope, payload_offset: int, src: ByteSource) -> None:
         self.path = str(path)
         self.envelope = envelope
         self.payload_offset = payload_offset
         self._src = src
-        self._mm = mm = src.mm
         p = envelope.protected
         self.segment_size: int = p["segment_size"]
         self.payload_size: int = p["payload_size"]
         self.tag_count: int = p["tag_count"]
         expected = payload_offset + self.payload_size + self.tag_count * TAG_SIZE
-        if len(mm) < expected:
-            raise FormatError(f"{self.path} is truncated: expected {expected} bytes, found {len(mm)}")
-        if len(mm) > expected:
-            raise FormatError(f"{self.path} has {len(mm) - expected} unexpected trailing bytes (appended data?)")
+        if src.size < expected:
+            raise FormatError(f"{self.path} is truncated: expected {expected} bytes, found {src.size}")
+        if src.size > expected:
+            raise FormatError(f"{self.path} has {src.size - expected} unexpected trailing bytes (appended data?)")
         self._dek: bytearray | None = None
         self._cipher: SegmentCipher | None = None
         self._entries: list[Entry] | None = None
         self._first_tag: dict[str, int] = {}  # per entry; segments are planned on first use
         self._plans: dict[str, list[Segment]] = {}
+        self._tags: bytes | None = None  # the tag region, read once before the first segment
         self.index: dict[str, Any] = {}
         if not envelope.hidden:
             self._load_index(envelope.protected["index"])
@@ -267,13 +311,23 @@ class Artifact:
         raise UsageError(f"{self.path} has no entry named {name!r}")
 
     # -- payload access
-    def _ct(self, seg: Segment) -> memoryview:
-        start = self.payload_offset + seg.offset
-        return memoryview(self._mm)[start : start + seg.length]
+    def _read_tags(self) -> None:
+        """Read the tag region (one read; 16 bytes per segment) before any segment is decrypted.
+
+        Called on the caller's thread before work is handed to the pool, so workers only read it.
+        """
+        if self._tags is None:
+            start, length = self.payload_offset + self.payload_size, self.tag_count * TAG_SIZE
+            tags = self._src.region(start, length)
+            if len(tags) != length:
+                raise FormatError(f"{self.path} is shorter than its header says (was it truncated?)")
+            self._tags = tags
 
     def _tag(self, seg: Segment) -> bytes:
-        start = self.payload_offset + self.payload_size + seg.tag_index * TAG_SIZE
-        return self._mm[start : start + TAG_SIZE]
+        if self._tags is None:
+            self._read_tags()
+        assert self._tags is not None
+        return self._tags[seg.tag_index * TAG_SIZE : (seg.tag_index + 1) * TAG_SIZE]
 
     def _decrypt(self, cipher: SegmentCipher, seg: Segment, out: memoryview, prepare: Prepare | None = None) -> None:
         """Read one segment's ciphertext into ``out`` and decrypt it there (see ``segments.py``)."""
@@ -302,7 +356,8 @@ class Artifact:
         Only the segments overlapping a range are read. Whole segments decrypt straight into the
         destination (``prepare``, if given, readies each one first); a segment the range cuts is
         decrypted (and authenticated) whole into a scratch buffer, which is wiped after its needed
-        part is copied out.
+        part is copied out. A source with a ``part_size`` (a remote one) reads runs of consecutive
+        whole segments with one request each, decrypting every segment as soon as it has arrived.
         """
         cipher = self._cipher
         if cipher is None:
@@ -331,9 +386,31 @@ class Artifact:
                 keys.wipe(scratch)
                 scratch.release()
 
+        def part(items: list[tuple[Segment, memoryview, int]]) -> None:
+            if len(items) == 1:
+                one(items[0])
+                return
+            outs = [out for _seg, out, _skip in items]
+            if prepare is not None:
+                for out in outs:
+                    prepare(out)
+
+            def done(i: int) -> None:
+                seg, out, _skip = items[i]
+                cipher.decrypt_in_place(seg, out, self._tag(seg))
+
+            self._src.read_parts(self.payload_offset + items[0][0].offset, outs, done)
+
         try:
             with naming(self.path):
-                run_all(one, work, (lambda item: progress(len(item[1]))) if progress else None)
+                if work:
+                    self._read_tags()
+                run_all(
+                    part,
+                    _group(work, self._src.part_size),
+                    (lambda items: progress(sum(len(i[1]) for i in items))) if progress else None,
+                    workers=self._src.workers,
+                )
         except BaseException:
             for *_range, out in jobs:
                 keys.wipe(out)
@@ -352,29 +429,23 @@ class Artifact:
             buf = local.buf = bytearray(size)
         return buf
 
-    def _release(self, seg: Segment) -> None:
-        """Unmap a hashed segment's ciphertext pages from this process (the signature pass).
-
-        The pages stay in the page cache; only this mapping lets go of them, so checking a signature
-        does not leave the whole file counted in the process's memory. Pages shared with a
-        neighbouring segment stay mapped; a later read of the range faults them back in.
-        """
-        start = self.payload_offset + seg.offset
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = (start + seg.length) // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
-            try:
-                self._mm.madvise(mmap.MADV_DONTNEED, first, last - first)
-            except (AttributeError, OSError):  # pragma: no cover - platforms without madvise
-                pass
-
     @contextmanager
     def _view(self, seg: Segment) -> Iterator[memoryview]:
-        view = self._ct(seg)
-        try:
+        """One segment's ciphertext: a view of the mapping of a local file, else read into a buffer."""
+        src = self._src
+        if isinstance(src, SourceFile):
+            start = self.payload_offset + seg.offset
+            view = memoryview(src.mm)[start : start + seg.length]
+            try:
+                yield view
+            finally:
+                view.release()
+                src.release(start, seg.length)
+            return
+        buf = bytearray(seg.length)
+        with memoryview(buf) as view:
+            src.read_into(view, self.payload_offset + seg.offset)
             yield view
-        finally:
-            view.release()
 
     def iter_chunks(self, name: str) -> Iterator[memoryview]:
         """Stream one entry, one authenticated segment at a time, in bounded memory.
@@ -385,6 +456,8 @@ class Artifact:
         cipher = self._cipher
         if cipher is None:
             raise UsageError("artifact is locked: call unlock() with an identity first")
+        with naming(self.path):
+            self._read_tags()
         buf = bytearray(min(self.segment_size, entry.length))  # the entry's size bounds it, not the header's claim
         view = memoryview(buf)
         try:
@@ -412,7 +485,9 @@ class Artifact:
                 out.release()
 
         with naming(self.path):
-            run_all(one, self._all_segments(), (lambda s: progress(s.length)) if progress else None)
+            self._read_tags()
+            tick = (lambda s: progress(s.length)) if progress else None
+            run_all(one, self._all_segments(), tick, workers=self._src.workers)
 
     def verify_signature(self, trusted: list[str], progress: Progress | None = None) -> str:
         """Check the publisher signature against ``trusted`` keys; needs no data key. Returns the signer."""
@@ -424,14 +499,15 @@ class Artifact:
         segments = self._all_segments()
         if not segments and self.tag_count:
             raise UsageError("the index of this artifact is hidden: unlock() it to check the signature")
+        with naming(self.path):
+            self._read_tags()
 
         def one(seg: Segment) -> None:
             with self._view(seg) as ct:
                 digests[seg.tag_index] = segment_digest(ct, self._tag(seg))
-            self._release(seg)
 
-        run_all(one, segments, (lambda s: progress(s.length)) if progress else None)
         with naming(self.path):
+            run_all(one, segments, (lambda s: progress(s.length)) if progress else None, workers=self._src.workers)
             signing.verify(
                 sig["signer"],
                 b64d(sig["sig"], what="signature", length=64),
@@ -455,12 +531,15 @@ class Artifact:
         (it covers the protected header and the ciphertext, not the stanzas) stays valid. After a
         move this object still reads the old file: close it and open the path again to read on.
         """
+        src = self._src
+        if not isinstance(src, SourceFile):
+            raise UsageError(f"{self.path} is remote: rewrite its header on a local copy and upload that")
         try:
             head = self.encode_header(self.payload_offset)
         except FormatError:  # the reserved space is too small for the new stanzas
             head = b""
         if head:
-            atomicfile.overwrite_at(self.path, 0, head, same_as=self._src.fd)  # this file, not a swap
+            atomicfile.overwrite_at(self.path, 0, head, same_as=src.fd)  # this file, not a swap
             return True
         head = self.encode_header(None)
         end = self.payload_offset + self.payload_size + self.tag_count * TAG_SIZE
@@ -470,10 +549,10 @@ class Artifact:
             chunk = bytearray(max(1, min(end - self.payload_offset, 16 << 20)))
             for pos in range(self.payload_offset, end, len(chunk)):
                 part = memoryview(chunk)[: min(len(chunk), end - pos)]
-                self._src.read_into(part, pos)  # the opened file: a file shrinking meanwhile is an error
+                src.read_into(part, pos)  # the opened file: a file shrinking meanwhile is an error
                 atomicfile.write_all(fd, part)
 
-        atomicfile.write_file(self.path, os.fstat(self._src.fd).st_mode & 0o7777, fill, overwrite=True)
+        atomicfile.write_file(self.path, os.fstat(src.fd).st_mode & 0o7777, fill, overwrite=True)
         return False
 
     def close(self) -> None:
@@ -490,6 +569,37 @@ class Artifact:
         self.close()
 
 
+_Work = tuple[Segment, memoryview, int]  # a segment, where its wanted bytes go, its first wanted byte
+
+
+def _group(work: list[_Work], part_size: int | None) -> list[list[_Work]]:
+    """Runs of whole, consecutive segments of at most ``part_size`` bytes (one read request each).
+
+    A segment cut by a slice stays alone (it is decrypted in scratch memory); without a part size (a
+    local file) every segment is its own read, as ``pread`` costs no round trip.
+    """
+    if not part_size:
+        return [[item] for item in work]
+    parts: list[list[_Work]] = []
+    run: list[_Work] = []
+    size = 0
+    for item in work:
+        seg, out, _skip = item
+        whole = len(out) == seg.length
+        follows = bool(run) and run[-1][0].offset + run[-1][0].length == seg.offset
+        if run and (not whole or not follows or size + seg.length > part_size):
+            parts.append(run)
+            run, size = [], 0
+        run.append(item)
+        size += seg.length
+        if not whole:
+            parts.append(run)
+            run, size = [], 0
+    if run:
+        parts.append(run)
+    return parts
+
+
 @dataclass
 class SourceFile:
     """A sealed file held open twice: mapped (header, tags, signature pass) and as a descriptor.
@@ -503,6 +613,15 @@ class SourceFile:
     path: str
     mm: mmap.mmap
     fd: int
+    part_size: int | None = None  # pread costs no round trip: segment by segment
+    workers: int | None = None  # one per core
+
+    @property
+    def size(self) -> int:
+        return len(self.mm)
+
+    def region(self, offset: int, length: int) -> bytes:
+        return self.mm[offset : offset + length]
 
     def read_into(self, out: memoryview, offset: int) -> None:
         """Fill ``out`` from ``offset`` of the file."""
@@ -515,6 +634,27 @@ class SourceFile:
                 pos += got
         except OSError as exc:
             raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
+
+    def read_parts(self, offset: int, outs: Sequence[memoryview], done: Callable[[int], None]) -> None:
+        for i, out in enumerate(outs):
+            self.read_into(out, offset)
+            offset += len(out)
+            done(i)
+
+    def release(self, start: int, length: int) -> None:
+        """Unmap a hashed range's pages from this process (the signature pass).
+
+        The pages stay in the page cache; only this mapping lets go of them, so checking a signature
+        does not leave the whole file counted in the process's memory. Pages shared with a
+        neighbouring segment stay mapped; a later read of the range faults them back in.
+        """
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+            except (AttributeError, OSError):  # pragma: no cover - platforms without madvise
+                pass
 
     def close(self) -> None:
         if self.fd >= 0:

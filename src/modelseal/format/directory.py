@@ -10,7 +10,7 @@ swapping in a file from another sealed model is detected when the directory is l
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,8 +23,9 @@ from modelseal.format.container import Artifact
 MARKER_KEY = "group"
 
 A = TypeVar("A", bound=Artifact)
-MemberOpener = Callable[[Path, dict[bytes, bytearray]], A]
-"""Opens one member file: (path, the directory's shared data-key cache) -> an open artifact."""
+MemberOpener = Callable[[Any, dict[bytes, bytearray]], A]
+"""Opens one member file: (its location, the directory's shared data-key cache) -> an open artifact.
+The location is ``root / rel`` for a local directory, whatever ``locate`` returns otherwise (a URL)."""
 
 
 def new_group(members: list[str]) -> dict[str, Any]:
@@ -48,8 +49,13 @@ def list_members(root: Path) -> list[str]:
     return out
 
 
-def check_group(root: Path, artifacts: dict[str, Artifact]) -> None:
-    """All files belong to one sealed directory, sit at their sealed paths, and none is missing."""
+def check_group(
+    root: str | os.PathLike[str], artifacts: dict[str, Artifact], present: Collection[str] | None = None
+) -> None:
+    """All files belong to one sealed directory, sit at their sealed paths, and none is missing.
+
+    ``present`` is what the directory holds (default: the files under the local ``root``; a remote store
+    passes its listing)."""
     group_ids, members = set(), None
     for rel, art in artifacts.items():
         g = art.envelope.protected.get(MARKER_KEY)
@@ -62,8 +68,8 @@ def check_group(root: Path, artifacts: dict[str, Artifact]) -> None:
     if len(group_ids) > 1:
         raise AuthenticationError(f"{root} mixes files from different sealed models (swapped files?)")
     if members is not None:
-        present = set(list_members(root))
-        missing = [m for m in members if m not in present]
+        have = set(list_members(Path(root))) if present is None else set(present)
+        missing = [m for m in members if m not in have]
         if missing:
             raise AuthenticationError(f"{root} is missing sealed files: {', '.join(missing[:5])}")
 
@@ -75,6 +81,8 @@ def open_directory(
     *,
     members: Sequence[str] | None = None,
     check: bool = True,
+    locate: Callable[[str], Any] | None = None,
+    present: Collection[str] | None = None,
 ) -> Iterator[dict[str, A]]:
     """Open every member of a sealed directory: ``{relative path: artifact}``, closed and wiped on exit.
 
@@ -83,17 +91,19 @@ def open_directory(
     ``check`` the members must form the directory they were sealed as (:func:`check_group`) before
     the caller sees any of them. On exit, however it happens, every artifact is closed (wiping its
     data key) and the cache is wiped. ``members`` (default: every file under ``root``) also lets a
-    single sealed file go through the same path, with ``check=False``.
+    single sealed file go through the same path, with ``check=False``. A directory that is not local (a
+    URL prefix) passes its ``members``, ``locate`` (relative path -> what ``open_member`` takes) and what is
+    ``present`` there.
     """
-    root = Path(root)
-    names = list_members(root) if members is None else list(members)
+    names = list_members(Path(root)) if members is None else list(members)
+    where = locate or (lambda rel: Path(root) / rel)
     cache: dict[bytes, bytearray] = {}
     arts: dict[str, A] = {}
     try:
         for rel in names:
-            arts[rel] = open_member(root / rel, cache)
+            arts[rel] = open_member(where(rel), cache)
         if check:
-            check_group(root, dict(arts))
+            check_group(root, dict(arts), present)
         yield arts
     finally:
         for art in arts.values():

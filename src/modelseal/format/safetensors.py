@@ -27,10 +27,10 @@ from modelseal.errors import FormatError, NotSealedError, UsageError
 from modelseal.format import schema
 from modelseal.format.container import (
     Artifact,
+    ByteSource,
     Entry,
     Progress,
     SealRequest,
-    SourceFile,
     entries_from_index,
     map_file,
     write_artifact,
@@ -172,14 +172,23 @@ class SealedSafetensors(Artifact):
         return cls.from_source(map_file(path))
 
     @classmethod
-    def from_source(cls, src: SourceFile) -> SealedSafetensors:
-        """The sealed safetensors in a file already opened by :func:`map_file` (closed here if it is not)."""
-        path, mm = src.path, src.mm
+    def from_source(cls, src: ByteSource) -> SealedSafetensors:
+        """The sealed safetensors in an opened file or remote object (closed here if it is not one).
+
+        Only the header's bytes are read (a remote source holds them in memory): its length first, then
+        the header itself, capped before it is read.
+        """
+        path = src.path
         try:
+            head = src.region(0, 8)
+            if len(head) == 8:
+                (n,) = struct.unpack("<Q", head)
+                if n <= schema.MAX_HEADER:
+                    head = src.region(0, 8 + n)
             try:
-                header, data_start = parse_plain_header(mm, str(path))
+                header, data_start = parse_plain_header(head, str(path))
             except FormatError:
-                if mm.find(b'"modelseal"', 8, 8 + _SNIFF) >= 0:
+                if src.region(0, 8 + _SNIFF).find(b'"modelseal"', 8) >= 0:
                     raise  # a damaged sealed file: say what is wrong with it
                 raise NotSealedError(
                     f"{path} is not a sealed modelseal file (neither a sealed bundle nor sealed safetensors)"

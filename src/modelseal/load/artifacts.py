@@ -8,18 +8,22 @@ Also the one place that turns an identity spec (an argument, ``$MODELSEAL_IDENTI
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from modelseal.errors import UsageError
 from modelseal.format.bundle import MAGIC as BUNDLE_MAGIC
 from modelseal.format.bundle import SealedBundle
-from modelseal.format.container import Artifact, Progress, map_file
-from modelseal.format.directory import list_members
+from modelseal.format.container import Artifact, ByteSource, Progress, map_file
+from modelseal.format.directory import MemberOpener, list_members, open_directory
 from modelseal.format.safetensors import SealedSafetensors
+from modelseal.load.remote import is_remote
 from modelseal.recipients.base import Identity
 from modelseal.recipients.registry import IdentitySpec, load_identity
 
+A = TypeVar("A", bound=Artifact)
 IDENTITY_ENV = "MODELSEAL_IDENTITY"
 AGENT_SOCKET_ENV = "MODELSEAL_AGENT_SOCKET"
 
@@ -45,12 +49,54 @@ def resolve_identity(identity: IdentitySpec | None) -> Identity:
     )
 
 
+def open_source(path: str | os.PathLike[str]) -> ByteSource:
+    """A local file (mapped) or, for ``s3://``, ``https://`` and ``http://`` strings, a remote object
+    (``load/remote``: its header read into memory, its payload by ranges)."""
+    if is_remote(path):
+        from modelseal.load.remote.source import RemoteSource  # httpx is imported only for a URL
+
+        return RemoteSource(str(path))
+    return map_file(path)  # refuses FIFOs, devices and directories without blocking on them
+
+
 def open_locked(path: str | os.PathLike[str]) -> Artifact:
     """Open a sealed file without a key (header only): one open, whose first bytes choose the reader."""
-    src = map_file(path)  # refuses FIFOs, devices and directories without blocking on them
-    if src.mm[:8] == BUNDLE_MAGIC:
+    src = open_source(path)
+    if src.region(0, 8) == BUNDLE_MAGIC:
         return SealedBundle.from_source(src)
     return SealedSafetensors.from_source(src)
+
+
+def members(path: str | os.PathLike[str]) -> list[tuple[str, str | Path]] | None:
+    """The (relative name, location) of every file of a sealed directory, local or remote; None when
+    ``path`` is a single file (or does not exist: opening it says so)."""
+    if is_remote(path):
+        from modelseal.load.remote.tree import is_remote_dir, open_tree
+
+        if not is_remote_dir(str(path)):
+            return None
+        tree = open_tree(str(path))
+        return [(rel, tree.locate(rel)) for rel in tree.members]
+    p = Path(path)
+    return [(rel, p / rel) for rel in list_members(p)] if p.is_dir() else None
+
+
+@contextmanager
+def open_sealed_dir(path: str | os.PathLike[str], open_member: MemberOpener[A]) -> Iterator[dict[str, A]]:
+    """:func:`~modelseal.format.directory.open_directory` for a local directory or a URL prefix: every
+    member opened with ``open_member(location, cache)`` and checked as the group it was sealed as."""
+    listed = members(path)
+    if listed is None:
+        raise UsageError(f"{path} is not a directory")
+    where = dict(listed)
+    with open_directory(
+        path if is_remote(path) else Path(path),
+        open_member,
+        members=list(where),
+        locate=where.__getitem__,
+        present=set(where),
+    ) as arts:
+        yield arts
 
 
 def key_ids(artifact: Artifact | str | os.PathLike[str]) -> set[str]:
@@ -61,9 +107,9 @@ def key_ids(artifact: Artifact | str | os.PathLike[str]) -> set[str]:
     """
     if isinstance(artifact, Artifact):
         return _stanza_key_ids(artifact)
-    path = Path(artifact)
+    listed = members(artifact)
     found: set[str] = set()
-    for member in [path / name for name in list_members(path)] if path.is_dir() else [path]:
+    for member in [artifact] if listed is None else [loc for _rel, loc in listed]:
         with open_locked(member) as art:
             found |= _stanza_key_ids(art)
     return found

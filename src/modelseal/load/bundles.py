@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from modelseal.crypto import keys
 from modelseal.errors import UsageError
 from modelseal.format.bundle import SealedBundle
-from modelseal.format.directory import open_directory
-from modelseal.load.artifacts import open_artifact, resolve_identity
+from modelseal.load.artifacts import open_artifact, open_sealed_dir, resolve_identity
+from modelseal.load.remote import is_remote
+from modelseal.load.remote.tree import is_remote_dir
 from modelseal.recipients.registry import IdentitySpec
 
 
@@ -37,13 +39,14 @@ def read_bytes(
 ) -> bytearray:
     """The decrypted content of one file of a bundle (the only one if ``name`` is None).
 
-    ``path`` may also be a sealed directory, with ``name`` the file's relative path in it.
+    ``path`` may also be a sealed directory, with ``name`` the file's relative path in it, and either may
+    be a URL (``s3://``, ``https://``, ``http://``; a directory URL ends with ``/``).
     """
-    p = Path(path)
-    if p.is_dir():
+    p: str | Path = str(path) if is_remote(path) else Path(path)
+    if (isinstance(p, str) and is_remote_dir(p)) or (isinstance(p, Path) and p.is_dir()):
         if name is None:
             raise UsageError(f"{p} is a sealed directory: name the file to read")
-        p, name = p / name, None
+        p, name = (p.partition("#")[0] + quote(name) if isinstance(p, str) else p / name), None
     with open_bundle(p, identity, trusted_signers=trusted_signers) as b:
         return b.read(name)
 
@@ -58,14 +61,13 @@ def read_all(
 
     The caller owns the buffers and should wipe them (``modelseal.crypto.keys.wipe``) when done.
     """
-    path = Path(path)
     ident = resolve_identity(identity)
-    if path.is_dir():
+    if is_remote_dir(str(path)) if is_remote(path) else Path(path).is_dir():
 
-        def member(p: Path, cache: dict[bytes, bytearray]) -> SealedBundle:
+        def member(p: str | Path, cache: dict[bytes, bytearray]) -> SealedBundle:
             return open_bundle(p, ident, trusted_signers=trusted_signers, dek_cache=cache)
 
-        with open_directory(path, member) as arts:
+        with open_sealed_dir(path, member) as arts:
             return _read_each([(rel, art, None) for rel, art in arts.items()])
     with open_bundle(path, ident, trusted_signers=trusted_signers) as b:
         return _read_each([(name, b, name) for name in b.names()])

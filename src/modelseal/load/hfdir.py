@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modelseal.crypto import keys
 from modelseal.errors import AuthenticationError, NotSealedError, UsageError
@@ -24,8 +25,9 @@ from modelseal.format import directory
 from modelseal.format.bundle import SealedBundle
 from modelseal.format.container import Artifact
 from modelseal.format.safetensors import SealedSafetensors
-from modelseal.load.artifacts import open_locked, resolve_identity
+from modelseal.load.artifacts import members, open_locked, resolve_identity
 from modelseal.load.memdir import MemoryDir
+from modelseal.load.remote import is_remote
 from modelseal.recipients.base import Identity
 from modelseal.recipients.registry import IdentitySpec
 
@@ -45,7 +47,7 @@ def natural_key(name: str) -> list[object]:
 class ModelDir:
     """An opened model directory: its unlocked sealed members and the files left plain."""
 
-    root: Path
+    root: Any  # the local Path, or the URL (str) of a remote directory (load/remote/tree.py), wholly sealed
     sealed: dict[str, Artifact]
     plain: list[str] = field(default_factory=list)
 
@@ -90,20 +92,23 @@ def open_model_dir(
     allow_plain: bool = False,
 ) -> Iterator[ModelDir]:
     """Open a (wholly or partly) sealed model directory; see the module docstring. Every artifact is
-    closed and the shared key cache wiped on exit."""
-    root = Path(root)
-    if not root.is_dir():
+    closed and the shared key cache wiped on exit. ``root`` may be a URL prefix (``s3://bucket/model/``,
+    ``https://host/model/``; see docs/remote.md): every file there must be sealed."""
+    listed = members(root)
+    if listed is None:
         raise UsageError(f"{root} is not a directory")
-    members = directory.list_members(root)
+    root = str(root) if is_remote(root) else Path(root)
     locked: dict[str, Artifact] = {}
     plain: list[str] = []
     cache: dict[bytes, bytearray] = {}
     try:
-        for rel in members:
+        for rel, location in listed:
             try:
-                locked[rel] = open_locked(root / rel)
+                locked[rel] = open_locked(location)
             except NotSealedError:
                 plain.append(rel)
+        if plain and isinstance(root, str):
+            raise UsageError(f"{root} holds plain files ({', '.join(plain[:3])}): a remote model must be wholly sealed")
         _check_plain(root, plain, locked, allow_plain)
         if locked:
             ident = resolve_identity(identity)
@@ -111,7 +116,7 @@ def open_model_dir(
                 art.unlock(ident, cache)
                 if trusted_signers:
                     art.verify_signature(list(trusted_signers))
-            directory.check_group(root, locked)
+            directory.check_group(root, locked, {rel for rel, _loc in listed})
         yield ModelDir(root, locked, plain)
     finally:
         for art in locked.values():
@@ -119,7 +124,7 @@ def open_model_dir(
         directory.wipe_cache(cache)
 
 
-def _check_plain(root: Path, plain: list[str], sealed: dict[str, Artifact], allow_plain: bool) -> None:
+def _check_plain(root: Path | str, plain: list[str], sealed: dict[str, Artifact], allow_plain: bool) -> None:
     """Plain files are refused unless the host allowed them: a plain file where the sealed member list
     names a sealed one is a swap, and any other plain file is one the owner did not seal (sealing a
     directory seals every file), e.g. a config or chat template written beside the sealed ones."""

@@ -7,6 +7,12 @@ lookup) opened the file, parsed its header and resolved the identity again: one 
 two instances opened it 6 times and asked the agent for its key twice.
 
 A plain (unsealed) artifact is only named: its runtime loads it from the path the framework's usual way.
+
+A model file may also live in object storage or on an HTTP server: the version directory then holds, under
+the model file's usual name (``1/model.onnx.sealed``...), a small *pointer file* whose first line is
+``modelseal-remote: URL`` (``s3://bucket/key``, ``https://...``, ``http://...``; a URL ending in ``/`` is a
+sealed directory). The artifact is read from there by ranges (``load/remote``), never copied to disk, and
+must be sealed. docs/remote.md has the details.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ from modelseal.format import directory
 from modelseal.format.bundle import SealedBundle, is_bundle
 from modelseal.format.container import Artifact
 from modelseal.format.safetensors import SealedSafetensors
-from modelseal.load.artifacts import key_ids, open_locked
+from modelseal.load.artifacts import key_ids, open_locked, open_sealed_dir
+from modelseal.load.remote import is_remote
+from modelseal.load.remote.tree import is_remote_dir
 from modelseal.recipients.base import Identity
+
+POINTER = b"modelseal-remote:"
+MAX_POINTER = 4096  # a pointer is one line; a model file is never mistaken for one
 
 
 class ModelSource:
@@ -88,6 +99,19 @@ def open_source(
             raise
         return art
 
+    url = remote_target(path)
+    if url is not None:
+        if is_remote_dir(url):
+            with open_sealed_dir(url, lambda member, cache: unlocked(open_locked(member), cache)) as arts:
+                yield ModelSource(path, dict(arts), directory=True)
+            return
+        art = open_locked(url)
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        one = directory.open_directory(url, lambda _member, cache: unlocked(art, cache),
+                                       members=[name], locate=lambda _rel: url, check=False)  # fmt: skip
+        with one as arts:
+            yield ModelSource(path, dict(arts), directory=False)
+        return
     if path.is_dir():
         members = list(path.rglob("*"))
         for member in members:
@@ -112,6 +136,23 @@ def open_source(
                                       members=[path.name], check=False)  # fmt: skip
     with single as arts:
         yield ModelSource(path, dict(arts), directory=False)
+
+
+def remote_target(path: Path) -> str | None:
+    """The URL a pointer file at ``path`` names (see the module docstring); None for any other path."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode) or path.stat().st_size > MAX_POINTER:
+            return None
+        with path.open("rb") as f:
+            head = f.read(MAX_POINTER)
+    except OSError:
+        return None  # the open that follows says what is wrong
+    if not head.startswith(POINTER):
+        return None
+    url = head[len(POINTER) :].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    if not is_remote(url):
+        raise UsageError(f"{path}: a modelseal-remote pointer must name an s3://, https:// or http:// URL")
+    return url
 
 
 def _refuse_special(path: Path) -> None:

@@ -1,0 +1,173 @@
+"""Real servers for the remote-loading tests and bench/remote.py: an HTTP range server (aiohttp) that can
+be made hostile or slow, and moto's S3 server. Run standalone for the bench::
+
+    python tests/remote_servers.py http ROOT PORT [--rate BYTES_PER_S]
+
+(moto's own ``moto_server -H 127.0.0.1 -p PORT`` is the S3 server there.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+MODES = ("ok", "status200", "wrong_range", "lying_range", "short", "flip", "flaky", "reset", "gzip")
+
+
+@dataclass
+class Behaviour:
+    """What the range server does now (tests switch it between requests)."""
+
+    mode: str = "ok"
+    flaky_left: int = 0  # "flaky"/"reset": how many more requests fail before it serves normally
+    flip_at: int | None = None  # "flip": absolute offset of the byte to flip
+    rate: float | None = None  # bytes per second over all connections (None: as fast as it goes)
+    requests: list[tuple[str, int, int]] = field(default_factory=list)  # (path, first, last) served
+    _sent: float = 0.0
+    _start: float = field(default_factory=time.monotonic)
+
+    async def throttle(self, n: int) -> None:
+        if self.rate is None:
+            return
+        self._sent += n
+        ahead = self._sent / self.rate - (time.monotonic() - self._start)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+def make_app(root: Path, behaviour: Behaviour) -> web.Application:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        path = (root / request.match_info["path"]).resolve()
+        if root.resolve() not in path.parents or not path.is_file():
+            raise web.HTTPNotFound()
+        size = path.stat().st_size
+        m = _RANGE.fullmatch(request.headers.get("Range", ""))
+        mode = behaviour.mode
+        if mode in ("flaky", "reset") and behaviour.flaky_left > 0:
+            behaviour.flaky_left -= 1
+            if mode == "flaky":
+                raise web.HTTPServiceUnavailable()
+        if m is None or mode == "status200":
+            first, last, status = 0, size - 1, 200
+        else:
+            first = int(m.group(1))
+            last = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+            if first >= size:
+                raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+            status = 206
+        behaviour.requests.append((request.match_info["path"], first, last))
+        send_first, claimed_first = first, first
+        if mode == "wrong_range" and status == 206 and first > 0:
+            claimed_first = send_first = first - 1  # an honest header for another range
+        if mode == "lying_range" and status == 206 and first >= 4096:
+            send_first = first - 4096  # other bytes under the header of the requested range
+        length = last - claimed_first + 1
+        body_len = length - 1 if mode == "short" and length > 1 else length
+        resp = web.StreamResponse(status=status)
+        resp.headers["Content-Length"] = str(body_len)
+        resp.headers["Accept-Ranges"] = "bytes"
+        if status == 206:
+            resp.headers["Content-Range"] = f"bytes {claimed_first}-{last}/{size}"
+        if mode == "gzip":
+            resp.headers["Content-Encoding"] = "gzip"
+        await resp.prepare(request)
+        with path.open("rb") as f:
+            pos, end = send_first, send_first + body_len
+            while pos < end:
+                chunk = bytearray(os.pread(f.fileno(), min(1 << 20, end - pos), pos))
+                if not chunk:
+                    break
+                if mode == "flip" and behaviour.flip_at is not None and pos <= behaviour.flip_at < pos + len(chunk):
+                    chunk[behaviour.flip_at - pos] ^= 0x01
+                if mode == "reset" and behaviour.flaky_left >= 0 and pos > send_first:
+                    behaviour.flaky_left = -1  # cut one answer off mid-body, once
+                    request.transport.close() if request.transport else None
+                    return resp
+                await behaviour.throttle(len(chunk))
+                await resp.write(bytes(chunk))
+                pos += len(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def static(request: web.Request) -> web.StreamResponse:
+        """Honest and fast: aiohttp's own file response (Range support, sendfile)."""
+        if behaviour.mode != "ok" or behaviour.rate is not None:
+            return await serve(request)
+        path = (root / request.match_info["path"]).resolve()
+        if root.resolve() not in path.parents or not path.is_file():
+            raise web.HTTPNotFound()
+        m = _RANGE.fullmatch(request.headers.get("Range", ""))
+        if m:
+            last = int(m.group(2)) if m.group(2) else path.stat().st_size - 1
+            behaviour.requests.append((request.match_info["path"], int(m.group(1)), last))
+        return web.FileResponse(path)
+
+    app = web.Application()
+    app.router.add_get("/{path:.+}", static)
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def range_server(root: Path, behaviour: Behaviour | None = None) -> Iterator[tuple[str, Behaviour]]:
+    """The range server on a free loopback port in a thread of its own event loop: (base URL, behaviour)."""
+    behaviour = behaviour or Behaviour()
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(make_app(root, behaviour), access_log=None)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/", behaviour
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's S3 server (``ThreadedMotoServer``) on a free loopback port: its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    if len(sys.argv) < 4 or sys.argv[1] != "http":
+        raise SystemExit(__doc__)
+    root, port = Path(sys.argv[2]), int(sys.argv[3])
+    rate = float(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[4] == "--rate" else None
+    web.run_app(make_app(root, Behaviour(rate=rate)), host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

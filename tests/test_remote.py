@@ -1,0 +1,262 @@
+"""Sealed models read straight from a real S3-compatible server (moto) and a real HTTP range server.
+
+Each loads bit-exact through every loader (sharded directories too); a flipped byte in the stored object
+fails authentication naming the entry; a server that answers with the wrong range, a short body or the
+whole object is an error, never wrong weights; transient failures are retried; and an audit hook sees no
+file written during a remote load. The servers are real processes' worth of code on loopback sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import modelseal
+import modelseal.numpy
+import modelseal.torch
+from modelseal.errors import AuthenticationError, FormatError, ModelsealError, UsageError
+from modelseal.load.bundles import read_all
+from modelseal.load.remote import s3 as s3mod
+from modelseal.recipients.hpke import HpkeIdentity
+
+from .remote_servers import Behaviour, range_server, s3_server
+from .write_audit import WRITE_AUDIT_HOOK
+
+pytestmark = pytest.mark.slow
+SEG = 64 << 10  # small segments: many ranges from a small file
+BUCKET = "models"
+
+
+def tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "embed": rng.standard_normal((1024, 300)).astype(np.float32),  # 1.2 MB: ~19 segments
+        "layer.0.weight": rng.standard_normal((256, 256)).astype(np.float16),
+        "layer.0.bias": rng.standard_normal(256).astype(np.float64),
+        "empty": np.zeros((0, 4), np.float32),
+        "counts": rng.integers(-9, 9, size=(7, 3), dtype=np.int64),
+    }
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory: pytest.TempPathFactory, host: HpkeIdentity) -> Path:
+    """ROOT/w.sealed.safetensors, ROOT/hf/ (two shards, a config: a sealed directory), ROOT/m.dat.sealed."""
+    root = tmp_path_factory.mktemp("remote")
+    save_file(tensors(), str(root / "w.safetensors"))
+    modelseal.seal(root / "w.safetensors", root / "w.sealed.safetensors", [host.recipient], segment_size=SEG)
+    src = root / "hfsrc"
+    src.mkdir()
+    save_file(tensors(1), str(src / "model-00001-of-00002.safetensors"))
+    save_file({"head": np.arange(4096, dtype=np.float32)}, str(src / "model-00002-of-00002.safetensors"))
+    (src / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    modelseal.seal(src, root / "hf", [host.recipient], segment_size=SEG)
+    (root / "cfgsrc" / "sub").mkdir(parents=True)
+    (root / "cfgsrc" / "a.txt").write_bytes(b"alpha")
+    (root / "cfgsrc" / "sub" / "b.json").write_bytes(b"{}")
+    modelseal.seal(root / "cfgsrc", root / "cfg", [host.recipient])
+    (root / "m.dat").write_bytes(os.urandom(300_000))
+    modelseal.seal(root / "m.dat", root / "m.dat.sealed", [host.recipient], segment_size=SEG)
+    return root
+
+
+@pytest.fixture(scope="module")
+def s3(sealed: Path) -> Iterator[str]:
+    """moto's S3 server holding the sealed files under s3://models/...; boto3 finds it through the
+    standard AWS_ENDPOINT_URL, with throwaway credentials in the standard variables."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}  # fmt: skip
+    with s3_server() as endpoint:
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                          AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        s3mod._clients.clear()
+        client = s3mod.client()
+        client.create_bucket(Bucket=BUCKET)
+        for p in sorted(sealed.rglob("*")):
+            if p.is_file() and ("sealed" in p.name or p.relative_to(sealed).parts[0] in ("hf", "cfg")):
+                client.upload_file(str(p), BUCKET, p.relative_to(sealed).as_posix())
+        yield endpoint
+        s3mod._clients.clear()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def http(sealed: Path) -> Iterator[tuple[str, Behaviour]]:
+    with range_server(sealed) as served:
+        yield served
+
+
+@pytest.fixture
+def behaviour(http: tuple[str, Behaviour]) -> Iterator[Behaviour]:
+    b = http[1]
+    b.mode, b.flaky_left, b.flip_at, b.rate = "ok", 0, None, None
+    b.requests.clear()
+    yield b
+    b.mode = "ok"
+
+
+def base(kind: str, http: tuple[str, Behaviour]) -> str:
+    return f"s3://{BUCKET}/" if kind == "s3" else http[0]
+
+
+def assert_same(got: dict[str, object], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        arr = np.asarray(got[name].numpy() if hasattr(got[name], "numpy") else got[name])  # type: ignore[attr-defined]
+        assert arr.dtype == value.dtype and arr.shape == value.shape and arr.tobytes() == value.tobytes(), name
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_every_loader_reads_bit_exact(kind: str, s3: str, http: tuple[str, Behaviour], behaviour: Behaviour,
+                                      host: HpkeIdentity, sealed: Path) -> None:  # fmt: skip
+    url = base(kind, http)
+    want = tensors()
+    assert_same(modelseal.torch.load_file(url + "w.sealed.safetensors", identity=host), want)
+    assert_same(modelseal.numpy.load_file(url + "w.sealed.safetensors", identity=host), want)
+    with modelseal.safe_open(url + "w.sealed.safetensors", "np", identity=host) as f:
+        assert f.get_tensor("layer.0.bias").tobytes() == want["layer.0.bias"].tobytes()
+    assert bytes(modelseal.read_bytes(url + "m.dat.sealed", identity=host)) == (sealed / "m.dat").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_sharded_directory(kind: str, s3: str, http: tuple[str, Behaviour], behaviour: Behaviour,
+                           host: HpkeIdentity) -> None:  # fmt: skip
+    import modelseal.transformers as mt
+
+    url = base(kind, http) + "hf/"
+    state = mt.load_state_dict(url, identity=host, framework="np")
+    assert_same(state, {**tensors(1), "head": np.arange(4096, dtype=np.float32)})
+    assert mt.load_config(url, identity=host) == {"model_type": "toy"}
+    files = read_all(base(kind, http) + "cfg/" + ("#a.txt" if kind == "http" else ""), identity=host)
+    assert {k: bytes(v) for k, v in files.items()} == {"a.txt": b"alpha", "sub/b.json": b"{}"}
+    assert bytes(modelseal.read_bytes(url, "config.json", identity=host)) == b'{"model_type": "toy"}'
+
+
+def test_get_slice_reads_only_its_ranges(http: tuple[str, Behaviour], behaviour: Behaviour, host: HpkeIdentity) -> None:
+    with modelseal.safe_open(http[0] + "w.sealed.safetensors", "np", identity=host) as f:
+        behaviour.requests.clear()
+        rows = f.get_slice("embed")[10:20]
+    assert rows.tobytes() == tensors()["embed"][10:20].tobytes()
+    fetched = sum(last - first + 1 for _p, first, last in behaviour.requests)
+    assert fetched <= 2 * SEG + 64 * 1024, behaviour.requests  # one or two segments and the tag region
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_a_flipped_byte_fails_naming_the_entry(kind: str, s3: str, http: tuple[str, Behaviour], behaviour: Behaviour,
+                                               host: HpkeIdentity, sealed: Path) -> None:  # fmt: skip
+    data = bytearray((sealed / "w.sealed.safetensors").read_bytes())
+    with modelseal.safe_open(sealed / "w.sealed.safetensors", "np", identity=host) as f:
+        entry = f._art.entry("layer.0.weight")
+        at = f._art.payload_offset + entry.begin + 1000
+    if kind == "s3":
+        data[at] ^= 0x01
+        s3mod.client().put_object(Bucket=BUCKET, Key="flipped.safetensors", Body=bytes(data))
+        url = f"s3://{BUCKET}/flipped.safetensors"
+    else:
+        behaviour.mode, behaviour.flip_at = "flip", at
+        url = http[0] + "w.sealed.safetensors"
+    with pytest.raises(AuthenticationError, match=r"entry 'layer\.0\.weight' segment 0 failed authentication"):
+        modelseal.numpy.load_file(url, identity=host)
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "message"),
+    [
+        ("status200", FormatError, "whole object"),
+        ("wrong_range", FormatError, "wrong range"),
+        ("short", FormatError, "Content-Length"),
+        ("gzip", FormatError, "encoded"),
+        ("lying_range", AuthenticationError, "failed authentication"),  # right header, other bytes
+    ],
+)
+def test_a_hostile_range_server_is_an_error(mode: str, error: type[ModelsealError], message: str,
+                                            http: tuple[str, Behaviour], behaviour: Behaviour,
+                                            host: HpkeIdentity) -> None:  # fmt: skip
+    behaviour.mode = mode
+    with pytest.raises(error, match=message) as info:
+        modelseal.numpy.load_file(http[0] + "w.sealed.safetensors", identity=host)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["flaky", "reset"])
+def test_transient_failures_are_retried(mode: str, http: tuple[str, Behaviour], behaviour: Behaviour,
+                                        host: HpkeIdentity) -> None:  # fmt: skip
+    behaviour.mode, behaviour.flaky_left = mode, 3
+    assert_same(modelseal.numpy.load_file(http[0] + "w.sealed.safetensors", identity=host), tensors())
+    assert behaviour.flaky_left == (0 if mode == "flaky" else -1)  # three 503s, or one answer cut mid-body
+
+
+def test_retries_are_bounded(http: tuple[str, Behaviour], behaviour: Behaviour, host: HpkeIdentity,
+                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("MODELSEAL_REMOTE_RETRIES", "2")
+    behaviour.mode, behaviour.flaky_left = "flaky", 1000
+    with pytest.raises(UsageError, match=r"HTTP 503 \(after 2 retries\)"):
+        modelseal.numpy.load_file(http[0] + "w.sealed.safetensors", identity=host)
+
+
+def test_missing_objects_and_bad_urls_are_one_line(s3: str, http: tuple[str, Behaviour], behaviour: Behaviour,
+                                                   host: HpkeIdentity) -> None:  # fmt: skip
+    with pytest.raises(UsageError, match="does not exist"):
+        modelseal.numpy.load_file(http[0] + "nope.safetensors", identity=host)
+    with pytest.raises(UsageError, match="does not exist"):
+        modelseal.numpy.load_file(f"s3://{BUCKET}/nope.safetensors", identity=host)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(UsageError, match=r"cannot read http://127\.0\.0\.1:9/x: C"):
+        mp.setenv("MODELSEAL_REMOTE_RETRIES", "0")
+        modelseal.numpy.load_file("http://127.0.0.1:9/x?token=secret", identity=host)  # the query is never shown
+
+
+def test_serve_opens_a_pointer_file(tmp_path: Path, http: tuple[str, Behaviour], behaviour: Behaviour,
+                                    host: HpkeIdentity) -> None:  # fmt: skip
+    from modelseal.serve.source import open_source
+
+    pointer = tmp_path / "model.safetensors.sealed"
+    pointer.write_text(f"modelseal-remote: {http[0]}w.sealed.safetensors\n")
+    with open_source(pointer, lambda: host) as source:
+        assert source.sealed
+        art = source.safetensors()
+        assert art.path == http[0] + "w.sealed.safetensors"
+        assert_same(modelseal.numpy.load_file(http[0] + "w.sealed.safetensors", identity=host), tensors())
+    (tmp_path / "d").write_text(f"modelseal-remote: {http[0]}hf/\n")
+    with open_source(tmp_path / "d", lambda: host) as source:
+        assert sorted(source.artifacts) == ["config.json", "model-00001-of-00002.safetensors",
+                                            "model-00002-of-00002.safetensors"]  # fmt: skip
+
+
+PROBE = textwrap.dedent(
+    """
+    import os, sys, json
+    import numpy, torch
+    import modelseal, modelseal.torch, modelseal.transformers
+    import httpx, boto3, botocore.session
+    from modelseal.load.remote import s3 as _s3
+    _s3.client()  # boto3 reads its data files (not writes) when the client is made
+    """
+) + WRITE_AUDIT_HOOK + textwrap.dedent(
+    """
+    http, key = sys.argv[1], sys.argv[2]
+    n = 0
+    for base in (http, "s3://models/"):
+        n += len(modelseal.torch.load_file(base + "w.sealed.safetensors", identity=key))
+        n += len(modelseal.transformers.load_state_dict(base + "hf/", identity=key))
+    print(json.dumps({"writes": writes, "n": n}))
+    """
+)
+
+
+def test_a_remote_load_writes_no_file(s3: str, http: tuple[str, Behaviour], behaviour: Behaviour,
+                                      host_key: Path) -> None:  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", PROBE, http[0], str(host_key)], capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["n"] == 2 * (5 + 6)
+    assert report["writes"] == [], report["writes"]
