@@ -95,10 +95,17 @@ class SegmentCipher:
     def _aad(self, seg: Segment) -> bytes:
         return aad(self.model_id, self.model_version, seg.name, seg.index, seg.final)
 
-    def encrypt(self, seg: Segment, plaintext: memoryview | bytes) -> tuple[bytes, bytes]:
-        """Encrypt one segment; return (ciphertext, tag)."""
-        sealed = self._aead.encrypt(nonce(seg.ordinal, seg.index), plaintext, self._aad(seg))
-        return sealed[:-TAG_SIZE], sealed[-TAG_SIZE:]
+    def encrypt_into(self, seg: Segment, plaintext: memoryview | bytes, out: memoryview) -> memoryview:
+        """Encrypt one segment into the caller's ``out``; return the view of ``out`` holding ciphertext || tag.
+
+        ``out`` may be longer than ``seg.length + TAG_SIZE`` (a worker's buffer of one full segment, reused
+        for every segment it seals): ``AESGCM.encrypt_into`` wants a buffer of exactly that size, so it gets
+        the front of ``out``. Nothing is allocated per segment, which matters: a fresh ciphertext object per
+        4 MiB segment costs page faults on every one of its pages, several times the encryption itself.
+        """
+        sealed = out[: seg.length + TAG_SIZE]
+        self._aead.encrypt_into(nonce(seg.ordinal, seg.index), plaintext, self._aad(seg), sealed)
+        return sealed
 
     def decrypt_in_place(self, seg: Segment, buf: memoryview, tag: bytes) -> None:
         """Turn one segment's ciphertext in ``buf`` into plaintext and check its tag.

@@ -152,19 +152,29 @@ def write_artifact(
 
     def fill(fd: int) -> None:
         atomicfile.pwrite_all(fd, head, 0)
+        writeback = atomicfile.Writeback(fd, offset, payload_size)
+        pending = iter(segments)
+        lock = threading.Lock()
 
-        def encrypt(seg: Segment) -> None:
-            ct, tag = cipher.encrypt(seg, req.read_plain(seg.offset, seg.length))
-            atomicfile.pwrite_all(fd, ct, offset + seg.offset)
-            tags[seg.tag_index * TAG_SIZE : (seg.tag_index + 1) * TAG_SIZE] = tag
-            if req.signer is not None:
-                digests[seg.tag_index] = segment_digest(ct, tag)
-            if progress:
-                progress(seg.length)
+        def seal_segments(stop: threading.Event) -> None:
+            """One worker: take the next segment, encrypt it into this worker's buffer, write it, repeat."""
+            out = memoryview(bytearray(min(seg_size, payload_size) + TAG_SIZE))  # ciphertext only, never plaintext
+            while not stop.is_set():
+                with lock:
+                    seg = next(pending, None)
+                if seg is None:
+                    return
+                sealed = cipher.encrypt_into(seg, req.read_plain(seg.offset, seg.length), out)
+                ct, tag = sealed[: seg.length], sealed[seg.length :]
+                atomicfile.pwrite_all(fd, ct, offset + seg.offset)
+                writeback.written(offset + seg.offset, seg.length)
+                tags[seg.tag_index * TAG_SIZE : (seg.tag_index + 1) * TAG_SIZE] = tag
+                if req.signer is not None:
+                    digests[seg.tag_index] = segment_digest(ct, bytes(tag))
+                if progress:
+                    progress(seg.length)
 
-        batch = max(2, 2 * worker_count())  # bounds memory to a few segments per worker
-        for i in range(0, len(segments), batch):
-            run_all(encrypt, segments[i : i + batch])
+        in_parallel(min(worker_count(), max(1, len(segments))), seal_segments)
         atomicfile.pwrite_all(fd, bytes(tags), offset + payload_size)
         if req.signer is not None:
             sig = req.signer.sign(signed_message(env.protected_raw, content_digest(digests)))
@@ -174,6 +184,55 @@ def write_artifact(
     # the caller decides whether an existing output may be replaced (``seal(force=...)``)
     atomicfile.write_file(Path(dst), atomicfile.default_mode(), fill, overwrite=True)
     return env
+
+
+def in_parallel(count: int, work: Callable[[threading.Event], None]) -> None:
+    """Run ``work(stop)`` on ``count`` threads, the calling thread being one of them, until every one returns.
+
+    Each ``work`` takes items from a shared source until it is empty or ``stop`` is set: a pipeline with
+    no barrier between batches, which keeps every core busy to the last segment. The first failure (an
+    exception in any thread, or Ctrl-C in the calling one) sets ``stop``, so the others finish the segment
+    in hand and return. This returns or raises only once every thread has stopped: the caller closes and
+    removes the file they write into next, and no thread may write into a closed descriptor (its number
+    could already name another file). With one worker nothing is started: the work, and any progress
+    callback, run on the calling thread, where signals land.
+    """
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            work(stop)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=guarded, name=f"modelseal-seal-{i}", daemon=True) for i in range(count - 1)]
+    try:
+        for t in threads:
+            t.start()
+        work(stop)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        _join(threads, stop)
+    if errors:
+        raise errors[0]
+
+
+def _join(threads: list[threading.Thread], stop: threading.Event) -> None:
+    """Wait for every started thread, even through Ctrl-C (which stops them and is raised afterwards)."""
+    interrupted: BaseException | None = None
+    for t in threads:
+        while t.ident is not None and t.is_alive():
+            try:
+                t.join()
+            except KeyboardInterrupt as exc:
+                stop.set()
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 # --------------------------------------------------------------------------------------------- reading
