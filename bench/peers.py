@@ -14,9 +14,10 @@ post-import RSS (``VmHWM`` after resetting it through ``/proc/self/clear_refs``)
 - ``aes-cbc``: the seed article's approach: pycryptodome AES-256-CBC over a whole ``torch.save`` file,
   decrypted into a temporary file, then ``torch.load(weights_only=True)``.
 
-Also per method and size: the time to write the file from the same tensors (sealing throughput
-against ``safetensors.torch.save_file``) and the time to open the file and get one 16 MiB tensor
-(single-tensor access against file size; the AES-CBC file has none).
+Also per method and size: the time to write the file from the same tensors until it is on disk (sealing
+throughput against ``safetensors.torch.save_file`` + ``fsync``, once; ``bench/seal.py`` measures it in
+interleaved rounds) and the time to open the file and get one 16 MiB tensor (single-tensor access against
+file size; the AES-CBC file has none).
 
     python bench/peers.py [--sizes 100,1024,4096] [--runs 5] [--skip aes-cbc] [--plot docs/peers.png] [--json]
 """
@@ -126,6 +127,30 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
+def durable(_: object, path: Path) -> None:
+    """fsync ``path``: every write is timed until its data is on disk, as ``modelseal.seal`` returns."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cryptotensors_config() -> dict[str, dict[str, str]]:
+    """Fresh keys for ``cryptotensors.torch.save_file``: an AES-256-GCM key and an Ed25519 signing key (JWK)."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    signer = ed25519.Ed25519PrivateKey.generate()
+    raw = (signer.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption()),
+           signer.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw))  # fmt: skip
+    enc = {"kty": "oct", "k": b64(os.urandom(32)), "alg": "aes256gcm", "kid": "bench-enc"}
+    sign = {"kty": "okp", "crv": "Ed25519", "d": b64(raw[0]), "x": b64(raw[1]), "kid": "bench-sign",
+            "alg": "ed25519"}  # fmt: skip
+    return {"enc_key": enc, "sign_key": sign}
+
+
 def make_file(method: str, directory: Path, plain: Path) -> tuple[Path, str, float]:
     """One method's file of the tensors in ``plain``: (path, secret the loader needs, seconds to write it)."""
     import safetensors.torch
@@ -133,7 +158,7 @@ def make_file(method: str, directory: Path, plain: Path) -> tuple[Path, str, flo
     if method == "plain":
         tensors = safetensors.torch.load_file(str(plain))
         out = directory / "plain-copy.safetensors"
-        seconds = timed(lambda: safetensors.torch.save_file(tensors, str(out)))
+        seconds = timed(lambda: durable(safetensors.torch.save_file(tensors, str(out)), out))
         out.unlink()  # the timing was all that was wanted: loads use ``plain`` itself
         return plain, "", seconds
     if method == "modelseal":
@@ -147,21 +172,12 @@ def make_file(method: str, directory: Path, plain: Path) -> tuple[Path, str, flo
         return out, str(key_file), timed(lambda: modelseal.seal(plain, out, [identity.recipient], force=True))
     if method == "cryptotensors":
         import cryptotensors.torch
-        from cryptography.hazmat.primitives import serialization as ser
-        from cryptography.hazmat.primitives.asymmetric import ed25519
 
-        b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
-        signer = ed25519.Ed25519PrivateKey.generate()
-        raw = (signer.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption()),
-               signer.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw))  # fmt: skip
-        enc = {"kty": "oct", "k": b64(os.urandom(32)), "alg": "aes256gcm", "kid": "bench-enc"}
-        sign = {"kty": "okp", "crv": "Ed25519", "d": b64(raw[0]), "x": b64(raw[1]), "kid": "bench-sign",
-                "alg": "ed25519"}  # fmt: skip
+        config = cryptotensors_config()
         out = directory / "cryptotensors.safetensors"
         tensors = safetensors.torch.load_file(str(plain))
-        config = {"enc_key": enc, "sign_key": sign}
-        seconds = timed(lambda: cryptotensors.torch.save_file(tensors, str(out), config=config))
-        return out, json.dumps([enc, sign]), seconds
+        seconds = timed(lambda: durable(cryptotensors.torch.save_file(tensors, str(out), config=config), out))
+        return out, json.dumps([config["enc_key"], config["sign_key"]]), seconds
     from Crypto.Cipher import AES
     from Crypto.Util.Padding import pad
 

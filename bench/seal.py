@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import machine
-from peers import make_tensors
+from peers import cryptotensors_config, make_tensors
 
 METHODS = ("plain", "modelseal", "cryptotensors")
 
@@ -65,23 +65,11 @@ print(json.dumps({"seconds": seconds, "bytes": os.path.getsize(out)}))
 
 def secrets_for(methods: list[str]) -> dict[str, str]:
     """What each method's child needs: a recipient for modelseal, keys for cryptotensors."""
-    import base64
-    import os
-
     from modelseal.recipients.hpke import generate_identity
 
     out = {"plain": "", "modelseal": generate_identity().recipient.describe()}
     if "cryptotensors" in methods:
-        from cryptography.hazmat.primitives import serialization as ser
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-
-        b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
-        signer = ed25519.Ed25519PrivateKey.generate()
-        d = signer.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
-        x = signer.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
-        enc = {"kty": "oct", "k": b64(os.urandom(32)), "alg": "aes256gcm", "kid": "bench-enc"}
-        sign = {"kty": "okp", "crv": "Ed25519", "d": b64(d), "x": b64(x), "kid": "bench-sign", "alg": "ed25519"}
-        out["cryptotensors"] = json.dumps({"enc_key": enc, "sign_key": sign})
+        out["cryptotensors"] = json.dumps(cryptotensors_config())
     return out
 
 
@@ -127,10 +115,14 @@ def measure_size(size: int, methods: list[str], rounds: int, directory: Path | N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1024,4096", help="model sizes in MiB, comma-separated")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--skip", default="", help="methods to leave out, comma-separated")
-    ap.add_argument("--dir", type=Path, help="where to write (default: the system's temporary directory)")
+    options = {  # flag: (type, default, help)
+        "--sizes": (str, "1024,4096", "model sizes in MiB, comma-separated"),
+        "--rounds": (int, 5, "rounds of every method, interleaved"),
+        "--skip": (str, "", "methods to leave out, comma-separated"),
+        "--dir": (Path, None, "where to write (default: the system's temporary directory)"),
+    }
+    for flag, (kind, default, text) in options.items():
+        ap.add_argument(flag, type=kind, default=default, help=text)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     methods = [m for m in METHODS if m not in args.skip.split(",")]
