@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+import stat
 
 from modelseal import atomicfile
 from modelseal.encoding import b64d, b64e
@@ -42,12 +42,32 @@ def write_secret(
     atomicfile.write_bytes(path, text.encode(), atomicfile.PRIVATE, overwrite=force)
 
 
+MAX_KEY_FILE = 1 << 16  # the largest key file (several post-quantum identities fit many times over)
+
+
+def read_bytes(path: str | os.PathLike[str], shown: str | None = None) -> bytes:
+    """A key file's bytes: a regular file (a FIFO named as one would hang the reader, ``/dev/zero``
+    exhaust its memory) of at most :data:`MAX_KEY_FILE` bytes. ``shown``: how errors name it."""
+    shown = shown or f"key file {shown_value(path)}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {shown}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise KeyFileError(f"{shown} is not a regular file")
+        try:
+            data = f.read(MAX_KEY_FILE + 1)
+        except OSError as exc:
+            raise KeyFileError(f"cannot read {shown}: {exc.strerror}") from None
+    if len(data) > MAX_KEY_FILE:
+        raise KeyFileError(f"{shown} is larger than a key file can be ({MAX_KEY_FILE} bytes)")
+    return data
+
+
 def read_text(path: str | os.PathLike[str]) -> str:
     """Read a key file as text with a clear error for missing or binary files."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {shown_value(path)}: {exc.strerror}") from None
+    data = read_bytes(path)
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from modelseal.errors import MissingDependencyError
+from modelseal.errors import MissingDependencyError, ModelsealError
 from modelseal.serve import datatypes
 from modelseal.serve.repository import ModelSpec, TensorSpec
-from modelseal.triton.sealed import SealedModel
+from modelseal.triton.sealed import SealedModel, client_message
 from modelseal.triton.settings import Settings, guess_platform
 
 
@@ -44,10 +44,12 @@ def bind(
     inputs: Sequence[TensorSpec] = (),
     outputs: Sequence[TensorSpec] = (),
     settings: Settings | None = None,
+    entry_point: str = "",
 ) -> SealedModel:
     """Load ``sealed`` and bind it to ``triton`` (a ``pytriton.triton.Triton``) as ``name``; the loaded
     model is returned (``close()`` it to wipe it early; the key watch runs until then). ``settings``:
-    key_check_s, grace_s, threads, trusted_signers, entry_point as in config.pbtxt's parameters."""
+    key_check_s, grace_s, threads, trusted_signers as in config.pbtxt's parameters; ``entry_point``: a
+    state dict's ``module:callable`` building its module, the module beside ``sealed``."""
     try:
         from pytriton.decorators import batch
         from pytriton.model_config import ModelConfig, Tensor
@@ -58,7 +60,8 @@ def bind(
     if identity:
         settings = dataclasses.replace(settings, identity=identity)
     platform = platform or settings.platform or guess_platform(sealed.parent, sealed.name)
-    spec = ModelSpec(name, sealed.parent, platform, max_batch_size or 0, tuple(inputs), tuple(outputs))
+    spec = ModelSpec(name, sealed.parent, platform, max_batch_size or 0, tuple(inputs), tuple(outputs),
+                     parameters={"entry_point": entry_point} if entry_point else {})  # fmt: skip
     model = SealedModel.load(spec, sealed, settings)
     spec = model.spec
 
@@ -66,7 +69,10 @@ def bind(
         return [Tensor(name=t.name, dtype=datatypes.numpy_dtype(t.datatype), shape=t.dims) for t in items]
 
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
-        return model.run(inputs, [t.name for t in spec.outputs])
+        try:
+            return model.run(inputs, [t.name for t in spec.outputs])
+        except Exception as exc:  # PyTriton sends the text to the client: never a framework's (tensor values)
+            raise ModelsealError(client_message(exc)) from None
 
     def each(requests: list[Any]) -> list[dict[str, np.ndarray]]:  # PyTriton's form for a model that does not batch
         return [infer(**dict(r)) for r in requests]

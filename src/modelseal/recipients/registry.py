@@ -34,12 +34,11 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from pathlib import Path
 from types import MethodType
 from typing import TypeVar, Union
 
 from modelseal.errors import KeyFileError, UsageError, one_line
-from modelseal.keyfile import key_lines, read_text, shown_value
+from modelseal.keyfile import key_lines, read_bytes, read_text, shown_value
 from modelseal.recipients.base import Identity, IdentitySet, Recipient
 
 IdentitySpec = Union[Identity, str, os.PathLike, Sequence[Union[Identity, str, os.PathLike]]]  # type: ignore[type-arg]
@@ -424,10 +423,7 @@ def _from_string(text: str, origin: str | None) -> list[Identity]:
     if sep and not os.path.exists(text) and scheme(prefix) is not None:
         given = origin or shown_value(text)
         raise UsageError(f"{given} is a recipient, not an identity; pass the matching key file")
-    try:
-        raw = Path(text).read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {shown}: {exc.strerror}") from None
+    raw = read_bytes(text, shown)
     if not raw.isascii():
         for registry in (_builtins, get_registry):
             for label, entry in registry().labels.items():

@@ -31,6 +31,12 @@ MAX_RESTARTS = 3
 log = logging.getLogger("modelseal.serve")
 
 
+def batch_aligned(outputs: dict[str, np.ndarray], rows: int) -> bool:
+    """Whether every output has one row per input row (dim 0 = ``rows``), so that a batch of requests run
+    together can be split back by rows."""
+    return all(v.ndim > 0 and v.shape[0] == rows for v in outputs.values())
+
+
 @dataclass(eq=False)  # identity, never field-wise comparison: the fields hold numpy arrays
 class Pending:
     inputs: Tensors
@@ -153,6 +159,19 @@ class DynamicBatcher:
         except Exception as exc:  # every waiting request gets the failure (the caller maps it to a status)
             for p in batch:
                 p.fail(exc)
+            return
+        if len(batch) > 1 and not batch_aligned(result, sum(p.rows for p in batch)):
+            # an output that is not one row per input row (detections, a reduction over the batch): split,
+            # it would hand one request's rows to another; each request runs alone instead
+            log.warning("model %s: an output is not one row per input row; its requests run one by one", self.name)
+            for p in batch:
+                try:
+                    alone = await self.run(p.inputs, p.outputs)
+                except Exception as exc:
+                    p.fail(exc)
+                    continue
+                if not p.future.done():
+                    p.future.set_result(alone)
             return
         offset = 0
         for p in batch:

@@ -97,15 +97,22 @@ def _check(layout: Layout) -> None:
         raise UsageError(f"{layout.sealed} is not a sealed model file")
     if not layout.name or layout.name.startswith(".") or "/" in layout.name or not layout.name.isprintable():
         raise UsageError(f"model name {layout.name!r} must be a plain directory name")
-    written = (layout.name, layout.serve_identity, layout.env_path, layout.entry_point)
-    if any('"' in (v or "") or "\\" in (v or "") for v in written):
-        raise UsageError("names, paths and identities written into config.pbtxt may not contain '\"' or '\\\\'")
+    for value in (layout.name, layout.serve_identity, layout.env_path, layout.entry_point):
+        _check_written(value or "", "names, paths and identities")
     identity = layout.serve_identity
     if identity and not identity.startswith(("agent:", "env:")):
-        if not os.path.isfile(identity):
-            raise UsageError(f"--serve-identity {identity[:40]!r}: config.pbtxt may name agent:SOCKET, env:VAR or a "
-                             "key file, never a key itself")  # fmt: skip
+        if not os.path.isfile(identity):  # the value itself is never shown: it may be a key
+            raise UsageError("--serve-identity: config.pbtxt may name agent:SOCKET, env:VAR or a key file, never "
+                             "a key itself (the value given is none of these; it is not repeated here)")  # fmt: skip
         layout.serve_identity = os.path.abspath(identity)  # Triton's working directory is not ours
+
+
+def _check_written(value: str, what: str) -> None:
+    """A value written between quotes into config.pbtxt: one printable line without quotes or backslashes
+    (a tensor name holding '" } ] parameters {' would add settings of its own to the config)."""
+    if '"' in value or "\\" in value or not value.isprintable():
+        raise UsageError(f"{what} written into config.pbtxt must be printable, without '\"' or '\\\\' "
+                         f"(one of {len(value)} characters is not)")  # fmt: skip
 
 
 def lay_out(layout: Layout) -> dict[str, Any]:
@@ -130,6 +137,7 @@ def lay_out(layout: Layout) -> dict[str, Any]:
                              "--input/--output NAME:DATATYPE:DIMS") from None  # fmt: skip
         runtime.close()
     for t in (*spec.inputs, *spec.outputs):
+        _check_written(t.name, "tensor names (from the model)")
         if t.datatype in ("BYTES", "BF16"):
             raise UsageError(f"tensor {t.name!r} is {t.datatype}: inside Triton only numeric tensors are served")
     text = _config_text(spec, layout, layout.sealed.name)

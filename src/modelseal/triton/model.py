@@ -20,10 +20,9 @@ sys.dont_write_bytecode = True  # the stub would leave __pycache__ beside every 
 
 import numpy as np  # noqa: E402
 
-from modelseal.errors import ModelsealError, one_line  # noqa: E402
+from modelseal.errors import ModelsealError, UsageError, one_line  # noqa: E402
 from modelseal.memory.locked import harden_process  # noqa: E402
-from modelseal.serve.infer import runtime_refusal  # noqa: E402
-from modelseal.triton.sealed import SealedModel, Tensors, version_of  # noqa: E402
+from modelseal.triton.sealed import SealedModel, Tensors, client_message, version_of  # noqa: E402
 from modelseal.triton.settings import model_spec, parameters, parse_settings  # noqa: E402
 
 try:
@@ -32,13 +31,20 @@ except ImportError:  # outside Triton's stub (documentation, type checks): nothi
     pb_utils = None
 
 
-def _message(exc: Exception) -> str:
-    """A failure as one line for a client: ours say what to do; a framework's is named by its type only
-    (its text may quote tensor values), unless it is a refusal of the request's values (400 in serve)."""
-    if isinstance(exc, ModelsealError):
-        return str(exc)
-    refused = runtime_refusal(exc)
-    return str(refused) if refused is not None else f"inference failed: {type(exc).__name__}"
+_default_unraisable = sys.unraisablehook
+
+
+def _quiet_used_capsules(unraisable: Any) -> None:
+    """Drop one known, harmless report: the Python backend renames each DLPack capsule it consumes
+    (``used_dlpack``), which numpy's capsule destructor does not recognise, so every output tensor logged a
+    ``PyCapsule_GetPointer called with incorrect name`` traceback (values are right). Others pass on."""
+    exc = unraisable.exc_value
+    if isinstance(exc, ValueError) and "PyCapsule_GetPointer called with incorrect name" in str(exc):
+        return
+    _default_unraisable(unraisable)
+
+
+sys.unraisablehook = _quiet_used_capsules
 
 
 class TritonPythonModel:
@@ -65,20 +71,42 @@ class TritonPythonModel:
         """Run the requests Triton batched together; each gets its outputs or its own error response
         (after revocation: the reason the model no longer serves)."""
         assert self.model is not None
-        spec = self.model.spec
+        model = self.model
+        results: list[Tensors | Exception] = [UsageError("not run")] * len(requests)
         batch: list[tuple[Tensors, list[str]]] = []
-        for request in requests:
-            inputs = {t.name: np.from_dlpack(pb_utils.get_input_tensor_by_name(request, t.name)) for t in spec.inputs}
-            batch.append((inputs, list(request.requested_output_names()) or [t.name for t in spec.outputs]))
-        responses = []
-        for result in self.model.run_batch(batch):
+        taken: list[int] = []  # which requests the batch holds (one that cannot be read gets its own error)
+        for i, request in enumerate(requests):
+            try:
+                batch.append((self._inputs(request), list(request.requested_output_names())
+                              or [t.name for t in model.spec.outputs]))  # fmt: skip
+                taken.append(i)
+            except Exception as exc:
+                results[i] = exc
+        for i, result in zip(taken, model.run_batch(batch), strict=True):
+            results[i] = result
+        return [self._response(result) for result in results]
+
+    def _inputs(self, request: Any) -> Tensors:
+        assert self.model is not None
+        inputs = {}
+        for t in self.model.spec.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, t.name)
+            if tensor is None:
+                raise UsageError(f"the request has no input {t.name!r}")
+            inputs[t.name] = np.from_dlpack(tensor)
+        return inputs
+
+    def _response(self, result: Tensors | Exception) -> Any:
+        """The response for one request: its outputs, or its error (UNAVAILABLE after revocation)."""
+        assert self.model is not None
+        try:
             if isinstance(result, Exception):
-                code = pb_utils.TritonError.UNAVAILABLE if self.model.refusal else pb_utils.TritonError.INTERNAL
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(_message(result), code)))
-            else:
-                tensors = [pb_utils.Tensor.from_dlpack(n, np.ascontiguousarray(a)) for n, a in result.items()]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        return responses
+                raise result
+            tensors = [pb_utils.Tensor.from_dlpack(n, np.ascontiguousarray(a)) for n, a in result.items()]
+            return pb_utils.InferenceResponse(output_tensors=tensors)
+        except Exception as exc:
+            code = pb_utils.TritonError.UNAVAILABLE if self.model.refusal else pb_utils.TritonError.INTERNAL
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(client_message(exc), code))
 
     def finalize(self) -> None:
         """Unload: stop the key watch, free the model and wipe what modelseal holds of it."""

@@ -24,6 +24,8 @@ from modelseal.errors import ModelsealError, UsageError
 from modelseal.load.artifacts import resolve_identity
 from modelseal.load.leasewatch import LeaseWatch
 from modelseal.release.identity import AgentIdentity
+from modelseal.serve.batching import batch_aligned
+from modelseal.serve.infer import runtime_refusal
 from modelseal.serve.repository import ModelSpec
 from modelseal.serve.runtimes.base import Runtime, build
 from modelseal.serve.source import ModelSource, open_source
@@ -107,6 +109,12 @@ class SealedModel:
                 rows = [next(iter(requests[i][0].values())).shape[0] for i in members]
                 joined = {n: np.concatenate([requests[i][0][n] for i in members]) for n in requests[members[0]][0]}
                 out = self.run(joined, requests[members[0]][1])
+                if not batch_aligned(out, sum(rows)):  # splitting it would hand rows to the wrong requests
+                    log.warning("modelseal: model %s: an output is not one row per input row; running its "
+                                "requests one by one", self.spec.name)  # fmt: skip
+                    for i in members:
+                        results[i] = self._run_one(requests[i])
+                    continue
                 bounds = np.cumsum(rows)[:-1]
                 pieces = {n: np.split(a, bounds) for n, a in out.items()}
                 for j, i in enumerate(members):
@@ -115,6 +123,12 @@ class SealedModel:
                 for i in members:
                     results[i] = exc
         return results
+
+    def _run_one(self, request: tuple[Tensors, Sequence[str]]) -> Tensors | Exception:
+        try:
+            return self.run(*request)
+        except Exception as exc:
+            return exc
 
     def close(self) -> None:
         """Stop the watch and free the model (the runtime wipes its buffers and zeroes its weights)."""
@@ -131,6 +145,15 @@ class SealedModel:
             runtime.close()
         del runtime
         gc.collect()
+
+
+def client_message(exc: Exception) -> str:
+    """A failure as one line for a client: ours say what to do; a framework's is named by its type only
+    (its text may quote tensor values), unless it is a refusal of the request's values (400 in serve)."""
+    if isinstance(exc, ModelsealError):
+        return str(exc)
+    refused = runtime_refusal(exc)
+    return str(refused) if refused is not None else f"inference failed: {type(exc).__name__}"
 
 
 def version_of(text: str | int) -> int:

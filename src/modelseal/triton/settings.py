@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.errors import UsageError
+from modelseal.recipients.registry import is_identity_text
 from modelseal.serve import datatypes
 from modelseal.serve.repository import ModelSpec, TensorSpec, _plain_name
 from modelseal.serve.runtimes.base import registry
 
 KNOWN = ("sealed_file", "platform", "identity", "key_check_s", "grace_s", "threads", "trusted_signers",
          "entry_point")  # fmt: skip
+PLATFORMS = ("onnxruntime_onnx", "pytorch_libtorch")  # what runs (and is tested) in Triton's stub
+MIN_KEY_CHECK_S = 0.5
+MAX_GRACE_S = 3600.0  # an agent killed on the host keeps a revoked model serving at most this long
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class Settings:
     key_check_s: float = 5.0
     """How often the agent is asked whether it still releases the key (0: never)."""
     grace_s: float = 30.0
-    """How long the agent may stay silent before the model refuses; a refusal (revoked, expired) acts at once."""
+    """How long the agent may stay silent before the model refuses (at most an hour); a refusal (revoked,
+    expired) acts at once."""
     threads: int = 0
     """Intra-op threads of the framework (0: its default)."""
     trusted_signers: tuple[str, ...] = ()
@@ -58,10 +63,20 @@ def parameters(config: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v.get("string_value", "")) if isinstance(v, Mapping) else str(v) for k, v in found.items()}
 
 
+def _identity(raw: Mapping[str, str]) -> str | None:
+    """The ``identity`` parameter: where the key comes from, never the key itself (Triton shows a model's
+    config, parameters included, to any client of ``/v2/models/NAME/config``, and logs it)."""
+    identity = raw.get("identity") or None
+    if identity is not None and (is_identity_text(identity) or not identity.isprintable()):
+        raise UsageError("parameter 'identity' holds a key (or is not one printable line); name agent:SOCKET, "
+                         "env:VAR or a key file: config.pbtxt is shown to Triton's clients")  # fmt: skip
+    return identity
+
+
 def parse_settings(raw: Mapping[str, str]) -> Settings:
     """``raw`` (the config's parameters) as :class:`Settings`, or a one-line error naming the parameter."""
-    unknown = sorted(k[:40] for k in raw if k not in KNOWN and not k.isupper())
-    if unknown:
+    unknown = sorted(k[:40] for k in raw if k not in KNOWN and (not k.isupper() or k.lower() in KNOWN))
+    if unknown:  # capitals are Triton's, except modelseal's own names in capitals (a typo, not Triton's)
         raise UsageError(f"unknown modelseal parameter(s) {unknown} in config.pbtxt; known: {list(KNOWN)}")
     sealed_file = raw.get("sealed_file", "")
     if sealed_file and not _plain_name(sealed_file):
@@ -73,12 +88,18 @@ def parse_settings(raw: Mapping[str, str]) -> Settings:
     if not 0 <= threads <= 1024:
         raise UsageError("parameter 'threads' must be a whole number from 0 to 1024")
     signers = tuple(s.strip() for s in raw.get("trusted_signers", "").split(",") if s.strip())
+    platform = raw.get("platform", "")
+    if platform and platform not in PLATFORMS:
+        raise UsageError(f"parameter 'platform' must be one of {', '.join(PLATFORMS)} inside Triton")
+    key_check_s = _seconds(raw, "key_check_s", 5.0, 86400)
+    if 0 < key_check_s < MIN_KEY_CHECK_S:  # 1e-300 is a busy loop asking the agent
+        raise UsageError(f"parameter 'key_check_s' must be 0 (no key watch) or at least {MIN_KEY_CHECK_S:g} s")
     return Settings(
         sealed_file=sealed_file,
-        platform=raw.get("platform", ""),
-        identity=raw.get("identity") or None,
-        key_check_s=_seconds(raw, "key_check_s", 5.0, 86400),
-        grace_s=_seconds(raw, "grace_s", 30.0, 7 * 86400),
+        platform=platform,
+        identity=_identity(raw),
+        key_check_s=key_check_s,
+        grace_s=_seconds(raw, "grace_s", 30.0, MAX_GRACE_S),
         threads=threads,
         trusted_signers=signers,
     )
@@ -100,9 +121,9 @@ def model_spec(config: Mapping[str, Any], model_dir: Path, version: int, setting
     ``model_dir`` is the model's directory (a state dict's ``entry_point`` module is looked for there)."""
     name = str(config.get("name", model_dir.name))
     platform = settings.platform or guess_platform(model_dir / str(version), settings.sealed_file)
-    if registry().get(platform) is None:
-        raise UsageError(f"model {name}: platform {platform!r} is not served (parameter 'platform': one of "
-                         f"{', '.join(registry().platforms())})")  # fmt: skip
+    if platform not in PLATFORMS or registry().get(platform) is None:
+        raise UsageError(f"model {name}: platform {platform!r} is not served inside Triton (parameter 'platform': "
+                         f"one of {', '.join(PLATFORMS)})")  # fmt: skip
     return ModelSpec(
         name=name,
         path=model_dir,
