@@ -72,6 +72,8 @@ class SealedModel:
             runtime, spec = build(spec, source, settings.threads)
             watched = watched_keys(source)
         model = cls(spec, runtime, None)
+        if isinstance(identity, AgentIdentity) and watched and settings.key_check_s == 0:
+            log.warning("modelseal: model %s: key_check_s is 0, so a revoked key is not noticed", spec.name)
         if isinstance(identity, AgentIdentity) and watched and settings.key_check_s > 0:
             check_s, grace_s = settings.key_check_s, settings.grace_s
             model.watch = KeyWatch(identity.socket, watched, check_s, grace_s, model.refuse, log=log)
