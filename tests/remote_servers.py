@@ -35,11 +35,14 @@ class Behaviour:
     rate: float | None = None  # bytes per second over all connections (None: as fast as it goes)
     requests: list[tuple[str, int, int]] = field(default_factory=list)  # (path, first, last) served
     _sent: float = 0.0
-    _start: float = field(default_factory=time.monotonic)
+    _start: float = 0.0
 
     async def throttle(self, n: int) -> None:
+        """Hold the bytes sent to ``rate``, counted from the first byte (an idle server earns no credit)."""
         if self.rate is None:
             return
+        if self._sent == 0:
+            self._start = time.monotonic()
         self._sent += n
         ahead = self._sent / self.rate - (time.monotonic() - self._start)
         if ahead > 0:

@@ -1,0 +1,284 @@
+"""Loading over loopback from an HTTP range server and an S3-compatible server, same run, interleaved.
+
+Servers (real processes): ``tests/remote_servers.py`` (aiohttp; honest answers use aiohttp's own
+FileResponse with Range and sendfile; ``--rate`` shapes it to a bandwidth) and ``moto_server`` (S3).
+Each load runs in a fresh child process, timed inside it from the first request to every tensor
+materialised (the identity or key is ready before). Methods:
+
+- ``plain``: plaintext safetensors fetched whole (httpx GET / boto3 get_object) and loaded
+  (``safetensors.torch.load``: the tensors are copies, materialised);
+- ``modelseal``: ``modelseal.torch.load_file(URL)``: sealed, streamed by ranges, decrypted in place;
+- ``tensorizer``: tensorizer 2.12.1's encrypted file streamed from the same server (its curl stream);
+- ``runai``: runai-model-streamer 0.17.1, plaintext safetensors, S3 only (it has no HTTP backend).
+
+Ratios are each load's time over the plain load of the same round and server; medians over rounds.
+``--throttle MBIT`` adds a shaped-HTTP run: sealed load time against the plain transfer alone.
+
+    python bench/remote.py [--sizes 1024] [--rounds 3] [--throttle 1000] [--throttle-size 256] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from machine import machine
+
+HERE = Path(__file__).resolve().parent
+VENV_BIN = Path(sys.executable).parent
+CHILD = r"""
+import json, os, sys, time
+import torch, safetensors.torch
+method, url, secret = sys.argv[1:4]
+if method == "modelseal":
+    import modelseal.torch
+    from modelseal.recipients.registry import load_identity
+    secret = load_identity(secret)
+    from modelseal.load.remote import s3 as _s3
+    if url.startswith("s3://"): _s3.client()  # boto3's client is made before timing, as the others' sessions
+elif method == "plain":
+    import httpx, boto3
+    client = boto3.client("s3") if url.startswith("s3://") else httpx.Client(timeout=600)
+elif method == "tensorizer":
+    from tensorizer import TensorDeserializer
+    from tensorizer.serialization import DecryptionParams
+    from tensorizer.stream_io import open_stream
+    dec = DecryptionParams.from_key(bytes.fromhex(secret))
+elif method == "transfer":
+    import httpx
+    client = httpx.Client(timeout=600)
+elif method == "runai":
+    from runai_model_streamer import SafetensorsStreamer
+import gc
+gc.collect()
+t0 = time.perf_counter()
+if method == "plain" or method == "transfer":
+    if url.startswith("s3://"):
+        b, _, k = url[5:].partition("/")
+        data = client.get_object(Bucket=b, Key=k)["Body"].read()
+    else:
+        data = client.get(url).content
+    sd = safetensors.torch.load(data) if method == "plain" else {"n": len(data)}
+elif method == "modelseal":
+    sd = modelseal.torch.load_file(url, identity=secret)
+elif method == "tensorizer":
+    kw = {}
+    if url.startswith("s3://"):
+        kw = dict(s3_endpoint=os.environ["AWS_ENDPOINT_URL"].split("//")[1], force_http=True,
+                  s3_access_key_id="bench", s3_secret_access_key="bench")
+    with open_stream(url, **kw) as stream:
+        sd = dict(TensorDeserializer(stream, device="cpu", encryption=dec))
+else:
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(url)
+        sd = {name: t.clone() for name, t in streamer.get_tensors()}
+t = time.perf_counter() - t0
+print(json.dumps({"seconds": t, "tensors": len(sd)}))
+"""
+
+
+def make_files(root: Path, size_mb: int, key_path: Path, recipient: str) -> str:
+    """plain, sealed and tensorizer-encrypted files of ``size_mb`` MiB (fp16 tensors of 16 MiB); the key hex."""
+    import torch
+    from safetensors.torch import save_file
+    from tensorizer import TensorSerializer
+    from tensorizer.serialization import EncryptionParams
+
+    import modelseal
+
+    n = max(1, size_mb // 16)
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layer.{i}.weight": torch.randn(4096, 2048, generator=g).half() for i in range(n)}
+    save_file(sd, str(root / f"plain-{size_mb}.safetensors"))
+    modelseal.seal(root / f"plain-{size_mb}.safetensors", root / f"sealed-{size_mb}.safetensors", [recipient])
+    enc = EncryptionParams.random()
+    ser = TensorSerializer(str(root / f"tensorizer-{size_mb}.tensors"), encryption=enc)
+    ser.write_state_dict(sd)
+    ser.close()
+    return bytes(enc.key).hex()
+
+
+def file_for(method: str, size: int) -> str:
+    """The file each method loads: its own format, or the plaintext safetensors."""
+    return {"tensorizer": f"tensorizer-{size}.tensors", "modelseal": f"sealed-{size}.safetensors"}.get(
+        method, f"plain-{size}.safetensors"
+    )
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    import socket
+
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise SystemExit(f"a server exited at start ({proc.returncode})")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"no server on port {port}")
+
+
+def free_port() -> int:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from remote_servers import free_port as fp
+
+    return int(fp())
+
+
+def start_http(root: Path, rate: float | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [sys.executable, str(HERE.parent / "tests" / "remote_servers.py"), "http", str(root), str(port)]
+    proc = subprocess.Popen(cmd + (["--rate", str(rate)] if rate else []), stdout=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def start_s3(root: Path, files: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_port(port, proc)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1", RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING="0",
+                      AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="bench")
+    for name in files:
+        client.upload_file(str(root / name), "bench", name)
+    return proc, "s3://bench/"
+
+
+def run_child(method: str, url: str, secret: str, env: dict[str, str] | None = None) -> float:
+    proc = subprocess.run([sys.executable, "-c", CHILD, method, url, secret], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **(env or {})})  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} {url}: {proc.stderr.strip().splitlines()[-1:]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1024")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--servers", default="http,s3")
+    ap.add_argument("--skip", default="", help="methods to leave out, comma-separated")
+    ap.add_argument("--s3-part-size", default="256M", help="MODELSEAL_REMOTE_PART_SIZE for S3 (docs/benchmarks.md)")
+    ap.add_argument("--s3-concurrency", default="4", help="MODELSEAL_REMOTE_CONCURRENCY for S3")
+    ap.add_argument("--throttle", type=float, default=0, help="also a run shaped to this many Mbit/s")
+    ap.add_argument("--throttle-size", type=int, default=256)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers and remove the files on kill
+    from modelseal.recipients.hpke import KEMS, HpkeIdentity
+
+    print(f"# {machine()}", file=sys.stderr)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ms-remote-") as tmp:
+        root = Path(tmp)
+        ident = HpkeIdentity.generate(KEMS["x25519"])
+        key_path = root / "host.key"
+        ident.save(key_path)
+        sizes = [int(s) for s in args.sizes.split(",")]
+        secrets = {size: make_files(root, size, key_path, ident.recipient) for size in sizes}
+        servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        try:
+            if "http" in args.servers:
+                servers["http"] = start_http(root)
+            if "s3" in args.servers:
+                names = [f"{k}-{s}.{ext}" for s in sizes for k, ext in
+                         (("plain", "safetensors"), ("sealed", "safetensors"), ("tensorizer", "tensors"))]  # fmt: skip
+                servers["s3"] = start_s3(root, names)
+            skip = set(args.skip.split(","))
+            failed: set[tuple[str, str]] = set()
+            for size in sizes:
+                times: dict[tuple[str, str], list[float]] = {}
+                ratios: dict[tuple[str, str], list[float]] = {}
+                for rnd in range(args.rounds):
+                    for server, (_proc, base) in servers.items():
+                        methods = ["plain", "modelseal", "tensorizer"] + (["runai"] if server == "s3" else [])
+                        if rnd % 2:
+                            methods.reverse()  # interleaved: neither side always runs first
+                        got: dict[str, float] = {}
+                        for m in (m for m in methods if m not in skip and (server, m) not in failed):
+                            url = base + file_for(m, size)
+                            secret = {"modelseal": str(key_path), "tensorizer": secrets[size]}.get(m, "")
+                            env = None
+                            if server == "s3":  # moto copies the whole object for every range it serves
+                                env = {"MODELSEAL_REMOTE_PART_SIZE": args.s3_part_size,
+                                       "MODELSEAL_REMOTE_CONCURRENCY": args.s3_concurrency}  # fmt: skip
+                            try:
+                                got[m] = run_child(m, url, secret, env)
+                            except RuntimeError as exc:  # reported, and not tried again on this server
+                                print(f"# {exc}", file=sys.stderr)
+                                failed.add((server, m))
+                        for m, t in got.items():
+                            times.setdefault((server, m), []).append(t)
+                            if "plain" in got:
+                                ratios.setdefault((server, m), []).append(t / got["plain"])
+                        print(f"# round {rnd + 1} {server} {size} MiB: "
+                              + " ".join(f"{m}={t:.2f}s" for m, t in got.items()), file=sys.stderr)  # fmt: skip
+                for (server, m), ts in times.items():
+                    rs = ratios.get((server, m), [])
+                    rows.append({"size_mb": size, "server": server, "method": m, "seconds": statistics.median(ts),
+                                 "x_plain": statistics.median(rs) if rs else None, "all": ts})  # fmt: skip
+            if args.throttle:
+                rows += throttled(root, args, key_path, ident.recipient)
+        finally:
+            for proc, _base in servers.values():
+                proc.terminate()
+                proc.wait(10)
+    if args.json:
+        print(json.dumps({"machine": machine(), "rounds": args.rounds, "rows": rows}, indent=2))
+        return
+    print(f"{'MiB':>5} {'server':10} {'method':11} {'median s':>9} {'x plain':>8}   all")
+    for r in rows:
+        ratio = f"{r['x_plain']:.2f}" if r["x_plain"] is not None else "-"
+        print(f"{r['size_mb']:>5} {r['server']:10} {r['method']:11} {r['seconds']:9.3f} {ratio:>8}   "
+              + " ".join(f"{t:.2f}" for t in r["all"]))  # fmt: skip
+
+
+def throttled(root: Path, args: argparse.Namespace, key_path: Path, recipient: str) -> list[dict[str, Any]]:
+    """Sealed streaming through a server shaped to ``--throttle`` Mbit/s, against the bare transfer."""
+    size = args.throttle_size
+    if not (root / f"sealed-{size}.safetensors").exists():
+        make_files(root, size, key_path, recipient)
+    rate = args.throttle * 1e6 / 8
+    times: dict[str, list[float]] = {"transfer": [], "modelseal": []}
+    ratios: list[float] = []
+    for rnd in range(args.rounds):
+        got = {}
+        for m in (["transfer", "modelseal"] if rnd % 2 == 0 else ["modelseal", "transfer"]):
+            proc, base = start_http(root, rate)  # a fresh shaper each load: no credit carried over
+            try:
+                name = f"sealed-{size}.safetensors" if m == "modelseal" else f"plain-{size}.safetensors"
+                got[m] = run_child(m, base + name, str(key_path))
+            finally:
+                proc.terminate()
+                proc.wait(10)
+        for m, t in got.items():
+            times[m].append(t)
+        ratios.append(got["modelseal"] / got["transfer"])
+        print(f"# throttled round {rnd + 1}: " + " ".join(f"{m}={t:.2f}s" for m, t in got.items()), file=sys.stderr)
+    server = f"http@{args.throttle:g}Mbit"
+    return [
+        {"size_mb": size, "server": server, "method": "transfer", "seconds": statistics.median(times["transfer"]),
+         "x_plain": 1.0, "all": times["transfer"]},
+        {"size_mb": size, "server": server, "method": "modelseal", "seconds": statistics.median(times["modelseal"]),
+         "x_plain": statistics.median(ratios), "all": times["modelseal"]},
+    ]  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
