@@ -31,6 +31,15 @@ ENVIRONMENT: dict[str, str] = {
     "MODELSEAL_ADMIN_TOKEN_FILE": "Else, the file holding the admin token (DIR/admin.token, mode 0600).",
     "BAO_TOKEN": "Token for an OpenBao/Vault transit master key.",
     "TPM2TOOLS_TCTI": "The TPM, when --tcti is not given.",
+    "MODELSEAL_REMOTE_CONCURRENCY": "Range requests in flight per remote model file (default 16; docs/remote.md).",
+    "MODELSEAL_REMOTE_PART_SIZE": "Bytes per range request of a remote model file (default 16M).",
+    "MODELSEAL_REMOTE_RETRIES": "Retries of a range after a transient network failure (default 4).",
+    "MODELSEAL_REMOTE_TIMEOUT": "Seconds a remote read may wait for the server (default 60).",
+    "MODELSEAL_HTTP_BEARER_TOKEN": "Bearer token for https:// model URLs (never sent over http://).",
+    "MODELSEAL_HTTP_TOKEN_FILE": "Else, the file holding that token.",
+    "MODELSEAL_HTTP_CLIENT_CERT": "PEM client certificate for mTLS to https:// model URLs.",
+    "MODELSEAL_HTTP_CLIENT_KEY": "Its PEM private key.",
+    "MODELSEAL_HTTP_CA_BUNDLE": "PEM CAs to trust for https:// model URLs instead of the system's.",
     "VAR": "A variable named on the command line (--passphrase-env VAR, -i env:VAR): a passphrase or identity text.",
 }
 # Read only by Python APIs that no command runs (the LLM loaders: docs/llm.md), so no --help lists them.
@@ -47,6 +56,19 @@ ADMIN_VARS = (
     "MODELSEAL_KEYSERVER_CA",
     "MODELSEAL_ADMIN_TOKEN",
     "MODELSEAL_ADMIN_TOKEN_FILE",
+)
+
+# Read where a model file is a URL (a serve pointer file, docs/remote.md); AWS_* come from boto3's own chain.
+REMOTE_VARS = (
+    "MODELSEAL_REMOTE_CONCURRENCY",
+    "MODELSEAL_REMOTE_PART_SIZE",
+    "MODELSEAL_REMOTE_RETRIES",
+    "MODELSEAL_REMOTE_TIMEOUT",
+    "MODELSEAL_HTTP_BEARER_TOKEN",
+    "MODELSEAL_HTTP_TOKEN_FILE",
+    "MODELSEAL_HTTP_CLIENT_CERT",
+    "MODELSEAL_HTTP_CLIENT_KEY",
+    "MODELSEAL_HTTP_CA_BUNDLE",
 )
 
 Reads = Sequence[str | tuple[str, str]]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from modelseal.cli.helptext import IDENTITY_VARS, Command, Group
+from modelseal.cli.helptext import IDENTITY_VARS, REMOTE_VARS, Command, Group
 from modelseal.cli.kit import emit, fail_closed, json_option
 
 
@@ -18,6 +18,7 @@ from modelseal.cli.kit import emit, fail_closed, json_option
         "MODELSEAL_THREADS",
         "MODELSEAL_HUGEPAGES",
         "MODELSEAL_PREFAULT",
+        *REMOTE_VARS,
         ("VAR", "The variable -i env:VAR names: identity text."),
     ],
     writes=[("--audit-log FILE", "One JSON line per request, appended (created mode 0600).")],
