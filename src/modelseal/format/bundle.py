@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -112,15 +113,25 @@ def seal_path(
     index = {"root": "dir" if src.is_dir() else "file", "entries": index_entries, "dirs": empty_dirs}
     starts = [e.begin for e in entries]
     fds: dict[int, int] = {}
+    opening = threading.Lock()  # the sealing workers read in parallel
+    buffers = threading.local()  # one read buffer per worker, reused: no new bytes object per segment
 
-    def read_plain(off: int, n: int) -> bytes:
+    def read_plain(off: int, n: int) -> memoryview:
         i = bisect.bisect_right(starts, off) - 1  # segments never span files; empty files read nothing
-        if i not in fds:
-            fds[i] = os.open(files[i][1], os.O_RDONLY)
-        data = os.pread(fds[i], n, off - entries[i].begin)
-        if len(data) != n:
-            raise UsageError(f"{files[i][1]} changed size while it was being sealed")
-        return data
+        with opening:
+            if i not in fds:
+                fds[i] = os.open(files[i][1], os.O_RDONLY | os.O_CLOEXEC)
+        buf = getattr(buffers, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = buffers.buf = bytearray(max(n, builder.segment_size))
+        view = memoryview(buf)[:n]
+        pos = 0
+        while pos < n:  # pread, not a mapping: a file cut short while being sealed is an error, not SIGBUS
+            got = os.preadv(fds[i], [view[pos:]], off - entries[i].begin + pos)
+            if got == 0:
+                raise UsageError(f"{files[i][1]} changed size while it was being sealed")
+            pos += got
+        return view
 
     try:
         return write_artifact(
