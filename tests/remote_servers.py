@@ -22,7 +22,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-MODES = ("ok", "status200", "wrong_range", "lying_range", "short", "flip", "flaky", "reset", "gzip")
+MODES = ("ok", "status200", "wrong_range", "lying_range", "short", "flip", "flaky", "reset", "gzip", "redirect",
+         "huge_range", "trickle")  # fmt: skip
 
 
 @dataclass
@@ -73,6 +74,10 @@ def make_app(root: Path, behaviour: Behaviour) -> web.Application:
                 raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
             status = 206
         behaviour.requests.append((request.match_info["path"], first, last))
+        if mode == "redirect":  # to plain http on another port: a downgrade, or an internal address
+            raise web.HTTPFound("http://127.0.0.1:9/" + request.match_info["path"])
+        if mode == "huge_range":  # int() of a 5,000-digit number raises ValueError
+            return web.Response(status=206, body=b"x", headers={"Content-Range": f"bytes 0-0/{'9' * 5000}"})
         send_first, claimed_first = first, first
         if mode == "wrong_range" and status == 206 and first > 0:
             claimed_first = send_first = first - 1  # an honest header for another range
@@ -100,8 +105,13 @@ def make_app(root: Path, behaviour: Behaviour) -> web.Application:
                     behaviour.flaky_left = -1  # cut one answer off mid-body, once
                     request.transport.close() if request.transport else None
                     return resp
-                await behaviour.throttle(len(chunk))
-                await resp.write(bytes(chunk))
+                if mode == "trickle":  # a little every 10 ms: never idle long enough for a read timeout
+                    for i in range(0, len(chunk), 64):
+                        await resp.write(bytes(chunk[i : i + 64]))
+                        await asyncio.sleep(0.01)
+                else:
+                    await behaviour.throttle(len(chunk))
+                    await resp.write(bytes(chunk))
                 pos += len(chunk)
         await resp.write_eof()
         return resp

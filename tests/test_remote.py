@@ -187,6 +187,77 @@ def test_a_hostile_range_server_is_an_error(mode: str, error: type[ModelsealErro
     assert "\n" not in str(info.value)
 
 
+def test_redirects_huge_ranges_and_trickling_servers_are_errors(http: tuple[str, Behaviour], behaviour: Behaviour,
+                                                                 host: HpkeIdentity,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Review of the remote sources: a redirect was followed (https -> http, or to an internal address); a
+    Content-Range of 5,000 digits was a raw ValueError; a server sending a byte now and then held a load
+    for hours (the timeout is between bytes)."""
+    url = http[0] + "w.sealed.safetensors"
+    behaviour.mode = "redirect"
+    with pytest.raises(UsageError, match="does not follow redirects"):
+        modelseal.numpy.load_file(url, identity=host)
+    behaviour.mode = "huge_range"
+    with pytest.raises(FormatError, match="Content-Range"):
+        modelseal.numpy.load_file(url, identity=host)
+    behaviour.mode = "trickle"  # 256 KiB of header at 6.4 KB/s: 40 s; allowed: 1 s + 1 s at 256 KiB/s
+    monkeypatch.setenv("MODELSEAL_REMOTE_TIMEOUT", "1")
+    monkeypatch.setenv("MODELSEAL_REMOTE_RETRIES", "0")
+    with pytest.raises(UsageError, match="slower than"):
+        modelseal.numpy.load_file(url, identity=host)
+
+
+def test_a_forged_member_list_costs_one_member_not_one_per_name(
+    tmp_path: Path, sealed: Path, host: HpkeIdentity, other_host: HpkeIdentity
+) -> None:
+    """The member list of an HTTP directory comes from a header not yet authenticated: every member named
+    was opened (a header of up to 100 MiB each, held) before any was unlocked. Now each is unlocked before
+    the next is fetched: a member the key does not open stops the load there."""
+    import shutil
+
+    from modelseal.transformers import load_state_dict
+
+    root = tmp_path / "site"
+    shutil.copytree(sealed / "hf", root / "hf")
+    first, later = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"  # listed in this order
+    forged = tmp_path / "forged.safetensors"  # a member sealed to another host, as a server could send
+    save_file({"x": np.zeros(4, np.float32)}, str(forged))
+    modelseal.seal(forged, root / "hf" / first, [other_host.recipient], force=True)
+    with range_server(root) as (url, behaviour):
+        with pytest.raises(ModelsealError):
+            load_state_dict(url + "hf/", identity=host)
+        fetched = {path for path, _a, _b in behaviour.requests}
+    assert {"hf/config.json", f"hf/{first}"} <= fetched
+    assert f"hf/{later}" not in fetched, fetched  # nothing fetched after the member that failed
+
+
+def test_the_bearer_token_goes_only_to_its_hosts_and_never_to_s3(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelseal.load.remote.config import settings
+    from modelseal.load.remote.http import RangeReader
+
+    monkeypatch.setenv("MODELSEAL_HTTP_BEARER_TOKEN", "tok")
+    with pytest.raises(UsageError, match="MODELSEAL_HTTP_TOKEN_HOSTS"):  # a token must say where it goes
+        settings()
+    monkeypatch.setenv("MODELSEAL_HTTP_TOKEN_HOSTS", "models.example.com, cdn.example.com:8443")
+    conf = settings()
+    sent = {url: "Authorization" in RangeReader(lambda u=url: u, url, conf)._headers for url in (
+        "https://models.example.com/m", "https://cdn.example.com:8443/m", "https://evil.example.com/m",
+        "http://models.example.com/m", "https://cdn.example.com/m")}  # fmt: skip
+    assert sent == {"https://models.example.com/m": True, "https://cdn.example.com:8443/m": True,
+                    "https://evil.example.com/m": False, "http://models.example.com/m": False,
+                    "https://cdn.example.com/m": False}  # fmt: skip
+
+
+def test_credentials_in_a_directory_url_stay_out_of_messages(http: tuple[str, Behaviour], behaviour: Behaviour,
+                                                             host: HpkeIdentity) -> None:  # fmt: skip
+    from modelseal.transformers import load_state_dict
+
+    url = http[0].replace("http://", "http://alice:S3CRETPASS@") + "cfg/"  # a bundle directory: no config.json
+    with pytest.raises(ModelsealError) as info:
+        load_state_dict(url, identity=host)
+    assert "S3CRETPASS" not in str(info.value) and "alice" not in str(info.value)
+
+
 @pytest.mark.parametrize("mode", ["flaky", "reset"])
 def test_transient_failures_are_retried(mode: str, http: tuple[str, Behaviour], behaviour: Behaviour,
                                         host: HpkeIdentity) -> None:  # fmt: skip

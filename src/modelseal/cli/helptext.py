@@ -37,6 +37,8 @@ ENVIRONMENT: dict[str, str] = {
     "MODELSEAL_REMOTE_TIMEOUT": "Seconds a remote read may wait for the server (default 60).",
     "MODELSEAL_HTTP_BEARER_TOKEN": "Bearer token for https:// model URLs (never sent over http://).",
     "MODELSEAL_HTTP_TOKEN_FILE": "Else, the file holding that token.",
+    "MODELSEAL_HTTP_TOKEN_HOSTS": "Hosts (host or host:port, comma-separated) the bearer token is sent to; "
+    "required with a token.",
     "MODELSEAL_HTTP_CLIENT_CERT": "PEM client certificate for mTLS to https:// model URLs.",
     "MODELSEAL_HTTP_CLIENT_KEY": "Its PEM private key.",
     "MODELSEAL_HTTP_CA_BUNDLE": "PEM CAs to trust for https:// model URLs instead of the system's.",
@@ -66,6 +68,7 @@ REMOTE_VARS = (
     "MODELSEAL_REMOTE_TIMEOUT",
     "MODELSEAL_HTTP_BEARER_TOKEN",
     "MODELSEAL_HTTP_TOKEN_FILE",
+    "MODELSEAL_HTTP_TOKEN_HOSTS",
     "MODELSEAL_HTTP_CLIENT_CERT",
     "MODELSEAL_HTTP_CLIENT_KEY",
     "MODELSEAL_HTTP_CA_BUNDLE",

@@ -19,7 +19,7 @@ from modelseal.format.bundle import SealedBundle
 from modelseal.format.container import Artifact, ByteSource, Progress, map_file
 from modelseal.format.directory import MemberOpener, list_members, open_directory
 from modelseal.format.safetensors import SealedSafetensors
-from modelseal.load.remote import is_remote
+from modelseal.load.remote import display, is_remote
 from modelseal.recipients.base import Identity
 from modelseal.recipients.registry import IdentitySpec, load_identity
 
@@ -86,11 +86,12 @@ def open_sealed_dir(path: str | os.PathLike[str], open_member: MemberOpener[A]) 
     """:func:`~modelseal.format.directory.open_directory` for a local directory or a URL prefix: every
     member opened with ``open_member(location, cache)`` and checked as the group it was sealed as."""
     listed = members(path)
+    shown = display(str(path)) if is_remote(path) else path  # a URL's credentials stay out of messages
     if listed is None:
-        raise UsageError(f"{path} is not a directory")
+        raise UsageError(f"{shown} is not a directory")
     where = dict(listed)
     with open_directory(
-        path if is_remote(path) else Path(path),
+        shown if is_remote(path) else Path(path),  # for a URL only named in messages: members are located
         open_member,
         members=list(where),
         locate=where.__getitem__,

@@ -27,7 +27,7 @@ from modelseal.format.container import Artifact
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.load.artifacts import members, open_locked, resolve_identity
 from modelseal.load.memdir import MemoryDir
-from modelseal.load.remote import is_remote
+from modelseal.load.remote import display, is_remote
 from modelseal.recipients.base import Identity
 from modelseal.recipients.registry import IdentitySpec
 
@@ -96,27 +96,40 @@ def open_model_dir(
     ``https://host/model/``; see docs/remote.md): every file there must be sealed."""
     listed = members(root)
     if listed is None:
-        raise UsageError(f"{root} is not a directory")
+        raise UsageError(f"{display(str(root)) if is_remote(root) else root} is not a directory")
     root = str(root) if is_remote(root) else Path(root)
     locked: dict[str, Artifact] = {}
     plain: list[str] = []
     cache: dict[bytes, bytearray] = {}
+    remote = isinstance(root, str)
+    shown = display(root) if isinstance(root, str) else root
+
     try:
+        ident_obj = None
         for rel, location in listed:
             try:
-                locked[rel] = open_locked(location)
+                art = locked[rel] = open_locked(location)
             except NotSealedError:
                 plain.append(rel)
-        if plain and isinstance(root, str):
-            raise UsageError(f"{root} holds plain files ({', '.join(plain[:3])}): a remote model must be wholly sealed")
-        _check_plain(root, plain, locked, allow_plain)
-        if locked:
-            ident = resolve_identity(identity)
-            for art in locked.values():
-                art.unlock(ident, cache)
+                continue
+            if remote:  # authenticated before the next is opened: the member list a server sent (from an
+                # unauthenticated header) costs one header read per genuine member, not one per name listed
+                ident_obj = ident_obj or resolve_identity(identity)
+                art.unlock(ident_obj, cache)
                 if trusted_signers:
                     art.verify_signature(list(trusted_signers))
-            directory.check_group(root, locked, {rel for rel, _loc in listed})
+        if plain and remote:
+            raise UsageError(f"{shown} holds plain files ({', '.join(plain[:3])}): a remote model must be wholly "
+                             "sealed")  # fmt: skip
+        _check_plain(root, plain, locked, allow_plain)
+        if locked:
+            if not remote:
+                ident_obj = resolve_identity(identity)
+                for art in locked.values():
+                    art.unlock(ident_obj, cache)
+                    if trusted_signers:
+                        art.verify_signature(list(trusted_signers))
+            directory.check_group(shown, locked, {rel for rel, _loc in listed})
         yield ModelDir(root, locked, plain)
     finally:
         for art in locked.values():

@@ -9,9 +9,19 @@ the buffer it is decrypted in and authenticated there. Nothing is written to dis
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 SCHEMES = ("s3://", "https://", "http://")
 
 
 def is_remote(location: object) -> bool:
     """Whether ``location`` is a URL this package reads (a ``str``: ``Path`` would fold ``//``)."""
     return isinstance(location, str) and location.lower().startswith(SCHEMES)
+
+
+def display(url: str) -> str:
+    """``url`` without credentials, query or fragment: what messages and logs may show."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

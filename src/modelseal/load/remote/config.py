@@ -9,6 +9,9 @@ MODELSEAL_REMOTE_RETRIES        4         retries of a range after a transient f
 MODELSEAL_REMOTE_TIMEOUT        60        seconds without progress before a request fails
 MODELSEAL_HTTP_BEARER_TOKEN     (none)    ``Authorization: Bearer`` for https:// (never sent over http://)
 MODELSEAL_HTTP_TOKEN_FILE       (none)    the same, read from a file (one line)
+MODELSEAL_HTTP_TOKEN_HOSTS      (none)    hosts (``host`` or ``host:port``, comma-separated) the token is
+                                          sent to; required with a token (a URL in a model repository
+                                          could name any host), never S3 (its URLs are presigned)
 MODELSEAL_HTTP_CLIENT_CERT      (none)    PEM client certificate for mTLS (with ..._CLIENT_KEY)
 MODELSEAL_HTTP_CLIENT_KEY       (none)    its PEM private key (unencrypted)
 MODELSEAL_HTTP_CA_BUNDLE        (system)  PEM file of CAs to trust instead of the system's
@@ -34,6 +37,7 @@ TOKEN_FILE_ENV = "MODELSEAL_HTTP_TOKEN_FILE"  # noqa: S105 - a variable name
 CLIENT_CERT_ENV = "MODELSEAL_HTTP_CLIENT_CERT"
 CLIENT_KEY_ENV = "MODELSEAL_HTTP_CLIENT_KEY"
 CA_BUNDLE_ENV = "MODELSEAL_HTTP_CA_BUNDLE"
+TOKEN_HOSTS_ENV = "MODELSEAL_HTTP_TOKEN_HOSTS"  # noqa: S105 - a variable name
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class RemoteSettings:
     retries: int = 4
     timeout: float = 60.0
     token: str | None = None
+    token_hosts: tuple[str, ...] = ()
     client_cert: str | None = None
     client_key: str | None = None
     ca_bundle: str | None = None
@@ -89,12 +94,18 @@ def settings() -> RemoteSettings:
     key = os.environ.get(CLIENT_KEY_ENV) or None
     if key and not cert:
         raise UsageError(f"${CLIENT_KEY_ENV} is set without ${CLIENT_CERT_ENV}")
+    token = _token()
+    hosts = tuple(h.strip().lower() for h in os.environ.get(TOKEN_HOSTS_ENV, "").split(",") if h.strip())
+    if token and not hosts:
+        raise UsageError(f"a bearer token is set (${TOKEN_ENV} or ${TOKEN_FILE_ENV}) but ${TOKEN_HOSTS_ENV} does "
+                         "not say which hosts it is for (host or host:port, comma-separated)")  # fmt: skip
     return RemoteSettings(
         concurrency=_int(CONCURRENCY_ENV, 16, 1, 256),
         part_size=_size(PART_SIZE_ENV, 16 << 20),
         retries=_int(RETRIES_ENV, 4, 0, 20),
         timeout=float(_int(TIMEOUT_ENV, 60, 1, 3600)),
-        token=_token(),
+        token=token,
+        token_hosts=hosts,
         client_cert=cert,
         client_key=key,
         ca_bundle=os.environ.get(CA_BUNDLE_ENV) or None,

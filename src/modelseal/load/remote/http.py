@@ -19,30 +19,23 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 
 from modelseal.errors import FormatError, UsageError
 from modelseal.load.remote.config import CA_BUNDLE_ENV, CLIENT_CERT_ENV, TOKEN_ENV, RemoteSettings
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20})")  # int() of 5,000 digits raises
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _BACKOFF_CAP = 2.0  # seconds; the first retry waits about 0.1 s
+MIN_RATE = 256 << 10  # bytes/s: a range arriving slower than this (after the timeout's allowance) is retried
 UrlFor = Callable[[], str]
 """The URL to request now (an S3 source presigns again when its URL gets old)."""
 
 
 class _TransientError(Exception):
     """A failure worth retrying (its message says what happened)."""
-
-
-def display(url: str) -> str:
-    """``url`` without credentials, query or fragment: what messages and logs may show."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _ssl_context(s: RemoteSettings) -> ssl.SSLContext:
@@ -69,10 +62,17 @@ def client(s: RemoteSettings) -> httpx.Client:
                 verify=_ssl_context(s),
                 timeout=httpx.Timeout(s.timeout),
                 limits=httpx.Limits(max_connections=s.concurrency + 4, max_keepalive_connections=s.concurrency + 4),
-                follow_redirects=True,  # httpx drops Authorization on a redirect to another host
+                follow_redirects=False,  # a redirect is refused: it could downgrade to http:// or reach inside
                 trust_env=True,  # HTTPS_PROXY / NO_PROXY as usual
             )
         return found
+
+
+def _origin(parts: object) -> str:
+    """``host`` or ``host:port`` of a split URL, lower-case: what ``$MODELSEAL_HTTP_TOKEN_HOSTS`` lists."""
+    host = (getattr(parts, "hostname", None) or "").lower()
+    port = getattr(parts, "port", None)
+    return f"{host}:{port}" if port else host
 
 
 class RangeReader:
@@ -84,7 +84,8 @@ class RangeReader:
         self._settings = s
         self._client = client(s)
         self._headers = {"Accept-Encoding": "identity", **(headers or {})}
-        if s.token and url().lower().startswith("https://"):
+        target = urlsplit(url())
+        if s.token and target.scheme.lower() == "https" and _origin(target) in s.token_hosts:
             self._headers["Authorization"] = f"Bearer {s.token}"
         self.size: int | None = None
 
@@ -95,18 +96,24 @@ class RangeReader:
         With ``clamp`` the server may end the range early at the end of the object (the first read,
         before the size is known); otherwise it must be exactly the range asked for.
         """
+        started = time.monotonic()
         try:
             with self._client.stream(
                 "GET", self._url(), headers={**self._headers, "Range": f"bytes={first}-{last}"}
             ) as r:
                 got = self._check(r, first, last, clamp)
                 want = got[1] - got[0] + 1
+                # the timeout is between bytes: a server trickling a byte a second would never time out
+                deadline = started + self._settings.timeout + want / MIN_RATE
                 n = 0
                 for chunk in r.iter_raw():
                     n += len(chunk)
                     if n > want:
                         raise FormatError(f"{self.name}: the server sent more bytes than the range it announced")
                     sink(memoryview(chunk))
+                    if time.monotonic() > deadline:
+                        raise _TransientError(f"the server sent bytes {got[0]}-{got[1]} slower than "
+                                              f"{MIN_RATE >> 10} KiB/s")  # fmt: skip
                 if n < want:
                     raise FormatError(
                         f"{self.name}: the server's answer for bytes {got[0]}-{got[1]} ended after {n} of {want} bytes"
@@ -114,6 +121,8 @@ class RangeReader:
                 return got
         except httpx.TransportError as exc:
             raise _TransientError(type(exc).__name__ + (f" ({exc})" if str(exc) else "")) from None
+        except httpx.HTTPError as exc:  # not a transport failure (a malformed URL or answer): one line
+            raise UsageError(f"cannot read {self.name}: {type(exc).__name__}") from None
 
     def _check(self, r: httpx.Response, first: int, last: int, clamp: bool) -> tuple[int, int]:
         status = r.status_code
@@ -129,6 +138,9 @@ class RangeReader:
         if status in (401, 403):
             hint = "check the AWS credentials" if self.name.startswith("s3://") else f"set ${TOKEN_ENV} or mTLS"
             raise UsageError(f"{self.name}: access denied (HTTP {status}): {hint}")
+        if 300 <= status < 400:
+            raise UsageError(f"{self.name}: the server redirects (HTTP {status}); modelseal does not follow "
+                             "redirects (one could lead to http:// or an internal address): give the final URL")
         if status == 416:
             raise FormatError(f"{self.name}: bytes {first}-{last} are past the end of the object (truncated?)")
         if status != 206:

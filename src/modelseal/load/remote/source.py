@@ -9,13 +9,14 @@ runs ``concurrency`` of them at once on the decryption thread pool (``crypto/par
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
 from modelseal.errors import NotSealedError, UsageError
-from modelseal.load.remote import s3
+from modelseal.load.remote import display, s3
 from modelseal.load.remote.config import RemoteSettings, settings
-from modelseal.load.remote.http import RangeReader, display
+from modelseal.load.remote.http import RangeReader
 
 HEAD_BYTES = 256 << 10
 
@@ -28,7 +29,8 @@ class RemoteSource:
         if url.lower().startswith("s3://"):
             obj = s3.S3Object(url)
             self.path = url
-            self._reader = RangeReader(obj.presigned, url, conf)
+            # presigned URLs carry their own authorization: a bearer token would go to the S3 endpoint
+            self._reader = RangeReader(obj.presigned, url, dataclasses.replace(conf, token=None, token_hosts=()))
             self._reader.size = obj.size
         else:
             self.path = display(url)

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from modelseal.errors import UsageError
 from modelseal.format.directory import MARKER_KEY
 from modelseal.format.schema import relpath
-from modelseal.load.remote import s3
+from modelseal.load.remote import display, s3
 
 DEFAULT_SEED = "config.json"
 
@@ -41,28 +41,29 @@ class RemoteTree:
 
 def open_tree(url: str) -> RemoteTree:
     base, _, seed = url.partition("#")
+    shown = display(base)
     if not base.endswith("/"):
-        raise UsageError(f"{url} is not a directory URL (it must end with /)")
+        raise UsageError(f"{display(url)} is not a directory URL (it must end with /)")
     if base.lower().startswith("s3://"):
         names = s3.list_prefix(base)
         if not names:
-            raise UsageError(f"{base} holds no files")
+            raise UsageError(f"{shown} holds no files")
         return RemoteTree(base, names, set(names))
     from modelseal.load.artifacts import open_locked  # artifacts dispatches URLs to this package
 
     seed = seed or DEFAULT_SEED
-    relpath(seed, f"{url}: the member after #")
+    relpath(seed, f"{shown}: the member after #")
     try:
         with open_locked(base + quote(seed)) as art:
             group = art.envelope.protected.get(MARKER_KEY)
             members = group.get("members") if isinstance(group, dict) else None
     except UsageError as exc:
         raise UsageError(
-            f"{exc} (HTTP cannot list {base}: its member list is read from {seed}; name another member "
+            f"{exc} (HTTP cannot list {shown}: its member list is read from {seed}; name another member "
             "after #, as in .../model/#model.safetensors)"
         ) from None
     if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-        raise UsageError(f"{base}{seed} was not sealed as part of a directory: name the file, not {base}")
+        raise UsageError(f"{shown}{seed} was not sealed as part of a directory: name the file, not {shown}")
     for m in members:
-        relpath(m, f"{base}{seed}: a member name")
+        relpath(m, f"{shown}{seed}: a member name")
     return RemoteTree(base, list(members), set(members))
