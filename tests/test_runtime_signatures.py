@@ -16,6 +16,10 @@ import pytest
 from modelseal.serve.repository import ConfigError, ModelSpec, TensorSpec
 from modelseal.serve.source import ModelSource
 
+# Runtimes here are built with threads=0 (the framework's default): TorchRuntime's threads=N calls
+# torch.set_num_threads(N) for the whole process, and an xdist worker that ran these with 1 later computed
+# test_serve_e2e's expected TorchScript output on one thread, 1e-8 away from the server's two-thread answer.
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -54,7 +58,7 @@ def onnx_model(path: Path) -> Path:
 def test_onnx_declares_strings_and_bfloat16_and_runs_them(tmp_path: Path) -> None:
     from modelseal.serve.runtimes.onnxruntime import OnnxRuntime
 
-    runtime = OnnxRuntime(spec("onnxruntime_onnx"), ModelSource(onnx_model(tmp_path / "m.onnx"), {}, False), 1)
+    runtime = OnnxRuntime(spec("onnxruntime_onnx"), ModelSource(onnx_model(tmp_path / "m.onnx"), {}, False), 0)
     inputs, outputs = runtime.declared()
     assert inputs == {"text": ("BYTES", (None,)), "x": ("BF16", (None, 3))}
     assert outputs == {"text_out": ("BYTES", (None,)), "y": ("BF16", (None, 3))}
@@ -89,7 +93,7 @@ def test_onnx_bfloat16_outputs_come_back_as_ml_dtypes(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     save(model, str(tmp_path / "add.onnx"))
-    runtime = OnnxRuntime(spec("onnxruntime_onnx"), ModelSource(tmp_path / "add.onnx", {}, False), 1)
+    runtime = OnnxRuntime(spec("onnxruntime_onnx"), ModelSource(tmp_path / "add.onnx", {}, False), 0)
     for x in (np.array([[1, 2.5, -3]], dtype=BF16), np.zeros((0, 3), BF16)):
         x.flags.writeable = False  # request tensors are read-only views of the body
         y = runtime.run({"x": x}, ["y"])["y"]
@@ -125,7 +129,7 @@ def test_torchscript_declares_forward_names_and_learns_outputs_from_example_inpu
     from modelseal.serve.runtimes.pytorch import _UNKNOWN, TorchRuntime
 
     artifact = torchscript(tmp_path / "m.pt", torch_module())
-    runtime = TorchRuntime(spec("pytorch_libtorch"), ModelSource(artifact, {}, False), 1)
+    runtime = TorchRuntime(spec("pytorch_libtorch"), ModelSource(artifact, {}, False), 0)
     assert runtime._outputs is _UNKNOWN  # nothing run yet: lazy
     inputs, outputs = runtime.declared()
     assert inputs == {"values": ("FP32", (2, 3)), "halves": ("BF16", (2,))}
@@ -159,10 +163,10 @@ def test_torch_without_examples_knows_names_only_or_runs_a_full_config(tmp_path:
 
     module = torch.nn.Linear(3, 2)
     artifact = torchscript(tmp_path / "lin.pt", module)
-    bare = TorchRuntime(spec("pytorch_libtorch"), ModelSource(artifact, {}, False), 1)
+    bare = TorchRuntime(spec("pytorch_libtorch"), ModelSource(artifact, {}, False), 0)
     assert bare.declared() == ({"input": (None, None)}, None)
     full = spec("pytorch_libtorch", (TensorSpec("x", "FP32", (3,)),), max_batch_size=8)
-    runtime = TorchRuntime(full, ModelSource(artifact, {}, False), 1)
+    runtime = TorchRuntime(full, ModelSource(artifact, {}, False), 0)
     assert runtime.declared() == ({"input": (None, None)}, {"OUTPUT__0": ("FP32", (None, None))})
 
 
@@ -180,7 +184,7 @@ def test_a_state_dict_takes_example_inputs_from_its_entry_point(tmp_path: Path) 
               str(tmp_path / "model.safetensors"))  # fmt: skip
     try:
         runtime = TorchRuntime(spec("pytorch_libtorch", path=tmp_path, entry_point="arch_examples:build"),
-                               ModelSource(tmp_path / "model.safetensors", {}, False), 1)  # fmt: skip
+                               ModelSource(tmp_path / "model.safetensors", {}, False), 0)  # fmt: skip
         assert runtime.declared() == ({"input": ("FP32", (1, 4))}, {"OUTPUT__0": ("FP32", (1, 2))})
     finally:
         sys.modules.pop("arch_examples", None)
@@ -195,11 +199,11 @@ def test_a_config_cannot_make_the_server_build_huge_examples(tmp_path: Path) -> 
 
     artifact = torchscript(tmp_path / "lin.pt", torch.nn.Linear(3, 2))
     huge = spec("pytorch_libtorch", (TensorSpec("x", "FP64", (12000, 12000)),))
-    runtime = TorchRuntime(huge, ModelSource(artifact, {}, False), 1)
+    runtime = TorchRuntime(huge, ModelSource(artifact, {}, False), 0)
     with pytest.raises(ConfigError, match=f"example inputs to learn the outputs from; at most {MAX_EXAMPLE_BYTES}"):
         runtime.declared()
     float64 = spec("pytorch_libtorch", (TensorSpec("x", "FP64", (3,)),))
-    wrong = TorchRuntime(float64, ModelSource(artifact, {}, False), 1)
+    wrong = TorchRuntime(float64, ModelSource(artifact, {}, False), 0)
     with pytest.raises(ConfigError, match="forward failed on its example inputs") as caught:
         wrong.declared()
     assert caught.value.__context__ is None and caught.value.__cause__ is None  # nothing keeps the zeros alive
@@ -237,7 +241,7 @@ def test_tensorflow_declares_strings_and_bfloat16_and_runs_them(tmp_path: Path) 
 
     model = Strings()
     tf.saved_model.save(model, str(tmp_path / "s.savedmodel"), signatures={"serving_default": model.serve})
-    runtime = TensorflowRuntime(spec("tensorflow_savedmodel"), ModelSource(tmp_path / "s.savedmodel", {}, False), 1)
+    runtime = TensorflowRuntime(spec("tensorflow_savedmodel"), ModelSource(tmp_path / "s.savedmodel", {}, False), 0)
     inputs, outputs = runtime.declared()
     assert inputs == {"text": ("BYTES", (None,)), "x": ("BF16", (None, 2))}
     assert outputs == {"double": ("BF16", (None, 2)), "upper": ("BYTES", (None,))}
