@@ -331,3 +331,21 @@ def test_a_remote_load_writes_no_file(s3: str, http: tuple[str, Behaviour], beha
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["n"] == 2 * (5 + 6)
     assert report["writes"] == [], report["writes"]
+
+
+def test_inspect_and_verify_take_urls_and_open_refuses_them(http: tuple[str, Behaviour], behaviour: Behaviour,
+                                                            host_key: Path) -> None:  # fmt: skip
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "modelseal", *args], capture_output=True, text=True, timeout=120)
+
+    url = http[0] + "w.sealed.safetensors"
+    inspected = cli("inspect", url, "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    assert {t["name"] for t in json.loads(inspected.stdout)["tensors"]} == set(tensors())
+    members = cli("inspect", http[0] + "hf/", "--json")  # a directory URL: every member, from the seed's list
+    assert members.returncode == 0, members.stderr
+    assert len(json.loads(members.stdout)) == 3
+    verified = cli("verify", url, "-i", str(host_key), "--json")
+    assert verified.returncode == 0, verified.stderr
+    refused = cli("open", url, "-i", str(host_key), "-o", str(host_key.parent / "plain.safetensors"))
+    assert refused.returncode == 1 and "not a URL" in refused.stderr and "Traceback" not in refused.stderr

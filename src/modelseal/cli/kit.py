@@ -14,6 +14,7 @@ from rich.console import Console
 
 from modelseal.cli.helptext import Group
 from modelseal.errors import ModelsealError, UsageError
+from modelseal.load.remote import is_remote
 
 F = TypeVar("F", bound=Callable[..., Any])
 out = Console()
@@ -65,7 +66,7 @@ def fail_closed(fn: F) -> F:
 def require_inputs(*paths: str | os.PathLike[str]) -> None:
     """One-line error (exit 1) for a missing input, instead of click's multi-line usage error (exit 2)."""
     for p in paths:
-        if not os.path.lexists(p):
+        if not os.path.lexists(p) and not is_remote(p):  # a URL is checked when it is read
             raise UsageError(f"{p} does not exist")
 
 

@@ -259,7 +259,7 @@ def inspect(path: str, as_json: bool) -> None:
                     out.print(f"  ... {len(r.tensors) - 50} more tensors")
 
     docs = [inspect_json(r) for r in reports]
-    emit(as_json, docs if Path(path).is_dir() else docs[0], human)
+    emit(as_json, docs if len(docs) > 1 or Path(path).is_dir() else docs[0], human)
 
 
 def inspect_json(info: operations.ArtifactInfo) -> dict[str, Any]:

@@ -18,5 +18,5 @@ def byte_progress(description: str, total: int, enabled: bool = True) -> Iterato
         return
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress("[progress.description]{task.description}", *columns, console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(description, total=total or None)  # 0: unknown (a URL), an open-ended bar
         yield lambda n: bar.advance(task, n)

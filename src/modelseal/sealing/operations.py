@@ -7,10 +7,11 @@ opens the members, shares one data-key cache, checks the directory group, and cl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -24,7 +25,9 @@ from modelseal.format import safetensors as sst
 from modelseal.format.container import Artifact, Entry, Progress
 from modelseal.format.directory import MemberOpener, open_directory
 from modelseal.format.envelope import dek_context
-from modelseal.load.artifacts import open_artifact, open_locked, resolve_identity
+from modelseal.load.artifacts import open_artifact, open_locked, open_sealed_dir, resolve_identity
+from modelseal.load.remote import display, is_remote
+from modelseal.load.remote.tree import is_remote_dir
 from modelseal.recipients import parse_recipient
 from modelseal.recipients.base import Identity, Recipient, Stanza
 from modelseal.recipients.registry import IdentitySpec
@@ -44,6 +47,9 @@ def sealed_files(path: str | os.PathLike[str]) -> tuple[Path, list[str]]:
 
 
 def payload_bytes(path: str | os.PathLike[str]) -> int:
+    """The bytes of the sealed files at ``path`` (a progress bar's total; 0 for a URL, not fetched here)."""
+    if is_remote(path):
+        return 0
     root, names = sealed_files(path)
     return sum((root / n).stat().st_size for n in names)
 
@@ -57,6 +63,24 @@ def _open_sealed(path: str | os.PathLike[str], open_member: MemberOpener) -> Con
     """:func:`open_directory` for a sealed file or a sealed directory (only a directory has a group)."""
     root, names = sealed_files(path)
     return open_directory(root, open_member, members=names, check=Path(path).is_dir())
+
+
+def _open_any(path: str | os.PathLike[str], open_member: MemberOpener) -> ContextManager[dict[str, Artifact]]:
+    """:func:`_open_sealed`, or for a URL (``s3://``, ``https://``; docs/remote.md) the one file or the
+    directory under the prefix, checked as its group."""
+    if not is_remote(path):
+        return _open_sealed(path, open_member)
+    if is_remote_dir(str(path)):
+        return open_sealed_dir(str(path), open_member)
+    return _one(open_member(str(path), {}))
+
+
+@contextlib.contextmanager
+def _one(art: Artifact) -> Iterator[dict[str, Artifact]]:
+    try:
+        yield {art.path: art}
+    finally:
+        art.close()
 
 
 # ---------------------------------------------------------------------------------------------- inspect
@@ -128,7 +152,11 @@ def describe(art: Artifact) -> ArtifactInfo:
 
 
 def inspect(path: str | os.PathLike[str]) -> list[ArtifactInfo]:
-    """Describe sealed files without any key."""
+    """Describe sealed files without any key (a URL: one file, or every member of a directory URL)."""
+    if is_remote(path):
+        with open_sealed_dir(str(path), lambda member, _cache: open_locked(member)) if is_remote_dir(
+            str(path)) else _one(open_locked(str(path))) as arts:  # fmt: skip
+            return [describe(art) for art in arts.values()]
     root, names = sealed_files(path)
     reports = []
     for n in names:
@@ -160,11 +188,12 @@ def verify(
 
     Without an identity only the signature can be checked (``trusted_signers`` required then).
     """
-    sealed_files(path)  # a missing input is reported before the identity is needed
+    if not is_remote(path):
+        sealed_files(path)  # a missing input is reported before the identity is needed
     ident = resolve_identity(identity) if identity is not None or not trusted_signers else None
     opener = _unlocking(ident) if ident is not None else (lambda member, _cache: open_locked(member))
     reports = []
-    with _open_sealed(path, opener) as arts:
+    with _open_any(path, opener) as arts:
         for art in arts.values():
             if ident is not None:
                 art.verify_payload(progress)
@@ -211,6 +240,9 @@ def open_to_disk(
     failed check at the last file, a full disk or Ctrl-C leaves no plaintext behind (see
     :mod:`modelseal.atomicfile`).
     """
+    if is_remote(path):
+        raise UsageError(f"open writes plaintext from a local sealed file or directory, not a URL: fetch "
+                         f"{display(str(path))} first (inspect and verify take URLs)")  # fmt: skip
     src, out = Path(path), Path(output)
     sealed_files(src)  # a missing input is reported before anything else
     atomicfile.check_apart(src, out)
