@@ -52,15 +52,20 @@ def as_tfserving(exc: ServeError) -> TFServingError:
 
 
 def signature_of(spec: ModelSpec) -> str:
-    return spec.parameters.get("signature", DEFAULT_SIGNATURE) if spec.platform == "tensorflow_savedmodel" else (
-        DEFAULT_SIGNATURE
-    )
+    if spec.platform == "tensorflow_savedmodel":
+        return spec.parameters.get("signature", DEFAULT_SIGNATURE)
+    return DEFAULT_SIGNATURE
+
+
+def refuse_label(label: str) -> None:
+    """Version labels are not served (no config assigns any): a request naming one is refused."""
+    if label:
+        raise TFServingError("INVALID_ARGUMENT", f"Unrecognized servable version label: {label[:100]}")
 
 
 def lookup(srv: Any, name: str, version: int | None, label: str = "") -> LoadedModel:
     """The model a request's ``model_spec`` names (``version`` None: the newest loaded)."""
-    if label:
-        raise TFServingError("INVALID_ARGUMENT", f"Unrecognized servable version label: {label[:100]}")
+    refuse_label(label)
     try:
         return srv.models.get(name, "" if version is None else str(version))  # type: ignore[no-any-return]
     except ServeError as exc:
@@ -160,18 +165,18 @@ def _status(version: int, state: str, code: str = "OK", message: str = "") -> di
     return {"version": str(version), "state": state, "status": {"error_code": code, "error_message": message}}
 
 
-def model_status(srv: Any, name: str, version: int | None, versions_on_disk: list[int]) -> dict[str, Any]:
+def model_status(srv: Any, name: str, version: int | None, versions_on_disk: list[int] | None) -> dict[str, Any]:
     """``GetModelStatusResponse`` (JSON mapping): each loaded version AVAILABLE; a model loading, LOADING;
     one that could not be loaded or was unloaded (its key revoked, say), END with the reason as an
     UNAVAILABLE status. ``versions_on_disk``: the version directories its policy serves (for a model
-    with none loaded)."""
+    with none loaded), None when the repository has no such model."""
     manager = srv.models
     loaded = manager.models.get(name, {})
-    if not loaded and name not in manager.repository.names():
+    if not loaded and versions_on_disk is None:
         raise TFServingError("NOT_FOUND", f"Could not find any versions of model {name[:200]}")
     state = manager.states.get(name)
     rows = [_status(v, "AVAILABLE") for v in sorted(loaded)]
-    for v in versions_on_disk if not loaded else []:
+    for v in (versions_on_disk or []) if not loaded else []:
         if state is not None and state.state == "LOADING":
             rows.append(_status(v, "LOADING"))
         else:
@@ -187,11 +192,13 @@ def model_status(srv: Any, name: str, version: int | None, versions_on_disk: lis
 
 
 async def status(srv: Any, name: str, version: int | None) -> dict[str, Any]:
-    """:func:`model_status`, reading the version directories of a model with none loaded off the loop."""
+    """:func:`model_status`, reading the repository (for a model with none loaded) off the loop, once."""
 
-    def on_disk() -> list[int]:
-        if srv.models.models.get(name) or name not in srv.models.repository.names():
+    def on_disk() -> list[int] | None:
+        if srv.models.models.get(name):
             return []
+        if name not in srv.models.repository.names():
+            return None
         try:
             return srv.models.repository.spec(name).versions()  # type: ignore[no-any-return]
         except (UsageError, OSError):  # a broken config: the model's state says why it is not loaded

@@ -128,8 +128,7 @@ def build_handlers(srv: Any) -> list[Any]:
         try:
             request = decode(pb.GetModelStatusRequest, data, "GetModelStatus")
             version, label = _version(request.model_spec)
-            if label:
-                raise api.TFServingError("INVALID_ARGUMENT", f"Unrecognized servable version label: {label[:100]}")
+            api.refuse_label(label)
             answer = await api.status(srv, request.model_spec.name, version)
             return json_format.ParseDict(answer, pb.GetModelStatusResponse()).SerializeToString()
         except ServeError as exc:

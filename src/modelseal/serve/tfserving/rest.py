@@ -74,9 +74,7 @@ def decode(model: LoadedModel, body: dict[str, Any], limit: int) -> tuple[dict[s
             columns = {key: [row[key] for row in named] for key in keys}
     else:
         columns = _named(model, body["inputs"], "'inputs'")
-    names = list(columns)
-    if any(n not in datatypes for n in names) or len(names) != len(datatypes):
-        api.check_input_names(model, names)
+    api.check_input_names(model, list(columns))
     return {n: from_json(n, v, datatypes[n], limit) for n, v in columns.items()}, "instances" in body
 
 
