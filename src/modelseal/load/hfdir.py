@@ -104,8 +104,16 @@ def open_model_dir(
     remote = isinstance(root, str)
     shown = display(root) if isinstance(root, str) else root
 
+    resolved: Identity | None = None  # at the first sealed member
+
+    def unlock(art: Artifact) -> None:
+        nonlocal resolved
+        resolved = resolved or resolve_identity(identity)
+        art.unlock(resolved, cache)
+        if trusted_signers:
+            art.verify_signature(list(trusted_signers))
+
     try:
-        ident_obj = None
         for rel, location in listed:
             try:
                 art = locked[rel] = open_locked(location)
@@ -113,22 +121,15 @@ def open_model_dir(
                 plain.append(rel)
                 continue
             if remote:  # authenticated before the next is opened: the member list a server sent (from an
-                # unauthenticated header) costs one header read per genuine member, not one per name listed
-                ident_obj = ident_obj or resolve_identity(identity)
-                art.unlock(ident_obj, cache)
-                if trusted_signers:
-                    art.verify_signature(list(trusted_signers))
+                unlock(art)  # unauthenticated header) costs one header read per genuine member, not one per name
         if plain and remote:
             raise UsageError(f"{shown} holds plain files ({', '.join(plain[:3])}): a remote model must be wholly "
                              "sealed")  # fmt: skip
         _check_plain(root, plain, locked, allow_plain)
         if locked:
             if not remote:
-                ident_obj = resolve_identity(identity)
                 for art in locked.values():
-                    art.unlock(ident_obj, cache)
-                    if trusted_signers:
-                        art.verify_signature(list(trusted_signers))
+                    unlock(art)
             directory.check_group(shown, locked, {rel for rel, _loc in listed})
         yield ModelDir(root, locked, plain)
     finally:
