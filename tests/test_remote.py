@@ -349,3 +349,17 @@ def test_inspect_and_verify_take_urls_and_open_refuses_them(http: tuple[str, Beh
     assert verified.returncode == 0, verified.stderr
     refused = cli("open", url, "-i", str(host_key), "-o", str(host_key.parent / "plain.safetensors"))
     assert refused.returncode == 1 and "not a URL" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_pointer_file_names_only_remote_urls(tmp_path: Path) -> None:
+    """A pointer in a model repository (a file any repository writer controls) may name s3://, https://
+    and http:// only; a long file beginning like one is a model file, never read whole as a pointer."""
+    from modelseal.serve.source import MAX_POINTER, remote_target
+
+    pointer = tmp_path / "model.onnx.sealed"
+    for target in ("file:///etc/passwd", "/etc/passwd", "ftp://host/x", ""):
+        pointer.write_text(f"modelseal-remote: {target}\n")
+        with pytest.raises(UsageError, match="must name an s3://, https:// or http:// URL"):
+            remote_target(pointer)
+    pointer.write_bytes(b"modelseal-remote: https://h/x\n" + b"\0" * MAX_POINTER)
+    assert remote_target(pointer) is None
