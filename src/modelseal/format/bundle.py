@@ -25,7 +25,16 @@ from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE
 from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
 from modelseal.format import schema
-from modelseal.format.container import Artifact, ByteSource, Entry, Progress, SealRequest, map_file, write_artifact
+from modelseal.format.container import (
+    Artifact,
+    ByteSource,
+    Destination,
+    Entry,
+    Progress,
+    SealRequest,
+    map_file,
+    write_artifact,
+)
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Recipient
 
@@ -94,7 +103,7 @@ def collect_files(src: Path) -> tuple[list[tuple[str, Path, int, int]], list[str
 
 def seal_path(
     src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | Destination,
     recipients: list[Recipient],
     *,
     builder: EnvelopeBuilder,

@@ -124,8 +124,26 @@ class SealRequest:
     group: dict[str, Any] | None = None
 
 
+WriteAt = Callable[[bytes | bytearray | memoryview, int], None]
+
+
+class Destination(Protocol):
+    """Where :func:`write_artifact` puts an artifact that is not a local file (an object-store upload,
+    ``modelseal.sealing.remote``). The format only hands it bytes at offsets; how they are published,
+    all or nothing, is the destination's business."""
+
+    def write(self, size: int, fill: Callable[[WriteAt], None]) -> None:
+        """Call ``fill(write_at)``, which writes every byte of ``[0, size)`` exactly once (the header's
+        bytes may be written again at the end, when a signature fills them in); then publish the
+        artifact whole, or, if anything raises, nothing at all (and re-raise)."""
+        ...
+
+
 def write_artifact(
-    dst: str | os.PathLike[str], req: SealRequest, header: HeaderCodec, progress: Progress | None = None
+    dst: str | os.PathLike[str] | Destination,
+    req: SealRequest,
+    header: HeaderCodec,
+    progress: Progress | None = None,
 ) -> Envelope:
     """Encrypt the payload segment by segment into ``dst`` (atomically), in bounded memory, in parallel."""
     if not req.recipients:
@@ -150,9 +168,8 @@ def write_artifact(
     digests: list[bytes] = [b""] * tag_count
     segments = [s for plan in plan_segments(req.entries, seg_size).values() for s in plan]
 
-    def fill(fd: int) -> None:
-        atomicfile.pwrite_all(fd, head, 0)
-        writeback = atomicfile.Writeback(fd, offset, payload_size)
+    def fill_with(write_at: WriteAt, written: Callable[[int, int], None]) -> None:
+        write_at(head, 0)
         pending = iter(segments)
         lock = threading.Lock()
 
@@ -166,8 +183,8 @@ def write_artifact(
                     return
                 sealed = cipher.encrypt_into(seg, req.read_plain(seg.offset, seg.length), out)
                 ct, tag = sealed[: seg.length], sealed[seg.length :]
-                atomicfile.pwrite_all(fd, ct, offset + seg.offset)
-                writeback.written(offset + seg.offset, seg.length)
+                write_at(ct, offset + seg.offset)
+                written(offset + seg.offset, seg.length)
                 tags[seg.tag_index * TAG_SIZE : (seg.tag_index + 1) * TAG_SIZE] = tag
                 if req.signer is not None:
                     digests[seg.tag_index] = segment_digest(ct, bytes(tag))
@@ -175,11 +192,19 @@ def write_artifact(
                     progress(seg.length)
 
         in_parallel(min(worker_count(), max(1, len(segments))), seal_segments)
-        atomicfile.pwrite_all(fd, bytes(tags), offset + payload_size)
+        write_at(bytes(tags), offset + payload_size)
         if req.signer is not None:
             sig = req.signer.sign(signed_message(env.protected_raw, content_digest(digests)))
             env.signature = {"signer": req.signer.public, "sig": b64e(sig)}
-            atomicfile.pwrite_all(fd, header(env, len(head)), 0)
+            write_at(header(env, len(head)), 0)
+
+    if not isinstance(dst, str | os.PathLike):
+        dst.write(offset + payload_size + len(tags), lambda write_at: fill_with(write_at, lambda _at, _n: None))
+        return env
+
+    def fill(fd: int) -> None:
+        writeback = atomicfile.Writeback(fd, offset, payload_size)
+        fill_with(lambda data, at: atomicfile.pwrite_all(fd, data, at), writeback.written)
 
     # the caller decides whether an existing output may be replaced (``seal(force=...)``)
     atomicfile.write_file(Path(dst), atomicfile.default_mode(), fill, overwrite=True)

@@ -28,6 +28,7 @@ from modelseal.format import schema
 from modelseal.format.container import (
     Artifact,
     ByteSource,
+    Destination,
     Entry,
     Progress,
     SealRequest,
@@ -130,7 +131,7 @@ def _header_bytes(env: Envelope, entries: list[dict[str, Any]], metadata: dict[s
 
 def seal_buffer(
     plain: memoryview | bytes | bytearray | mmap.mmap,
-    dst: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | Destination,
     recipients: list[Recipient],
     *,
     builder: EnvelopeBuilder,
