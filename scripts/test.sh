@@ -19,7 +19,7 @@ if ! command -v swtpm >/dev/null || ! command -v tpm2_quote >/dev/null || ! comm
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[torch,onnx,tensorflow,tvm,openvino,keyserver,agent,serve,remote,ray,test]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[torch,onnx,tensorflow,tvm,openvino,keyserver,agent,serve,remote,ray,nvidia,test]'
 # TF Serving's client package, for the tests that use it against modelseal serve: it requires the full
 # `tensorflow` package, which tensorflow-cpu (above) provides under another name
 .venv/bin/python -m pip install -q --no-deps -c constraints.txt tensorflow-serving-api
