@@ -174,6 +174,77 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
+@dataclass
+class S3Faults:
+    """What the S3 proxy does to multipart uploads (tests switch it between seals)."""
+
+    refuse_after: int | None = None  # UploadPart requests passed on before the proxy refuses the rest (403)
+    part_delay: float = 0.0  # seconds each UploadPart waits before it is passed on (time to send a signal)
+    parts: int = 0  # UploadPart requests seen
+    refused: int = 0
+
+    def reset(self) -> None:
+        self.refuse_after, self.part_delay, self.parts, self.refused = None, 0.0, 0, 0
+
+
+_ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                  b"<Message>Access Denied</Message></Error>")  # fmt: skip
+_HOP = {"host", "transfer-encoding", "connection", "keep-alive", "content-length"}
+
+
+@contextmanager
+def s3_proxy(endpoint: str, faults: S3Faults) -> Iterator[str]:
+    """A reverse proxy in front of an S3 server that can refuse or slow down UploadPart requests (a real
+    failure in the middle of a multipart upload, as a store's quota or a revoked credential gives):
+    everything else is passed on unchanged. Its endpoint URL."""
+    import aiohttp
+
+    session: list[aiohttp.ClientSession] = []
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.method == "PUT" and "partNumber" in request.query and "uploadId" in request.query:
+            faults.parts += 1
+            if faults.part_delay:
+                await asyncio.sleep(faults.part_delay)
+            if faults.refuse_after is not None and faults.parts > faults.refuse_after:
+                faults.refused += 1
+                return web.Response(status=403, body=_ACCESS_DENIED, content_type="application/xml")
+        if not session:
+            session.append(aiohttp.ClientSession(auto_decompress=False))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        async with session[0].request(request.method, endpoint + request.path_qs, headers=headers, data=body,
+                                      allow_redirects=False) as r:  # fmt: skip
+            data = await r.read()
+            out = {k: v for k, v in r.headers.items() if k.lower() not in _HOP}
+            if request.method == "HEAD":  # no body, but the object's length is the answer
+                out["Content-Length"] = r.headers.get("Content-Length", "0")
+                return web.Response(status=r.status, headers=out)
+            return web.Response(status=r.status, body=data, headers=out)
+
+    async def close(_app: web.Application) -> None:
+        if session:
+            await session[0].close()
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{path:.*}", forward)
+    app.on_cleanup.append(close)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
 def main() -> None:
     if len(sys.argv) < 4 or sys.argv[1] != "http":
         raise SystemExit(__doc__)

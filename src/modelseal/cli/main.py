@@ -150,16 +150,19 @@ IDENTITY_VAR = ("VAR", "The variable --passphrase-env VAR or -i env:VAR names: a
 
 
 @main.command(
-    reads=["MODELSEAL_THREADS", *KEYSERVER_RECIPIENT_VARS, PASSPHRASE_VAR],
-    writes=[("OUTPUT", "The sealed file; for a directory SRC, a directory of sealed files (not secret).")],
-)
+    reads=["MODELSEAL_THREADS", *KEYSERVER_RECIPIENT_VARS, PASSPHRASE_VAR,
+           ("MODELSEAL_REMOTE_PART_SIZE", "With -o s3://...: bytes per uploaded part (default 16M, at least 5M)."),
+           ("MODELSEAL_REMOTE_CONCURRENCY", "With -o s3://...: parts uploading at once (default 4).")],
+    writes=[("OUTPUT", "The sealed file; for a directory SRC, a directory of sealed files (not secret). An "
+                       "s3://BUCKET/KEY (or s3://BUCKET/PREFIX/) is uploaded as it is sealed: no file on disk.")],
+)  # fmt: skip
 @click.argument("src", type=click.Path())
 @click.option(
     "-o",
     "--output",
     required=True,
     type=click.Path(),
-    help="Sealed file (or directory, for a directory SRC); its directory must exist.",
+    help="Sealed file (or directory, for a directory SRC); its directory must exist. Or s3://BUCKET/KEY.",
 )
 @click.option(
     "-r",

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelseal import atomicfile
 from modelseal.crypto import keys
@@ -26,8 +26,12 @@ from modelseal.format import bundle, directory
 from modelseal.format import safetensors as sst
 from modelseal.format.container import Progress
 from modelseal.format.envelope import EnvelopeBuilder, check_id
+from modelseal.load.remote import is_remote
 from modelseal.recipients import parse_recipient
 from modelseal.recipients.base import Recipient
+
+if TYPE_CHECKING:
+    from modelseal.sealing.remote import MultipartUpload
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -89,13 +93,17 @@ def seal(
     """Seal ``src`` (file or directory) into ``dst`` for ``recipients``; see the module docstring.
 
     ``dst``'s directory must exist; an existing ``dst`` is replaced only with ``force`` (an empty
-    directory may receive a sealed directory). A directory is sealed all or nothing.
+    directory may receive a sealed directory). A directory is sealed all or nothing. ``dst`` may be an
+    ``s3://bucket/key`` URL (a string), or ``s3://bucket/prefix/`` for a directory: uploaded as it is
+    sealed, never on disk (``sealing/remote.py``).
     """
+    url = dst if is_remote(dst) else None  # s3://bucket/key: sealing/remote.py (before Path folds its //)
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise UsageError(f"{src} does not exist")
-    atomicfile.check_apart(src, dst)
-    atomicfile.check_target(dst, want_dir=src.is_dir(), overwrite=force)
+    if url is None:
+        atomicfile.check_apart(src, dst)
+        atomicfile.check_target(dst, want_dir=src.is_dir(), overwrite=force)
     if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
         raise UsageError(f"segment size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes")
     model_id = check_id(model_id or src.name.split(".")[0] or "model", "model id")
@@ -105,7 +113,11 @@ def seal(
     recips = _recipients(recipients)
     job = _Job(recips, keys.new_dek(), model_id, model_version, hide_header, signer, segment_size, progress)
     try:
-        if src.is_dir():
+        if url is not None:
+            from modelseal.sealing.remote import seal_to_url
+
+            outputs = seal_to_url(src, str(url), job, as_bundle, force)
+        elif src.is_dir():
             outputs = _seal_dir(src, dst, job, force)
         else:
             outputs = [_seal_file(src, dst, job, as_bundle, None)]
@@ -114,7 +126,9 @@ def seal(
     return SealResult(outputs, model_id, model_version)
 
 
-def _seal_file(src: Path, dst: Path, job: _Job, as_bundle: bool, group: dict[str, Any] | None) -> dict[str, object]:
+def _seal_file(
+    src: Path, dst: Path | MultipartUpload, job: _Job, as_bundle: bool, group: dict[str, Any] | None
+) -> dict[str, object]:
     if not as_bundle and src.name.lower().endswith((".safetensors", *CHECKPOINT_SUFFIXES)):
         kind = "safetensors"
         with _safetensors_bytes(src) as plain:
@@ -147,7 +161,7 @@ def _seal_file(src: Path, dst: Path, job: _Job, as_bundle: bool, group: dict[str
         "artifact_id": env.protected["artifact_id"],
         "hidden_header": env.hidden,
         "signed": env.signature is not None,
-        "size": dst.stat().st_size,
+        "size": dst.stat().st_size if isinstance(dst, Path) else dst.size,
     }
 
 

@@ -17,6 +17,11 @@ MODELSEAL_HTTP_CLIENT_KEY       (none)    its PEM private key (unencrypted)
 MODELSEAL_HTTP_CA_BUNDLE        (system)  PEM file of CAs to trust instead of the system's
 ============================== ========= =====================================================
 
+Sealing *to* ``s3://`` (``modelseal.sealing.remote``) reads two of them: ``MODELSEAL_REMOTE_PART_SIZE`` is the
+size of an uploaded part (at least 5 MiB, S3's minimum, and large enough for at most 10,000 parts), and
+``MODELSEAL_REMOTE_CONCURRENCY`` the number of parts uploading or queued at once (default 4 for uploads:
+each is a part-sized buffer of ciphertext in memory).
+
 S3 credentials, region and endpoint come from boto3's usual chain (``AWS_ACCESS_KEY_ID``/``AWS_PROFILE``,
 ``~/.aws/config``, instance roles, ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``...).
 """
@@ -110,3 +115,21 @@ def settings() -> RemoteSettings:
         client_key=key,
         ca_bundle=os.environ.get(CA_BUNDLE_ENV) or None,
     )
+
+
+UPLOADS_DEFAULT = 4
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    """Multipart uploads of sealed files: bytes per part (before S3's limits apply) and parts in flight."""
+
+    part_size: int = 16 << 20
+    uploads: int = UPLOADS_DEFAULT
+
+
+def upload_settings() -> UploadSettings:
+    """The upload settings in force now (the same variables as reads, with a smaller default concurrency:
+    every upload in flight holds a part of ciphertext in memory)."""
+    uploads = _int(CONCURRENCY_ENV, UPLOADS_DEFAULT, 1, 64)
+    return UploadSettings(part_size=_size(PART_SIZE_ENV, 16 << 20), uploads=uploads)

@@ -58,7 +58,7 @@ def client(region: str | None = None) -> Any:
         return found
 
 
-def _explain(url: str, exc: Exception) -> UsageError:
+def explain(url: str, exc: Exception) -> UsageError:
     """One line for a boto3 failure: what AWS said (code), never a traceback or a credential."""
     import botocore.exceptions as bx
 
@@ -93,7 +93,7 @@ class S3Object:
         try:
             head = client().head_object(Bucket=self.bucket, Key=self.key)
         except (bx.ClientError, bx.BotoCoreError) as exc:
-            raise _explain(url, exc) from None
+            raise explain(url, exc) from None
         region = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
         self._client = client(region) if region and region != client().meta.region_name else client()
         self.size = int(head["ContentLength"])
@@ -125,5 +125,5 @@ def list_prefix(url: str) -> list[str]:
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             names.extend(obj["Key"][len(prefix) :] for obj in page.get("Contents", []))
     except (bx.ClientError, bx.BotoCoreError) as exc:
-        raise _explain(url, exc) from None
+        raise explain(url, exc) from None
     return sorted(n for n in names if n and not n.endswith("/"))
