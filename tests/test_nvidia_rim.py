@@ -93,6 +93,10 @@ def test_golden_measurements_merge_driver_and_vbios(genuine: dict[str, Rim]) -> 
         **vbios.measurements, 21: dataclasses.replace(vbios.measurements[21], active=True)})
     with pytest.raises(EvidenceError, match="both set measurement index 21 active"):
         golden_measurements(driver, clash)
+    idle = dataclasses.replace(vbios, measurements={
+        i: dataclasses.replace(m, active=False) for i, m in vbios.measurements.items()})
+    with pytest.raises(EvidenceError, match=r"the VBIOS RIM \(96.00.5E.00.01\) has no active measurement"):
+        golden_measurements(driver, idle)
 
 
 @pytest.mark.parametrize("root", [DEVICE_ROOT, None], ids=["device-root", "self-made-ca"])

@@ -101,9 +101,9 @@ class Rim:
     manufacturer: str  # Meta/@tcg:FirmwareManufacturer
     manufacturer_id: str  # Meta/@tcg:FirmwareManufacturerId (NVIDIA: 5703)
     measurements: dict[int, RimMeasurement] = field(hash=False)
-    signer: str = ""
-    signer_sha256: str = ""
-    not_after: datetime | None = None
+    signer: str
+    signer_sha256: str
+    not_after: datetime
 
 
 def _xml_libraries() -> tuple[ModuleType, ModuleType]:
@@ -139,9 +139,12 @@ def verify_rim(xml: bytes, *, root: x509.Certificate, at: datetime, what: str) -
 
 def golden_measurements(driver: Rim, vbios: Rim) -> dict[int, tuple[bytes, ...]]:
     """The active golden measurements of a driver and a VBIOS RIM by index, as NVIDIA's verifier merges
-    them: inactive entries drop out, and an index active in both RIMs is refused."""
+    them: inactive entries drop out, and an index active in both RIMs is refused. A RIM with nothing
+    active would check nothing: refused too (NVIDIA's verifier lets it pass; none of NVIDIA's RIMs is so)."""
     golden: dict[int, tuple[bytes, ...]] = {}
-    for rim in (driver, vbios):
+    for rim, what in ((driver, "driver RIM"), (vbios, "VBIOS RIM")):
+        if not any(m.active for m in rim.measurements.values()):
+            raise EvidenceError(f"the {what} ({rim.colloquial_version}) has no active measurement to check")
         for index, m in sorted(rim.measurements.items()):
             if not m.active:
                 continue
