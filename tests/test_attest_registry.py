@@ -30,7 +30,7 @@ from modelseal.attest.base import unmet
 from modelseal.attest.snp import AMD_ARKS
 from modelseal.errors import UsageError
 
-BUILTIN = ["mtls", "sev-snp", "sgx", "tdx", "tpm"]
+BUILTIN = ["mtls", "nvidia-gpu", "sev-snp", "sgx", "tdx", "tpm"]
 BINDING = bytes(range(32))
 
 # A whole attestation kind, as another distribution would ship it: its verifier reads the key service's

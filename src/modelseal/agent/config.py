@@ -8,7 +8,7 @@ key = "host-a.key"
 socket = "/run/modelseal/agent.sock"
 socket_mode = "0600"
 lease_public_key = "ed25519:..."  # pin the service's lease-signing key (recommended)
-evidence = ["mtls"]               # kinds to present: mtls, tpm, tdx, sev-snp, sgx; "none" = TLS identity only
+evidence = ["mtls"]               # kinds to present: mtls, tpm, tdx, sev-snp, sgx, nvidia-gpu; "none" = TLS only
 prefetch = true                   # fetch every granted key at start
 max_grace_s = 3600                # cap on the owner's outage grace
 retry_s = 5                       # retry interval while the key service is unreachable

@@ -51,6 +51,8 @@ class Claims:
     debug: bool | None = None
     svn: dict[str, int] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    # evidence from several devices of one kind (the GPUs of a host): each part must meet the grant on its own
+    parts: list[Claims] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -167,8 +169,17 @@ def unmet(requirement: dict[str, Any], claims: Claims) -> str | None:
     """Why ``claims`` do not meet one grant requirement, or None if they do.
 
     A requirement is ``{"kind": K, "measurements": {NAME: VALUE or [VALUES]}, "allow_debug": bool,
-    "tcb_status": [ALLOWED...], "min_svn": {NAME: INT}}``; everything but ``kind`` is optional.
+    "tcb_status": [ALLOWED...], "min_svn": {NAME: INT}}``; everything but ``kind`` is optional. Claims with
+    ``parts`` (several devices) meet it only if every part does, and the whole does (``gpu_count``).
     """
+    if claims.parts:
+        wanted = requirement.get("measurements") or {}
+        per_device = {k: v for k, v in wanted.items() if k in claims.parts[0].measurements}
+        for position, part in enumerate(claims.parts):
+            problem = unmet({**requirement, "measurements": per_device}, part)
+            if problem:
+                return f"device {position}: {problem}"
+        requirement = {**requirement, "measurements": {k: v for k, v in wanted.items() if k not in per_device}}
     for name, allowed in (requirement.get("measurements") or {}).items():
         allowed_values = [allowed] if isinstance(allowed, str) else list(allowed)
         got = claims.measurements.get(name)

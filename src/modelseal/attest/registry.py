@@ -36,6 +36,7 @@ BUILTIN = {
     "tdx": "modelseal.attest.tdx:KIND",
     "sev-snp": "modelseal.attest.snp:KIND",
     "sgx": "modelseal.attest.sgx:KIND",
+    "nvidia-gpu": "modelseal.attest.nvidia:KIND",
 }
 
 

@@ -26,7 +26,6 @@ import struct
 import uuid
 import warnings
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from modelseal.attest.base import (
     evidence_bytes,
     normalise_requirement,
 )
+from modelseal.attest.certchain import check_unsigned_fields, check_valid_at
 from modelseal.attest.tsm import TSM_REPORTS, tsm_report
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
@@ -77,38 +77,6 @@ def load_certificate(data: bytes, what: str) -> x509.Certificate:
             raise EvidenceError(f"the {what} certificate is malformed: {exc}") from None
 
 
-def der_element(data: bytes, pos: int) -> tuple[int, int]:
-    """(start of contents, end) of the DER element at ``pos``."""
-    if pos + 2 > len(data):
-        raise ValueError("truncated DER")
-    length, head = data[pos + 1], pos + 2
-    if length & 0x80:
-        count = length & 0x7F
-        length, head = int.from_bytes(data[head : head + count], "big"), head + count
-    if head + length > len(data):
-        raise ValueError("truncated DER")
-    return head, head + length
-
-
-def check_unsigned_fields(cert: x509.Certificate, what: str) -> None:
-    """Two parts of a certificate are outside its signature: the outer signatureAlgorithm, which RFC 5280
-    (4.1.1.2) says must equal the signed one in the TBSCertificate, and the signature BIT STRING's
-    unused-bits count, which must be 0. Checking both means no byte of a chain goes unchecked."""
-    der = cert.public_bytes(serialization.Encoding.DER)
-    _, tbs_end = der_element(der, der_element(der, 0)[0])
-    outer_end = der_element(der, tbs_end)[1]
-    outer = der[tbs_end:outer_end]
-    if der[der_element(der, outer_end)[0]] != 0:
-        raise EvidenceError(f"the {what} certificate's signature BIT STRING has unused bits")
-    tbs = cert.tbs_certificate_bytes
-    pos = der_element(tbs, 0)[0]
-    if tbs[pos] == 0xA0:  # [0] version
-        pos = der_element(tbs, pos)[1]
-    pos = der_element(tbs, pos)[1]  # serialNumber
-    if tbs[pos : der_element(tbs, pos)[1]] != outer:
-        raise EvidenceError(f"the {what} certificate's outer signature algorithm differs from the signed one")
-
-
 def load_chain(pem: bytes) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(pem)
@@ -132,15 +100,6 @@ def check_signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str)
         )
     except InvalidSignature:
         raise EvidenceError(f"the {what} certificate's signature does not verify") from None
-
-
-def check_valid_at(cert: x509.Certificate, now: int, what: str) -> None:
-    t = datetime.fromtimestamp(now, UTC)
-    if not cert.not_valid_before_utc <= t <= cert.not_valid_after_utc:
-        raise EvidenceError(
-            f"the {what} certificate is valid only from {cert.not_valid_before_utc:%Y-%m-%d} "
-            f"to {cert.not_valid_after_utc:%Y-%m-%d}"
-        )
 
 
 def extension_int(cert: x509.Certificate, oid: str) -> int:

@@ -15,7 +15,7 @@ from modelseal.cli.kit import emit, fail_closed, json_option
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
 
-RAW_KINDS = ("sgx", "tdx", "sev-snp")
+RAW_KINDS = ("sgx", "tdx", "sev-snp", "nvidia-gpu")
 
 
 def read(path: str, what: str) -> bytes:
@@ -23,6 +23,23 @@ def read(path: str, what: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def unhex(data: bytes) -> bytes:
+    """Reports are often shared as hex text (NVIDIA's and AMD's samples are)."""
+    try:
+        return binascii.unhexlify(b"".join(data.split()))
+    except (binascii.Error, ValueError):
+        return data
+
+
+def with_rims(doc: dict[str, Any], rims: tuple[str, ...]) -> dict[str, Any]:
+    """nvidia-gpu: attach the RIM files given with --rim to the evidence, as an agent does."""
+    if not rims:
+        return doc
+    if doc.get("kind") != "nvidia-gpu":
+        raise UsageError("--rim applies to nvidia-gpu evidence only")
+    return {**doc, "rims": [*doc.get("rims", []), *(b64e(read(r, "RIM")) for r in rims)]}
 
 
 def evidence_document(path: str, kind: str | None, extras: dict[str, str | None]) -> dict[str, Any]:
@@ -38,16 +55,17 @@ def evidence_document(path: str, kind: str | None, extras: dict[str, str | None]
         return dict(doc)
     if kind not in RAW_KINDS:
         raise UsageError(f"a raw quote or report needs --kind ({', '.join(RAW_KINDS)}); TPM evidence must be JSON")
+    if kind == "nvidia-gpu":
+        if not extras["cert_chain"]:
+            raise UsageError("a raw NVIDIA GPU report needs --cert-chain (the GPU's PEM chain, leaf first)")
+        chain = read(extras["cert_chain"], "certificate chain").decode(errors="replace")
+        return {"kind": kind, "gpus": [{"report": b64e(unhex(data)), "cert_chain": chain}]}
     if kind == "sev-snp":
         if not (extras["vcek"] and extras["cert_chain"]):
             raise UsageError("a raw SEV-SNP report needs --vcek and --cert-chain")
-        try:  # reports are often shared as hex text
-            report = binascii.unhexlify(b"".join(data.split()))
-        except (binascii.Error, ValueError):
-            report = data
         return {
             "kind": kind,
-            "report": b64e(report),
+            "report": b64e(unhex(data)),
             "vcek": b64e(read(extras["vcek"], "VCEK certificate")),
             "cert_chain": read(extras["cert_chain"], "certificate chain").decode(errors="replace"),
         }
@@ -62,15 +80,20 @@ def evidence_document(path: str, kind: str | None, extras: dict[str, str | None]
 
 @click.group(cls=Group)
 def attest() -> None:
-    """Attestation evidence: TPM 2.0 quotes, Intel SGX/TDX DCAP quotes, AMD SEV-SNP reports."""
+    """Attestation evidence: TPM 2.0 quotes, Intel SGX/TDX DCAP quotes, AMD SEV-SNP and NVIDIA GPU reports."""
 
 
 @attest.command("verify")
 @click.argument("evidence", type=click.Path(dir_okay=False))
-@click.option("--kind", type=click.Choice(["tpm", "sgx", "tdx", "sev-snp"]), help="Evidence kind (JSON says it).")
+@click.option("--kind", type=click.Choice(["tpm", *RAW_KINDS]), help="Evidence kind (JSON says it).")
 @click.option("--collateral", type=click.Path(dir_okay=False), help="SGX/TDX: collateral JSON for a raw quote.")
 @click.option("--vcek", type=click.Path(dir_okay=False), help="SEV-SNP: the chip's VCEK certificate (DER or PEM).")
-@click.option("--cert-chain", type=click.Path(dir_okay=False), help="SEV-SNP: AMD's ASK + ARK chain (PEM).")
+@click.option(
+    "--cert-chain", type=click.Path(dir_okay=False), help="SEV-SNP: AMD's ASK + ARK (PEM); nvidia-gpu: the GPU's chain."
+)
+@click.option(
+    "--rim", "rims", multiple=True, type=click.Path(dir_okay=False), help="nvidia-gpu: a driver or VBIOS RIM (repeat)."
+)
 @click.option("--at", "at", type=int, help="Verify at this Unix time instead of now (old samples, audits).")
 @click.option("--binding", help="Hex of the 32-byte binding the report data or TPM nonce must carry.")
 @click.option("--require", "requirement", help='A grant requirement to check, JSON: {"measurements": {...}, ...}.')
@@ -82,6 +105,7 @@ def attest_verify(
     collateral: str | None,
     vcek: str | None,
     cert_chain: str | None,
+    rims: tuple[str, ...],
     at: int | None,
     binding: str | None,
     requirement: str | None,
@@ -96,6 +120,7 @@ def attest_verify(
     from modelseal.attest.base import unmet
 
     doc = evidence_document(evidence, kind, {"collateral": collateral, "vcek": vcek, "cert_chain": cert_chain})
+    doc = with_rims(doc, rims)
     verifier = get_verifier(str(doc.get("kind")))
     if verifier is None or doc.get("kind") == "mtls":
         raise UsageError(f"cannot verify {doc.get('kind')!r} evidence offline")

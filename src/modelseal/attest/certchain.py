@@ -1,0 +1,123 @@
+"""Certificate checks the verifiers share: every byte of a certificate accounted for, validity at a given
+time, and a chain that ends at one pinned root.
+
+The vendors' roots (AMD's ARKs, NVIDIA's device-identity and RIM roots) are pinned by their exact DER, not
+trusted through any system store, and every time check takes the verification time as an argument: a key
+service checks at the wall clock, a test or ``modelseal attest verify --at`` at a fixed time.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from modelseal.attest.base import EvidenceError
+
+MAX_CHAIN = 8
+MAX_PEM = 64 * 1024
+
+
+def der_element(data: bytes, pos: int) -> tuple[int, int]:
+    """(start of contents, end) of the DER element at ``pos``."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated DER")
+    length, head = data[pos + 1], pos + 2
+    if length & 0x80:
+        count = length & 0x7F
+        length, head = int.from_bytes(data[head : head + count], "big"), head + count
+    if head + length > len(data):
+        raise ValueError("truncated DER")
+    return head, head + length
+
+
+def check_unsigned_fields(cert: x509.Certificate, what: str) -> None:
+    """Two parts of a certificate are outside its signature: the outer signatureAlgorithm, which RFC 5280
+    (4.1.1.2) says must equal the signed one in the TBSCertificate, and the signature BIT STRING's
+    unused-bits count, which must be 0. Checking both means no byte of a chain goes unchecked."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    _, tbs_end = der_element(der, der_element(der, 0)[0])
+    outer_end = der_element(der, tbs_end)[1]
+    outer = der[tbs_end:outer_end]
+    if der[der_element(der, outer_end)[0]] != 0:
+        raise EvidenceError(f"the {what} certificate's signature BIT STRING has unused bits")
+    tbs = cert.tbs_certificate_bytes
+    pos = der_element(tbs, 0)[0]
+    if tbs[pos] == 0xA0:  # [0] version
+        pos = der_element(tbs, pos)[1]
+    pos = der_element(tbs, pos)[1]  # serialNumber
+    if tbs[pos : der_element(tbs, pos)[1]] != outer:
+        raise EvidenceError(f"the {what} certificate's outer signature algorithm differs from the signed one")
+
+
+def check_valid_at(cert: x509.Certificate, now: int, what: str) -> None:
+    t = datetime.fromtimestamp(now, UTC)
+    if not cert.not_valid_before_utc <= t <= cert.not_valid_after_utc:
+        raise EvidenceError(
+            f"the {what} certificate is valid only from {cert.not_valid_before_utc:%Y-%m-%d} "
+            f"to {cert.not_valid_after_utc:%Y-%m-%d}"
+        )
+
+
+def load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
+    """The certificates of a PEM chain, leaf first; a clear error for anything else."""
+    if len(pem) > MAX_PEM:
+        raise EvidenceError(f"the {what} is {len(pem)} bytes, more than {MAX_PEM}")
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise EvidenceError(f"the {what} is not a PEM certificate chain: {exc}") from None
+    if len(certs) > MAX_CHAIN:
+        raise EvidenceError(f"the {what} has {len(certs)} certificates, more than {MAX_CHAIN}")
+    return certs
+
+
+def _name(cert: x509.Certificate, position: int) -> str:
+    try:
+        common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        label = str(common[0].value) if common else cert.subject.rfc4514_string()
+    except ValueError:
+        label = "?"
+    return f"certificate {position} ({label[:80]})"
+
+
+def _check_issuer(cert: x509.Certificate, what: str) -> None:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise EvidenceError(f"the {what} issues certificates but is not marked as a CA") from None
+    if not constraints.ca:
+        raise EvidenceError(f"the {what} issues certificates but is not a CA")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not usage.key_cert_sign:
+        raise EvidenceError(f"the {what} may not sign certificates (key usage)")
+
+
+def verify_chain(chain: list[x509.Certificate], root: x509.Certificate, now: int, what: str) -> None:
+    """``chain`` (leaf first) ends at exactly ``root``, each certificate signed by the next, every issuer a
+    CA, and all valid at ``now``. Anything malformed is an :class:`EvidenceError` naming the certificate."""
+    if not chain:
+        raise EvidenceError(f"the {what} is empty")
+    if chain[-1].public_bytes(serialization.Encoding.DER) != root.public_bytes(serialization.Encoding.DER):
+        raise EvidenceError(f"the {what} does not end at the pinned root ({root.subject.rfc4514_string()})")
+    try:
+        for position, cert in enumerate(chain):
+            label = f"{what}'s {_name(cert, position)}"
+            check_unsigned_fields(cert, label)
+            check_valid_at(cert, now, label)
+            issuer = chain[min(position + 1, len(chain) - 1)]  # the root signs itself
+            if position > 0:
+                _check_issuer(cert, label)
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except InvalidSignature:
+                raise EvidenceError(f"the {label} has a signature that does not verify") from None
+            except ValueError:
+                raise EvidenceError(f"the {label} was not issued by the next certificate in the chain") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # lazily parsed fields of a damaged certificate
+        raise EvidenceError(f"a certificate in the {what} is malformed: {exc}") from None
