@@ -1,0 +1,351 @@
+"""modelseal.ray: a sealed model on Ray Serve replicas, each getting its key from the node's agent.
+
+The fast tests check what the driver refuses to hand Ray (key text as the identity or in a runtime_env, a
+URL, a too-short key check) and answer V2 requests through the replica's endpoint without Ray. The slow
+test starts a local Ray cluster (2 CPUs, a session directory of its own, token authentication with a token
+in the environment, not in ~/.ray), a real key service and agent, and a `modelseal serve` beside it: one
+replica, then two (the new one's key comes from the agent: its process is in the agent's log), answer
+tritonclient and raw HTTP exactly as the plaintext model; bad requests get `modelseal serve`'s statuses
+and messages; Ray's object store holds no object the size of the weights and spilled nothing, and no file
+under Ray's session directory holds weight bytes; revoking the grant makes both replicas refuse within
+one key-check interval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import modelseal
+from modelseal.errors import UsageError
+from modelseal.recipients.hpke import HpkeIdentity
+from modelseal.serve.errors import ServeError
+from modelseal.serve.infer import decode_rest
+
+from .services import Agent, KeyServer, free_port, wait_for
+
+IN, OUT = 512, 512  # a 1 MiB weight matrix: far larger than any request, response or Ray bookkeeping object
+LOOPBACK = "127.0.0.1"
+
+
+def net() -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(IN, OUT), torch.nn.Tanh()).eval()
+
+
+def export(tmp: Path) -> Path:
+    pytest.importorskip("onnxruntime")
+    from bench.models import export_onnx
+
+    plain = tmp / "plain" / "model.onnx"
+    plain.parent.mkdir(parents=True)
+    plain.write_bytes(export_onnx(net(), (IN,)))
+    return plain
+
+
+def body(batch: np.ndarray, **extra: Any) -> bytes:
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(batch.shape), "data": batch.ravel().tolist()}
+    return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+# --- the driver: what never goes to Ray ---------------------------------------------------------------
+
+
+def test_key_material_never_becomes_a_deployment_argument(tmp_path: Path, host: HpkeIdentity, host_key: Path) -> None:
+    from modelseal.ray import deployment, replica_args
+
+    key_text = host_key.read_text().strip()
+    for identity in (key_text, f"{key_text}\n", "agent:/run/a.sock\n"):
+        with pytest.raises(UsageError, match=r"holds a key .*Ray keeps"):
+            replica_args("m.onnx.sealed", name="m", identity=identity)
+    with pytest.raises(UsageError, match="runtime_env variable holds a key"):
+        deployment("m.onnx.sealed", name="m", identity="env:MODELSEAL_IDENTITY",
+                   ray_actor_options={"runtime_env": {"env_vars": {"MODELSEAL_IDENTITY": key_text}}})  # fmt: skip
+    args = replica_args("m.onnx.sealed", name="m", identity=str(host_key), inputs=["input:FP32:3"])
+    assert args["sealed"] == os.path.abspath("m.onnx.sealed") and args["identity"] == str(host_key)
+    assert all(isinstance(v, str | int | float | type(None)) or all(isinstance(s, str) for s in v)
+               for v in args.values())  # fmt: skip
+    assert key_text not in json.dumps(args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sealed": "s3://bucket/model.onnx.sealed"}, "is a URL; name a pointer file"),
+        ({"key_check_s": 0.01}, "key_check_s must be 0 .* or at least 0.5"),
+        ({"key_check_s": float("nan")}, "key_check_s must be a number"),
+        ({"grace_s": 7200}, "grace_s must be between 0 and 3600"),
+        ({"name": "a/b"}, "name must be a model name"),
+        ({"threads": -1}, "threads must be a whole number"),
+        ({"inputs": ["input:FP99:3"]}, "a tensor is NAME:DATATYPE:DIMS"),
+        ({"trusted_signers": [3]}, "trusted_signers must be a list"),
+    ],
+)
+def test_bad_arguments_refused_in_the_driver(kwargs: dict[str, Any], message: str) -> None:
+    from modelseal.ray import replica_args
+
+    args: dict[str, Any] = {"sealed": "m.onnx.sealed", "name": "m", **kwargs}
+    with pytest.raises(UsageError, match=message):
+        replica_args(args.pop("sealed"), **args)
+
+
+def test_endpoint_answers_v2_without_ray(tmp_path: Path, host: HpkeIdentity, host_key: Path) -> None:
+    """The replica's routes on a model loaded with a key file: outputs as the plain model's, serve's
+    decoder's messages for bad bodies, 404/405 for other routes and methods, 503 once the key is refused."""
+    import asyncio
+
+    import onnxruntime as ort
+
+    from modelseal.ray import Endpoint, load_model, replica_args
+
+    plain = export(tmp_path)
+    sealed = tmp_path / "sealed" / "model.onnx.sealed"
+    sealed.parent.mkdir()
+    modelseal.seal(plain, sealed, [host.recipient], as_bundle=True)
+    model = load_model(replica_args(sealed, name="tiny", identity=str(host_key), key_check_s=0))
+    endpoint = Endpoint(model, "r1")
+
+    def answer(method: str, path: str, data: bytes = b"") -> tuple[int, Any]:
+        got = asyncio.run(endpoint.answer(method, path, data, None))
+        assert got.headers["Modelseal-Replica"] == "r1"
+        return got.status, json.loads(got.body)
+
+    try:
+        batch = np.random.default_rng(0).standard_normal((2, IN), dtype=np.float32)
+        expected = ort.InferenceSession(str(plain)).run(["output"], {"input": batch})[0]
+        status, out = answer("POST", "/v2/models/tiny/infer", body(batch))
+        assert status == 200 and out["model_name"] == "tiny" and out["model_version"] == "1"
+        np.testing.assert_array_equal(np.array(out["outputs"][0]["data"], np.float32).reshape(2, OUT), expected)
+        assert answer("POST", "/v2/models/tiny/versions/1/infer", body(batch))[0] == 200
+        with pytest.raises(ServeError) as decoder:
+            decode_rest(b'{"inputs": [}', None)
+        assert answer("POST", "/v2/models/tiny/infer", b'{"inputs": [}') == (400, {"error": str(decoder.value)})
+        assert answer("POST", "/v2/models/other/infer", body(batch)) == (404, {"error": "unknown model 'other'"})
+        assert answer("GET", "/v2/models/tiny/infer")[0] == 405
+        assert answer("GET", "/nowhere") == (404, {"error": "GET /nowhere: no such route"})
+        assert answer("GET", "/v2/models/tiny")[1]["inputs"] == [{"name": "input", "datatype": "FP32",
+                                                                  "shape": [-1, IN]}]  # fmt: skip
+        assert answer("GET", "/v2/health/ready") == (200, {"ready": True})
+        model.refuse("key k_1 of model 'tiny': revoked: licence ended")
+        status, out = answer("POST", "/v2/models/tiny/infer", body(batch))
+        assert status == 503 and "not ready" in out["error"] and "revoked" in out["error"], out
+        assert answer("GET", "/v2/models/tiny/ready")[0] == 400
+        assert answer("GET", "/v2/health/ready") == (503, {"ready": False})
+        assert model.runtime is None  # closed: its buffers wiped
+    finally:
+        model.close()
+
+
+# --- a local Ray cluster --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[dict[str, Any]]:
+    """A local Ray cluster with 2 CPUs (one per replica) and Serve's HTTP proxy on a free loopback port.
+    Its session directory is a short temporary one (Ray's unix sockets live there), removed afterwards."""
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    # token authentication with the token in the environment (inherited by Ray's processes), never written to
+    # ~/.ray/auth_token; set before Ray is imported, which reads the mode once (ray._raylet.Config)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'modelseal[ray]')")
+    from ray import serve
+    from ray._raylet import Config
+
+    Config.initialize("")  # in case Ray was imported before: it must see the mode now (as ray.init does)
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    started = time.monotonic()
+    ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False,
+             object_store_memory=100 * 1024 * 1024)  # fmt: skip
+    init_s = time.monotonic() - started
+    port = free_port()
+    serve.start(http_options={"host": LOOPBACK, "port": port})
+    try:
+        yield {"ray": ray, "serve": serve, "url": f"http://{LOOPBACK}:{port}", "temp": Path(temp), "init_s": init_s}
+    finally:
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def replicas(handle: Any, count: int) -> dict[str, dict[str, Any]]:
+    """Each replica's ``status()`` by replica id, asked through the handle until ``count`` answered."""
+    found: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 30
+    while len(found) < count and time.monotonic() < deadline:
+        status = handle.status.remote().result(timeout_s=30)
+        found[status["replica"]] = status
+    assert len(found) == count, found
+    return found
+
+
+def object_store(ray: Any) -> tuple[Any, int]:
+    """Ray's node stats (the raylet's GetNodeStats: what ``ray memory`` reads) and the largest object any
+    worker holds a reference to."""
+    from ray._private.internal_api import node_stats
+
+    node = ray.nodes()[0]
+    stats = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=True)
+    sizes = [ref.object_size for worker in stats.core_workers_stats for ref in worker.object_refs]
+    return stats.store_stats, max(sizes, default=0)
+
+
+@pytest.mark.slow
+def test_replicas_serve_scale_and_refuse_on_revocation(ray_cluster: dict[str, Any], tmp_path: Path) -> None:
+    import httpx
+    import onnxruntime as ort
+
+    from modelseal.devstack import Serve
+    from modelseal.pki import identity_of_cert_file
+    from modelseal.ray import deployment
+    from modelseal.release.recipient import KeyserverRecipient
+    from modelseal.release.wire import ask
+
+    from .test_keyserver import grant
+
+    tritonclient = pytest.importorskip("tritonclient.http")
+    serve, url = ray_cluster["serve"], ray_cluster["url"]
+    plain = export(tmp_path)
+    weights = net()[0].weight.detach().numpy()
+    check_s = 1.0
+    with KeyServer(tmp_path / "ks", None, leases={"lease_ttl_s": 4, "renew_after_s": 1}) as keyserver:
+        with keyserver.admin() as admin:
+            admin.call("POST", "/v1/admin/models", {"model": "tiny"})
+        recipient = KeyserverRecipient(keyserver.url, "tiny", token=keyserver.token, ca=keyserver.ca)
+        sealed = tmp_path / "repo" / "tiny" / "1" / "model.onnx.sealed"
+        sealed.parent.mkdir(parents=True)
+        modelseal.seal(plain, sealed, [recipient], as_bundle=True)
+        cert = keyserver.host_cert("ray-node")
+        g = grant(keyserver, "tiny", identity_of_cert_file(cert[0]).spki)
+        agent = Agent(keyserver, cert, tmp_path, name="agent").start()
+        spec = f"agent:{agent.socket}"
+        # modelseal serve on the same sealed file and agent: the reference for statuses and messages
+        reference = Serve(tmp_path / "repo", tmp_path / "serve.log", args=["-i", spec])
+        pool = ThreadPoolExecutor(1)
+        reference_started = pool.submit(reference.start)
+        try:
+            def app(replicas: int) -> Any:
+                return deployment(sealed, name="tiny", identity=spec, key_check_s=check_s, num_replicas=replicas,
+                                  ray_actor_options={"num_cpus": 1}, graceful_shutdown_wait_loop_s=0.1,
+                                  graceful_shutdown_timeout_s=1)  # fmt: skip
+
+            started = time.monotonic()
+            serve.run(app(1), name="tiny", route_prefix="/")
+            first_s = time.monotonic() - started
+            handle = serve.get_app_handle("tiny")
+            (one,) = replicas(handle, 1).values()
+            assert one["ready"] and not one["dumpable"], one
+
+            # 1 -> 2 replicas (Serve 2.60 starts new ones on a redeploy): each new replica's process asked the
+            # agent for the key itself; nothing carried it through Ray
+            agent_log = agent.log.read_text()
+            started = time.monotonic()
+            serve.run(app(2), name="tiny", route_prefix="/")
+            scale_s = time.monotonic() - started
+            both = replicas(handle, 2)
+            for new in both.values():
+                assert new["ready"] and not new["dumpable"] and new["pid"] != one["pid"], new
+                handed = re.compile(rf"pid {new['pid']} uid \d+: key \S+ for model tiny handed out")
+                assert not handed.search(agent_log)
+                wait_for(lambda: bool(handed.search(agent.log.read_text())), 10,  # noqa: B023
+                         "the agent's log to show the new replica's key request")  # fmt: skip
+
+            # outputs over Serve's HTTP equal the plaintext model's, from both replicas
+            batch = np.random.default_rng(1).standard_normal((3, IN), dtype=np.float32)
+            expected = ort.InferenceSession(str(plain)).run(["output"], {"input": batch})[0]
+            answered = set()
+            with httpx.Client(base_url=url, timeout=30) as client:
+                for _ in range(40):
+                    got = client.post("/v2/models/tiny/infer", content=body(batch))
+                    assert got.status_code == 200, got.text
+                    data = np.array(got.json()["outputs"][0]["data"], np.float32).reshape(3, OUT)
+                    np.testing.assert_array_equal(data, expected)
+                    answered.add(got.headers["modelseal-replica"])
+                    if answered == set(both):
+                        break
+                assert answered == set(both)
+                triton = tritonclient.InferenceServerClient(url.removeprefix("http://"))
+                inp = tritonclient.InferInput("input", list(batch.shape), "FP32")
+                inp.set_data_from_numpy(batch)  # binary tensor data both ways
+                np.testing.assert_array_equal(triton.infer("tiny", [inp]).as_numpy("output"), expected)
+
+                # bad requests: modelseal serve's statuses and messages
+                reference_started.result()
+                bad = [
+                    ("POST", "/v2/models/tiny/infer", b'{"inputs": [}'),
+                    ("POST", "/v2/models/tiny/infer", body(batch[:, :7])),
+                    ("POST", "/v2/models/tiny/infer", body(np.ones((9, IN), np.float32))),
+                    ("POST", "/v2/models/tiny/infer", body(batch, outputs=[{"name": "nope"}])),
+                    ("POST", "/v2/models/tiny/infer", json.dumps({"inputs": [{"name": "x", "datatype": "FP32",
+                                                                             "shape": [1], "data": [1]}]}).encode()),
+                    ("POST", "/v2/models/other/infer", body(batch)),
+                    ("POST", "/v2/models/tiny/versions/2/infer", body(batch)),
+                    ("GET", "/v2/models/tiny/ready", b""),
+                    ("GET", "/v2/models/tiny/infer", b""),
+                ]  # fmt: skip
+                for method, path, data in bad:
+                    ours = client.request(method, path, content=data)
+                    theirs = httpx.request(method, f"{reference.base_url}{path}", content=data, timeout=30)
+                    assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), (path, data[:80])
+                reference.stop()
+
+            # Ray's object store: nothing the size of the weights, nothing spilled; no weight bytes on disk
+            store, largest = object_store(ray_cluster["ray"])
+            assert largest < weights.nbytes // 4, largest
+            assert store.spilled_bytes_total == 0 and store.spilled_objects_total == 0
+            assert store.object_store_bytes_fallback == 0  # nothing in Ray's disk-backed fallback either
+            needles = [weights.tobytes()[4096:4160], np.ascontiguousarray(weights.T).tobytes()[4096:4160]]
+            for path in ray_cluster["temp"].rglob("*"):
+                if path.is_file() and not path.is_symlink() and not path.is_socket():
+                    data = path.read_bytes()
+                    assert not any(n in data for n in needles), path
+
+            # revocation: every replica refuses within one key-check interval of the agent dropping the key
+            with keyserver.admin() as admin:
+                admin.call("POST", f"/v1/admin/grants/{g['grant_id']}/revoke", {"reason": "licence ended"})
+            wait_for(lambda: ask(agent.socket, {"op": "status"})[0]["keys"] == [], 15, "the agent to drop the key")
+            dropped = time.monotonic()
+            refused: dict[str, float] = {}
+            with httpx.Client(base_url=url, timeout=30) as client:
+                while set(refused) != set(both) and time.monotonic() - dropped < 15:
+                    got = client.post("/v2/models/tiny/infer", content=body(batch))
+                    replica = got.headers["modelseal-replica"]
+                    if got.status_code == 503:
+                        assert "not ready" in got.json()["error"] and "revoked" in got.json()["error"], got.text
+                        refused.setdefault(replica, time.monotonic() - dropped)
+                    else:
+                        assert got.status_code == 200 and replica not in refused, got.text  # refusal is final
+                assert set(refused) == set(both), refused
+                assert max(refused.values()) <= check_s + 1.0, refused  # one check (plus a request's time)
+                statuses = [client.post("/v2/models/tiny/infer", content=body(batch)).status_code for _ in range(20)]
+                assert statuses == [503] * 20
+            assert all(not s["ready"] and "revoked" in s["reason"] for s in replicas(handle, 2).values())
+            print(f"\nray.init {ray_cluster['init_s']:.1f} s; first replica (serve.run) {first_s:.1f} s, load "
+                  f"{one['load_s']:.2f} s; redeploy with 2 {scale_s:.1f} s, loads "
+                  f"{[round(s['load_s'], 2) for s in both.values()]} s; "
+                  f"refused after {sorted(round(v, 2) for v in refused.values())} s")  # fmt: skip
+        finally:
+            serve.delete("tiny")
+            reference.stop()
+            pool.shutdown()
+            agent.stop()
