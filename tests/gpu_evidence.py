@@ -130,3 +130,75 @@ class GpuUnderTestRoots:
         if rims:
             doc["rims"] = [b64e(r) for r in rims]
         return doc
+
+
+# --- RIMs ----------------------------------------------------------------------------------------------
+
+SWID_NS = "http://standards.iso.org/iso/19770/-2/2015/schema.xsd"
+SHA384_NS = "http://www.w3.org/2001/04/xmlenc#sha384"
+TCG_NS = "https://trustedcomputinggroup.org/resource/tcg-reference-integrity-manifest-rim-information-model/"
+
+
+def sign_rim(
+    xml: bytes, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate], reference_uri: str | None = None
+) -> bytes:
+    """An enveloped XML-DSig signature as NVIDIA's RIMs carry (ECDSA-SHA384, C14N 1.1, the chain in KeyInfo)."""
+    from lxml import etree
+    from signxml import XMLSigner
+    from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureConstructionMethod, SignatureMethod
+
+    signer = XMLSigner(
+        method=SignatureConstructionMethod.enveloped,
+        signature_algorithm=SignatureMethod.ECDSA_SHA384,
+        digest_algorithm=DigestAlgorithm.SHA384,
+        c14n_algorithm=CanonicalizationMethod.CANONICAL_XML_1_1,
+    )
+    pems = [c.public_bytes(serialization.Encoding.PEM).decode() for c in chain]
+    signed = signer.sign(etree.fromstring(xml), key=key, cert=pems, reference_uri=reference_uri)
+    return bytes(etree.tostring(signed))
+
+
+def rim_xml(version: str, golden: dict[int, tuple[bytes, ...]], tag: str = "t1") -> bytes:
+    """A RIM in NVIDIA's layout: the measurements in ``golden`` active (RIM index = SPDM block - 1)."""
+    resources = "".join(
+        f'<Resource type="Measurement" index="{index}" active="True" alternatives="{len(values)}"'
+        + "".join(f' ns2:Hash{k}="{v.hex()}"' for k, v in enumerate(values))
+        + f' name="Measurement_{index}" size="48"/>'
+        for index, values in sorted(golden.items())
+    )
+    return (
+        f'<SoftwareIdentity xmlns="{SWID_NS}" xmlns:ns2="{SHA384_NS}" name="GH100" tagId="{tag}" version="1.0">'
+        f'<Entity name="NVIDIA Corporation" role="softwareCreator tagCreator"/>'
+        f'<Meta xmlns:ns1="{TCG_NS}" colloquialVersion="{version}" product="GH100" '
+        f'ns1:FirmwareManufacturer="NVIDIA Corporation" ns1:FirmwareManufacturerId="5703"/>'
+        f"<Payload>{resources}</Payload></SoftwareIdentity>"
+    ).encode()
+
+
+@dataclass
+class RimSignerUnderTestRoots:
+    """A RIM root -> signing CA -> signer of the test's own, shaped like NVIDIA's (P-384, SHA-384)."""
+
+    root: x509.Certificate
+    chain: list[x509.Certificate]
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def make(cls) -> RimSignerUnderTestRoots:
+        root_key, ca_key, key = (ec.generate_private_key(ec.SECP384R1()) for _ in range(3))
+        root = certificate("Test RIM root", root_key, None, ca=True)
+        ca = certificate("Test RIM CA", ca_key, (root.subject, root_key), ca=True)
+        usage = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+        signer = certificate("Test RIM signer", key, (ca.subject, ca_key), ca=False, extensions=(usage,))
+        return cls(root, [signer, ca, root], key)
+
+    def rims_for(self, gpu: GpuUnderTestRoots, split: int = 21) -> tuple[bytes, bytes]:
+        """Driver and VBIOS RIMs whose golden values are ``gpu``'s measurements (VBIOS below ``split``)."""
+        golden = {block - 1: (value,) for block, value in gpu.measurements.items()}
+        vbios_version = "{3:02X}.{2:02X}.{1:02X}.{0:02X}.{4:02X}".format(*gpu.vbios_version)
+        driver = {i: v for i, v in golden.items() if i >= split}
+        vbios = {i: v for i, v in golden.items() if i < split}
+        return (
+            sign_rim(rim_xml(gpu.driver_version, driver, "driver"), self.key, self.chain),
+            sign_rim(rim_xml(vbios_version, vbios, "vbios"), self.key, self.chain),
+        )

@@ -26,15 +26,32 @@ from modelseal.attest.certchain import load_pem_chain
 from modelseal.attest.nvidia import NVIDIA_DEVICE_ROOT, NvidiaGpuVerifier, evidence_from_nvml, signed_by
 from modelseal.attest.spdm import parse_report
 from modelseal.encoding import b64d, b64e
-from tests.gpu_evidence import GpuUnderTestRoots, pem
+from tests.gpu_evidence import GpuUnderTestRoots, RimSignerUnderTestRoots, pem
 
 DATA = Path(__file__).parent / "data" / "attestation" / "nvidia"
 REPORT = bytes.fromhex((DATA / "hopperAttestationReport.txt").read_text().strip())
 CHAIN_PEM = (DATA / "hopperCertChain.txt").read_bytes()
 NONCE = bytes.fromhex("931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb")
-AT = 1767225600  # 2026-01-01: inside every sample certificate's validity
+AT = 1767225600  # 2026-01-01: inside every GPU certificate's validity
 CHAIN = load_pem_chain(CHAIN_PEM, "GPU certificate chain")
 VERIFIER = NvidiaGpuVerifier()
+# NVIDIA's 2023 sample (nvtrust 08a50685e): the GPU the sample RIMs describe, asked with nonce 4cff7f53…2e
+NONCE_2023 = bytes.fromhex("4cff7f5380ead8fad8ec2c531c110aca4302a88f603792801a8ca29ee151af2e")
+SAMPLE_2023 = {
+    "kind": "nvidia-gpu",
+    "gpus": [{
+        "report": b64e(bytes.fromhex((DATA / "hopperAttestationReport-2023.txt").read_text().strip())),
+        "cert_chain": (DATA / "hopperCertChain-2023.txt").read_text(),
+    }],
+}  # fmt: skip
+RIMS = {
+    "driver": (DATA / "Driver_RIM_test_no_gpu.swidtag").read_bytes(),
+    "vbios": (DATA / "1010_0200_882_96005E0001_test_no_gpu.swidtag").read_bytes(),
+    "prod": (DATA / "1010_0200_882_96005E0001_PROD.swidtag").read_bytes(),
+}
+WITH_TEST_RIMS = NvidiaGpuVerifier(rims=(RIMS["driver"], RIMS["vbios"]))
+RIM_AT = 1717200000  # 2024-06-01: inside the sample RIMs' signing certificates (2023-06-27 to 2025-06-22)
+AT_2026_12 = 1796083200
 
 
 def test_the_pinned_device_root_is_nvidias() -> None:
@@ -50,10 +67,47 @@ def test_genuine_sample_is_authentic_at_a_fixed_time_with_its_nonce() -> None:
     assert report.opaque["fwid"].hex().startswith("f5c384ae")
 
 
-def test_genuine_sample_without_its_rims_is_refused_by_version_not_by_authenticity() -> None:
+def test_genuine_2025_sample_is_refused_by_version_against_the_2023_rims() -> None:
     evidence = {"kind": "nvidia-gpu", "gpus": [{"report": b64e(REPORT), "cert_chain": CHAIN_PEM.decode()}]}
-    with pytest.raises(EvidenceError, match=r"no driver RIM for version 550\.90\.07 was attached or configured"):
-        VERIFIER.verify(evidence, VerificationContext(None, NONCE, b"", AT))
+    with pytest.raises(EvidenceError, match=r"no driver RIM for version 550\.90\.07 is configured"):
+        WITH_TEST_RIMS.verify(evidence, VerificationContext(None, NONCE, b"", RIM_AT))
+
+
+def test_genuine_2023_sample_verifies_end_to_end_at_a_fixed_time_with_its_nonce() -> None:
+    claims = WITH_TEST_RIMS.verify(SAMPLE_2023, VerificationContext(None, NONCE_2023, b"", RIM_AT))
+    assert claims.report_data_bound and claims.debug is False
+    assert claims.measurements == {
+        "gpu_model": "GH100", "driver_version": "545.00", "vbios_version": "96.00.5E.00.01",
+        "rim_match": "true", "gpu_count": "1",
+    }  # fmt: skip
+    [gpu] = claims.parts
+    assert gpu.details["certificate"].startswith("CN=GH100 A01 GSP BROM")
+    assert gpu.details["fwid"] is None  # 2023 drivers put no FWID in the report
+    other = WITH_TEST_RIMS.verify(SAMPLE_2023, VerificationContext(None, NONCE, b"", RIM_AT))
+    assert not other.report_data_bound and "is not this exchange's binding" in other.details["binding_mismatch"]
+
+
+def test_the_production_vbios_rim_does_not_accept_the_test_sample() -> None:
+    """NVIDIA's PROD and test_no_gpu VBIOS RIMs for 96.00.5E.00.01 share tag id, version and signing chain
+    and differ in golden values 1, 2, 3 and 9: the sample GPU is not in its production state, and is refused
+    with those indices named, as NVIDIA's verifier does when it fetches the production RIM."""
+    prod = NvidiaGpuVerifier(rims=(RIMS["driver"], RIMS["prod"]))
+    named = r"^GPU measurement\(s\) 1 \(VBIOS\), 2 \(VBIOS\), 3 \(VBIOS\), 9 \(VBIOS\) differ"
+    with pytest.raises(EvidenceError, match=named):
+        prod.verify(SAMPLE_2023, VerificationContext(None, NONCE_2023, b"", RIM_AT))
+
+
+def test_rims_a_host_attaches_count_only_where_the_owner_says_so() -> None:
+    attached = {**SAMPLE_2023, "rims": [b64e(RIMS["driver"]), b64e(RIMS["vbios"])]}
+    ctx = VerificationContext(None, NONCE_2023, b"", RIM_AT)
+    with pytest.raises(EvidenceError, match="count only with nvidia_host_rims = true"):
+        VERIFIER.verify(attached, ctx)
+    assert NvidiaGpuVerifier(host_rims=True).verify(attached, ctx).measurements["rim_match"] == "true"
+
+
+def test_rims_are_checked_at_the_verification_time() -> None:
+    with pytest.raises(EvidenceError, match="expired at 2025-06"):
+        WITH_TEST_RIMS.verify(SAMPLE_2023, VerificationContext(None, NONCE_2023, b"", AT_2026_12))
 
 
 @pytest.mark.slow
@@ -209,3 +263,52 @@ def test_requirements_on_several_gpus_are_met_by_each() -> None:
     assert unmet({"kind": "nvidia-gpu", "measurements": {"gpu_count": "8"}}, whole) == (
         "nvidia-gpu measurement gpu_count = 2 is not one the grant allows"
     )
+
+
+# --- GPUs and RIMs made under the test's own roots: matching, mismatching, several, bound or not -----------
+
+
+@pytest.fixture(scope="module")
+def made() -> tuple[GpuUnderTestRoots, RimSignerUnderTestRoots, NvidiaGpuVerifier]:
+    gpu, signer = GpuUnderTestRoots.make(), RimSignerUnderTestRoots.make()
+    verifier = NvidiaGpuVerifier(
+        device_root=pem(gpu.root).encode(), rim_root=pem(signer.root).encode(), rims=signer.rims_for(gpu)
+    )
+    return gpu, signer, verifier
+
+
+def test_a_made_gpu_matching_its_rims_verifies_and_one_changed_measurement_is_named(made) -> None:  # type: ignore[no-untyped-def]
+    gpu, _, verifier = made
+    binding = bytes(range(32))
+    ctx = VerificationContext(None, binding, b"", AT)
+    claims = verifier.verify(gpu.evidence(binding), ctx)
+    assert claims.report_data_bound and claims.measurements["vbios_version"] == "96.00.9F.00.01"
+    saved = dict(gpu.measurements)
+    try:
+        gpu.measurements[24] = bytes(48)  # block 24 = RIM index 23, in the driver RIM
+        with pytest.raises(EvidenceError, match=r"^GPU measurement\(s\) 23 \(driver\) differ"):
+            verifier.verify(gpu.evidence(binding), ctx)
+        gpu.measurements[36] = bytes(48)  # RIM index 35: not compared when NVDEC0 is disabled, as nvtrust does
+        gpu.nvdec0 = b"\x55"
+        with pytest.raises(EvidenceError, match=r"^GPU measurement\(s\) 23 \(driver\) differ"):
+            verifier.verify(gpu.evidence(binding), ctx)
+        gpu.measurements[24] = saved[24]
+        assert verifier.verify(gpu.evidence(binding), ctx).report_data_bound
+        gpu.nvdec0 = b"\xaa"
+        with pytest.raises(EvidenceError, match=r"^GPU measurement\(s\) 35 \(driver\) differ"):
+            verifier.verify(gpu.evidence(binding), ctx)
+    finally:  # the fixture is shared by the module's tests
+        gpu.measurements, gpu.nvdec0 = saved, b"\xaa"
+
+
+def test_several_gpus_each_bound_to_the_challenge(made) -> None:  # type: ignore[no-untyped-def]
+    gpu, _, verifier = made
+    binding, other = bytes(range(32)), bytes(32)
+    one = gpu.evidence(binding)["gpus"][0]  # type: ignore[index]
+    stale = gpu.evidence(other)["gpus"][0]  # type: ignore[index]
+    ctx = VerificationContext(None, binding, b"", AT)
+    claims = verifier.verify({"kind": "nvidia-gpu", "gpus": [one, one]}, ctx)
+    assert claims.report_data_bound and claims.measurements["gpu_count"] == "2" and len(claims.parts) == 2
+    mixed = verifier.verify({"kind": "nvidia-gpu", "gpus": [one, stale]}, ctx)
+    assert not mixed.report_data_bound
+    assert mixed.details["binding_mismatch"].startswith("GPU 1's nonce 0000")

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
-from signxml import XMLSigner
-from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureConstructionMethod, SignatureMethod
 
 from modelseal.attest.base import EvidenceError
 from modelseal.attest.nvidia_rim import MAX_RIM_BYTES, Rim, golden_measurements, verify_rim
+from tests.gpu_evidence import sign_rim
 
 DATA = Path(__file__).parent / "data" / "attestation" / "nvidia"
 RIM_ROOT = x509.load_pem_x509_certificate((DATA / "verifier_RIM_root.pem").read_bytes())
@@ -377,12 +376,7 @@ def _swid(resources: str, *, root: str = "SoftwareIdentity", payloads: int = 1, 
 
 def _sign(xml: bytes, pki: TestPki, *, key: ec.EllipticCurvePrivateKey | None = None,
           certs: list[x509.Certificate] | None = None, reference_uri: str | None = None) -> bytes:
-    signer = XMLSigner(method=SignatureConstructionMethod.enveloped, signature_algorithm=SignatureMethod.ECDSA_SHA384,
-                       digest_algorithm=DigestAlgorithm.SHA384, c14n_algorithm=CanonicalizationMethod.CANONICAL_XML_1_1)
-    chain = certs or [pki.signer, pki.intermediate, pki.root]
-    pems = [c.public_bytes(serialization.Encoding.PEM).decode() for c in chain]
-    signed = signer.sign(etree.fromstring(xml), key=key or pki.signer_key, cert=pems, reference_uri=reference_uri)
-    return etree.tostring(signed)
+    return sign_rim(xml, key or pki.signer_key, certs or [pki.signer, pki.intermediate, pki.root], reference_uri)
 
 
 GOOD = "".join(_resource(i) for i in range(3)) + _resource(3, active="False")

@@ -19,9 +19,10 @@ For each GPU, with ``cryptography`` and :mod:`modelseal.attest.nvidia_rim` only 
    active golden measurement (RIM index *i* is SPDM block *i + 1*) equals the report's block, one of its
    alternatives. As NVIDIA's verifier does, index 35 is not compared when the report says NVDEC0 is off.
 
-RIMs come from the key service's ``nvidia_rims`` setting (the owner chooses which driver and VBIOS releases
-it accepts), or from the evidence (the host attaches NVIDIA's files: they are signed, so a host can carry
-them but not forge them; a RIM is ~20 KiB, so raise ``max_body_bytes`` for hosts that attach them).
+RIMs come from the key service's ``nvidia_rims`` setting: the owner chooses which driver and VBIOS releases
+it accepts. A host may attach NVIDIA's files to its evidence, and with ``nvidia_host_rims = true`` they count
+too; not by default, because NVIDIA signs test RIMs with its production chain (a RIM is ~20 KiB: raise
+``max_body_bytes`` for hosts that attach them).
 
 Claims, for grants: ``gpu_model``, ``driver_version``, ``vbios_version``, ``gpu_count`` and ``rim_match``
 (always ``true``: a mismatch refuses). Confidential-computing mode and developer-tools mode are not
@@ -35,7 +36,6 @@ certificates (NVIDIA's OCSP service is not reachable here; see docs/attestation.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,10 +109,12 @@ def _at(now: int) -> datetime:
 
 def report_fwid_matches(leaf: x509.Certificate, report: MeasurementReport) -> None:
     """The leaf certificate's TCG DICE FWID (its last 48 bytes, as on Hopper) is the report's FWID: the
-    certified key belongs to the firmware that produced the report."""
+    certified key belongs to the firmware that produced the report. Reports from older drivers carry no
+    FWID (NVIDIA's 2023 sample); as in nvtrust, the check then rests on the signature alone, which covers
+    the opaque data, so the field cannot be removed from a report that had it."""
     fwid = report.opaque.get("fwid")
     if fwid is None:
-        raise EvidenceError("the GPU report has no FWID field")
+        return
     try:
         extension = leaf.extensions.get_extension_for_oid(OID_TCG_DICE_FWID).value
     except x509.ExtensionNotFound:
@@ -137,40 +139,18 @@ def signed_by(leaf: x509.Certificate, report: MeasurementReport) -> MeasurementR
     return report
 
 
-@dataclass(frozen=True)
-class Golden:
-    """One golden measurement: where it came from and the values it allows."""
+def compare_measurements(report: MeasurementReport, driver: Rim, vbios: Rim) -> None:
+    """Every active golden measurement (RIM index i = SPDM block i + 1) matches the report, or an error
+    naming each index that does not, with the RIM it comes from."""
+    from modelseal.attest.nvidia_rim import golden_measurements
 
-    source: str  # "driver" or "VBIOS"
-    size: int
-    alternatives: tuple[bytes, ...]
-
-
-def golden_measurements(driver: Rim, vbios: Rim) -> dict[int, Golden]:
-    """The active measurements of both RIMs by index; an index active in both is refused, as NVIDIA does."""
-    golden: dict[int, Golden] = {}
-    for source, rim in (("driver", driver), ("VBIOS", vbios)):
-        for index, m in rim.measurements.items():
-            if not m.active:
-                continue
-            if index in golden:
-                raise EvidenceError(f"the driver and VBIOS RIMs both hold measurement {index}")
-            golden[index] = Golden(source, m.size, m.alternatives)
-    return golden
-
-
-def compare_measurements(report: MeasurementReport, golden: Mapping[int, Golden]) -> None:
-    """Every golden index (RIM index i = SPDM block i + 1) matches the report, or an error naming each that
-    does not, with the RIM it comes from."""
+    golden = golden_measurements(driver, vbios)
     skip_nvdec = report.opaque.get("nvdec0_status") == NVDEC0_DISABLED
-    mismatched = []
-    for index in sorted(golden):
-        if index == NVDEC0_INDEX and skip_nvdec:
-            continue
-        value = report.measurements.get(index + 1)
-        g = golden[index]
-        if value is None or len(value) != g.size or value not in g.alternatives:
-            mismatched.append(f"{index} ({g.source})")
+    mismatched = [
+        f"{index} ({'driver' if index in driver.measurements and driver.measurements[index].active else 'VBIOS'})"
+        for index, allowed in sorted(golden.items())
+        if not (index == NVDEC0_INDEX and skip_nvdec) and report.measurements.get(index + 1) not in allowed
+    ]
     if mismatched:
         raise EvidenceError(
             f"GPU measurement(s) {', '.join(mismatched)} differ from NVIDIA's golden values in the RIMs"
@@ -185,26 +165,45 @@ class NvidiaGpuVerifier:
         device_root: bytes = NVIDIA_DEVICE_ROOT,
         rim_root: bytes = NVIDIA_RIM_ROOT,
         rims: tuple[bytes, ...] = (),
+        host_rims: bool = False,
     ) -> None:
         self.device_root = x509.load_pem_x509_certificate(device_root)
         self.rim_root = x509.load_pem_x509_certificate(rim_root)
         self.rims = rims  # RIM documents the owner configured, verified at each use (their certs expire)
+        self.host_rims = host_rims
 
-    def rims_for(self, evidence: dict[str, Any], now: int) -> list[Rim]:
-        """The RIMs the host attached, then the ones the owner configured, each verified to the RIM root."""
-        from modelseal.attest.nvidia_rim import verify_rim
+    def documents(self, evidence: dict[str, Any]) -> list[tuple[str, bytes]]:
+        """The RIM documents to choose from: the owner's, and the host's only where the owner said so.
 
+        NVIDIA signs its test RIMs with the same chain as its production RIMs (nvtrust's test_no_gpu and
+        PROD VBIOS RIMs for 96.00.5E.00.01 differ only in golden values), so a signature alone does not
+        make a RIM one the owner meant to accept: by default only configured RIMs count."""
         attached = evidence.get("rims", [])
         if not isinstance(attached, list) or len(attached) > MAX_ATTACHED_RIMS:
             raise EvidenceError(f"nvidia-gpu evidence 'rims' must be a list of at most {MAX_ATTACHED_RIMS} RIMs")
-        documents = []
+        documents = [(f"configured RIM {i}", d) for i, d in enumerate(self.rims)]
+        if not self.host_rims:
+            return documents
         for position, text in enumerate(attached):
             document = evidence_bytes({"rim": text}, "rim", KIND_NAME) or b""
             if len(document) > MAX_RIM:
                 raise EvidenceError(f"attached RIM {position} is {len(document)} bytes, more than {MAX_RIM}")
             documents.append((f"attached RIM {position}", document))
-        documents += [(f"configured RIM {i}", d) for i, d in enumerate(self.rims)]
-        return [verify_rim(d, root=self.rim_root, at=_at(now), what=what) for what, d in documents]
+        return documents
+
+    def pick(self, documents: list[tuple[str, bytes]], version: str, what: str, now: int) -> Rim:
+        """The verified RIM for ``version``: the documents that name it in their text are verified first (each
+        verification takes ~6 ms), and the verified version decides."""
+        from modelseal.attest.nvidia_rim import verify_rim
+
+        needle = f'colloquialversion="{version.lower()}"'.encode()
+        likely = sorted(documents, key=lambda doc: needle not in doc[1].lower())  # the others only if none is
+        for origin, document in likely:
+            rim = verify_rim(document, root=self.rim_root, at=_at(now), what=f"{what} ({origin})")
+            if rim.colloquial_version.lower() == version.lower():
+                return rim
+        hint = "" if self.host_rims else " (RIMs a host attaches count only with nvidia_host_rims = true)"
+        raise EvidenceError(f"no {what} for version {version} is configured{hint}")
 
     def authenticate(self, raw: bytes, chain: list[x509.Certificate], now: int) -> MeasurementReport:
         """The report, parsed, if NVIDIA's device root vouches for it: chain, FWID and signature."""
@@ -212,15 +211,7 @@ class NvidiaGpuVerifier:
         verify_chain(chain, self.device_root, now, "GPU certificate chain")
         return signed_by(chain[0], report)
 
-    @staticmethod
-    def pick(rims: list[Rim], version: str, what: str) -> Rim:
-        for rim in rims:
-            if rim.colloquial_version.lower() == version.lower():
-                return rim
-        have = ", ".join(sorted({r.colloquial_version for r in rims})) or "none"
-        raise EvidenceError(f"no {what} for version {version} was attached or configured (have: {have})")
-
-    def verify_gpu(self, gpu: Any, rims: list[Rim], ctx: VerificationContext, position: int) -> Claims:
+    def verify_gpu(self, gpu: Any, rims: list[tuple[str, bytes]], ctx: VerificationContext, position: int) -> Claims:
         if not isinstance(gpu, dict):
             raise EvidenceError(f"GPU {position}: evidence must be an object")
         pem = gpu.get("cert_chain")
@@ -230,9 +221,9 @@ class NvidiaGpuVerifier:
         report = self.authenticate(evidence_bytes(gpu, "report", KIND_NAME) or b"", chain, ctx.now)
         driver_version = report.text("driver_version")
         vbios_version = report.vbios_version
-        driver = self.pick(rims, driver_version, "driver RIM")
-        vbios = self.pick(rims, vbios_version, "VBIOS RIM")
-        compare_measurements(report, golden_measurements(driver, vbios))
+        driver = self.pick(rims, driver_version, "driver RIM", ctx.now)
+        vbios = self.pick(rims, vbios_version, "VBIOS RIM", ctx.now)
+        compare_measurements(report, driver, vbios)
         claims = Claims(
             kind=KIND_NAME,
             measurements={
@@ -243,7 +234,7 @@ class NvidiaGpuVerifier:
             },
             debug=False,
             details={
-                "fwid": report.opaque["fwid"].hex(),
+                "fwid": report.opaque.get("fwid", b"").hex() or None,
                 "project": report.text("project"),
                 "chip_sku": report.text("chip_sku"),
                 "driver_rim": driver.tag_id,
@@ -269,7 +260,7 @@ class NvidiaGpuVerifier:
             raise EvidenceError("nvidia-gpu evidence has no 'gpus' list")
         if len(gpus) > MAX_GPUS:
             raise EvidenceError(f"nvidia-gpu evidence lists {len(gpus)} GPUs, more than {MAX_GPUS}")
-        rims = self.rims_for(evidence, ctx.now)
+        rims = self.documents(evidence)
         parts = []
         for position, gpu in enumerate(gpus):
             try:
@@ -331,11 +322,19 @@ def _rim_files(settings: Mapping[str, Any], base: Path | None) -> tuple[bytes, .
     return tuple(documents)
 
 
+def _flag(settings: Mapping[str, Any], name: str) -> bool:
+    value = settings.get(name, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"[attestation] {name} must be true or false")
+    return value
+
+
 def _verifier(settings: Mapping[str, Any], base: Path | None) -> NvidiaGpuVerifier:
     return NvidiaGpuVerifier(
         device_root=_read_pem_setting(settings, "nvidia_device_root", base, NVIDIA_DEVICE_ROOT),
         rim_root=_read_pem_setting(settings, "nvidia_rim_root", base, NVIDIA_RIM_ROOT),
         rims=_rim_files(settings, base),
+        host_rims=_flag(settings, "nvidia_host_rims"),
     )
 
 
@@ -428,7 +427,7 @@ KIND = AttestationKind(
     KIND_NAME,
     verifier=_verifier,
     collector=NvidiaGpuCollector,
-    settings=("nvidia_device_root", "nvidia_rim_root", "nvidia_rims"),
+    settings=("nvidia_device_root", "nvidia_rim_root", "nvidia_rims", "nvidia_host_rims"),
     agent_table="nvidia",
     agent_keys=("gpus", "rims"),
 )

@@ -33,15 +33,6 @@ def unhex(data: bytes) -> bytes:
         return data
 
 
-def with_rims(doc: dict[str, Any], rims: tuple[str, ...]) -> dict[str, Any]:
-    """nvidia-gpu: attach the RIM files given with --rim to the evidence, as an agent does."""
-    if not rims:
-        return doc
-    if doc.get("kind") != "nvidia-gpu":
-        raise UsageError("--rim applies to nvidia-gpu evidence only")
-    return {**doc, "rims": [*doc.get("rims", []), *(b64e(read(r, "RIM")) for r in rims)]}
-
-
 def evidence_document(path: str, kind: str | None, extras: dict[str, str | None]) -> dict[str, Any]:
     """An evidence JSON document as the agent sends it, or one built from a raw quote/report and its files."""
     data = read(path, "evidence")
@@ -116,12 +107,16 @@ def attest_verify(
     Exits 1, naming what failed, when the evidence is not genuine, not bound to --binding, or does not
     meet --require.
     """
-    from modelseal.attest import EvidenceError, VerificationContext, get_verifier
+    from modelseal.attest import EvidenceError, VerificationContext, get_verifier, verifiers_from_config
     from modelseal.attest.base import unmet
 
     doc = evidence_document(evidence, kind, {"collateral": collateral, "vcek": vcek, "cert_chain": cert_chain})
-    doc = with_rims(doc, rims)
-    verifier = get_verifier(str(doc.get("kind")))
+    if rims and doc.get("kind") != "nvidia-gpu":
+        raise UsageError("--rim applies to nvidia-gpu evidence only")
+    if rims:  # trusted as the key service's nvidia_rims setting is
+        verifier = verifiers_from_config({"nvidia_rims": list(rims)}).get("nvidia-gpu")
+    else:
+        verifier = get_verifier(str(doc.get("kind")))
     if verifier is None or doc.get("kind") == "mtls":
         raise UsageError(f"cannot verify {doc.get('kind')!r} evidence offline")
     try:
