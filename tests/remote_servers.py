@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -35,6 +37,8 @@ class Behaviour:
     flip_at: int | None = None  # "flip": absolute offset of the byte to flip
     rate: float | None = None  # bytes per second over all connections (None: as fast as it goes)
     requests: list[tuple[str, int, int]] = field(default_factory=list)  # (path, first, last) served
+    token: str | None = None  # if set, every request needs "Authorization: Bearer <token>" (else 401)
+    auth_seen: list[str | None] = field(default_factory=list)  # the Authorization header of every request
     _sent: float = 0.0
     _start: float = 0.0
 
@@ -129,7 +133,14 @@ def make_app(root: Path, behaviour: Behaviour) -> web.Application:
             behaviour.requests.append((request.match_info["path"], int(m.group(1)), last))
         return web.FileResponse(path)
 
-    app = web.Application()
+    @web.middleware
+    async def bearer(request: web.Request, handler: Any) -> web.StreamResponse:
+        behaviour.auth_seen.append(request.headers.get("Authorization"))
+        if behaviour.token is not None and request.headers.get("Authorization") != f"Bearer {behaviour.token}":
+            raise web.HTTPUnauthorized()
+        return await handler(request)  # type: ignore[no-any-return]
+
+    app = web.Application(middlewares=[bearer])
     app.router.add_get("/{path:.+}", static)
     return app
 
@@ -141,18 +152,21 @@ def free_port() -> int:
 
 
 @contextmanager
-def range_server(root: Path, behaviour: Behaviour | None = None) -> Iterator[tuple[str, Behaviour]]:
-    """The range server on a free loopback port in a thread of its own event loop: (base URL, behaviour)."""
+def range_server(root: Path, behaviour: Behaviour | None = None,
+                 tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, Behaviour]]:  # fmt: skip
+    """The range server on a free loopback port in a thread of its own event loop: (base URL, behaviour).
+    With ``tls`` (a server context: its certificate, and a client CA if it requires client certificates)
+    it serves https://."""
     behaviour = behaviour or Behaviour()
     port = free_port()
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(make_app(root, behaviour), access_log=None)
     loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{port}/", behaviour
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}/", behaviour
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)

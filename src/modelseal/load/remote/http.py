@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from modelseal.errors import FormatError, UsageError
-from modelseal.load.remote.config import CA_BUNDLE_ENV, CLIENT_CERT_ENV, TOKEN_ENV, RemoteSettings
+from modelseal.load.remote.config import CA_BUNDLE_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV, TOKEN_ENV, RemoteSettings
 
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20})")  # int() of 5,000 digits raises
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -47,6 +47,33 @@ def _ssl_context(s: RemoteSettings) -> ssl.SSLContext:
         names = f"${CA_BUNDLE_ENV} or ${CLIENT_CERT_ENV}"
         raise UsageError(f"cannot load the TLS files named by {names}: {exc}") from None
     return ctx
+
+
+def _tls_refusal(exc: BaseException, name: str, has_cert: bool) -> UsageError | None:
+    """One line for a failed TLS handshake, saying which side refused and what to set; None if it was not
+    one. The ``ssl`` error is found in the exception's chain (httpx wraps httpcore's, which wraps it)."""
+    seen: BaseException | None = exc
+    tls: ssl.SSLError | None = None
+    while seen is not None and tls is None:
+        tls = seen if isinstance(seen, ssl.SSLError) else None
+        seen = seen.__cause__ or seen.__context__
+    text = f"{tls.reason or ''} {tls}" if tls is not None else str(exc)
+    upper = text.upper()
+    if "CERTIFICATE_VERIFY_FAILED" in upper:
+        why = "hostname mismatch" if "HOSTNAME" in upper or "IP ADDRESS MISMATCH" in upper else "not trusted"
+        return UsageError(f"cannot read {name}: the server's TLS certificate is {why} (set ${CA_BUNDLE_ENV} to the "
+                          "CA that signs it, or fix the URL's host name)")  # fmt: skip
+    if "CERTIFICATE_REQUIRED" in upper or "HANDSHAKE_FAILURE" in upper or "UNKNOWN_CA" in upper \
+            or "BAD_CERTIFICATE" in upper or "CERTIFICATE_UNKNOWN" in upper:  # fmt: skip
+        return UsageError(f"cannot read {name}: the server refused the TLS handshake (it wants a client certificate "
+                          f"it trusts: set ${CLIENT_CERT_ENV} and ${CLIENT_KEY_ENV})")  # fmt: skip
+    if "UNEXPECTED_EOF" in upper:  # the server hung up inside the handshake, without saying why
+        hint = "does it trust this client certificate?" if has_cert else \
+            f"if it requires a client certificate (mTLS), set ${CLIENT_CERT_ENV} and ${CLIENT_KEY_ENV}"  # fmt: skip
+        return UsageError(f"cannot read {name}: the server closed the connection during the TLS handshake ({hint})")
+    if tls is not None or "[SSL" in upper:
+        return UsageError(f"cannot read {name}: TLS failed ({text.strip()[:160]})")
+    return None
 
 
 _clients: dict[RemoteSettings, httpx.Client] = {}
@@ -85,6 +112,7 @@ class RangeReader:
         self._client = client(s)
         self._headers = {"Accept-Encoding": "identity", **(headers or {})}
         target = urlsplit(url())
+        self._https = target.scheme.lower() == "https"
         if s.token and target.scheme.lower() == "https" and _origin(target) in s.token_hosts:
             self._headers["Authorization"] = f"Bearer {s.token}"
         self.size: int | None = None
@@ -120,7 +148,15 @@ class RangeReader:
                     )
                 return got
         except httpx.TransportError as exc:
-            raise _TransientError(type(exc).__name__ + (f" ({exc})" if str(exc) else "")) from None
+            refused = _tls_refusal(exc, self.name, bool(self._settings.client_cert))
+            if refused is not None:  # a TLS refusal is not transient: retrying cannot change the certificates
+                raise refused from None
+            what = type(exc).__name__ + (f" ({exc})" if str(exc) else "")
+            if isinstance(exc, httpx.RemoteProtocolError) and self._https and not self._settings.client_cert:
+                # TLS 1.3: a server that wants a client certificate checks it after the handshake and hangs up
+                what += (f"; if the server requires a client certificate (mTLS), set ${CLIENT_CERT_ENV} and "
+                         f"${CLIENT_KEY_ENV}")  # fmt: skip
+            raise _TransientError(what) from None
         except httpx.HTTPError as exc:  # not a transport failure (a malformed URL or answer): one line
             raise UsageError(f"cannot read {self.name}: {type(exc).__name__}") from None
 
