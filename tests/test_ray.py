@@ -166,28 +166,29 @@ def test_endpoint_answers_v2_without_ray(tmp_path: Path, host: HpkeIdentity, hos
 def ray_cluster() -> Iterator[dict[str, Any]]:
     """A local Ray cluster with 2 CPUs (one per replica) and Serve's HTTP proxy on a free loopback port.
     Its session directory is a short temporary one (Ray's unix sockets live there), removed afterwards."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    # token authentication with the token in the environment (inherited by Ray's processes), never written to
-    # ~/.ray/auth_token; set before Ray is imported, which reads the mode once (ray._raylet.Config)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'modelseal[ray]')")
     from ray import serve
     from ray._raylet import Config
 
-    Config.initialize("")  # in case Ray was imported before: it must see the mode now (as ray.init does)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    started = time.monotonic()
-    ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False,
-             object_store_memory=100 * 1024 * 1024)  # fmt: skip
-    init_s = time.monotonic() - started
-    port = free_port()
-    serve.start(http_options={"host": LOOPBACK, "port": port})
     try:
+        # token authentication with the token in the environment (Ray's processes inherit it), never written
+        # to ~/.ray/auth_token; Ray read the mode when imported: Config.initialize reads it again
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+        Config.initialize("")
+        started = time.monotonic()
+        ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=100 * 1024 * 1024)  # fmt: skip
+        init_s = time.monotonic() - started
+        port = free_port()
+        serve.start(http_options={"host": LOOPBACK, "port": port})
         yield {"ray": ray, "serve": serve, "url": f"http://{LOOPBACK}:{port}", "temp": Path(temp), "init_s": init_s}
     finally:
         try:
-            serve.shutdown()
-            ray.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
         finally:
             for key, value in saved.items():
                 if value is None:
