@@ -632,6 +632,30 @@ def test_keyserver_config_loads_and_matches_the_deployment(directory: str, tmp_p
     assert {h["path"] for h in health} <= keyserver_get_routes()
 
 
+def test_database_password_reaches_libpq_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[database] url` can only come from keyserver.toml, which is a ConfigMap: the manifests keep the
+    password out of it and set $PGPASSWORD from a Secret. The key service's own connect (psycopg on libpq)
+    uses it: the connection reports the password libpq sent."""
+    import sqlalchemy
+
+    from modelseal.devstack import postgres_url
+    from modelseal.keyserver.sqlstore import db
+
+    base = sqlalchemy.engine.make_url(postgres_url())
+    if base.password:
+        pytest.skip("the test database's URL carries a password of its own")
+    monkeypatch.setenv("PGPASSWORD", "from-the-secret")
+    engine = db.connect(base.render_as_string(hide_password=False))
+    try:
+        with engine.connect() as conn:
+            used = conn.connection.dbapi_connection.info.password  # type: ignore[union-attr]
+    except sqlalchemy.exc.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL to connect to: {str(exc).splitlines()[0]}")
+    finally:
+        engine.dispose()
+    assert used == "from-the-secret"
+
+
 @functools.cache
 def keyserver_get_routes() -> set[str]:
     """The GET routes of the key service's real aiohttp app (on an in-memory store)."""
