@@ -112,6 +112,24 @@ def test_bad_arguments_refused_in_the_driver(kwargs: dict[str, Any], message: st
         replica_args(args.pop("sealed"), **args)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"sealed": "m.onnx.sealed", "name": "m", "identiy": "agent:/a.sock"}, r"unknown argument\(s\) \['identiy'\]"),
+        ({"name": "m"}, "needs 'sealed'"),
+        ({"sealed": "m.onnx.sealed", "name": "m", "key_check_s": "soon"}, "key_check_s must be a number"),
+        ({"sealed": "m.onnx.sealed", "name": "m", "key_check_s": "0.1"}, "at least 0.5"),
+        ({"sealed": "m.onnx.sealed", "name": "m", "inputs": "input:FP32:3 mask:INT65:3"}, "NAME:DATATYPE:DIMS"),
+    ],
+)
+def test_config_file_arguments_checked(args: dict[str, str], message: str) -> None:
+    """``build_app``: a Serve config file's (or ``serve run``'s) arguments, text converted, typos refused."""
+    from modelseal.ray import build_app
+
+    with pytest.raises(UsageError, match=message):
+        build_app(args)
+
+
 def test_endpoint_answers_v2_without_ray(tmp_path: Path, host: HpkeIdentity, host_key: Path) -> None:
     """The replica's routes on a model loaded with a key file: outputs as the plain model's, serve's
     decoder's messages for bad bodies, 404/405 for other routes and methods, 503 once the key is refused."""
@@ -254,46 +272,48 @@ def test_replicas_serve_scale_and_refuse_on_revocation(ray_cluster: dict[str, An
         pool = ThreadPoolExecutor(1)
         reference_started = pool.submit(reference.start)
         try:
-            def app(replicas: int) -> Any:
-                return deployment(sealed, name="tiny", identity=spec, key_check_s=check_s, num_replicas=replicas,
-                                  ray_actor_options={"num_cpus": 1}, graceful_shutdown_wait_loop_s=0.1,
-                                  graceful_shutdown_timeout_s=1)  # fmt: skip
-
+            # autoscaling from 1 to 2 replicas under load (Serve's own autoscaler, quick settings)
+            autoscaling = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                           "upscale_delay_s": 0, "metrics_interval_s": 0.2, "look_back_period_s": 1}
+            app = deployment(sealed, name="tiny", identity=spec, key_check_s=check_s, autoscaling_config=autoscaling,
+                             ray_actor_options={"num_cpus": 1})  # fmt: skip
             started = time.monotonic()
-            serve.run(app(1), name="tiny", route_prefix="/")
+            serve.run(app, name="tiny", route_prefix="/")
             first_s = time.monotonic() - started
             handle = serve.get_app_handle("tiny")
             (one,) = replicas(handle, 1).values()
             assert one["ready"] and not one["dumpable"], one
-
-            # 1 -> 2 replicas (Serve 2.60 starts new ones on a redeploy): each new replica's process asked the
-            # agent for the key itself; nothing carried it through Ray
             agent_log = agent.log.read_text()
-            started = time.monotonic()
-            serve.run(app(2), name="tiny", route_prefix="/")
-            scale_s = time.monotonic() - started
-            both = replicas(handle, 2)
-            for new in both.values():
-                assert new["ready"] and not new["dumpable"] and new["pid"] != one["pid"], new
-                handed = re.compile(rf"pid {new['pid']} uid \d+: key \S+ for model tiny handed out")
-                assert not handed.search(agent_log)
-                wait_for(lambda: bool(handed.search(agent.log.read_text())), 10,  # noqa: B023
-                         "the agent's log to show the new replica's key request")  # fmt: skip
 
-            # outputs over Serve's HTTP equal the plaintext model's, from both replicas
+            # outputs over Serve's HTTP equal the plaintext model's; concurrent requests until the autoscaler's
+            # new replica answers too
             batch = np.random.default_rng(1).standard_normal((3, IN), dtype=np.float32)
             expected = ort.InferenceSession(str(plain)).run(["output"], {"input": batch})[0]
-            answered = set()
+            answered: set[str] = set()
+
+            def hammer(_: int) -> None:
+                with httpx.Client(base_url=url, timeout=30) as client:
+                    while len(answered) < 2 and time.monotonic() - started < 60:
+                        got = client.post("/v2/models/tiny/infer", content=body(batch))
+                        assert got.status_code == 200, got.text
+                        data = np.array(got.json()["outputs"][0]["data"], np.float32).reshape(3, OUT)
+                        np.testing.assert_array_equal(data, expected)
+                        answered.add(got.headers["modelseal-replica"])
+
+            started = time.monotonic()
+            with ThreadPoolExecutor(8) as clients:
+                list(clients.map(hammer, range(8)))
+            scale_s = time.monotonic() - started
+            both = replicas(handle, 2)
+            assert answered == set(both) and one["replica"] in both, (answered, both)  # scaled out, none replaced
+            (new,) = (s for r, s in both.items() if r != one["replica"])
+            assert new["ready"] and not new["dumpable"] and new["pid"] != one["pid"], new
+            # the new replica's process asked the agent for the key itself; nothing carried it through Ray
+            handed = re.compile(rf"pid {new['pid']} uid \d+: key \S+ for model tiny handed out")
+            assert not handed.search(agent_log)
+            wait_for(lambda: bool(handed.search(agent.log.read_text())), 10, "the new replica's key request")
+
             with httpx.Client(base_url=url, timeout=30) as client:
-                for _ in range(40):
-                    got = client.post("/v2/models/tiny/infer", content=body(batch))
-                    assert got.status_code == 200, got.text
-                    data = np.array(got.json()["outputs"][0]["data"], np.float32).reshape(3, OUT)
-                    np.testing.assert_array_equal(data, expected)
-                    answered.add(got.headers["modelseal-replica"])
-                    if answered == set(both):
-                        break
-                assert answered == set(both)
                 triton = tritonclient.InferenceServerClient(url.removeprefix("http://"))
                 inp = tritonclient.InferInput("input", list(batch.shape), "FP32")
                 inp.set_data_from_numpy(batch)  # binary tensor data both ways
@@ -351,8 +371,7 @@ def test_replicas_serve_scale_and_refuse_on_revocation(ray_cluster: dict[str, An
                 assert statuses == [503] * 20
             assert all(not s["ready"] and "revoked" in s["reason"] for s in replicas(handle, 2).values())
             print(f"\nray.init {ray_cluster['init_s']:.1f} s; first replica (serve.run) {first_s:.1f} s, load "
-                  f"{one['load_s']:.2f} s; redeploy with 2 {scale_s:.1f} s, loads "
-                  f"{[round(s['load_s'], 2) for s in both.values()]} s; "
+                  f"{one['load_s']:.2f} s; scaled to 2 under load in {scale_s:.1f} s, load {new['load_s']:.2f} s; "
                   f"refused after {sorted(round(v, 2) for v in refused.values())} s")  # fmt: skip
         finally:
             serve.delete("tiny")

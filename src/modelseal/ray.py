@@ -172,6 +172,34 @@ def deployment(sealed: str | os.PathLike[str], *, name: str, identity: str | Non
     return serve.deployment(name=name, **options)(SealedReplica).bind(**args)
 
 
+NUMBERS = {"max_batch_size": int, "threads": int, "max_body_bytes": int, "key_check_s": float, "grace_s": float}
+LISTS = ("inputs", "outputs", "trusted_signers")
+
+
+def build_app(args: Mapping[str, Any]) -> Any:
+    """Ray Serve's *application builder*, for config files (``import_path: modelseal.ray:build_app``, the
+    model's settings under ``args``, ``num_replicas`` and the like under ``deployments``, the deployment
+    named as the model) and ``serve run modelseal.ray:build_app sealed=PATH name=NAME identity=...``.
+    Values given as text (the command line) are converted; a list given as text is space-separated."""
+    known = {"sealed", "name", "identity", *(replica_args.__kwdefaults__ or {})}
+    unknown = sorted(str(k)[:40] for k in args if k not in known)
+    if unknown:
+        raise UsageError(f"modelseal.ray: unknown argument(s) {unknown}; known: {sorted(known)}")
+    if not args.get("sealed") or not args.get("name"):
+        raise UsageError("modelseal.ray: the application needs 'sealed' (the model's path) and 'name'")
+    values = dict(args)
+    for key, kind in NUMBERS.items():
+        if isinstance(values.get(key), str):
+            try:
+                values[key] = kind(values[key])
+            except ValueError:
+                raise UsageError(f"modelseal.ray: {key} must be a number, not {values[key][:40]!r}") from None
+    for key in LISTS:
+        if isinstance(values.get(key), str):
+            values[key] = values[key].split()
+    return deployment(values.pop("sealed"), **values)
+
+
 # --- the replica ------------------------------------------------------------------------------------
 
 
