@@ -807,7 +807,7 @@ def test_workloads_are_locked_down() -> None:
                     if "emptyDir" in volume:
                         assert volume["emptyDir"]["medium"] == "Memory", f"{name}: {volume['name']} on disk"
             if name in {"modelseal-serve", "modelseal-agent"}:  # Guaranteed QoS: never given swap
-                for container in pod["containers"]:
+                for container in [*pod.get("initContainers", []), *pod["containers"]]:
                     assert container["resources"]["requests"] == container["resources"]["limits"], name
             labels = pod_labels(owner)
             if owner["kind"] != "Job":
