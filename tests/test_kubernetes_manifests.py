@@ -898,3 +898,25 @@ def test_probe_script_follows_model_readiness(tmp_path: Path) -> None:
         assert probe("live").returncode == 0  # the server itself is fine: liveness does not restart it
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_keyserver_health_answers_a_probe_without_a_client_certificate(tmp_path: Path) -> None:
+    """The kubelet's HTTPS probe presents no certificate and checks none: the key service, which asks for
+    client certificates without requiring them, answers it (its host API still refuses such a client)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from modelseal.devstack import KeyServer
+
+    (deployment,) = [o for o in render("base/keyserver") if o["kind"] == "Deployment"]
+    path = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"]
+    kubelet = ssl.create_default_context()
+    kubelet.check_hostname, kubelet.verify_mode = False, ssl.CERT_NONE
+    with KeyServer(tmp_path / "ks") as keyserver:
+        with urllib.request.urlopen(keyserver.url + path, context=kubelet, timeout=10) as answer:
+            assert answer.status == 200 and json.loads(answer.read()) == {"status": "ok"}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(keyserver.url + "/v1/keys", context=kubelet, timeout=10)
+        assert 400 <= refused.value.code < 500
