@@ -50,6 +50,12 @@ class ModelSource:
     def sealed(self) -> bool:
         return bool(self.artifacts)
 
+    @property
+    def directory(self) -> bool:
+        """Whether the artifacts are the members of a sealed directory, local or remote (``path`` is then a
+        pointer file for a remote one: ``path.is_dir()`` does not say)."""
+        return self._directory
+
     def key_ids(self) -> set[str]:
         """Key-service key ids the artifact is wrapped to (the agent reports which keys it still holds)."""
         return set().union(*(key_ids(a) for a in self.artifacts.values()))

@@ -38,8 +38,8 @@ class TvmRuntime:
 
         self.model: Module | None
         if source.sealed:
-            self.model = tvm.module_from_artifacts(source.artifacts, str(source.path),
-                                                   directory=source.path.is_dir())  # fmt: skip
+            # source.directory, not path.is_dir(): a pointer file naming a remote sealed directory is a file
+            self.model = tvm.module_from_artifacts(source.artifacts, str(source.path), directory=source.directory)
         else:
             self.model = tvm.module_from_plain(source.path)
 
