@@ -820,6 +820,14 @@ def test_workloads_are_locked_down() -> None:
                 selector = obj["spec"].get("selector", obj["spec"].get("podSelector", {})).get("matchLabels")
             if selector:
                 assert any(selector.items() <= pod_labels(o).items() for o, _ in templates), obj["metadata"]["name"]
+        for runtime, predictor in kserve_pods(objects):
+            assert predictor["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert predictor["securityContext"]["runAsNonRoot"] is True
+            for container in runtime["spec"]["containers"]:
+                sc = container["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+                assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
+            assert all(v["emptyDir"]["medium"] == "Memory" for v in runtime["spec"]["volumes"] if "emptyDir" in v)
         policies = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "modelseal-serve"]
         for policy in policies:
             egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
