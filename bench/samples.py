@@ -32,3 +32,21 @@ def snp_evidence() -> dict[str, Any]:
         "vcek": b64e((SAMPLES / "snp" / "vcek_milan.der").read_bytes()),
         "cert_chain": (SAMPLES / "snp" / "cert_chain_milan").read_text(),
     }
+
+
+# NVIDIA's 2023 Hopper sample (nvtrust, Apache-2.0): the report the sample driver and VBIOS RIMs describe.
+NVIDIA = SAMPLES / "nvidia"
+NVIDIA_AT = 1717200000  # 2024-06-01: inside the RIM signing certificates' validity (2023-06-27 .. 2025-06-22)
+NVIDIA_NONCE = bytes.fromhex("4cff7f5380ead8fad8ec2c531c110aca4302a88f603792801a8ca29ee151af2e")
+NVIDIA_RIMS = [
+    str(NVIDIA / "Driver_RIM_test_no_gpu.swidtag"),
+    str(NVIDIA / "1010_0200_882_96005E0001_test_no_gpu.swidtag"),
+]
+
+
+def nvidia_evidence(gpus: int = 1) -> dict[str, Any]:
+    gpu = {
+        "report": b64e(bytes.fromhex((NVIDIA / "hopperAttestationReport-2023.txt").read_text().strip())),
+        "cert_chain": (NVIDIA / "hopperCertChain-2023.txt").read_text(),
+    }
+    return {"kind": "nvidia-gpu", "gpus": [gpu] * gpus}

@@ -9,6 +9,7 @@ service checks at the wall clock, a test or ``modelseal attest verify --at`` at 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -74,6 +75,27 @@ def load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
     return certs
 
 
+@lru_cache(maxsize=4096)
+def _link(cert_der: bytes, issuer_der: bytes) -> str | None:
+    try:
+        x509.load_der_x509_certificate(cert_der).verify_directly_issued_by(
+            x509.load_der_x509_certificate(issuer_der)
+        )
+    except InvalidSignature:
+        return "has a signature that does not verify"
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # issuer name mismatch, unusable key or algorithm
+        return "was not issued by the next certificate in the chain"
+    return None
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
+    """None if ``issuer`` signed ``cert``, else why not. Answers are remembered by the two DERs (a signature
+    check is a pure function of them): every GPU of a model shares its chain's upper links, and a host
+    renewing presents the same leaf, so a key service checks each link's signature once (~1.4 ms each,
+    ECDSA P-384); validity times are still checked on every use."""
+    return _link(cert.public_bytes(serialization.Encoding.DER), issuer.public_bytes(serialization.Encoding.DER))
+
+
 def _name(cert: x509.Certificate, position: int) -> str:
     try:
         common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
@@ -113,11 +135,8 @@ def verify_chain(chain: list[x509.Certificate], root: x509.Certificate, now: int
             issuer = chain[min(position + 1, len(chain) - 1)]  # the root signs itself
             if position > 0:
                 _check_issuer(cert, label)
-            try:
-                cert.verify_directly_issued_by(issuer)
-            except InvalidSignature:
-                raise EvidenceError(f"the {label} has a signature that does not verify") from None
-            except ValueError:
-                raise EvidenceError(f"the {label} was not issued by the next certificate in the chain") from None
+            problem = issued_by(cert, issuer)
+            if problem:
+                raise EvidenceError(f"the {label} {problem}")
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # lazily parsed fields of a damaged certificate
         raise EvidenceError(f"a certificate in the {what} is malformed: {exc}") from None

@@ -35,6 +35,9 @@ certificates (NVIDIA's OCSP service is not reachable here; see docs/attestation.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,8 +172,27 @@ class NvidiaGpuVerifier:
     ) -> None:
         self.device_root = x509.load_pem_x509_certificate(device_root)
         self.rim_root = x509.load_pem_x509_certificate(rim_root)
-        self.rims = rims  # RIM documents the owner configured, verified at each use (their certs expire)
+        self.rims = rims  # RIM documents the owner configured
         self.host_rims = host_rims
+        self._verified: OrderedDict[bytes, Rim] = OrderedDict()  # by SHA-256 of the document
+        self._lock = threading.Lock()
+
+    def verified_rim(self, document: bytes, what: str, now: int) -> Rim:
+        """``document`` verified to the RIM root, at most once while its chain is valid: verifying a RIM is a
+        pure function of its bytes and the root, ~6 ms, so the answer is kept (the last 64) and only the
+        time is checked again."""
+        from modelseal.attest.nvidia_rim import verify_rim
+
+        digest, at = hashlib.sha256(document).digest(), _at(now)
+        with self._lock:
+            rim = self._verified.get(digest)
+        if rim is None or not rim.not_before <= at <= rim.not_after:
+            rim = verify_rim(document, root=self.rim_root, at=at, what=what)
+            with self._lock:
+                self._verified[digest] = rim
+                while len(self._verified) > 64:
+                    self._verified.popitem(last=False)
+        return rim
 
     def documents(self, evidence: dict[str, Any]) -> list[tuple[str, bytes]]:
         """The RIM documents to choose from: the owner's, and the host's only where the owner said so.
@@ -192,14 +214,12 @@ class NvidiaGpuVerifier:
         return documents
 
     def pick(self, documents: list[tuple[str, bytes]], version: str, what: str, now: int) -> Rim:
-        """The verified RIM for ``version``: the documents that name it in their text are verified first (each
-        verification takes ~6 ms), and the verified version decides."""
-        from modelseal.attest.nvidia_rim import verify_rim
-
+        """The verified RIM for ``version``: the documents that name it in their text are tried first, and the
+        verified version decides."""
         needle = f'colloquialversion="{version.lower()}"'.encode()
         likely = sorted(documents, key=lambda doc: needle not in doc[1].lower())  # the others only if none is
         for origin, document in likely:
-            rim = verify_rim(document, root=self.rim_root, at=_at(now), what=f"{what} ({origin})")
+            rim = self.verified_rim(document, f"{what} ({origin})", now)
             if rim.colloquial_version.lower() == version.lower():
                 return rim
         hint = "" if self.host_rims else " (RIMs a host attaches count only with nvidia_host_rims = true)"

@@ -55,6 +55,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from modelseal.attest.base import EvidenceError
+from modelseal.attest.certchain import issued_by
 from modelseal.errors import MissingDependencyError, one_line
 
 MAX_RIM_BYTES = 4 * 1024 * 1024
@@ -103,7 +104,8 @@ class Rim:
     measurements: dict[int, RimMeasurement] = field(hash=False)
     signer: str
     signer_sha256: str
-    not_after: datetime
+    not_before: datetime  # the latest notBefore in the chain: the RIM verifies from then ...
+    not_after: datetime  # ... to the earliest notAfter
 
 
 def _xml_libraries() -> tuple[ModuleType, ModuleType]:
@@ -251,10 +253,9 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         if not isinstance(cert.signature_hash_algorithm, _CERT_HASHES):
             return False
-        cert.verify_directly_issued_by(issuer)
-    except Exception:  # InvalidSignature, a name mismatch (ValueError), an unusable key (UnsupportedAlgorithm)...
+    except Exception:  # an unknown algorithm (UnsupportedAlgorithm) in a damaged certificate
         return False
-    return True
+    return issued_by(cert, issuer) is None
 
 
 def _check_issuer(issuer: x509.Certificate, below: int, what: str) -> None:
@@ -383,6 +384,7 @@ def _read_rim(signed: Any, chain: list[x509.Certificate], what: str) -> Rim:
         measurements=measurements,
         signer=chain[0].subject.rfc4514_string(),
         signer_sha256=chain[0].fingerprint(hashes.SHA256()).hex(),
+        not_before=max(c.not_valid_before_utc for c in chain),
         not_after=min(c.not_valid_after_utc for c in chain),
     )
 
