@@ -370,11 +370,19 @@ def test_replicas_serve_scale_and_refuse_on_revocation(ray_cluster: dict[str, An
                 statuses = [client.post("/v2/models/tiny/infer", content=body(batch)).status_code for _ in range(20)]
                 assert statuses == [503] * 20
             assert all(not s["ready"] and "revoked" in s["reason"] for s in replicas(handle, 2).values())
+            # a replica started now cannot get the key: its deployment fails, with the agent's reason
+            late = deployment(sealed, name="tiny", identity=spec, max_constructor_retry_count=1,
+                              ray_actor_options={"num_cpus": 0})  # fmt: skip
+            with pytest.raises(RuntimeError, match="Deploying application late failed"):
+                serve.run(late, name="late", route_prefix="/late")
+            why = serve.status().applications["late"].deployments["tiny"].message
+            assert "KeyReleaseError" in why and "revoked" in why and "licence ended" in why, why
             print(f"\nray.init {ray_cluster['init_s']:.1f} s; first replica (serve.run) {first_s:.1f} s, load "
                   f"{one['load_s']:.2f} s; scaled to 2 under load in {scale_s:.1f} s, load {new['load_s']:.2f} s; "
                   f"refused after {sorted(round(v, 2) for v in refused.values())} s")  # fmt: skip
         finally:
-            serve.delete("tiny")
+            for name in serve.status().applications:
+                serve.delete(name)
             reference.stop()
             pool.shutdown()
             agent.stop()

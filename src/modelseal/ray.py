@@ -397,7 +397,10 @@ class SealedReplica:
         self.args = replica_args(sealed, name=name, identity=identity, **settings)
         self.replica = replica_id()
         started = time.monotonic()
-        self.model = load_model(self.args)
+        try:
+            self.model = load_model(self.args)
+        except ModelsealError as exc:  # Serve shows the reason (serve status) with only this frame
+            raise exc.with_traceback(None) from None
         self.load_s = time.monotonic() - started
         self.endpoint = Endpoint(self.model, self.replica)
         log.info("modelseal: replica %s serves model %s (loaded in %.2f s)", self.replica, name, self.load_s)
