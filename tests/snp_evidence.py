@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -88,11 +89,11 @@ class SnpUnderTestRoots:
         report[SIGNED_SIZE + 72 : SIGNED_SIZE + 144] = s.to_bytes(72, "little")
         return bytes(report)
 
-    def evidence(self, report_data: bytes) -> dict[str, str]:
+    def evidence(self, report_data: bytes, **report: Any) -> dict[str, str]:
         chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.ask, self.ark))
         return {
             "kind": "sev-snp",
-            "report": b64e(self.report(report_data)),
+            "report": b64e(self.report(report_data, **report)),
             "vcek": b64e(self.vcek.public_bytes(serialization.Encoding.DER)),
             "cert_chain": chain.decode(),
         }

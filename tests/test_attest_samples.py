@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +13,14 @@ from typing import Any
 
 import pytest
 from bench.samples import AT, SAMPLES, SNP_AT, dcap_evidence, snp_evidence
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelseal.attest import EvidenceError, VerificationContext, get_verifier
-from modelseal.attest.base import expected_report_data, unmet
-from modelseal.attest.snp import OID_HWID, OID_SPL, SnpVerifier
+from modelseal.attest.base import unmet
+from modelseal.attest.snp import SnpVerifier
 from modelseal.encoding import b64d, b64e
+from tests.snp_evidence import SnpUnderTestRoots
 
 
 def verify(evidence: dict[str, Any], at: int, binding: bytes | None = None, verifier: Any = None) -> Any:
@@ -262,64 +257,16 @@ def test_snp_any_bit_flip_in_the_certificates_is_rejected_cleanly(data: st.DataO
 
 # --- SEV-SNP debug policy: a chain we make ourselves, trusted only by a verifier told to ------------
 # No public debug-mode sample exists, so this checks the debug rule end to end on our own ARK -> ASK ->
-# VCEK; the default verifier (pinned to AMD's roots) refuses the same evidence.
-
-
-def _cert(
-    subject: str, issuer: str, key: Any, signer: Any, extensions: list[x509.ExtensionType] = ()
-) -> x509.Certificate:  # type: ignore[assignment]
-    now = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=3650))
-    )
-    for ext in extensions:
-        builder = builder.add_extension(ext, critical=False)
-    return builder.sign(signer, hashes.SHA384(), rsa_padding=padding.PSS(padding.MGF1(hashes.SHA384()), 48))
-
-
-def debug_evidence(binding: bytes) -> tuple[dict[str, Any], str]:
-    real = b64d(snp_evidence()["report"])
-    report = bytearray(real)
-    struct.pack_into("<Q", report, 0x08, struct.unpack_from("<Q", real, 0x08)[0] | 1 << 19)  # policy.DEBUG
-    report[0x50:0x90] = expected_report_data(binding)
-    ark_key = rsa.generate_private_key(65537, 2048)
-    ask_key = rsa.generate_private_key(65537, 2048)
-    vcek_key = ec.generate_private_key(ec.SECP384R1())
-    tcb = report[0x180:0x188]
-    spl = {"boot_loader": tcb[0], "tee": tcb[1], "snp": tcb[6], "microcode": tcb[7]}
-    extensions = [x509.UnrecognizedExtension(x509.ObjectIdentifier(OID_HWID), bytes(report[0x1A0:0x1E0]))]
-    extensions += [
-        x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), bytes([2, 1, spl[n]])) for n, oid in OID_SPL.items()
-    ]
-    ark = _cert("ARK-Test", "ARK-Test", ark_key, ark_key)
-    ask = _cert("SEV-Test", "ARK-Test", ask_key, ark_key)
-    vcek = _cert("SEV-VCEK", "SEV-Test", vcek_key, ask_key, extensions)
-    r, s = decode_dss_signature(vcek_key.sign(bytes(report[:0x2A0]), ec.ECDSA(hashes.SHA384())))
-    report[0x2A0 : 0x2A0 + 72] = r.to_bytes(72, "little")
-    report[0x2A0 + 72 : 0x2A0 + 144] = s.to_bytes(72, "little")
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    evidence = {
-        "kind": "sev-snp",
-        "report": b64e(bytes(report)),
-        "vcek": b64e(vcek.public_bytes(Encoding.DER)),
-        "cert_chain": (ask.public_bytes(Encoding.PEM) + ark.public_bytes(Encoding.PEM)).decode(),
-    }
-    return evidence, ark.fingerprint(hashes.SHA256()).hex()
+# VCEK (tests/snp_evidence.py); the default verifier (pinned to AMD's roots) refuses the same evidence.
 
 
 def test_snp_debug_guest_is_refused_unless_the_grant_allows_it() -> None:
     binding = os.urandom(32)
-    evidence, ark = debug_evidence(binding)
+    made = SnpUnderTestRoots.make()
+    evidence = made.evidence(binding, policy=0x30000 | 1 << 19)  # policy.DEBUG
     with pytest.raises(EvidenceError, match="does not contain a pinned AMD root key"):
         verify(evidence, SNP_AT, binding)  # the default verifier trusts AMD's roots only
-    claims = verify(evidence, SNP_AT, binding, verifier=SnpVerifier({ark: "test"}))
+    claims = verify(evidence, SNP_AT, binding, verifier=SnpVerifier({made.ark_sha256: "test"}))
     assert claims.debug is True and claims.report_data_bound
     assert "debug-mode TEE, which the grant forbids" in str(unmet({"kind": "sev-snp"}, claims))
     assert unmet({"kind": "sev-snp", "allow_debug": True}, claims) is None

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
+from bench.samples import NVIDIA_AT, NVIDIA_NONCE, nvidia_evidence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
@@ -36,21 +37,14 @@ AT = 1767225600  # 2026-01-01: inside every GPU certificate's validity
 CHAIN = load_pem_chain(CHAIN_PEM, "GPU certificate chain")
 VERIFIER = NvidiaGpuVerifier()
 # NVIDIA's 2023 sample (nvtrust 08a50685e): the GPU the sample RIMs describe, asked with nonce 4cff7f53…2e
-NONCE_2023 = bytes.fromhex("4cff7f5380ead8fad8ec2c531c110aca4302a88f603792801a8ca29ee151af2e")
-SAMPLE_2023 = {
-    "kind": "nvidia-gpu",
-    "gpus": [{
-        "report": b64e(bytes.fromhex((DATA / "hopperAttestationReport-2023.txt").read_text().strip())),
-        "cert_chain": (DATA / "hopperCertChain-2023.txt").read_text(),
-    }],
-}  # fmt: skip
+SAMPLE_2023, NONCE_2023 = nvidia_evidence(), NVIDIA_NONCE
 RIMS = {
     "driver": (DATA / "Driver_RIM_test_no_gpu.swidtag").read_bytes(),
     "vbios": (DATA / "1010_0200_882_96005E0001_test_no_gpu.swidtag").read_bytes(),
     "prod": (DATA / "1010_0200_882_96005E0001_PROD.swidtag").read_bytes(),
 }
 WITH_TEST_RIMS = NvidiaGpuVerifier(rims=(RIMS["driver"], RIMS["vbios"]))
-RIM_AT = 1717200000  # 2024-06-01: inside the sample RIMs' signing certificates (2023-06-27 to 2025-06-22)
+RIM_AT = NVIDIA_AT  # 2024-06-01: inside the sample RIMs' signing certificates (2023-06-27 to 2025-06-22)
 AT_2026_12 = 1796083200
 
 
