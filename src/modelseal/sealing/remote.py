@@ -4,12 +4,13 @@ s3://bucket/key``, and a directory to ``s3://bucket/prefix/`` (docs/remote.md).
 The sealed bytes go up by S3 multipart upload while they are produced: the format's sealing pipeline
 (``format/container.py``, :class:`~modelseal.format.container.Destination`) encrypts segments on every core
 as for a local file, each ciphertext is copied into the part buffer it falls in, and a part is handed to
-one of a few uploader threads as soon as all its bytes are in. The first part, which holds the header, is
-uploaded last (a publisher signature is written into the header once every segment has been hashed).
+one of a few uploader threads as soon as all its bytes are in, the first part (which holds the header)
+included; with a publisher signature, which is written into the header once every segment has been
+hashed, the first part is uploaded once more at the end (the later upload of a part number replaces it).
 Nothing is written to disk and only ciphertext leaves the process; the plaintext is read from its file
 (mapped) as for a local seal. Memory is bounded: the parts uploading or waiting for an uploader
 (``MODELSEAL_REMOTE_CONCURRENCY``, default 4, each ``MODELSEAL_REMOTE_PART_SIZE``), the parts the
-encryption workers are filling (about one per worker), and the first part.
+encryption workers are filling (about one or two per worker), and the first part.
 
 All or nothing: the object appears only when ``CompleteMultipartUpload`` succeeds, and without ``force``
 that call carries ``If-None-Match: *`` (an object written meanwhile by someone else is not replaced). Any
@@ -165,6 +166,8 @@ class _Parts:
         self.pool = ThreadPoolExecutor(upload._conf.uploads, thread_name_prefix="modelseal-upload")
         self.futures: list[Future[None]] = []
         self.failure: BaseException | None = None
+        self.first: Future[None] | None = None  # the first part's upload, once submitted
+        self.rewritten = False  # the header changed after the first part was submitted: upload it again
 
     def length(self, k: int) -> int:
         return min(self.part, self.size - k * self.part)
@@ -172,10 +175,11 @@ class _Parts:
     def run(self, fill: Callable[[WriteAt], None]) -> None:
         try:
             fill(self.write_at)
-            missing = [k + 1 for k in range(1, self.count) if self.filled.get(k, 0) != self.length(k)]
+            missing = [k + 1 for k in range(self.count) if self.filled.get(k, 0) != self.length(k)]
             if missing:  # the format's contract (every byte written once) was broken: never publish
                 raise ModelsealError(f"{self.upload.url}: part {missing[0]} was not written whole; nothing uploaded")
-            self.submit(0)  # the header's part, last: a signature may have been written into it
+            if self.rewritten:
+                self.submit(0)  # after its first upload ended (write_at waited for it): this one replaces it
             for f in self.futures:
                 f.result()
         except BaseException as exc:
@@ -199,6 +203,9 @@ class _Parts:
                 k = (at + pos) // self.part
                 start = k * self.part
                 n = min(len(src) - pos, start + self.length(k) - (at + pos))
+                if k == 0 and self.first is not None:  # the header again (a signature): not while it uploads
+                    self.first.result()
+                    self.rewritten = True
                 with self.lock:
                     self.check()
                     buf = self.buffers.get(k)
@@ -206,7 +213,7 @@ class _Parts:
                         buf = self.buffers[k] = self.new_buffer(k)
                 buf[at + pos - start : at + pos - start + n] = src[pos : pos + n]
                 whole = False
-                if k:  # the first part is uploaded at the end, whatever it receives
+                if not (k == 0 and self.rewritten):
                     with self.lock:
                         self.filled[k] = self.filled.get(k, 0) + n
                         whole = self.filled[k] == self.length(k)
@@ -230,6 +237,8 @@ class _Parts:
             self.check()
         self.check()
         self.futures.append(self.pool.submit(self.send, k))
+        if k == 0:
+            self.first = self.futures[-1]
 
     def send(self, k: int) -> None:
         try:
@@ -241,8 +250,8 @@ class _Parts:
             raise
         finally:
             with self.lock:
-                buf = self.buffers.pop(k)
-                if len(buf) == self.part and len(self.free) < 2:
+                buf = self.buffers.pop(k) if k else self.buffers[k]  # the first stays: a signature may follow
+                if k and len(buf) == self.part and len(self.free) < 2:
                     self.free.append(buf)
             self.slots.release()
 
