@@ -130,6 +130,19 @@ def test_config_file_arguments_checked(args: dict[str, str], message: str) -> No
         build_app(args)
 
 
+def test_the_docs_config_file_example_is_accepted() -> None:
+    """docs/ray.md's Serve config: the builder's arguments pass its checks, the deployment is named as
+    the model (Serve applies the deployments section by name)."""
+    yaml = pytest.importorskip("yaml")
+    from modelseal.ray import build_app, replica_args
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ray.md").read_text()
+    (app,) = yaml.safe_load(re.search(r"```yaml\n(.*?)```", doc, re.S).group(1))["applications"]  # type: ignore[union-attr]
+    assert app["import_path"] == "modelseal.ray:build_app" and build_app.__name__ == "build_app"
+    args = dict(app["args"])
+    assert replica_args(args.pop("sealed"), **args)["name"] == app["deployments"][0]["name"] == app["name"]
+
+
 def test_endpoint_answers_v2_without_ray(tmp_path: Path, host: HpkeIdentity, host_key: Path) -> None:
     """The replica's routes on a model loaded with a key file: outputs as the plain model's, serve's
     decoder's messages for bad bodies, 404/405 for other routes and methods, 503 once the key is refused."""
