@@ -148,7 +148,8 @@ def _check_options(options: Mapping[str, Any]) -> None:
     if "name" in options:
         raise UsageError("modelseal.ray: the deployment is named by name=, which is also the model's name")
     actor = options.get("ray_actor_options") or {}
-    env = (actor.get("runtime_env") or {}).get("env_vars") or {} if isinstance(actor, Mapping) else {}
+    runtime_env = actor.get("runtime_env") or {} if isinstance(actor, Mapping) else {}
+    env = runtime_env.get("env_vars") or {} if isinstance(runtime_env, Mapping) else {}
     if isinstance(env, Mapping) and any(isinstance(v, str) and is_identity_text(v) for v in env.values()):
         raise UsageError("modelseal.ray: a runtime_env variable holds a key; set it in the node's environment "
                          "(or use agent:SOCKET): Ray keeps runtime_env in its GCS")  # fmt: skip
