@@ -14,7 +14,16 @@ materialised (the identity or key is ready before). Methods:
 Ratios are each load's time over the plain load of the same round and server; medians over rounds.
 ``--throttle MBIT`` adds a shaped-HTTP run: sealed load time against the plain transfer alone.
 
+``--uploads`` adds sealing *to* S3 (issue 18, item 2), against the same S3 server, interleaved rounds,
+each write in a fresh process timed from the first byte read to the object completed:
+
+- ``upload-plain``: the plaintext safetensors file uploaded by boto3's multipart ``upload_file``
+  (``TransferConfig``: the same part size and parts in flight as the sealed upload);
+- ``upload-sealed``: ``modelseal.seal(plain file, "s3://...")``: segments encrypted on every core, parts
+  uploaded as they fill (``MODELSEAL_REMOTE_PART_SIZE``, ``MODELSEAL_REMOTE_CONCURRENCY``).
+
     python bench/remote.py [--sizes 1024] [--rounds 3] [--throttle 1000] [--throttle-size 256] [--json]
+    python bench/remote.py --uploads --servers s3 --skip plain,modelseal,tensorizer,runai --sizes 1024
 """
 
 from __future__ import annotations
@@ -58,6 +67,18 @@ elif method == "transfer":
     client = httpx.Client(timeout=600)
 elif method == "runai":
     from runai_model_streamer import SafetensorsStreamer
+elif method == "upload-plain":
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    client = boto3.client("s3")
+    part, inflight = int(os.environ["BENCH_PART"]), int(os.environ["MODELSEAL_REMOTE_CONCURRENCY"])
+    config = TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=inflight)
+elif method == "upload-sealed":
+    import modelseal
+    from modelseal.recipients import parse_recipient
+    from modelseal.load.remote import s3 as _s3
+    _s3.client()
+    recipient = parse_recipient(secret)
 import gc
 gc.collect()
 t0 = time.perf_counter()
@@ -74,9 +95,17 @@ elif method == "tensorizer":
     kw = {}
     if url.startswith("s3://"):
         kw = dict(s3_endpoint=os.environ["AWS_ENDPOINT_URL"].split("//")[1], force_http=True,
-                  s3_access_key_id="bench", s3_secret_access_key="bench")
+                  s3_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+                  s3_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"])
     with open_stream(url, **kw) as stream:
         sd = dict(TensorDeserializer(stream, device="cpu", encryption=dec))
+elif method == "upload-plain":
+    b, _, k = url[5:].partition("/")
+    client.upload_file(os.environ["BENCH_SRC"], b, k, Config=config)
+    sd = {}
+elif method == "upload-sealed":
+    modelseal.seal(os.environ["BENCH_SRC"], url, [recipient], force=True)
+    sd = {}
 else:
     with SafetensorsStreamer() as streamer:
         streamer.stream_file(url)
@@ -86,12 +115,11 @@ print(json.dumps({"seconds": t, "tensors": len(sd)}))
 """
 
 
-def make_files(root: Path, size_mb: int, key_path: Path, recipient: str) -> str:
-    """plain, sealed and tensorizer-encrypted files of ``size_mb`` MiB (fp16 tensors of 16 MiB); the key hex."""
+def make_files(root: Path, size_mb: int, key_path: Path, recipient: str, tensorizer: bool = True) -> str:
+    """plain, sealed and tensorizer-encrypted files of ``size_mb`` MiB (fp16 tensors of 16 MiB); the key hex
+    (no tensorizer file, and no key, when ``tensorizer`` is left out)."""
     import torch
     from safetensors.torch import save_file
-    from tensorizer import TensorSerializer
-    from tensorizer.serialization import EncryptionParams
 
     import modelseal
 
@@ -100,6 +128,11 @@ def make_files(root: Path, size_mb: int, key_path: Path, recipient: str) -> str:
     sd = {f"layer.{i}.weight": torch.randn(4096, 2048, generator=g).half() for i in range(n)}
     save_file(sd, str(root / f"plain-{size_mb}.safetensors"))
     modelseal.seal(root / f"plain-{size_mb}.safetensors", root / f"sealed-{size_mb}.safetensors", [recipient])
+    if not tensorizer:
+        return ""
+    from tensorizer import TensorSerializer
+    from tensorizer.serialization import EncryptionParams
+
     enc = EncryptionParams.random()
     ser = TensorSerializer(str(root / f"tensorizer-{size_mb}.tensors"), encryption=enc)
     ser.write_state_dict(sd)
@@ -142,15 +175,23 @@ def start_http(root: Path, rate: float | None = None) -> tuple[subprocess.Popen[
     return proc, f"http://127.0.0.1:{port}/"
 
 
-def start_s3(root: Path, files: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+def start_s3(root: Path, files: list[str], s3rver: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    """moto's server, or s3rver (npm; it checks signatures against its fixed S3RVER key pair and keeps
+    objects as files, serving a range by reading only that range) when its executable is given."""
     import boto3
 
     port = free_port()
-    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    if s3rver:
+        data = root / "s3rver-data"
+        data.mkdir(exist_ok=True)
+        cmd = [s3rver, "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "-s"]
+        key = "S3RVER"
+    else:
+        cmd, key = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], "bench"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=key,
                       AWS_DEFAULT_REGION="us-east-1", RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING="0",
                       AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
     client = boto3.client("s3")
@@ -176,10 +217,18 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="methods to leave out, comma-separated")
     ap.add_argument("--s3-part-size", default="256M", help="MODELSEAL_REMOTE_PART_SIZE for S3 (docs/benchmarks.md)")
     ap.add_argument("--s3-concurrency", default="4", help="MODELSEAL_REMOTE_CONCURRENCY for S3")
+    ap.add_argument("--s3rver", default="", metavar="PATH",
+                    help="s3rver's executable (npm install --prefix DIR s3rver@3.7.1): the S3 server instead of moto "
+                         "(runai-model-streamer runs against it; moto reads the whole object per range)")  # fmt: skip
     ap.add_argument("--throttle", type=float, default=0, help="also a run shaped to this many Mbit/s")
     ap.add_argument("--throttle-size", type=int, default=256)
+    ap.add_argument("--uploads", action="store_true", help="also seal to S3 against a plain multipart upload")
+    ap.add_argument("--upload-part-size", default="16M", help="part size of both uploads")
+    ap.add_argument("--upload-concurrency", default="4", help="parts in flight in both uploads")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.uploads and "s3" not in args.servers:
+        ap.error("--uploads needs the s3 server (--servers s3 or http,s3)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers and remove the files on kill
     from modelseal.recipients.hpke import KEMS, HpkeIdentity
 
@@ -191,7 +240,8 @@ def main() -> None:
         key_path = root / "host.key"
         ident.save(key_path)
         sizes = [int(s) for s in args.sizes.split(",")]
-        secrets = {size: make_files(root, size, key_path, ident.recipient) for size in sizes}
+        skip = set(args.skip.split(","))
+        secrets = {size: make_files(root, size, key_path, ident.recipient, "tensorizer" not in skip) for size in sizes}
         servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         try:
             if "http" in args.servers:
@@ -199,8 +249,7 @@ def main() -> None:
             if "s3" in args.servers:
                 names = [f"{k}-{s}.{ext}" for s in sizes for k, ext in
                          (("plain", "safetensors"), ("sealed", "safetensors"), ("tensorizer", "tensors"))]  # fmt: skip
-                servers["s3"] = start_s3(root, names)
-            skip = set(args.skip.split(","))
+                servers["s3"] = start_s3(root, [n for n in names if (root / n).exists()], args.s3rver)
             failed: set[tuple[str, str]] = set()
             for size in sizes:
                 times: dict[tuple[str, str], list[float]] = {}
@@ -235,6 +284,8 @@ def main() -> None:
                                  "x_plain": statistics.median(rs) if rs else None, "all": ts})  # fmt: skip
             if args.throttle:
                 rows += throttled(root, args, key_path, ident.recipient)
+            if args.uploads:
+                rows += uploads(root, args, servers["s3"][1], ident.recipient.describe())
         finally:
             for proc, _base in servers.values():
                 proc.terminate()
@@ -247,6 +298,38 @@ def main() -> None:
         ratio = f"{r['x_plain']:.2f}" if r["x_plain"] is not None else "-"
         print(f"{r['size_mb']:>5} {r['server']:10} {r['method']:11} {r['seconds']:9.3f} {ratio:>8}   "
               + " ".join(f"{t:.2f}" for t in r["all"]))  # fmt: skip
+
+
+def uploads(root: Path, args: argparse.Namespace, base: str, recipient: str) -> list[dict[str, Any]]:
+    """Sealing to S3 against uploading the plaintext, same server, interleaved, fresh processes."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    raw = args.upload_part_size.upper().removesuffix("B").removesuffix("I")
+    part = int(raw[:-1]) * scale[raw[-1]] if raw[-1] in scale else int(raw)
+    env = {"BENCH_PART": str(part), "MODELSEAL_REMOTE_PART_SIZE": str(part),
+           "MODELSEAL_REMOTE_CONCURRENCY": args.upload_concurrency}  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for size in [int(x) for x in args.sizes.split(",")]:
+        times: dict[str, list[float]] = {"upload-plain": [], "upload-sealed": []}
+        ratios: list[float] = []
+        for rnd in range(args.rounds):
+            got = {}
+            order = ["upload-plain", "upload-sealed"] if rnd % 2 == 0 else ["upload-sealed", "upload-plain"]
+            for m in order:
+                url = f"{base}up/{m}-{size}.safetensors"
+                got[m] = run_child(m, url, recipient, {**env, "BENCH_SRC": str(root / f"plain-{size}.safetensors")})
+                times[m].append(got[m])
+            ratios.append(got["upload-sealed"] / got["upload-plain"])
+            print(f"# upload round {rnd + 1} {size} MiB: " + " ".join(f"{m}={t:.2f}s" for m, t in got.items()),
+                  file=sys.stderr)  # fmt: skip
+        plain, sealed = statistics.median(times["upload-plain"]), statistics.median(times["upload-sealed"])
+        rows.append({"size_mb": size, "server": "s3-upload", "method": "upload-plain", "seconds": plain,
+                     "x_plain": 1.0, "all": times["upload-plain"]})  # fmt: skip
+        rows.append({"size_mb": size, "server": "s3-upload", "method": "upload-sealed", "seconds": sealed,
+                     "x_plain": statistics.median(ratios), "ratio_of_medians": sealed / plain,
+                     "all": times["upload-sealed"]})  # fmt: skip
+        print(f"# upload {size} MiB: sealed/plain ratio of medians {sealed / plain:.3f}, "
+              f"median of per-round ratios {statistics.median(ratios):.3f}", file=sys.stderr)  # fmt: skip
+    return rows
 
 
 def throttled(root: Path, args: argparse.Namespace, key_path: Path, recipient: str) -> list[dict[str, Any]]:

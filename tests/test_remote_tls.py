@@ -195,3 +195,7 @@ def test_an_untrusted_server_certificate_is_one_line(site: Path, pki: Pki, host:
             modelseal.numpy.load_file(url + "w.sealed.safetensors", identity=host)
         assert "\n" not in str(e.value) and "retries" not in str(e.value)
         assert behaviour.auth_seen == []  # the token was never sent: the handshake failed first
+        env.setenv("MODELSEAL_HTTP_CA_BUNDLE", str(pki.ca))  # the right CA, but a name the certificate lacks
+        with pytest.raises(UsageError, match="TLS certificate does not name this host"):
+            modelseal.numpy.load_file(url.replace("127.0.0.1", "localhost") + "w.sealed.safetensors", identity=host)
+        assert behaviour.auth_seen == []

@@ -60,9 +60,10 @@ def _tls_refusal(exc: BaseException, name: str, has_cert: bool) -> UsageError | 
     text = f"{tls.reason or ''} {tls}" if tls is not None else str(exc)
     upper = text.upper()
     if "CERTIFICATE_VERIFY_FAILED" in upper:
-        why = "hostname mismatch" if "HOSTNAME" in upper or "IP ADDRESS MISMATCH" in upper else "not trusted"
-        return UsageError(f"cannot read {name}: the server's TLS certificate is {why} (set ${CA_BUNDLE_ENV} to the "
-                          "CA that signs it, or fix the URL's host name)")  # fmt: skip
+        if "HOSTNAME" in upper or "IP ADDRESS MISMATCH" in upper:
+            return UsageError(f"cannot read {name}: the server's TLS certificate does not name this host")
+        return UsageError(f"cannot read {name}: the server's TLS certificate is not trusted (set ${CA_BUNDLE_ENV} "
+                          "to the CA that signs it)")  # fmt: skip
     if "CERTIFICATE_REQUIRED" in upper or "HANDSHAKE_FAILURE" in upper or "UNKNOWN_CA" in upper \
             or "BAD_CERTIFICATE" in upper or "CERTIFICATE_UNKNOWN" in upper:  # fmt: skip
         return UsageError(f"cannot read {name}: the server refused the TLS handshake (it wants a client certificate "
