@@ -394,8 +394,8 @@ def test_replicas_serve_scale_and_refuse_on_revocation(ray_cluster: dict[str, An
                   f"{one['load_s']:.2f} s; scaled to 2 under load in {scale_s:.1f} s, load {new['load_s']:.2f} s; "
                   f"refused after {sorted(round(v, 2) for v in refused.values())} s")  # fmt: skip
         finally:
+            pool.shutdown()  # the reference's start has returned (or failed): nothing starts after the stop
+            reference.stop()
             for name in serve.status().applications:
                 serve.delete(name)
-            reference.stop()
-            pool.shutdown()
             agent.stop()
