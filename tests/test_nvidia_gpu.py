@@ -27,6 +27,7 @@ from modelseal.attest.certchain import load_pem_chain
 from modelseal.attest.nvidia import NVIDIA_DEVICE_ROOT, NvidiaGpuVerifier, evidence_from_nvml, signed_by
 from modelseal.attest.spdm import parse_report
 from modelseal.encoding import b64d, b64e
+from modelseal.errors import UsageError
 from tests.gpu_evidence import GpuUnderTestRoots, RimSignerUnderTestRoots, pem
 
 DATA = Path(__file__).parent / "data" / "attestation" / "nvidia"
@@ -306,3 +307,27 @@ def test_several_gpus_each_bound_to_the_challenge(made) -> None:  # type: ignore
     mixed = verifier.verify({"kind": "nvidia-gpu", "gpus": [one, stale]}, ctx)
     assert not mixed.report_data_bound
     assert mixed.details["binding_mismatch"].startswith("GPU 1's nonce 0000")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_bit_change_in_a_pinned_root_is_refused(data: st.DataObject) -> None:
+    """A root configured with one bit changed (nvidia_device_root / nvidia_rim_root) trusts nothing."""
+    which = data.draw(st.sampled_from(["verifier_device_root.pem", "verifier_RIM_root.pem"]))
+    pinned = x509.load_pem_x509_certificate((DATA / which).read_bytes())
+    der = bytearray(pinned.public_bytes(serialization.Encoding.DER))
+    der[data.draw(st.integers(0, len(der) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    try:
+        root = x509.load_der_x509_certificate(bytes(der)).public_bytes(serialization.Encoding.PEM)
+    except ValueError:
+        return  # not a certificate: the key service refuses the setting at start-up
+    try:
+        if which == "verifier_device_root.pem":
+            verifier = NvidiaGpuVerifier(device_root=root, rims=WITH_TEST_RIMS.rims)
+        else:
+            verifier = NvidiaGpuVerifier(rim_root=root, rims=WITH_TEST_RIMS.rims)
+    except UsageError as exc:  # a damaged root stops the key service at start-up, in one line
+        assert "is not a usable root certificate" in str(exc)
+        return
+    with pytest.raises(EvidenceError):
+        verifier.verify(SAMPLE_2023, VerificationContext(None, NONCE_2023, b"", RIM_AT))

@@ -16,6 +16,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from modelseal.attest.base import EvidenceError
+from modelseal.errors import UsageError
 
 MAX_CHAIN = 8
 MAX_PEM = 64 * 1024
@@ -94,6 +95,20 @@ def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
     renewing presents the same leaf, so a key service checks each link's signature once (~1.4 ms each,
     ECDSA P-384); validity times are still checked on every use."""
     return _link(cert.public_bytes(serialization.Encoding.DER), issuer.public_bytes(serialization.Encoding.DER))
+
+
+def load_root(pem: bytes, what: str) -> x509.Certificate:
+    """A pinned root certificate, every field parsed now (cryptography parses lazily), so a damaged root
+    stops the service at start-up instead of failing on the first evidence."""
+    try:
+        root = x509.load_pem_x509_certificate(pem)
+        root.subject.rfc4514_string(), root.issuer.rfc4514_string(), root.public_key(), list(root.extensions)
+        check_unsigned_fields(root, what)
+        if issued_by(root, root):
+            raise ValueError("it does not sign itself")
+    except (ValueError, TypeError, UnsupportedAlgorithm, EvidenceError) as exc:
+        raise UsageError(f"the {what} is not a usable root certificate: {exc}") from None
+    return root
 
 
 def _name(cert: x509.Certificate, position: int) -> str:

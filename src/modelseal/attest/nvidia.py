@@ -57,7 +57,7 @@ from modelseal.attest.base import (
     evidence_bytes,
     normalise_requirement,
 )
-from modelseal.attest.certchain import load_pem_chain, verify_chain
+from modelseal.attest.certchain import load_pem_chain, load_root, verify_chain
 from modelseal.attest.spdm import MeasurementReport, parse_report
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
@@ -170,8 +170,8 @@ class NvidiaGpuVerifier:
         rims: tuple[bytes, ...] = (),
         host_rims: bool = False,
     ) -> None:
-        self.device_root = x509.load_pem_x509_certificate(device_root)
-        self.rim_root = x509.load_pem_x509_certificate(rim_root)
+        self.device_root = load_root(device_root, "NVIDIA device identity root")
+        self.rim_root = load_root(rim_root, "NVIDIA RIM root")
         self.rims = rims  # RIM documents the owner configured
         self.host_rims = host_rims
         self._verified: OrderedDict[bytes, Rim] = OrderedDict()  # by SHA-256 of the document
