@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
 from modelseal.encoding import b64e
@@ -73,6 +74,7 @@ class GpuUnderTestRoots:
     leaf_key: ec.EllipticCurvePrivateKey
     fwid: bytes
     measurements: dict[int, bytes] = field(default_factory=dict)
+    issuer_keys: list[ec.EllipticCurvePrivateKey] = field(default_factory=list)  # chain[i]'s issuer's key
     driver_version: str = "570.86.15"
     vbios_version: bytes = bytes.fromhex("009f009601000000")  # 96.00.9F.00.01
     nvdec0: bytes = b"\xaa"
@@ -87,7 +89,30 @@ class GpuUnderTestRoots:
         fwid_ext = x509.UnrecognizedExtension(FWID_OID, b"\x04\x30" + fwid)
         leaf = certificate("Test GH100 FMC LF", leaf_key, (ica.subject, ica_key), ca=False, extensions=(fwid_ext,))
         measurements = {i: os.urandom(48) for i in range(1, blocks + 1)}
-        return cls(root, [leaf, ica, root], leaf_key, fwid, measurements)
+        return cls(root, [leaf, ica, root], leaf_key, fwid, measurements, [ica_key, root_key])
+
+    def ocsp(
+        self,
+        position: int,
+        status: ocsp.OCSPCertStatus = ocsp.OCSPCertStatus.GOOD,
+        *,
+        this_update: dt.datetime = START,
+        next_update: dt.datetime | None = END,
+        signer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+    ) -> bytes:
+        """The issuer's (or ``signer``'s) OCSP answer for certificate ``position`` of the chain, DER."""
+        cert, issuer = self.chain[position], self.chain[position + 1]
+        responder, key = signer or (issuer, self.issuer_keys[position])
+        revoked = status == ocsp.OCSPCertStatus.REVOKED
+        builder = ocsp.OCSPResponseBuilder().add_response(
+            cert=cert, issuer=issuer, algorithm=hashes.SHA384(), cert_status=status,
+            this_update=this_update, next_update=next_update,
+            revocation_time=START if revoked else None,
+            revocation_reason=x509.ReasonFlags.key_compromise if revoked else None,
+        ).responder_id(ocsp.OCSPResponderEncoding.HASH, responder)  # fmt: skip
+        if signer:
+            builder = builder.certificates([responder])
+        return builder.sign(key, hashes.SHA384()).public_bytes(serialization.Encoding.DER)
 
     def opaque(self) -> bytes:
         fields = [

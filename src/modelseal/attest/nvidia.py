@@ -29,13 +29,15 @@ Claims, for grants: ``gpu_model``, ``driver_version``, ``vbios_version``, ``gpu_
 fields of the report; NVIDIA's golden measurements are those of a GPU in CC mode with developer tools off,
 and a GPU in developer-tools mode does not match them (nvtrust then reports "GPU attestation failed"), so a
 verified report means CC on, devtools off: ``debug`` is ``False``. What NVML told the host is kept under
-``details`` as host-reported, never as a claim. Not checked: OCSP revocation of the GPU and RIM
-certificates (NVIDIA's OCSP service is not reachable here; see docs/attestation.md).
+``details`` as host-reported, never as a claim. Revocation of the GPU's certificates: from OCSP responses
+the host attaches (:mod:`modelseal.attest.ocsp`), required with ``nvidia_ocsp = true``; RIM certificates'
+revocation is the owner's to watch (they choose the RIMs).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -58,6 +60,7 @@ from modelseal.attest.base import (
     normalise_requirement,
 )
 from modelseal.attest.certchain import load_pem_chain, load_root, verify_chain
+from modelseal.attest.ocsp import check_chain_revocation, request_for
 from modelseal.attest.spdm import MeasurementReport, parse_report
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
@@ -69,6 +72,7 @@ KIND_NAME = "nvidia-gpu"
 MAX_GPUS = 16
 MAX_RIM = 4 * 1024 * 1024
 MAX_ATTACHED_RIMS = 8
+MAX_OCSP = 8
 NVDEC0_DISABLED = b"\x55"
 NVDEC0_INDEX = 35  # nvtrust skips this golden index when the report says NVDEC0 is disabled
 OID_TCG_DICE_FWID = x509.ObjectIdentifier("2.23.133.5.4.1")
@@ -169,11 +173,13 @@ class NvidiaGpuVerifier:
         rim_root: bytes = NVIDIA_RIM_ROOT,
         rims: tuple[bytes, ...] = (),
         host_rims: bool = False,
+        require_ocsp: bool = False,
     ) -> None:
         self.device_root = load_root(device_root, "NVIDIA device identity root")
         self.rim_root = load_root(rim_root, "NVIDIA RIM root")
         self.rims = rims  # RIM documents the owner configured
         self.host_rims = host_rims
+        self.require_ocsp = require_ocsp
         self._verified: OrderedDict[bytes, Rim] = OrderedDict()  # by SHA-256 of the document
         self._lock = threading.Lock()
 
@@ -213,6 +219,19 @@ class NvidiaGpuVerifier:
             documents.append((f"attached RIM {position}", document))
         return documents
 
+    def check_ocsp(self, gpu: dict[str, Any], chain: list[x509.Certificate], now: int) -> None:
+        """Revocation, from the OCSP responses the host attached (``ocsp``: base64 DER, one per certificate
+        below the root): required with ``nvidia_ocsp = true``, and checked whenever present."""
+        attached = gpu.get("ocsp")
+        if attached is None:
+            if self.require_ocsp:
+                raise EvidenceError("the GPU evidence has no OCSP responses, which this key service requires")
+            return
+        if not isinstance(attached, list) or len(attached) > MAX_OCSP:
+            raise EvidenceError(f"nvidia-gpu evidence 'ocsp' must be a list of at most {MAX_OCSP} responses")
+        ders = [evidence_bytes({"ocsp": item}, "ocsp", KIND_NAME) or b"" for item in attached]
+        check_chain_revocation(chain, ders, now, "GPU certificate chain")
+
     def pick(self, documents: list[tuple[str, bytes]], version: str, what: str, now: int) -> Rim:
         """The verified RIM for ``version``: the documents that name it in their text are tried first, and the
         verified version decides."""
@@ -239,6 +258,7 @@ class NvidiaGpuVerifier:
             raise EvidenceError("nvidia-gpu evidence has no 'cert_chain' (PEM, leaf first)")
         chain = load_pem_chain(pem.encode(), "GPU certificate chain")
         report = self.authenticate(evidence_bytes(gpu, "report", KIND_NAME) or b"", chain, ctx.now)
+        self.check_ocsp(gpu, chain, ctx.now)
         driver_version = report.text("driver_version")
         vbios_version = report.vbios_version
         driver = self.pick(rims, driver_version, "driver RIM", ctx.now)
@@ -355,6 +375,7 @@ def _verifier(settings: Mapping[str, Any], base: Path | None) -> NvidiaGpuVerifi
         rim_root=_read_pem_setting(settings, "nvidia_rim_root", base, NVIDIA_RIM_ROOT),
         rims=_rim_files(settings, base),
         host_rims=_flag(settings, "nvidia_host_rims"),
+        require_ocsp=_flag(settings, "nvidia_ocsp"),
     )
 
 
@@ -398,9 +419,31 @@ def attach_rims(evidence: dict[str, Any], rims: list[Path]) -> None:
         evidence["rims"] = attached[:MAX_ATTACHED_RIMS]
 
 
+def fetch_ocsp(chain_pem: str, url: str, timeout: float = 10.0) -> list[str]:
+    """The responder's answers for every certificate of a GPU chain below its root (base64 DER, for the
+    evidence's ``ocsp``): the host fetches them, the key service verifies them."""
+    import httpx
+
+    chain = load_pem_chain(chain_pem.encode(), "GPU certificate chain")
+    answers = []
+    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        for cert, issuer in itertools.pairwise(chain):
+            try:
+                response = client.post(
+                    url, content=request_for(cert, issuer), headers={"Content-Type": "application/ocsp-request"}
+                )
+            except httpx.HTTPError as exc:
+                raise EvidenceError(f"the OCSP responder {url} cannot be reached: {exc}") from None
+            if response.status_code != 200 or len(response.content) > 16 * 1024:
+                raise EvidenceError(f"the OCSP responder {url} answered {response.status_code}")
+            answers.append(b64e(response.content))
+    return answers
+
+
 class NvidiaGpuCollector:
     """Every (or the configured) GPU's report from NVML with nonce = binding, its certificate chain, and the
-    RIMs found in the agent's ``[nvidia] rims`` directory. Needs ``nvidia-ml-py`` (``modelseal[nvidia]``), a
+    RIMs found in the agent's ``[nvidia] rims`` directory, and with ``[nvidia] ocsp_url`` the OCSP answers
+    for its certificates. Needs ``nvidia-ml-py`` (``modelseal[nvidia]``), a
     confidential VM with the GPUs in CC mode, and read access to ``/dev/nvidia*`` (docs/attestation.md)."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
@@ -410,6 +453,10 @@ class NvidiaGpuCollector:
         self.gpus: list[int] | None = gpus
         rims = settings.get("rims")
         self.rims = sorted(Path(str(rims)).glob("*.swidtag")) if rims else []
+        ocsp_url = settings.get("ocsp_url")
+        if ocsp_url is not None and (not isinstance(ocsp_url, str) or not ocsp_url.startswith(("https://", "http://"))):
+            raise UsageError("[nvidia] ocsp_url must be an http(s) URL (NVIDIA's: https://ocsp.ndis.nvidia.com)")
+        self.ocsp_url: str | None = ocsp_url
 
     def __call__(self, binding: bytes, nonce: bytes) -> dict[str, Any]:
         try:
@@ -433,6 +480,8 @@ class NvidiaGpuCollector:
                     pynvml.nvmlDeviceGetConfComputeGpuCertificate(handle),
                 )
                 gpu["host_reported"] = {"cc_feature": state.ccFeature, "devtools_mode": state.devToolsMode}
+                if self.ocsp_url:
+                    gpu["ocsp"] = fetch_ocsp(gpu["cert_chain"], self.ocsp_url)
                 gpus.append(gpu)
         except pynvml.NVMLError as exc:
             raise EvidenceError(f"NVML could not produce GPU evidence: {exc}") from None
@@ -447,7 +496,7 @@ KIND = AttestationKind(
     KIND_NAME,
     verifier=_verifier,
     collector=NvidiaGpuCollector,
-    settings=("nvidia_device_root", "nvidia_rim_root", "nvidia_rims", "nvidia_host_rims"),
+    settings=("nvidia_device_root", "nvidia_rim_root", "nvidia_rims", "nvidia_host_rims", "nvidia_ocsp"),
     agent_table="nvidia",
-    agent_keys=("gpus", "rims"),
+    agent_keys=("gpus", "rims", "ocsp_url"),
 )
