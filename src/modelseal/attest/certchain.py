@@ -19,6 +19,8 @@ from modelseal.attest.base import EvidenceError
 from modelseal.errors import UsageError
 
 MAX_CHAIN = 8
+# what cryptography raises on a damaged certificate's lazily parsed fields (extensions, names, keys)
+MALFORMED = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
 MAX_PEM = 64 * 1024
 
 
@@ -84,7 +86,7 @@ def _link(cert_der: bytes, issuer_der: bytes) -> str | None:
         )
     except InvalidSignature:
         return "has a signature that does not verify"
-    except (ValueError, TypeError, UnsupportedAlgorithm):  # issuer name mismatch, unusable key or algorithm
+    except MALFORMED:  # issuer name mismatch, unusable key or algorithm, damaged fields
         return "was not issued by the next certificate in the chain"
     return None
 
@@ -106,7 +108,7 @@ def load_root(pem: bytes, what: str) -> x509.Certificate:
         check_unsigned_fields(root, what)
         if issued_by(root, root):
             raise ValueError("it does not sign itself")
-    except (ValueError, TypeError, UnsupportedAlgorithm, EvidenceError) as exc:
+    except (*MALFORMED, EvidenceError) as exc:
         raise UsageError(f"the {what} is not a usable root certificate: {exc}") from None
     return root
 
@@ -115,7 +117,7 @@ def _name(cert: x509.Certificate, position: int) -> str:
     try:
         common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         label = str(common[0].value) if common else cert.subject.rfc4514_string()
-    except ValueError:
+    except MALFORMED:
         label = "?"
     return f"certificate {position} ({label[:80]})"
 
@@ -153,5 +155,5 @@ def verify_chain(chain: list[x509.Certificate], root: x509.Certificate, now: int
             problem = issued_by(cert, issuer)
             if problem:
                 raise EvidenceError(f"the {label} {problem}")
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # lazily parsed fields of a damaged certificate
+    except MALFORMED as exc:  # lazily parsed fields of a damaged certificate
         raise EvidenceError(f"a certificate in the {what} is malformed: {exc}") from None

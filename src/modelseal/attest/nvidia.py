@@ -59,7 +59,7 @@ from modelseal.attest.base import (
     evidence_bytes,
     normalise_requirement,
 )
-from modelseal.attest.certchain import load_pem_chain, load_root, verify_chain
+from modelseal.attest.certchain import MALFORMED, load_pem_chain, load_root, verify_chain
 from modelseal.attest.ocsp import check_chain_revocation, request_for
 from modelseal.attest.spdm import MeasurementReport, parse_report
 from modelseal.encoding import b64e
@@ -126,6 +126,8 @@ def report_fwid_matches(leaf: x509.Certificate, report: MeasurementReport) -> No
         extension = leaf.extensions.get_extension_for_oid(OID_TCG_DICE_FWID).value
     except x509.ExtensionNotFound:
         raise EvidenceError("the GPU's attestation certificate has no FWID extension (2.23.133.5.4.1)") from None
+    except MALFORMED as exc:
+        raise EvidenceError(f"the GPU's attestation certificate is malformed: {exc}") from None
     raw = getattr(extension, "value", b"")
     if len(fwid) != 48 or raw[-48:] != fwid:
         raise EvidenceError("the GPU report's FWID differs from its attestation certificate's")
@@ -134,7 +136,10 @@ def report_fwid_matches(leaf: x509.Certificate, report: MeasurementReport) -> No
 def signed_by(leaf: x509.Certificate, report: MeasurementReport) -> MeasurementReport:
     """``report`` if the GPU certified by ``leaf`` made and signed it (FWID, then ECDSA P-384 / SHA-384)."""
     report_fwid_matches(leaf, report)
-    key = leaf.public_key()
+    try:
+        key = leaf.public_key()
+    except MALFORMED as exc:
+        raise EvidenceError(f"the GPU's attestation certificate is malformed: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise EvidenceError("the GPU's attestation certificate does not hold an ECDSA P-384 key")
     half = len(report.signature) // 2

@@ -21,13 +21,13 @@ import hashlib
 from datetime import UTC, datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp
 
 from modelseal.attest.base import EvidenceError
-from modelseal.attest.certchain import check_valid_at, der_element, issued_by
+from modelseal.attest.certchain import MALFORMED, check_valid_at, der_element, issued_by
 
 MAX_RESPONSE = 16 * 1024
 
@@ -135,7 +135,7 @@ def check_revocation(
             if status != ocsp.OCSPCertStatus.GOOD:
                 raise EvidenceError(f"{what}: the OCSP responder does not know the certificate")
             return
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # lazily parsed fields of a damaged response
+    except MALFORMED as exc:  # lazily parsed fields of a damaged response or certificate
         raise EvidenceError(f"{what}: an OCSP response is malformed: {exc}") from None
     raise EvidenceError(f"{what}: no OCSP response for it was presented (serial {cert.serial_number:x})")
 

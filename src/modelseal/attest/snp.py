@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -44,7 +44,7 @@ from modelseal.attest.base import (
     evidence_bytes,
     normalise_requirement,
 )
-from modelseal.attest.certchain import check_unsigned_fields, check_valid_at
+from modelseal.attest.certchain import MALFORMED, check_unsigned_fields, check_valid_at
 from modelseal.attest.tsm import TSM_REPORTS, tsm_report
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
@@ -175,7 +175,7 @@ class SnpVerifier:
         try:  # cryptography parses certificate fields lazily: a damaged one raises ValueError on access
             vcek, product = self.chain(evidence, ctx.now)
             svn = self.match_vcek(vcek, report)
-        except (ValueError, TypeError, x509.ExtensionNotFound, UnsupportedAlgorithm) as exc:
+        except (*MALFORMED, x509.ExtensionNotFound) as exc:
             raise EvidenceError(f"a certificate in the SEV-SNP evidence is malformed: {exc}") from None
         chip_id = report[0x1A0:0x1E0]
         r = int.from_bytes(report[SIGNED_SIZE : SIGNED_SIZE + 72], "little")
