@@ -39,6 +39,8 @@ from modelseal.errors import MissingDependencyError, ModelsealError, UsageError,
 from modelseal.recipients.registry import is_identity_text
 
 if TYPE_CHECKING:
+    from ray.serve import Application
+
     from modelseal.triton.sealed import SealedModel
 
 log = logging.getLogger("modelseal.ray")
@@ -155,7 +157,9 @@ def _check_options(options: Mapping[str, Any]) -> None:
                          "(or use agent:SOCKET): Ray keeps runtime_env in its GCS")  # fmt: skip
 
 
-def deployment(sealed: str | os.PathLike[str], *, name: str, identity: str | None = None, **options: Any) -> Any:
+def deployment(
+    sealed: str | os.PathLike[str], *, name: str, identity: str | None = None, **options: Any
+) -> Application:
     """A Ray Serve application (``serve.run`` it) serving the sealed model ``sealed`` as ``name`` on every
     replica. Keyword arguments of :func:`replica_args` (``platform``, ``max_batch_size``, ``inputs``,
     ``outputs``, ``key_check_s``, ``grace_s``, ``threads``, ``trusted_signers``, ``entry_point``,
@@ -177,7 +181,7 @@ NUMBERS = {"max_batch_size": int, "threads": int, "max_body_bytes": int, "key_ch
 LISTS = ("inputs", "outputs", "trusted_signers")
 
 
-def build_app(args: Mapping[str, Any]) -> Any:
+def build_app(args: Mapping[str, Any]) -> Application:
     """Ray Serve's *application builder*, for config files (``import_path: modelseal.ray:build_app``, the
     model's settings under ``args``, ``num_replicas`` and the like under ``deployments``, the deployment
     named as the model) and ``serve run modelseal.ray:build_app sealed=PATH name=NAME identity=...``.
