@@ -81,7 +81,7 @@ elif method == "upload-sealed":
     recipient = parse_recipient(secret)
 import gc
 gc.collect()
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 if method == "plain" or method == "transfer":
     if url.startswith("s3://"):
         b, _, k = url[5:].partition("/")
@@ -110,8 +110,8 @@ else:
     with SafetensorsStreamer() as streamer:
         streamer.stream_file(url)
         sd = {name: t.clone() for name, t in streamer.get_tensors()}
-t = time.perf_counter() - t0
-print(json.dumps({"seconds": t, "tensors": len(sd)}))
+t, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps({"seconds": t, "cpu": cpu, "tensors": len(sd)}))
 """
 
 
@@ -202,11 +202,24 @@ def start_s3(root: Path, files: list[str], s3rver: str = "") -> tuple[subprocess
 
 
 def run_child(method: str, url: str, secret: str, env: dict[str, str] | None = None) -> float:
+    return child_times(method, url, secret, env)[0]
+
+
+def child_times(method: str, url: str, secret: str, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all the child's threads) of one timed load or upload."""
     proc = subprocess.run([sys.executable, "-c", CHILD, method, url, secret], capture_output=True, text=True,
                           timeout=900, env={**os.environ, **(env or {})})  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"{method} {url}: {proc.stderr.strip().splitlines()[-1:]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return float(out["seconds"]), float(out["cpu"])
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds a process (a server) has used so far, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -285,7 +298,7 @@ def main() -> None:
             if args.throttle:
                 rows += throttled(root, args, key_path, ident.recipient)
             if args.uploads:
-                rows += uploads(root, args, servers["s3"][1], ident.recipient.describe())
+                rows += uploads(root, args, servers["s3"], ident.recipient.describe())
         finally:
             for proc, _base in servers.values():
                 proc.terminate()
@@ -300,8 +313,12 @@ def main() -> None:
               + " ".join(f"{t:.2f}" for t in r["all"]))  # fmt: skip
 
 
-def uploads(root: Path, args: argparse.Namespace, base: str, recipient: str) -> list[dict[str, Any]]:
-    """Sealing to S3 against uploading the plaintext, same server, interleaved, fresh processes."""
+def uploads(root: Path, args: argparse.Namespace, server: tuple[subprocess.Popen[bytes], str],
+            recipient: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Sealing to S3 against uploading the plaintext, same server, interleaved, fresh processes. Besides wall
+    time, the CPU seconds of the uploading process and of the server: on a shared machine the wall time
+    follows the other tenants, the CPU each side spent does not."""
+    proc, base = server
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     raw = args.upload_part_size.upper().removesuffix("B").removesuffix("I")
     part = int(raw[:-1]) * scale[raw[-1]] if raw[-1] in scale else int(raw)
@@ -310,17 +327,25 @@ def uploads(root: Path, args: argparse.Namespace, base: str, recipient: str) -> 
     rows: list[dict[str, Any]] = []
     for size in [int(x) for x in args.sizes.split(",")]:
         times: dict[str, list[float]] = {"upload-plain": [], "upload-sealed": []}
+        cpus: dict[str, list[tuple[float, float]]] = {"upload-plain": [], "upload-sealed": []}
         ratios: list[float] = []
         for rnd in range(args.rounds):
             got = {}
             order = ["upload-plain", "upload-sealed"] if rnd % 2 == 0 else ["upload-sealed", "upload-plain"]
             for m in order:
                 url = f"{base}up/{m}-{size}.safetensors"
-                got[m] = run_child(m, url, recipient, {**env, "BENCH_SRC": str(root / f"plain-{size}.safetensors")})
+                before = process_cpu(proc.pid)
+                got[m], cpu = child_times(m, url, recipient,
+                                          {**env, "BENCH_SRC": str(root / f"plain-{size}.safetensors")})  # fmt: skip
                 times[m].append(got[m])
+                cpus[m].append((cpu, process_cpu(proc.pid) - before))
             ratios.append(got["upload-sealed"] / got["upload-plain"])
-            print(f"# upload round {rnd + 1} {size} MiB: " + " ".join(f"{m}={t:.2f}s" for m, t in got.items()),
-                  file=sys.stderr)  # fmt: skip
+            print(f"# upload round {rnd + 1} {size} MiB: " + " ".join(
+                f"{m}={got[m]:.2f}s (cpu client {cpus[m][-1][0]:.2f}s server {cpus[m][-1][1]:.2f}s)" for m in order),
+                file=sys.stderr)  # fmt: skip
+        client = {m: statistics.median(c for c, _s in v) for m, v in cpus.items()}
+        print(f"# upload {size} MiB: client CPU sealed/plain (medians) "
+              f"{client['upload-sealed'] / client['upload-plain']:.3f}", file=sys.stderr)  # fmt: skip
         plain, sealed = statistics.median(times["upload-plain"]), statistics.median(times["upload-sealed"])
         rows.append({"size_mb": size, "server": "s3-upload", "method": "upload-plain", "seconds": plain,
                      "x_plain": 1.0, "all": times["upload-plain"]})  # fmt: skip

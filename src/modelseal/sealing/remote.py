@@ -160,7 +160,8 @@ class _Parts:
         self.count = 1
         self.buffers: dict[int, bytearray] = {}
         self.filled: dict[int, int] = {}
-        self.free: list[bytearray] = []  # full-size buffers back from uploads: recycled, not freshly faulted
+        self.free: list[bytearray] = []  # buffers back from uploads: recycled, not freshly faulted (no more are
+        # kept than were in use at once, so the bound on memory is unchanged)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(upload._conf.uploads)
         self.pool = ThreadPoolExecutor(upload._conf.uploads, thread_name_prefix="modelseal-upload")
@@ -251,7 +252,7 @@ class _Parts:
         finally:
             with self.lock:
                 buf = self.buffers.pop(k) if k else self.buffers[k]  # the first stays: a signature may follow
-                if k and len(buf) == self.part and len(self.free) < 2:
+                if k and len(buf) == self.part and len(self.free) < self.upload._conf.uploads + 2:
                     self.free.append(buf)
             self.slots.release()
 
