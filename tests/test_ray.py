@@ -98,6 +98,7 @@ def test_key_material_never_becomes_a_deployment_argument(tmp_path: Path, host: 
         ({"key_check_s": 0.01}, "key_check_s must be 0 .* or at least 0.5"),
         ({"key_check_s": float("nan")}, "key_check_s must be a number"),
         ({"grace_s": 7200}, "grace_s must be between 0 and 3600"),
+        ({"retry_s": 0.2}, "retry_s must be 0 .* or at least 1"),
         ({"name": "a/b"}, "name must be a model name"),
         ({"threads": -1}, "threads must be a whole number"),
         ({"inputs": ["input:FP99:3"]}, "a tensor is NAME:DATATYPE:DIMS"),
@@ -268,7 +269,7 @@ def test_replicas_serve_scale_and_refuse_on_revocation(ray_cluster: dict[str, An
     serve, url = ray_cluster["serve"], ray_cluster["url"]
     plain = export(tmp_path)
     w = weights()
-    check_s = 1.0
+    check_s, retry_s = 1.0, 2.0
     with KeyServer(tmp_path / "ks", None, leases={"lease_ttl_s": 4, "renew_after_s": 1}) as keyserver:
         with keyserver.admin() as admin:
             admin.call("POST", "/v1/admin/models", {"model": "tiny"})
@@ -288,8 +289,8 @@ def test_replicas_serve_scale_and_refuse_on_revocation(ray_cluster: dict[str, An
             # autoscaling from 1 to 2 replicas under load (Serve's own autoscaler, quick settings)
             autoscaling = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                            "upscale_delay_s": 0, "metrics_interval_s": 0.2, "look_back_period_s": 1}
-            app = deployment(sealed, name="tiny", identity=spec, key_check_s=check_s, autoscaling_config=autoscaling,
-                             ray_actor_options={"num_cpus": 1})  # fmt: skip
+            app = deployment(sealed, name="tiny", identity=spec, key_check_s=check_s, retry_s=retry_s,
+                             autoscaling_config=autoscaling, ray_actor_options={"num_cpus": 1})  # fmt: skip
             started = time.monotonic()
             serve.run(app, name="tiny", route_prefix="/")
             first_s = time.monotonic() - started
@@ -390,9 +391,26 @@ def test_replicas_serve_scale_and_refuse_on_revocation(ray_cluster: dict[str, An
                 serve.run(late, name="late", route_prefix="/late")
             why = serve.status().applications["late"].deployments["tiny"].message
             assert "KeyReleaseError" in why and "revoked" in why and "licence ended" in why, why
+
+            # a re-grant: every replica loads the model again at its next retry, without a redeploy
+            grant(keyserver, "tiny", identity_of_cert_file(cert[0]).spki)
+            regranted, back = time.monotonic(), set()
+            with httpx.Client(base_url=url, timeout=30) as client:
+                while back != set(both) and time.monotonic() - regranted < 15:
+                    got = client.post("/v2/models/tiny/infer", content=body(batch))
+                    if got.status_code == 503:
+                        time.sleep(0.05)
+                        continue
+                    assert got.status_code == 200, got.text
+                    data = np.array(got.json()["outputs"][0]["data"], np.float32).reshape(3, OUT)
+                    np.testing.assert_array_equal(data, expected)
+                    back.add(got.headers["modelseal-replica"])
+            back_s = time.monotonic() - regranted
+            assert back == set(both) and back_s <= retry_s + 3, (back, back_s)
             print(f"\nray.init {ray_cluster['init_s']:.1f} s; first replica (serve.run) {first_s:.1f} s, load "
                   f"{one['load_s']:.2f} s; scaled to 2 under load in {scale_s:.1f} s, load {new['load_s']:.2f} s; "
-                  f"refused after {sorted(round(v, 2) for v in refused.values())} s")  # fmt: skip
+                  f"refused after {sorted(round(v, 2) for v in refused.values())} s; serving again "
+                  f"{back_s:.1f} s after a re-grant")  # fmt: skip
         finally:
             pool.shutdown()  # the reference's start has returned (or failed): nothing starts after the stop
             reference.stop()

@@ -20,7 +20,8 @@ builds serve's runtime (:class:`modelseal.triton.sealed.SealedModel`: the loader
 PyTriton use), and answers V2 requests with serve's own decoding, validation and encoding
 (:mod:`modelseal.serve.infer`), so statuses and messages are ``modelseal serve``'s. When the agent refuses
 the key (revoked, expired), each replica's watch wipes its model within ``key_check_s`` and every request
-gets 503 with the reason. A replica added by ``num_replicas`` or autoscaling asks its agent, never Ray.
+gets 503 with the reason; every ``retry_s`` the replica tries to load it again, so a re-grant brings it
+back. A replica added by ``num_replicas`` or autoscaling asks its agent, never Ray.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ log = logging.getLogger("modelseal.ray")
 
 MIN_KEY_CHECK_S = 0.5  # as inside Triton: 1e-300 would be a busy loop asking the agent
 MAX_KEY_CHECK_S = 86400.0
+MIN_RETRY_S = 1.0
 MAX_GRACE_S = 3600.0  # an agent killed on the node keeps a revoked model serving at most this long
 MAX_BODY_BYTES = 64 * 1024 * 1024  # modelseal serve's default
 OFFLOAD_BYTES = 1 << 20  # bodies this large are decoded on a thread, as in serve's REST
@@ -68,6 +71,13 @@ def _strings(key: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
         raise UsageError(f"modelseal.ray: {key} must be a list of non-empty strings")
     return tuple(value)
+
+
+def _retry_s(value: object) -> float:
+    retry_s = _seconds("retry_s", value, 0, MAX_KEY_CHECK_S)
+    if 0 < retry_s < MIN_RETRY_S:  # each retry asks the agent, and the agent may ask the key service
+        raise UsageError(f"modelseal.ray: retry_s must be 0 (no retry) or at least {MIN_RETRY_S:g} s")
+    return retry_s
 
 
 def _identity(identity: object) -> str | None:
@@ -94,6 +104,7 @@ def replica_args(
     outputs: Sequence[str] = (),
     key_check_s: float = 5.0,
     grace_s: float = 30.0,
+    retry_s: float = 30.0,
     threads: int = 0,
     trusted_signers: Sequence[str] = (),
     entry_point: str = "",
@@ -137,6 +148,7 @@ def replica_args(
         "outputs": tensors["outputs"],
         "key_check_s": check_s,
         "grace_s": _seconds("grace_s", grace_s, 0, MAX_GRACE_S),
+        "retry_s": _retry_s(retry_s),
         "threads": threads,
         "trusted_signers": _strings("trusted_signers", trusted_signers),
         "entry_point": entry_point,
@@ -162,7 +174,7 @@ def deployment(
 ) -> Application:
     """A Ray Serve application (``serve.run`` it) serving the sealed model ``sealed`` as ``name`` on every
     replica. Keyword arguments of :func:`replica_args` (``platform``, ``max_batch_size``, ``inputs``,
-    ``outputs``, ``key_check_s``, ``grace_s``, ``threads``, ``trusted_signers``, ``entry_point``,
+    ``outputs``, ``key_check_s``, ``grace_s``, ``retry_s``, ``threads``, ``trusted_signers``, ``entry_point``,
     ``max_body_bytes``) configure the model; every other one is a ``serve.deployment`` option
     (``num_replicas``, ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``...).
     ``identity``: ``agent:SOCKET`` (the node's agent: the key watch then runs), ``env:VAR`` or a key file
@@ -177,7 +189,8 @@ def deployment(
     return serve.deployment(name=name, **options)(SealedReplica).bind(**args)
 
 
-NUMBERS = {"max_batch_size": int, "threads": int, "max_body_bytes": int, "key_check_s": float, "grace_s": float}
+NUMBERS = {"max_batch_size": int, "threads": int, "max_body_bytes": int, "key_check_s": float, "grace_s": float,
+           "retry_s": float}  # fmt: skip
 LISTS = ("inputs", "outputs", "trusted_signers")
 
 
@@ -409,6 +422,29 @@ class SealedReplica:
         self.load_s = time.monotonic() - started
         self.endpoint = Endpoint(self.model, self.replica)
         log.info("modelseal: replica %s serves model %s (loaded in %.2f s)", self.replica, name, self.load_s)
+        self._stop = threading.Event()
+        if self.args["retry_s"] > 0 and self.model.watch is not None:  # only a watched key can be refused
+            threading.Thread(target=self._retry, name="modelseal-retry", daemon=True).start()
+
+    def _retry(self) -> None:
+        """Every ``retry_s`` while the key is refused, load the model again (the agent asks the key service
+        anew), so that a re-grant brings the replica back without a redeploy, as in ``modelseal serve``."""
+        while not self._stop.wait(self.args["retry_s"]):
+            if self.model.refusal is None:
+                continue
+            try:
+                model = load_model(self.args)
+            except ModelsealError as exc:
+                log.info("modelseal: replica %s: model %s still refused: %s", self.replica, self.args["name"], exc)
+                continue
+            if self._stop.is_set():  # the replica is stopping: drop what was just loaded
+                model.close()
+                return
+            old, self.model = self.model, model
+            self.endpoint.model = model
+            old.close()
+            log.warning("modelseal: replica %s serves model %s again: its key is released", self.replica,
+                        model.spec.name)  # fmt: skip
 
     async def __call__(self, request: Any) -> Any:
         """Serve's HTTP entry: a Starlette request in, a Starlette response out."""
@@ -439,6 +475,9 @@ class SealedReplica:
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica: stop the watch and wipe the model."""
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
         model = getattr(self, "model", None)
         if model is not None:
             model.close()
