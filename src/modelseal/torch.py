@@ -25,7 +25,6 @@ from modelseal.crypto import keys
 from modelseal.errors import FormatError
 from modelseal.format.container import Progress
 from modelseal.format.safetensors import SealedSafetensors
-from modelseal.load.bundles import read_bytes
 from modelseal.load.tensors import decrypt_tensors, require_torch
 from modelseal.load.tensors import load_file as _load_file
 from modelseal.recipients.registry import IdentitySpec
@@ -138,6 +137,8 @@ def _from_bytes(
     trusted_signers: Sequence[str] | None,
     loader: Any,
 ) -> Any:
+    from modelseal.load.bundles import read_bytes  # bundles only: a safetensors load does not import it
+
     data = read_bytes(path, name, identity=identity, trusted_signers=trusted_signers)
     try:
         return _loaded(data, str(path), loader)

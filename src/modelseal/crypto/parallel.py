@@ -9,6 +9,13 @@ and in a process holding PyTorch's hundreds of thousands of objects the full col
 allocations sooner or later trigger holds the GIL for tens of milliseconds, stalling every worker:
 1 GiB loads measured 15% slower whenever one fell inside the load. Reference counting still frees
 everything; the collector resumes when the last concurrent :func:`run_all` returns.
+
+One pool per width serves the whole process: made on first use, its threads started as jobs need them,
+and reused by every later call (a small load should not pay for starting threads each time). A forked
+child cannot use its parent's pool (the threads did not survive the fork, but the pool still counts
+them, so jobs would queue forever): the pools are forgotten in the child and made again there.
+With no more jobs than threads (a load of one or two segments), the calling thread runs the first job
+itself while the pool runs the others, instead of handing every job over and waiting.
 """
 
 from __future__ import annotations
@@ -54,9 +61,10 @@ def _collector_paused() -> Iterator[None]:
         yield
     finally:
         with _lock:
-            _paused -= 1
-            if _paused == 0 and _resume:
-                gc.enable()
+            if _paused > 0:  # 0 only in a child forked from inside a job (the count was reset there)
+                _paused -= 1
+                if _paused == 0 and _resume:
+                    gc.enable()
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
@@ -67,6 +75,25 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         if pool is None:
             pool = _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelseal")
         return pool
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: drop the parent's pools and reset the lock and the collector's pause count.
+
+    Only the forking thread survives a fork. A pool made by the parent still counts its threads, so it
+    would never start new ones and the child's first load would wait forever; a run in flight on
+    another thread would leave the lock held or the collector paused for good.
+    """
+    global _lock, _paused
+    _lock = threading.Lock()
+    _pools.clear()
+    if _paused and _resume:
+        gc.enable()
+    _paused = 0
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def run_all(
@@ -102,12 +129,18 @@ def run_all(
         if progress:
             progress(item)
 
+    # No more jobs than threads: this thread runs the first one while the pool starts the others (no
+    # handover and wake-up before any work begins). Otherwise it hands every job over and waits, so
+    # Ctrl-C, which lands here, never interrupts a job halfway.
+    mine = items[0] if len(items) <= width else None
     with _collector_paused():
         pool = _executor(width)
-        futures = [pool.submit(guarded, item) for item in items]
+        futures = [pool.submit(guarded, item) for item in (items[1:] if mine is not None else items)]
         try:
+            if mine is not None:
+                guarded(mine)
             wait(futures)
-        except BaseException:  # Ctrl-C in the waiting thread: stop, but never leave a worker writing
+        except BaseException:  # a failed job of this thread, or Ctrl-C: stop, never leave a worker writing
             failed.set()
             for fut in futures:
                 fut.cancel()

@@ -19,10 +19,9 @@ import stat
 import struct
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelseal.crypto.segments import DEFAULT_SEGMENT_SIZE
-from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, UsageError
 from modelseal.format import schema
 from modelseal.format.container import (
@@ -37,6 +36,9 @@ from modelseal.format.container import (
 )
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Recipient
+
+if TYPE_CHECKING:
+    from modelseal.crypto.signing import Signer
 
 MAGIC = b"MSEALBN1"
 HEADER_ALIGN = 4096

@@ -16,18 +16,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from modelseal import atomicfile
-from modelseal.crypto import keys, signing
+from modelseal.crypto import keys
 from modelseal.crypto.parallel import run_all, worker_count
 from modelseal.crypto.segments import TAG_SIZE, Segment, SegmentCipher, plan_entry, segment_count
-from modelseal.crypto.signing import Signer, content_digest, segment_digest, signed_message
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError, NotSealedError, SignatureError, UsageError
 from modelseal.format import schema
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Identity, Recipient
+
+if TYPE_CHECKING:  # signing (Ed25519, key files) is imported by the writer and the signature check only
+    from modelseal.crypto.signing import Signer
 
 Progress = Callable[[int], None]
 Prepare = Callable[[memoryview], None]
@@ -148,6 +150,8 @@ def write_artifact(
     """Encrypt the payload segment by segment into ``dst`` (atomically), in bounded memory, in parallel."""
     if not req.recipients:
         raise UsageError("at least one recipient is needed, or nobody could ever open the artifact")
+    from modelseal.crypto.signing import content_digest, segment_digest, signed_message
+
     seg_size = req.builder.segment_size
     payload_size = req.entries[-1].end if req.entries else 0
     tag_count = total_tags(req.entries, seg_size)
@@ -583,6 +587,8 @@ class Artifact:
 
     def verify_signature(self, trusted: list[str], progress: Progress | None = None) -> str:
         """Check the publisher signature against ``trusted`` keys; needs no data key. Returns the signer."""
+        from modelseal.crypto import signing
+
         sig = self.envelope.signature
         if sig is None:
             raise SignatureError(f"{self.path} is not signed, but a trusted signer was required")
@@ -596,14 +602,14 @@ class Artifact:
 
         def one(seg: Segment) -> None:
             with self._view(seg) as ct:
-                digests[seg.tag_index] = segment_digest(ct, self._tag(seg))
+                digests[seg.tag_index] = signing.segment_digest(ct, self._tag(seg))
 
         with naming(self.path):
             run_all(one, segments, (lambda s: progress(s.length)) if progress else None, workers=self._src.workers)
             signing.verify(
                 sig["signer"],
                 b64d(sig["sig"], what="signature", length=64),
-                signed_message(self.envelope.protected_raw, content_digest(digests)),
+                signing.signed_message(self.envelope.protected_raw, signing.content_digest(digests)),
                 trusted,
             )
         return sig["signer"]

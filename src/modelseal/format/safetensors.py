@@ -19,10 +19,9 @@ import math
 import mmap
 import os
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelseal.crypto.segments import TAG_SIZE
-from modelseal.crypto.signing import Signer
 from modelseal.errors import FormatError, NotSealedError, UsageError
 from modelseal.format import schema
 from modelseal.format.container import (
@@ -39,6 +38,9 @@ from modelseal.format.container import (
 from modelseal.format.dtypes import lookup
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Recipient
+
+if TYPE_CHECKING:
+    from modelseal.crypto.signing import Signer
 
 TAGS_TENSOR = "__modelseal_tags__"
 PAYLOAD_TENSOR = "__modelseal_payload__"
