@@ -74,6 +74,7 @@ class SealedReplica:
         self.endpoint = Endpoint(self.model, self.replica)
         log.info("modelseal: replica %s serves model %s (loaded in %.2f s)", self.replica, name, self.load_s)
         self._stop = threading.Event()
+        self._swap = threading.Lock()  # the retry's swap against the replica's stop
         if self.args["retry_s"] > 0 and self.model.watch is not None:  # only a watched key can be refused
             threading.Thread(target=self._retry, name="modelseal-retry", daemon=True).start()
 
@@ -88,11 +89,12 @@ class SealedReplica:
             except ModelsealError as exc:
                 log.info("modelseal: replica %s: model %s still refused: %s", self.replica, self.args["name"], exc)
                 continue
-            if self._stop.is_set():  # the replica is stopping: drop what was just loaded
-                model.close()
-                return
-            old, self.model = self.model, model
-            self.endpoint.model = model
+            with self._swap:
+                if self._stop.is_set():  # the replica is stopping: drop what was just loaded
+                    model.close()
+                    return
+                old, self.model = self.model, model
+                self.endpoint.model = model
             old.close()
             log.warning("modelseal: replica %s serves model %s again: its key is released", self.replica,
                         model.spec.name)  # fmt: skip
@@ -126,9 +128,10 @@ class SealedReplica:
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica: stop the watch and wipe the model."""
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
+        stop, swap = getattr(self, "_stop", None), getattr(self, "_swap", None)
+        if stop is not None and swap is not None:
+            with swap:
+                stop.set()
         model = getattr(self, "model", None)
         if model is not None:
             model.close()
