@@ -242,13 +242,40 @@ def test_a_nonce_is_single_use_and_bound_to_its_host_key_and_time(rig: Rig) -> N
     assert rig.release(a)[1] == rig.dek  # a fresh challenge works
 
 
-def test_challenges_older_than_an_hour_are_forgotten(rig: Rig) -> None:
+def test_challenges_write_nothing_and_spent_nonces_are_forgotten_once_expired(rig: Rig) -> None:
     a = host("a")
     rig.grant(a.spki)
-    old = rig.service.challenge(a, rig.key_id, HOST)["nonce"]
-    rig.clock.t += 3600 + 61
-    rig.service.challenge(a, rig.key_id, HOST)  # each new challenge purges the long-expired ones
-    assert spend(rig, a, old) == (403, "nonce_unknown")
+    entries = len(rig.service.store.audit_entries())
+    nonces = [rig.service.challenge(a, rig.key_id, HOST)["nonce"] for _ in range(5)]
+
+    def recorded(nonce: str) -> bool:
+        with rig.service.store.transaction() as tx:
+            return tx.challenge(nonce) is not None
+
+    assert len(set(nonces)) == 5 and not any(recorded(n) for n in nonces)
+    assert len(rig.service.store.audit_entries()) == entries
+    assert spend(rig, a, nonces[0]) == (200, "ok")
+    assert recorded(nonces[0]) and not recorded(nonces[1])
+    rig.clock.t += 3600
+    assert spend(rig, a, nonces[0]) == (409, "nonce_reused")
+    for _ in range(64):  # releases purge expired spent nonces now and then
+        rig.release(a)
+    assert not recorded(nonces[0])
+    assert spend(rig, a, nonces[0]) == (403, "nonce_expired")  # its own expiry still refuses it
+
+
+def test_a_nonce_made_by_another_key_service_or_altered_is_unknown(rig: Rig) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from modelseal.keyserver.challenges import ChallengeTokens
+
+    a = host("a")
+    rig.grant(a.spki)
+    foreign = ChallengeTokens(ed25519.Ed25519PrivateKey.generate()).issue(a.spki, rig.key_id, rig.clock.t + 60)
+    assert spend(rig, a, b64e(foreign)) == (403, "nonce_unknown")
+    mine = bytearray(b64d(rig.service.challenge(a, rig.key_id, HOST)["nonce"]))
+    mine[9] ^= 1  # a later expiry
+    assert spend(rig, a, b64e(bytes(mine))) == (403, "nonce_unknown")
 
 
 # --- grant limits, expiry, policy, evidence ---------------------------------------------------------------

@@ -130,13 +130,6 @@ class MemoryTransaction:
     def challenge(self, nonce: str) -> ChallengeRecord | None:
         return self.tables.challenges.get(nonce)
 
-    def spend_challenge(self, nonce: str, at: int) -> bool:
-        row = self.tables.challenges.get(nonce)
-        if row is None or row.used_at is not None:
-            return False
-        self.tables.challenges[nonce] = replace(row, used_at=at)
-        return True
-
     def append_audit(self, event: dict[str, Any]) -> AuditEntry:
         entry = auditchain.next_entry(self.head, event)
         self.appended.append(entry)
@@ -186,6 +179,12 @@ class MemoryStore:
     def keys_of(self, models: Iterable[str]) -> list[tuple[str, str]]:
         wanted = set(models)
         return [(k.key_id, k.model) for k in self._tables.keys.values() if k.model in wanted]
+
+    def key_grants(self, key_id: str) -> tuple[str, list[GrantRecord]] | None:
+        key = self._tables.keys.get(key_id)
+        if key is None:
+            return None
+        return key.model, [g for g in self.live_grants() if g.model == key.model]
 
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
         rows = self._audit[max(after, 0) :]  # entry n sits at index n - 1

@@ -24,6 +24,7 @@ from modelseal.attest.base import unmet
 from modelseal.crypto.keys import wipe
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError
+from modelseal.keyserver.challenges import ChallengeTokens
 from modelseal.keyserver.identity import identity_matches, parse_grant_identity
 from modelseal.keyserver.masterkey import MasterKey
 from modelseal.keyserver.policy import Policy, PolicyError
@@ -38,7 +39,7 @@ from modelseal.keyserver.store import (
     Transaction,
 )
 from modelseal.pki import PeerIdentity
-from modelseal.release.protocol import MODEL_NAME, Lease, binding, new_nonce, now, seal_release
+from modelseal.release.protocol import MODEL_NAME, Lease, binding, now, seal_release
 
 T = TypeVar("T")
 log = logging.getLogger("modelseal.keyserver")
@@ -138,6 +139,8 @@ class KeyService:
         self.verifiers = dict(verifiers)
         self.clock = clock
         self.refusals = RefusalLimiter(refusals)
+        self.tokens = ChallengeTokens(signer)
+        self._spent = 0
 
     @property
     def evidence_kinds(self) -> list[str]:
@@ -317,20 +320,17 @@ class KeyService:
         return [{"key_id": k, "model": m} for k, m in self.store.keys_of(models)]
 
     def challenge(self, peer: PeerIdentity, key_id: str, actor: dict[str, Any]) -> dict[str, Any]:
-        nonce = new_nonce()
-
-        def body(tx: Transaction) -> dict[str, Any]:
-            key = self._key(tx, key_id)
-            t = self.clock()
-            tx.purge_challenges(t - 3600)
-            expires = t + self.settings.challenge_ttl_s
-            tx.add_challenge(ChallengeRecord(b64e(nonce), peer.spki, key_id, expires))
-            kinds: set[str] = set()
-            for g in self._grants_for(tx, key.model, peer):
-                kinds.update(req["kind"] for req in g.evidence)
-            return {"nonce": b64e(nonce), "expires_at": expires, "evidence": sorted(kinds)}
-
-        return self._decide({"event": "challenge", "key_id": key_id, "host": peer.spki, **actor}, body, False)
+        """A fresh nonce for ``peer`` and ``key_id``, and the evidence kinds its grants want: one read and
+        no write (:class:`ChallengeTokens`), so challenges do not queue on the audit head across replicas."""
+        found = self.store.key_grants(key_id)
+        if found is None:
+            event = {"event": "challenge", "key_id": key_id, "host": peer.spki, **actor}
+            raise self.audit_refusal(event, 404, "unknown_key", f"no key {key_id} is registered with this key service")
+        _, grants = found
+        expires = self.clock() + self.settings.challenge_ttl_s
+        kinds = {req["kind"] for g in grants if identity_matches(g.identity, peer) for req in g.evidence}
+        nonce = self.tokens.issue(peer.spki, key_id, expires)
+        return {"nonce": b64e(nonce), "expires_at": expires, "evidence": sorted(kinds)}
 
     def release(
         self,
@@ -472,22 +472,27 @@ class KeyService:
     ) -> list[GrantRecord]:
         return [g for g in tx.grants_for_model(model, include_revoked) if identity_matches(g.identity, peer)]
 
-    @staticmethod
-    def _spend_nonce(tx: Transaction, nonce_text: str, peer: PeerIdentity, key_id: str, t: int) -> bytes:
+    def _spend_nonce(self, tx: Transaction, nonce_text: str, peer: PeerIdentity, key_id: str, t: int) -> bytes:
+        """Check the nonce is one this service issued, to this host for this key, still fresh, and spend it:
+        record it in this (head-locked) transaction, so a second use finds it. A refused use spends it too."""
         try:
             nonce = b64d(nonce_text, what="nonce", length=32)
         except FormatError as exc:
             raise Refused(400, "bad_request", str(exc)) from None
-        row = tx.challenge(nonce_text)
-        if row is None:
+        expires = self.tokens.issued(nonce)
+        if expires is None:
             raise Refused(
                 403, "nonce_unknown", "the nonce was not issued by this key service (ask for a new challenge)"
             )
-        if row.used_at is not None or not tx.spend_challenge(nonce_text, t):
+        if tx.challenge(nonce_text) is not None:
             raise Refused(409, "nonce_reused", "the nonce was already used: replayed release refused")
-        if row.host != peer.spki or row.key_id != key_id:
+        self._spent += 1
+        if self._spent % 64 == 1:  # now and then, forget spent nonces that have expired: no longer usable
+            tx.purge_challenges(t)
+        tx.add_challenge(ChallengeRecord(nonce_text, peer.spki, key_id, expires, used_at=t))
+        if not self.tokens.bound(nonce, peer.spki, key_id):
             raise Refused(403, "nonce_mismatch", "the nonce was issued to another host or for another key")
-        if row.expires_at < t:
+        if expires < t:
             raise Refused(403, "nonce_expired", "the challenge expired; ask for a new one")
         return nonce
 

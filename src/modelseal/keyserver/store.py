@@ -15,7 +15,10 @@ The guarantees a backend owes the service (the service relies on them, it cannot
   before; it commits when the block ends normally and rolls back everything when it raises. The
   service audits a refusal inside the same block and lets it end normally, so the refusal's record
   and its side effects (a spent nonce) commit together.
-- :meth:`Transaction.spend_challenge` is atomic: of two transactions spending one nonce, one wins.
+- Spent nonces: the service issues stateless nonces (:mod:`modelseal.keyserver.challenges`) and records
+  each one when a release spends it (:meth:`Transaction.add_challenge`), in the release's transaction,
+  whose head lock makes "not recorded yet, so record it" atomic across processes: of two transactions
+  spending one nonce, one wins.
 - Reads outside a transaction (:meth:`Store.models` ...) see only committed state.
 """
 
@@ -83,7 +86,7 @@ class GrantRecord:
 
 @dataclass(frozen=True)
 class ChallengeRecord:
-    """A nonce issued to ``host`` for ``key_id``; ``used_at`` is set once, when a release spends it."""
+    """A nonce a release spent (issued to ``host`` for ``key_id``, valid until ``expires_at``)."""
 
     nonce: str
     host: str
@@ -162,17 +165,15 @@ class Transaction(Protocol):
         ...
 
     # challenges
-    def add_challenge(self, challenge: ChallengeRecord) -> None: ...
+    def add_challenge(self, challenge: ChallengeRecord) -> None:
+        """Record a spent nonce (``used_at`` set)."""
+        ...
 
     def purge_challenges(self, expired_before: int) -> None:
         """Forget challenges that expired before this time (spent or not)."""
         ...
 
     def challenge(self, nonce: str) -> ChallengeRecord | None: ...
-
-    def spend_challenge(self, nonce: str, at: int) -> bool:
-        """Mark the nonce used if nobody has; False if it was already spent (atomically)."""
-        ...
 
     # audit
     def append_audit(self, event: dict[str, Any]) -> AuditEntry:
@@ -202,6 +203,11 @@ class Store(Protocol):
 
     def keys_of(self, models: Iterable[str]) -> list[tuple[str, str]]:
         """``(key_id, model)`` of every key of these models."""
+        ...
+
+    def key_grants(self, key_id: str) -> tuple[str, list[GrantRecord]] | None:
+        """The model of key ``key_id`` and its grants not revoked, or None for an unknown key (one read:
+        what a challenge needs, without a transaction)."""
         ...
 
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:

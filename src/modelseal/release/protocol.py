@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -151,10 +150,6 @@ class EphemeralKey:
         if len(dek) != 32:
             raise KeyReleaseError("bad_answer", "the released key has the wrong length")
         return lease, dek
-
-
-def new_nonce() -> bytes:
-    return os.urandom(NONCE_BYTES)
 
 
 def now() -> int:

@@ -153,14 +153,6 @@ class SqlTransaction:
         row = self.conn.execute(select(schema.challenges).where(schema.challenges.c.nonce == nonce)).first()
         return None if row is None else ChallengeRecord(row.nonce, row.host, row.key_id, row.expires_at, row.used_at)
 
-    def spend_challenge(self, nonce: str, at: int) -> bool:
-        spent = self.conn.execute(
-            update(schema.challenges)
-            .where(schema.challenges.c.nonce == nonce, schema.challenges.c.used_at.is_(None))
-            .values(used_at=at)
-        )
-        return spent.rowcount == 1
-
     def append_audit(self, event: dict[str, Any]) -> AuditEntry:
         entry = auditchain.next_entry(self.head, event)
         self.conn.execute(schema.audit.insert().values(**entry.to_json()))
@@ -210,6 +202,14 @@ class SqlStore:
         query = select(schema.keys.c.key_id, schema.keys.c.model).where(schema.keys.c.model.in_(list(models)))
         with self.engine.connect() as conn:
             return [(k, m) for k, m in conn.execute(query)]
+
+    def key_grants(self, key_id: str) -> tuple[str, list[GrantRecord]] | None:
+        with self.engine.connect() as conn:
+            model = conn.execute(select(schema.keys.c.model).where(schema.keys.c.key_id == key_id)).scalar()
+            if model is None:
+                return None
+            live = select(schema.grants).where(schema.grants.c.model == model, schema.grants.c.revoked_at.is_(None))
+            return model, [_grant(r) for r in conn.execute(live)]
 
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
         with self.engine.connect() as conn:
