@@ -87,7 +87,9 @@ class GpuUnderTestRoots:
         fwid = os.urandom(48)
         # the verifier compares the extension's last 48 bytes, where a Hopper leaf holds its FWID digest
         fwid_ext = x509.UnrecognizedExtension(FWID_OID, b"\x04\x30" + fwid)
-        leaf = certificate("Test GH100 FMC LF", leaf_key, (ica.subject, ica_key), ca=False, extensions=(fwid_ext,))
+        leaf = certificate(
+            "GH100 A01 GSP FMC LF (test)", leaf_key, (ica.subject, ica_key), ca=False, extensions=(fwid_ext,)
+        )
         measurements = {i: os.urandom(48) for i in range(1, blocks + 1)}
         return cls(root, [leaf, ica, root], leaf_key, fwid, measurements, [ica_key, root_key])
 
@@ -113,6 +115,18 @@ class GpuUnderTestRoots:
         if signer:
             builder = builder.certificates([responder])
         return builder.sign(key, hashes.SHA384()).public_bytes(serialization.Encoding.DER)
+
+    def sibling(self) -> GpuUnderTestRoots:
+        """Another GPU of the same model: its own key and FWID, certified by the same CA, same firmware."""
+        key, fwid = ec.generate_private_key(ec.SECP384R1()), os.urandom(48)
+        ica = self.chain[1]
+        leaf = certificate(
+            "GH100 A01 GSP FMC LF (test)", key, (ica.subject, self.issuer_keys[0]), ca=False,
+            extensions=(x509.UnrecognizedExtension(FWID_OID, b"\x04\x30" + fwid),),
+        )  # fmt: skip
+        return GpuUnderTestRoots(
+            self.root, [leaf, *self.chain[1:]], key, fwid, dict(self.measurements), list(self.issuer_keys)
+        )
 
     def opaque(self) -> bytes:
         fields = [

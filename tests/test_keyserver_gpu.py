@@ -123,16 +123,20 @@ def test_a_grant_requiring_a_cpu_tee_and_a_gpu_is_met_only_when_both_carry_the_c
         status, code, message = attempt(lambda b: [snp.evidence(stale), gpu.evidence(b)])
         assert (status, code) == (403, "evidence_rejected") and "sev-snp evidence is not bound" in message
 
-        # two GPUs where the grant asks for one; a second GPU bound elsewhere
-        def two(b: bytes, second: bytes) -> list[Any]:
+        # two GPUs where the grant asks for one; a second GPU bound elsewhere; one GPU listed twice
+        twin = gpu.sibling()
+
+        def two(b: bytes, second: bytes, other: GpuUnderTestRoots = twin) -> list[Any]:
             doc = gpu.evidence(b)
-            doc["gpus"] = [*doc["gpus"], *gpu.evidence(second)["gpus"]]  # type: ignore[misc]
+            doc["gpus"] = [*doc["gpus"], *other.evidence(second)["gpus"]]  # type: ignore[misc]
             return [snp.evidence(b), doc]
 
         status, code, message = attempt(lambda b: two(b, b))
         assert (status, code) == (403, "evidence_rejected") and "gpu_count = 2" in message
         status, code, message = attempt(lambda b: two(b, stale))
         assert (status, code) == (403, "evidence_rejected") and "GPU 1's nonce" in message
+        status, code, message = attempt(lambda b: two(b, b, gpu))
+        assert (status, code) == (403, "evidence_rejected") and "GPU 1 is GPU 0 again" in message
 
         # a GPU whose firmware differs from the RIMs: refused, the index named
         saved = gpu.measurements[3]

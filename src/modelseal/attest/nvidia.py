@@ -64,6 +64,7 @@ from modelseal.attest.ocsp import check_chain_revocation, request_for
 from modelseal.attest.spdm import MeasurementReport, parse_report
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
+from modelseal.pki import spki_hash
 
 if TYPE_CHECKING:  # the RIM module needs signxml and lxml, imported only when a GPU is verified
     from modelseal.attest.nvidia_rim import Rim
@@ -151,6 +152,20 @@ def signed_by(leaf: x509.Certificate, report: MeasurementReport) -> MeasurementR
     return report
 
 
+def _golden_values(rim: Rim) -> tuple[tuple[int, bool, tuple[bytes, ...]], ...]:
+    return tuple(sorted((i, m.active, m.alternatives) for i, m in rim.measurements.items()))
+
+
+def _chip(leaf: x509.Certificate) -> str:
+    """The GPU's chip as its attestation certificate names it ("GH100 A01 GSP FMC LF" -> "GH100"): a RIM
+    is for one chip (its product), and RIMs of one version for two chips must not stand in for each other."""
+    try:
+        names = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    except MALFORMED:
+        return ""
+    return str(names[0].value).split(" ", 1)[0] if names else ""
+
+
 def compare_measurements(report: MeasurementReport, driver: Rim, vbios: Rim) -> None:
     """Every active golden measurement (RIM index i = SPDM block i + 1) matches the report, or an error
     naming each index that does not, with the RIM it comes from."""
@@ -197,6 +212,8 @@ class NvidiaGpuVerifier:
         digest, at = hashlib.sha256(document).digest(), _at(now)
         with self._lock:
             rim = self._verified.get(digest)
+            if rim is not None:
+                self._verified.move_to_end(digest)
         if rim is None or not rim.not_before <= at <= rim.not_after:
             rim = verify_rim(document, root=self.rim_root, at=at, what=what)
             with self._lock:
@@ -237,17 +254,35 @@ class NvidiaGpuVerifier:
         ders = [evidence_bytes({"ocsp": item}, "ocsp", KIND_NAME) or b"" for item in attached]
         check_chain_revocation(chain, ders, now, "GPU certificate chain")
 
-    def pick(self, documents: list[tuple[str, bytes]], version: str, what: str, now: int) -> Rim:
-        """The verified RIM for ``version``: the documents that name it in their text are tried first, and the
-        verified version decides."""
+    def pick(self, documents: list[tuple[str, bytes]], chip: str, version: str, what: str, now: int) -> Rim:
+        """The RIM for this GPU's chip and version. Only documents naming the version in their text are
+        verified (an unknown version costs a text search, not a signature check per RIM); one that does not
+        verify (an expired signer) is skipped; configured RIMs come before attached ones; and two that
+        verify with different golden values are refused as ambiguous, never chosen between by order."""
         needle = f'colloquialversion="{version.lower()}"'.encode()
-        likely = sorted(documents, key=lambda doc: needle not in doc[1].lower())  # the others only if none is
-        for origin, document in likely:
-            rim = self.verified_rim(document, f"{what} ({origin})", now)
-            if rim.colloquial_version.lower() == version.lower():
-                return rim
-        hint = "" if self.host_rims else " (RIMs a host attaches count only with nvidia_host_rims = true)"
-        raise EvidenceError(f"no {what} for version {version} is configured{hint}")
+        found: dict[bool, list[Rim]] = {True: [], False: []}
+        failures = []
+        for origin, document in documents:
+            if needle not in document.lower():
+                continue
+            try:
+                rim = self.verified_rim(document, f"{what} ({origin})", now)
+            except EvidenceError as exc:
+                failures.append(str(exc))
+                continue
+            if rim.colloquial_version.lower() == version.lower() and rim.product == chip:
+                found[origin.startswith("configured")].append(rim)
+        candidates = found[True] or found[False]
+        if not candidates:
+            hint = "" if self.host_rims else " (RIMs a host attaches count only with nvidia_host_rims = true)"
+            why = f"; {failures[0]}" if failures else ""
+            raise EvidenceError(f"no {what} for {chip} version {version} is configured{hint}{why}")
+        if len({_golden_values(rim) for rim in candidates}) > 1:
+            raise EvidenceError(
+                f"{len(candidates)} {what}s for {chip} {version} with different golden values are configured "
+                "(NVIDIA's test and production RIMs share a version): keep only the one you accept"
+            )
+        return candidates[0]
 
     def authenticate(self, raw: bytes, chain: list[x509.Certificate], now: int) -> MeasurementReport:
         """The report, parsed, if NVIDIA's device root vouches for it: chain, FWID and signature."""
@@ -266,8 +301,9 @@ class NvidiaGpuVerifier:
         self.check_ocsp(gpu, chain, ctx.now)
         driver_version = report.text("driver_version")
         vbios_version = report.vbios_version
-        driver = self.pick(rims, driver_version, "driver RIM", ctx.now)
-        vbios = self.pick(rims, vbios_version, "VBIOS RIM", ctx.now)
+        chip = _chip(chain[0])
+        driver = self.pick(rims, chip, driver_version, "driver RIM", ctx.now)
+        vbios = self.pick(rims, chip, vbios_version, "VBIOS RIM", ctx.now)
         compare_measurements(report, driver, vbios)
         claims = Claims(
             kind=KIND_NAME,
@@ -285,6 +321,7 @@ class NvidiaGpuVerifier:
                 "driver_rim": driver.tag_id,
                 "vbios_rim": vbios.tag_id,
                 "certificate": chain[min(1, len(chain) - 1)].subject.rfc4514_string(),
+                "attestation_key": spki_hash(chain[0]).hex(),
             },
         )
         claims.report_data = report.request_nonce.hex()
@@ -312,6 +349,11 @@ class NvidiaGpuVerifier:
                 parts.append(self.verify_gpu(gpu, rims, ctx, position))
             except EvidenceError as exc:
                 raise EvidenceError(f"GPU {position}: {exc}" if len(gpus) > 1 else str(exc)) from None
+        seen: dict[str, int] = {}
+        for position, part in enumerate(parts):  # gpu_count counts GPUs, not reports: one GPU, one entry
+            first = seen.setdefault(part.details["attestation_key"], position)
+            if first != position:
+                raise EvidenceError(f"GPU {position} is GPU {first} again (same attestation key): each GPU counts once")
         common = {
             name: value
             for name, value in parts[0].measurements.items()
@@ -453,8 +495,12 @@ class NvidiaGpuCollector:
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         gpus = settings.get("gpus")
-        if gpus is not None and (not isinstance(gpus, list) or not all(isinstance(i, int) for i in gpus)):
-            raise UsageError("[nvidia] gpus must be a list of GPU indices")
+        if gpus is not None and (
+            not isinstance(gpus, list)
+            or not all(type(i) is int and i >= 0 for i in gpus)
+            or len(set(gpus)) != len(gpus)
+        ):
+            raise UsageError("[nvidia] gpus must be a list of distinct GPU indices")
         self.gpus: list[int] | None = gpus
         rims = settings.get("rims")
         self.rims = sorted(Path(str(rims)).glob("*.swidtag")) if rims else []
