@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -340,3 +342,22 @@ def test_an_unknown_version_costs_no_signature_check() -> None:
     with pytest.raises(EvidenceError, match=r"no driver RIM for GH100 version 550\.90\.07 is configured"):
         many.verify(evidence, VerificationContext(None, NONCE, b"", RIM_AT))
     assert many._verified == {}  # nothing was verified: no RIM names 550.90.07
+
+
+@pytest.mark.slow
+def test_cli_verifies_the_gpu_sample_with_rims_and_names_a_mismatch(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "modelseal", "attest", "verify", str(DATA / "hopperAttestationReport-2023.txt"),
+            "--kind", "nvidia-gpu", "--cert-chain", str(DATA / "hopperCertChain-2023.txt"),
+            "--at", str(RIM_AT), "--rim", str(DATA / "Driver_RIM_test_no_gpu.swidtag")]  # fmt: skip
+    ok = subprocess.run(
+        [*base, "--rim", str(DATA / "1010_0200_882_96005E0001_test_no_gpu.swidtag"), "--binding", NONCE_2023.hex(),
+         "--require", '{"measurements": {"driver_version": "545.00"}}', "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["measurements"]["vbios_version"] == "96.00.5E.00.01"
+    prod = subprocess.run(
+        [*base, "--rim", str(DATA / "1010_0200_882_96005E0001_PROD.swidtag")], capture_output=True, text=True
+    )
+    assert prod.returncode == 1 and "Traceback" not in prod.stderr
+    assert "GPU measurement(s) 1 (VBIOS), 2 (VBIOS), 3 (VBIOS), 9 (VBIOS) differ" in prod.stderr

@@ -8,8 +8,10 @@ service checks at the wall clock, a test or ``modelseal attest verify --at`` at 
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from datetime import UTC, datetime
-from functools import lru_cache
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -19,6 +21,7 @@ from modelseal.attest.base import EvidenceError
 from modelseal.errors import UsageError
 
 MAX_CHAIN = 8
+MAX_CERTIFICATE = 8 * 1024  # NVIDIA's, AMD's and Intel's are 0.5-2 KiB
 # what cryptography raises on a damaged certificate's lazily parsed fields (extensions, names, keys)
 MALFORMED = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
 MAX_PEM = 64 * 1024
@@ -75,28 +78,41 @@ def load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
         raise EvidenceError(f"the {what} is not a PEM certificate chain: {exc}") from None
     if len(certs) > MAX_CHAIN:
         raise EvidenceError(f"the {what} has {len(certs)} certificates, more than {MAX_CHAIN}")
+    for position, cert in enumerate(certs):
+        if len(cert.public_bytes(serialization.Encoding.DER)) > MAX_CERTIFICATE:
+            raise EvidenceError(f"the {what}'s certificate {position} is larger than {MAX_CERTIFICATE} bytes")
     return certs
 
 
-@lru_cache(maxsize=4096)
-def _link(cert_der: bytes, issuer_der: bytes) -> str | None:
+_LINKS: OrderedDict[bytes, None] = OrderedDict()  # SHA-256 of (certificate, issuer) DERs proven linked
+_LINKS_LOCK = threading.Lock()
+MAX_LINKS = 4096
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
+    """None if ``issuer`` signed ``cert``, else why not. Proven links are remembered by a hash of the two
+    DERs (a signature check is a pure function of them): every GPU of a model shares its chain's upper
+    links and a renewing host presents the same leaf, so a key service checks each link's signature once
+    (~1.4 ms, ECDSA P-384). Only successes are kept, by a 32-byte digest, at most 4096: evidence a host
+    sends cannot grow the cache with its own bytes. Validity times are checked on every use."""
+    cert_der = cert.public_bytes(serialization.Encoding.DER)
+    issuer_der = issuer.public_bytes(serialization.Encoding.DER)
+    key = hashlib.sha256(len(cert_der).to_bytes(4, "big") + cert_der + issuer_der).digest()
+    with _LINKS_LOCK:
+        if key in _LINKS:
+            _LINKS.move_to_end(key)
+            return None
     try:
-        x509.load_der_x509_certificate(cert_der).verify_directly_issued_by(
-            x509.load_der_x509_certificate(issuer_der)
-        )
+        cert.verify_directly_issued_by(issuer)
     except InvalidSignature:
         return "has a signature that does not verify"
     except MALFORMED:  # issuer name mismatch, unusable key or algorithm, damaged fields
         return "was not issued by the next certificate in the chain"
+    with _LINKS_LOCK:
+        _LINKS[key] = None
+        while len(_LINKS) > MAX_LINKS:
+            _LINKS.popitem(last=False)
     return None
-
-
-def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
-    """None if ``issuer`` signed ``cert``, else why not. Answers are remembered by the two DERs (a signature
-    check is a pure function of them): every GPU of a model shares its chain's upper links, and a host
-    renewing presents the same leaf, so a key service checks each link's signature once (~1.4 ms each,
-    ECDSA P-384); validity times are still checked on every use."""
-    return _link(cert.public_bytes(serialization.Encoding.DER), issuer.public_bytes(serialization.Encoding.DER))
 
 
 def load_root(pem: bytes, what: str) -> x509.Certificate:
@@ -122,19 +138,29 @@ def _name(cert: x509.Certificate, position: int) -> str:
     return f"certificate {position} ({label[:80]})"
 
 
-def _check_issuer(cert: x509.Certificate, what: str) -> None:
+def _check_issuer(cert: x509.Certificate, below: int, what: str) -> None:
+    """``cert`` may sign certificates, with ``below`` CA certificates under it in this chain."""
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         raise EvidenceError(f"the {what} issues certificates but is not marked as a CA") from None
     if not constraints.ca:
         raise EvidenceError(f"the {what} issues certificates but is not a CA")
+    if constraints.path_length is not None and below > constraints.path_length:
+        raise EvidenceError(f"the {what} allows {constraints.path_length} CAs below it, the chain has {below}")
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return
     if not usage.key_cert_sign:
         raise EvidenceError(f"the {what} may not sign certificates (key usage)")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def verify_chain(chain: list[x509.Certificate], root: x509.Certificate, now: int, what: str) -> None:
@@ -151,7 +177,9 @@ def verify_chain(chain: list[x509.Certificate], root: x509.Certificate, now: int
             check_valid_at(cert, now, label)
             issuer = chain[min(position + 1, len(chain) - 1)]  # the root signs itself
             if position > 0:
-                _check_issuer(cert, label)
+                _check_issuer(cert, position - 1, label)
+            elif _is_ca(cert):
+                raise EvidenceError(f"the {label} is a CA certificate, not an end entity")
             problem = issued_by(cert, issuer)
             if problem:
                 raise EvidenceError(f"the {label} {problem}")

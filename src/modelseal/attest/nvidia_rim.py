@@ -55,7 +55,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from modelseal.attest.base import EvidenceError
-from modelseal.attest.certchain import issued_by
+from modelseal.attest.certchain import MAX_CERTIFICATE, issued_by
 from modelseal.errors import MissingDependencyError, one_line
 
 MAX_RIM_BYTES = 4 * 1024 * 1024
@@ -217,6 +217,8 @@ def _certificates(signature: Any, what: str) -> list[x509.Certificate]:
     for n, node in enumerate(nodes):
         try:
             der = base64.b64decode("".join((node.text or "").split()), validate=True)
+            if len(der) > MAX_CERTIFICATE:
+                raise ValueError(f"{len(der)} bytes, more than {MAX_CERTIFICATE}")
             certs.append(x509.load_der_x509_certificate(der))
         except (binascii.Error, ValueError) as exc:
             raise EvidenceError(f"{what}: certificate {n} in the signature is malformed ({one_line(exc)})") from None

@@ -14,6 +14,7 @@ from modelseal.cli.helptext import Group
 from modelseal.cli.kit import emit, fail_closed, json_option
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
+from modelseal.jsonlimits import JSONLimitError, loads_bounded
 
 RAW_KINDS = ("sgx", "tdx", "sev-snp", "nvidia-gpu")
 
@@ -38,9 +39,11 @@ def evidence_document(path: str, kind: str | None, extras: dict[str, str | None]
     data = read(path, "evidence")
     if data.lstrip().startswith(b"{"):
         try:
-            doc = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path} is not valid JSON: {exc}") from None
+            doc = loads_bounded(data, max_bytes=16 * 1024 * 1024, max_depth=32, what=path)
+        except JSONLimitError as exc:
+            raise UsageError(str(exc)) from None
+        if not isinstance(doc, dict):
+            raise UsageError(f"{path} is not an evidence document (a JSON object)")
         if kind and doc.get("kind") != kind:
             raise UsageError(f"{path} holds {doc.get('kind')} evidence, not {kind}")
         return dict(doc)
@@ -85,7 +88,9 @@ def attest() -> None:
 @click.option(
     "--rim", "rims", multiple=True, type=click.Path(dir_okay=False), help="nvidia-gpu: a driver or VBIOS RIM (repeat)."
 )
-@click.option("--at", "at", type=int, help="Verify at this Unix time instead of now (old samples, audits).")
+@click.option(
+    "--at", "at", type=click.IntRange(0, 253402300799), help="Verify at this Unix time instead of now (audits)."
+)
 @click.option("--binding", help="Hex of the 32-byte binding the report data or TPM nonce must carry.")
 @click.option("--require", "requirement", help='A grant requirement to check, JSON: {"measurements": {...}, ...}.')
 @json_option
@@ -132,9 +137,12 @@ def attest_verify(
         problems.append(str(claims.details.get("binding_mismatch", "the evidence is not bound to --binding")))
     if requirement:
         try:
-            req = verifier.check_requirement({**json.loads(requirement), "kind": claims.kind})
+            wanted = json.loads(requirement)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--require is not valid JSON: {exc}") from None
+        if not isinstance(wanted, dict):
+            raise UsageError('--require must be a JSON object, like {"measurements": {...}}')
+        req = verifier.check_requirement({**wanted, "kind": claims.kind})
         problems += [p for p in [unmet(req, claims)] if p]
     result["verified"] = not problems
     if problems:
