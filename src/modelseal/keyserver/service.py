@@ -353,10 +353,14 @@ class KeyService:
         ctx = VerificationContext(
             peer, binding(nonce_bytes, peer.spki_hash, ephemeral_public), nonce_bytes, self.clock()
         )
-        try:
-            verified = verify_presented(evidence, ctx, self.verifiers)
-        except Refused as refusal:
-            early, verified = refusal, {}
+        expires = self.tokens.issued(nonce_bytes)
+        fresh = expires is not None and expires >= ctx.now and self.tokens.bound(nonce_bytes, peer.spki, key_id)
+        verified: dict[str, Claims | str] = {}
+        if fresh:  # evidence for a nonce the transaction will refuse is not worth a millisecond of verification
+            try:
+                verified = verify_presented(evidence, ctx, self.verifiers)
+            except Refused as refusal:
+                early = refusal
 
         def body(tx: Transaction) -> dict[str, Any]:
             key = self._key(tx, key_id)
