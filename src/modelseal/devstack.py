@@ -190,11 +190,13 @@ class KeyServer(ModelsealProcess):
         transit: dict[str, str] | None = None,
         *,
         port: int | None = None,
+        workers: int = 1,
     ) -> None:
         from modelseal.keyserver.config import init_state
 
         super().__init__(Path(directory) / "keyserver.log")
         self.dir = Path(directory)
+        self.workers = workers
         self.port = port or free_port()
         self.info = init_state(directory, database=database, listen=f"{LOOPBACK}:{self.port}", transit=transit)
         self.config = Path(self.info["config"])
@@ -208,7 +210,8 @@ class KeyServer(ModelsealProcess):
         self.token = Path(self.info["admin_token_file"]).read_text().strip()
 
     def command(self) -> list[str]:
-        return ["keyserver", "run", "--config", str(self.config)]
+        workers = ["--workers", str(self.workers)] if self.workers > 1 else []
+        return ["keyserver", "run", "--config", str(self.config), *workers]
 
     def ready(self) -> bool:
         return self.healthy()

@@ -157,9 +157,13 @@ config_option = click.option(
 )
 @config_option
 @click.option("--no-migrate", is_flag=True, help="Refuse to start on an old schema instead of migrating it.")
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+    help="Processes accepting on the one port (use PostgreSQL for more than one).",
+)  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 @fail_closed
-def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
+def ks_run(config_path: str, no_migrate: bool, workers: int, verbose: bool) -> None:
     """Serve the key service (HTTPS, TLS 1.3) until SIGINT/SIGTERM.
 
     Logs the URL clients use (with a name the certificate covers). The admin API accepts the admin token
@@ -170,7 +174,7 @@ def ks_run(config_path: str, no_migrate: bool, verbose: bool) -> None:
     from modelseal.keyserver.server import run
 
     logs.configure(verbose)
-    run(KeyServerConfig.load(config_path), migrate=not no_migrate)
+    run(KeyServerConfig.load(config_path), migrate=not no_migrate, workers=workers)
 
 
 @keyserver.command("migrate", writes=[("the config's database", "Its schema, upgraded in place.")])

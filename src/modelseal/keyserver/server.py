@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import os
+import signal
 import socket
 
 from aiohttp import web
@@ -11,7 +14,7 @@ from cryptography import x509
 
 from modelseal import pki
 from modelseal.attest import Verifier, verifiers_from_config
-from modelseal.errors import UsageError
+from modelseal.errors import UsageError, one_line
 from modelseal.keyserver.app import build_app
 from modelseal.keyserver.config import KeyServerConfig
 from modelseal.keyserver.service import KeyService
@@ -35,30 +38,95 @@ def build_service(cfg: KeyServerConfig, migrate: bool = True) -> KeyService:
     return KeyService(store, cfg.master_key(), cfg.signer(), cfg.settings, checked, cfg.refusals)
 
 
-def run(cfg: KeyServerConfig, migrate: bool = True) -> None:
+def run(cfg: KeyServerConfig, migrate: bool = True, workers: int = 1) -> None:
     """Serve until SIGINT/SIGTERM (aiohttp drains in-flight requests on shutdown).
 
     The process is made non-dumpable with no core files first, like the agent: it holds the master
-    key (or its vault token), the lease-signing key and every data key it releases."""
+    key (or its vault token), the lease-signing key and every data key it releases. With ``workers`` > 1
+    the schema is migrated once, the socket bound once, and that many processes are forked to accept on
+    it, each with its own service and database connections (decisions stay one at a time through the
+    database's audit-head lock; challenges need no write, see :mod:`modelseal.keyserver.challenges`)."""
     harden_process()
     if not (cfg.tls_cert and cfg.tls_key):
         raise UsageError(f"{cfg.path}: [server] needs tls_cert and tls_key (the key service only speaks TLS)")
     if not cfg.admin_token_sha256:
         logging.getLogger("modelseal.keyserver").warning("no [admin] token_sha256: the admin API is disabled")
+    if not 1 <= workers <= 64:
+        raise UsageError("--workers must be 1 to 64")
+    verifiers(cfg)  # a bad [attestation] table stops start-up here, before any worker
+    if workers > 1:
+        open_store(cfg.database, migrate).close()
+        migrate = False
+    sock = listen(cfg)
+    if workers == 1:
+        serve(cfg, sock, migrate)
+        return
+    supervise(cfg, sock, workers)
+
+
+def serve(cfg: KeyServerConfig, sock: socket.socket, migrate: bool) -> None:
+    """One process serving HTTPS on ``sock`` until SIGINT/SIGTERM."""
+    assert cfg.tls_cert and cfg.tls_key  # run() refused a config without them
     ssl_context = pki.server_context(cfg.tls_cert, cfg.tls_key, str(cfg.client_ca) if cfg.client_ca else None)
     service = build_service(cfg, migrate)
     app = build_app(service, cfg.admin_token_sha256, cfg.max_body_bytes)
     web.run_app(
         app,
-        sock=listen(cfg),
+        sock=sock,
         ssl_context=ssl_context,
         access_log=None,
         print=lambda _msg: logging.getLogger("modelseal.keyserver").info(
-            "key service on %s (%s, master key: %s)", public_url(cfg),
-            service.store.describe(), service.master.describe(),
+            "key service on %s (%s, master key: %s, pid %d)", public_url(cfg),
+            service.store.describe(), service.master.describe(), os.getpid(),
         ),
         shutdown_timeout=10,
     )  # fmt: skip
+
+
+def supervise(cfg: KeyServerConfig, sock: socket.socket, workers: int) -> None:
+    """Fork ``workers`` processes serving ``sock``; pass SIGINT/SIGTERM on to them and wait. A worker that
+    dies stops the others and the whole service with an error: a supervisor (systemd, Kubernetes) restarts
+    it, rather than this process running on at part strength unnoticed."""
+    log = logging.getLogger("modelseal.keyserver")
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                serve(cfg, sock, migrate=False)
+                code = 0
+            except BaseException as exc:  # a worker reports in one line and exits; the parent decides
+                log.error("key-service worker %d failed: %s", os.getpid(), one_line(exc))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    sock.close()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("key service: %d workers (pids %s)", workers, ", ".join(map(str, children)))
+    failed = False
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid in children:
+            children.remove(pid)
+        if os.waitstatus_to_exitcode(status) != 0 and children and not failed:
+            failed = True
+            code = os.waitstatus_to_exitcode(status)
+            log.error("key-service worker %d exited with %d: stopping the others", pid, code)
+            forward(signal.SIGTERM, None)
+    if failed:
+        raise UsageError("a key-service worker failed (see the log above)")
 
 
 def public_url(cfg: KeyServerConfig) -> str:

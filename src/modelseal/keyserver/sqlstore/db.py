@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
@@ -79,11 +79,18 @@ def _alembic_config() -> Config:
     return cfg
 
 
+MIGRATION_LOCK = 0x6D6F64656C736561  # "modelsea": the PostgreSQL advisory lock every migration takes
+
+
 def migrate(engine: Engine) -> str:
-    """Bring the schema to the newest revision; return it."""
+    """Bring the schema to the newest revision; return it. On PostgreSQL the migration holds an advisory
+    lock for its transaction: replicas (or workers) that start together wait for the first, then find the
+    schema current, instead of racing to create the same tables."""
     cfg = _alembic_config()
     try:
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # replicas starting together migrate one at a time
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except OperationalError as exc:
