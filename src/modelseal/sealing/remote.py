@@ -308,7 +308,7 @@ def _seal_tree(src: Path, base: str, job: _Job, force: bool, conf: UploadSetting
     rows = []
     with _aborting(uploads):
         for rel in members:
-            upload = MultipartUpload(base + rel, conf, overwrite=True, staged=True)
+            upload = MultipartUpload(base + rel, conf, overwrite=force, staged=True)  # If-None-Match unless force
             uploads.append(upload)
             as_bundle = not rel.endswith(".safetensors")
             rows.append(writer._seal_file(src / rel, upload, job, as_bundle, directory.member_group(group, rel)))
