@@ -433,3 +433,37 @@ def test_repeated_log_lines_are_counted_not_written(caplog: pytest.LogCaptureFix
         "uid 1: connection refused",
     ]
     assert limiter.total_suppressed == 9995
+
+
+AS_NOBODY = r"""
+import json, os, sys
+from modelseal.release.wire import ask
+os.setgid(65534); os.setuid(65534)  # after the imports: nobody cannot read root's Python
+print(json.dumps(ask(sys.argv[1], {"op": "status"})[0]))
+"""
+
+
+@needs_root
+@pytest.mark.slow
+def test_a_server_user_sees_the_status_of_its_own_models_only(
+    service: tuple[KeyServer, tuple[str, str], dict[str, str]], socket_dir: Path
+) -> None:
+    """``modelseal serve`` under its own uid watches its models' keys (so a revoked model is unloaded); it
+    sees no other model's, and a uid the ACL names for nothing sees nothing."""
+    server, cert, keys = service
+    agent = Agent(server, cert, socket_dir, tables={"acl": {"alpha": [NOBODY]}}, socket_mode="0666").start()
+    try:
+        wait_for(lambda: len(ask(agent.socket, {"op": "status"})[0]["keys"]) == 2, 20, "the prefetch")
+        seen = subprocess.run([sys.executable, "-c", AS_NOBODY, agent.socket], capture_output=True, text=True)
+        assert seen.returncode == 0, seen.stderr
+        status = json.loads(seen.stdout)
+        assert status["ok"] and [k["key_id"] for k in status["keys"]] == [keys["alpha"]]
+    finally:
+        agent.stop()
+    agent = Agent(server, cert, socket_dir, tables={"acl": {"beta": [0]}}, socket_mode="0666").start()
+    try:
+        wait_for(lambda: len(ask(agent.socket, {"op": "status"})[0]["keys"]) == 2, 20, "the prefetch")
+        seen = subprocess.run([sys.executable, "-c", AS_NOBODY, agent.socket], capture_output=True, text=True)
+        assert json.loads(seen.stdout)["keys"] == [] and json.loads(seen.stdout)["dropped"] == {}
+    finally:
+        agent.stop()

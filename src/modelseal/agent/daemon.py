@@ -238,6 +238,22 @@ class Agent:
         ]
         return {"keys": keys, "dropped": {k: {"code": c, "message": m} for k, (c, m) in self.dropped.items()}}
 
+    def status_for(self, uid: int) -> dict[str, Any]:
+        """:meth:`status` as ``uid`` may see it: all of it for the agent's user, root and the admin user; for
+        another user only the keys of models the ACL lets it use (a server watching its own models, as
+        ``modelseal serve`` does under its own uid), which it could ask for anyway."""
+        full = self.status()
+        if uid in self.privileged:
+            return full
+
+        def mine(model: str | None) -> bool:
+            return model is not None and self.acl.allows(uid, model)
+
+        return {
+            "keys": [k for k in full["keys"] if mine(k["model"])],
+            "dropped": {k: v for k, v in full["dropped"].items() if mine(self.models.get(k))},
+        }
+
     def close(self) -> None:
         for key_id in list(self.keys):
             self.drop(key_id, "shutdown", "the agent is shutting down")
@@ -254,9 +270,7 @@ class Agent:
         try:
             request = await self._read(reader)
             if request.get("op") == "status":
-                if uid not in self.privileged:
-                    return _refusal("forbidden", "status is for the agent's user, root and the admin user"), None
-                return {"ok": True, **self.status()}, None
+                return {"ok": True, **self.status_for(uid)}, None
             if request.get("op") != "key":
                 raise FrameError("bad_request", "expected op 'key' with key_id and model, or op 'status'")
             key_id, model = key_request(request)
