@@ -102,3 +102,18 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_ready_follows_the_database_while_health_stays_up(tmp_path: Path) -> None:
+    """``/v1/ready`` (the Kubernetes readiness probe) reads the database; ``/v1/health`` (liveness) does not."""
+    schema = PostgresSchema()
+    server = KeyServer(tmp_path / "ks", schema.url).start()
+    try:
+        with server.host_client(None) as anon:
+            assert anon.get("/v1/ready").json() == {"status": "ready"}
+            schema.drop()  # the database goes away under the running service
+            lost = anon.get("/v1/ready")
+            assert lost.status_code == 503 and lost.json()["error"]["code"] == "not_ready"
+            assert anon.get("/v1/health").status_code == 200
+    finally:
+        server.stop()

@@ -924,7 +924,7 @@ def test_keyserver_health_answers_a_probe_without_a_client_certificate(tmp_path:
     kubelet.check_hostname, kubelet.verify_mode = False, ssl.CERT_NONE
     with KeyServer(tmp_path / "ks") as keyserver:
         with urllib.request.urlopen(keyserver.url + path, context=kubelet, timeout=10) as answer:
-            assert answer.status == 200 and json.loads(answer.read()) == {"status": "ok"}
+            assert answer.status == 200 and json.loads(answer.read()) == {"status": "ready"}
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(keyserver.url + "/v1/keys", context=kubelet, timeout=10)
         assert 400 <= refused.value.code < 500

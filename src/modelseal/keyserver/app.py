@@ -1,7 +1,7 @@
 """The key service's HTTP API on aiohttp (chosen because it exposes the TLS client certificate).
 
 Host endpoints (mTLS required): ``POST /v1/challenge``, ``POST /v1/release``, ``GET /v1/keys``.
-Admin endpoints (bearer token): ``/v1/admin/...``. Public: ``GET /v1/health``, ``GET /v1/info``,
+Admin endpoints (bearer token): ``/v1/admin/...``. Public: ``GET /v1/health``, ``/v1/ready``, ``/v1/info``,
 ``GET /openapi.json``. Every error is a JSON body ``{"error": {"code", "message"}}`` with a 4xx
 status; refusals are audited (past a burst, counted: :mod:`modelseal.keyserver.refusals`). Request
 bodies are strict JSON objects with bounded size and depth (:func:`modelseal.jsonlimits.loads_bounded`).
@@ -187,6 +187,20 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def ready(request: web.Request) -> web.Response:
+    """Ready when the database answers (a read of the audit head, off the event loop, within 3 s): a
+    replica that lost its database stops receiving traffic, while ``/v1/health`` keeps it alive."""
+    try:
+        head = await asyncio.wait_for(asyncio.to_thread(request.app[SERVICE].store.audit_head), 3)
+    except TimeoutError:
+        head = None
+    if head is None:
+        return web.json_response(
+            {"error": {"code": "not_ready", "message": "the key-service database cannot be read"}}, status=503
+        )
+    return web.json_response({"status": "ready"})
+
+
 async def info(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     return web.json_response(
@@ -303,6 +317,7 @@ def build_app(service: KeyService, admin_token_sha256: str, max_body_bytes: int 
     app.add_routes(
         [
             web.get(Route.HEALTH, health),
+            web.get(Route.READY, ready),
             web.get(Route.INFO, info),
             web.get("/openapi.json", openapi),
             web.post(Route.CHALLENGE, challenge),

@@ -79,6 +79,9 @@ def openapi_document() -> dict[str, Any]:
         "components": {"securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}}},
         "paths": {
             "/v1/health": {"get": _op("liveness", _obj(["status"], status={"type": "string"}), ())},
+            "/v1/ready": {
+                "get": _op("readiness: the database answers", _obj(["status"], status={"type": "string"}), (503,))
+            },
             "/v1/info": {
                 "get": _op(
                     "lease-signing key and evidence kinds",

@@ -37,7 +37,8 @@ class Route:
     """The key service's HTTP routes, named once for the service (``keyserver/app.py``), the agent and
     the admin client."""
 
-    HEALTH = "/v1/health"
+    HEALTH = "/v1/health"  # liveness: the process answers
+    READY = "/v1/ready"  # readiness: and its database answers
     INFO = "/v1/info"  # no credentials: the lease-signing public key, the evidence kinds
     CHALLENGE = "/v1/challenge"
     RELEASE = "/v1/release"
