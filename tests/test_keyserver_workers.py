@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # real processes
 
 
 def worker_pids(server: KeyServer) -> list[int]:
-    return [int(p) for p in re.findall(r"key service on \S+ \(.*pid (\d+)\)", server.log.read_text())]
+    return [int(p) for p in re.findall(r"key service on \S+ \(.*worker pid (\d+)\)", server.log.read_text())]
 
 
 def test_workers_share_one_port_one_database_and_one_audit_chain(tmp_path: Path) -> None:

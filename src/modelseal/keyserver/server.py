@@ -64,8 +64,8 @@ def run(cfg: KeyServerConfig, migrate: bool = True, workers: int = 1) -> None:
     supervise(cfg, sock, workers)
 
 
-def serve(cfg: KeyServerConfig, sock: socket.socket, migrate: bool) -> None:
-    """One process serving HTTPS on ``sock`` until SIGINT/SIGTERM."""
+def serve(cfg: KeyServerConfig, sock: socket.socket, migrate: bool, worker: bool = False) -> None:
+    """One process serving HTTPS on ``sock`` until SIGINT/SIGTERM (``worker``: one of several)."""
     assert cfg.tls_cert and cfg.tls_key  # run() refused a config without them
     ssl_context = pki.server_context(cfg.tls_cert, cfg.tls_key, str(cfg.client_ca) if cfg.client_ca else None)
     service = build_service(cfg, migrate)
@@ -76,8 +76,8 @@ def serve(cfg: KeyServerConfig, sock: socket.socket, migrate: bool) -> None:
         ssl_context=ssl_context,
         access_log=None,
         print=lambda _msg: logging.getLogger("modelseal.keyserver").info(
-            "key service on %s (%s, master key: %s, pid %d)", public_url(cfg),
-            service.store.describe(), service.master.describe(), os.getpid(),
+            "key service on %s (%s, master key: %s%s)", public_url(cfg),
+            service.store.describe(), service.master.describe(), f", worker pid {os.getpid()}" if worker else "",
         ),
         shutdown_timeout=10,
     )  # fmt: skip
@@ -95,7 +95,7 @@ def supervise(cfg: KeyServerConfig, sock: socket.socket, workers: int) -> None:
             code = 1
             try:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                serve(cfg, sock, migrate=False)
+                serve(cfg, sock, migrate=False, worker=True)
                 code = 0
             except BaseException as exc:  # a worker reports in one line and exits; the parent decides
                 log.error("key-service worker %d failed: %s", os.getpid(), one_line(exc))
