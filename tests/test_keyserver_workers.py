@@ -117,3 +117,31 @@ def test_ready_follows_the_database_while_health_stays_up(tmp_path: Path) -> Non
             assert anon.get("/v1/health").status_code == 200
     finally:
         server.stop()
+
+
+def test_killing_the_supervisor_takes_its_workers_and_sqlite_gets_one(tmp_path: Path) -> None:
+    schema = PostgresSchema()
+    server = KeyServer(tmp_path / "ks", schema.url, workers=3).start()
+    try:
+        wait_for(lambda: len(worker_pids(server)) == 3, 20, "three workers to listen")
+        server.stop(signal.SIGKILL)  # no chance to forward anything: the kernel's parent-death signal does
+        for pid in worker_pids(server):
+            wait_for(lambda pid=pid: not _alive(pid), 15, f"orphaned worker {pid} to stop")
+    finally:
+        server.stop()
+        schema.drop()
+    with pytest.raises(Exception, match="--workers needs PostgreSQL"):
+        KeyServer(tmp_path / "sqlite", None, workers=2).start()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("challenge_ttl_s", 2**32), ("challenge_ttl_s", -100), ("renew_after_s", 0)]
+)
+def test_lease_settings_out_of_range_stop_the_service_at_start(tmp_path: Path, setting: str, value: int) -> None:
+    from modelseal.errors import UsageError
+    from modelseal.keyserver.config import KeyServerConfig, init_state
+
+    config = Path(init_state(tmp_path / "ks")["config"])
+    config.write_text(re.sub(rf"^{setting} = \d+$", f"{setting} = {value}", config.read_text(), flags=re.M))
+    with pytest.raises(UsageError, match=f"\\[leases\\] {setting} must be from 1 to"):
+        KeyServerConfig.load(config)

@@ -105,6 +105,11 @@ class KeyServerConfig:
             ) from None
         if not 1024 <= max_body <= MAX_BODY_LIMIT:
             raise UsageError(f"{path}: [server] max_body_bytes must be from 1024 to {MAX_BODY_LIMIT}")
+        month = 86400 * 30
+        limits = {"lease_ttl_s": month, "renew_after_s": 86400, "challenge_ttl_s": 3600, "default_grace_s": month}
+        for name, top in limits.items():
+            if not 1 <= getattr(settings, name) <= top:
+                raise UsageError(f"{path}: [leases] {name} must be from 1 to {top}")
         if min(refusals.burst, refusals.max_peers, refusals.total_burst) < 0 or refusals.interval_s < 1:
             raise UsageError(f"{path}: [audit] values must be positive")
         return cls(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import logging
 import os
@@ -54,6 +55,8 @@ def run(cfg: KeyServerConfig, migrate: bool = True, workers: int = 1) -> None:
     if not 1 <= workers <= 64:
         raise UsageError("--workers must be 1 to 64")
     verifiers(cfg)  # a bad [attestation] table stops start-up here, before any worker
+    if workers > 1 and cfg.database.startswith("sqlite"):
+        raise UsageError(f"{cfg.path}: --workers needs PostgreSQL (SQLite lets one writer at a time; use one worker)")
     if workers > 1:
         open_store(cfg.database, migrate).close()
         migrate = False
@@ -83,18 +86,33 @@ def serve(cfg: KeyServerConfig, sock: socket.socket, migrate: bool, worker: bool
     )  # fmt: skip
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send this worker SIGTERM when the supervisor dies (Linux PR_SET_PDEATHSIG), so a
+    killed supervisor leaves no worker releasing keys on its own; exit now if it is already gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def supervise(cfg: KeyServerConfig, sock: socket.socket, workers: int) -> None:
     """Fork ``workers`` processes serving ``sock``; pass SIGINT/SIGTERM on to them and wait. A worker that
     dies stops the others and the whole service with an error: a supervisor (systemd, Kubernetes) restarts
     it, rather than this process running on at part strength unnoticed."""
     log = logging.getLogger("modelseal.keyserver")
     children: list[int] = []
+    parent = os.getpid()
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # none is lost (or kills the parent) between forks
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+                _die_with_parent(parent)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
                 serve(cfg, sock, migrate=False, worker=True)
                 code = 0
             except BaseException as exc:  # a worker reports in one line and exits; the parent decides
@@ -111,6 +129,7 @@ def supervise(cfg: KeyServerConfig, sock: socket.socket, workers: int) -> None:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # a stop that came during the forks is forwarded now
     log.info("key service: %d workers (pids %s)", workers, ", ".join(map(str, children)))
     failed = False
     while children:

@@ -66,6 +66,7 @@ def _new_id(prefix: str) -> str:
 
 
 MAX_EVIDENCE = 8
+PURGE_MARGIN_S = 3600  # spent nonces are kept this long past their expiry
 
 
 def verify_presented(
@@ -491,8 +492,8 @@ class KeyService:
         if tx.challenge(nonce_text) is not None:
             raise Refused(409, "nonce_reused", "the nonce was already used: replayed release refused")
         self._spent += 1
-        if self._spent % 64 == 1:  # now and then, forget spent nonces that have expired: no longer usable
-            tx.purge_challenges(t)
+        if self._spent % 64 == 1:  # now and then, forget spent nonces long expired (a margin for replicas'
+            tx.purge_challenges(t - PURGE_MARGIN_S)  # clocks: one running ahead must not free a fresh nonce)
         tx.add_challenge(ChallengeRecord(nonce_text, peer.spki, key_id, expires, used_at=t))
         if not self.tokens.bound(nonce, peer.spki, key_id):
             raise Refused(403, "nonce_mismatch", "the nonce was issued to another host or for another key")

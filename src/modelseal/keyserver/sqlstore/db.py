@@ -61,7 +61,7 @@ def connect(url: str) -> Engine:
     return engine
 
 
-def _first_line(exc: BaseException | None) -> str:
+def first_line(exc: BaseException | None) -> str:
     """A driver's message (psycopg's run to several lines, with hints) as one line."""
     return (str(exc).splitlines() or ["unknown error"])[0]
 
@@ -94,7 +94,7 @@ def migrate(engine: Engine) -> str:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except OperationalError as exc:
-        raise UsageError(f"cannot migrate the key-service database: {_first_line(exc.orig)}") from None
+        raise UsageError(f"cannot migrate the key-service database: {first_line(exc.orig)}") from None
     return ScriptDirectory.from_config(cfg).get_current_head() or ""
 
 
@@ -104,7 +104,7 @@ def revision(engine: Engine) -> str | None:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except OperationalError as exc:
-        raise UsageError(f"cannot open the key-service database: {_first_line(exc.orig)}") from None
+        raise UsageError(f"cannot open the key-service database: {first_line(exc.orig)}") from None
 
 
 def check_current(engine: Engine) -> None:

@@ -3,8 +3,10 @@
 A transaction is one database transaction whose first statement locks the audit-head row
 (:func:`lock_head`): ``SELECT ... FOR UPDATE`` on PostgreSQL, so replicas sharing the database
 serialise on it; on SQLite the write lock is already held from ``BEGIN IMMEDIATE``
-(:func:`modelseal.keyserver.sqlstore.db.connect`). Spending a nonce is a conditional ``UPDATE`` whose
-row count says who won, so two replicas never release against one nonce.
+(:func:`modelseal.keyserver.sqlstore.db.connect`). A spent nonce is recorded inside that locked
+transaction after checking it is not there yet, so two replicas never release against one nonce. A
+database that does not answer (a lock wait timed out, a lost connection) is :class:`StoreUnavailableError`,
+which the service answers as 503 ``unavailable``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from modelseal.errors import ModelsealError
 from modelseal.keyserver import auditchain
 from modelseal.keyserver.sqlstore import db, schema
 from modelseal.keyserver.store import (
@@ -30,6 +33,11 @@ from modelseal.keyserver.store import (
     ModelRecord,
     ModelSummary,
 )
+
+
+class StoreUnavailableError(ModelsealError):
+    """The database did not answer (a lock wait timed out, the connection dropped): the service answers
+    503 ``unavailable``; nothing was decided."""
 
 
 def open_store(url: str, migrate: bool = True) -> SqlStore:
@@ -171,9 +179,19 @@ class SqlStore:
         self.engine = engine
 
     @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as exc:
+            raise StoreUnavailableError(f"the key-service database failed: {db.first_line(exc.orig)}") from None
+
+    @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
-        with self.engine.begin() as conn:
-            yield SqlTransaction(conn)
+        try:
+            with self.engine.begin() as conn:
+                yield SqlTransaction(conn)
+        except OperationalError as exc:  # lock wait timed out, connection lost: 503 unavailable, no traceback
+            raise StoreUnavailableError(f"the key-service database failed: {db.first_line(exc.orig)}") from None
 
     def models(self) -> list[ModelSummary]:
         counts = select(schema.keys.c.model, func.count().label("n")).group_by(schema.keys.c.model).subquery()
@@ -204,7 +222,7 @@ class SqlStore:
             return [(k, m) for k, m in conn.execute(query)]
 
     def key_grants(self, key_id: str) -> tuple[str, list[GrantRecord]] | None:
-        with self.engine.connect() as conn:
+        with self._reading(), self.engine.connect() as conn:
             model = conn.execute(select(schema.keys.c.model).where(schema.keys.c.key_id == key_id)).scalar()
             if model is None:
                 return None
