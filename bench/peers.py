@@ -57,7 +57,7 @@ CHILD = r"""
 import json, os, sys, tempfile, time, gc
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 import torch
-torch.empty(1).add_(1)  # torch's own first-op initialisation is nobody's load
+torch.empty(1 << 20).add_(1)  # torch's own first-op set-up (its intra-op thread pool too) is nobody's load
 gc.collect()  # and the full collection its import left due is nobody's either (see bench/load.py's COLD)
 method, path, secret = sys.argv[1:4]
 clock = time.perf_counter
