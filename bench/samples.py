@@ -44,9 +44,9 @@ NVIDIA_RIMS = [
 ]
 
 
-def nvidia_evidence(gpus: int = 1) -> dict[str, Any]:
+def nvidia_evidence() -> dict[str, Any]:
     gpu = {
         "report": b64e(bytes.fromhex((NVIDIA / "hopperAttestationReport-2023.txt").read_text().strip())),
         "cert_chain": (NVIDIA / "hopperCertChain-2023.txt").read_text(),
     }
-    return {"kind": "nvidia-gpu", "gpus": [gpu] * gpus}
+    return {"kind": "nvidia-gpu", "gpus": [gpu]}
