@@ -30,10 +30,6 @@ from modelseal.errors import (
     NoMatchingIdentityError,
     SignatureError,
 )
-
-# Still imported with the package: finding libc at import runs a subprocess (ldconfig, with /dev/null
-# opened for writing), which must happen here, never inside a load whose writes are audited (tests/test_tvm.py).
-from modelseal.memory import arena as _arena  # noqa: F401
 from modelseal.version import __version__
 
 if TYPE_CHECKING:

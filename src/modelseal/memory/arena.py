@@ -25,7 +25,6 @@ hook of ``Artifact.decrypt_many``: the format reads and decrypts, this module de
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 from collections.abc import Callable
@@ -73,7 +72,7 @@ def _load_madvise() -> Callable[[int, int, int], int] | None:
     if os.environ.get("MODELSEAL_PREFAULT") == "0" or not os.uname().sysname == "Linux":
         return None
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
+        fn = ctypes.CDLL(None, use_errno=True).madvise  # the process's own libc: no ldconfig subprocess
     except (OSError, AttributeError):  # pragma: no cover - no usable libc
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

@@ -10,14 +10,13 @@ keep those to a minimum. Root on the host can still read this memory (THREAT-MOD
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import resource
 
 from modelseal.crypto.keys import wipe
 
 log = logging.getLogger("modelseal.agent")
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (find_library runs ldconfig in a subprocess)
 for _fn in (_libc.mlock, _libc.munlock):
     _fn.argtypes, _fn.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
