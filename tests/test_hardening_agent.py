@@ -451,19 +451,28 @@ def test_a_server_user_sees_the_status_of_its_own_models_only(
     """``modelseal serve`` under its own uid watches its models' keys (so a revoked model is unloaded); it
     sees no other model's, and a uid the ACL names for nothing sees nothing."""
     server, cert, keys = service
-    agent = Agent(server, cert, socket_dir, tables={"acl": {"alpha": [NOBODY]}}, socket_mode="0666").start()
-    try:
-        wait_for(lambda: len(ask(agent.socket, {"op": "status"})[0]["keys"]) == 2, 20, "the prefetch")
+
+    def held_by(acl: dict[str, list[int]]) -> Agent:
+        agent = Agent(server, cert, socket_dir, tables={"acl": acl}, socket_mode="0666", prefetch=False).start()
+        for model, key_id in keys.items():  # root fetches both models' keys
+            ask(agent.socket, {"op": "key", "key_id": key_id, "model": model})
+        return agent
+
+    def seen_by_nobody(agent: Agent) -> dict[str, Any]:
         seen = subprocess.run([sys.executable, "-c", AS_NOBODY, agent.socket], capture_output=True, text=True)
         assert seen.returncode == 0, seen.stderr
-        status = json.loads(seen.stdout)
+        return json.loads(seen.stdout)  # type: ignore[no-any-return]
+
+    agent = held_by({"alpha": [NOBODY]})
+    try:
+        assert {k["key_id"] for k in ask(agent.socket, {"op": "status"})[0]["keys"]} == set(keys.values())
+        status = seen_by_nobody(agent)
         assert status["ok"] and [k["key_id"] for k in status["keys"]] == [keys["alpha"]]
     finally:
         agent.stop()
-    agent = Agent(server, cert, socket_dir, tables={"acl": {"beta": [0]}}, socket_mode="0666").start()
+    agent = held_by({"beta": [0]})
     try:
-        wait_for(lambda: len(ask(agent.socket, {"op": "status"})[0]["keys"]) == 2, 20, "the prefetch")
-        seen = subprocess.run([sys.executable, "-c", AS_NOBODY, agent.socket], capture_output=True, text=True)
-        assert json.loads(seen.stdout)["keys"] == [] and json.loads(seen.stdout)["dropped"] == {}
+        status = seen_by_nobody(agent)
+        assert status["keys"] == [] and status["dropped"] == {}
     finally:
         agent.stop()
