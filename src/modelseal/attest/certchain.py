@@ -138,22 +138,23 @@ def _name(cert: x509.Certificate, position: int) -> str:
     return f"certificate {position} ({label[:80]})"
 
 
-def _check_issuer(cert: x509.Certificate, below: int, what: str) -> None:
-    """``cert`` may sign certificates, with ``below`` CA certificates under it in this chain."""
+def check_issuer(cert: x509.Certificate, below: int, label: str) -> None:
+    """``cert`` (named ``label`` in messages) may sign certificates, with ``below`` CA certificates under it
+    in the chain: a CA by basic constraints, within its path length, and allowed to by its key usage."""
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
-        raise EvidenceError(f"the {what} issues certificates but is not marked as a CA") from None
-    if not constraints.ca:
-        raise EvidenceError(f"the {what} issues certificates but is not a CA")
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise EvidenceError(f"{label} issues a certificate but is not a CA")
     if constraints.path_length is not None and below > constraints.path_length:
-        raise EvidenceError(f"the {what} allows {constraints.path_length} CAs below it, the chain has {below}")
+        raise EvidenceError(f"{label} allows {constraints.path_length} CAs below it, the chain has {below}")
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return
     if not usage.key_cert_sign:
-        raise EvidenceError(f"the {what} may not sign certificates (key usage)")
+        raise EvidenceError(f"{label} may not sign certificates (key usage)")
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -177,7 +178,7 @@ def verify_chain(chain: list[x509.Certificate], root: x509.Certificate, now: int
             check_valid_at(cert, now, label)
             issuer = chain[min(position + 1, len(chain) - 1)]  # the root signs itself
             if position > 0:
-                _check_issuer(cert, position - 1, label)
+                check_issuer(cert, position - 1, f"the {label}")
             elif _is_ca(cert):
                 raise EvidenceError(f"the {label} is a CA certificate, not an end entity")
             problem = issued_by(cert, issuer)

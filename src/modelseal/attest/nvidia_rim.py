@@ -55,7 +55,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from modelseal.attest.base import EvidenceError
-from modelseal.attest.certchain import MAX_CERTIFICATE, issued_by
+from modelseal.attest.certchain import MALFORMED, MAX_CERTIFICATE, check_issuer, issued_by
 from modelseal.errors import MissingDependencyError, one_line
 
 MAX_RIM_BYTES = 4 * 1024 * 1024
@@ -261,16 +261,10 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _check_issuer(issuer: x509.Certificate, below: int, what: str) -> None:
-    """``issuer`` may sign certificates and has ``below`` CA certificates under it in this chain."""
-    constraints = _extension(issuer, x509.BasicConstraints, what)
-    if constraints is None or not constraints.ca:
-        raise EvidenceError(f"{what}: certificate {_cn(issuer)!r} issues a certificate but is not a CA")
-    if constraints.path_length is not None and below > constraints.path_length:
-        raise EvidenceError(f"{what}: certificate {_cn(issuer)!r} allows {constraints.path_length} CAs below it, "
-                            f"the chain has {below}")
-    usage = _extension(issuer, x509.KeyUsage, what)
-    if usage is not None and not usage.key_cert_sign:
-        raise EvidenceError(f"{what}: certificate {_cn(issuer)!r} may not sign certificates (key usage)")
+    try:
+        check_issuer(issuer, below, f"{what}: certificate {_cn(issuer)!r}")
+    except MALFORMED as exc:  # DuplicateExtension, or a malformed extension (ValueError)
+        raise EvidenceError(f"{what}: certificate {_cn(issuer)!r} has malformed extensions ({one_line(exc)})") from None
 
 
 def _chain(certs: list[x509.Certificate], root: x509.Certificate, at: datetime, what: str) -> list[x509.Certificate]:
