@@ -61,6 +61,16 @@ class ServiceSettings:
     default_grace_s: int = 600
 
 
+@dataclass(frozen=True)
+class NonceCheck:
+    """What a release's nonce is, found once before its transaction: ``malformed`` (why it is not 32 bytes
+    of base64url), ``expires`` (None: not issued here), ``bound`` (issued to this host for this key)."""
+
+    malformed: str | None
+    expires: int | None
+    bound: bool
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{b64e(os.urandom(12))}"
 
@@ -347,15 +357,18 @@ class KeyService:
         The evidence is verified first, outside the transaction (signature and certificate checks take
         milliseconds and must not hold the audit-head lock); the nonce it is bound to is spent inside."""
         early: Refused | None = None
+        malformed = None
         try:
             nonce_bytes = b64d(nonce_text, what="nonce", length=32)
-        except FormatError:
-            nonce_bytes = b""  # refused (and audited) when the transaction tries to spend it
+        except FormatError as exc:
+            nonce_bytes, malformed = b"", str(exc)  # refused (and audited) when the transaction spends it
         ctx = VerificationContext(
             peer, binding(nonce_bytes, peer.spki_hash, ephemeral_public), nonce_bytes, self.clock()
         )
         expires = self.tokens.issued(nonce_bytes)
-        fresh = expires is not None and expires >= ctx.now and self.tokens.bound(nonce_bytes, peer.spki, key_id)
+        bound = expires is not None and self.tokens.bound(nonce_bytes, peer.spki, key_id)
+        token = NonceCheck(malformed, expires, bound)
+        fresh = token.bound and expires is not None and expires >= ctx.now
         verified: dict[str, Claims | str] = {}
         if fresh:  # evidence for a nonce the transaction will refuse is not worth a millisecond of verification
             try:
@@ -365,7 +378,7 @@ class KeyService:
 
         def body(tx: Transaction) -> dict[str, Any]:
             key = self._key(tx, key_id)
-            self._spend_nonce(tx, nonce_text, peer, key_id, self.clock())
+            self._spend_nonce(tx, nonce_text, token, peer, key_id, self.clock())
             if early is not None:
                 raise early
             candidates = self._grants_for(tx, key.model, peer, include_revoked=True)
@@ -477,15 +490,15 @@ class KeyService:
     ) -> list[GrantRecord]:
         return [g for g in tx.grants_for_model(model, include_revoked) if identity_matches(g.identity, peer)]
 
-    def _spend_nonce(self, tx: Transaction, nonce_text: str, peer: PeerIdentity, key_id: str, t: int) -> bytes:
-        """Check the nonce is one this service issued, to this host for this key, still fresh, and spend it:
-        record it in this (head-locked) transaction, so a second use finds it. A refused use spends it too."""
-        try:
-            nonce = b64d(nonce_text, what="nonce", length=32)
-        except FormatError as exc:
-            raise Refused(400, "bad_request", str(exc)) from None
-        expires = self.tokens.issued(nonce)
-        if expires is None:
+    def _spend_nonce(
+        self, tx: Transaction, nonce_text: str, token: NonceCheck, peer: PeerIdentity, key_id: str, t: int
+    ) -> None:
+        """Refuse a nonce this service did not issue, to this host for this key, or that has expired (as
+        ``token`` found, before the transaction), and spend it: record it in this (head-locked) transaction,
+        so a second use finds it. A refused use spends it too."""
+        if token.malformed is not None:
+            raise Refused(400, "bad_request", token.malformed)
+        if token.expires is None:
             raise Refused(
                 403, "nonce_unknown", "the nonce was not issued by this key service (ask for a new challenge)"
             )
@@ -494,12 +507,11 @@ class KeyService:
         self._spent += 1
         if self._spent % 64 == 1:  # now and then, forget spent nonces long expired (a margin for replicas'
             tx.purge_challenges(t - PURGE_MARGIN_S)  # clocks: one running ahead must not free a fresh nonce)
-        tx.add_challenge(ChallengeRecord(nonce_text, peer.spki, key_id, expires, used_at=t))
-        if not self.tokens.bound(nonce, peer.spki, key_id):
+        tx.add_challenge(ChallengeRecord(nonce_text, peer.spki, key_id, token.expires, used_at=t))
+        if not token.bound:
             raise Refused(403, "nonce_mismatch", "the nonce was issued to another host or for another key")
-        if expires < t:
+        if token.expires < t:
             raise Refused(403, "nonce_expired", "the challenge expired; ask for a new one")
-        return nonce
 
 
 _AUDITED_RESULT_FIELDS = (
