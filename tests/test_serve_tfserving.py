@@ -363,6 +363,14 @@ def test_mtls_and_audit_cover_the_tf_serving_api(served: dict[str, Any]) -> None
         anonymous.post("/v1/models/doubler:predict", json={"instances": [[1, 2]]})
     with https(served) as client:
         assert client.post("/v1/models/doubler:predict", json={"instances": [[1, 2]]}).status_code == 200
+    # one gRPC call of its own: under xdist this test may share its server with no other gRPC test
+    typed = predict_pb2.PredictRequest()
+    typed.model_spec.name = "doubler"
+    typed.inputs["input"].dtype = 1  # DT_FLOAT
+    typed.inputs["input"].tensor_shape.dim.add(size=1)
+    typed.inputs["input"].tensor_shape.dim.add(size=2)
+    typed.inputs["input"].float_val.extend([1.0, 2.0])
+    prediction_grpc.PredictionServiceStub(channel(served)).Predict(typed, 30)
     records = [json.loads(line) for line in served["audit"].read_text().splitlines()]
     protocols = {r["protocol"] for r in records if r["model"] in ("doubler", "scorer", "nope")}
     assert {"tfserving-grpc", "tfserving-http"} <= protocols
