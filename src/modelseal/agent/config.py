@@ -12,6 +12,7 @@ evidence = ["mtls"]               # kinds to present: mtls, tpm, tdx, sev-snp, s
 prefetch = true                   # fetch every granted key at start
 max_grace_s = 3600                # cap on the owner's outage grace
 retry_s = 5                       # retry interval while the key service is unreachable
+usage_log = "/var/lib/modelseal/usage.log"   # the signed usage log (needed for metered grants; persistent disk)
 
 admin_user = "ops"                # besides root and the agent's own user: may ask for status, uses the reserve
 
@@ -56,14 +57,16 @@ from typing import Any
 from modelseal.agent.daemon import Acl
 from modelseal.agent.listener import Limits
 from modelseal.agent.release import ReleaseClient
+from modelseal.agent.usagelog import UsageLog
 from modelseal.attest import collectors_from_config
 from modelseal.attest.registry import agent_tables
 from modelseal.errors import UsageError
+from modelseal.pki import identity_of_cert_file
 
 REQUIRED = ("keyserver", "ca", "cert", "key", "socket")
 AGENT_OPTIONAL = (
     "socket_mode", "lease_public_key", "evidence", "prefetch", "max_grace_s", "retry_s", "admin_user",
-    "acl", "limits",
+    "acl", "limits", "usage_log",
 )  # fmt: skip
 AGENT_TABLES: dict[str, tuple[str, ...] | None] = {  # the keys each table may hold; None: any key
     "acl": None,  # keyed by model name
@@ -87,6 +90,7 @@ class AgentConfig:
     retry_s: float = 5
     acl: Acl = field(default_factory=Acl)
     limits: Limits = field(default_factory=Limits)
+    usage_log: Path | None = None
     evidence_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None
 
@@ -128,6 +132,7 @@ class AgentConfig:
             retry_s=float(data.get("retry_s", 5)),
             acl=Acl(rules) if rules else Acl(),
             limits=_limits(tables["limits"], None if admin is None else _uid(admin)),
+            usage_log=base / _text("usage_log", data["usage_log"]) if "usage_log" in data else None,
             evidence_settings={k: dict(data[k]) for k in evidence_tables if k in data},
             path=path,
         )
@@ -140,6 +145,12 @@ class AgentConfig:
             f"lease_public_key is not pinned in {self.path}: the agent will trust whatever lease-signing key the "
             f"key service presents over TLS; pin it (`{LEASE_KEY_COMMAND}` on the key service prints it)"
         ]
+
+    def open_usage_log(self) -> UsageLog | None:
+        """The usage log (verified, or created with its opening entry); None when none is configured."""
+        if self.usage_log is None:
+            return None
+        return UsageLog.open(self.usage_log, self.key, identity_of_cert_file(self.cert).spki)
 
     def client(self) -> ReleaseClient:
         return ReleaseClient(

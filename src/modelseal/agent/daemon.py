@@ -32,11 +32,13 @@ from typing import Any
 from modelseal.agent import lograte
 from modelseal.agent.listener import Limits, Listener
 from modelseal.agent.release import ReleaseClient
+from modelseal.agent.usagelog import Counted, UsageLog
 from modelseal.crypto.keys import wipe
 from modelseal.errors import KeyReleaseError, ModelsealError, ServiceError
 from modelseal.memory.locked import LockedKey, harden_process
 from modelseal.release.protocol import Lease
-from modelseal.release.wire import FrameError, decode_request, key_request, too_large
+from modelseal.release.terms import Terms, Usage
+from modelseal.release.wire import FrameError, decode_request, key_request, too_large, usage_request
 
 log = logging.getLogger("modelseal.agent")
 MAX_DROPPED = 64  # refusals remembered for `agent status` (oldest forgotten first)
@@ -69,8 +71,12 @@ class Agent:
         max_grace_s: int | None = None,
         retry_s: float = 5,
         limits: Limits | None = None,
+        usage_log: UsageLog | None = None,
     ) -> None:
         self.client, self.acl, self.max_grace_s, self.retry_s = client, acl, max_grace_s, retry_s
+        self.usage_log = usage_log
+        self.licensed: dict[str, Lease] = {}  # key id -> its latest lease, kept after a drop: late counts still count
+        self._reporting = asyncio.Lock()  # one release at a time carries the usage log's backlog
         self.limits = limits or Limits()
         self.privileged = self.limits.privileged()
         self.keys: dict[str, HeldKey] = {}
@@ -140,13 +146,23 @@ class Agent:
                     self.models.update((item["key_id"], item["model"]) for item in granted)
         return self.models.get(key_id)
 
+    async def _release(self, key_id: str) -> tuple[Lease, bytearray]:
+        """One exchange with the key service for ``key_id``, carrying the usage log's report if there is one."""
+        if self.usage_log is None:
+            return await self.client.fetch(key_id)
+        async with self._reporting:
+            lease, dek = await self.client.fetch(key_id, self.usage_log.report)
+        self.licensed[key_id] = lease
+        return lease, dek
+
     async def _fetch(self, key_id: str, model: str) -> HeldKey:
         try:
-            lease, dek = await self.client.fetch(key_id)
+            lease, dek = await self._release(key_id)
         except ServiceError as exc:
             self._remember(key_id, exc.code, str(exc))
             raise KeyReleaseError(exc.code, str(exc)) from None
         self.models[key_id] = lease.model
+        self.licensed[key_id] = lease
         if lease.model != model:  # only if a grant appeared after the list was read: never cache it
             wipe(dek)
             log.warning("key %s was released for model %s, not %s: wiped, not cached", key_id, lease.model, model)
@@ -185,7 +201,7 @@ class Agent:
                 if held is None:
                     return
                 try:
-                    lease, dek = await self.client.fetch(key_id)
+                    lease, dek = await self._release(key_id)
                 except ServiceError as exc:
                     if exc.status == 0 or exc.status >= 500:
                         self._outage(key_id, held, str(exc))
@@ -271,8 +287,10 @@ class Agent:
             request = await self._read(reader)
             if request.get("op") == "status":
                 return {"ok": True, **self.status_for(uid)}, None
+            if request.get("op") == "usage":
+                return await self._usage(request, uid), None
             if request.get("op") != "key":
-                raise FrameError("bad_request", "expected op 'key' with key_id and model, or op 'status'")
+                raise FrameError("bad_request", "expected op 'key' with key_id and model, 'status' or 'usage'")
             key_id, model = key_request(request)
         except FrameError as exc:
             log.info("pid %d uid %d: request refused: %s (%s)", pid, uid, exc.code, exc)
@@ -287,6 +305,44 @@ class Agent:
             return _refusal(exc.code, str(exc)), None
         log.info("pid %d uid %d: key %s for model %s handed out", pid, uid, key_id, model)
         return {"ok": True, "key_bytes": 32, "model": model}, secret.view()
+
+    async def _usage(self, request: dict[str, Any], uid: int) -> dict[str, Any]:
+        """Log a server's counts (each for a key whose model ``uid`` may use) and answer the licences of the
+        keys it may use: their terms and this period's usage (spec: :mod:`modelseal.release.meter`)."""
+        source, report, counts = usage_request(request)
+        counted = []
+        for key_id, usage in counts:
+            lease = self.licensed.get(key_id)
+            if lease is None:
+                raise FrameError("unknown_key", f"key {key_id} was never released to this agent: nothing to count")
+            if not self.acl.allows(uid, lease.model):
+                raise FrameError("forbidden", f"uid {uid} may not use model {lease.model}")
+            counted.append(Counted(key_id, lease.grant_id, lease.model, usage))
+        if self.usage_log is not None and counted:
+            try:
+                await asyncio.to_thread(self.usage_log.record, f"{uid}.{source}", report, counted)
+            except OSError as exc:  # not logged: the server keeps the counts and sends them again
+                log.error("cannot write the usage log: %s", exc)
+                why = exc.strerror or str(exc)
+                raise FrameError("usage_log_failed", f"the agent cannot write its usage log: {why}") from None
+        licences = [self._licence(k, h.lease) for k, h in self.keys.items() if self.acl.allows(uid, h.lease.model)]
+        return {"ok": True, "metering": self.usage_log is not None, "licences": licences}
+
+    def _licence(self, key_id: str, lease: Lease) -> dict[str, Any]:
+        """A held key's terms and its grant's usage this period: the key service's figure in the lease (all
+        hosts, up to what that release reported) plus what this host logged since."""
+        terms = Terms.from_json(lease.terms)
+        now = time.time()
+        start = terms.period_start(now)
+        used = Usage()
+        if lease.usage.get("period_start") == start:
+            used = Usage.from_json(lease.usage.get("used", {}))
+        if self.usage_log is not None:
+            used = used + self.usage_log.used(lease.grant_id, start, int(lease.usage.get("seq", 0)))
+        return {
+            "key_id": key_id, "model": lease.model, "grant_id": lease.grant_id, "terms": lease.terms,
+            "period_start": start, "used": used.to_json(),
+        }  # fmt: skip
 
     async def _read(self, reader: asyncio.StreamReader) -> dict[str, Any]:
         """One request line, within the request deadline and the size limit."""
@@ -336,6 +392,8 @@ class Agent:
             await listener.close()
             self.close()
             await self.client.close()
+            if self.usage_log is not None:
+                self.usage_log.close()
 
 
 def _check_model(key_id: str, owner: str | None, model: str) -> None:
@@ -373,7 +431,9 @@ def run(client: ReleaseClient, socket_path: str, acl: Acl, **options: Any) -> No
     harden_process()
     limiter = lograte.install()
     limits = raise_fd_limit(options.pop("limits", None) or Limits())
-    agent = Agent(client, acl, options.pop("max_grace_s", None), options.pop("retry_s", 5), limits)
+    agent = Agent(
+        client, acl, options.pop("max_grace_s", None), options.pop("retry_s", 5), limits, options.pop("usage_log", None)
+    )
 
     async def flush_counts() -> None:
         while True:

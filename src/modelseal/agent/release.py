@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from modelseal.attest import Collector, EvidenceError, collectors_from_config
@@ -68,8 +68,14 @@ class ReleaseClient:
             raise ServiceError(0, "bad_answer", f"the key service at {self.url} sent a malformed list of granted keys")
         return [{"key_id": item["key_id"], "model": item["model"]} for item in keys]
 
-    async def fetch(self, key_id: str) -> tuple[Lease, bytearray]:
-        """One full exchange for ``key_id``; raises :class:`ServiceError` or :class:`KeyReleaseError`."""
+    async def fetch(
+        self, key_id: str, usage: Callable[[int, bytes], dict[str, Any]] | None = None
+    ) -> tuple[Lease, bytearray]:
+        """One full exchange for ``key_id``; raises :class:`ServiceError` or :class:`KeyReleaseError`.
+
+        ``usage(acknowledged, nonce)`` makes the usage report the release carries (the agent's usage log:
+        the entries after the one the key service acknowledged in its challenge, and a head statement
+        signed with the nonce)."""
         service_key = await self.service_key()
         challenge = await self._call("POST", Route.CHALLENGE, {"key_id": key_id})
         try:
@@ -83,7 +89,12 @@ class ReleaseClient:
             evidence = await asyncio.to_thread(collect, self.collectors, kinds, bind, nonce)
         except EvidenceError as exc:
             raise ServiceError(0, "evidence_unavailable", f"cannot collect evidence on this host: {exc}") from None
-        body = {"key_id": key_id, "nonce": b64e(nonce), "ephemeral_key": b64e(ephemeral.public), "evidence": evidence}
+        body: dict[str, Any] = {
+            "key_id": key_id, "nonce": b64e(nonce), "ephemeral_key": b64e(ephemeral.public), "evidence": evidence,
+        }  # fmt: skip
+        if usage is not None:
+            acknowledged = challenge.get("usage_seq", 0)
+            body["usage"] = usage(acknowledged if isinstance(acknowledged, int) else 0, nonce)
         answer = await self._call("POST", Route.RELEASE, body)
         return ephemeral.open_release(
             answer, nonce=nonce, client_spki_hash=self.identity.spki_hash, key_id=key_id, service_key=service_key

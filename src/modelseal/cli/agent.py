@@ -48,6 +48,7 @@ def agent_run(config_path: str, verbose: bool) -> None:
         max_grace_s=cfg.max_grace_s,
         retry_s=cfg.retry_s,
         limits=cfg.limits,
+        usage_log=cfg.open_usage_log(),
     )
 
 

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -80,6 +80,10 @@ class Lease:
     expires_at: int
     grace_s: int
     binding: str
+    terms: dict[str, Any] = field(default_factory=dict)  # the grant's licence terms (release/terms.py)
+    # for a metered grant: {"period_start": ..., "used": {...}, "seq": ...}: the grant's usage this period
+    # over every host, counting this host's usage log up to entry ``seq`` (what this release reported)
+    usage: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -87,13 +91,15 @@ class Lease:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Lease:
         try:
-            data = loads_bounded(raw, max_bytes=16 * 1024, max_depth=2, what="the lease")
+            data = loads_bounded(raw, max_bytes=16 * 1024, max_depth=3, what="the lease")
             lease = cls(**data)
         except (FormatError, TypeError) as exc:
             raise FormatError(f"malformed lease from the key service: {exc}") from None
         ints = (lease.issued_at, lease.renew_after, lease.expires_at, lease.grace_s)
         if not all(isinstance(v, int) for v in ints):
             raise FormatError("malformed lease from the key service: times must be integers")
+        if not isinstance(lease.terms, dict) or not isinstance(lease.usage, dict):
+            raise FormatError("malformed lease from the key service: terms and usage must be objects")
         return lease
 
 

@@ -18,9 +18,10 @@ import time
 from typing import Any
 
 from modelseal.crypto.keys import wipe
-from modelseal.errors import KeyReleaseError, ModelsealError
+from modelseal.errors import FormatError, KeyReleaseError, ModelsealError
 from modelseal.jsonlimits import JSONLimitError, loads_bounded
 from modelseal.release.protocol import MODEL_NAME
+from modelseal.release.terms import Usage
 
 MAX_MESSAGE = 64 * 1024  # the largest answer a client reads (status lists every held and dropped key)
 MAX_REQUEST = 4 * 1024  # a request is one small flat object; anything larger is refused unread
@@ -69,6 +70,33 @@ def key_request(request: dict[str, Any]) -> tuple[str, str]:
     if not MODEL_NAME.fullmatch(model):
         raise FrameError("bad_request", f"model is not a model name (must match {MODEL_NAME.pattern})")
     return key_id, model
+
+
+MAX_COUNTS = 32  # keys in one usage report (release/meter.py sends at most 24)
+SOURCE = re.compile(r"[A-Za-z0-9_=-]{1,64}")
+
+
+def usage_request(request: dict[str, Any]) -> tuple[str, int, list[tuple[str, Usage]]]:
+    """``(source, report number, [(key_id, counts)])`` of a ``usage`` request (spec: release/meter.py)."""
+    source, seq, counts = request.get("source"), request.get("seq"), request.get("counts", [])
+    if not isinstance(source, str) or not SOURCE.fullmatch(source):
+        raise FrameError("bad_request", "source must be 1-64 characters of A-Z a-z 0-9 _ - =")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**53:
+        raise FrameError("bad_request", "seq must be a whole number (the report's number)")
+    if not isinstance(counts, list) or len(counts) > MAX_COUNTS:
+        raise FrameError("bad_request", f"counts must be a list of at most {MAX_COUNTS} objects")
+    parsed = []
+    for item in counts:
+        key_id = item.get("key_id") if isinstance(item, dict) else None
+        if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
+            raise FrameError("bad_request", "each count names a key_id (1-64 characters of A-Z a-z 0-9 _ - =)")
+        try:
+            parsed.append((key_id, Usage.from_json({k: v for k, v in item.items() if k != "key_id"}, "counts")))
+        except FormatError as exc:
+            raise FrameError("bad_request", str(exc)) from None
+    if len({key_id for key_id, _ in parsed}) != len(parsed):
+        raise FrameError("bad_request", "a usage report names each key once")
+    return source, seq, parsed
 
 
 def error_frame(code: str, message: str) -> bytes:
