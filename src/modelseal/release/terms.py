@@ -123,7 +123,7 @@ class Terms:
             if not isinstance(data["metered"], bool):
                 raise FormatError(f"{what}.metered must be true or false")
             values["metered"] = data["metered"]
-        for name, low in (("period_s", 60), ("report_grace_s", 0)):
+        for name, low in (("period_s", 10), ("report_grace_s", 0)):
             if name in data:
                 value = _count(f"{what}.{name}", data[name])
                 if value < low or value > 366 * 86400:
@@ -147,15 +147,15 @@ class Terms:
 
 
 def period_seconds(text: str) -> int:
-    """``hour``, ``day``, ``week`` or a number of seconds (at least 60)."""
+    """``hour``, ``day``, ``week`` or a number of seconds (at least 10)."""
     if text in PERIODS:
         return PERIODS[text]
     try:
         value = int(text)
     except ValueError:
         raise FormatError(f"period {text!r} is not hour, day, week or a number of seconds") from None
-    if not 60 <= value <= 366 * 86400:
-        raise FormatError("a period is 60 seconds to 366 days")
+    if not 10 <= value <= 366 * 86400:
+        raise FormatError("a period is 10 seconds to 366 days")
     return value
 
 
