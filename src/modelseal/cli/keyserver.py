@@ -18,8 +18,9 @@ from modelseal import atomicfile, pki
 from modelseal.cli import logs
 from modelseal.cli.helptext import ADMIN_VARS, Group
 from modelseal.cli.kit import emit, fail_closed, json_option
-from modelseal.errors import UsageError
+from modelseal.errors import FormatError, UsageError
 from modelseal.jsonlimits import loads_bounded
+from modelseal.release.terms import Terms, period_seconds
 
 URL_ENV = "MODELSEAL_KEYSERVER_URL"
 
@@ -53,10 +54,10 @@ def _time(value: str | None) -> int | None:
 )
 @click.pass_context
 def keyserver(ctx: click.Context, url: str | None, ca: str | None) -> None:
-    """Run the key service (init, run, migrate, lease-key) and administer it (model, grant, master-key,
-    audit).
+    """Run the key service (init, run, migrate, lease-key) and administer it (model, grant, usage,
+    master-key, audit).
 
-    Admin commands (model, grant, master-key, audit) need the service's URL (--url or
+    Admin commands (model, grant, usage, master-key, audit) need the service's URL (--url or
     MODELSEAL_KEYSERVER_URL), its CA (--ca or MODELSEAL_KEYSERVER_CA) and the admin token that init
     wrote: its text in MODELSEAL_ADMIN_TOKEN, or its file in MODELSEAL_ADMIN_TOKEN_FILE. Agents must pin
     the lease-signing public key: `modelseal keyserver lease-key --config keyserver.toml` prints it.
@@ -265,7 +266,16 @@ def grant_group() -> None:
 @click.option("--max-hosts", type=int, help="How many distinct hosts may use this grant (for URI patterns).")
 @click.option("--max-releases", type=int, help="Licence: total key releases allowed.")
 @click.option("--grace", "grace_s", type=int, help="Seconds a host may keep serving when the key service is down.")
-@click.option("--policy", help="CEL expression over identity, licence, claims, now (docs/key-release.md).")
+@click.option("--policy", help="CEL expression over identity, licence, usage, claims, now (docs/key-release.md).")
+@click.option("--metered", is_flag=True, help="Count usage: hosts must send signed usage reports (docs/licensing.md).")
+@click.option("--max-requests", type=int, help="Licence: requests per period (implies --metered).")
+@click.option("--max-items", type=int, help="Licence: inference items (batch rows) per period (implies --metered).")
+@click.option("--max-tokens", type=int, help="Licence: LLM input + output tokens per period (implies --metered).")
+@click.option("--period", default="day", show_default=True, help="Quota period: hour, day, week or seconds (>= 10).")
+@click.option("--rate", type=float, help="Licence: requests per second per client identity, enforced by the server.")
+@click.option("--report-grace", "report_grace_s", type=int, help="Seconds a metered host may renew without a usage "
+              "report (default 3600).")  # fmt: skip
+@click.option("--licence", help="The licence id (the one a fingerprinted copy carries: `seal --fingerprint`).")
 @click.option(
     "--evidence",
     "evidence",
@@ -292,9 +302,24 @@ def grant_add(ctx: click.Context, model: str, identity: str | None, cert: str | 
         if opts[name] is not None:
             body[name] = opts[name]
     body["evidence"] = [_requirement(e) for e in opts["evidence"]]
+    body["terms"] = _terms(opts)
     with _admin(ctx) as admin:
         grant = admin.add_grant(body)
     emit(as_json, grant, [f"grant {grant['grant_id']}: {who} may use {model}"])
+
+
+def _terms(opts: dict[str, Any]) -> dict[str, Any]:
+    """The licence terms of ``grant add``'s options, checked here so a typo fails before the request."""
+    try:
+        terms: dict[str, Any] = {"period_s": period_seconds(opts["period"])}
+        if opts["metered"]:
+            terms["metered"] = True
+        for name in ("max_requests", "max_items", "max_tokens", "rate", "report_grace_s", "licence"):
+            if opts[name] is not None:
+                terms[name] = opts[name]
+        return Terms.from_json(terms, "the licence terms").to_json()
+    except FormatError as exc:
+        raise UsageError(str(exc).replace("the licence terms.", "--").replace("_", "-")) from None
 
 
 def _requirement(text: str) -> dict[str, Any]:
@@ -462,3 +487,9 @@ def audit_verify(ctx: click.Context, path: Any, database: str | None, head: str 
     )
     if not report.ok:
         sys.exit(1)
+
+
+# `keyserver usage ...` lives in its own module; registered here, after `_admin` exists
+from modelseal.cli.usage import usage_group  # noqa: E402
+
+keyserver.add_command(usage_group, "usage")

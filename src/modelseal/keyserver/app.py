@@ -27,6 +27,7 @@ from modelseal.keyserver.openapi import openapi_document
 from modelseal.keyserver.service import KeyService, Refused
 from modelseal.pki import PeerIdentity, peer_identity
 from modelseal.release.protocol import Route, service_public_key_text
+from modelseal.release.terms import period_seconds
 
 log = logging.getLogger("modelseal.keyserver")
 SERVICE: web.AppKey[KeyService] = web.AppKey("service", KeyService)
@@ -174,7 +175,8 @@ async def release(request: web.Request) -> web.Response:
         ephemeral = b64d(fields.data.get("ephemeral_key"), what="ephemeral_key", length=32)
     except FormatError as exc:
         raise fields.bad(str(exc)) from None
-    result = request.app[SERVICE].release(peer, key_id, nonce, ephemeral, evidence, _actor(request))
+    usage = fields.data.get("usage")  # the agent's usage report: checked by the service (keyserver/usage.py)
+    result = request.app[SERVICE].release(peer, key_id, nonce, ephemeral, evidence, _actor(request), usage)
     return web.json_response(result)
 
 
@@ -253,6 +255,7 @@ async def add_grant(request: web.Request) -> web.Response:
         "grace_s": fields.integer("grace_s", 0, 30 * 86400),
         "policy": fields.optional_text("policy", 4096),
         "evidence": fields.objects("evidence"),
+        "terms": fields.data.get("terms"),  # licence terms: checked by the service (release/terms.py)
     }
     if spec["grace_s"] is None:
         del spec["grace_s"]
@@ -286,6 +289,30 @@ async def audit_log(request: web.Request) -> web.Response:
     if not 0 <= after < 2**63 or not 1 <= limit <= 10000:
         raise _refuse(request, "audit.read", 400, "bad_request", "after must be 0 to 2**63-1 and limit 1 to 10000")
     return web.json_response({"entries": request.app[SERVICE].audit_log(after, limit)})
+
+
+async def usage_report(request: web.Request) -> web.Response:
+    """``?since=&until=`` (Unix seconds; default: the last 31 days), ``period=`` (hour, day, week or seconds;
+    default day), ``grant=``, ``model=``: usage per licence per period."""
+    _admin(request)
+    query = request.query
+    try:
+        until = int(query.get("until", time.time()))
+        since = int(query.get("since", until - 31 * 86400))
+        period_s = period_seconds(query.get("period", "day"))
+    except (ValueError, FormatError) as exc:
+        raise _refuse(request, "usage.read", 400, "bad_request", f"bad usage query: {exc}") from None
+    if not 0 <= since <= until < 2**53:
+        raise _refuse(request, "usage.read", 400, "bad_request", "since and until must be Unix times, since <= until")
+    rows = request.app[SERVICE].usage_report(since, until, period_s, query.get("grant"), query.get("model"))
+    return web.json_response({"since": since, "until": until, "period_s": period_s, "usage": rows})
+
+
+async def reset_usage(request: web.Request) -> web.Response:
+    actor = _admin(request)
+    fields = Fields(request, "usage.reset", await _body(request, "usage.reset"))
+    host, reason = fields.text("host", 100), fields.optional_text("reason", 500) or "reset by the model owner"
+    return web.json_response(request.app[SERVICE].reset_usage(host, reason, actor))
 
 
 async def refusal_summaries(app: web.Application) -> AsyncIterator[None]:
@@ -331,6 +358,8 @@ def build_app(service: KeyService, admin_token_sha256: str, max_body_bytes: int 
             web.post(Route.REVOKE, revoke_grant),
             web.post(Route.ROTATE_MASTER_KEY, rotate_master_key),
             web.get(Route.AUDIT, audit_log),
+            web.get(Route.USAGE, usage_report),
+            web.post(Route.USAGE_RESET, reset_usage),
         ]
     )
     return app

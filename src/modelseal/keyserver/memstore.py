@@ -27,16 +27,21 @@ from modelseal.keyserver.store import (
     LeaseRecord,
     ModelRecord,
     ModelSummary,
+    UsageHeadRecord,
+    UsageRecord,
+    UsageTotal,
 )
+from modelseal.release.terms import Usage
 
 R = TypeVar("R")
+K = TypeVar("K")
 
 
 class StoreIntegrityError(ValueError):
     """A write the SQL schema's constraints would refuse (duplicate id, unknown model or grant)."""
 
 
-def _insert(table: dict[str, R], key: str, record: R, what: str) -> None:
+def _insert(table: dict[K, R], key: K, record: R, what: str) -> None:
     if key in table:
         raise StoreIntegrityError(f"{what} {key} already exists")
     table[key] = record
@@ -50,11 +55,14 @@ class _Tables:
     grant_hosts: dict[str, dict[str, int]] = field(default_factory=dict)  # grant id -> host -> first seen
     challenges: dict[str, ChallengeRecord] = field(default_factory=dict)
     leases: dict[str, LeaseRecord] = field(default_factory=dict)
+    usage_heads: dict[str, UsageHeadRecord] = field(default_factory=dict)
+    usage: dict[tuple[str, str], UsageRecord] = field(default_factory=dict)  # (host, digest) -> entry
 
     def copy(self) -> _Tables:
         return _Tables(
             dict(self.models), dict(self.keys), dict(self.grants),
             {g: dict(hosts) for g, hosts in self.grant_hosts.items()}, dict(self.challenges), dict(self.leases),
+            dict(self.usage_heads), dict(self.usage),
         )  # fmt: skip
 
 
@@ -130,6 +138,32 @@ class MemoryTransaction:
     def challenge(self, nonce: str) -> ChallengeRecord | None:
         return self.tables.challenges.get(nonce)
 
+    def usage_head(self, host: str) -> UsageHeadRecord | None:
+        return self.tables.usage_heads.get(host)
+
+    def put_usage_head(self, head: UsageHeadRecord) -> None:
+        self.tables.usage_heads[head.host] = head
+
+    def reset_usage_head(self, host: str) -> bool:
+        return self.tables.usage_heads.pop(host, None) is not None
+
+    def add_usage(self, rows: list[UsageRecord]) -> int:
+        new = 0
+        for row in rows:
+            if row.grant_id not in self.tables.grants:
+                raise StoreIntegrityError(f"usage names no stored grant {row.grant_id}")
+            if (row.host, row.digest) not in self.tables.usage:
+                self.tables.usage[(row.host, row.digest)] = row
+                new += 1
+        return new
+
+    def usage_of(self, grant_id: str, since: int) -> Usage:
+        total = Usage()
+        for row in self.tables.usage.values():
+            if row.grant_id == grant_id and row.at >= since:
+                total = total + row.usage
+        return total
+
     def append_audit(self, event: dict[str, Any]) -> AuditEntry:
         entry = auditchain.next_entry(self.head, event)
         self.appended.append(entry)
@@ -189,6 +223,20 @@ class MemoryStore:
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
         rows = self._audit[max(after, 0) :]  # entry n sits at index n - 1
         return rows if limit is None else rows[:limit]
+
+    def usage_seq(self, host: str) -> int:
+        head = self._tables.usage_heads.get(host)
+        return 0 if head is None else head.seq
+
+    def usage_totals(
+        self, since: int, until: int, period_s: int, grant_id: str | None = None, model: str | None = None
+    ) -> list[UsageTotal]:
+        sums: dict[tuple[str, str, int], Usage] = {}
+        for row in self._tables.usage.values():
+            if since <= row.at < until and grant_id in (None, row.grant_id) and model in (None, row.model):
+                key = (row.grant_id, row.model, row.at - row.at % period_s)
+                sums[key] = sums.get(key, Usage()) + row.usage
+        return [UsageTotal(g, m, p, u) for (g, m, p), u in sorted(sums.items())]
 
     def audit_head(self) -> tuple[int, str] | None:
         with self._lock:

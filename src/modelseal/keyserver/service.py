@@ -38,8 +38,10 @@ from modelseal.keyserver.store import (
     Store,
     Transaction,
 )
+from modelseal.keyserver.usage import ReportRejected, UsageState, accept_report, check_metered, policy_usage
 from modelseal.pki import PeerIdentity
 from modelseal.release.protocol import MODEL_NAME, Lease, binding, now, seal_release
+from modelseal.release.terms import Terms
 
 T = TypeVar("T")
 log = logging.getLogger("modelseal.keyserver")
@@ -250,6 +252,10 @@ class KeyService:
         The identity is stored in canonical form (:mod:`modelseal.keyserver.identity`); one that names
         no host (a URI spelled like a key hash, dot segments, ...) is refused and audited."""
         spec = {**spec, "evidence": [self._requirement(req) for req in spec["evidence"]]}
+        try:
+            terms = Terms.from_json(spec.get("terms"))
+        except FormatError as exc:
+            raise Refused(400, "bad_request", str(exc)) from None
         if spec.get("policy"):
             try:
                 Policy(spec["policy"])
@@ -276,6 +282,7 @@ class KeyService:
                 grace_s=spec.get("grace_s", self.settings.default_grace_s),
                 created_at=self.clock(),
                 evidence=spec["evidence"],
+                terms=terms.to_json(),
             )
             tx.add_grant(grant)
             return _grant_json(grant)
@@ -311,6 +318,28 @@ class KeyService:
         self.master.retire_old()
         return result
 
+    def usage_report(
+        self, since: int, until: int, period_s: int, grant_id: str | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Usage per grant (licence) per period, from the accepted reports."""
+        licences = {use.grant.grant_id: use.grant.terms.get("licence") for use in self.store.grants(model)}
+        return [
+            {"grant_id": row.grant_id, "licence": licences.get(row.grant_id), "model": row.model,
+             "period_start": row.period_start, "period_s": period_s, **row.usage.to_json(), "tokens": row.usage.tokens}
+            for row in self.store.usage_totals(since, until, period_s, grant_id, model)
+        ]  # fmt: skip
+
+    def reset_usage(self, host: str, reason: str, actor: dict[str, Any]) -> dict[str, Any]:
+        """Forget ``host``'s usage-log head: its next report may start a new chain (entries already counted
+        are not counted again). For a host whose log was lost or damaged."""
+
+        def body(tx: Transaction) -> dict[str, Any]:
+            if not tx.reset_usage_head(host):
+                raise Refused(404, "unknown_host", f"host {host[:100]} has sent no usage report")
+            return {"host": host, "reset": True}
+
+        return self._decide({"event": "usage.reset", "host": host, "reason": reason, **actor}, body)
+
     def audit_log(self, after: int, limit: int) -> list[dict[str, Any]]:
         """Audit entries after ``after``; refusal counts not yet written are written first."""
         self.flush_refusals()
@@ -341,7 +370,8 @@ class KeyService:
         expires = self.clock() + self.settings.challenge_ttl_s
         kinds = {req["kind"] for g in grants if identity_matches(g.identity, peer) for req in g.evidence}
         nonce = self.tokens.issue(peer.spki, key_id, expires)
-        return {"nonce": b64e(nonce), "expires_at": expires, "evidence": sorted(kinds)}
+        usage_seq = self.store.usage_seq(peer.spki)  # the usage entry to report after (usage.py)
+        return {"nonce": b64e(nonce), "expires_at": expires, "evidence": sorted(kinds), "usage_seq": usage_seq}
 
     def release(
         self,
@@ -351,8 +381,11 @@ class KeyService:
         ephemeral_public: bytes,
         evidence: list[dict[str, Any]],
         actor: dict[str, Any],
+        usage: Any = None,
     ) -> dict[str, Any]:
         """Decide one release (steps in docs/key-release.md) and build the signed, wrapped answer.
+
+        ``usage`` is the host agent's usage report, if it sent one (:mod:`modelseal.keyserver.usage`).
 
         The evidence is verified first, outside the transaction (signature and certificate checks take
         milliseconds and must not hold the audit-head lock); the nonce it is bound to is spent inside."""
@@ -381,13 +414,17 @@ class KeyService:
             self._spend_nonce(tx, nonce_text, token, peer, key_id, self.clock())
             if early is not None:
                 raise early
+            try:
+                state = accept_report(tx, peer, usage, nonce_bytes, ctx.now)
+            except ReportRejected as exc:
+                raise Refused(403, "usage_rejected", f"the usage report is refused: {exc}") from None
             candidates = self._grants_for(tx, key.model, peer, include_revoked=True)
             if not candidates:
                 raise Refused(403, "not_granted", f"host {peer.spki} holds no grant for model {key.model}")
             refusals = []
             for grant in candidates:
                 try:
-                    return self._grant_release(tx, grant, key, peer, ctx, ephemeral_public, verified)
+                    return self._grant_release(tx, grant, key, peer, ctx, ephemeral_public, verified, state)
                 except Refused as refusal:
                     refusals.append(refusal)
             raise refusals[0]
@@ -404,6 +441,7 @@ class KeyService:
         ctx: VerificationContext,
         ephemeral_public: bytes,
         verified: dict[str, Claims | str],
+        usage: UsageState,
     ) -> dict[str, Any]:
         t = ctx.now
         assert ctx.binding is not None  # always set for a release (None only for offline inspection)
@@ -421,6 +459,16 @@ class KeyService:
         if new_host and grant.max_hosts is not None and len(hosts) >= grant.max_hosts:
             raise Refused(403, "host_limit", f"grant {gid} is already used by its maximum of {grant.max_hosts} hosts")
         claims = check_requirements(grant.evidence, verified)
+        terms = Terms.from_json(grant.terms)
+        lease_usage: dict[str, Any] = {}
+        if terms.metered:
+            problem = check_metered(tx, grant, terms, usage, t)
+            if problem:
+                code, message = problem.split(": ", 1)
+                raise Refused(403, code, message)
+            used = tx.usage_of(gid, terms.period_start(t))
+            seq = usage.head.seq if usage.head is not None else 0
+            lease_usage = {"period_start": terms.period_start(t), "used": used.to_json(), "seq": seq}
         if grant.policy:
             licence = {
                 "releases": grant.releases,
@@ -435,6 +483,7 @@ class KeyService:
                 "key_id": key.key_id,
                 "licence": licence,
                 "claims": claims,
+                "usage": policy_usage(tx, gid, terms, t),
                 "now": t,
             }
             try:
@@ -459,6 +508,8 @@ class KeyService:
                 expires_at=expires,
                 grace_s=grant.grace_s,
                 binding=b64e(ctx.binding),
+                terms=grant.terms,
+                usage=lease_usage,
             )
             answer = seal_release(dek, lease, ephemeral_public, self.signer)
         finally:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import pkgutil
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 from modelseal.errors import UsageError, one_line
+from modelseal.release.terms import Usage
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class GrantRecord:
     evidence: list[dict[str, Any]]
     revoked_at: int | None = None
     revoke_reason: str | None = None
+    terms: dict[str, Any] = field(default_factory=dict)  # licence terms (modelseal.release.terms.Terms JSON)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,45 @@ class LeaseRecord:
     host: str
     issued_at: int
     expires_at: int
+
+
+@dataclass(frozen=True)
+class UsageHeadRecord:
+    """Where a host's usage log stands at the key service (:mod:`modelseal.release.usage`): its pinned public
+    key, the last accepted entry, when the host last proved its head (``reported_at``), running totals."""
+
+    host: str
+    key: str
+    seq: int
+    digest: str
+    at: int
+    reported_at: int
+    totals: dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One accepted usage entry: ``host``'s entry ``seq`` (hash ``digest``), dated ``at`` (host clock, bounded
+    by the service). An entry is counted once: the same ``(host, digest)`` again (a log resent from its
+    start after the owner reset the host's chain) adds nothing."""
+
+    host: str
+    digest: str
+    seq: int
+    at: int
+    grant_id: str
+    model: str
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    """A usage report row: one grant's counts in the period starting at ``period_start``."""
+
+    grant_id: str
+    model: str
+    period_start: int
+    usage: Usage
 
 
 @dataclass(frozen=True)
@@ -175,6 +216,25 @@ class Transaction(Protocol):
 
     def challenge(self, nonce: str) -> ChallengeRecord | None: ...
 
+    # usage
+    def usage_head(self, host: str) -> UsageHeadRecord | None: ...
+
+    def put_usage_head(self, head: UsageHeadRecord) -> None:
+        """Insert or replace the host's head."""
+        ...
+
+    def reset_usage_head(self, host: str) -> bool:
+        """Forget the host's head (its next report starts a new chain); True if there was one."""
+        ...
+
+    def add_usage(self, rows: list[UsageRecord]) -> int:
+        """Store the rows not stored yet (by host and digest); return how many were new."""
+        ...
+
+    def usage_of(self, grant_id: str, since: int) -> Usage:
+        """The grant's usage over every host, from entries dated ``since`` or later."""
+        ...
+
     # audit
     def append_audit(self, event: dict[str, Any]) -> AuditEntry:
         """Chain ``event`` after the locked head (:func:`modelseal.keyserver.auditchain.next_entry`),
@@ -212,6 +272,17 @@ class Store(Protocol):
 
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
         """Audit entries with ``seq > after``, in order, at most ``limit``."""
+        ...
+
+    def usage_seq(self, host: str) -> int:
+        """The last usage entry accepted from ``host`` (0: none): what a challenge tells its agent."""
+        ...
+
+    def usage_totals(
+        self, since: int, until: int, period_s: int, grant_id: str | None = None, model: str | None = None
+    ) -> list[UsageTotal]:
+        """Usage per grant per period (``period_s`` windows aligned to the epoch) of entries dated in
+        ``[since, until)``, by grant then period."""
         ...
 
     def audit_head(self) -> tuple[int, str] | None:

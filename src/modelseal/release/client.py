@@ -142,6 +142,13 @@ class AdminClient:
         """Audit entries with ``seq > after``, at most ``limit``."""
         return list(self.call("GET", Route.AUDIT, after=after, limit=limit)["entries"])
 
+    def usage(self, **query: Any) -> dict[str, Any]:
+        """Usage per licence per period (``since``, ``until``, ``period``, ``grant``, ``model``: all optional)."""
+        return self.call("GET", Route.USAGE, None, **{k: v for k, v in query.items() if v is not None})
+
+    def reset_usage(self, host: str, reason: str = "") -> dict[str, Any]:
+        return self.call("POST", Route.USAGE_RESET, {"host": host, **({"reason": reason} if reason else {})})
+
     def close(self) -> None:
         self._client.close()
 

@@ -50,6 +50,8 @@ class Route:
     REVOKE = "/v1/admin/grants/{grant_id}/revoke"
     ROTATE_MASTER_KEY = "/v1/admin/master-key/rotate"
     AUDIT = "/v1/admin/audit"
+    USAGE = "/v1/admin/usage"  # usage per licence per period
+    USAGE_RESET = "/v1/admin/usage/reset"  # forget a host's usage-log head (a lost or damaged log)
 
 
 BINDING_DOMAIN = b"modelseal/1 key-release binding"

@@ -37,7 +37,8 @@ ENTRY_DOMAIN = b"modelseal/1 usage-log entry"
 HEAD_DOMAIN = b"modelseal/1 usage-log head"
 KEY_PREFIX = "ed25519:"
 MAX_LINE = 2048  # bytes of one entry line
-MAX_REPORT = 256  # entries in one release; a longer backlog goes in the next ones
+MAX_REPORT = 64  # entries in one release (~30 KB, inside the key service's 64 KiB body); the agent sends a
+# longer backlog in early renewals
 CLOCK_SKEW_S = 300  # how far an entry's time may run ahead of the key service's clock
 
 

@@ -6,7 +6,7 @@ Data keys are stored only wrapped by the master key (``keys.wrapped``), never in
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, ForeignKey, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -45,6 +45,7 @@ grants = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("revoked_at", BigInteger),
     Column("revoke_reason", Text),
+    Column("terms", Text, nullable=False, default="{}"),  # licence terms, JSON (release/terms.py)
 )
 
 grant_hosts = Table(
@@ -74,6 +75,34 @@ leases = Table(
     Column("host", String(100), nullable=False),
     Column("issued_at", BigInteger, nullable=False),
     Column("expires_at", BigInteger, nullable=False),
+)
+
+usage_heads = Table(
+    "usage_heads",
+    metadata,
+    Column("host", String(100), primary_key=True),
+    Column("key", String(100), nullable=False),  # the usage log's Ed25519 public key, pinned at entry 1
+    Column("seq", BigInteger, nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("reported_at", BigInteger, nullable=False),
+    Column("totals", Text, nullable=False),  # JSON: grant id -> running totals
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("host", String(100), primary_key=True),
+    Column("digest", String(64), primary_key=True),  # the entry's hash: counted once per host
+    Column("seq", BigInteger, nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("grant_id", String(64), ForeignKey("grants.grant_id"), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("items", BigInteger, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Index("usage_grant_at", "grant_id", "at"),
 )
 
 audit = Table(

@@ -32,7 +32,11 @@ from modelseal.keyserver.store import (
     LeaseRecord,
     ModelRecord,
     ModelSummary,
+    UsageHeadRecord,
+    UsageRecord,
+    UsageTotal,
 )
+from modelseal.release.terms import METRICS, Usage
 
 
 class StoreUnavailableError(ModelsealError):
@@ -70,7 +74,7 @@ def _grant(row: Any) -> GrantRecord:
         grant_id=row.grant_id, model=row.model, identity=row.identity, not_before=row.not_before,
         not_after=row.not_after, max_hosts=row.max_hosts, max_releases=row.max_releases, releases=row.releases,
         policy=row.policy, grace_s=row.grace_s, created_at=row.created_at, evidence=json.loads(row.evidence),
-        revoked_at=row.revoked_at, revoke_reason=row.revoke_reason,
+        revoked_at=row.revoked_at, revoke_reason=row.revoke_reason, terms=json.loads(row.terms),
     )  # fmt: skip
 
 
@@ -118,7 +122,7 @@ class SqlTransaction:
         return None if row is None else _grant(row)
 
     def add_grant(self, grant: GrantRecord) -> None:
-        row = {**asdict(grant), "evidence": json.dumps(grant.evidence)}
+        row = {**asdict(grant), "evidence": json.dumps(grant.evidence), "terms": json.dumps(grant.terms)}
         self.conn.execute(schema.grants.insert().values(**row))
 
     def grants_for_model(self, model: str, include_revoked: bool) -> list[GrantRecord]:
@@ -160,6 +164,46 @@ class SqlTransaction:
     def challenge(self, nonce: str) -> ChallengeRecord | None:
         row = self.conn.execute(select(schema.challenges).where(schema.challenges.c.nonce == nonce)).first()
         return None if row is None else ChallengeRecord(row.nonce, row.host, row.key_id, row.expires_at, row.used_at)
+
+    def usage_head(self, host: str) -> UsageHeadRecord | None:
+        row = self.conn.execute(select(schema.usage_heads).where(schema.usage_heads.c.host == host)).first()
+        if row is None:
+            return None
+        return UsageHeadRecord(row.host, row.key, row.seq, row.digest, row.at, row.reported_at, json.loads(row.totals))
+
+    def put_usage_head(self, head: UsageHeadRecord) -> None:
+        self.reset_usage_head(head.host)
+        self.conn.execute(schema.usage_heads.insert().values(**{**asdict(head), "totals": json.dumps(head.totals)}))
+
+    def reset_usage_head(self, host: str) -> bool:
+        return bool(self.conn.execute(delete(schema.usage_heads).where(schema.usage_heads.c.host == host)).rowcount)
+
+    def add_usage(self, rows: list[UsageRecord]) -> int:
+        table = schema.usage
+        by_host: dict[str, set[str]] = {}
+        for r in rows:
+            by_host.setdefault(r.host, set()).add(r.digest)
+        known = {
+            (host, digest)
+            for host, digests in by_host.items()
+            for (digest,) in self.conn.execute(
+                select(table.c.digest).where(table.c.host == host, table.c.digest.in_(sorted(digests)))
+            )
+        }
+        values = [
+            {"host": r.host, "digest": r.digest, "seq": r.seq, "at": r.at, "grant_id": r.grant_id, "model": r.model,
+             **r.usage.to_json()}
+            for r in rows if (r.host, r.digest) not in known
+        ]  # fmt: skip
+        if values:
+            self.conn.execute(table.insert(), values)
+        return len(values)
+
+    def usage_of(self, grant_id: str, since: int) -> Usage:
+        table = schema.usage
+        sums = [func.coalesce(func.sum(table.c[m]), 0) for m in METRICS]
+        row = self.conn.execute(select(*sums).where(table.c.grant_id == grant_id, table.c.at >= since)).one()
+        return Usage(*(int(v) for v in row))
 
     def append_audit(self, event: dict[str, Any]) -> AuditEntry:
         entry = auditchain.next_entry(self.head, event)
@@ -232,6 +276,32 @@ class SqlStore:
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
         with self.engine.connect() as conn:
             return read_audit(conn, after, limit)
+
+    def usage_seq(self, host: str) -> int:
+        with self._reading(), self.engine.connect() as conn:
+            seq = conn.execute(select(schema.usage_heads.c.seq).where(schema.usage_heads.c.host == host)).scalar()
+        return int(seq or 0)
+
+    def usage_totals(
+        self, since: int, until: int, period_s: int, grant_id: str | None = None, model: str | None = None
+    ) -> list[UsageTotal]:
+        table = schema.usage
+        period = (table.c.at - table.c.at % period_s).label("period")
+        query = (
+            select(table.c.grant_id, table.c.model, period, *(func.sum(table.c[m]).label(m) for m in METRICS))
+            .where(table.c.at >= since, table.c.at < until)
+            .group_by(table.c.grant_id, table.c.model, period)
+            .order_by(table.c.grant_id, period)
+        )
+        if grant_id:
+            query = query.where(table.c.grant_id == grant_id)
+        if model:
+            query = query.where(table.c.model == model)
+        with self._reading(), self.engine.connect() as conn:
+            return [
+                UsageTotal(r.grant_id, r.model, int(r.period), Usage(*(int(r._mapping[m]) for m in METRICS)))
+                for r in conn.execute(query)
+            ]
 
     def audit_head(self) -> tuple[int, str] | None:
         try:

@@ -1,0 +1,128 @@
+"""Usage reports at the key service: accept a host's signed log entries, and hold a metered grant to them.
+
+A release may carry the host agent's usage report (:mod:`modelseal.release.usage`): the entries after
+the one this service acknowledged in the challenge, and a head statement signed with the release's
+nonce. :func:`accept_report` checks it inside the release's transaction, against the head stored for
+that host: the chain continues (no entry repeated, skipped, reordered or changed), every entry is signed
+by the log key pinned at the host's first report, running totals only grow, times move forward and are
+not older than the previous report nor ahead of this service's clock (so usage cannot be moved into a
+past period), each grant named is one this host holds for that model, and the head statement is
+fresh. Accepted entries are stored (the usage report reads them) and written, as signed, into the audit
+chain. Any failure refuses the release: a host whose log does not verify gets no key until the owner
+resets its chain (``modelseal keyserver usage reset``).
+
+:func:`check_metered` is what a metered grant asks at every release: a fresh report (or one within the
+grant's ``report_grace_s``), and this period's usage over all hosts within its limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from modelseal.encoding import b64e
+from modelseal.keyserver.identity import identity_matches
+from modelseal.keyserver.store import GrantRecord, Transaction, UsageHeadRecord, UsageRecord
+from modelseal.pki import PeerIdentity
+from modelseal.release.terms import Terms, Usage
+from modelseal.release.usage import CLOCK_SKEW_S, MAX_REPORT, ChainVerifier, Head, UsageLogError, digest
+
+
+class ReportRejected(Exception):  # noqa: N818  (turned into a Refused by the service)
+    """Why a usage report is refused (the message names the entry and the check)."""
+
+
+@dataclass(frozen=True)
+class UsageState:
+    """The host's usage log as this release leaves it: ``head`` (None: never reported) and whether this
+    release proved it with its nonce (``fresh``)."""
+
+    head: UsageHeadRecord | None
+    fresh: bool
+
+
+def _head(record: UsageHeadRecord | None) -> Head | None:
+    return None if record is None else Head.from_json(asdict(record))
+
+
+def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes, t: int) -> UsageState:
+    """Check and store ``report`` (None: the release carried none); :class:`ReportRejected` if it fails."""
+    stored = tx.usage_head(peer.spki)
+    if report is None:
+        return UsageState(stored, fresh=False)
+    entries = report.get("entries") if isinstance(report, dict) else None
+    if not isinstance(entries, list) or len(entries) > MAX_REPORT or not all(isinstance(e, str) for e in entries):
+        raise ReportRejected(f"a usage report is an object with at most {MAX_REPORT} entry lines (strings)")
+    floor = None if stored is None else stored.reported_at - CLOCK_SKEW_S
+    verifier = ChainVerifier(_head(stored), not_before=floor, not_after=t + CLOCK_SKEW_S)
+    rows: list[UsageRecord] = []
+    grants: dict[str, GrantRecord] = {}
+    try:
+        for line in entries:
+            entry = verifier.add(line.encode())
+            if entry.kind == "open":
+                if entry.body["host"] != peer.spki:
+                    raise ReportRejected(f"the usage log was opened by host {entry.body['host']}, not {peer.spki}")
+                continue
+            grant = grants.get(entry.grant) or tx.grant(entry.grant)
+            if grant is None or grant.model != entry.body["model"] or not identity_matches(grant.identity, peer):
+                raise ReportRejected(
+                    f"usage entry {entry.seq} counts usage for grant {entry.grant[:64]} of model "
+                    f"{str(entry.body['model'])[:200]}, which this host does not hold"
+                )
+            grants[grant.grant_id] = grant
+            row = UsageRecord(peer.spki, b64e(digest(entry.line)), entry.seq, entry.at, grant.grant_id, grant.model,
+                              entry.delta)  # fmt: skip
+            rows.append(row)
+        verifier.check_head(report.get("head"), nonce)
+    except UsageLogError as exc:
+        raise ReportRejected(str(exc)) from None
+    head = verifier.head
+    record = UsageHeadRecord(
+        peer.spki, head.key, head.seq, b64e(head.digest), head.at, t,
+        {g: u.to_json() for g, u in sorted(head.totals.items())},
+    )  # fmt: skip
+    tx.put_usage_head(record)
+    if entries:
+        counted = tx.add_usage(rows)
+        first = head.seq - len(entries) + 1
+        tx.append_audit(
+            {"event": "usage.report", "host": peer.spki, "from_seq": first, "to_seq": head.seq,
+             "digest": record.digest, "counted": counted, "entries": entries}
+        )  # fmt: skip
+    return UsageState(record, fresh=True)
+
+
+def check_metered(tx: Transaction, grant: GrantRecord, terms: Terms, state: UsageState, t: int) -> str | None:
+    """Why a metered grant refuses this release (code ``usage_required``, ``usage_overdue`` or
+    ``quota_exceeded`` first, then the message), or None."""
+    gid = grant.grant_id
+    if not state.fresh:
+        if state.head is None:
+            return (
+                f"usage_required: grant {gid} is metered and this host has never sent a usage report (the host "
+                "agent needs usage_log in its config)"
+            )
+        silent = t - state.head.reported_at
+        if silent > terms.report_grace_s:
+            return (
+                f"usage_overdue: grant {gid} is metered and this host has sent no usage report for {silent} s "
+                f"(grace {terms.report_grace_s} s)"
+            )
+    problem = terms.exceeded(period_usage(tx, gid, terms, t))
+    return f"quota_exceeded: grant {gid}: {problem}" if problem else None
+
+
+def period_usage(tx: Transaction, grant_id: str, terms: Terms, t: int) -> Usage:
+    return tx.usage_of(grant_id, terms.period_start(t))
+
+
+def policy_usage(tx: Transaction, grant_id: str, terms: Terms, t: int) -> dict[str, int]:
+    """The ``usage`` variable of grant policies: this period's counts, today's (UTC) as ``*_today``, and
+    all-time ones as ``*_total``, each also as ``tokens`` (input + output)."""
+    variables: dict[str, int] = {}
+    for suffix, since in (("", terms.period_start(t)), ("_today", t - t % 86400), ("_total", 0)):
+        used = tx.usage_of(grant_id, since)
+        for name in ("requests", "items", "input_tokens", "output_tokens", "tokens"):
+            variables[name + suffix] = used.get(name)
+    return variables
