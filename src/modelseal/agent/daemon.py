@@ -195,7 +195,10 @@ class Agent:
 
     async def _renew(self, key_id: str) -> None:
         while (held := self.keys.get(key_id)) is not None:
-            await asyncio.sleep(max(0.0, held.lease.renew_after - time.time()))
+            wait = held.lease.renew_after - time.time()
+            if self.usage_log is not None and self.usage_log.backlog():
+                wait = min(wait, self.retry_s)  # a release carries a bounded report: send the rest soon
+            await asyncio.sleep(max(0.0, wait))
             async with self._exclusive(key_id):
                 held = self.keys.get(key_id)
                 if held is None:

@@ -91,6 +91,7 @@ class UsageLog:
         self._sources: dict[tuple[str, str], int] = {}  # (source, key id) -> last report number logged
         self._recent: collections.deque[tuple[int, int, str, Usage]] = collections.deque(maxlen=RECENT)
         self._fd = -1
+        self._reported = 0  # the last entry a release carried (acknowledged or not)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], tls_key: str | os.PathLike[str], host: str) -> UsageLog:
@@ -202,10 +203,15 @@ class UsageLog:
             if not 0 <= after <= self.head.seq:
                 after = 0  # the service knows more than this log holds: send from the start, it will say why
             last = min(self.head.seq, after + MAX_REPORT)
+            self._reported = last
             lines = [line.decode() for line in self._read(after + 1, last)]
             seq, head = (last, self.head.digest) if last == self.head.seq else (last, digest(lines[-1].encode()))
             sig = self._key().sign(head_message(seq, head, nonce))
             return {"entries": lines, "head": {"seq": seq, "digest": b64e(head), "sig": b64e(sig)}}
+
+    def backlog(self) -> int:
+        """Entries written after the last one a release carried (0 when a release has carried them all)."""
+        return self.head.seq - self._reported
 
     def _read(self, first: int, last: int) -> list[bytes]:
         if first > last:
