@@ -211,7 +211,11 @@ class ChainVerifier:
             sig = b64d(statement.get("sig"), what="head signature", length=64)
         except FormatError as exc:
             raise UsageLogError(f"malformed usage head statement: {exc}") from None
-        if seq != self.head.seq or head != self.head.digest:
+        if seq == self.head.seq and head != self.head.digest:
+            raise UsageLogError(
+                f"the host's usage log entry {seq} differs from the one already reported (rolled back or replaced)"
+            )
+        if seq != self.head.seq:
             raise UsageLogError(
                 f"the usage head statement (entry {seq}) is not the head of the reported log (entry {self.head.seq})"
             )

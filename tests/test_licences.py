@@ -1,0 +1,389 @@
+"""Licences at the key service: terms in the lease, usage reports from the agent's real usage log, quotas
+re-checked at renewal, usage in CEL, the per-licence report; and every attack on a report we could think
+of (tampered, forged, replayed, rolled back, withheld, backdated, another host's log or grant, malformed).
+
+The service is called directly (no HTTP) on each store, with the agent's real :class:`UsageLog` writing
+a real file; the clock is the service's own. The same flows over real processes (agent socket, meter,
+renewals, restarts) are in ``test_licences_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelseal.agent.usagelog import Counted, UsageLog
+from modelseal.encoding import b64d, b64e
+from modelseal.errors import FormatError, UsageError
+from modelseal.keyserver.service import Refused
+from modelseal.keyserver.store import Store
+from modelseal.pki import PeerIdentity
+from modelseal.release.protocol import EphemeralKey, Lease
+from modelseal.release.terms import Terms, Usage
+from modelseal.release.usage import (
+    ChainVerifier,
+    UsageLogError,
+    canonical,
+    digest,
+    head_message,
+    parse_line,
+    public_key_text,
+    sign_entry,
+)
+
+from .test_keyservice_decisions import HOST, T0, Rig, host, make_rig, refusal, store  # noqa: F401  (fixture)
+
+DAY = 86400
+
+
+def host_key(directory: Path, name: str) -> Path:
+    path = directory / f"{name}.key"
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+    return path
+
+
+class Host:
+    """A host as the key service sees it (``peer``) with its agent's real usage log."""
+
+    def __init__(self, rig: Rig, directory: Path, name: str) -> None:
+        self.rig, self.peer, self.directory = rig, host(name), directory
+        self.key_file = host_key(directory, name)
+        self.log_path = directory / f"{name}-usage.log"
+        self.log = self.open_log()
+
+    def open_log(self) -> UsageLog:
+        log = UsageLog.open(self.log_path, self.key_file, self.peer.spki)
+        log.clock = self.rig.clock
+        return log
+
+    def count(self, grant: str, report: int, source: str = "serve-1", **usage: int) -> int:
+        return self.log.record(source, report, [Counted(self.rig.key_id, grant, "demo", Usage(**usage))])
+
+    def release(self, report: Any = "log") -> Lease:
+        """Challenge and release carrying ``report`` ("log": the real log's report for this nonce)."""
+        challenge = self.rig.service.challenge(self.peer, self.rig.key_id, HOST)
+        nonce = challenge["nonce"]
+        if report == "log":
+            report = self.log.report(challenge["usage_seq"], b64d(nonce))
+        eph = EphemeralKey()
+        answer = self.rig.service.release(self.peer, self.rig.key_id, nonce, eph.public, [], HOST, report)
+        lease, _ = eph.open_release(
+            answer, nonce=b64d(nonce), client_spki_hash=self.peer.spki_hash, key_id=self.rig.key_id,
+            service_key=self.rig.service.signer.public_key(),
+        )  # fmt: skip
+        return lease
+
+    def refused(self, report: Any = "log") -> tuple[int, str, str]:
+        with pytest.raises(Refused) as refused:
+            self.release(report)
+        return refused.value.status, refused.value.code, str(refused.value)
+
+
+@pytest.fixture
+def rig(store: Store, tmp_path: Path) -> Rig:  # noqa: F811
+    return make_rig(store, tmp_path)
+
+
+@pytest.fixture
+def a(rig: Rig, tmp_path: Path) -> Host:
+    return Host(rig, tmp_path, "a")
+
+
+def metered(rig: Rig, peer: PeerIdentity, **terms: Any) -> str:
+    return str(rig.grant(peer.spki, terms={"metered": True, **terms})["grant_id"])
+
+
+def usage_rows(rig: Rig, **query: Any) -> list[dict[str, Any]]:
+    return rig.service.usage_report(0, rig.clock.t + 1, DAY, **query)
+
+
+# --- terms ---------------------------------------------------------------------------------------------
+
+
+def test_terms_are_strict_and_limits_imply_metering() -> None:
+    terms = Terms.from_json({"max_requests": 5, "period_s": 3600, "rate": 2, "licence": "acme-7"})
+    assert terms.metered and terms.limited and terms.to_json() == {
+        "metered": True, "max_requests": 5, "period_s": 3600, "rate": 2.0, "licence": "acme-7",
+    }  # fmt: skip
+    assert Terms.from_json({}) == Terms() and Terms().to_json() == {}
+    assert terms.exceeded(Usage(requests=5)) is None
+    assert terms.exceeded(Usage(requests=5), Usage(requests=1)) == "max_requests 5 per hour reached (requests used: 5)"
+    assert Terms(max_tokens=10).exceeded(Usage(input_tokens=6, output_tokens=5)).startswith("max_tokens 10")
+    bad: list[Any] = [
+        [], {"max_requests": -1}, {"max_requests": True}, {"max_requests": 1.5}, {"period_s": 5},
+        {"rate": 0}, {"rate": float("inf")}, {"rate": "2"}, {"metered": 1}, {"licence": ""}, {"licence": "a\nb"},
+        {"licence": "x" * 129}, {"max_request": 5}, {"max_requests": 2**60},
+    ]  # fmt: skip
+    for data in bad:
+        with pytest.raises(FormatError):
+            Terms.from_json(data)
+
+
+@given(st.dictionaries(st.sampled_from(["requests", "items", "input_tokens", "output_tokens", "other"]),
+                       st.one_of(st.integers(-5, 2**54), st.booleans(), st.text(max_size=3), st.none())))  # fmt: skip
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_usage_counts_parse_strictly_or_fail_with_a_format_error(data: dict[str, Any]) -> None:
+    try:
+        usage = Usage.from_json(data)
+    except FormatError:
+        return
+    assert all(isinstance(v, int) and 0 <= v < 2**53 for v in usage.to_json().values())
+
+
+def test_a_grant_with_bad_terms_is_refused(rig: Rig) -> None:
+    assert refusal(lambda: rig.grant(host("a").spki, terms={"max_requests": "lots"})) == (400, "bad_request")
+    assert refusal(lambda: rig.grant(host("a").spki, terms=["max_requests"])) == (400, "bad_request")
+
+
+# --- metering through renewals --------------------------------------------------------------------------
+
+
+def test_terms_and_usage_travel_in_the_signed_lease(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer, max_requests=100, licence="acme-7")
+    lease = a.release()
+    assert lease.terms == {"metered": True, "max_requests": 100, "licence": "acme-7"}
+    assert lease.usage == {"period_start": T0 - T0 % DAY, "used": Usage().to_json(), "seq": 1}
+    a.count(grant, 1, requests=3, items=24)
+    lease = a.release()
+    assert lease.usage["used"] == {"requests": 3, "items": 24, "input_tokens": 0, "output_tokens": 0}
+    assert lease.usage["seq"] == 2
+    unmetered = rig.grant(host("b").spki)
+    assert Host(rig, a.directory, "b").release(None).terms == {} and unmetered["terms"] == {}
+
+
+def test_usage_is_counted_once_and_reported_per_licence_and_period(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer, licence="acme-7")
+    assert a.count(grant, 1, requests=2, items=5) == 1
+    assert a.count(grant, 1, requests=2, items=5) == 0  # the same report resent after a lost answer
+    assert a.count(grant, 2, requests=1, items=1, input_tokens=10, output_tokens=4) == 1
+    a.release()
+    a.release()  # nothing new: nothing counted twice
+    rig.clock.t += DAY
+    a.count(grant, 3, requests=7, items=7)
+    a.release()
+    rows = usage_rows(rig)
+    assert [(r["licence"], r["period_start"], r["requests"], r["items"], r["tokens"]) for r in rows] == [
+        ("acme-7", T0 - T0 % DAY, 3, 6, 14), ("acme-7", T0 - T0 % DAY + DAY, 7, 7, 0),
+    ]  # fmt: skip
+    assert usage_rows(rig, grant_id="g_none") == [] and len(usage_rows(rig, model="demo")) == 2
+    reports = [e for e in rig.events() if e["event"] == "usage.report"]
+    assert [(e["from_seq"], e["to_seq"], e["counted"]) for e in reports] == [(1, 3, 2), (4, 4, 1)]
+    for event in reports:  # the audit chain holds the entries as the agent signed them
+        assert all(parse_line(line.encode()) for line in event["entries"])
+
+
+def test_usage_survives_a_restart_of_the_agent_exactly_once(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer)
+    a.count(grant, 1, requests=4, items=4)
+    a.log.close()
+    a.log = a.open_log()  # the agent restarted: same key (from the host key), same chain, same dedup
+    assert a.count(grant, 1, requests=4, items=4) == 0
+    assert a.count(grant, 2, requests=1, items=1) == 1
+    a.release()
+    assert usage_rows(rig)[0]["requests"] == 5
+
+
+def test_a_torn_last_line_is_cut_off_and_damage_elsewhere_stops_the_agent(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer)
+    a.count(grant, 1, requests=1)
+    a.log.close()
+    with a.log_path.open("ab") as f:
+        f.write(b'{"at":17')  # a crash in the middle of an append
+    a.log = a.open_log()
+    assert a.log.head.seq == 2 and a.log_path.read_bytes().endswith(b"\n")
+    a.count(grant, 2, requests=1)
+    a.release()
+    a.log.close()
+    lines = a.log_path.read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b'"requests":1', b'"requests":0')
+    a.log_path.write_bytes(b"\n".join(lines))
+    with pytest.raises(UsageError, match="damaged at line 2: usage entry 2 is not signed"):
+        a.open_log()
+    with pytest.raises(UsageError, match="belongs to another host"):
+        UsageLog.open(a.log_path.with_name("x.log"), a.key_file, a.peer.spki).close()
+        UsageLog.open(a.log_path.with_name("x.log"), a.key_file, host("z").spki)
+
+
+def test_a_quota_past_its_limit_refuses_renewal_until_the_next_period(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer, max_requests=5, period_s=3600)
+    a.release()
+    a.count(grant, 1, requests=5)
+    a.release()  # at the limit: still within it
+    a.count(grant, 2, requests=1)
+    status, code, message = a.refused()
+    assert (status, code) == (403, "quota_exceeded") and "max_requests 5 per hour reached (requests used: 6)" in message
+    rig.clock.t += 3600 - T0 % 3600  # the next period
+    assert a.release().usage["used"]["requests"] == 0
+
+
+def test_a_quota_counts_every_host_of_the_grant(rig: Rig, tmp_path: Path) -> None:
+    rig.grant("spiffe://td/acme/*", terms={"max_items": 10})
+    one, two = Host(rig, tmp_path, "one"), Host(rig, tmp_path, "two")
+    one.peer, two.peer = host("one", "spiffe://td/acme/one"), host("two", "spiffe://td/acme/two")
+    one.log, two.log = one.open_log(), two.open_log()
+    grant = rig.service.list_grants("demo")[0]["grant_id"]
+    one.count(grant, 1, items=6)
+    one.release()
+    two.count(grant, 1, items=6)
+    assert two.refused()[1] == "quota_exceeded"
+    assert one.refused()[1] == "quota_exceeded"
+
+
+def test_usage_is_visible_to_grant_policies(rig: Rig, a: Host) -> None:
+    grant = str(rig.grant(a.peer.spki, terms={"metered": True}, policy="usage.items_today < 10")["grant_id"])
+    a.count(grant, 1, items=9)
+    a.release()
+    a.count(grant, 2, items=1)
+    assert a.refused()[1] == "policy_denied"
+
+
+# --- attacks on reports ---------------------------------------------------------------------------------
+
+
+def test_a_metered_grant_refuses_a_host_that_never_reports_or_stops_reporting(rig: Rig, a: Host) -> None:
+    metered(rig, a.peer, report_grace_s=600)
+    assert a.refused(None)[:2] == (403, "usage_required")
+    a.release()
+    rig.clock.t += 600
+    a.release(None)  # within the grace
+    rig.clock.t += 1
+    status, code, message = a.refused(None)
+    assert (status, code) == (403, "usage_overdue") and "no usage report for 601 s (grace 600 s)" in message
+    a.release()  # reporting again
+
+
+def test_a_replayed_report_is_refused(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer)
+    a.count(grant, 1, requests=1)
+    challenge = rig.service.challenge(a.peer, rig.key_id, HOST)
+    old = a.log.report(challenge["usage_seq"], b64d(challenge["nonce"]))
+    a.release()
+    assert "repeats or rolls back" in a.refused(old)[2]  # entries already accepted
+    head_only = {"entries": [], "head": old["head"]}
+    assert "head statement" in a.refused(head_only)[2]  # the head statement was signed for another nonce
+
+
+def test_a_tampered_entry_and_a_forged_signature_are_refused(rig: Rig, a: Host, tmp_path: Path) -> None:
+    grant = metered(rig, a.peer)
+    a.count(grant, 1, requests=10)
+    challenge = rig.service.challenge(a.peer, rig.key_id, HOST)
+    report = a.log.report(challenge["usage_seq"], b64d(challenge["nonce"]))
+    report["entries"][1] = report["entries"][1].replace('"requests":10', '"requests":1')
+    assert "not signed by the log's key" in a.refused(report)[2]
+    other = UsageLog.open(tmp_path / "forger.log", host_key(tmp_path, "forger"), a.peer.spki)
+    other.clock = rig.clock
+    other.record("s", 1, [Counted(rig.key_id, grant, "demo", Usage(requests=1))])
+    assert a.refused(other.report(0, b"x" * 32))[1] == "usage_rejected"  # pins nothing yet, but the head is stale
+    a.release()  # the genuine log pins its key
+    forged = rig.service.challenge(a.peer, rig.key_id, HOST)
+    other.record("s", 2, [Counted(rig.key_id, grant, "demo", Usage(requests=1))])
+    code = a.refused(other.report(forged["usage_seq"], b64d(forged["nonce"])))
+    assert code[1] == "usage_rejected" and "does not continue the chain" in code[2]
+
+
+def test_a_rolled_back_log_is_refused_until_the_owner_resets_the_host(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer)
+    a.count(grant, 1, requests=5)
+    a.release()
+    saved = a.log_path.read_bytes()
+    a.count(grant, 2, requests=50)
+    a.release()
+    a.log.close()
+    a.log_path.write_bytes(saved)  # the host restores yesterday's log to undo 50 requests
+    a.log = a.open_log()
+    a.count(grant, 3, requests=1)
+    assert "rolled back or replaced" in a.refused()[2]
+    rig.service.reset_usage(a.peer.spki, "lost disk", {"actor": "admin"})
+    a.release()  # accepted as a new chain; entries already counted are not counted again
+    assert usage_rows(rig)[0]["requests"] == 56
+    assert refusal(lambda: rig.service.reset_usage("spki:nobody", "", {})) == (404, "unknown_host")
+
+
+def test_totals_that_do_not_add_up_are_refused_even_when_signed(rig: Rig, a: Host) -> None:
+    """The host holds its log key, so it can sign anything: the chain's arithmetic still catches a rollback
+    of the totals."""
+    grant = metered(rig, a.peer)
+    a.count(grant, 1, requests=5)
+    a.release()
+    key = a.log._key()
+    body = {"v": 1, "seq": a.log.head.seq + 1, "prev": b64e(a.log.head.digest), "at": rig.clock.t, "kind": "usage",
+            "grant": grant, "key_id": rig.key_id, "model": "demo", "source": "x", "source_seq": 9,
+            "delta": Usage(requests=1).to_json(), "total": Usage(requests=1).to_json()}  # fmt: skip
+    challenge = rig.service.challenge(a.peer, rig.key_id, HOST)
+    line = sign_entry(body, key)
+    head = {"seq": body["seq"], "digest": b64e(digest(line)),
+            "sig": b64e(key.sign(head_message(body["seq"], digest(line), b64d(challenge["nonce"]))))}  # fmt: skip
+    report = {"entries": [line.decode()], "head": head}
+    nonce, eph = challenge["nonce"], EphemeralKey()
+    with pytest.raises(Refused, match="do not add up"):
+        rig.service.release(a.peer, rig.key_id, nonce, eph.public, [], HOST, report)
+
+
+def test_backdated_and_future_entries_are_refused(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer)
+    a.release()
+    rig.clock.t += 3600
+    a.release()
+    a.log.clock = lambda: rig.clock.t - 3600  # the host dates new usage into the past (a previous period)
+    a.log.head.at = rig.clock.t - 3600
+    a.count(grant, 1, requests=1)
+    assert "dated before" in a.refused()[2]
+
+
+def test_usage_for_a_grant_the_host_does_not_hold_is_refused(rig: Rig, a: Host, tmp_path: Path) -> None:
+    metered(rig, a.peer)
+    victim = metered(rig, host("victim"))
+    a.count(victim, 1, requests=1000)  # bill another customer
+    assert "which this host does not hold" in a.refused()[2]
+    b = Host(rig, tmp_path, "b")
+    metered(rig, b.peer)
+    challenge = rig.service.challenge(b.peer, rig.key_id, HOST)
+    assert "opened by host" in b.refused(a.log.report(0, b64d(challenge["nonce"])))[2]
+
+
+@pytest.mark.parametrize(
+    "report",
+    [[], "x", {"entries": "x"}, {"entries": [1]}, {"entries": ["{}"] * 65}, {"entries": ["[" * 5000]},
+     {"entries": ["x" * 5000]}, {"entries": [], "head": []}, {"entries": [], "head": {"seq": "1"}},
+     {"entries": ['{"kind":"open"}']}],
+)  # fmt: skip
+def test_malformed_reports_are_refused_cleanly(rig: Rig, a: Host, report: Any) -> None:
+    metered(rig, a.peer)
+    status, code, _ = a.refused(report)
+    assert (status, code) == (403, "usage_rejected")
+
+
+@given(st.integers(0, 10_000), st.integers(0, 7))
+@settings(max_examples=150, deadline=None)
+def test_any_flipped_bit_in_a_log_line_fails_verification(position: int, bit: int) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    lines = [sign_entry({"v": 1, "seq": 1, "prev": "", "at": T0, "kind": "open", "host": "spki:x",
+                         "key": public_key_text(key.public_key())}, key)]  # fmt: skip
+    verifier = ChainVerifier()
+    verifier.add(lines[0])
+    body = {"v": 1, "seq": 2, "prev": b64e(verifier.head.digest), "at": T0, "kind": "usage", "grant": "g_1",
+            "key_id": "k_1", "model": "demo", "source": "s", "source_seq": 1,
+            "delta": Usage(requests=3).to_json(), "total": Usage(requests=3).to_json()}  # fmt: skip
+    line = bytearray(sign_entry(body, key))
+    line[position % len(line)] ^= 1 << bit
+    with pytest.raises((UsageLogError, FormatError)):
+        verifier.add(bytes(line))
+
+
+def test_log_entries_hold_no_key_material(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer)
+    a.count(grant, 1, requests=1)
+    text = a.log_path.read_text()
+    seed = bytes(a.log._seed.view())
+    assert seed.hex() not in text and b64e(seed) not in text and rig.dek.hex() not in text
+    assert oct(a.log_path.stat().st_mode & 0o777) == "0o600"
+    assert all(json.loads(line)["v"] == 1 for line in text.splitlines())
+    assert canonical(json.loads(text.splitlines()[1])).decode() == text.splitlines()[1]
