@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What the README and docs/ tell users to run; main.py registers the service commands apart from the
 # core ones (and `serve` only if its module imports), so a registration that silently failed shows here.
 DOCUMENTED = {"keygen", "seal", "inspect", "verify", "open", "rekey", "demo", "keyserver", "agent", "pki",
-              "attest", "serve", "bench"}  # fmt: skip
+              "attest", "serve", "bench", "trace", "fingerprint"}  # fmt: skip
 
 
 def walk(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
@@ -83,20 +83,21 @@ READS: dict[str, set[str]] = {
     "keyserver init": {"BAO_TOKEN"},
     "keyserver run": {"BAO_TOKEN"},
     "keyserver lease-key": {"MODELSEAL_KEYSERVER_URL", "MODELSEAL_KEYSERVER_CA"},
-    **{f"keyserver {group}": ADMIN for group in ("model", "grant", "master-key", "audit")},
+    **{f"keyserver {group}": ADMIN for group in ("model", "grant", "usage", "master-key", "audit")},
     **{f"keyserver {command}": ADMIN for command in ("model add", "model list", "grant add", "grant list",
-                                                    "grant revoke", "master-key rotate", "audit export",
-                                                    "audit verify")},
+                                                    "grant revoke", "usage report", "usage reset",
+                                                    "master-key rotate", "audit export", "audit verify")},
     "agent status": {"MODELSEAL_AGENT_SOCKET"},
     "triton-repo": IDENTITY,
+    "trace": IDENTITY | {"MODELSEAL_THREADS", "VAR"},  # -i (a sealed suspect), --fingerprint-key env:VAR
     "agent tpm-enroll": {"TPM2TOOLS_TCTI"},
 }  # fmt: skip
 # Commands that write files (or persistent state) and must say what, in a "Writes:" list; SECRET ones
 # write a key or plaintext and must give its mode, 0600.
 WRITES = {"keygen", "seal", "open", "rekey", "demo", "keyserver init", "keyserver run", "keyserver migrate",
           "keyserver audit export", "pki init", "pki issue", "pki request", "agent run", "agent tpm-enroll",
-          "serve", "triton-repo"}  # fmt: skip
-SECRET = {"keygen", "open", "keyserver init", "pki init", "pki issue", "pki request", "serve"}
+          "serve", "triton-repo", "fingerprint keygen"}  # fmt: skip
+SECRET = {"keygen", "open", "keyserver init", "pki init", "pki issue", "pki request", "serve", "fingerprint keygen"}
 # Long-running services: they report through their logs, not a --json document.
 SERVICES = {"keyserver run", "agent run", "serve"}
 

@@ -205,7 +205,7 @@ def test_admin_requests_are_checked_before_anything_is_stored(rig: Rig) -> None:
     assert grant == {
         "grant_id": grant["grant_id"], "model": "demo", "identity": "spiffe://td/prod/*", "not_before": None,
         "not_after": None, "max_hosts": 3, "max_releases": None, "releases": 0, "policy": None, "grace_s": 5,
-        "created_at": T0, "evidence": grant["evidence"], "revoked_at": None, "revoke_reason": None,
+        "created_at": T0, "evidence": grant["evidence"], "revoked_at": None, "revoke_reason": None, "terms": {},
     }  # fmt: skip
     assert [r["kind"] for r in grant["evidence"]] == ["mtls"]
     assert service.list_grants() == [{**grant, "hosts": 0}]
