@@ -21,6 +21,35 @@ _EVIDENCE = {
     "maxItems": 8,
     "items": {"type": "object", "required": ["kind"], "properties": {"kind": {"type": "string"}}},
 }
+_TERMS = {
+    "type": "object",
+    "description": "licence terms (docs/licensing.md); unknown keys are refused",
+    "properties": {
+        "metered": {"type": "boolean"},
+        "period_s": {"type": "integer", "minimum": 10},
+        "max_requests": {"type": "integer", "minimum": 0},
+        "max_items": {"type": "integer", "minimum": 0},
+        "max_tokens": {"type": "integer", "minimum": 0},
+        "rate": {"type": "number", "exclusiveMinimum": 0},
+        "report_grace_s": {"type": "integer", "minimum": 0},
+        "licence": {"type": "string", "maxLength": 128},
+    },
+    "additionalProperties": False,
+}
+_USAGE_REPORT = {
+    "type": "object",
+    "description": "the agent's usage report: signed log lines after the acknowledged entry, and a head statement",
+    "properties": {
+        "entries": {"type": "array", "maxItems": 64, "items": {"type": "string"}},
+        "head": {"type": "object"},
+    },
+}
+_USAGE_QUERY = [
+    *({"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0,
+       "maximum": 2**53 - 1}} for name in ("since", "until")),
+    *({"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+      for name in ("period", "grant", "model")),
+]  # fmt: skip
 _GRANT = {
     "type": "object",
     "required": ["grant_id", "model", "identity", "evidence"],
@@ -30,6 +59,7 @@ _GRANT = {
         "identity": {"type": "string"},
         "evidence": _EVIDENCE,
         "releases": {"type": "integer"},
+        "terms": _TERMS,
     },
 }
 
@@ -101,6 +131,7 @@ def openapi_document() -> dict[str, Any]:
                         nonce=_B64,
                         expires_at={"type": "integer"},
                         evidence={"type": "array", "items": {"type": "string"}},
+                        usage_seq={"type": "integer", "description": "the host's last usage entry accepted"},
                     ),
                     _HOST,
                     _obj(["key_id"], key_id={"type": "string", "maxLength": 64}),
@@ -117,6 +148,7 @@ def openapi_document() -> dict[str, Any]:
                         nonce=_B64,
                         ephemeral_key=_B64,
                         evidence=_EVIDENCE,
+                        usage=_USAGE_REPORT,
                     ),
                 )
             },
@@ -164,6 +196,7 @@ def openapi_document() -> dict[str, Any]:
                         grace_s={"type": "integer"},
                         policy={"type": "string"},
                         evidence=_EVIDENCE,
+                        terms=_TERMS,
                     ),
                     "201",
                     True,
@@ -191,6 +224,25 @@ def openapi_document() -> dict[str, Any]:
                     "new master-key version; every stored key re-wrapped",
                     _obj(["version", "rewrapped"], version={"type": "string"}, rewrapped={"type": "integer"}),
                     (401,),
+                    admin=True,
+                )
+            },
+            "/v1/admin/usage": {
+                "get": _op(
+                    "usage per licence (grant) per period, from the hosts' accepted usage reports",
+                    _obj(["since", "until", "period_s", "usage"], since={"type": "integer"}, until={"type": "integer"},
+                         period_s={"type": "integer"}, usage={"type": "array"}),
+                    (400, 401),
+                    admin=True,
+                    parameters=_USAGE_QUERY,
+                )
+            },
+            "/v1/admin/usage/reset": {
+                "post": _op(
+                    "forget a host's usage-log head (its next report may start a new chain)",
+                    _obj(["host", "reset"], host={"type": "string"}, reset={"type": "boolean"}),
+                    _ADMIN,
+                    _obj(["host"], host={"type": "string", "maxLength": 100}, reason={"type": "string"}),
                     admin=True,
                 )
             },
