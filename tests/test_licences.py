@@ -59,6 +59,14 @@ class Host:
         self.log_path = directory / f"{name}-usage.log"
         self.log = self.open_log()
 
+    def twin(self, name: str) -> Host:
+        """Another agent with this host's certificate (a node pool): its own log."""
+        other = Host.__new__(Host)
+        other.rig, other.peer, other.directory, other.key_file = self.rig, self.peer, self.directory, self.key_file
+        other.log_path = self.directory / f"{name}-usage.log"
+        other.log = other.open_log()
+        return other
+
     def open_log(self) -> UsageLog:
         log = UsageLog.open(self.log_path, self.key_file, self.peer.spki)
         log.clock = self.rig.clock
@@ -69,7 +77,7 @@ class Host:
 
     def release(self, report: Any = "log") -> Lease:
         """Challenge and release carrying ``report`` ("log": the real log's report for this nonce)."""
-        challenge = self.rig.service.challenge(self.peer, self.rig.key_id, HOST)
+        challenge = self.rig.service.challenge(self.peer, self.rig.key_id, HOST, self.log.log_id)
         nonce = challenge["nonce"]
         if report == "log":
             report = self.log.report(challenge["usage_seq"], b64d(nonce))
@@ -191,6 +199,18 @@ def test_usage_survives_a_restart_of_the_agent_exactly_once(rig: Rig, a: Host) -
     assert usage_rows(rig)[0]["requests"] == 5
 
 
+def test_agents_sharing_a_certificate_keep_one_chain_each(rig: Rig, a: Host) -> None:
+    grant = metered(rig, a.peer, max_requests=10)
+    twin = a.twin("node-2")
+    assert twin.log.log_id != a.log.log_id and twin.log.public_key() == a.log.public_key()
+    a.count(grant, 1, requests=4)
+    twin.count(grant, 1, requests=4)
+    a.release()
+    assert twin.release().usage["used"]["requests"] == 8  # the grant's usage over both chains
+    twin.count(grant, 2, requests=3)
+    assert twin.refused()[1] == "quota_exceeded"
+
+
 def test_a_torn_last_line_is_cut_off_and_damage_elsewhere_stops_the_agent(rig: Rig, a: Host) -> None:
     grant = metered(rig, a.peer)
     a.count(grant, 1, requests=1)
@@ -263,30 +283,32 @@ def test_a_metered_grant_refuses_a_host_that_never_reports_or_stops_reporting(ri
 def test_a_replayed_report_is_refused(rig: Rig, a: Host) -> None:
     grant = metered(rig, a.peer)
     a.count(grant, 1, requests=1)
-    challenge = rig.service.challenge(a.peer, rig.key_id, HOST)
+    challenge = rig.service.challenge(a.peer, rig.key_id, HOST, a.log.log_id)
     old = a.log.report(challenge["usage_seq"], b64d(challenge["nonce"]))
     a.release()
     assert "repeats or rolls back" in a.refused(old)[2]  # entries already accepted
-    head_only = {"entries": [], "head": old["head"]}
+    head_only = {"log": a.log.log_id, "entries": [], "head": old["head"]}
     assert "head statement" in a.refused(head_only)[2]  # the head statement was signed for another nonce
 
 
 def test_a_tampered_entry_and_a_forged_signature_are_refused(rig: Rig, a: Host, tmp_path: Path) -> None:
     grant = metered(rig, a.peer)
     a.count(grant, 1, requests=10)
-    challenge = rig.service.challenge(a.peer, rig.key_id, HOST)
+    a.release()  # the log's key is pinned
+    a.count(grant, 2, requests=10)
+    challenge = rig.service.challenge(a.peer, rig.key_id, HOST, a.log.log_id)
     report = a.log.report(challenge["usage_seq"], b64d(challenge["nonce"]))
-    report["entries"][1] = report["entries"][1].replace('"requests":10', '"requests":1')
-    assert "not signed by the log's key" in a.refused(report)[2]
+    tampered = {**report, "entries": [report["entries"][0].replace('"requests":10', '"requests":1', 1)]}
+    assert "not signed by the log's key" in a.refused(tampered)[2]
+    body, _ = parse_line(report["entries"][0].encode())  # the same entry, signed by another key
+    forged = {**report, "entries": [sign_entry(body, ed25519.Ed25519PrivateKey.generate()).decode()]}
+    assert "not signed by the log's key" in a.refused(forged)[2]
     other = UsageLog.open(tmp_path / "forger.log", host_key(tmp_path, "forger"), a.peer.spki)
     other.clock = rig.clock
     other.record("s", 1, [Counted(rig.key_id, grant, "demo", Usage(requests=1))])
-    assert a.refused(other.report(0, b"x" * 32))[1] == "usage_rejected"  # pins nothing yet, but the head is stale
-    a.release()  # the genuine log pins its key
-    forged = rig.service.challenge(a.peer, rig.key_id, HOST)
-    other.record("s", 2, [Counted(rig.key_id, grant, "demo", Usage(requests=1))])
-    code = a.refused(other.report(forged["usage_seq"], b64d(forged["nonce"])))
-    assert code[1] == "usage_rejected" and "does not continue the chain" in code[2]
+    lying = other.report(challenge["usage_seq"], b64d(challenge["nonce"]))  # another log, named as a's
+    lying["log"] = a.log.log_id
+    assert "rolled back or replaced" in a.refused(lying)[2]
 
 
 def test_a_rolled_back_log_is_refused_until_the_owner_resets_the_host(rig: Rig, a: Host) -> None:
@@ -301,10 +323,10 @@ def test_a_rolled_back_log_is_refused_until_the_owner_resets_the_host(rig: Rig, 
     a.log = a.open_log()
     a.count(grant, 3, requests=1)
     assert "rolled back or replaced" in a.refused()[2]
-    rig.service.reset_usage(a.peer.spki, "lost disk", {"actor": "admin"})
+    rig.service.reset_usage(a.peer.spki, a.log.log_id, "restored a backup", {"actor": "admin"})
     a.release()  # accepted as a new chain; entries already counted are not counted again
     assert usage_rows(rig)[0]["requests"] == 56
-    assert refusal(lambda: rig.service.reset_usage("spki:nobody", "", {})) == (404, "unknown_host")
+    assert refusal(lambda: rig.service.reset_usage("spki:nobody", None, "", {})) == (404, "unknown_host")
 
 
 def test_totals_that_do_not_add_up_are_refused_even_when_signed(rig: Rig, a: Host) -> None:
@@ -317,11 +339,11 @@ def test_totals_that_do_not_add_up_are_refused_even_when_signed(rig: Rig, a: Hos
     body = {"v": 1, "seq": a.log.head.seq + 1, "prev": b64e(a.log.head.digest), "at": rig.clock.t, "kind": "usage",
             "grant": grant, "key_id": rig.key_id, "model": "demo", "source": "x", "source_seq": 9,
             "delta": Usage(requests=1).to_json(), "total": Usage(requests=1).to_json()}  # fmt: skip
-    challenge = rig.service.challenge(a.peer, rig.key_id, HOST)
+    challenge = rig.service.challenge(a.peer, rig.key_id, HOST, a.log.log_id)
     line = sign_entry(body, key)
     head = {"seq": body["seq"], "digest": b64e(digest(line)),
             "sig": b64e(key.sign(head_message(body["seq"], digest(line), b64d(challenge["nonce"]))))}  # fmt: skip
-    report = {"entries": [line.decode()], "head": head}
+    report = {"log": a.log.log_id, "entries": [line.decode()], "head": head}
     nonce, eph = challenge["nonce"], EphemeralKey()
     with pytest.raises(Refused, match="do not add up"):
         rig.service.release(a.peer, rig.key_id, nonce, eph.public, [], HOST, report)
@@ -345,7 +367,7 @@ def test_usage_for_a_grant_the_host_does_not_hold_is_refused(rig: Rig, a: Host, 
     assert "which this host does not hold" in a.refused()[2]
     b = Host(rig, tmp_path, "b")
     metered(rig, b.peer)
-    challenge = rig.service.challenge(b.peer, rig.key_id, HOST)
+    challenge = rig.service.challenge(b.peer, rig.key_id, HOST, a.log.log_id)
     assert "opened by host" in b.refused(a.log.report(0, b64d(challenge["nonce"])))[2]
 
 
@@ -366,7 +388,7 @@ def test_malformed_reports_are_refused_cleanly(rig: Rig, a: Host, report: Any) -
 def test_any_flipped_bit_in_a_log_line_fails_verification(position: int, bit: int) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     lines = [sign_entry({"v": 1, "seq": 1, "prev": "", "at": T0, "kind": "open", "host": "spki:x",
-                         "key": public_key_text(key.public_key())}, key)]  # fmt: skip
+                         "key": public_key_text(key.public_key()), "log": "L" * 16}, key)]  # fmt: skip
     verifier = ChainVerifier()
     verifier.add(lines[0])
     body = {"v": 1, "seq": 2, "prev": b64e(verifier.head.digest), "at": T0, "kind": "usage", "grant": "g_1",

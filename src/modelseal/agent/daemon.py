@@ -151,7 +151,7 @@ class Agent:
         if self.usage_log is None:
             return await self.client.fetch(key_id)
         async with self._reporting:
-            lease, dek = await self.client.fetch(key_id, self.usage_log.report)
+            lease, dek = await self.client.fetch(key_id, self.usage_log)
         self.licensed[key_id] = lease
         return lease, dek
 

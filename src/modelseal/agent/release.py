@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from modelseal.attest import Collector, EvidenceError, collectors_from_config
 from modelseal.encoding import b64d, b64e
@@ -20,6 +20,15 @@ def collect(
 ) -> list[dict[str, Any]]:
     """Evidence of every requested kind this host can produce (the service refuses what is missing)."""
     return [collectors[k](binding, nonce) for k in dict.fromkeys(kinds) if k in collectors]
+
+
+class UsageReporter(Protocol):
+    """What a release needs of the agent's usage log (:class:`modelseal.agent.usagelog.UsageLog`)."""
+
+    @property
+    def log_id(self) -> str: ...
+
+    def report(self, after: int, nonce: bytes) -> dict[str, Any]: ...
 
 
 class ReleaseClient:
@@ -68,16 +77,15 @@ class ReleaseClient:
             raise ServiceError(0, "bad_answer", f"the key service at {self.url} sent a malformed list of granted keys")
         return [{"key_id": item["key_id"], "model": item["model"]} for item in keys]
 
-    async def fetch(
-        self, key_id: str, usage: Callable[[int, bytes], dict[str, Any]] | None = None
-    ) -> tuple[Lease, bytearray]:
+    async def fetch(self, key_id: str, usage: UsageReporter | None = None) -> tuple[Lease, bytearray]:
         """One full exchange for ``key_id``; raises :class:`ServiceError` or :class:`KeyReleaseError`.
 
-        ``usage(acknowledged, nonce)`` makes the usage report the release carries (the agent's usage log:
-        the entries after the one the key service acknowledged in its challenge, and a head statement
-        signed with the nonce)."""
+        With ``usage`` (the agent's usage log) the challenge names the log and the release carries
+        ``usage.report(acknowledged, nonce)``: the entries after the one the key service acknowledged
+        in its challenge, and a head statement signed with the nonce."""
         service_key = await self.service_key()
-        challenge = await self._call("POST", Route.CHALLENGE, {"key_id": key_id})
+        asked: dict[str, Any] = {"key_id": key_id} if usage is None else {"key_id": key_id, "usage_log": usage.log_id}
+        challenge = await self._call("POST", Route.CHALLENGE, asked)
         try:
             nonce = b64d(challenge.get("nonce"), what="nonce", length=32)
         except FormatError as exc:
@@ -94,7 +102,7 @@ class ReleaseClient:
         }  # fmt: skip
         if usage is not None:
             acknowledged = challenge.get("usage_seq", 0)
-            body["usage"] = usage(acknowledged if isinstance(acknowledged, int) else 0, nonce)
+            body["usage"] = usage.report(acknowledged if isinstance(acknowledged, int) else 0, nonce)
         answer = await self._call("POST", Route.RELEASE, body)
         return ephemeral.open_release(
             answer, nonce=nonce, client_spki_hash=self.identity.spki_hash, key_id=key_id, service_key=service_key

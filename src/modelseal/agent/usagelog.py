@@ -132,7 +132,8 @@ class UsageLog:
             except UsageLogError as exc:
                 raise UsageError(
                     f"the usage log {self.path} is damaged at line {number}: {exc}; keep the file for the owner, and "
-                    "ask them to reset this host's usage chain (`modelseal keyserver usage reset`) before moving it"
+                    f"ask them to reset this log (`modelseal keyserver usage reset {self.host} --log "
+                    f"{verifier.head.log or '?'}`) before moving it aside"
                 ) from None
             self._offsets.append(offset)
             offset += len(line) + 1
@@ -140,11 +141,12 @@ class UsageLog:
                 self._remember(entry.seq, entry.at, entry.body, entry.delta)
         self.head, self._size = verifier.head, end
         if self.head.seq == 0:
-            self._append([{"kind": "open", "host": self.host, "key": self.public_key()}])
+            log_id = b64e(os.urandom(12))  # this agent's chain among any others sharing the certificate
+            self._append([{"kind": "open", "host": self.host, "key": self.public_key(), "log": log_id}])
             os.fsync(os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY))
         elif self.head.key != self.public_key() or self.head.host != self.host:
             raise UsageError(
-                f"the usage log {self.path} belongs to another host certificate or key; give each host its own log"
+                f"the usage log {self.path} belongs to another host certificate or key; give each agent its own log"
             )
         log.info("usage log %s: %d entries, head %s", self.path, self.head.seq, b64e(self.head.digest)[:12])
 
@@ -160,7 +162,7 @@ class UsageLog:
         for body in bodies:
             entry = {"v": 1, "seq": head.seq + 1, "prev": b64e(head.digest) if head.seq else "", "at": at, **body}
             if body["kind"] == "open":
-                head.key, head.host = body["key"], body["host"]
+                head.key, head.host, head.log = body["key"], body["host"], body["log"]
             else:
                 total = head.totals.get(body["grant"], Usage()) + Usage.from_json(body["delta"])
                 entry["total"] = total.to_json()
@@ -207,7 +209,12 @@ class UsageLog:
             lines = [line.decode() for line in self._read(after + 1, last)]
             seq, head = (last, self.head.digest) if last == self.head.seq else (last, digest(lines[-1].encode()))
             sig = self._key().sign(head_message(seq, head, nonce))
-            return {"entries": lines, "head": {"seq": seq, "digest": b64e(head), "sig": b64e(sig)}}
+            return {"log": self.head.log, "entries": lines,
+                    "head": {"seq": seq, "digest": b64e(head), "sig": b64e(sig)}}  # fmt: skip
+
+    @property
+    def log_id(self) -> str:
+        return self.head.log
 
     def backlog(self) -> int:
         """Entries written after the last one a release carried (0 when a release has carried them all)."""

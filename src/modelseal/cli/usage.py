@@ -62,16 +62,19 @@ def usage_report(ctx: click.Context, as_csv: bool, as_json: bool, **opts: Any) -
 
 @usage_group.command("reset", reads=ADMIN_VARS)
 @click.argument("host")
+@click.option("--log", "log_id", help="Only this usage log of the host (the id in its first entry and the agent's "
+              "error); default: all of them.")  # fmt: skip
 @click.option("--reason", default="", help="Why (kept in the audit log).")
 @json_option
 @click.pass_context
 @fail_closed
-def usage_reset(ctx: click.Context, host: str, reason: str, as_json: bool) -> None:
-    """Forget HOST's (spki:...) usage-log head, after its log was lost or damaged: its next report starts a
-    new chain. Entries already counted are not counted again; usage the lost log held is gone."""
+def usage_reset(ctx: click.Context, host: str, log_id: str | None, reason: str, as_json: bool) -> None:
+    """Forget where HOST's (spki:...) usage log stands, after it was damaged or restored from a backup: it
+    may then be reported again from its start. Entries already counted are not counted again; usage that
+    only a lost log held is gone."""
     with _admin(ctx) as admin:
-        result = admin.reset_usage(host, reason)
-    emit(as_json, result, [f"usage chain of {host} reset: its next report may start a new log"])
+        result = admin.reset_usage(host, log_id, reason)
+    emit(as_json, result, [f"{result['reset']} usage log(s) of {host} reset: they may be reported again"])
 
 
 def _iso(t: int) -> str:

@@ -161,8 +161,8 @@ def _admin(request: web.Request) -> dict[str, Any]:
 async def challenge(request: web.Request) -> web.Response:
     peer = _peer(request, "challenge")
     fields = Fields(request, "challenge", await _body(request, "challenge"))
-    key_id = fields.text("key_id", 64)
-    result = request.app[SERVICE].challenge(peer, key_id, _actor(request))
+    key_id, usage_log = fields.text("key_id", 64), fields.optional_text("usage_log", 64)
+    result = request.app[SERVICE].challenge(peer, key_id, _actor(request), usage_log)
     return web.json_response(result)
 
 
@@ -311,8 +311,9 @@ async def usage_report(request: web.Request) -> web.Response:
 async def reset_usage(request: web.Request) -> web.Response:
     actor = _admin(request)
     fields = Fields(request, "usage.reset", await _body(request, "usage.reset"))
-    host, reason = fields.text("host", 100), fields.optional_text("reason", 500) or "reset by the model owner"
-    return web.json_response(request.app[SERVICE].reset_usage(host, reason, actor))
+    host, log = fields.text("host", 100), fields.optional_text("log", 64)
+    reason = fields.optional_text("reason", 500) or "reset by the model owner"
+    return web.json_response(request.app[SERVICE].reset_usage(host, log, reason, actor))
 
 
 async def refusal_summaries(app: web.Application) -> AsyncIterator[None]:

@@ -55,7 +55,7 @@ class _Tables:
     grant_hosts: dict[str, dict[str, int]] = field(default_factory=dict)  # grant id -> host -> first seen
     challenges: dict[str, ChallengeRecord] = field(default_factory=dict)
     leases: dict[str, LeaseRecord] = field(default_factory=dict)
-    usage_heads: dict[str, UsageHeadRecord] = field(default_factory=dict)
+    usage_heads: dict[tuple[str, str], UsageHeadRecord] = field(default_factory=dict)  # (host, log) -> head
     usage: dict[tuple[str, str], UsageRecord] = field(default_factory=dict)  # (host, digest) -> entry
 
     def copy(self) -> _Tables:
@@ -138,14 +138,22 @@ class MemoryTransaction:
     def challenge(self, nonce: str) -> ChallengeRecord | None:
         return self.tables.challenges.get(nonce)
 
-    def usage_head(self, host: str) -> UsageHeadRecord | None:
-        return self.tables.usage_heads.get(host)
+    def usage_head(self, host: str, log: str) -> UsageHeadRecord | None:
+        return self.tables.usage_heads.get((host, log))
 
     def put_usage_head(self, head: UsageHeadRecord) -> None:
-        self.tables.usage_heads[head.host] = head
+        self.tables.usage_heads[(head.host, head.log)] = head
 
-    def reset_usage_head(self, host: str) -> bool:
-        return self.tables.usage_heads.pop(host, None) is not None
+    def reset_usage_head(self, host: str, log: str | None) -> int:
+        heads = self.tables.usage_heads
+        gone = [k for k in heads if k[0] == host and log in (None, k[1])]
+        for k in gone:
+            del heads[k]
+        return len(gone)
+
+    def last_usage_report(self, host: str) -> int | None:
+        times = [h.reported_at for (h_host, _), h in self.tables.usage_heads.items() if h_host == host]
+        return max(times) if times else None
 
     def add_usage(self, rows: list[UsageRecord]) -> int:
         new = 0
@@ -224,8 +232,8 @@ class MemoryStore:
         rows = self._audit[max(after, 0) :]  # entry n sits at index n - 1
         return rows if limit is None else rows[:limit]
 
-    def usage_seq(self, host: str) -> int:
-        head = self._tables.usage_heads.get(host)
+    def usage_seq(self, host: str, log: str) -> int:
+        head = self._tables.usage_heads.get((host, log))
         return 0 if head is None else head.seq
 
     def usage_totals(

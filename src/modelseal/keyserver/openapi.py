@@ -134,7 +134,8 @@ def openapi_document() -> dict[str, Any]:
                         usage_seq={"type": "integer", "description": "the host's last usage entry accepted"},
                     ),
                     _HOST,
-                    _obj(["key_id"], key_id={"type": "string", "maxLength": 64}),
+                    _obj(["key_id"], key_id={"type": "string", "maxLength": 64},
+                         usage_log={"type": "string", "maxLength": 64}),  # fmt: skip
                 )
             },
             "/v1/release": {
@@ -240,9 +241,10 @@ def openapi_document() -> dict[str, Any]:
             "/v1/admin/usage/reset": {
                 "post": _op(
                     "forget a host's usage-log head (its next report may start a new chain)",
-                    _obj(["host", "reset"], host={"type": "string"}, reset={"type": "boolean"}),
+                    _obj(["host", "reset"], host={"type": "string"}, reset={"type": "integer"}),
                     _ADMIN,
-                    _obj(["host"], host={"type": "string", "maxLength": 100}, reason={"type": "string"}),
+                    _obj(["host"], host={"type": "string", "maxLength": 100}, log={"type": "string", "maxLength": 64},
+                         reason={"type": "string"}),  # fmt: skip
                     admin=True,
                 )
             },

@@ -329,16 +329,20 @@ class KeyService:
             for row in self.store.usage_totals(since, until, period_s, grant_id, model)
         ]  # fmt: skip
 
-    def reset_usage(self, host: str, reason: str, actor: dict[str, Any]) -> dict[str, Any]:
-        """Forget ``host``'s usage-log head: its next report may start a new chain (entries already counted
-        are not counted again). For a host whose log was lost or damaged."""
+    def reset_usage(self, host: str, log: str | None, reason: str, actor: dict[str, Any]) -> dict[str, Any]:
+        """Forget the head of ``host``'s usage log ``log`` (every log of the host: None), so that the log may
+        be reported again from its start (entries already counted are not counted again). For a log that
+        was damaged or restored from a backup."""
 
         def body(tx: Transaction) -> dict[str, Any]:
-            if not tx.reset_usage_head(host):
-                raise Refused(404, "unknown_host", f"host {host[:100]} has sent no usage report")
-            return {"host": host, "reset": True}
+            reset = tx.reset_usage_head(host, log)
+            if not reset:
+                which = f"log {log[:64]} of host" if log else "host"
+                raise Refused(404, "unknown_host", f"{which} {host[:100]} has sent no usage report")
+            return {"host": host, "log": log, "reset": reset}
 
-        return self._decide({"event": "usage.reset", "host": host, "reason": reason, **actor}, body)
+        event = {"event": "usage.reset", "host": host, "log": log, "reason": reason, **actor}
+        return self._decide(event, body)
 
     def audit_log(self, after: int, limit: int) -> list[dict[str, Any]]:
         """Audit entries after ``after``; refusal counts not yet written are written first."""
@@ -359,7 +363,9 @@ class KeyService:
         )
         return [{"key_id": k, "model": m} for k, m in self.store.keys_of(models)]
 
-    def challenge(self, peer: PeerIdentity, key_id: str, actor: dict[str, Any]) -> dict[str, Any]:
+    def challenge(
+        self, peer: PeerIdentity, key_id: str, actor: dict[str, Any], usage_log: str | None = None
+    ) -> dict[str, Any]:
         """A fresh nonce for ``peer`` and ``key_id``, and the evidence kinds its grants want: one read and
         no write (:class:`ChallengeTokens`), so challenges do not queue on the audit head across replicas."""
         found = self.store.key_grants(key_id)
@@ -370,7 +376,7 @@ class KeyService:
         expires = self.clock() + self.settings.challenge_ttl_s
         kinds = {req["kind"] for g in grants if identity_matches(g.identity, peer) for req in g.evidence}
         nonce = self.tokens.issue(peer.spki, key_id, expires)
-        usage_seq = self.store.usage_seq(peer.spki)  # the usage entry to report after (usage.py)
+        usage_seq = self.store.usage_seq(peer.spki, usage_log) if usage_log else 0  # report after it (usage.py)
         return {"nonce": b64e(nonce), "expires_at": expires, "evidence": sorted(kinds), "usage_seq": usage_seq}
 
     def release(
@@ -462,7 +468,7 @@ class KeyService:
         terms = Terms.from_json(grant.terms)
         lease_usage: dict[str, Any] = {}
         if terms.metered:
-            problem = check_metered(tx, grant, terms, usage, t)
+            problem = check_metered(tx, grant, terms, usage, peer.spki, t)
             if problem:
                 code, message = problem.split(": ", 1)
                 raise Refused(403, code, message)

@@ -109,10 +109,12 @@ class LeaseRecord:
 
 @dataclass(frozen=True)
 class UsageHeadRecord:
-    """Where a host's usage log stands at the key service (:mod:`modelseal.release.usage`): its pinned public
-    key, the last accepted entry, when the host last proved its head (``reported_at``), running totals."""
+    """Where one usage log of a host stands at the key service (:mod:`modelseal.release.usage`): its pinned
+    public key, the last accepted entry, when the host last proved its head (``reported_at``), running
+    totals. A host has one log per agent (``log``: the id its first entry names)."""
 
     host: str
+    log: str
     key: str
     seq: int
     digest: str
@@ -217,14 +219,18 @@ class Transaction(Protocol):
     def challenge(self, nonce: str) -> ChallengeRecord | None: ...
 
     # usage
-    def usage_head(self, host: str) -> UsageHeadRecord | None: ...
+    def usage_head(self, host: str, log: str) -> UsageHeadRecord | None: ...
 
     def put_usage_head(self, head: UsageHeadRecord) -> None:
-        """Insert or replace the host's head."""
+        """Insert or replace the head of the host's log."""
         ...
 
-    def reset_usage_head(self, host: str) -> bool:
-        """Forget the host's head (its next report starts a new chain); True if there was one."""
+    def reset_usage_head(self, host: str, log: str | None) -> int:
+        """Forget the head of one log of the host (all of them: ``log`` None); how many were forgotten."""
+        ...
+
+    def last_usage_report(self, host: str) -> int | None:
+        """When the host last proved the head of any of its usage logs (None: never)."""
         ...
 
     def add_usage(self, rows: list[UsageRecord]) -> int:
@@ -274,8 +280,8 @@ class Store(Protocol):
         """Audit entries with ``seq > after``, in order, at most ``limit``."""
         ...
 
-    def usage_seq(self, host: str) -> int:
-        """The last usage entry accepted from ``host`` (0: none): what a challenge tells its agent."""
+    def usage_seq(self, host: str, log: str) -> int:
+        """The last entry of ``host``'s usage log ``log`` accepted (0: none): what a challenge tells its agent."""
         ...
 
     def usage_totals(

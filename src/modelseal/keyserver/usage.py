@@ -25,7 +25,7 @@ from modelseal.keyserver.identity import identity_matches
 from modelseal.keyserver.store import GrantRecord, Transaction, UsageHeadRecord, UsageRecord
 from modelseal.pki import PeerIdentity
 from modelseal.release.terms import Terms, Usage
-from modelseal.release.usage import CLOCK_SKEW_S, MAX_REPORT, ChainVerifier, Head, UsageLogError, digest
+from modelseal.release.usage import CLOCK_SKEW_S, LOG_ID, MAX_REPORT, ChainVerifier, Head, UsageLogError, digest
 
 
 class ReportRejected(Exception):  # noqa: N818  (turned into a Refused by the service)
@@ -34,8 +34,8 @@ class ReportRejected(Exception):  # noqa: N818  (turned into a Refused by the se
 
 @dataclass(frozen=True)
 class UsageState:
-    """The host's usage log as this release leaves it: ``head`` (None: never reported) and whether this
-    release proved it with its nonce (``fresh``)."""
+    """The host's usage log as this release leaves it: ``head`` (None: the release carried no report) and
+    whether this release proved it with its nonce (``fresh``)."""
 
     head: UsageHeadRecord | None
     fresh: bool
@@ -47,10 +47,13 @@ def _head(record: UsageHeadRecord | None) -> Head | None:
 
 def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes, t: int) -> UsageState:
     """Check and store ``report`` (None: the release carried none); :class:`ReportRejected` if it fails."""
-    stored = tx.usage_head(peer.spki)
     if report is None:
-        return UsageState(stored, fresh=False)
-    entries = report.get("entries") if isinstance(report, dict) else None
+        return UsageState(None, fresh=False)
+    log = report.get("log") if isinstance(report, dict) else None
+    if not isinstance(log, str) or not LOG_ID.fullmatch(log):
+        raise ReportRejected("a usage report names its log (16-64 characters of A-Z a-z 0-9 _ -)")
+    stored = tx.usage_head(peer.spki, log)
+    entries = report.get("entries")
     if not isinstance(entries, list) or len(entries) > MAX_REPORT or not all(isinstance(e, str) for e in entries):
         raise ReportRejected(f"a usage report is an object with at most {MAX_REPORT} entry lines (strings)")
     floor = None if stored is None else stored.reported_at - CLOCK_SKEW_S
@@ -78,8 +81,10 @@ def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes
     except UsageLogError as exc:
         raise ReportRejected(str(exc)) from None
     head = verifier.head
+    if head.log != log:
+        raise ReportRejected(f"the usage report names log {log} but its entries are log {head.log}")
     record = UsageHeadRecord(
-        peer.spki, head.key, head.seq, b64e(head.digest), head.at, t,
+        peer.spki, head.log, head.key, head.seq, b64e(head.digest), head.at, t,
         {g: u.to_json() for g, u in sorted(head.totals.items())},
     )  # fmt: skip
     tx.put_usage_head(record)
@@ -87,23 +92,27 @@ def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes
         counted = tx.add_usage(rows)
         first = head.seq - len(entries) + 1
         tx.append_audit(
-            {"event": "usage.report", "host": peer.spki, "from_seq": first, "to_seq": head.seq,
+            {"event": "usage.report", "host": peer.spki, "log": head.log, "from_seq": first, "to_seq": head.seq,
              "digest": record.digest, "counted": counted, "entries": entries}
         )  # fmt: skip
     return UsageState(record, fresh=True)
 
 
-def check_metered(tx: Transaction, grant: GrantRecord, terms: Terms, state: UsageState, t: int) -> str | None:
+def check_metered(
+    tx: Transaction, grant: GrantRecord, terms: Terms, state: UsageState, host: str, t: int
+) -> str | None:
     """Why a metered grant refuses this release (code ``usage_required``, ``usage_overdue`` or
-    ``quota_exceeded`` first, then the message), or None."""
+    ``quota_exceeded`` first, then the message), or None. A release without a report passes within
+    ``report_grace_s`` of the host's last report (from any of its logs)."""
     gid = grant.grant_id
     if not state.fresh:
-        if state.head is None:
+        last = tx.last_usage_report(host)
+        if last is None:
             return (
                 f"usage_required: grant {gid} is metered and this host has never sent a usage report (the host "
                 "agent needs usage_log in its config)"
             )
-        silent = t - state.head.reported_at
+        silent = t - last
         if silent > terms.report_grace_s:
             return (
                 f"usage_overdue: grant {gid} is metered and this host has sent no usage report for {silent} s "

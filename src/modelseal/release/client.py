@@ -146,8 +146,9 @@ class AdminClient:
         """Usage per licence per period (``since``, ``until``, ``period``, ``grant``, ``model``: all optional)."""
         return self.call("GET", Route.USAGE, None, **{k: v for k, v in query.items() if v is not None})
 
-    def reset_usage(self, host: str, reason: str = "") -> dict[str, Any]:
-        return self.call("POST", Route.USAGE_RESET, {"host": host, **({"reason": reason} if reason else {})})
+    def reset_usage(self, host: str, log: str | None = None, reason: str = "") -> dict[str, Any]:
+        body = {"host": host, **({"log": log} if log else {}), **({"reason": reason} if reason else {})}
+        return self.call("POST", Route.USAGE_RESET, body)
 
     def close(self) -> None:
         self._client.close()

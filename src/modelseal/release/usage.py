@@ -5,8 +5,10 @@ Each line of the log is one entry, canonical JSON (sorted keys, no spaces) with 
 ``lp(ENTRY_DOMAIN) ‖ body`` in its ``sig`` field. ``prev`` is the SHA-256 of the previous line, so the log
 is a chain: an entry cannot be removed, changed or reordered without breaking every later link. ``seq``
 counts entries from 1 (the monotonic counter). Entry 1 (``kind: open``) names the host's certificate key
-hash and the log's public key; every ``usage`` entry records one batch of counts for one grant (``delta``)
-and that grant's running totals on this host (``total``), so a rolled-back log shows totals that shrink.
+hash, the log's public key and a random log id: each agent keeps its own chain, so several agents
+sharing one certificate (a Kubernetes node pool) are several chains of one host. Every ``usage`` entry
+records one batch of counts for one grant (``delta``) and that grant's running totals in this log
+(``total``), so a rolled-back log shows totals that shrink.
 ``source``/``source_seq`` name the reporting process and its report number: a report retried after a
 lost answer is recognised and not counted twice.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -103,6 +106,7 @@ class Head:
 
     key: str = ""  # the log's public key (from entry 1)
     host: str = ""
+    log: str = ""  # the log's id (from entry 1)
     seq: int = 0
     digest: bytes = b""
     at: int = 0
@@ -110,21 +114,24 @@ class Head:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "key": self.key, "host": self.host, "seq": self.seq, "digest": b64e(self.digest), "at": self.at,
+            "key": self.key, "host": self.host, "log": self.log, "seq": self.seq, "digest": b64e(self.digest),
+            "at": self.at,
             "totals": {g: u.to_json() for g, u in sorted(self.totals.items())},
         }  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Head:
         return cls(
-            key=data["key"], host=data["host"], seq=data["seq"], digest=b64d(data["digest"], what="head digest"),
+            key=data["key"], host=data["host"], log=data["log"], seq=data["seq"],
+            digest=b64d(data["digest"], what="head digest"),
             at=data["at"], totals={g: Usage.from_json(u) for g, u in data["totals"].items()},
         )  # fmt: skip
 
 
 _USAGE_FIELDS = {"v", "seq", "prev", "at", "kind", "grant", "key_id", "model", "source", "source_seq",
                  "delta", "total", "sig"}  # fmt: skip
-_OPEN_FIELDS = {"v", "seq", "prev", "at", "kind", "host", "key", "sig"}
+_OPEN_FIELDS = {"v", "seq", "prev", "at", "kind", "host", "key", "log", "sig"}
+LOG_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 def parse_line(line: bytes) -> tuple[dict[str, Any], bytes]:
@@ -173,9 +180,12 @@ class ChainVerifier:
                 raise UsageLogError(f"usage entry {seq} reopens the log")
             key = load_public_key(body["key"])
             _verify(key, sig, body, seq)
-            if not isinstance(body["host"], str):
-                raise UsageLogError("the usage log's opening entry names no host")
-            self._key, head.key, head.host = key, body["key"], body["host"]
+            log_id = body["log"]
+            if not isinstance(body["host"], str) or not isinstance(log_id, str) or not LOG_ID.fullmatch(log_id):
+                raise UsageLogError("the usage log's opening entry names no host or log id")
+            if head.log and body["log"] != head.log:
+                raise UsageLogError(f"the usage log {body['log']} is not log {head.log}")
+            self._key, head.key, head.host, head.log = key, body["key"], body["host"], body["log"]
         else:
             if self._key is None:
                 raise UsageLogError("the usage log does not start with its opening entry")

@@ -81,6 +81,7 @@ usage_heads = Table(
     "usage_heads",
     metadata,
     Column("host", String(100), primary_key=True),
+    Column("log", String(64), primary_key=True),  # one chain per agent (the id its first entry names)
     Column("key", String(100), nullable=False),  # the usage log's Ed25519 public key, pinned at entry 1
     Column("seq", BigInteger, nullable=False),
     Column("digest", String(64), nullable=False),

@@ -165,18 +165,30 @@ class SqlTransaction:
         row = self.conn.execute(select(schema.challenges).where(schema.challenges.c.nonce == nonce)).first()
         return None if row is None else ChallengeRecord(row.nonce, row.host, row.key_id, row.expires_at, row.used_at)
 
-    def usage_head(self, host: str) -> UsageHeadRecord | None:
-        row = self.conn.execute(select(schema.usage_heads).where(schema.usage_heads.c.host == host)).first()
+    def usage_head(self, host: str, log: str) -> UsageHeadRecord | None:
+        table = schema.usage_heads
+        row = self.conn.execute(select(table).where(table.c.host == host, table.c.log == log)).first()
         if row is None:
             return None
-        return UsageHeadRecord(row.host, row.key, row.seq, row.digest, row.at, row.reported_at, json.loads(row.totals))
+        return UsageHeadRecord(
+            row.host, row.log, row.key, row.seq, row.digest, row.at, row.reported_at, json.loads(row.totals)
+        )
 
     def put_usage_head(self, head: UsageHeadRecord) -> None:
-        self.reset_usage_head(head.host)
+        self.reset_usage_head(head.host, head.log)
         self.conn.execute(schema.usage_heads.insert().values(**{**asdict(head), "totals": json.dumps(head.totals)}))
 
-    def reset_usage_head(self, host: str) -> bool:
-        return bool(self.conn.execute(delete(schema.usage_heads).where(schema.usage_heads.c.host == host)).rowcount)
+    def reset_usage_head(self, host: str, log: str | None) -> int:
+        table = schema.usage_heads
+        query = delete(table).where(table.c.host == host)
+        if log is not None:
+            query = query.where(table.c.log == log)
+        return int(self.conn.execute(query).rowcount)
+
+    def last_usage_report(self, host: str) -> int | None:
+        table = schema.usage_heads
+        last = self.conn.execute(select(func.max(table.c.reported_at)).where(table.c.host == host)).scalar()
+        return None if last is None else int(last)
 
     def add_usage(self, rows: list[UsageRecord]) -> int:
         table = schema.usage
@@ -277,9 +289,10 @@ class SqlStore:
         with self.engine.connect() as conn:
             return read_audit(conn, after, limit)
 
-    def usage_seq(self, host: str) -> int:
+    def usage_seq(self, host: str, log: str) -> int:
+        table = schema.usage_heads
         with self._reading(), self.engine.connect() as conn:
-            seq = conn.execute(select(schema.usage_heads.c.seq).where(schema.usage_heads.c.host == host)).scalar()
+            seq = conn.execute(select(table.c.seq).where(table.c.host == host, table.c.log == log)).scalar()
         return int(seq or 0)
 
     def usage_totals(

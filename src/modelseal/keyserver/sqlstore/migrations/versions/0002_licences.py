@@ -20,6 +20,7 @@ def upgrade() -> None:
     op.create_table(
         "usage_heads",
         sa.Column("host", sa.String(100), primary_key=True),
+        sa.Column("log", sa.String(64), primary_key=True),
         sa.Column("key", sa.String(100), nullable=False),
         sa.Column("seq", big, nullable=False),
         sa.Column("digest", sa.String(64), nullable=False),
