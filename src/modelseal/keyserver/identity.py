@@ -49,6 +49,22 @@ class GrantIdentity:
         return any(uri.startswith(below) for uri in peer.uris)
 
 
+def naming(peer: PeerIdentity) -> list[str]:
+    """Every grant identity text that could name ``peer``: its key hash, its URIs, and each URI's ancestor
+    prefixes with ``/*``. A store looks grants up by these (an index, not a scan of every grant); the
+    service still checks each one it gets with :func:`identity_matches`."""
+    if peer.refused_uris:
+        return []
+    names = [peer.spki, *peer.uris]
+    for uri in peer.uris:
+        start = uri.find("://") + 3 if "://" in uri else uri.find(":") + 1
+        cut = uri.find("/", start)
+        while cut != -1:
+            names.append(uri[:cut] + PREFIX_SUFFIX)
+            cut = uri.find("/", cut + 1)
+    return sorted(set(names))
+
+
 @lru_cache(maxsize=4096)
 def parse_grant_identity(text: str) -> GrantIdentity:
     """Parse what a grant names; :class:`UsageError` says why ``text`` names no host."""

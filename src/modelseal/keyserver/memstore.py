@@ -12,7 +12,7 @@ and tools, not a production key service with a large history.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -101,10 +101,10 @@ class MemoryTransaction:
         self._need_model(grant.model)
         _insert(self.tables.grants, grant.grant_id, grant, "grant")
 
-    def grants_for_model(self, model: str, include_revoked: bool) -> list[GrantRecord]:
+    def grants_for_model(self, model: str, include_revoked: bool, identities: Sequence[str]) -> list[GrantRecord]:
         rows = [
             g for g in self.tables.grants.values()
-            if g.model == model and (include_revoked or g.revoked_at is None)
+            if g.model == model and (include_revoked or g.revoked_at is None) and g.identity in identities
         ]  # fmt: skip
         rows.sort(key=lambda g: g.grant_id)
         rows.sort(key=lambda g: g.created_at, reverse=True)  # stable: newest first, ties by grant id
@@ -215,18 +215,18 @@ class MemoryStore:
         rows = sorted(tables.grants.values(), key=lambda g: (g.created_at, g.grant_id))
         return [GrantUse(g, len(tables.grant_hosts.get(g.grant_id, {}))) for g in rows if not model or g.model == model]
 
-    def live_grants(self) -> list[GrantRecord]:
-        return [g for g in self._tables.grants.values() if g.revoked_at is None]
+    def live_grants(self, identities: Sequence[str]) -> list[GrantRecord]:
+        return [g for g in self._tables.grants.values() if g.revoked_at is None and g.identity in identities]
 
     def keys_of(self, models: Iterable[str]) -> list[tuple[str, str]]:
         wanted = set(models)
         return [(k.key_id, k.model) for k in self._tables.keys.values() if k.model in wanted]
 
-    def key_grants(self, key_id: str) -> tuple[str, list[GrantRecord]] | None:
+    def key_grants(self, key_id: str, identities: Sequence[str]) -> tuple[str, list[GrantRecord]] | None:
         key = self._tables.keys.get(key_id)
         if key is None:
             return None
-        return key.model, [g for g in self.live_grants() if g.model == key.model]
+        return key.model, [g for g in self.live_grants(identities) if g.model == key.model]
 
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
         rows = self._audit[max(after, 0) :]  # entry n sits at index n - 1

@@ -135,7 +135,7 @@ def openapi_document() -> dict[str, Any]:
                     ),
                     _HOST,
                     _obj(["key_id"], key_id={"type": "string", "maxLength": 64},
-                         usage_log={"type": "string", "maxLength": 64}),  # fmt: skip
+                         usage_log={"type": "string", "maxLength": 64}),
                 )
             },
             "/v1/release": {
@@ -244,7 +244,7 @@ def openapi_document() -> dict[str, Any]:
                     _obj(["host", "reset"], host={"type": "string"}, reset={"type": "integer"}),
                     _ADMIN,
                     _obj(["host"], host={"type": "string", "maxLength": 100}, log={"type": "string", "maxLength": 64},
-                         reason={"type": "string"}),  # fmt: skip
+                         reason={"type": "string"}),
                     admin=True,
                 )
             },

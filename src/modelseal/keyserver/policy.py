@@ -1,12 +1,12 @@
 """Grant policies: an optional CEL expression over identity, licence, evidence claims and time.
 
 Variables: ``identity`` (list of the host's names), ``host`` (its ``spki:`` name), ``model``,
-``key_id``, ``licence`` (``releases``, ``max_releases``, ``hosts``, ``max_hosts``), ``usage`` (the grant's
-reported ``requests``, ``items``, ``input_tokens``, ``output_tokens`` and ``tokens`` this period, with
-``_today`` and ``_total`` variants: :func:`modelseal.keyserver.usage.policy_usage`), ``claims`` (a map
-from evidence kind to verified claims) and ``now`` (a timestamp). Examples:
-``licence.releases < 100 && now < timestamp("2027-01-01T00:00:00Z")``, ``usage.items_today < 1000000``. Anything other than a
-boolean ``true`` denies; an evaluation error denies too (fail closed).
+``key_id``, ``licence`` (``releases``, ``max_releases``, ``hosts``, ``max_hosts``), ``usage`` (the
+grant's reported ``requests``, ``items``, ``input_tokens``, ``output_tokens`` and ``tokens`` this period,
+with ``_today`` and ``_total`` variants: :func:`modelseal.keyserver.usage.policy_usage`), ``claims`` (a
+map from evidence kind to verified claims) and ``now`` (a timestamp). Examples:
+``licence.releases < 100 && now < timestamp("2027-01-01T00:00:00Z")``, ``usage.items_today < 1000000``.
+Anything other than a boolean ``true`` denies; an evaluation error denies too (fail closed).
 """
 
 from __future__ import annotations

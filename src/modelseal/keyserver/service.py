@@ -25,7 +25,7 @@ from modelseal.crypto.keys import wipe
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError
 from modelseal.keyserver.challenges import ChallengeTokens
-from modelseal.keyserver.identity import identity_matches, parse_grant_identity
+from modelseal.keyserver.identity import identity_matches, naming, parse_grant_identity
 from modelseal.keyserver.masterkey import MasterKey
 from modelseal.keyserver.policy import Policy, PolicyError
 from modelseal.keyserver.refusals import RefusalLimiter, RefusalSettings
@@ -357,7 +357,7 @@ class KeyService:
         models = sorted(
             {
                 g.model
-                for g in self.store.live_grants()
+                for g in self.store.live_grants(naming(peer))
                 if identity_matches(g.identity, peer) and (g.not_after is None or g.not_after > t)
             }
         )
@@ -368,7 +368,7 @@ class KeyService:
     ) -> dict[str, Any]:
         """A fresh nonce for ``peer`` and ``key_id``, and the evidence kinds its grants want: one read and
         no write (:class:`ChallengeTokens`), so challenges do not queue on the audit head across replicas."""
-        found = self.store.key_grants(key_id)
+        found = self.store.key_grants(key_id, naming(peer))
         if found is None:
             event = {"event": "challenge", "key_id": key_id, "host": peer.spki, **actor}
             raise self.audit_refusal(event, 404, "unknown_key", f"no key {key_id} is registered with this key service")
@@ -545,7 +545,8 @@ class KeyService:
     def _grants_for(
         tx: Transaction, model: str, peer: PeerIdentity, include_revoked: bool = False
     ) -> list[GrantRecord]:
-        return [g for g in tx.grants_for_model(model, include_revoked) if identity_matches(g.identity, peer)]
+        named = tx.grants_for_model(model, include_revoked, naming(peer))
+        return [g for g in named if identity_matches(g.identity, peer)]
 
     def _spend_nonce(
         self, tx: Transaction, nonce_text: str, token: NonceCheck, peer: PeerIdentity, key_id: str, t: int

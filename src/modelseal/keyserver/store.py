@@ -25,7 +25,7 @@ The guarantees a backend owes the service (the service relies on them, it cannot
 from __future__ import annotations
 
 import pkgutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
@@ -191,8 +191,9 @@ class Transaction(Protocol):
 
     def add_grant(self, grant: GrantRecord) -> None: ...
 
-    def grants_for_model(self, model: str, include_revoked: bool) -> list[GrantRecord]:
-        """The model's grants, newest first (ties: by grant id); revoked ones only if asked."""
+    def grants_for_model(self, model: str, include_revoked: bool, identities: Sequence[str]) -> list[GrantRecord]:
+        """The model's grants naming one of ``identities`` (:func:`~modelseal.keyserver.identity.naming`),
+        newest first (ties: by grant id); revoked ones only if asked."""
         ...
 
     def revoke_grant(self, grant_id: str, at: int, reason: str) -> None:
@@ -263,17 +264,17 @@ class Store(Protocol):
         """Grants (of one model, or all) oldest first (ties: by grant id), with their host counts."""
         ...
 
-    def live_grants(self) -> list[GrantRecord]:
-        """Every grant not revoked."""
+    def live_grants(self, identities: Sequence[str]) -> list[GrantRecord]:
+        """Every grant not revoked that names one of ``identities``."""
         ...
 
     def keys_of(self, models: Iterable[str]) -> list[tuple[str, str]]:
         """``(key_id, model)`` of every key of these models."""
         ...
 
-    def key_grants(self, key_id: str) -> tuple[str, list[GrantRecord]] | None:
-        """The model of key ``key_id`` and its grants not revoked, or None for an unknown key (one read:
-        what a challenge needs, without a transaction)."""
+    def key_grants(self, key_id: str, identities: Sequence[str]) -> tuple[str, list[GrantRecord]] | None:
+        """The model of key ``key_id`` and its grants not revoked that name one of ``identities``, or None
+        for an unknown key (one read: what a challenge needs, without a transaction)."""
         ...
 
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:

@@ -33,7 +33,7 @@ grants = Table(
     metadata,
     Column("grant_id", String(64), primary_key=True),
     Column("model", String(200), ForeignKey("models.name"), nullable=False, index=True),
-    Column("identity", String(500), nullable=False),
+    Column("identity", String(500), nullable=False, index=True),  # grants are looked up by what names a host
     Column("not_before", BigInteger),
     Column("not_after", BigInteger),
     Column("max_hosts", Integer),

@@ -12,7 +12,7 @@ which the service answers as 503 ``unavailable``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
@@ -125,8 +125,8 @@ class SqlTransaction:
         row = {**asdict(grant), "evidence": json.dumps(grant.evidence), "terms": json.dumps(grant.terms)}
         self.conn.execute(schema.grants.insert().values(**row))
 
-    def grants_for_model(self, model: str, include_revoked: bool) -> list[GrantRecord]:
-        query = select(schema.grants).where(schema.grants.c.model == model)
+    def grants_for_model(self, model: str, include_revoked: bool, identities: Sequence[str]) -> list[GrantRecord]:
+        query = select(schema.grants).where(schema.grants.c.model == model, schema.grants.c.identity.in_(identities))
         if not include_revoked:
             query = query.where(schema.grants.c.revoked_at.is_(None))
         query = query.order_by(schema.grants.c.created_at.desc(), schema.grants.c.grant_id)
@@ -268,21 +268,26 @@ class SqlStore:
             hosts: dict[str, int] = {grant_id: n for grant_id, n in conn.execute(counts)}
             return [GrantUse(_grant(r), hosts.get(r.grant_id, 0)) for r in conn.execute(query)]
 
-    def live_grants(self) -> list[GrantRecord]:
-        with self.engine.connect() as conn:
-            return [_grant(r) for r in conn.execute(select(schema.grants).where(schema.grants.c.revoked_at.is_(None)))]
+    def live_grants(self, identities: Sequence[str]) -> list[GrantRecord]:
+        grants = schema.grants
+        query = select(grants).where(grants.c.revoked_at.is_(None), grants.c.identity.in_(identities))
+        with self._reading(), self.engine.connect() as conn:
+            return [_grant(r) for r in conn.execute(query)]
 
     def keys_of(self, models: Iterable[str]) -> list[tuple[str, str]]:
         query = select(schema.keys.c.key_id, schema.keys.c.model).where(schema.keys.c.model.in_(list(models)))
         with self.engine.connect() as conn:
             return [(k, m) for k, m in conn.execute(query)]
 
-    def key_grants(self, key_id: str) -> tuple[str, list[GrantRecord]] | None:
+    def key_grants(self, key_id: str, identities: Sequence[str]) -> tuple[str, list[GrantRecord]] | None:
+        grants = schema.grants
         with self._reading(), self.engine.connect() as conn:
             model = conn.execute(select(schema.keys.c.model).where(schema.keys.c.key_id == key_id)).scalar()
             if model is None:
                 return None
-            live = select(schema.grants).where(schema.grants.c.model == model, schema.grants.c.revoked_at.is_(None))
+            live = select(grants).where(
+                grants.c.model == model, grants.c.revoked_at.is_(None), grants.c.identity.in_(identities)
+            )
             return model, [_grant(r) for r in conn.execute(live)]
 
     def audit_entries(self, after: int = 0, limit: int | None = None) -> list[AuditEntry]:

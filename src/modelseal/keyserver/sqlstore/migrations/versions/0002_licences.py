@@ -1,4 +1,4 @@
-"""Licences: grant terms, each host's usage-log head, and accepted usage entries.
+"""Licences: grant terms, each host's usage-log heads, accepted usage entries; grants indexed by identity.
 
 Revision ID: 0002
 Revises: 0001
@@ -39,9 +39,11 @@ def upgrade() -> None:
         *(sa.Column(c, big, nullable=False) for c in ("requests", "items", "input_tokens", "output_tokens")),
     )
     op.create_index("usage_grant_at", "usage", ["grant_id", "at"])
+    op.create_index("ix_grants_identity", "grants", ["identity"])  # a host's grants without a scan of all
 
 
 def downgrade() -> None:
+    op.drop_index("ix_grants_identity", table_name="grants")
     op.drop_index("usage_grant_at", table_name="usage")
     op.drop_table("usage")
     op.drop_table("usage_heads")
