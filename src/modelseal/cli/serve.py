@@ -69,6 +69,14 @@ from modelseal.cli.kit import emit, fail_closed, json_option
     show_default=True,
     help="Seconds an HTTP request body may take to arrive (past it: 408).",
 )
+@click.option(
+    "--usage-sync-s",
+    "usage_sync_s",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.01),
+    help="Seconds between usage reports to the agent (licence metering; with an agent:... identity).",
+)
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Per-request audit file (JSONL).")
 @click.option("--threads", default=0, help="Intra-op threads per instance (0: the runtime's default).")
 @click.option(
@@ -95,12 +103,13 @@ from modelseal.cli.kit import emit, fail_closed, json_option
 def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key: Path | None,
           client_ca: Path | None, identity: str | None, agent_socket: str | None, models: tuple[str, ...],
           key_check_s: float, retry_s: float, max_body_mb: int, max_inflight_mb: int, body_timeout_s: float,
-          audit_log: Path | None, threads: int, trusted_signers: tuple[str, ...], strict_config: bool,
-          default_max_batch_size: int, log_json: bool, verbose: bool) -> None:  # fmt: skip
+          usage_sync_s: float, audit_log: Path | None, threads: int, trusted_signers: tuple[str, ...],
+          strict_config: bool, default_max_batch_size: int, log_json: bool, verbose: bool) -> None:  # fmt: skip
     """Serve the sealed models of a repository to tritonclient / KServe clients, HTTP and gRPC.
 
     Weights are decrypted in memory only, with keys from the host agent; a model whose key the agent
-    drops (grant revoked) is unloaded and comes back when it is granted again.
+    drops (grant revoked) is unloaded and comes back when it is granted again. Requests are counted and
+    held to the grant's licence terms (quotas, rate limits), the counts reported to the agent.
     """
     from modelseal.cli.logs import configure
     from modelseal.serve.server import ServeConfig, run
@@ -112,7 +121,7 @@ def serve(repository: Path, http: str, grpc: str, tls_cert: Path | None, tls_key
             tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca, identity=identity,
             agent_socket=agent_socket, models=list(models), key_check_s=key_check_s, retry_s=retry_s,
             max_body_bytes=max_body_mb * 1024 * 1024, max_inflight_bytes=max_inflight_mb * 1024 * 1024,
-            body_timeout_s=body_timeout_s,
+            body_timeout_s=body_timeout_s, usage_sync_s=usage_sync_s,
             audit_log=audit_log, threads=threads,
             trusted_signers=list(trusted_signers), strict_config=strict_config,
             default_max_batch_size=default_max_batch_size,

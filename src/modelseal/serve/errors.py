@@ -12,7 +12,10 @@ GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED
 
 class ServeError(ModelsealError):
     """A request refused or failed: ``status`` (HTTP) and :attr:`grpc_code`; the message is for the client
-    and never holds tensor data or key material."""
+    and never holds tensor data or key material. ``retry_after``: whole seconds a refused client should
+    wait (HTTP ``Retry-After``, gRPC ``retry-after`` trailing metadata), where the refusal knows them."""
+
+    retry_after: int | None = None
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)

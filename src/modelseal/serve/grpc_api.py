@@ -19,6 +19,7 @@ from modelseal.listening import cannot_listen, normalise_address
 from modelseal.pki import peer_identity
 from modelseal.serve.errors import ServeError
 from modelseal.serve.infer import decode_grpc, server_metadata
+from modelseal.serve.metering import rate_client
 from modelseal.serve.protocol import inference, model_config
 from modelseal.serve.rest import OFFLOAD_BYTES, load_config_override
 
@@ -33,6 +34,11 @@ def client_identity(context: Any) -> str:
     return peer_identity(der).spki
 
 
+def trailing_metadata(exc: ServeError) -> tuple[tuple[str, str], ...]:
+    """``retry-after`` (whole seconds) for a refusal that knows when to retry, as HTTP's header says it."""
+    return (("retry-after", str(exc.retry_after)),) if exc.retry_after else ()
+
+
 def build_servicer(srv: Any) -> Any:
     """The servicer bound to a running :class:`~modelseal.serve.server.Server`."""
     import grpc
@@ -40,7 +46,7 @@ def build_servicer(srv: Any) -> Any:
     pb, services = inference()
 
     async def abort(context: Any, exc: ServeError) -> None:
-        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc), trailing_metadata(exc))
 
     class InferenceServicer(services.GRPCInferenceServiceServicer):  # type: ignore[misc,name-defined]
         async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 (protocol names)
@@ -94,11 +100,12 @@ def build_servicer(srv: Any) -> Any:
         async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
             started = time.monotonic()
             name, version = request.model_name, request.model_version
+            client = client_identity(context)
 
             def record(status: str) -> None:  # before the reply, so the audit log is never behind a client
                 seconds = time.monotonic() - started
                 srv.metrics.observe_request(name, version, "grpc", status, seconds)
-                srv.audit.record("grpc", name, version, client_identity(context), status, seconds)
+                srv.audit.record("grpc", name, version, client, status, seconds)
 
             size = request.ByteSize()  # already received by gRPC: charged before it is decoded or run
             try:
@@ -110,7 +117,8 @@ def build_servicer(srv: Any) -> Any:
                         decoded = await asyncio.to_thread(decode_grpc, request)
                     else:
                         decoded = decode_grpc(request)
-                    results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
+                    results = await srv.models.infer(model, decoded.inputs, decoded.outputs,
+                                                   client=rate_client(client, context.peer()))
                 finally:
                     srv.budget.release(size)
                 answer = functools.partial(decoded.respond, name, version, results, model.spec, model.labels)

@@ -1,5 +1,6 @@
 """Prometheus metrics of the server (served at ``/metrics`` on the HTTP port): requests, latency,
-batch sizes, model loads and unloads, key fetches. Labels carry model names and outcomes only."""
+batch sizes, model loads and unloads, key fetches, requests refused by a licence limit and each licence's
+usage. Labels carry model names and outcomes only."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ class Metrics:
         self.ready = prom.Gauge(
             "modelseal_model_ready", "1 when the model is loaded and serving", ["model"], registry=r
         )
+        self.licence_refusals = prom.Counter(
+            "modelseal_licence_refusals", "Requests refused by a licence limit (kind: quota or rate)",
+            ["model", "kind"], registry=r,
+        )  # fmt: skip
+        self.licence_used = prom.Gauge(
+            "modelseal_licence_used", "This period's usage of the model's licence as this server knows it "
+            "(count: requests, items or tokens)", ["model", "count"], registry=r,
+        )  # fmt: skip
+        self.licence_limit = prom.Gauge(
+            "modelseal_licence_limit", "The licence's limit per period, where it sets one", ["model", "count"],
+            registry=r,
+        )  # fmt: skip
 
     def render(self) -> tuple[bytes, str]:
         return self.prom.generate_latest(self.registry), self.prom.CONTENT_TYPE_LATEST

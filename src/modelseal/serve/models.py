@@ -4,7 +4,8 @@ A sealed model's key comes from the host agent (or an identity file): the identi
 the manager is made, and each load opens the model's artifact once (:class:`~.source.ModelSource`) for
 all its instances. When the agent drops a model's key, :mod:`.keywatch` unloads the model: its runtimes
 are closed and their memory wiped and freed, requests get a clear ``UNAVAILABLE`` naming the reason, and
-the model is retried every ``retry_s`` so that a re-grant brings it back without a restart.
+the model is retried every ``retry_s`` so that a re-grant brings it back without a restart. With the
+agent as identity, requests are metered and held to the licence's limits (:mod:`.metering`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from modelseal.serve.autocomplete import effective_config
 from modelseal.serve.batching import DynamicBatcher, Tensors
 from modelseal.serve.errors import ServeError, not_found, unavailable
 from modelseal.serve.infer import runtime_refusal, validate
+from modelseal.serve.metering import Charge, Metering, MeteringError
 from modelseal.serve.metrics import UNKNOWN, Metrics
 from modelseal.serve.repository import (
     MAX_INSTANCES,
@@ -194,11 +196,14 @@ the next load. The agent watched
         retry_s: float = 30,
         threads: int = 0,
         trusted_signers: list[str] | None = None,
+        usage_sync_s: float = 1.0,
     ) -> None:
         self.repository, self.metrics = repository, metrics
         self.identity_spec = identity
         self.identity: Identity | None = None
         self.identity_error: ModelsealError | None = None
+        self.usage_sync_s = usage_sync_s
+        self.metering: Metering | None = None  # set with an agent identity (see _resolve_identity)
         self._resolve_identity()
         self.agent_socket = agent_socket or keywatch.agent_socket(self.identity)
         self.key_check_s, self.retry_s, self.threads = key_check_s, retry_s, threads
@@ -214,12 +219,17 @@ the next load. The agent watched
         if self.agent_socket and self._watcher is None:
             watching = keywatch.watch(self, self.agent_socket, self.key_check_s, self.retry_s)
             self._watcher = asyncio.get_running_loop().create_task(watching, name="key watcher")
+        if self.metering is not None:
+            self.metering.start(self.key_ids)
 
     async def close(self) -> None:
+        """Stop watching, report the last usage counts (the server drained its requests first), unload."""
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
+        if self.metering is not None:
+            await self.metering.close()
         for name in list(self.models):
             await self.unload(name, "server shutdown")
 
@@ -266,6 +276,7 @@ the next load. The agent watched
             try:
                 for version in versions:
                     loaded[version] = await asyncio.to_thread(self._build, spec, version)
+                await self._licensed(name, loaded)
             except Exception as exc:  # whatever failed, the server keeps serving the other models
                 for model in loaded.values():
                     await model.close()
@@ -291,6 +302,8 @@ the next load. The agent watched
         if isinstance(exc, KeyReleaseError):
             reason, label, retry = f"key refused: {exc}", "key_refused", True
             self.metrics.key_fetches.labels(name, exc.code).inc()
+        elif isinstance(exc, MeteringError):  # not served unmetered; tried again like a dropped key
+            reason, label, retry = f"usage metering unavailable: {exc}", "metering_unavailable", True
         elif isinstance(exc, ModelsealError):
             reason, label, retry = str(exc), "failed", False
         else:  # a framework refusing the model: log the traceback, tell clients only the kind
@@ -333,6 +346,21 @@ the next load. The agent watched
             self.identity, self.identity_error = resolve_identity(self.identity_spec), None
         except ModelsealError as exc:
             self.identity_error = exc
+            return
+        socket = keywatch.agent_socket(self.identity)
+        if socket is not None and self.metering is None:
+            self.metering = Metering(socket, self.metrics, self.usage_sync_s)
+
+    async def _licensed(self, name: str, loaded: dict[int, LoadedModel]) -> None:
+        """With metering, before the versions are served: the agent takes what is counted and states their
+        licences (the limits the first request is held to); :class:`MeteringError` if it cannot."""
+        keys = [model.keys for model in loaded.values() if model.keys]
+        if self.metering is None or not keys:
+            return
+        await self.metering.sync()
+        for key_ids in keys:
+            if self.metering.charged_key(key_ids) is None:
+                raise MeteringError(f"the agent states no licence for model {name}'s key {sorted(key_ids)[0]}")
 
     def _identity(self) -> Identity:
         """The server's identity, for a sealed artifact; why there is none, when it could not be resolved.
@@ -412,13 +440,21 @@ the next load. The agent watched
         """Every loaded (name, version) pair, by name then version."""
         return [(name, versions[v]) for name, versions in sorted(self.models.items()) for v in sorted(versions)]
 
-    async def infer(self, model: LoadedModel, inputs: Tensors, outputs: list[str]) -> Tensors:
+    async def infer(
+        self, model: LoadedModel, inputs: Tensors, outputs: list[str], *, client: str = "anonymous"
+    ) -> Tensors:
+        """Run a request of ``client`` (who rate limits count: :func:`.metering.rate_client`).
+        A metered model's request is admitted against its licence once validated, before it runs, and
+        counted only if it is answered (:mod:`.metering`)."""
         started, ok = time.perf_counter_ns(), False
         rows = 1
+        charge: Charge | None = None
         model.in_flight += 1
         try:
             wanted = validate(model.spec, inputs, outputs)
             rows = next(iter(inputs.values())).shape[0] if model.spec.batching else 1
+            if self.metering is not None:
+                charge = self.metering.admit(model.spec.name, model.keys, client, rows)
             if model.batcher is not None:
                 results = await model.batcher.submit(inputs, wanted)
             else:
@@ -438,6 +474,8 @@ the next load. The agent watched
             raise ServeError(500, f"inference on {model.spec.name} failed: {why}") from None
         finally:
             model.in_flight -= 1
+            if charge is not None and self.metering is not None:
+                self.metering.done(charge, ok)
             model.stats.answered(ok, rows, time.perf_counter_ns() - started)
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from modelseal.pki import peer_identity
 from modelseal.serve import infer as v2
 from modelseal.serve.errors import ServeError
 from modelseal.serve.infer import HEADER_LENGTH, decode_rest, parse_json
+from modelseal.serve.metering import rate_client
 from modelseal.serve.models import ModelManager
 
 log = logging.getLogger("modelseal.serve")
@@ -34,7 +35,7 @@ def client_identity(request: web.Request) -> str:
 
 
 def error_response(exc: ServeError) -> web.Response:
-    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    headers = {"Retry-After": str(exc.retry_after or 1)} if exc.status == 429 else None
     return web.json_response({"error": str(exc)}, status=exc.status, headers=headers)
 
 
@@ -175,6 +176,7 @@ async def infer(request: web.Request) -> web.Response:
     name, version = request.match_info["model"], request.match_info.get("version", "")
     started = time.monotonic()
     status, served_version = "error", version  # e.g. a body over the size limit
+    client = client_identity(request)
     try:
         async with body_within_budget(request) as body:
             model = srv.models.get(name, version)
@@ -184,7 +186,8 @@ async def infer(request: web.Request) -> web.Response:
                 decoded = await asyncio.to_thread(decode_rest, body, header)
             else:
                 decoded = decode_rest(body, header)
-            results = await srv.models.infer(model, decoded.inputs, decoded.outputs)
+            results = await srv.models.infer(model, decoded.inputs, decoded.outputs,
+                                           client=rate_client(client, request.remote))
         def encode() -> tuple[bytes, list[bytes]]:
             return decoded.respond(name, served_version, results, model.spec, model.labels).rest()
 
@@ -201,7 +204,7 @@ async def infer(request: web.Request) -> web.Response:
     finally:
         seconds = time.monotonic() - started
         srv.metrics.observe_request(name, served_version, "http", status, seconds)
-        srv.audit.record("http", name, served_version, client_identity(request), status, seconds)
+        srv.audit.record("http", name, served_version, client, status, seconds)
 
 
 async def repository_index(request: web.Request) -> web.Response:

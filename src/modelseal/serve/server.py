@@ -1,7 +1,8 @@
 """Run ``modelseal serve``: load the repository's models, serve HTTP and gRPC, shut down gracefully.
 
-On SIGTERM/SIGINT the server stops accepting requests, lets in-flight ones finish (``drain_s``), then
-unloads every model, which closes its runtimes and drops the decrypted weights and keys.
+On SIGTERM/SIGINT the server stops accepting requests, lets in-flight ones finish (``drain_s``), sends
+the agent the usage counts not yet reported, then unloads every model, which closes its runtimes and
+drops the decrypted weights and keys.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ServeConfig:
     trusted_signers: list[str] = field(default_factory=list)  # set: serve only models these publishers signed
     strict_config: bool = False  # every model needs a config declaring platform, inputs and outputs
     default_max_batch_size: int = 4  # of a config completed from a model that batches (Triton's default)
+    usage_sync_s: float = 1.0  # with an agent identity: how often usage counts go to the agent
 
 
 def port_fix(what: str) -> str:
@@ -64,6 +66,8 @@ class Server:
             raise UsageError("--tls-cert and --tls-key go together")
         if config.client_ca and not config.tls_cert:
             raise UsageError("--client-ca (mTLS) needs --tls-cert and --tls-key")
+        if not config.usage_sync_s > 0:
+            raise UsageError("--usage-sync-s must be above 0 seconds")
         if config.max_inflight_bytes < config.max_body_bytes:
             raise UsageError("--max-inflight-mb must be at least --max-body-mb (one request must fit)")
         # a bad port is one line now, and gRPC and aiohttp bind the same host:port (gRPC refuses ':PORT')
@@ -79,7 +83,7 @@ class Server:
         self.models = ModelManager(  # resolves the identity, once for the server's life
             repository, config.identity, self.metrics, agent_socket=config.agent_socket,
             key_check_s=config.key_check_s, retry_s=config.retry_s, threads=config.threads,
-            trusted_signers=config.trusted_signers,
+            trusted_signers=config.trusted_signers, usage_sync_s=config.usage_sync_s,
         )  # fmt: skip
         self.metrics.labels = self.models.labels  # client-chosen names become labels only when known
         self.started = False

@@ -47,8 +47,12 @@ class TFServingError(ServeError):
 
 def as_tfserving(exc: ServeError) -> TFServingError:
     """A server error in TF Serving's terms, keeping its HTTP status (a body over the size limit stays
-    413, not the 429 of RESOURCE_EXHAUSTED, which tells clients to retry)."""
-    return exc if isinstance(exc, TFServingError) else TFServingError(exc.grpc_code, str(exc), exc.status)
+    413, not the 429 of RESOURCE_EXHAUSTED, which tells clients to retry) and when to retry."""
+    if isinstance(exc, TFServingError):
+        return exc
+    converted = TFServingError(exc.grpc_code, str(exc), exc.status)
+    converted.retry_after = exc.retry_after
+    return converted
 
 
 def signature_of(spec: ModelSpec) -> str:
@@ -120,10 +124,13 @@ def check_outputs(model: LoadedModel, output_filter: list[str]) -> list[str]:
     return output_filter
 
 
-async def predict(srv: Any, model: LoadedModel, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, Any]:
-    """Run the model; the outputs asked for, in that order."""
+async def predict(
+    srv: Any, model: LoadedModel, inputs: dict[str, np.ndarray], outputs: list[str], client: str
+) -> dict[str, Any]:
+    """Run the model for ``client`` (who rate limits count: :func:`~modelseal.serve.metering.rate_client`);
+    the outputs asked for, in that order."""
     try:
-        results = await srv.models.infer(model, inputs, outputs)
+        results = await srv.models.infer(model, inputs, outputs, client=client)
     except ServeError as exc:
         raise as_tfserving(exc) from None
     return {name: results[name] for name in outputs}

@@ -19,7 +19,8 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from modelseal.serve.errors import ServeError
-from modelseal.serve.grpc_api import client_identity
+from modelseal.serve.grpc_api import client_identity, trailing_metadata
+from modelseal.serve.metering import rate_client
 from modelseal.serve.protocol import tfserving
 from modelseal.serve.rest import OFFLOAD_BYTES
 from modelseal.serve.tfserving import api
@@ -46,7 +47,7 @@ def build_handlers(srv: Any) -> list[Any]:
 
     async def abort(context: Any, exc: ServeError) -> None:
         exc = api.as_tfserving(exc)
-        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc), trailing_metadata(exc))
 
     def decode(kind: Any, data: bytes, method: str) -> Any:
         try:
@@ -62,6 +63,7 @@ def build_handlers(srv: Any) -> list[Any]:
     async def predict(data: bytes, context: Any) -> Any:
         started = time.monotonic()
         name, version, status, charged = "", "", "error", 0
+        client = client_identity(context)
         try:
             srv.budget.take(len(data))  # already received: charged before it is decoded or run
             charged = len(data)
@@ -85,7 +87,7 @@ def build_handlers(srv: Any) -> list[Any]:
             else:
                 inputs = decode_predict(request)
             del request
-            results = await api.predict(srv, model, inputs, outputs)
+            results = await api.predict(srv, model, inputs, outputs, rate_client(client, context.peer()))
             response = pb.PredictResponse()
             json_format.ParseDict(api.model_spec(model, signature), response.model_spec)
             for key, array in results.items():
@@ -106,7 +108,7 @@ def build_handlers(srv: Any) -> list[Any]:
             srv.budget.release(charged)
             seconds = time.monotonic() - started
             srv.metrics.observe_request(name, version, PROTOCOL, status, seconds)
-            srv.audit.record(PROTOCOL, name, version, client_identity(context), status, seconds)
+            srv.audit.record(PROTOCOL, name, version, client, status, seconds)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     async def get_model_metadata(data: bytes, context: Any) -> Any:

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from modelseal.serve.errors import ServeError
 from modelseal.serve.infer import parse_json
+from modelseal.serve.metering import rate_client
 from modelseal.serve.models import LoadedModel
 from modelseal.serve.rest import OFFLOAD_BYTES, body_within_budget, client_identity, server
 from modelseal.serve.tfserving import api
@@ -101,6 +102,7 @@ async def predict(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     started = time.monotonic()
     status, version = "error", request.match_info.get("version", "")
+    client = client_identity(request)
     try:
         async with body_within_budget(request) as raw:
             model = api.lookup(srv, name, _version(request))
@@ -118,7 +120,8 @@ async def predict(request: web.Request) -> web.Response:
             else:
                 inputs, rows = decode(model, body, limit)
             del body
-            results = await api.predict(srv, model, inputs, api.check_outputs(model, []))
+            outputs = api.check_outputs(model, [])
+            results = await api.predict(srv, model, inputs, outputs, rate_client(client, request.remote))
         answer = await asyncio.to_thread(encode, results, rows) if len(raw) >= OFFLOAD_BYTES else encode(results, rows)
         status = "ok"
         return web.Response(body=answer, content_type="application/json")
@@ -129,7 +132,7 @@ async def predict(request: web.Request) -> web.Response:
     finally:
         seconds = time.monotonic() - started
         srv.metrics.observe_request(name, version, PROTOCOL, status, seconds)
-        srv.audit.record(PROTOCOL, name, version, client_identity(request), status, seconds)
+        srv.audit.record(PROTOCOL, name, version, client, status, seconds)
 
 
 async def model_status(request: web.Request) -> web.Response:
