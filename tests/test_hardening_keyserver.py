@@ -250,7 +250,11 @@ def test_uri_grants_match_whole_canonical_segments(grant_text: str, uri: str, ex
     from modelseal.keyserver.identity import parse_grant_identity
     from modelseal.pki import identity_uri
 
-    assert parse_grant_identity(grant_text).matches(_peer(bytes(32), (identity_uri(uri),))) is expected
+    from modelseal.keyserver.identity import naming
+
+    peer = _peer(bytes(32), (identity_uri(uri),))
+    assert parse_grant_identity(grant_text).matches(peer) is expected
+    assert (parse_grant_identity(grant_text).text in naming(peer)) is expected  # what stores look grants up by
 
 
 def test_spki_grant_matches_only_the_key_hash() -> None:
@@ -316,6 +320,31 @@ def test_grant_identity_parsing_is_typed_and_idempotent(text: str) -> None:
         return
     assert parse_grant_identity(parsed.text) == parsed
     assert (parsed.kind == "spki") == parsed.text.startswith("spki:")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    grant=st.lists(_URI_PIECES, max_size=8).map(lambda p: "spiffe://td" + "".join(p)),
+    host=st.lists(_URI_PIECES, max_size=10).map(lambda p: "spiffe://td" + "".join(p)),
+    prefix=st.booleans(),
+)
+def test_every_grant_that_matches_a_host_is_among_the_identities_that_name_it(
+    grant: str, host: str, prefix: bool
+) -> None:
+    """Stores look grants up by :func:`naming` (an index), not by scanning: a grant that matches a host
+    but is not named would silently deny it."""
+    from modelseal.errors import UsageError
+    from modelseal.keyserver.identity import naming, parse_grant_identity
+    from modelseal.pki import identity_uri
+
+    try:
+        parsed = parse_grant_identity(grant.rstrip("/*") + "/*" if prefix else grant)
+        peer = _peer(bytes(range(32)), (identity_uri(host),))
+    except UsageError:
+        return
+    if parsed.matches(peer):
+        assert parsed.text in naming(peer)
+    assert parse_grant_identity(peer.spki).text in naming(peer)
 
 
 # --- item 9: refusal floods, deep JSON, core dumps -----------------------------------------------------
