@@ -247,10 +247,8 @@ MATCHES = [
 
 @pytest.mark.parametrize(("grant_text", "uri", "expected"), MATCHES)
 def test_uri_grants_match_whole_canonical_segments(grant_text: str, uri: str, expected: bool) -> None:
-    from modelseal.keyserver.identity import parse_grant_identity
+    from modelseal.keyserver.identity import naming, parse_grant_identity
     from modelseal.pki import identity_uri
-
-    from modelseal.keyserver.identity import naming
 
     peer = _peer(bytes(32), (identity_uri(uri),))
     assert parse_grant_identity(grant_text).matches(peer) is expected
