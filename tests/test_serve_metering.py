@@ -60,7 +60,7 @@ class Stack:
     model ``m``: ``versions`` versions, each sealed on its own (its own key, one grant)."""
 
     def __init__(self, keyserver: KeyServer, tmp: Path, terms: dict[str, Any] | None = None, *, versions: int = 1,
-                 delay_us: int | None = None, sync_s: float = 0.2) -> None:  # fmt: skip
+                 delay_us: int | None = None, sync_s: float = 0.2, serve: bool = True) -> None:  # fmt: skip
         self.keyserver = keyserver
         with keyserver.admin() as admin:
             admin.call("POST", "/v1/admin/models", {"model": "m"})
@@ -87,7 +87,8 @@ class Stack:
         self.alice, self.bob = self.tls.client("alice"), self.tls.client("bob")
         self.audit = tmp / "audit.jsonl"
         self.repo, self.tmp, self.sync_s = repo, tmp, sync_s
-        self.serve = self.start_serve()
+        if serve:
+            self.serve = self.start_serve()
 
     def start_serve(self) -> ServeProcess:
         return ServeProcess(self.repo, self.tmp / "serve.log", tls=self.tls, extra=[
@@ -96,7 +97,8 @@ class Stack:
 
     def stop(self) -> None:
         try:
-            assert self.serve.stop() == 0
+            if hasattr(self, "serve"):
+                assert self.serve.stop() == 0
         finally:
             self.agent.stop()
 
@@ -339,6 +341,43 @@ def test_a_new_period_resets_the_quota(renewing_keyserver: KeyServer, tmp_path: 
             assert client.post("/v2/models/m/infer", json=v2_body(rows(1))).status_code == 200
     finally:
         stack.stop()
+
+
+@pytest.mark.slow
+def test_a_model_is_not_served_unmetered_when_the_agent_does_not_answer(renewing_keyserver: KeyServer,
+                                                                        tmp_path: Path) -> None:  # fmt: skip
+    """The key comes from the agent, then the usage report finds no agent (its socket gone between the
+    two): the load fails naming metering, the model stays unavailable and retried; once the agent
+    answers again the retry serves it."""
+    from modelseal.serve.models import ModelManager
+    from modelseal.serve.repository import Repository
+
+    stack = Stack(renewing_keyserver, tmp_path, {"max_requests": 100}, serve=False)
+
+    async def scenario() -> None:
+        manager = ModelManager(Repository(stack.repo), f"agent:{stack.agent.socket}", Metrics())
+        assert manager.metering is not None
+        manager.metering.meter.socket = str(tmp_path / "gone.sock")  # the key fetch still uses the agent
+        with pytest.raises(ServeError, match=r"usage metering unavailable: the agent at .*gone.sock did not take "
+                           r"the usage report: cannot reach the modelseal agent") as refused:  # fmt: skip
+            await manager.load("m")
+        assert refused.value.status == 503
+        state = manager.states["m"]
+        assert (state.state, state.retry) == ("UNAVAILABLE", True) and "m" not in manager.models
+        manager.metering.meter.socket = stack.agent.socket
+        await manager.retry_dropped()
+        assert manager.states["m"].state == "READY"
+        model = manager.get("m")
+        answer = await manager.infer(model, {"input": rows(2)}, [], client="spki:test")
+        assert answer["output"].shape == (2, CLASSES)
+        assert manager.metering.used(model.keys) == Usage(requests=1, items=2)
+        await manager.close()  # reports the count
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        stack.stop()
+    assert stack.logged()[0] == Usage(requests=1, items=2)
 
 
 # --- the metering glue (fast) --------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class Metering:
 
     def __init__(self, socket: str, metrics: Metrics, sync_s: float = 1.0, meter: Meter | None = None) -> None:
         self.meter = meter or Meter(socket)
-        self.socket, self.metrics, self.sync_s = socket, metrics, sync_s
+        self.metrics, self.sync_s = metrics, sync_s
         self._charged: dict[str, str] = {}  # key id -> the key id of its grant that requests are charged to
         self._limited: set[str] = set()  # charged key ids whose licence sets a limit (the others: count only)
         self._charged_for: dict[str, Licence] | None = None  # the meter's licences that mapping was made from
@@ -170,7 +170,7 @@ class Metering:
         try:
             await asyncio.to_thread(self.meter.sync, SYNC_TIMEOUT_S)
         except KeyReleaseError as exc:
-            raise MeteringError(f"the agent at {self.socket} did not take the usage report: {exc}") from None
+            raise MeteringError(f"the agent at {self.meter.socket} did not take the usage report: {exc}") from None
         finally:
             self._syncing -= 1
             if not self._syncing:
