@@ -145,12 +145,12 @@ KEYSERVER_RECIPIENT_VARS = [
     ("MODELSEAL_ADMIN_TOKEN", "With keyserver:... recipients: the admin token that registers the data key."),
     ("MODELSEAL_ADMIN_TOKEN_FILE", "Else, the file holding it (DIR/admin.token)."),
 ]
-PASSPHRASE_VAR = ("VAR", "The variable --passphrase-env names: a passphrase.")
+SEAL_VAR = ("VAR", "The variable --passphrase-env VAR names (a passphrase), or --fingerprint-key env:VAR (the key).")
 IDENTITY_VAR = ("VAR", "The variable --passphrase-env VAR or -i env:VAR names: a passphrase or identity text.")
 
 
 @main.command(
-    reads=["MODELSEAL_THREADS", *KEYSERVER_RECIPIENT_VARS, PASSPHRASE_VAR,
+    reads=["MODELSEAL_THREADS", *KEYSERVER_RECIPIENT_VARS, SEAL_VAR,
            ("MODELSEAL_REMOTE_PART_SIZE", "With -o s3://...: bytes per uploaded part (default 16M, at least 5M)."),
            ("MODELSEAL_REMOTE_CONCURRENCY", "With -o s3://...: parts uploading at once (default 4).")],
     writes=[("OUTPUT", "The sealed file; for a directory SRC, a directory of sealed files (not secret). An "
@@ -181,6 +181,17 @@ IDENTITY_VAR = ("VAR", "The variable --passphrase-env VAR or -i env:VAR names: a
 @click.option(
     "--as-bundle", is_flag=True, help="Seal SRC as an opaque bundle even if it is safetensors or a checkpoint."
 )
+@click.option(
+    "--fingerprint",
+    "licence",
+    metavar="LICENCE_ID",
+    help="Mark the weights for this licence (docs/fingerprinting.md); needs --fingerprint-key. Tensor formats only.",
+)
+@click.option(
+    "--fingerprint-key",
+    metavar="FILE|env:VAR",
+    help="The owner's fingerprint key: a file from `fingerprint keygen`, or env:VAR holding its text.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @json_option
 @fail_closed
@@ -195,14 +206,27 @@ def seal(
     sign_key: str | None,
     segment_size: int,
     as_bundle: bool,
+    licence: str | None,
+    fingerprint_key: str | None,
     force: bool,
     as_json: bool,
 ) -> None:
-    """Encrypt SRC (.safetensors, .pt/.pth/.bin, .onnx, any file, or a directory) for RECIPIENTs."""
+    """Encrypt SRC (.safetensors, .pt/.pth/.bin, .onnx, any file, or a directory) for RECIPIENTs.
+
+    With --fingerprint, the sealed copy's weights carry a pattern that `modelseal trace` links to that
+    licence; the marking happens in memory, before encryption.
+    """
     from modelseal.sealing.writer import plan_size
     from modelseal.sealing.writer import seal as do_seal
 
     require_inputs(src)
+    fingerprint = None
+    if (licence is None) != (fingerprint_key is None):
+        raise UsageError("--fingerprint LICENCE_ID and --fingerprint-key go together")
+    if licence is not None and fingerprint_key is not None:
+        from modelseal.sealing.fingerprint import Fingerprint, FingerprintKey
+
+        fingerprint = Fingerprint(FingerprintKey.load(fingerprint_key), licence)
 
     recips: list[Any] = list(recipients)
     if passphrase_env:
@@ -220,6 +244,7 @@ def seal(
             as_bundle=as_bundle,
             progress=advance,
             force=force,
+            fingerprint=fingerprint,
         )
     data = {"model_id": result.model_id, "model_version": result.model_version, "outputs": result.outputs}
     emit(
@@ -228,10 +253,18 @@ def seal(
         [
             f"sealed {o['source']} -> {o['output']} ({o['kind']}"
             f"{', hidden header' if o['hidden_header'] else ''}"
-            f"{', signed' if o['signed'] else ''})"
+            f"{', signed' if o['signed'] else ''}"
+            f"{_marked(o.get('fingerprint'))})"
             for o in result.outputs
         ],
     )
+
+
+def _marked(mark: Any) -> str:
+    """``seal``'s human line for a fingerprinted file."""
+    if not isinstance(mark, dict):
+        return ""
+    return f", fingerprinted for {mark['licence']}: {mark['positions']} weights in {mark['tensors']} tensors"
 
 
 @main.command()
@@ -406,6 +439,10 @@ def _register_service_commands() -> None:
     main.add_command(pki_group, "pki")
     main.add_command(attest, "attest")
     main.add_command(triton_repo, "triton-repo")
+    from modelseal.cli.trace import fingerprint_group, trace
+
+    main.add_command(trace, "trace")
+    main.add_command(fingerprint_group, "fingerprint")
     try:
         from modelseal.cli.serve import bench, serve
     except ImportError:  # pragma: no cover (click is core; the serve extra is imported lazily)

@@ -5,6 +5,10 @@
 * a directory: every file sealed under the same relative path (safetensors per tensor, the rest as
   bundles), all bound into one group.
 * anything else (ONNX, TorchScript, configs...): a sealed bundle. ``as_bundle=True`` forces this.
+
+With ``fingerprint=`` the tensors are marked for one licence (``sealing/fingerprint.py``) in a private
+in-memory copy of the plaintext, between reading the source and encrypting it: no marked plaintext is
+written anywhere. Only tensor sources can carry the mark.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ from modelseal.recipients import parse_recipient
 from modelseal.recipients.base import Recipient
 
 if TYPE_CHECKING:
+    from modelseal.sealing.fingerprint import Fingerprint
     from modelseal.sealing.remote import MultipartUpload
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin")
+# Weights a directory would seal as bundles, unmarked: a fingerprinted directory refuses them.
+_OTHER_WEIGHTS = (".safetensors", *CHECKPOINT_SUFFIXES, ".ckpt", ".onnx", ".gguf", ".h5", ".msgpack", ".npz", ".npy")
 
 
 @dataclass
@@ -57,6 +64,7 @@ class _Job:
     signer: Signer | None
     segment_size: int
     progress: Progress | None
+    fingerprint: Fingerprint | None = None
 
     def builder(self, kind: str) -> EnvelopeBuilder:
         return EnvelopeBuilder(kind, self.model_id, self.model_version, self.segment_size, self.dek)
@@ -89,13 +97,14 @@ def seal(
     as_bundle: bool = False,
     progress: Progress | None = None,
     force: bool = False,
+    fingerprint: Fingerprint | None = None,
 ) -> SealResult:
     """Seal ``src`` (file or directory) into ``dst`` for ``recipients``; see the module docstring.
 
     ``dst``'s directory must exist; an existing ``dst`` is replaced only with ``force`` (an empty
     directory may receive a sealed directory). A directory is sealed all or nothing. ``dst`` may be an
     ``s3://bucket/key`` URL (a string), or ``s3://bucket/prefix/`` for a directory: uploaded as it is
-    sealed, never on disk (``sealing/remote.py``).
+    sealed, never on disk (``sealing/remote.py``). ``fingerprint``: mark the weights for one licence.
     """
     url = dst if is_remote(dst) else None  # s3://bucket/key: sealing/remote.py (before Path folds its //)
     src, dst = Path(src), Path(dst)
@@ -110,8 +119,12 @@ def seal(
     check_id(model_version, "model version")
     if isinstance(signer, (str, os.PathLike)):
         signer = Signer.load(signer)
+    if fingerprint is not None:
+        _check_fingerprintable(src, as_bundle)
     recips = _recipients(recipients)
-    job = _Job(recips, keys.new_dek(), model_id, model_version, hide_header, signer, segment_size, progress)
+    job = _Job(
+        recips, keys.new_dek(), model_id, model_version, hide_header, signer, segment_size, progress, fingerprint
+    )
     try:
         if url is not None:
             from modelseal.sealing.remote import seal_to_url
@@ -126,12 +139,34 @@ def seal(
     return SealResult(outputs, model_id, model_version)
 
 
+def _check_fingerprintable(src: Path, as_bundle: bool) -> None:
+    """Refuse, before anything is written, a source whose weights a fingerprint cannot reach."""
+    if as_bundle:
+        raise UsageError("--as-bundle seals the file as opaque bytes: a fingerprint needs tensors")
+    if src.is_dir():
+        members = directory.list_members(src)
+        opaque = [m for m in members if not m.endswith(".safetensors") and m.lower().endswith(_OTHER_WEIGHTS)]
+        if opaque:
+            raise UsageError(
+                f"{src / opaque[0]}: a directory's files other than .safetensors are sealed as opaque bundles, "
+                "which cannot carry a fingerprint; convert the directory's weights to .safetensors first"
+            )
+        if not any(m.lower().endswith(".safetensors") for m in members):
+            raise UsageError(f"{src} holds no .safetensors weights to fingerprint")
+    elif not src.name.lower().endswith((".safetensors", *CHECKPOINT_SUFFIXES)):
+        raise UsageError(
+            f"{src} is not a tensor format (.safetensors, .pt/.pth/.bin or a directory of safetensors): "
+            "only tensors can carry a fingerprint"
+        )
+
+
 def _seal_file(
     src: Path, dst: Path | MultipartUpload, job: _Job, as_bundle: bool, group: dict[str, Any] | None
 ) -> dict[str, object]:
+    extra: dict[str, object] = {}
     if not as_bundle and src.name.lower().endswith((".safetensors", *CHECKPOINT_SUFFIXES)):
         kind = "safetensors"
-        with _safetensors_bytes(src) as plain:
+        with _safetensors_bytes(src) as source, _marked(source, job, str(src), extra, group is None) as plain:
             env = sst.seal_buffer(
                 plain,
                 dst,
@@ -162,7 +197,37 @@ def _seal_file(
         "hidden_header": env.hidden,
         "signed": env.signature is not None,
         "size": dst.stat().st_size if isinstance(dst, Path) else dst.size,
+        **extra,
     }
+
+
+@contextmanager
+def _marked(
+    plain: mmap.mmap | bytes | bytearray, job: _Job, source: str, extra: dict[str, object], alone: bool
+) -> Iterator[mmap.mmap | bytes | bytearray]:
+    """``plain``, or with a fingerprint a private copy marked for the job's licence (wiped afterwards);
+    what was marked goes into ``extra`` (the output row). A file sealed ``alone`` must have something
+    to mark (a directory must, over all its files: :func:`_seal_dir`)."""
+    if job.fingerprint is None:
+        yield plain
+        return
+    from modelseal.sealing import fingerprint
+
+    data = plain if isinstance(plain, bytearray) else bytearray(plain)  # a converted checkpoint is ours already
+    try:
+        marked = fingerprint.apply(data, job.fingerprint, source)
+        if alone and not marked.tensors:
+            raise fingerprint.nothing_marked(source)
+        extra["fingerprint"] = {
+            "licence": job.fingerprint.licence,
+            "key_id": job.fingerprint.key.key_id,
+            "tensors": marked.tensors,
+            "positions": marked.positions,
+        }
+        yield data
+    finally:
+        if data is not plain:
+            keys.wipe(data)
 
 
 @contextmanager
@@ -201,4 +266,13 @@ def _seal_dir(src: Path, dst: Path, job: _Job, force: bool) -> list[dict[str, ob
             out.parent.mkdir(parents=True, exist_ok=True)
             row = _seal_file(src / rel, out, job, not rel.endswith(".safetensors"), directory.member_group(group, rel))
             outputs.append({**row, "output": str(dst / rel)})
+        if job.fingerprint is not None and not any(_marked_tensors(row) for row in outputs):
+            from modelseal.sealing.fingerprint import nothing_marked
+
+            raise nothing_marked(str(src))  # inside the directory's transaction: nothing is left behind
     return outputs
+
+
+def _marked_tensors(row: dict[str, object]) -> int:
+    mark = row.get("fingerprint")
+    return int(mark.get("tensors", 0)) if isinstance(mark, dict) else 0
