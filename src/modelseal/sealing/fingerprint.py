@@ -179,18 +179,19 @@ def signs(key: FingerprintKey, licence: str, name: str, k: int) -> np.ndarray:
 
 
 def as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """A tensor's raw little-endian bytes (uint8) as float32 values (a copy; bf16 widened exactly)."""
+    """A tensor's raw little-endian bytes (uint8) as float32 values (bf16 widened exactly; an F32 tensor
+    is a view of ``raw``, not a copy: read it, do not write it)."""
     if dtype == "BF16":
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-    return raw.view(np.dtype(_NUMPY[dtype]).newbyteorder("<")).astype(np.float32)
+    return raw.view(np.dtype(_NUMPY[dtype]).newbyteorder("<")).astype(np.float32, copy=False)
 
 
 def steps(values: np.ndarray, shape: list[int], idx: np.ndarray) -> np.ndarray:
     """The change at each selected position: ``DELTA * rms`` of its output row (float32), 0 where the
     position must not move (the weight is zero or not finite, or its row's RMS is not usable)."""
     rows = values.reshape(shape[0], -1)
-    finite = np.where(np.isfinite(rows), rows, 0).astype(np.float64)
-    rms = np.sqrt(np.einsum("ij,ij->i", finite, finite) / rows.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):  # a row holding inf or nan gets no usable step
+        rms = np.sqrt(np.square(rows).sum(axis=1, dtype=np.float64) / rows.shape[1])
     step = (DELTA * rms[idx // rows.shape[1]]).astype(np.float32)
     here = values[idx]
     usable = np.isfinite(here) & (here != 0) & np.isfinite(step) & (step > 0)
