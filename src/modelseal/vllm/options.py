@@ -33,6 +33,9 @@ class LoaderOptions:
     """How often the lease watchdog asks the agent whether the key is still released (0: never)."""
     grace_s: float = 60.0
     """How long the key may stay refused, or the agent silent, before the engine stops."""
+    meter: bool | None = None
+    """Count requests and tokens for the licence and report them to the agent (:mod:`modelseal.vllm.metering`);
+    default: on with an ``agent:`` identity. ``true`` with another identity is refused (no agent to report to)."""
 
 
 def _number(raw: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
@@ -64,14 +67,15 @@ def parse_options(raw: Any) -> LoaderOptions:
         signers = [signers]
     if not isinstance(signers, list) or not all(isinstance(s, str) and s for s in signers):
         raise UsageError(f"{LOAD_FORMAT} loader option 'trusted_signers' must be a list of public keys")
-    for key in ("allow_plain", "lazy"):
-        if key in raw and not isinstance(raw[key], bool) and not (key == "lazy" and raw[key] is None):
+    for key in ("allow_plain", "lazy", "meter"):
+        if key in raw and not isinstance(raw[key], bool) and not (key in ("lazy", "meter") and raw[key] is None):
             raise UsageError(f"{LOAD_FORMAT} loader option {key!r} must be true or false")
     return LoaderOptions(
         identity=identity,
         trusted_signers=tuple(signers),
         allow_plain=bool(raw.get("allow_plain", False)),
         lazy=raw.get("lazy"),
+        meter=raw.get("meter"),
         key_check_s=_number(raw, "key_check_s", 30.0, 0, 86400),
         grace_s=_number(raw, "grace_s", 60.0, 0, 7 * 86400),
     )

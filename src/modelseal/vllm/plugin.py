@@ -10,6 +10,8 @@
    watchdog here ends vLLM, non-zero, when the key is revoked (each worker has its own, which zeroes its
    weights first).
 3. Teaches the LoRA loader sealed adapters (:mod:`modelseal.vllm.lora`).
+4. Where the configuration is staged, with keys from the agent: meters requests and tokens for the
+   licence (:mod:`modelseal.vllm.metering`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def _stop(reason: str) -> None:
     def children() -> None:
         import psutil
 
+        if "modelseal.vllm.metering" in sys.modules:
+            from modelseal.vllm import metering
+
+            metering.close_all()  # what was served since the last report
         procs = psutil.Process().children(recursive=True)
         for proc in procs:
             proc.terminate()
@@ -83,6 +89,11 @@ def stage_sealed_model(args: Any) -> None:
         staged = _staged.get(model) or stage(m)
         watched = m.keyserver_keys()
     _staged[model] = staged
+    from modelseal.vllm import metering  # here, not at import: vLLM loads this plugin in every worker too
+
+    if metering.plan(model, opts, identity, (key_id for key_id, _model in watched)):
+        metering.install()
+        args.disable_log_stats = False  # the meter counts from vLLM's statistics (LLM(...) turns them off)
     if isinstance(identity, AgentIdentity) and watched and model not in _watches:
         _watches[model] = LeaseWatch(identity.socket, watched, opts.key_check_s, opts.grace_s, _stop, log=log)
         _watches[model].start()

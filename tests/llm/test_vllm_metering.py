@@ -1,0 +1,198 @@
+"""Usage metering of a sealed LLM in vLLM, end to end: a key service grant with a request quota, an agent
+keeping a signed usage log, and a real vLLM engine loading the sealed model through the agent. The log
+(every entry verified with :class:`ChainVerifier`) must hold exactly the requests served and the prompt
+and output tokens vLLM itself reports; ``QuotaMiddleware`` refuses the request past the quota with 429
+and the limit named; a client that leaves mid-stream is still charged for its prompt and tokens; the
+``LLM(...)`` API is metered the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+import modelseal
+from modelseal.errors import UsageError
+from modelseal.load.artifacts import key_ids
+from modelseal.pki import identity_of_cert_file
+from modelseal.recipients.hpke import generate_identity
+from modelseal.release.identity import AgentIdentity
+from modelseal.release.recipient import KeyserverRecipient
+from modelseal.release.terms import Usage
+from modelseal.release.usage import ChainVerifier
+from modelseal.release.wire import ask
+from modelseal.vllm import metering
+from modelseal.vllm.options import parse_options
+
+from ..services import Agent, KeyServer, wait_for
+from ..test_keyserver import grant, sealed_model
+from .conftest import Llm
+from .engines import VllmServer, run_llm
+
+PROMPTS = ["w1 w2 w3 w4", "w10 w20 w30", "w200 w5 w7 w9 w11"]
+
+
+class Licensed:
+    """A key service, the model sealed to it, a grant with ``terms`` and an agent with a usage log."""
+
+    def __init__(self, ks: KeyServer, llm: Llm, tmp: Path, terms: dict[str, Any]) -> None:
+        with ks.admin() as admin:
+            admin.call("POST", "/v1/admin/models", {"model": "tiny-llama"})
+        self.sealed = tmp / "sealed-llm"
+        to_service = [KeyserverRecipient(ks.url, "tiny-llama", token=ks.token, ca=ks.ca)]
+        modelseal.seal(llm.plain, self.sealed, to_service, model_id="tiny-llama")  # type: ignore[arg-type]
+        cert = ks.host_cert("gpu-host")
+        self.grant = grant(ks, "tiny-llama", identity_of_cert_file(cert[0]).spki, terms=terms)
+        self.usage_log = tmp / "usage.log"
+        self.agent = Agent(ks, cert, tmp, socket=tmp / "a.sock", usage_log=str(self.usage_log)).start()
+
+    def logged(self) -> Usage:
+        """The grant's usage in the agent's log, every entry verified."""
+        verifier, total = ChainVerifier(), Usage()
+        for line in self.usage_log.read_bytes().splitlines():
+            entry = verifier.add(line)
+            if entry.kind == "usage":
+                assert entry.grant == self.grant["grant_id"] and entry.body["model"] == "tiny-llama"
+                total = total + entry.delta
+        return total
+
+
+def complete(server: VllmServer, model: str, prompt: str) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+
+
+def served(response: httpx.Response) -> Usage:
+    """What vLLM says it served for one completion: its own prompt and output token ids."""
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    choice = answer["choices"][0]
+    prompt, output = len(choice["prompt_token_ids"]), len(choice["token_ids"])
+    assert (prompt, output) == (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"])
+    return Usage(requests=1, items=1, input_tokens=prompt, output_tokens=output)
+
+
+def test_serve_meters_tokens_and_refuses_past_the_quota(llm: Llm, tmp_path: Path) -> None:
+    with KeyServer(tmp_path / "ks", None) as ks:
+        lic = Licensed(ks, llm, tmp_path, {"max_requests": 5})
+        extra = {"identity": f"agent:{lic.agent.socket}", "key_check_s": 0}
+        server = VllmServer(
+            lic.sealed, tmp_path / "vllm.log",
+            ["--load-format", "modelseal", "--model-loader-extra-config", json.dumps(extra),
+             "--middleware", "modelseal.vllm.metering.QuotaMiddleware"],
+        )  # fmt: skip
+        model = str(lic.sealed)
+        try:
+            server.wait_ready()
+            expected = Usage()
+            for prompt in PROMPTS:
+                expected = expected + served(complete(server, model, prompt))
+
+            # a client that leaves after the first streamed chunk is charged for what the engine did
+            stream_prompt = "w3 w1 w4 w1 w5 w9 w2 w6"
+            tokens = httpx.post(f"{server.url}/tokenize", json={"model": model, "prompt": stream_prompt}, timeout=30)
+            body = {"model": model, "prompt": stream_prompt, "max_tokens": 100, "temperature": 0, "stream": True,
+                    "ignore_eos": True}  # fmt: skip
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as stream:
+                assert stream.status_code == 200
+                next(line for line in stream.iter_lines() if line.startswith("data: {"))
+            expected = expected + Usage(requests=1, items=1, input_tokens=tokens.json()["count"])
+
+            expected = expected + served(complete(server, model, PROMPTS[0]))  # the 5th request: within the quota
+            refused = complete(server, model, PROMPTS[1])
+            assert refused.status_code == 429, refused.text
+            error = refused.json()["error"]
+            assert error["type"] == "quota_exceeded" and "max_requests 5 per day reached" in error["message"]
+            assert int(refused.headers["retry-after"]) >= 1
+            wait_for(lambda: lic.logged().requests == 5, 20, "the agent to log five requests")
+        finally:
+            assert server.stop() is not None
+            lic.agent.stop()
+        logged, text = lic.logged(), server.log.read_text()  # after the engine's last report at exit
+        assert (logged.requests, logged.items, logged.input_tokens) == (5, 5, expected.input_tokens), text[-3000:]
+        # the stream's tokens up to the client leaving (at least its first), at most its max_tokens
+        assert expected.output_tokens + 1 <= logged.output_tokens <= expected.output_tokens + 100, logged
+        assert "modelseal: metering requests and tokens for key k_" in text
+
+
+def test_llm_api_is_metered(llm: Llm, tmp_path: Path) -> None:
+    with KeyServer(tmp_path / "ks", None) as ks:
+        lic = Licensed(ks, llm, tmp_path, {"metered": True})
+        try:
+            ids, proc = run_llm(
+                lic.sealed, load_format="modelseal", extra={"identity": f"agent:{lic.agent.socket}", "key_check_s": 0}
+            )
+            assert ids is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+        finally:
+            lic.agent.stop()
+        tokenizer = AutoTokenizer.from_pretrained(str(llm.plain))
+        prompts = sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS)  # run_llm.py's default prompts
+        assert lic.logged() == Usage(requests=3, items=3, input_tokens=prompts, output_tokens=sum(map(len, ids)))
+
+
+def test_meter_option_needs_the_agent(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="'meter' must be true or false"):
+        parse_options({"meter": "yes"})
+    key_file = generate_identity()
+    with pytest.raises(UsageError, match="'meter' needs keys from the host agent"):
+        metering.plan("m", parse_options({"meter": True}), key_file, {"k_1"})
+    assert not metering.plan("m", parse_options({}), key_file, {"k_1"})  # default: only with an agent
+    agent = AgentIdentity(str(tmp_path / "a.sock"))
+    assert not metering.plan("m", parse_options({"meter": False}), agent, {"k_1"})
+    assert not metering.plan("m", parse_options({}), agent, set())  # no key-service key: nothing to report under
+
+
+def test_quota_middleware_rate_limits_per_client_and_reports_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with KeyServer(tmp_path / "ks", None) as ks:
+        sealed = sealed_model(ks, tmp_path)
+        (key_id,) = key_ids(sealed)
+        cert = ks.host_cert("gpu-host")
+        g = grant(ks, "demo", identity_of_cert_file(cert[0]).spki, terms={"metered": True, "rate": 0.5})
+        usage_log = tmp_path / "usage.log"
+        agent = Agent(ks, cert, tmp_path, socket=tmp_path / "a.sock", usage_log=str(usage_log)).start()
+        try:
+            ask(agent.socket, {"op": "key", "key_id": key_id, "model": "demo"})[1][:] = b"\0" * 32
+            meter = metering.Metering(agent.socket, frozenset({key_id, "k_not_held"}))
+            assert meter.key_id == key_id  # the key the agent holds, known from the first report
+            monkeypatch.setitem(metering._meterings, "demo", meter)
+            served: list[str] = []
+
+            async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+                served.append(scope["path"])
+
+            def call(path: str, client: str, method: str = "POST") -> list[MutableMapping[str, Any]]:
+                sent: list[MutableMapping[str, Any]] = []
+
+                async def send(message: MutableMapping[str, Any]) -> None:
+                    sent.append(message)
+
+                scope = {"type": "http", "method": method, "path": path, "client": (client, 5000)}
+                asyncio.run(metering.QuotaMiddleware(app)(scope, None, send))  # type: ignore[arg-type]
+                return sent
+
+            assert call("/v1/completions", "10.0.0.1") == [] and served == ["/v1/completions"]
+            refused = call("/v1/chat/completions", "10.0.0.1")
+            assert refused[0]["status"] == 429 and (b"retry-after", b"2") in refused[0]["headers"]
+            error = json.loads(refused[1]["body"])["error"]
+            assert error["type"] == "rate_limit_exceeded" and "0.5 requests per second" in error["message"]
+            assert call("/v1/completions", "10.0.0.2") == []  # per client
+            assert call("/tokenize", "10.0.0.1") == [] and call("/v1/models", "10.0.0.1", "GET") == []
+            assert served == ["/v1/completions", "/v1/completions", "/tokenize", "/v1/models"]
+
+            meter.count(Usage(requests=2, items=2, input_tokens=9, output_tokens=4))
+            meter.close()
+            verifier = ChainVerifier()
+            entries = [verifier.add(line) for line in usage_log.read_bytes().splitlines()]
+            assert [(e.grant, e.delta) for e in entries if e.kind == "usage"] == [
+                (g["grant_id"], Usage(requests=2, items=2, input_tokens=9, output_tokens=4))
+            ]
+        finally:
+            agent.stop()
