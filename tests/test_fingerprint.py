@@ -172,6 +172,16 @@ def test_each_licensee_is_named_and_nobody_else(original: dict[str, torch.Tensor
     assert not untouched.identified and untouched.score == 0 and untouched.verdict == "no licensee identified"
 
 
+def test_the_chunked_score_is_the_pattern_banks(original: dict[str, torch.Tensor]) -> None:
+    """``score`` builds patterns per tensor and chunk (bounded memory); a bank of whole rows agrees."""
+    found = tr.residual(tensors(state_bytes(original)), tensors(marked(original, CANDIDATES[300 % 128])), KEY)
+    many = [f"c{i}" for i in range(600)] + [CANDIDATES[300 % 128]]  # more than one chunk of candidates
+    result = tr.score(found, KEY, many)
+    bank = tr.Patterns(KEY, found.layout(), many).scores(found.vector)
+    assert result.licence == many[-1] and result.score == pytest.approx(bank[-1], rel=1e-5)
+    assert [s.score for s in result.top] == pytest.approx(sorted(bank, reverse=True)[:5], rel=1e-4, abs=1e-4)
+
+
 def test_an_independently_changed_copy_is_not_accused(original: dict[str, torch.Tensor]) -> None:
     torch.manual_seed(9)
     tuned = {k: v + 0.01 * v.std() * torch.randn_like(v) if v.ndim > 1 else v for k, v in original.items()}

@@ -17,8 +17,9 @@ accusations below ``alpha`` (default 1e-6): 6.07 for 100 candidates, 6.44 for 1,
 For the licensee's own copy, ``r ≈ s`` and ``z ≈ sqrt(positions)``: hundreds for a real model. The
 clip bounds what large unrelated changes (fine-tuning, added noise) can add to ``||r||``.
 
-The pattern bank (:class:`Patterns`) holds candidates' ±1 patterns as int8 rows so that scoring
-thousands of candidates is one matrix-vector product per chunk, not a loop per weight.
+Scoring is a matrix-vector product per tensor and chunk of candidates (their sign bits against the
+residual), never a loop per weight. :class:`Patterns` keeps a whole candidate set's ±1 patterns as int8
+rows, for callers that trace many suspects against one model (bench/fingerprint.py).
 """
 
 from __future__ import annotations
@@ -324,12 +325,21 @@ def unique_candidates(candidates: Sequence[str]) -> list[str]:
 
 
 def score(found: Residual, key: FingerprintKey, candidates: Sequence[str], alpha: float = ALPHA) -> TraceResult:
-    """Score ``candidates`` on a residual and decide (see the module docstring for the threshold)."""
+    """Score ``candidates`` on a residual and decide (see the module docstring for the threshold).
+
+    Patterns are made per chunk of candidates and per tensor, so memory stays at one chunk's bits for
+    one tensor (256 x 65,536 at most) however large the model and the candidate list.
+    """
     names = unique_candidates(candidates)
-    r = found.vector
-    z = np.concatenate(
-        [Patterns(key, found.layout(), names[at : at + _CHUNK]).scores(r) for at in range(0, len(names), _CHUNK)]
-    )
+    norm = float(np.sqrt(sum(np.dot(p.astype(np.float64), p) for p in found.parts)))
+    z = np.zeros(len(names))
+    if norm > 0:
+        for name, r in zip(found.names, found.parts, strict=True):
+            total = float(r.sum(dtype=np.float64))
+            for at in range(0, len(names), _CHUNK):
+                bits = np.stack([sign_bits(key, c, name, r.size) for c in names[at : at + _CHUNK]])
+                z[at : at + _CHUNK] += 2 * (bits.astype(np.float32) @ r).astype(np.float64) - total
+        z /= norm
     return decide(z, names, found, key, alpha)
 
 
