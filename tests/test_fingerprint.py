@@ -324,12 +324,14 @@ def test_cli_end_to_end(original: dict[str, torch.Tensor], tmp_path: Path, monke
                "--fingerprint-key", "fp.key", "--candidates", "@ids.txt", "--json")  # fmt: skip
     assert found.returncode == 0, found.stderr
     report = json.loads(found.stdout)
-    assert report["verdict"] == "identified" and report["licence"] == "acme-17"
+    assert report["verdict"] == "identified" and report["licence"] == report["best"] == "acme-17"
+    assert report["confidence"] == 1.0 and report["log10_false_accusation_bound"] < -100
     assert report["score"] > report["threshold"] == pytest.approx(tr.threshold(200), abs=1e-3)
     assert len(report["top"]) == 5 and report["top"][0]["licence"] == "acme-17" and report["candidates"] == 200
     clean = ms("trace", "orig.safetensors", "--original", "orig.safetensors", "--fingerprint-key", "fp.key",
                "--candidates", ",".join(ids), "--json")  # fmt: skip
-    assert clean.returncode == tr_exit_not_identified() and json.loads(clean.stdout)["licence"] is None
+    assert clean.returncode == tr_exit_not_identified()
+    assert json.loads(clean.stdout)["licence"] is None and json.loads(clean.stdout)["confidence"] == 0
     for proc in (found, clean, sealed):
         assert secret not in proc.stdout + proc.stderr
     # bad inputs: one line each, naming the problem

@@ -119,8 +119,11 @@ def trace(
         result = tracing.trace(suspect, original, key, ids, identity=identity, alpha=alpha, progress=advance)
     report: dict[str, Any] = {
         "verdict": result.verdict,
-        "licence": result.licence,
+        "licence": result.licence,  # null unless identified
+        "best": result.top[0].licence,  # the best-scoring candidate, identified or not
         "score": round(result.score, 3),
+        # 1 - the bound on naming an innocent candidate with this score (0 when the bound says nothing)
+        "confidence": 1 - 10**result.log10_false_accusation_bound,
         "threshold": round(result.threshold, 3),
         "alpha": result.alpha,
         "log10_false_accusation_bound": round(result.log10_false_accusation_bound, 1),
