@@ -49,10 +49,6 @@ def _stop(reason: str) -> None:
     def children() -> None:
         import psutil
 
-        if "modelseal.vllm.metering" in sys.modules:
-            from modelseal.vllm import metering
-
-            metering.close_all()  # what was served since the last report
         procs = psutil.Process().children(recursive=True)
         for proc in procs:
             proc.terminate()
@@ -60,6 +56,10 @@ def _stop(reason: str) -> None:
         for proc in alive:
             proc.kill()
         _remove_staged()
+        if "modelseal.vllm.metering" in sys.modules:  # last: the engine is gone, the counts are here
+            from modelseal.vllm import metering
+
+            metering.close_all()  # what was served since the last report
 
     exit_now(f"modelseal: stopping vLLM: {reason}", EXIT_KEY_LOST, children)
 
