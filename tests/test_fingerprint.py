@@ -248,6 +248,7 @@ def test_seal_open_trace_round_trip(
         [host.recipient],
         fingerprint=fp.Fingerprint(KEY, CANDIDATES[42]),
     )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.sealed.safetensors", "model.pt"]  # no marked plaintext
     mark = result.outputs[0]["fingerprint"]
     assert isinstance(mark, dict) and mark["licence"] == CANDIDATES[42] and mark["positions"] > 1000
     net = model()
