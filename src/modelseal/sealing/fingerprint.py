@@ -149,7 +149,7 @@ def count(numel: int) -> int:
 def positions(key: FingerprintKey, name: str, shape: list[int]) -> np.ndarray:
     """The sorted flat indices of ``name``'s selected elements: distinct, uniform, from the key's stream.
 
-    Raw 64-bit words reduced modulo the element count (bias below 2^-40 for any real tensor), first
+    Raw 64-bit words reduced modulo the element count (bias at most count / 2^64: nil), first
     occurrences kept, drawn again until there are enough: O(selected), never a permutation of the tensor.
     """
     numel = math.prod(shape)
