@@ -9,7 +9,10 @@ renewals, restarts) are in ``test_licences_e2e.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelseal.agent.usagelog import Counted, UsageLog
+from modelseal.agent.usagelog import Counted, UsageLog, UsageLogFullError
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, UsageError
 from modelseal.keyserver.service import Refused
@@ -72,7 +75,7 @@ class Host:
         log.clock = self.rig.clock
         return log
 
-    def count(self, grant: str, report: int, source: str = "serve-1", **usage: int) -> int:
+    def count(self, grant: str, report: int, source: str = "1000.serve-1", **usage: int) -> int:
         return self.log.record(source, report, [Counted(self.rig.key_id, grant, "demo", Usage(**usage))])
 
     def release(self, report: Any = "log") -> Lease:
@@ -109,6 +112,13 @@ def metered(rig: Rig, peer: PeerIdentity, **terms: Any) -> str:
     return str(rig.grant(peer.spki, terms={"metered": True, **terms})["grant_id"])
 
 
+def licensed(rig: Rig, holder: Host, **terms: Any) -> str:
+    """A metered grant for ``holder``, which then takes its first lease (counts need one to belong to)."""
+    grant = metered(rig, holder.peer, **terms)
+    holder.release()
+    return grant
+
+
 def usage_rows(rig: Rig, **query: Any) -> list[dict[str, Any]]:
     return rig.service.usage_report(0, rig.clock.t + 1, DAY, **query)
 
@@ -128,7 +138,7 @@ def test_terms_are_strict_and_limits_imply_metering() -> None:
     bad: list[Any] = [
         [], {"max_requests": -1}, {"max_requests": True}, {"max_requests": 1.5}, {"period_s": 5},
         {"rate": 0}, {"rate": float("inf")}, {"rate": "2"}, {"metered": 1}, {"licence": ""}, {"licence": "a\nb"},
-        {"licence": "x" * 129}, {"max_request": 5}, {"max_requests": 2**60},
+        {"licence": "x" * 129}, {"max_request": 5}, {"max_requests": 2**60}, {"rate": 10**400},
     ]  # fmt: skip
     for data in bad:
         with pytest.raises(FormatError):
@@ -155,7 +165,7 @@ def test_a_grant_with_bad_terms_is_refused(rig: Rig) -> None:
 
 
 def test_terms_and_usage_travel_in_the_signed_lease(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer, max_requests=100, licence="acme-7")
+    grant = licensed(rig, a, max_requests=100, licence="acme-7")
     lease = a.release()
     assert lease.terms == {"metered": True, "max_requests": 100, "licence": "acme-7"}
     assert lease.usage == {"period_start": T0 - T0 % DAY, "used": Usage().to_json(), "seq": 1}
@@ -168,13 +178,14 @@ def test_terms_and_usage_travel_in_the_signed_lease(rig: Rig, a: Host) -> None:
 
 
 def test_usage_is_counted_once_and_reported_per_licence_and_period(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer, licence="acme-7")
+    grant = licensed(rig, a, licence="acme-7")
     assert a.count(grant, 1, requests=2, items=5) == 1
     assert a.count(grant, 1, requests=2, items=5) == 0  # the same report resent after a lost answer
     assert a.count(grant, 2, requests=1, items=1, input_tokens=10, output_tokens=4) == 1
     a.release()
     a.release()  # nothing new: nothing counted twice
     rig.clock.t += DAY
+    a.release()  # the agent renewed all along
     a.count(grant, 3, requests=7, items=7)
     a.release()
     rows = usage_rows(rig)
@@ -183,13 +194,13 @@ def test_usage_is_counted_once_and_reported_per_licence_and_period(rig: Rig, a: 
     ]  # fmt: skip
     assert usage_rows(rig, grant_id="g_none") == [] and len(usage_rows(rig, model="demo")) == 2
     reports = [e for e in rig.events() if e["event"] == "usage.report"]
-    assert [(e["from_seq"], e["to_seq"], e["counted"]) for e in reports] == [(1, 3, 2), (4, 4, 1)]
+    assert [(e["from_seq"], e["to_seq"], e["counted"]) for e in reports] == [(1, 1, 0), (2, 3, 2), (4, 4, 1)]
     for event in reports:  # the audit chain holds the entries as the agent signed them
         assert all(parse_line(line.encode()) for line in event["entries"])
 
 
 def test_usage_survives_a_restart_of_the_agent_exactly_once(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer)
+    grant = licensed(rig, a)
     a.count(grant, 1, requests=4, items=4)
     a.log.close()
     a.log = a.open_log()  # the agent restarted: same key (from the host key), same chain, same dedup
@@ -200,7 +211,7 @@ def test_usage_survives_a_restart_of_the_agent_exactly_once(rig: Rig, a: Host) -
 
 
 def test_agents_sharing_a_certificate_keep_one_chain_each(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer, max_requests=10)
+    grant = licensed(rig, a, max_requests=10)
     twin = a.twin("node-2")
     assert twin.log.log_id != a.log.log_id and twin.log.public_key() == a.log.public_key()
     a.count(grant, 1, requests=4)
@@ -212,7 +223,7 @@ def test_agents_sharing_a_certificate_keep_one_chain_each(rig: Rig, a: Host) -> 
 
 
 def test_a_torn_last_line_is_cut_off_and_damage_elsewhere_stops_the_agent(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer)
+    grant = licensed(rig, a)
     a.count(grant, 1, requests=1)
     a.log.close()
     with a.log_path.open("ab") as f:
@@ -233,7 +244,7 @@ def test_a_torn_last_line_is_cut_off_and_damage_elsewhere_stops_the_agent(rig: R
 
 
 def test_a_quota_past_its_limit_refuses_renewal_until_the_next_period(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer, max_requests=5, period_s=3600)
+    grant = licensed(rig, a, max_requests=5, period_s=3600)
     a.release()
     a.count(grant, 1, requests=5)
     a.release()  # at the limit: still within it
@@ -250,6 +261,8 @@ def test_a_quota_counts_every_host_of_the_grant(rig: Rig, tmp_path: Path) -> Non
     one.peer, two.peer = host("one", "spiffe://td/acme/one"), host("two", "spiffe://td/acme/two")
     one.log, two.log = one.open_log(), two.open_log()
     grant = rig.service.list_grants("demo")[0]["grant_id"]
+    one.release()
+    two.release()
     one.count(grant, 1, items=6)
     one.release()
     two.count(grant, 1, items=6)
@@ -259,6 +272,7 @@ def test_a_quota_counts_every_host_of_the_grant(rig: Rig, tmp_path: Path) -> Non
 
 def test_usage_is_visible_to_grant_policies(rig: Rig, a: Host) -> None:
     grant = str(rig.grant(a.peer.spki, terms={"metered": True}, policy="usage.items_today < 10")["grant_id"])
+    a.release()
     a.count(grant, 1, items=9)
     a.release()
     a.count(grant, 2, items=1)
@@ -281,7 +295,7 @@ def test_a_metered_grant_refuses_a_host_that_never_reports_or_stops_reporting(ri
 
 
 def test_a_replayed_report_is_refused(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer)
+    grant = licensed(rig, a)
     a.count(grant, 1, requests=1)
     challenge = rig.service.challenge(a.peer, rig.key_id, HOST, a.log.log_id)
     old = a.log.report(challenge["usage_seq"], b64d(challenge["nonce"]))
@@ -292,7 +306,7 @@ def test_a_replayed_report_is_refused(rig: Rig, a: Host) -> None:
 
 
 def test_a_tampered_entry_and_a_forged_signature_are_refused(rig: Rig, a: Host, tmp_path: Path) -> None:
-    grant = metered(rig, a.peer)
+    grant = licensed(rig, a)
     a.count(grant, 1, requests=10)
     a.release()  # the log's key is pinned
     a.count(grant, 2, requests=10)
@@ -305,14 +319,14 @@ def test_a_tampered_entry_and_a_forged_signature_are_refused(rig: Rig, a: Host, 
     assert "not signed by the log's key" in a.refused(forged)[2]
     other = UsageLog.open(tmp_path / "forger.log", host_key(tmp_path, "forger"), a.peer.spki)
     other.clock = rig.clock
-    other.record("s", 1, [Counted(rig.key_id, grant, "demo", Usage(requests=1))])
+    other.record("1000.s", 1, [Counted(rig.key_id, grant, "demo", Usage(requests=1))])
     lying = other.report(challenge["usage_seq"], b64d(challenge["nonce"]))  # another log, named as a's
     lying["log"] = a.log.log_id
     assert "rolled back or replaced" in a.refused(lying)[2]
 
 
 def test_a_rolled_back_log_is_refused_until_the_owner_resets_the_host(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer)
+    grant = licensed(rig, a)
     a.count(grant, 1, requests=5)
     a.release()
     saved = a.log_path.read_bytes()
@@ -332,12 +346,12 @@ def test_a_rolled_back_log_is_refused_until_the_owner_resets_the_host(rig: Rig, 
 def test_totals_that_do_not_add_up_are_refused_even_when_signed(rig: Rig, a: Host) -> None:
     """The host holds its log key, so it can sign anything: the chain's arithmetic still catches a rollback
     of the totals."""
-    grant = metered(rig, a.peer)
+    grant = licensed(rig, a)
     a.count(grant, 1, requests=5)
     a.release()
     key = a.log._key()
     body = {"v": 1, "seq": a.log.head.seq + 1, "prev": b64e(a.log.head.digest), "at": rig.clock.t, "kind": "usage",
-            "grant": grant, "key_id": rig.key_id, "model": "demo", "source": "x", "source_seq": 9,
+            "grant": grant, "key_id": rig.key_id, "model": "demo", "source": "1000.x", "source_seq": 9,
             "delta": Usage(requests=1).to_json(), "total": Usage(requests=1).to_json()}  # fmt: skip
     challenge = rig.service.challenge(a.peer, rig.key_id, HOST, a.log.log_id)
     line = sign_entry(body, key)
@@ -349,15 +363,27 @@ def test_totals_that_do_not_add_up_are_refused_even_when_signed(rig: Rig, a: Hos
         rig.service.release(a.peer, rig.key_id, nonce, eph.public, [], HOST, report)
 
 
-def test_backdated_and_future_entries_are_refused(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer)
+def test_usage_is_counted_between_reports_whatever_the_host_clock_says(rig: Rig, a: Host) -> None:
+    """Entries keep the host's dates, signed; the service counts each within the window it can vouch for
+    (after the log's previous report, not after now), so no clock moves usage into another period."""
+    grant = licensed(rig, a, max_requests=5, period_s=3600)
+    rig.clock.t += 3600 - T0 % 3600  # a new period
     a.release()
+    a.log.clock = lambda: rig.clock.t - 3600  # the host dates new usage into the period that has closed
+    a.count(grant, 1, requests=6)
+    assert a.refused()[1] == "quota_exceeded"  # counted in this period all the same
+    [row] = rig.service.usage_report(0, rig.clock.t + 1, 3600, grant_id=grant)
+    assert row["period_start"] == rig.clock.t and row["requests"] == 6
     rig.clock.t += 3600
+    a.release()  # the next period: the key again
+    a.log.clock = lambda: rig.clock.t + 365 * DAY  # a clock that jumps a year ahead refuses nothing
+    a.count(grant, 2, requests=1)
     a.release()
-    a.log.clock = lambda: rig.clock.t - 3600  # the host dates new usage into the past (a previous period)
-    a.log.head.at = rig.clock.t - 3600
-    a.count(grant, 1, requests=1)
-    assert "dated before" in a.refused()[2]
+    a.log.clock = rig.clock  # and back: the chain's dates stay monotonic, the service counts them now
+    a.count(grant, 3, requests=1)
+    assert a.release().usage["used"]["requests"] == 2
+    hours = rig.service.usage_report(0, rig.clock.t + 1, 3600, grant_id=grant)
+    assert [(r["period_start"], r["requests"]) for r in hours] == [(rig.clock.t - 3600, 6), (rig.clock.t, 2)]
 
 
 def test_usage_for_a_grant_the_host_does_not_hold_is_refused(rig: Rig, a: Host, tmp_path: Path) -> None:
@@ -392,7 +418,7 @@ def test_any_flipped_bit_in_a_log_line_fails_verification(position: int, bit: in
     verifier = ChainVerifier()
     verifier.add(lines[0])
     body = {"v": 1, "seq": 2, "prev": b64e(verifier.head.digest), "at": T0, "kind": "usage", "grant": "g_1",
-            "key_id": "k_1", "model": "demo", "source": "s", "source_seq": 1,
+            "key_id": "k_1", "model": "demo", "source": "1000.s", "source_seq": 1,
             "delta": Usage(requests=3).to_json(), "total": Usage(requests=3).to_json()}  # fmt: skip
     line = bytearray(sign_entry(body, key))
     line[position % len(line)] ^= 1 << bit
@@ -401,7 +427,7 @@ def test_any_flipped_bit_in_a_log_line_fails_verification(position: int, bit: in
 
 
 def test_log_entries_hold_no_key_material(rig: Rig, a: Host) -> None:
-    grant = metered(rig, a.peer)
+    grant = licensed(rig, a)
     a.count(grant, 1, requests=1)
     text = a.log_path.read_text()
     seed = bytes(a.log._seed.view())
@@ -409,3 +435,77 @@ def test_log_entries_hold_no_key_material(rig: Rig, a: Host) -> None:
     assert oct(a.log_path.stat().st_mode & 0o777) == "0o600"
     assert all(json.loads(line)["v"] == 1 for line in text.splitlines())
     assert canonical(json.loads(text.splitlines()[1])).decode() == text.splitlines()[1]
+
+
+# --- review findings (each attack that used to work) ----------------------------------------------------
+
+
+def test_counts_that_would_take_a_total_past_2_53_are_refused_not_logged(rig: Rig, a: Host) -> None:
+    """Two huge counts used to be logged and signed, after which every report failed to verify and the
+    host never got a key again."""
+    grant = licensed(rig, a)
+    a.count(grant, 1, requests=2**53 - 2)
+    with pytest.raises(UsageLogFullError, match="past 2\\*\\*53"):
+        a.count(grant, 2, requests=5)
+    assert a.log.head.seq == 2
+    a.release()  # still verifies
+
+
+def test_a_failed_append_leaves_no_fragment_in_the_log(tmp_path: Path) -> None:
+    """A short write (disk full) used to leave part of a line before the next entry: the log was damaged
+    at the next start. Run in a child process: it lowers its own file-size limit."""
+    script = f"""
+import resource, signal
+from pathlib import Path
+from modelseal.agent.usagelog import Counted, UsageLog, UsageLogFullError
+from modelseal.release.terms import Usage
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+path = Path({str(tmp_path / "usage.log")!r})
+log = UsageLog.open(path, {str(host_key(tmp_path, "h"))!r}, "spki:h")
+size = path.stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, resource.RLIM_INFINITY))
+try:
+    log.record("1.s", 1, [Counted("k_1", "g_1", "demo", Usage(requests=1))])
+except OSError as exc:
+    print("refused:", exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+assert path.stat().st_size == size, "a fragment was left"
+log.record("1.s", 2, [Counted("k_1", "g_1", "demo", Usage(requests=2))])
+log.close()
+again = UsageLog.open(path, {str(tmp_path / "h.key")!r}, "spki:h")
+print("entries", again.head.seq, again.head.totals["g_1"].requests)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "refused: short write" in done.stdout or "refused: [Errno 27]" in done.stdout
+    assert "entries 2 2" in done.stdout
+
+
+def test_usage_cannot_be_billed_to_a_grant_that_did_not_lease_the_key_then(rig: Rig, a: Host) -> None:
+    """A host holding a quota'd grant and an old one used to log its usage under the old one (revoked,
+    expired or unmetered) and keep its quota untouched."""
+    old = licensed(rig, a)
+    rig.service.revoke_grant(old, "replaced by a metered licence", {"actor": "admin"})
+    rig.clock.t += 3600  # the old grant's last lease is long over
+    current = licensed(rig, a, max_requests=5)
+    a.count(old, 1, requests=1_000_000)
+    assert "leased it to this host at no time near then" in a.refused()[2]
+    assert current != old
+
+
+def test_names_in_entries_are_checked_before_any_reaches_the_store() -> None:
+    """A grant id with a NUL byte used to reach PostgreSQL (a 500 that also un-spent the nonce)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    verifier = ChainVerifier()
+    verifier.add(sign_entry({"v": 1, "seq": 1, "prev": "", "at": T0, "kind": "open", "host": "spki:x",
+                             "key": public_key_text(key.public_key()), "log": "L" * 16}, key))  # fmt: skip
+    for name, value in (("grant", "g_\x00x"), ("key_id", "k 1"), ("model", "../x"), ("source", "s")):
+        body = {"v": 1, "seq": 2, "prev": b64e(verifier.head.digest), "at": T0, "kind": "usage", "grant": "g_1",
+                "key_id": "k_1", "model": "demo", "source": "1.s", "source_seq": 1,
+                "delta": Usage(requests=1).to_json(), "total": Usage(requests=1).to_json(), name: value}  # fmt: skip
+        with pytest.raises(UsageLogError, match=f"{name} does not have the syntax"):
+            ChainVerifier(dataclasses.replace(verifier.head)).add(sign_entry(body, key))
+    true_version = sign_entry({"v": True, "seq": 2, "prev": b64e(verifier.head.digest), "at": T0, "kind": "open",
+                               "host": "h", "key": "k", "log": "L" * 16}, key)  # fmt: skip
+    with pytest.raises(UsageLogError, match="wrong version"):
+        ChainVerifier(dataclasses.replace(verifier.head)).add(true_version)

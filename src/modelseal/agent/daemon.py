@@ -32,9 +32,9 @@ from typing import Any
 from modelseal.agent import lograte
 from modelseal.agent.listener import Limits, Listener
 from modelseal.agent.release import ReleaseClient
-from modelseal.agent.usagelog import Counted, UsageLog
+from modelseal.agent.usagelog import Counted, UsageLog, UsageLogFullError
 from modelseal.crypto.keys import wipe
-from modelseal.errors import KeyReleaseError, ModelsealError, ServiceError
+from modelseal.errors import FormatError, KeyReleaseError, ModelsealError, ServiceError
 from modelseal.memory.locked import LockedKey, harden_process
 from modelseal.release.protocol import Lease
 from modelseal.release.terms import Terms, Usage
@@ -43,6 +43,7 @@ from modelseal.release.wire import FrameError, decode_request, key_request, too_
 log = logging.getLogger("modelseal.agent")
 MAX_DROPPED = 64  # refusals remembered for `agent status` (oldest forgotten first)
 UNLISTED_FETCHES = 4  # concurrent fetches of key ids the key service does not list for this host
+BACKLOG_RENEW_S = 1.0  # while the usage log holds more than releases carried: renew this often (64 entries each)
 FD_MARGIN = 64  # descriptors beyond the connection cap: listener, key service, logs, TPM tools
 
 
@@ -197,7 +198,7 @@ class Agent:
         while (held := self.keys.get(key_id)) is not None:
             wait = held.lease.renew_after - time.time()
             if self.usage_log is not None and self.usage_log.backlog():
-                wait = min(wait, self.retry_s)  # a release carries a bounded report: send the rest soon
+                wait = min(wait, BACKLOG_RENEW_S)  # a release carries a bounded report: send the rest soon
             await asyncio.sleep(max(0.0, wait))
             async with self._exclusive(key_id):
                 held = self.keys.get(key_id)
@@ -313,23 +314,37 @@ class Agent:
         """Log a server's counts (each for a key whose model ``uid`` may use) and answer the licences of the
         keys it may use: their terms and this period's usage (spec: :mod:`modelseal.release.meter`)."""
         source, report, counts = usage_request(request)
-        counted = []
-        for key_id, usage in counts:
+        counted, refused = [], {}
+        for key_id, usage in counts:  # a key refused here leaves the others' counts to be logged
             lease = self.licensed.get(key_id)
-            if lease is None:
-                raise FrameError("unknown_key", f"key {key_id} was never released to this agent: nothing to count")
-            if not self.acl.allows(uid, lease.model):
-                raise FrameError("forbidden", f"uid {uid} may not use model {lease.model}")
-            counted.append(Counted(key_id, lease.grant_id, lease.model, usage))
+            grant, model = (lease.grant_id, lease.model) if lease is not None else self._logged_key(key_id)
+            if not grant:
+                refused[key_id] = {"code": "unknown_key", "message": f"key {key_id} was never released to this agent"}
+            elif not self.acl.allows(uid, model):
+                refused[key_id] = {"code": "forbidden", "message": f"uid {uid} may not use model {model}"}
+            else:
+                counted.append(Counted(key_id, grant, model, usage))
         if self.usage_log is not None and counted:
             try:
                 await asyncio.to_thread(self.usage_log.record, f"{uid}.{source}", report, counted)
+            except UsageLogFullError as exc:
+                raise FrameError("bad_request", str(exc)) from None
             except OSError as exc:  # not logged: the server keeps the counts and sends them again
                 log.error("cannot write the usage log: %s", exc)
                 why = exc.strerror or str(exc)
                 raise FrameError("usage_log_failed", f"the agent cannot write its usage log: {why}") from None
         licences = [self._licence(k, h.lease) for k, h in self.keys.items() if self.acl.allows(uid, h.lease.model)]
-        return {"ok": True, "metering": self.usage_log is not None, "licences": licences}
+        answer: dict[str, Any] = {"ok": True, "metering": self.usage_log is not None, "licences": licences}
+        if refused:
+            answer["refused"] = refused
+        return answer
+
+    def _logged_key(self, key_id: str) -> tuple[str, str]:
+        """(grant, model) of a key the usage log has counted before (this agent may not hold it since a
+        restart); empty strings if none."""
+        if self.usage_log is None:
+            return "", ""
+        return self.usage_log.licensed.get(key_id, ("", ""))
 
     def _licence(self, key_id: str, lease: Lease) -> dict[str, Any]:
         """A held key's terms and its grant's usage this period: the key service's figure in the lease (all
@@ -339,12 +354,15 @@ class Agent:
         start = terms.period_start(now)
         used = Usage()
         if lease.usage.get("period_start") == start:
-            used = Usage.from_json(lease.usage.get("used", {}))
+            try:
+                used = Usage.from_json(lease.usage.get("used", {}))
+            except FormatError:  # the lease is signed, but a count past 2**53 is not one a server can use
+                log.warning("lease %s states usage the agent cannot read; counting this host's alone", lease.lease_id)
         if self.usage_log is not None:
             used = used + self.usage_log.used(lease.grant_id, start, int(lease.usage.get("seq", 0)))
         return {
             "key_id": key_id, "model": lease.model, "grant_id": lease.grant_id, "terms": lease.terms,
-            "period_start": start, "used": used.to_json(),
+            "period_start": start, "used": used.capped().to_json(),
         }  # fmt: skip
 
     async def _read(self, reader: asyncio.StreamReader) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from modelseal.crypto.keys import wipe
 from modelseal.encoding import b64e
 from modelseal.errors import UsageError
 from modelseal.memory.locked import LockedKey
-from modelseal.release.terms import Usage
+from modelseal.release.terms import MAX_COUNT, Usage
 from modelseal.release.usage import (
     MAX_REPORT,
     ChainVerifier,
@@ -80,6 +80,10 @@ class Counted:
     usage: Usage
 
 
+class UsageLogFullError(ValueError):
+    """Counts that would take a running total past what a count may hold (2**53): refused, not logged."""
+
+
 class UsageLog:
     def __init__(self, path: Path, seed: LockedKey, host: str, clock: Callable[[], float] = time.time) -> None:
         self.path, self.host, self.clock = path, host, clock
@@ -92,6 +96,8 @@ class UsageLog:
         self._recent: collections.deque[tuple[int, int, str, Usage]] = collections.deque(maxlen=RECENT)
         self._fd = -1
         self._reported = 0  # the last entry a release carried (acknowledged or not)
+        self._broken = ""  # why a failed append could not be cut back (then nothing more is written)
+        self.licensed: dict[str, tuple[str, str]] = {}  # key id -> (grant, model) of its latest entry
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], tls_key: str | os.PathLike[str], host: str) -> UsageLog:
@@ -153,6 +159,14 @@ class UsageLog:
     def _remember(self, seq: int, at: int, body: dict[str, Any], delta: Usage) -> None:
         self._sources[(body["source"], body["key_id"])] = body["source_seq"]
         self._recent.append((seq, at, body["grant"], delta))
+        self.licensed[body["key_id"]] = (body["grant"], body["model"])
+
+    def _check_totals(self, counted: list[Counted]) -> None:
+        totals = dict(self.head.totals)
+        for c in counted:
+            totals[c.grant] = totals.get(c.grant, Usage()) + c.usage
+            if any(v >= MAX_COUNT for v in totals[c.grant].to_json().values()):
+                raise UsageLogFullError(f"the counts would take grant {c.grant}'s total past 2**53: not logged")
 
     def _append(self, bodies: list[dict[str, Any]]) -> None:
         """Sign, chain, write and fsync ``bodies`` (one write), then update the head."""
@@ -170,15 +184,29 @@ class UsageLog:
             line = sign_entry(entry, key)
             lines.append(line)
             head.seq, head.digest, head.at = entry["seq"], digest(line), at
+        if self._broken:
+            raise OSError(f"the usage log was not cut back after a failed write ({self._broken}): restart the agent")
         data = b"".join(line + b"\n" for line in lines)
-        written = os.write(self._fd, data)
-        if written != len(data):
-            raise OSError(f"short write to the usage log ({written} of {len(data)} bytes)")
-        os.fsync(self._fd)
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(f"short write to the usage log ({written} of {len(data)} bytes; disk full?)")
+            os.fsync(self._fd)
+        except OSError:
+            self._cut_back()  # no fragment may stay between two entries: the next append would follow it
+            raise
         for line in lines:
             self._offsets.append(self._size)
             self._size += len(line) + 1
         self.head = head
+
+    def _cut_back(self) -> None:
+        """Cut the file back to its last complete entry after a failed append."""
+        try:
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._broken = exc.strerror or str(exc)
 
     def record(self, source: str, report: int, counted: list[Counted]) -> int:
         """Log one report's counts (those not logged before for this source and report number); returns how
@@ -192,6 +220,7 @@ class UsageLog:
             ]  # fmt: skip
             if not bodies:
                 return 0
+            self._check_totals(fresh)
             first = self.head.seq + 1
             self._append(bodies)
             for seq, body, c in zip(range(first, first + len(bodies)), bodies, fresh, strict=True):

@@ -26,8 +26,9 @@ from modelseal.keyserver.config import token_hash
 from modelseal.keyserver.openapi import openapi_document
 from modelseal.keyserver.service import KeyService, Refused
 from modelseal.pki import PeerIdentity, peer_identity
-from modelseal.release.protocol import Route, service_public_key_text
+from modelseal.release.protocol import MODEL_NAME, Route, service_public_key_text
 from modelseal.release.terms import period_seconds
+from modelseal.release.usage import ID
 
 log = logging.getLogger("modelseal.keyserver")
 SERVICE: web.AppKey[KeyService] = web.AppKey("service", KeyService)
@@ -304,7 +305,10 @@ async def usage_report(request: web.Request) -> web.Response:
         raise _refuse(request, "usage.read", 400, "bad_request", f"bad usage query: {exc}") from None
     if not 0 <= since <= until < 2**53:
         raise _refuse(request, "usage.read", 400, "bad_request", "since and until must be Unix times, since <= until")
-    rows = request.app[SERVICE].usage_report(since, until, period_s, query.get("grant"), query.get("model"))
+    grant, model = query.get("grant"), query.get("model")
+    if (grant is not None and not ID.fullmatch(grant)) or (model is not None and not MODEL_NAME.fullmatch(model)):
+        raise _refuse(request, "usage.read", 400, "bad_request", "grant must be a grant id and model a model name")
+    rows = request.app[SERVICE].usage_report(since, until, period_s, grant, model)
     return web.json_response({"since": since, "until": until, "period_s": period_s, "usage": rows})
 
 

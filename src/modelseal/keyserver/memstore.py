@@ -151,6 +151,13 @@ class MemoryTransaction:
             del heads[k]
         return len(gone)
 
+    def leased(self, host: str, key_id: str, grant_id: str, at: int, slack: int) -> bool:
+        return any(
+            lease.host == host and lease.key_id == key_id and lease.grant_id == grant_id
+            and lease.issued_at - slack <= at <= lease.expires_at + slack
+            for lease in self.tables.leases.values()
+        )  # fmt: skip
+
     def last_usage_report(self, host: str) -> int | None:
         times = [h.reported_at for (h_host, _), h in self.tables.usage_heads.items() if h_host == host]
         return max(times) if times else None

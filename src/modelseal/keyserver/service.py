@@ -474,7 +474,7 @@ class KeyService:
                 raise Refused(403, code, message)
             used = tx.usage_of(gid, terms.period_start(t))
             seq = usage.head.seq if usage.head is not None else 0
-            lease_usage = {"period_start": terms.period_start(t), "used": used.to_json(), "seq": seq}
+            lease_usage = {"period_start": terms.period_start(t), "used": used.capped().to_json(), "seq": seq}
         if grant.policy:
             licence = {
                 "releases": grant.releases,

@@ -230,6 +230,10 @@ class Transaction(Protocol):
         """Forget the head of one log of the host (all of them: ``log`` None); how many were forgotten."""
         ...
 
+    def leased(self, host: str, key_id: str, grant_id: str, at: int, slack: int) -> bool:
+        """Whether the grant leased the key to the host for a time within ``slack`` seconds of ``at``."""
+        ...
+
     def last_usage_report(self, host: str) -> int | None:
         """When the host last proved the head of any of its usage logs (None: never)."""
         ...

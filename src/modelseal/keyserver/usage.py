@@ -56,8 +56,12 @@ def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes
     entries = report.get("entries")
     if not isinstance(entries, list) or len(entries) > MAX_REPORT or not all(isinstance(e, str) for e in entries):
         raise ReportRejected(f"a usage report is an object with at most {MAX_REPORT} entry lines (strings)")
-    floor = None if stored is None else stored.reported_at - CLOCK_SKEW_S
-    verifier = ChainVerifier(_head(stored), not_before=floor, not_after=t + CLOCK_SKEW_S)
+    # what was used since the log's last report happened after it and not after now: the host's dates
+    # are kept in the signed entries, the service counts each entry at its date clamped to that window,
+    # so neither a slow clock nor a fast one moves usage into another period (and a forward jump of the
+    # host's clock refuses nothing). A new chain's first report reaches back at most CLOCK_SKEW_S.
+    floor = stored.reported_at if stored is not None else t - CLOCK_SKEW_S
+    verifier = ChainVerifier(_head(stored))
     rows: list[UsageRecord] = []
     grants: dict[str, GrantRecord] = {}
     try:
@@ -70,13 +74,19 @@ def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes
             grant = grants.get(entry.grant) or tx.grant(entry.grant)
             if grant is None or grant.model != entry.body["model"] or not identity_matches(grant.identity, peer):
                 raise ReportRejected(
-                    f"usage entry {entry.seq} counts usage for grant {entry.grant[:64]} of model "
-                    f"{str(entry.body['model'])[:200]}, which this host does not hold"
+                    f"usage entry {entry.seq} counts usage for grant {entry.grant} of model {entry.body['model']}, "
+                    "which this host does not hold"
                 )
             grants[grant.grant_id] = grant
-            row = UsageRecord(peer.spki, b64e(digest(entry.line)), entry.seq, entry.at, grant.grant_id, grant.model,
-                              entry.delta)  # fmt: skip
-            rows.append(row)
+            at = min(max(entry.at, floor), t)
+            key_id = entry.body["key_id"]
+            if not tx.leased(peer.spki, key_id, grant.grant_id, at, CLOCK_SKEW_S + grant.grace_s):
+                raise ReportRejected(
+                    f"usage entry {entry.seq} counts usage of key {key_id} under grant {grant.grant_id}, which "
+                    "leased it to this host at no time near then"
+                )
+            entry_hash = b64e(digest(entry.line))
+            rows.append(UsageRecord(peer.spki, entry_hash, entry.seq, at, grant.grant_id, grant.model, entry.delta))
         verifier.check_head(report.get("head"), nonce)
     except UsageLogError as exc:
         raise ReportRejected(str(exc)) from None

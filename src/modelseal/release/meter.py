@@ -101,6 +101,7 @@ class Meter:
         self.clock = clock
         self.licences: dict[str, Licence] = {}
         self.metering = False  # the agent keeps a usage log
+        self.refused: dict[str, str] = {}  # key id -> why the agent refused its counts at the last sync
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._pending: dict[str, Usage] = {}  # counted, not yet in a report
@@ -119,8 +120,8 @@ class Meter:
                 return
             now = self.clock()
             terms = licence.terms
-            if terms.rate is not None:
-                buckets = self._buckets.setdefault(key_id, OrderedDict())
+            if terms.rate is not None:  # per grant: the versions of a model share their licence's buckets
+                buckets = self._buckets.setdefault(licence.grant_id, OrderedDict())
                 bucket = buckets.pop(client, None) or _Bucket(terms.rate, now)
                 buckets[client] = bucket
                 while len(buckets) > MAX_CLIENTS:
@@ -153,12 +154,15 @@ class Meter:
             return None if licence is None else self._used(licence, self.clock())
 
     def _used(self, licence: Licence, now: float) -> Usage:
+        """The agent's figure for the grant plus what this process counted and the agent has not answered,
+        over every key of the grant (each version of a model has its own key, one licence)."""
         current = licence.terms.period_start(now)
         base = licence.used if licence.period_start == current else Usage()
-        local = self._pending.get(licence.key_id, Usage())
-        if self._inflight is not None:
-            local = local + self._inflight[1].get(licence.key_id, Usage())
-        return base + local  # unacknowledged counts are charged to the current period
+        keys = [k for k, lic in self.licences.items() if lic.grant_id == licence.grant_id]
+        inflight = self._inflight[1] if self._inflight is not None else {}
+        for key_id in keys:
+            base = base + self._pending.get(key_id, Usage()) + inflight.get(key_id, Usage())
+        return base  # unacknowledged counts are charged to the current period
 
     # --- the agent ---------------------------------------------------------------------------------
 
@@ -167,26 +171,34 @@ class Meter:
         agent's licences. Raises :class:`KeyReleaseError` if the agent cannot be asked or refuses; the
         counts then stay here for the next call."""
         with self._sync_lock:
-            while True:
+            truncated = True
+            while truncated:  # more keys than one report holds: send the rest now; new counts wait
                 with self._lock:
+                    truncated = False
                     if self._inflight is None and self._pending:
                         self._seq += 1
                         batch = dict(list(self._pending.items())[:MAX_COUNTS_PER_REPORT])
                         for key_id in batch:
                             del self._pending[key_id]
+                        truncated = bool(self._pending)
                         self._inflight = (self._seq, batch)
                     seq, batch = self._inflight if self._inflight is not None else (self._seq, {})
                 counts = [{"key_id": k, **u.to_json()} for k, u in batch.items()]
                 answer, _ = ask(self.socket, {"op": "usage", "source": self.source, "seq": seq, "counts": counts},
                                 timeout=timeout)  # fmt: skip
                 licences = _licences(answer)
+                refused: dict[str, Any] = answer.get("refused") or {}
+                if not isinstance(refused, dict):
+                    refused = {}
                 with self._lock:
-                    if batch:
-                        self._inflight = None
+                    self._inflight = None
+                    for key_id, why in refused.items():
+                        if key_id in batch and isinstance(why, dict) and why.get("code") == "unknown_key":
+                            # not (or no longer) known to the agent: kept, and sent again once it is
+                            self._pending[key_id] = self._pending.get(key_id, Usage()) + batch[key_id]
+                    self.refused = {k: str(v.get("code")) for k, v in refused.items() if isinstance(v, dict)}
                     self.licences = licences
                     self.metering = bool(answer.get("metering"))
-                    if not self._pending:
-                        return
 
 
 def _licences(answer: dict[str, Any]) -> dict[str, Licence]:

@@ -43,8 +43,15 @@ class Usage:
     def tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(*(getattr(self, m) + getattr(other, m) for m in METRICS))
+    def __add__(self, other: Usage) -> Usage:  # written out: it runs for every request a server admits
+        return Usage(
+            self.requests + other.requests, self.items + other.items,
+            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens,
+        )  # fmt: skip
+
+    def capped(self) -> Usage:
+        """Each count at most 2**53 - 1 (a sum over many hosts may pass what a count may hold)."""
+        return Usage(*(min(getattr(self, m), MAX_COUNT - 1) for m in METRICS))
 
     def get(self, metric: str) -> int:
         """A count by name; ``tokens`` is input and output together."""
@@ -135,7 +142,7 @@ class Terms:
         if data.get("rate") is not None:
             rate = data["rate"]
             number = isinstance(rate, int | float) and not isinstance(rate, bool)
-            if not number or not math.isfinite(rate) or not 0 < rate <= 1e6:
+            if not number or (isinstance(rate, float) and not math.isfinite(rate)) or not 0 < rate <= 1e6:
                 raise FormatError(f"{what}.rate must be a number of requests per second above 0 (at most 1e6)")
             values["rate"] = float(rate)
         if data.get("licence") is not None:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from modelseal.encoding import b64d, b64e, lp
 from modelseal.errors import FormatError
 from modelseal.jsonlimits import loads_bounded
+from modelseal.release.protocol import MODEL_NAME
 from modelseal.release.terms import Usage
 
 ENTRY_DOMAIN = b"modelseal/1 usage-log entry"
@@ -42,7 +43,7 @@ KEY_PREFIX = "ed25519:"
 MAX_LINE = 2048  # bytes of one entry line
 MAX_REPORT = 64  # entries in one release (~30 KB, inside the key service's 64 KiB body); the agent sends a
 # longer backlog in early renewals
-CLOCK_SKEW_S = 300  # how far an entry's time may run ahead of the key service's clock
+CLOCK_SKEW_S = 300  # clocks may differ this much: how far back a new log's first report reaches, lease slack
 
 
 class UsageLogError(FormatError):
@@ -132,6 +133,9 @@ _USAGE_FIELDS = {"v", "seq", "prev", "at", "kind", "grant", "key_id", "model", "
                  "delta", "total", "sig"}  # fmt: skip
 _OPEN_FIELDS = {"v", "seq", "prev", "at", "kind", "host", "key", "log", "sig"}
 LOG_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+ID = re.compile(r"[A-Za-z0-9_=-]{1,64}")  # grant and key ids, as the key service issues them
+# what a usage entry's names may be: checked before any reaches a database or a log line
+_NAMES = {"grant": ID, "key_id": ID, "model": MODEL_NAME, "source": re.compile(r"[0-9]{1,10}\.[A-Za-z0-9_=-]{1,64}")}
 
 
 def parse_line(line: bytes) -> tuple[dict[str, Any], bytes]:
@@ -147,7 +151,7 @@ def parse_line(line: bytes) -> tuple[dict[str, Any], bytes]:
     allowed = _OPEN_FIELDS if data.get("kind") == "open" else _USAGE_FIELDS
     if data.get("kind") not in ("open", "usage") or set(data) != allowed:
         raise UsageLogError("a usage entry has an unknown kind or the wrong fields")
-    if data["v"] != 1 or not all(isinstance(data[k], int) and not isinstance(data[k], bool) for k in ("seq", "at")):
+    if type(data["v"]) is not int or data["v"] != 1 or not all(type(data[k]) is int for k in ("seq", "at")):
         raise UsageLogError("a usage entry has the wrong version or non-integer seq/at")
     body = dict(data)
     return body, b64d(body.pop("sig"), what="usage entry signature", length=64)
@@ -157,9 +161,8 @@ class ChainVerifier:
     """Verifies entries one by one, continuing from ``head``; the agent checks its own log with it at
     start, the key service each report against the head it stored."""
 
-    def __init__(self, head: Head | None = None, *, not_before: int | None = None, not_after: int | None = None):
+    def __init__(self, head: Head | None = None) -> None:
         self.head = head or Head()
-        self.not_before, self.not_after = not_before, not_after
         self._key = load_public_key(self.head.key) if self.head.key else None
 
     def add(self, line: bytes) -> Entry:
@@ -171,10 +174,8 @@ class ChainVerifier:
             raise UsageLogError(f"usage entry {seq} {why} the log (expected entry {head.seq + 1})")
         if body["prev"] != (b64e(head.digest) if head.seq else ""):
             raise UsageLogError(f"usage entry {seq} does not continue the chain (its prev hash differs)")
-        if at < head.at or (self.not_before is not None and at < self.not_before):
-            raise UsageLogError(f"usage entry {seq} is dated before the entries already reported")
-        if self.not_after is not None and at > self.not_after:
-            raise UsageLogError(f"usage entry {seq} is dated in the future")
+        if at < head.at:
+            raise UsageLogError(f"usage entry {seq} is dated before the entry it follows")
         if body["kind"] == "open":
             if seq != 1:
                 raise UsageLogError(f"usage entry {seq} reopens the log")
@@ -190,10 +191,10 @@ class ChainVerifier:
             if self._key is None:
                 raise UsageLogError("the usage log does not start with its opening entry")
             _verify(self._key, sig, body, seq)
-            for name in ("grant", "key_id", "model", "source"):
-                if not isinstance(body[name], str) or not 0 < len(body[name]) <= 200:
-                    raise UsageLogError(f"usage entry {seq}: {name} must be a short string")
-            if not isinstance(body["source_seq"], int) or isinstance(body["source_seq"], bool):
+            for name, pattern in _NAMES.items():
+                if not isinstance(body[name], str) or not pattern.fullmatch(body[name]):
+                    raise UsageLogError(f"usage entry {seq}: {name} does not have the syntax of one")
+            if type(body["source_seq"]) is not int:
                 raise UsageLogError(f"usage entry {seq}: source_seq must be an integer")
             try:
                 delta = Usage.from_json(body["delta"], "delta")

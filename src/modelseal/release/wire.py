@@ -73,6 +73,7 @@ def key_request(request: dict[str, Any]) -> tuple[str, str]:
 
 
 MAX_COUNTS = 32  # keys in one usage report (release/meter.py sends at most 24)
+MAX_REPORTED = 2**40  # one count in one report: far above a second's work, far below 2**53 totals
 SOURCE = re.compile(r"[A-Za-z0-9_=-]{1,64}")
 
 
@@ -91,9 +92,12 @@ def usage_request(request: dict[str, Any]) -> tuple[str, int, list[tuple[str, Us
         if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
             raise FrameError("bad_request", "each count names a key_id (1-64 characters of A-Z a-z 0-9 _ - =)")
         try:
-            parsed.append((key_id, Usage.from_json({k: v for k, v in item.items() if k != "key_id"}, "counts")))
+            usage = Usage.from_json({k: v for k, v in item.items() if k != "key_id"}, "counts")
         except FormatError as exc:
             raise FrameError("bad_request", str(exc)) from None
+        if any(value > MAX_REPORTED for value in usage.to_json().values()):
+            raise FrameError("bad_request", f"a count in one report is at most {MAX_REPORTED}")
+        parsed.append((key_id, usage))
     if len({key_id for key_id, _ in parsed}) != len(parsed):
         raise FrameError("bad_request", "a usage report names each key once")
     return source, seq, parsed

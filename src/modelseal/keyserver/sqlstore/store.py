@@ -185,6 +185,14 @@ class SqlTransaction:
             query = query.where(table.c.log == log)
         return int(self.conn.execute(query).rowcount)
 
+    def leased(self, host: str, key_id: str, grant_id: str, at: int, slack: int) -> bool:
+        leases = schema.leases
+        query = select(leases.c.lease_id).where(
+            leases.c.grant_id == grant_id, leases.c.host == host, leases.c.key_id == key_id,
+            leases.c.issued_at <= at + slack, leases.c.expires_at >= at - slack,
+        ).limit(1)  # fmt: skip
+        return self.conn.execute(query).first() is not None
+
     def last_usage_report(self, host: str) -> int | None:
         table = schema.usage_heads
         last = self.conn.execute(select(func.max(table.c.reported_at)).where(table.c.host == host)).scalar()
