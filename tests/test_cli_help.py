@@ -89,7 +89,7 @@ READS: dict[str, set[str]] = {
                                                     "master-key rotate", "audit export", "audit verify")},
     "agent status": {"MODELSEAL_AGENT_SOCKET"},
     "triton-repo": IDENTITY,
-    "trace": IDENTITY | {"MODELSEAL_THREADS", "VAR"},  # -i (a sealed suspect), --fingerprint-key env:VAR
+    "trace": IDENTITY | ADMIN | {"MODELSEAL_THREADS", "VAR"},  # -i (a sealed suspect), --fingerprint-key env:VAR
     "agent tpm-enroll": {"TPM2TOOLS_TCTI"},
 }  # fmt: skip
 # Commands that write files (or persistent state) and must say what, in a "Writes:" list; SECRET ones

@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from modelseal.devstack import Agent, KeyServer
 from modelseal.encoding import b64e
@@ -186,3 +188,33 @@ def test_a_key_the_agent_does_not_know_leaves_the_other_counts_logged(stack: Sta
     assert len(stack.log.read_bytes().splitlines()) == before + 1  # the known key's count is logged
     meter.sync()  # the unknown key's counts are kept for when the agent knows it; nothing else is resent
     assert len(stack.log.read_bytes().splitlines()) == before + 1
+
+
+def test_trace_takes_its_candidates_from_the_key_services_grants(stack: Stack) -> None:
+    """The licence a fingerprinted copy was sealed for is recorded in the key service (the grant's
+    --licence), so the owner traces a leak against every licence it ever granted, revoked ones included."""
+    d = stack.dir / "trace"
+    d.mkdir()
+    rng = np.random.default_rng(7)
+    save_file({"layer.weight": rng.standard_normal((128, 128), dtype=np.float32)}, str(d / "orig.safetensors"))
+    for licence in ("lic-a", "lic-b", "lic-c"):
+        holder = identity_of_cert_file(stack.server.host_cert(f"customer-{licence}")[0]).spki
+        added = cli(stack.server, "keyserver", "grant", "add", "demo", holder, "--licence", licence, "--json")
+        assert added.returncode == 0, added.stderr
+    revoked = json.loads(added.stdout)["grant_id"]
+    assert cli(stack.server, "keyserver", "grant", "revoke", revoked).returncode == 0
+    assert cli(stack.server, "keygen", "-o", str(d / "host.key")).returncode == 0
+    assert cli(stack.server, "fingerprint", "keygen", "-o", str(d / "fp.key")).returncode == 0
+    sealed = cli(stack.server, "seal", str(d / "orig.safetensors"), "-o", str(d / "leak.sealed"), "-r",
+                 str(d / "host.pub"), "--fingerprint", "lic-c", "--fingerprint-key", str(d / "fp.key"))  # fmt: skip
+    assert sealed.returncode == 0, sealed.stderr
+    found = cli(stack.server, "trace", str(d / "leak.sealed"), "-i", str(d / "host.key"), "--original",
+                str(d / "orig.safetensors"), "--fingerprint-key", str(d / "fp.key"), "--candidates",
+                "keyserver:demo", "--json")  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    report = json.loads(found.stdout)
+    assert (report["verdict"], report["licence"]) == ("identified", "lic-c") and report["candidates"] >= 3
+    none = cli(stack.server, "trace", str(d / "leak.sealed"), "-i", str(d / "host.key"), "--original",
+               str(d / "orig.safetensors"), "--fingerprint-key", str(d / "fp.key"), "--candidates",
+               "keyserver:other")  # fmt: skip
+    assert none.returncode == 1 and "carry no licence id" in none.stderr

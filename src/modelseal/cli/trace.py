@@ -6,6 +6,7 @@ licensee is identified, 3 when none passes the threshold (a normal answer, not a
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,23 +15,24 @@ import click
 from rich.table import Table
 
 from modelseal import atomicfile
-from modelseal.cli.helptext import IDENTITY_VARS, Command, Group
+from modelseal.cli.helptext import ADMIN_VARS, IDENTITY_VARS, Command, Group
 from modelseal.cli.kit import emit, fail_closed, json_option, out, require_inputs
 from modelseal.cli.progress import byte_progress
 from modelseal.errors import UsageError
 
+URL_ENV = "MODELSEAL_KEYSERVER_URL"
 NOT_IDENTIFIED = 3  # exit status when no candidate passes the threshold
 MAX_CANDIDATES = 1_000_000
 
 
 def candidate_list(spec: str) -> list[str]:
-    """``--candidates``: comma-separated ids, or ``@FILE`` with one id per line (``#`` comments skipped).
-
-    Other sources (the key service's grants) will be other spellings of this one option.
+    """``--candidates``: comma-separated ids, ``@FILE`` with one id per line (``#`` comments skipped), or
+    ``keyserver`` / ``keyserver:MODEL``: the licence ids (``grant add --licence``) of the key service's
+    grants (of that model), read with the admin API.
     """
-    if spec == "keyserver":  # reserved: the key service's grants as the candidate list
-        raise UsageError("--candidates keyserver is not available yet: give the ids, or @FILE with one per line")
-    if spec.startswith("@"):
+    if spec == "keyserver" or spec.startswith("keyserver:"):
+        ids = keyserver_licences(spec.partition(":")[2] or None)
+    elif spec.startswith("@"):
         path = spec[1:]
         try:
             lines = Path(path).read_text().splitlines()
@@ -48,10 +50,28 @@ def candidate_list(spec: str) -> list[str]:
     return ids
 
 
+def keyserver_licences(model: str | None) -> list[str]:
+    """The distinct licence ids the key service's grants (of ``model``) carry, revoked grants included: a
+    copy may have leaked before its licence was revoked."""
+    from modelseal.release.client import AdminClient
+
+    url = os.environ.get(URL_ENV)
+    if not url:
+        raise UsageError(f"--candidates keyserver needs the key service's URL in {URL_ENV} (and its admin token)")
+    with AdminClient(url, ca=os.environ.get("MODELSEAL_KEYSERVER_CA")) as admin:
+        grants = admin.grants(model)
+    ids = sorted({str(g["terms"]["licence"]) for g in grants if (g.get("terms") or {}).get("licence")})
+    if not ids:
+        which = f" of model {model}" if model else ""
+        raise UsageError(f"the key service's grants{which} carry no licence id (`keyserver grant add --licence ID`)")
+    return ids
+
+
 @click.command(
     cls=Command,
-    reads=[*IDENTITY_VARS, "MODELSEAL_THREADS", ("VAR", "The variable -i env:VAR or --fingerprint-key env:VAR names.")]
-)
+    reads=[*IDENTITY_VARS, *ADMIN_VARS, "MODELSEAL_THREADS",
+           ("VAR", "The variable -i env:VAR or --fingerprint-key env:VAR names.")],
+)  # fmt: skip
 @click.argument("suspect", type=click.Path())
 @click.option(
     "--original",
@@ -69,8 +89,9 @@ def candidate_list(spec: str) -> list[str]:
 @click.option(
     "--candidates",
     required=True,
-    metavar="IDS|@FILE",
-    help="Licence ids to test: comma-separated, or @FILE with one id per line.",
+    metavar="IDS|@FILE|keyserver[:MODEL]",
+    help="Licence ids to test: comma-separated, @FILE with one id per line, or keyserver[:MODEL] for the "
+    "licence ids of the key service's grants (of MODEL), read with the admin API.",
 )
 @click.option(
     "-i",
