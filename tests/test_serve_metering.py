@@ -257,6 +257,13 @@ def test_quota_refuses_the_request_past_max_requests_on_every_api_and_version(re
                  10, "the licence gauges")  # fmt: skip
         assert 'modelseal_licence_limit{count="requests",model="m"} 5.0' in stack.https().get("/metrics").text
         wait_for(lambda: stack.logged()[0].requests == 5, 10, "the counts to reach the agent's log")
+
+        def reported() -> bool:  # the agent's next renewal carries them to the key service
+            with stack.keyserver.admin() as admin:
+                usage = admin.usage(grant=stack.grant["grant_id"])["usage"]
+            return bool(usage) and usage[0]["requests"] == 5 and usage[0]["items"] == 5
+
+        wait_for(reported, 15, "the counts to reach the key service's usage report")
         held = ask(stack.agent.socket, {"op": "status"})[0]["keys"]
         assert len({k["key_id"] for k in held}) == 2  # each version its own key, one grant
 
