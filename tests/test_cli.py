@@ -159,6 +159,8 @@ def test_passphrase_and_directory(tmp_path: Path) -> None:
 def test_demo_json(tmp_path: Path) -> None:
     rep = json.loads(ms("demo", "--workdir", tmp_path / "d", "--json").stdout)
     assert rep["identical_to_plain"] is True
+    assert rep["usage"] == {"licence": "demo-licence", "requests": 1, "items": 1}  # metered through a renewal
+    assert "revoked" in rep["after_revocation"]
 
 
 # ------------------------------------------------------------- issue 14 item 11: the error promise

@@ -5,11 +5,14 @@ It plays both sides on one machine, with real processes and real TLS on loopback
 1. The owner builds a small image classifier (ONNX), starts a key service (``modelseal keyserver``,
    SQLite, local master key), registers the model and seals it with the ``keyserver`` recipient
    (publisher signature): the file carries only a key id. It lands in a Triton-layout model repository.
-2. The owner issues the host a client certificate and grants it the model.
+2. The owner issues the host a client certificate and grants it the model under a metered licence
+   (1000 requests a day).
 3. The host runs ``modelseal agent`` (fetches the key over mTLS, keeps it in locked memory) and
    ``modelseal serve`` (decrypts the model in memory with the agent's key, serves KServe V2 over HTTP and
    gRPC with mTLS). A client application sends an image over HTTPS with its own certificate; the answer
-   is compared with the plaintext model run directly in ONNX Runtime.
+   is compared with the plaintext model run directly in ONNX Runtime. The server counts the request, the
+   agent signs it into its usage log, its next lease renewal carries it to the key service, and the
+   owner reads it in the usage report.
 4. The owner revokes the grant; at the next lease renewal the agent drops the key, the server unloads
    the model, and requests get a clear "unavailable: ... revoked" answer.
 """
@@ -105,13 +108,17 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
         say(f"owner: sealed it into the host's model repository {sealed} (signed by {signer.public[:20]}...)")
 
         cert = ks.host_cert("demo-host", "spiffe://demo.example/host/1")
-        grant = admin.add_grant({"model": "demo-classifier", "identity": "spiffe://demo.example/host/1"})
-        say(f"owner: issued the host a client certificate and granted it ({grant['grant_id']})")
+        terms = {"max_requests": 1000, "period_s": 86400, "licence": "demo-licence"}  # metered: docs/licensing.md
+        grant = admin.add_grant({"model": "demo-classifier", "identity": "spiffe://demo.example/host/1",
+                                 "terms": terms})  # fmt: skip
+        say(f"owner: issued the host a client certificate and granted it ({grant['grant_id']}, licence "
+            f"demo-licence: 1000 requests a day, usage reported)")  # fmt: skip
 
         app_cert = ks.host_cert("demo-app")
         server_tls = ks.issue("demo-server", server_names=["127.0.0.1", "localhost"])
         with tempfile.TemporaryDirectory(prefix="modelseal-demo-") as sockets:  # short: sun_path is 108 bytes
-            agent = Agent(ks, cert, host, name="agent", socket=Path(sockets) / "agent.sock", prefetch=False)
+            agent = Agent(ks, cert, host, name="agent", socket=Path(sockets) / "agent.sock", prefetch=False,
+                          usage_log=str(host / "usage.log"))  # fmt: skip
             serve_args = ["-i", f"agent:{agent.socket}", "--key-check", "0.5", "--trusted-signer", signer.public]
             serve = Serve(repo, host / "serve.log", args=serve_args, tls=server_tls, client_ca=ks.ca)
             client_tls = pki.client_context(ks.ca, *app_cert)
@@ -138,6 +145,11 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
                 say(f"check: outputs identical to the plaintext model in ONNX Runtime: {identical}")
                 if not identical:
                     raise AssertionError("the served sealed model's output differs from the plaintext model")
+                found: list[dict[str, Any]] = []
+                wait_for(lambda: _reported(admin, grant["grant_id"], found), 30, "the usage to reach the key service")
+                usage = found[0]
+                say(f"owner: usage report for licence {usage['licence']}: {usage['requests']} request, "
+                    f"{usage['items']} item (signed by the host's agent, sent with its lease renewal)")  # fmt: skip
 
                 admin.revoke_grant(grant["grant_id"], "demo: licence ended")
                 say("owner: revoked the grant")
@@ -151,7 +163,19 @@ def run_demo(workdir: Path, log: Callable[[str], None] | None = print) -> dict[s
         "seal_ms": 1000 * (t1 - t0),
         "infer_ms": 1000 * (t3 - t2),
         "after_revocation": revoked,
+        "usage": {k: usage[k] for k in ("licence", "requests", "items")},
     }
+
+
+def _reported(admin: Any, grant_id: str, found: list[dict[str, Any]]) -> bool:
+    """Whether the key service has accepted the host's report of the demo's request (its row into
+    ``found``); asks every 0.25 s."""
+    rows = admin.usage(grant=grant_id)["usage"]
+    if rows and rows[0]["requests"] >= 1:
+        found.append(rows[0])
+        return True
+    time.sleep(0.25)
+    return False
 
 
 def os_env_telemetry() -> None:
