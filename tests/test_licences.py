@@ -282,16 +282,38 @@ def test_usage_is_visible_to_grant_policies(rig: Rig, a: Host) -> None:
 # --- attacks on reports ---------------------------------------------------------------------------------
 
 
-def test_a_metered_grant_refuses_a_host_that_never_reports_or_stops_reporting(rig: Rig, a: Host) -> None:
-    metered(rig, a.peer, report_grace_s=600)
-    assert a.refused(None)[:2] == (403, "usage_required")
-    a.release()
-    rig.clock.t += 600
-    a.release(None)  # within the grace
-    rig.clock.t += 1
-    status, code, message = a.refused(None)
-    assert (status, code) == (403, "usage_overdue") and "no usage report for 601 s (grace 600 s)" in message
-    a.release()  # reporting again
+def held_back(holder: Host, nonce: bytes, keep: int) -> dict[str, Any]:
+    """The agent's report for ``nonce`` with only its first ``keep`` entries (an agent withholding the rest,
+    honestly counted in its signed head statement)."""
+    full = holder.log.report(holder.rig.service.store.usage_seq(holder.peer.spki, holder.log.log_id), nonce)
+    entries = full["entries"][:keep]
+    last = parse_line(entries[-1].encode())[0]["seq"]
+    pending = holder.log.head.seq - last
+    head = digest(entries[-1].encode())
+    sig = holder.log._key().sign(head_message(last, head, nonce, pending))
+    return {"log": holder.log.log_id, "entries": entries,
+            "head": {"seq": last, "digest": b64e(head), "pending": pending, "sig": b64e(sig)}}  # fmt: skip
+
+
+def test_a_metered_grant_needs_a_report_with_every_release_and_a_drained_backlog(rig: Rig, a: Host) -> None:
+    """Every release of a metered key carries the releasing agent's report: an agent without a usage log
+    gets none, even while another agent of the same host reports. A backlog may stand for report_grace_s."""
+    grant = licensed(rig, a, report_grace_s=600)
+    assert a.refused(None)[:3] == (403, "usage_required", "grant " + grant + " is metered: every release needs "
+                                   "the agent's usage report (the host agent needs usage_log in its config)")
+    for report in range(1, 11):
+        a.count(grant, report, requests=1)
+    challenge = rig.service.challenge(a.peer, rig.key_id, HOST, a.log.log_id)
+    eph = EphemeralKey()
+    rig.service.release(a.peer, rig.key_id, challenge["nonce"], eph.public, [], HOST,
+                        held_back(a, b64d(challenge["nonce"]), 3))  # 7 entries held back: allowed for now
+    rig.clock.t += 601
+    challenge = rig.service.challenge(a.peer, rig.key_id, HOST, a.log.log_id)
+    with pytest.raises(Refused, match="held back usage entries for 601 s \\(6 now; grace 600 s\\)"):
+        rig.service.release(a.peer, rig.key_id, challenge["nonce"], EphemeralKey().public, [], HOST,
+                            held_back(a, b64d(challenge["nonce"]), 1))
+    a.release()  # everything sent: served again
+    assert usage_rows(rig)[0]["requests"] == 10
 
 
 def test_a_replayed_report_is_refused(rig: Rig, a: Host) -> None:
@@ -355,8 +377,8 @@ def test_totals_that_do_not_add_up_are_refused_even_when_signed(rig: Rig, a: Hos
             "delta": Usage(requests=1).to_json(), "total": Usage(requests=1).to_json()}  # fmt: skip
     challenge = rig.service.challenge(a.peer, rig.key_id, HOST, a.log.log_id)
     line = sign_entry(body, key)
-    head = {"seq": body["seq"], "digest": b64e(digest(line)),
-            "sig": b64e(key.sign(head_message(body["seq"], digest(line), b64d(challenge["nonce"]))))}  # fmt: skip
+    head = {"seq": body["seq"], "digest": b64e(digest(line)), "pending": 0,
+            "sig": b64e(key.sign(head_message(body["seq"], digest(line), b64d(challenge["nonce"]), 0)))}  # fmt: skip
     report = {"log": a.log.log_id, "entries": [line.decode()], "head": head}
     nonce, eph = challenge["nonce"], EphemeralKey()
     with pytest.raises(Refused, match="do not add up"):

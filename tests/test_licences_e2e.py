@@ -218,3 +218,27 @@ def test_trace_takes_its_candidates_from_the_key_services_grants(stack: Stack) -
                str(d / "orig.safetensors"), "--fingerprint-key", str(d / "fp.key"), "--candidates",
                "keyserver:other")  # fmt: skip
     assert none.returncode == 1 and "carry no licence id" in none.stderr
+
+
+def test_counts_kept_through_a_failed_report_all_arrive_at_the_next(stack: Stack) -> None:
+    """A report that found no agent is resent first, then what was counted since: the review saw a clean
+    stop send only the resend and leave the rest behind."""
+    with stack.server.admin() as admin:
+        admin.add_model("kept")
+        key_id = admin.register_key("kept", os.urandom(32))
+        admin.add_grant({"model": "kept", "identity": stack.spki, "evidence": [], "terms": {"metered": True}})
+    ask(stack.agent.socket, {"op": "key", "key_id": key_id, "model": "kept"})
+    meter = Meter(stack.agent.socket)
+    meter.sync()
+    stack.agent.stop()
+    meter.record(key_id, Usage(requests=3, items=3))
+    with pytest.raises(KeyReleaseError):
+        meter.sync()  # the report of 3 is in flight, unanswered
+    meter.record(key_id, Usage(requests=2, items=2))
+    stack.agent = stack.new_agent()
+    ask(stack.agent.socket, {"op": "key", "key_id": key_id, "model": "kept"})
+    meter.sync()  # one call: the resend, then the 2
+    verifier = ChainVerifier()
+    verifier.add_all(stack.log.read_bytes().splitlines())
+    grant = meter.licences[key_id].grant_id
+    assert verifier.head.totals[grant] == Usage(requests=5, items=5)

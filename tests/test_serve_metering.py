@@ -168,12 +168,12 @@ def grpc_refusal(call: Any) -> Any:
 def test_counts_match_requests_over_every_api_with_dynamic_batching(renewing_keyserver: KeyServer,
                                                                     tmp_path: Path) -> None:  # fmt: skip
     """What was answered is counted once, requests and rows, whatever the API, batched or not; refused
-    requests are not; the counts reach the agent only at shutdown here (a sync interval of an hour), so
-    a clean stop is what delivers them."""
+    requests are not; the counts reach the agent only at shutdown here (a sync interval of a minute, the
+    most allowed), so a clean stop is what delivers them."""
     pytest.importorskip("tritonclient.grpc")
     from tritonclient.utils import InferenceServerException
 
-    stack = Stack(renewing_keyserver, tmp_path, {"metered": True}, delay_us=100_000, sync_s=3600)
+    stack = Stack(renewing_keyserver, tmp_path, {"metered": True}, delay_us=100_000, sync_s=60)
     try:
         http, grpc = stack.serve.http_client(stack.alice), stack.serve.grpc_client(stack.alice)
         for n in (1, 2, 3):
@@ -197,7 +197,7 @@ def test_counts_match_requests_over_every_api_with_dynamic_batching(renewing_key
         executions = http.get_inference_statistics("m")["model_stats"][0]["execution_count"] - before
         assert executions < 8  # at least one execution held several requests
         time.sleep(0.5)
-        assert stack.logged()[0] == Usage()  # nothing reported yet: the next sync is an hour away
+        assert stack.logged()[0] == Usage()  # nothing reported yet: the next sync is a minute away
     finally:
         stack.stop()  # SIGTERM: drain, report, unload
     used, keys = stack.logged()
@@ -394,7 +394,7 @@ def metering_with(licences: dict[str, Licence]) -> Metering:
     """Metering through a real Meter that holds ``licences`` as an agent states them (no agent behind it:
     a sync fails)."""
     meter = Meter("/nonexistent/agent.sock")
-    meter.licences = licences
+    meter.licences, meter.metering = licences, True  # as an agent with a usage log answers
     return Metering(meter.socket, Metrics(), meter=meter)
 
 
@@ -413,6 +413,16 @@ def test_rate_limits_count_the_client_certificate_else_the_peer_address() -> Non
     assert rate_client("anonymous", "ipv6:[::1]:5555") == "address [::1]"
     assert rate_client("anonymous", "10.0.0.2") == "address 10.0.0.2"  # aiohttp's request.remote
     assert rate_client("anonymous", None) == "anonymous"
+
+
+def test_a_metered_licence_is_not_served_through_an_agent_without_a_usage_log() -> None:
+    """Defence in depth (the key service gives such an agent no metered key): the review found a host
+    serving a metered model through a second agent that kept no log."""
+    metering = metering_with({"k1": licence("k1", "g1", Terms(metered=True))})
+    metering.meter.metering = False
+    with pytest.raises(ServeError, match="keeps no usage log") as refused:
+        metering.admit("m", {"k1"}, "alice", 1)
+    assert refused.value.status == 503
 
 
 def test_versions_of_one_grant_share_counts_and_rate_buckets() -> None:

@@ -8,8 +8,9 @@ and the limit named; a client that leaves mid-stream is still charged for its pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -149,51 +150,91 @@ def test_meter_option_needs_the_agent(tmp_path: Path) -> None:
     assert not metering.plan("m", parse_options({}), agent, set())  # no key-service key: nothing to report under
 
 
-def test_quota_middleware_rate_limits_per_client_and_reports_at_close(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextlib.contextmanager
+def metered_model(tmp_path: Path, terms: dict[str, Any]) -> Iterator[tuple[metering.Metering, Path, dict[str, Any]]]:
+    """A key service granting a sealed model with ``terms``, an agent holding its key with a usage log, and
+    the model's :class:`metering.Metering`: (metering, usage log, grant)."""
     with KeyServer(tmp_path / "ks", None) as ks:
         sealed = sealed_model(ks, tmp_path)
         (key_id,) = key_ids(sealed)
         cert = ks.host_cert("gpu-host")
-        g = grant(ks, "demo", identity_of_cert_file(cert[0]).spki, terms={"metered": True, "rate": 0.5})
+        g = grant(ks, "demo", identity_of_cert_file(cert[0]).spki, terms=terms)
         usage_log = tmp_path / "usage.log"
         agent = Agent(ks, cert, tmp_path, socket=tmp_path / "a.sock", usage_log=str(usage_log)).start()
         try:
             ask(agent.socket, {"op": "key", "key_id": key_id, "model": "demo"})[1][:] = b"\0" * 32
             meter = metering.Metering(agent.socket, frozenset({key_id, "k_not_held"}))
             assert meter.key_id == key_id  # the key the agent holds, known from the first report
-            monkeypatch.setitem(metering._meterings, "demo", meter)
-            served: list[str] = []
+            yield meter, usage_log, g
+        finally:
+            agent.stop()
+
+
+def test_quota_middleware_reserves_the_requests_it_admitted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent requests against 3 left: 3 admitted, the others refused while those run (the review
+    found 50 of 50 admitted)."""
+    with metered_model(tmp_path, {"max_requests": 3}) as (meter, _, _):
+        monkeypatch.setitem(metering._meterings, "demo", meter)
+
+        async def main() -> list[int]:
+            gate = asyncio.Event()
 
             async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-                served.append(scope["path"])
+                await gate.wait()
+                await send({"type": "http.response.start", "status": 200, "headers": []})
 
-            def call(path: str, client: str, method: str = "POST") -> list[MutableMapping[str, Any]]:
+            async def one() -> int:
                 sent: list[MutableMapping[str, Any]] = []
 
                 async def send(message: MutableMapping[str, Any]) -> None:
                     sent.append(message)
 
-                scope = {"type": "http", "method": method, "path": path, "client": (client, 5000)}
-                asyncio.run(metering.QuotaMiddleware(app)(scope, None, send))  # type: ignore[arg-type]
-                return sent
+                scope = {"type": "http", "method": "POST", "path": "/v1/completions", "client": ("10.0.0.9", 1)}
+                await metering.QuotaMiddleware(app)(scope, None, send)  # type: ignore[arg-type]
+                return int(sent[0]["status"])
 
-            assert call("/v1/completions", "10.0.0.1") == [] and served == ["/v1/completions"]
-            refused = call("/v1/chat/completions", "10.0.0.1")
-            assert refused[0]["status"] == 429 and (b"retry-after", b"2") in refused[0]["headers"]
-            error = json.loads(refused[1]["body"])["error"]
-            assert error["type"] == "rate_limit_exceeded" and "0.5 requests per second" in error["message"]
-            assert call("/v1/completions", "10.0.0.2") == []  # per client
-            assert call("/tokenize", "10.0.0.1") == [] and call("/v1/models", "10.0.0.1", "GET") == []
-            assert served == ["/v1/completions", "/v1/completions", "/tokenize", "/v1/models"]
+            calls = [asyncio.create_task(one()) for _ in range(8)]
+            await asyncio.sleep(0.2)
+            gate.set()
+            return sorted(await asyncio.gather(*calls))
 
-            meter.count(Usage(requests=2, items=2, input_tokens=9, output_tokens=4))
-            meter.close()
-            verifier = ChainVerifier()
-            entries = [verifier.add(line) for line in usage_log.read_bytes().splitlines()]
-            assert [(e.grant, e.delta) for e in entries if e.kind == "usage"] == [
-                (g["grant_id"], Usage(requests=2, items=2, input_tokens=9, output_tokens=4))
-            ]
-        finally:
-            agent.stop()
+        assert asyncio.run(main()) == [200] * 3 + [429] * 5
+        meter.close()
+
+
+def test_quota_middleware_rate_limits_per_client_and_reports_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with metered_model(tmp_path, {"metered": True, "rate": 0.5}) as (meter, usage_log, g):
+        monkeypatch.setitem(metering._meterings, "demo", meter)
+        served: list[str] = []
+
+        async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+            served.append(scope["path"])
+
+        def call(path: str, client: str, method: str = "POST") -> list[MutableMapping[str, Any]]:
+            sent: list[MutableMapping[str, Any]] = []
+
+            async def send(message: MutableMapping[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "method": method, "path": path, "client": (client, 5000)}
+            asyncio.run(metering.QuotaMiddleware(app)(scope, None, send))  # type: ignore[arg-type]
+            return sent
+
+        assert call("/v1/completions", "10.0.0.1") == [] and served == ["/v1/completions"]
+        refused = call("/v1/chat/completions", "10.0.0.1")
+        assert refused[0]["status"] == 429 and (b"retry-after", b"2") in refused[0]["headers"]
+        error = json.loads(refused[1]["body"])["error"]
+        assert error["type"] == "rate_limit_exceeded" and "0.5 requests per second" in error["message"]
+        assert call("/v1/completions", "10.0.0.2") == []  # per client
+        assert call("/tokenize", "10.0.0.1") == [] and call("/v1/models", "10.0.0.1", "GET") == []
+        assert served == ["/v1/completions", "/v1/completions", "/tokenize", "/v1/models"]
+
+        meter.count(Usage(requests=2, items=2, input_tokens=9, output_tokens=4))
+        meter.close()
+        verifier = ChainVerifier()
+        entries = [verifier.add(line) for line in usage_log.read_bytes().splitlines()]
+        assert [(e.grant, e.delta) for e in entries if e.kind == "usage"] == [
+            (g["grant_id"], Usage(requests=2, items=2, input_tokens=9, output_tokens=4))
+        ]

@@ -149,7 +149,11 @@ class UsageLog:
         if self.head.seq == 0:
             log_id = b64e(os.urandom(12))  # this agent's chain among any others sharing the certificate
             self._append([{"kind": "open", "host": self.host, "key": self.public_key(), "log": log_id}])
-            os.fsync(os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY))
+            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)  # the new file's name is durable too
+            finally:
+                os.close(directory)
         elif self.head.key != self.public_key() or self.head.host != self.host:
             raise UsageError(
                 f"the usage log {self.path} belongs to another host certificate or key; give each agent its own log"
@@ -237,9 +241,10 @@ class UsageLog:
             self._reported = last
             lines = [line.decode() for line in self._read(after + 1, last)]
             seq, head = (last, self.head.digest) if last == self.head.seq else (last, digest(lines[-1].encode()))
-            sig = self._key().sign(head_message(seq, head, nonce))
+            pending = self.head.seq - last
+            sig = self._key().sign(head_message(seq, head, nonce, pending))
             return {"log": self.head.log, "entries": lines,
-                    "head": {"seq": seq, "digest": b64e(head), "sig": b64e(sig)}}  # fmt: skip
+                    "head": {"seq": seq, "digest": b64e(head), "pending": pending, "sig": b64e(sig)}}  # fmt: skip
 
     @property
     def log_id(self) -> str:

@@ -74,8 +74,9 @@ from modelseal.cli.kit import emit, fail_closed, json_option
     "usage_sync_s",
     default=1.0,
     show_default=True,
-    type=click.FloatRange(min=0.01),
-    help="Seconds between usage reports to the agent (licence metering; with an agent:... identity).",
+    type=click.FloatRange(min=0.01, max=60),
+    help="Seconds between usage reports to the agent (licence metering; with an agent:... identity); a "
+    "killed server loses at most one interval's counts.",
 )
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Per-request audit file (JSONL).")
 @click.option("--threads", default=0, help="Intra-op threads per instance (0: the runtime's default).")

@@ -158,10 +158,6 @@ class MemoryTransaction:
             for lease in self.tables.leases.values()
         )  # fmt: skip
 
-    def last_usage_report(self, host: str) -> int | None:
-        times = [h.reported_at for (h_host, _), h in self.tables.usage_heads.items() if h_host == host]
-        return max(times) if times else None
-
     def add_usage(self, rows: list[UsageRecord]) -> int:
         new = 0
         for row in rows:

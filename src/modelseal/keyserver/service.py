@@ -468,7 +468,7 @@ class KeyService:
         terms = Terms.from_json(grant.terms)
         lease_usage: dict[str, Any] = {}
         if terms.metered:
-            problem = check_metered(tx, grant, terms, usage, peer.spki, t)
+            problem = check_metered(tx, grant, terms, usage, t)
             if problem:
                 code, message = problem.split(": ", 1)
                 raise Refused(403, code, message)

@@ -110,8 +110,9 @@ class LeaseRecord:
 @dataclass(frozen=True)
 class UsageHeadRecord:
     """Where one usage log of a host stands at the key service (:mod:`modelseal.release.usage`): its pinned
-    public key, the last accepted entry, when the host last proved its head (``reported_at``), running
-    totals. A host has one log per agent (``log``: the id its first entry names)."""
+    public key, the last accepted entry, when the host last proved its head (``reported_at``), since when
+    its reports have left entries behind (``current_at``: the last report that left none), running totals.
+    A host has one log per agent (``log``: the id its first entry names)."""
 
     host: str
     log: str
@@ -120,6 +121,7 @@ class UsageHeadRecord:
     digest: str
     at: int
     reported_at: int
+    current_at: int
     totals: dict[str, dict[str, int]]
 
 
@@ -232,10 +234,6 @@ class Transaction(Protocol):
 
     def leased(self, host: str, key_id: str, grant_id: str, at: int, slack: int) -> bool:
         """Whether the grant leased the key to the host for a time within ``slack`` seconds of ``at``."""
-        ...
-
-    def last_usage_report(self, host: str) -> int | None:
-        """When the host last proved the head of any of its usage logs (None: never)."""
         ...
 
     def add_usage(self, rows: list[UsageRecord]) -> int:

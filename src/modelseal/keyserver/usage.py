@@ -34,11 +34,11 @@ class ReportRejected(Exception):  # noqa: N818  (turned into a Refused by the se
 
 @dataclass(frozen=True)
 class UsageState:
-    """The host's usage log as this release leaves it: ``head`` (None: the release carried no report) and
-    whether this release proved it with its nonce (``fresh``)."""
+    """The releasing agent's usage log as this release leaves it: ``head`` (None: the release carried no
+    report), and how many entries the agent says it still holds back (``pending``)."""
 
     head: UsageHeadRecord | None
-    fresh: bool
+    pending: int = 0
 
 
 def _head(record: UsageHeadRecord | None) -> Head | None:
@@ -48,7 +48,7 @@ def _head(record: UsageHeadRecord | None) -> Head | None:
 def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes, t: int) -> UsageState:
     """Check and store ``report`` (None: the release carried none); :class:`ReportRejected` if it fails."""
     if report is None:
-        return UsageState(None, fresh=False)
+        return UsageState(None)
     log = report.get("log") if isinstance(report, dict) else None
     if not isinstance(log, str) or not LOG_ID.fullmatch(log):
         raise ReportRejected("a usage report names its log (16-64 characters of A-Z a-z 0-9 _ -)")
@@ -87,14 +87,15 @@ def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes
                 )
             entry_hash = b64e(digest(entry.line))
             rows.append(UsageRecord(peer.spki, entry_hash, entry.seq, at, grant.grant_id, grant.model, entry.delta))
-        verifier.check_head(report.get("head"), nonce)
+        pending = verifier.check_head(report.get("head"), nonce)
     except UsageLogError as exc:
         raise ReportRejected(str(exc)) from None
     head = verifier.head
     if head.log != log:
         raise ReportRejected(f"the usage report names log {log} but its entries are log {head.log}")
+    current_at = t if pending == 0 or stored is None else stored.current_at
     record = UsageHeadRecord(
-        peer.spki, head.log, head.key, head.seq, b64e(head.digest), head.at, t,
+        peer.spki, head.log, head.key, head.seq, b64e(head.digest), head.at, t, current_at,
         {g: u.to_json() for g, u in sorted(head.totals.items())},
     )  # fmt: skip
     tx.put_usage_head(record)
@@ -105,29 +106,28 @@ def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes
             {"event": "usage.report", "host": peer.spki, "log": head.log, "from_seq": first, "to_seq": head.seq,
              "digest": record.digest, "counted": counted, "entries": entries}
         )  # fmt: skip
-    return UsageState(record, fresh=True)
+    return UsageState(record, pending)
 
 
-def check_metered(
-    tx: Transaction, grant: GrantRecord, terms: Terms, state: UsageState, host: str, t: int
-) -> str | None:
+def check_metered(tx: Transaction, grant: GrantRecord, terms: Terms, state: UsageState, t: int) -> str | None:
     """Why a metered grant refuses this release (code ``usage_required``, ``usage_overdue`` or
-    ``quota_exceeded`` first, then the message), or None. A release without a report passes within
-    ``report_grace_s`` of the host's last report (from any of its logs)."""
+    ``quota_exceeded`` first, then the message), or None.
+
+    Every release of a metered key carries the releasing agent's own report: an agent without a usage log
+    never gets one, whatever other agents of the same host report. Its log may hold entries back (a
+    release carries at most 64) for ``report_grace_s`` at most."""
     gid = grant.grant_id
-    if not state.fresh:
-        last = tx.last_usage_report(host)
-        if last is None:
-            return (
-                f"usage_required: grant {gid} is metered and this host has never sent a usage report (the host "
-                "agent needs usage_log in its config)"
-            )
-        silent = t - last
-        if silent > terms.report_grace_s:
-            return (
-                f"usage_overdue: grant {gid} is metered and this host has sent no usage report for {silent} s "
-                f"(grace {terms.report_grace_s} s)"
-            )
+    if state.head is None:
+        return (
+            f"usage_required: grant {gid} is metered: every release needs the agent's usage report (the host "
+            "agent needs usage_log in its config)"
+        )
+    behind = t - state.head.current_at
+    if state.pending and behind > terms.report_grace_s:
+        return (
+            f"usage_overdue: grant {gid} is metered and this host's agent has held back usage entries for {behind} "
+            f"s ({state.pending} now; grace {terms.report_grace_s} s)"
+        )
     problem = terms.exceeded(period_usage(tx, gid, terms, t))
     return f"quota_exceeded: grant {gid}: {problem}" if problem else None
 

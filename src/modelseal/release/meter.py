@@ -174,7 +174,7 @@ class Meter:
             truncated = True
             while truncated:  # more keys than one report holds: send the rest now; new counts wait
                 with self._lock:
-                    truncated = False
+                    truncated = self._inflight is not None  # a resend first: then what was counted since
                     if self._inflight is None and self._pending:
                         self._seq += 1
                         batch = dict(list(self._pending.items())[:MAX_COUNTS_PER_REPORT])
@@ -184,8 +184,15 @@ class Meter:
                         self._inflight = (self._seq, batch)
                     seq, batch = self._inflight if self._inflight is not None else (self._seq, {})
                 counts = [{"key_id": k, **u.to_json()} for k, u in batch.items()]
-                answer, _ = ask(self.socket, {"op": "usage", "source": self.source, "seq": seq, "counts": counts},
-                                timeout=timeout)  # fmt: skip
+                try:
+                    answer, _ = ask(self.socket, {"op": "usage", "source": self.source, "seq": seq,
+                                                  "counts": counts}, timeout=timeout)  # fmt: skip
+                except KeyReleaseError as exc:
+                    if exc.code == "bad_request" and batch:  # refused for good: resending it would block the rest
+                        with self._lock:
+                            self._inflight = None
+                            self.refused.update(dict.fromkeys(batch, "bad_request"))
+                    raise
                 licences = _licences(answer)
                 refused: dict[str, Any] = answer.get("refused") or {}
                 if not isinstance(refused, dict):

@@ -12,9 +12,10 @@ records one batch of counts for one grant (``delta``) and that grant's running t
 ``source``/``source_seq`` name the reporting process and its report number: a report retried after a
 lost answer is recognised and not counted twice.
 
-With each release the agent sends the entries the key service has not yet acknowledged and a *head
-statement*: the log's last ``seq`` and hash signed together with that release's nonce, so an old report
-cannot be replayed and a host that sends none is seen to withhold.
+With each release the agent sends the entries the key service has not yet acknowledged (at most
+:data:`MAX_REPORT`) and a *head statement*: the last of them (``seq`` and hash) and how many entries its
+log holds beyond it, signed together with that release's nonce, so an old report cannot be replayed,
+a release without one is seen to withhold, and a backlog that is not drained is seen too.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def sign_entry(body: dict[str, Any], key: ed25519.Ed25519PrivateKey) -> bytes:
     return canonical({**body, "sig": b64e(key.sign(lp(ENTRY_DOMAIN) + canonical(body)))})
 
 
-def head_message(seq: int, head: bytes, nonce: bytes) -> bytes:
-    return lp(HEAD_DOMAIN) + struct.pack(">Q", seq) + lp(head) + lp(nonce)
+def head_message(seq: int, head: bytes, nonce: bytes, pending: int) -> bytes:
+    """What a head statement signs: the last entry this report carries, the nonce of the release, and how
+    many entries the log holds beyond it (a backlog the key service lets stand for ``report_grace_s``)."""
+    return lp(HEAD_DOMAIN) + struct.pack(">Q", seq) + lp(head) + lp(nonce) + struct.pack(">Q", pending)
 
 
 @dataclass(frozen=True)
@@ -212,11 +215,14 @@ class ChainVerifier:
     def add_all(self, lines: Iterable[bytes]) -> list[Entry]:
         return [self.add(line) for line in lines]
 
-    def check_head(self, statement: Any, nonce: bytes) -> None:
-        """A head statement must name this chain's head and be signed with ``nonce`` by the log's key."""
+    def check_head(self, statement: Any, nonce: bytes) -> int:
+        """A head statement must name this chain's head and be signed with ``nonce`` by the log's key;
+        returns the entries the host says its log holds beyond it (``pending``)."""
         if not isinstance(statement, dict) or self._key is None:
             raise UsageLogError("the usage report has no head statement, or the log was never opened")
-        seq = statement.get("seq")
+        seq, pending = statement.get("seq"), statement.get("pending")
+        if type(pending) is not int or not 0 <= pending < 2**53:
+            raise UsageLogError("the usage head statement must say how many entries are pending (a whole number)")
         try:
             head = b64d(statement.get("digest"), what="head digest", length=32)
             sig = b64d(statement.get("sig"), what="head signature", length=64)
@@ -231,9 +237,10 @@ class ChainVerifier:
                 f"the usage head statement (entry {seq}) is not the head of the reported log (entry {self.head.seq})"
             )
         try:
-            self._key.verify(sig, head_message(self.head.seq, head, nonce))
+            self._key.verify(sig, head_message(self.head.seq, head, nonce, pending))
         except InvalidSignature:
             raise UsageLogError("the usage head statement is not signed by the log's key for this exchange") from None
+        return pending
 
 
 def _verify(key: ed25519.Ed25519PublicKey, sig: bytes, body: dict[str, Any], seq: int) -> None:

@@ -87,6 +87,7 @@ class Metering:
         self.metrics, self.sync_s = metrics, sync_s
         self._charged: dict[str, str] = {}  # key id -> the key id of its grant that requests are charged to
         self._limited: set[str] = set()  # charged key ids whose licence sets a limit (the others: count only)
+        self._metered: set[str] = set()  # charged key ids whose licence is metered
         self._charged_for: dict[str, Licence] | None = None  # the meter's licences that mapping was made from
         self._inflight: dict[str, Usage] = {}  # admitted, not yet answered
         self._unsent: dict[str, Usage] = {}  # answered during a sync, not yet handed to the meter
@@ -109,6 +110,7 @@ class Metering:
                 first.setdefault(licences[key_id].grant_id, key_id)
             self._charged = {key_id: first[lic.grant_id] for key_id, lic in licences.items()}
             self._limited = {key_id for key_id in first.values() if licences[key_id].terms.limited}
+            self._metered = {key_id for key_id in first.values() if licences[key_id].terms.metered}
             self._charged_for = licences
         for key_id in sorted(keys):
             if key_id in self._charged:
@@ -124,6 +126,8 @@ class Metering:
         key_id = self.charged_key(keys)
         if key_id is None:
             raise unavailable(f"model {model} is not ready: the agent no longer holds a licence for its key")
+        if key_id in self._metered and not self.meter.metering:  # the key service refuses such agents too
+            raise unavailable(f"model {model} is licensed metered, but the agent keeps no usage log (usage_log)")
         adding = Usage(requests=1, items=rows)
         running = self._inflight.get(key_id)
         if key_id in self._limited:

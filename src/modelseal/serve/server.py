@@ -30,6 +30,9 @@ from modelseal.serve.repository import Repository
 log = logging.getLogger("modelseal.serve")
 
 
+MAX_USAGE_SYNC_S = 60  # counts not yet reported die with a killed server: bounded to one interval of traffic
+
+
 @dataclass
 class ServeConfig:
     repository: Path
@@ -66,8 +69,8 @@ class Server:
             raise UsageError("--tls-cert and --tls-key go together")
         if config.client_ca and not config.tls_cert:
             raise UsageError("--client-ca (mTLS) needs --tls-cert and --tls-key")
-        if not config.usage_sync_s > 0:
-            raise UsageError("--usage-sync-s must be above 0 seconds")
+        if not 0 < config.usage_sync_s <= MAX_USAGE_SYNC_S:  # a killed server loses at most one interval
+            raise UsageError(f"--usage-sync-s must be above 0 and at most {MAX_USAGE_SYNC_S} seconds")
         if config.max_inflight_bytes < config.max_body_bytes:
             raise UsageError("--max-inflight-mb must be at least --max-body-mb (one request must fit)")
         # a bad port is one line now, and gRPC and aiohttp bind the same host:port (gRPC refuses ':PORT')

@@ -53,8 +53,6 @@ log = init_logger("vllm.modelseal")
 SYNC_S = 1.0
 """How often counts go to the agent (and the licence's terms and usage come back)."""
 CLOSE_TIMEOUT_S = 5.0
-ADMITTING = Usage(requests=1, items=1, input_tokens=1)
-"""What a request is known to add before it runs."""
 NOT_INFERENCE = frozenset({"/tokenize", "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 """POST paths the quota middleware lets through: they run no model."""
 
@@ -91,6 +89,7 @@ class Metering:
         self.key_id: str | None = None
         self._lock = threading.Lock()
         self._waiting = Usage()  # counted before the key was known
+        self._running = 0  # requests the quota middleware admitted that have not ended
         self._failing = False
         self._closed = threading.Event()
         self.sync(timeout=CLOSE_TIMEOUT_S)  # the licence's terms and usage before the first request
@@ -109,9 +108,25 @@ class Metering:
 
     def admit(self, client: str) -> None:
         """Raise :class:`LimitExceeded` when a request now would pass the licence's limits (a request has
-        at least one prompt token, so a token quota used up exactly refuses the next one)."""
-        if self.key_id is not None:
-            self.meter.admit(self.key_id, client, ADMITTING)
+        at least one prompt token, so a token quota used up exactly refuses the next one), counting the
+        admitted requests still running as if each were one more; pair with :meth:`release`. Until the
+        agent has stated the licence, nothing is admitted (fail closed)."""
+        if self.key_id is None:
+            raise LimitExceeded("licence", "the model's licence is not known yet (the agent has not answered)", 1.0)
+        licence = self.meter.licences.get(self.key_id)
+        if licence is not None and licence.terms.metered and not self.meter.metering:
+            raise LimitExceeded("licence", "the model is licensed metered, but the agent keeps no usage log", 60.0)
+        with self._lock:
+            running = self._running
+        k = running + 1
+        self.meter.admit(self.key_id, client, Usage(requests=k, items=k, input_tokens=k))
+        with self._lock:
+            self._running += 1
+
+    def release(self) -> None:
+        """An admitted request ended (its usage is counted by the stat logger as it runs)."""
+        with self._lock:
+            self._running = max(0, self._running - 1)
 
     def used(self) -> Usage | None:
         return None if self.key_id is None else self.meter.used(self.key_id)
@@ -209,23 +224,34 @@ class QuotaMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") == "http" and scope.get("method") == "POST" and scope.get("path") not in NOT_INFERENCE:
             client = scope.get("client")
+            admitted: list[Metering] = []
             try:
                 for metering in list(_meterings.values()):
                     metering.admit(str(client[0]) if client else "unknown")
+                    admitted.append(metering)
             except LimitExceeded as exc:
+                for metering in admitted:
+                    metering.release()
                 await _refuse(send, exc)
                 return
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                for metering in admitted:
+                    metering.release()
+            return
         await self.app(scope, receive, send)
 
 
 async def _refuse(send: Send, exc: LimitExceeded) -> None:
-    kind = "rate_limit_exceeded" if exc.kind == "rate" else "quota_exceeded"
-    body = json.dumps({"error": {"message": str(exc), "type": kind, "param": None, "code": 429}}).encode()
+    kind = {"rate": "rate_limit_exceeded", "licence": "service_unavailable"}.get(exc.kind, "quota_exceeded")
+    status = 503 if exc.kind == "licence" else 429
+    body = json.dumps({"error": {"message": str(exc), "type": kind, "param": None, "code": status}}).encode()
     headers = [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", str(max(1, round(exc.retry_after))).encode()),
     ]  # fmt: skip
-    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

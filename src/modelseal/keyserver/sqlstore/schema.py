@@ -87,6 +87,7 @@ usage_heads = Table(
     Column("digest", String(64), nullable=False),
     Column("at", BigInteger, nullable=False),
     Column("reported_at", BigInteger, nullable=False),
+    Column("current_at", BigInteger, nullable=False),  # the last report that left no entry behind
     Column("totals", Text, nullable=False),  # JSON: grant id -> running totals
 )
 

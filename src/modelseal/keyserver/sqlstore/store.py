@@ -171,7 +171,8 @@ class SqlTransaction:
         if row is None:
             return None
         return UsageHeadRecord(
-            row.host, row.log, row.key, row.seq, row.digest, row.at, row.reported_at, json.loads(row.totals)
+            row.host, row.log, row.key, row.seq, row.digest, row.at, row.reported_at, row.current_at,
+            json.loads(row.totals),
         )
 
     def put_usage_head(self, head: UsageHeadRecord) -> None:
@@ -192,11 +193,6 @@ class SqlTransaction:
             leases.c.issued_at <= at + slack, leases.c.expires_at >= at - slack,
         ).limit(1)  # fmt: skip
         return self.conn.execute(query).first() is not None
-
-    def last_usage_report(self, host: str) -> int | None:
-        table = schema.usage_heads
-        last = self.conn.execute(select(func.max(table.c.reported_at)).where(table.c.host == host)).scalar()
-        return None if last is None else int(last)
 
     def add_usage(self, rows: list[UsageRecord]) -> int:
         table = schema.usage

@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("digest", sa.String(64), nullable=False),
         sa.Column("at", big, nullable=False),
         sa.Column("reported_at", big, nullable=False),
+        sa.Column("current_at", big, nullable=False),
         sa.Column("totals", sa.Text, nullable=False),
     )
     op.create_table(
