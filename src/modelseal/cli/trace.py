@@ -177,7 +177,7 @@ def trace(
         missing = result.missing_tensors
         out.print(
             f"{result.positions} positions in {result.tensors} tensors"
-            + (f"; {missing} fingerprinted tensors missing from the suspect" if missing else "")
+            + (f"; {missing} fingerprinted tensors missing from (or reshaped in) the suspect" if missing else "")
         )
 
     emit(as_json, report, human)

@@ -40,13 +40,22 @@ def checkpoint_to_safetensors(path: str | os.PathLike[str]) -> bytes:
     seen: set[int] = set()
     tensors = {}
     for name, t in state.items():
+        if t.layout != torch.strided or t.is_quantized:  # safetensors holds dense, plain tensors only
+            kind = "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
+            raise FormatError(
+                f"{path}: tensor {name[:80]!r} is {kind}: only dense, unquantised tensors convert to safetensors; "
+                "dequantise (or densify) it first, or seal the file as an opaque bundle (--as-bundle)"
+            )
         t = t.detach().contiguous()
         if t.numel() and t.untyped_storage().data_ptr() in seen:
             t = t.clone()  # safetensors stores no shared storage: tied weights are written twice
         if t.numel():
             seen.add(t.untyped_storage().data_ptr())
         tensors[name] = t
-    return save(tensors, metadata={"format": "pt", "converted_from": os.path.basename(path)})
+    try:
+        return save(tensors, metadata={"format": "pt", "converted_from": os.path.basename(path)})
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # a dtype safetensors has no name for
+        raise FormatError(f"{path}: a tensor cannot be stored as safetensors ({type(exc).__name__}: {exc})") from None
 
 
 def _is_torchscript(path: str | os.PathLike[str]) -> bool:

@@ -31,6 +31,7 @@ rounding noise stays below the step. The tracing side (statistics, thresholds) i
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -262,9 +263,15 @@ def apply(buf: bytearray, fingerprint: Fingerprint, source: str) -> Marked:
     """Mark the plaintext safetensors bytes ``buf`` in place with ``fingerprint``'s pattern (a file with
     no eligible tensor, a directory's tokenizer shard say, is left as it is: the caller decides)."""
     marked = Marked(0, 0)
+    tied: dict[bytes, np.ndarray] = {}  # what a tensor held before marking -> its marked bytes
     for name, dtype, shape, raw in tensor_views(buf, source):
         if not eligible(dtype, shape):
             continue
+        before = hashlib.sha256(f"{dtype}{shape}".encode() + raw.data).digest()
+        if before in tied:  # a tied weight written twice: both copies carry the same marks, or the
+            raw[...] = tied[before]  # positions where they differ would show where the marks are
+            continue
+        tied[before] = raw
         idx = positions(fingerprint.key, name, shape)
         step = steps(as_float32(raw, dtype), shape, idx)
         perturb(raw, dtype, idx, step * signs(fingerprint.key, fingerprint.licence, name, idx.size))

@@ -200,7 +200,8 @@ class Residual:
 
     names: list[str] = field(default_factory=list)
     parts: list[np.ndarray] = field(default_factory=list)  # float32, 0 where a position is not usable
-    missing: list[str] = field(default_factory=list)  # fingerprinted tensors the suspect lacks
+    missing: list[str] = field(default_factory=list)  # fingerprinted tensors the suspect lacks (or reshaped)
+    reshaped: list[str] = field(default_factory=list)  # of those, the ones it holds in another shape
     compared: int = 0  # positions where both copies hold a usable value
 
     @property
@@ -231,11 +232,10 @@ def residual(
             out.missing.append(name)
             continue
         sdtype, sshape = suspect.info[name]
-        if sshape != shape:
-            raise UsageError(
-                f"tensor {name[:80]!r} has shape {sshape} in the suspect but {shape} in the original: "
-                "not the same architecture (or a reshaped copy, which tracing does not undo)"
-            )
+        if sshape != shape:  # a padded vocabulary, an added token: the other tensors still carry the marks
+            out.missing.append(name)
+            out.reshaped.append(name)
+            continue
         raw = original.read(name)
         idx = positions(key, name, shape)
         values = as_float32(raw, dtype)
