@@ -4,8 +4,9 @@ copy is traced after the changes a leaker would make (issue 21).
 Models, built here in PyTorch (nothing downloaded):
 
 - ``encoder``: ``torch.nn.TransformerEncoder``, 4 layers, d_model 256, 4 heads, feed-forward 1024, fixed
-  random init (seed 0), eval mode; its output on a fixed set of 128 random sequences (length 16) is
-  mean-pooled into one embedding per sequence;
+  random init (seed 0; each layer its own Xavier-uniform weights, not four copies of one), eval mode;
+  its output on a fixed set of 128 random sequences (length 16) is mean-pooled into one embedding per
+  sequence;
 - ``cnn``: three 3x3 conv layers (32, 64, 128 channels, max-pooled) and two linear layers (2048->256->10),
   trained 150 Adam steps on a synthetic 10-class task (class prototypes plus noise, about 80-90% accurate,
   so that many inputs sit near a decision boundary), on a fixed set of 1,024 images.
@@ -69,6 +70,10 @@ def encoder() -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
     net = torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).eval()
+    g = torch.Generator().manual_seed(2)
+    for p in net.parameters():  # TransformerEncoder deep-copies one layer: give each its own weights, as
+        if p.dim() > 1:  # training would (identical tensors carry the same marks: tied weights, review L3)
+            torch.nn.init.xavier_uniform_(p, generator=g)
     inputs = torch.randn(128, 16, 256, generator=torch.Generator().manual_seed(1))
     return net, inputs
 
@@ -184,6 +189,32 @@ def noise(original: State, times: float, seed: int) -> Callable[[State], State]:
     return add
 
 
+def permute_units(kind: str, seed: int) -> Callable[[State], State]:
+    """Permute and rescale hidden units without changing the function (behind a ReLU, and max-pooling
+    commutes with positive scales): the rows of one layer and the matching input columns of the next.
+    Encoder: each feed-forward block's hidden units; CNN: every conv channel and the hidden linear units
+    (c3's channels are blocks of 16 columns of f1). The second review's evasion; the trace aligns first."""
+    pairs = (
+        [(f"layers.{i}.linear1", f"layers.{i}.linear2", 1) for i in range(4)] if kind == "encoder"
+        else [("c1", "c2", 1), ("c2", "c3", 1), ("c3", "f1", 16), ("f1", "f2", 1)]
+    )  # fmt: skip
+
+    def apply(s: State) -> State:
+        s, g = dict(s), torch.Generator().manual_seed(seed)
+        for first, second, block in pairs:
+            w = s[f"{first}.weight"]
+            order = torch.randperm(w.shape[0], generator=g)
+            scale = torch.rand(w.shape[0], generator=g) * 1.5 + 0.5
+            s[f"{first}.weight"] = w[order] * scale.view(-1, *[1] * (w.ndim - 1))
+            s[f"{first}.bias"] = s[f"{first}.bias"][order] * scale
+            cols = (order[:, None] * block + torch.arange(block)).flatten()
+            w2 = s[f"{second}.weight"]
+            s[f"{second}.weight"] = w2[:, cols] / scale.repeat_interleave(block).view(1, -1, *[1] * (w2.ndim - 2))
+        return s
+
+    return apply
+
+
 def strip(copies: list[State]) -> State:
     """Colluders' best cheap move: where their copies differ, the mark is exposed and the midpoint of
     the two values seen is the original weight; elsewhere they cannot tell."""
@@ -261,6 +292,8 @@ def run_model(kind: str, args: argparse.Namespace, rng: np.random.Generator) -> 
         "x_bf16": statistics.median(q["relative"] / base["relative"] for q in quality),
         "bf16_cast": base,
         "noise_10pct": change(kind, y0, outputs(net, noise(original, 0.1 / fp.DELTA, 5)(original), inputs)),
+        # ~0: the same function, at other positions and scales
+        "units_permuted": change(kind, y0, outputs(net, permute_units(kind, 11)(original), inputs)),
     }
 
     # identification after what leakers do
@@ -273,6 +306,7 @@ def run_model(kind: str, args: argparse.Namespace, rng: np.random.Generator) -> 
         "10% pruned": prune,
         "noise 10% of RMS": noise(original, 0.1 / fp.DELTA, 5),
         "fine-tuned": lambda s: tuned(kind, s, 77),
+        "units permuted + rescaled": permute_units(kind, 11),
     }
     rows: dict[str, dict[str, Any]] = {
         name: {"ok": 0, "n": 0, "scores": []}

@@ -224,6 +224,48 @@ def test_a_reshaped_tensor_leaves_the_others_to_name_the_licensee(original: dict
     assert result.licence == CANDIDATES[5] and result.missing_tensors == 1
 
 
+def test_permuted_and_rescaled_hidden_units_are_put_back_before_scoring() -> None:
+    """The second review's evasion: permute a ReLU MLP's hidden units and scale each (its outputs do not
+    change) and the mark scored 3.35 against a threshold of 6.44. The trace now aligns the copy first."""
+    torch.manual_seed(3)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                              torch.nn.Linear(256, 10)).eval()  # fmt: skip
+    state = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
+    leaked = safetensors_torch.load(bytes(marked(state, CANDIDATES[9])))
+    g = torch.Generator().manual_seed(5)
+    for first, second in (("0", "2"), ("2", "4")):  # each hidden layer: a permutation and positive scales
+        order = torch.randperm(256, generator=g)
+        scale = torch.rand(256, generator=g) * 3 + 0.25
+        leaked[f"{first}.weight"] = leaked[f"{first}.weight"][order] * scale[:, None]
+        leaked[f"{first}.bias"] = leaked[f"{first}.bias"][order] * scale
+        leaked[f"{second}.weight"] = leaked[f"{second}.weight"][:, order] / scale[None, :]
+    x = torch.randn(32, 64, generator=g)
+    with torch.no_grad():
+        before = mlp(x)
+        mlp.load_state_dict(leaked)
+        assert torch.allclose(mlp(x), before, atol=1e-3)  # the same function (up to the tiny marks)
+    result = tr.score(tr.residual(tensors(state_bytes(state)), tensors(state_bytes(leaked)), KEY), KEY, CANDIDATES)
+    assert result.licence == CANDIDATES[9] and result.score > 3 * result.threshold
+    plain = tr.residual(tensors(state_bytes(state)), tensors(state_bytes(state)), KEY)
+    assert plain.aligned == []  # an untouched copy is scored as it is
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(8, 96), cols=st.integers(8, 96), seed=st.integers(0, 2**16))
+def test_alignment_undoes_row_and_column_permutations_and_scales(rows: int, cols: int, seed: int) -> None:
+    from modelseal.sealing.align import align
+
+    rng = np.random.default_rng(seed)
+    original = rng.standard_normal((rows, cols, 3), dtype=np.float32)  # a conv-like tensor: columns are groups
+    r, c = rng.permutation(rows), rng.permutation(cols)
+    sr, sc = rng.uniform(0.3, 3, rows).astype(np.float32), rng.uniform(0.3, 3, cols).astype(np.float32)
+    suspect = original[r][:, c] * sr[:, None, None] * sc[None, :, None]
+    aligned, how = align(original, suspect)
+    assert how.changed and np.allclose(aligned, original, rtol=1e-4, atol=1e-5)
+    _, nothing = align(original, original.copy())
+    assert not nothing.changed
+
+
 def test_tied_weights_carry_the_same_marks(original: dict[str, torch.Tensor]) -> None:
     """Tied weights are written twice; marked apart, the positions where the copies differ showed where
     the marks were (the review removed the mark by adding noise there)."""

@@ -41,6 +41,7 @@ from modelseal.format.directory import list_members
 from modelseal.format.safetensors import SealedSafetensors
 from modelseal.load.artifacts import open_artifact, open_locked, open_sealed_dir, resolve_identity
 from modelseal.recipients.registry import IdentitySpec
+from modelseal.sealing.align import align
 from modelseal.sealing.fingerprint import (
     FLOAT_DTYPES,
     FingerprintKey,
@@ -202,6 +203,7 @@ class Residual:
     parts: list[np.ndarray] = field(default_factory=list)  # float32, 0 where a position is not usable
     missing: list[str] = field(default_factory=list)  # fingerprinted tensors the suspect lacks (or reshaped)
     reshaped: list[str] = field(default_factory=list)  # of those, the ones it holds in another shape
+    aligned: list[str] = field(default_factory=list)  # tensors whose units were permuted or rescaled (undone)
     compared: int = 0  # positions where both copies hold a usable value
 
     @property
@@ -241,10 +243,14 @@ def residual(
         values = as_float32(raw, dtype)
         step = steps(values, shape, idx)
         base = values[idx]
-        del values
-        original.done(name, raw)
         sraw = suspect.read(name)
-        seen = _gather(sraw, sdtype, idx)
+        # units permuted or rescaled (the function unchanged) are put back in the original's layout first
+        aligned, how = align(values.reshape(shape), as_float32(sraw, sdtype).reshape(shape))
+        seen = aligned.reshape(-1)[idx] if how.changed else _gather(sraw, sdtype, idx)
+        if how.changed:
+            out.aligned.append(name)
+        del values, aligned
+        original.done(name, raw)
         suspect.done(name, sraw)
         usable = (step > 0) & np.isfinite(seen) & (seen != 0)
         diff = (seen - base) / np.where(usable, step, np.float32(1))
