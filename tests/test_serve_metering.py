@@ -425,6 +425,20 @@ def test_a_metered_licence_is_not_served_through_an_agent_without_a_usage_log() 
     assert refused.value.status == 503
 
 
+def test_a_grant_keeps_its_charged_key_when_another_key_of_it_appears() -> None:
+    """The second review: three requests in flight against a quota of 3, then the agent also stated a
+    smaller key id of the same grant; the charge moved to it and three more were admitted."""
+    terms = Terms(max_requests=3)
+    metering = metering_with({"k_2": licence("k_2", "g1", terms)})
+    running = [metering.admit("m", {"k_2"}, "alice", 1) for _ in range(3)]
+    metering.meter.licences = {"k_1": licence("k_1", "g1", terms), "k_2": licence("k_2", "g1", terms)}
+    with pytest.raises(ServeError, match="max_requests 3"):
+        metering.admit("m", {"k_1", "k_2"}, "bob", 1)
+    for charge in running:
+        assert charge is not None
+        metering.done(charge, answered=True)
+
+
 def test_versions_of_one_grant_share_counts_and_rate_buckets() -> None:
     terms = Terms(max_requests=3, rate=1)
     metering = metering_with({"k_v1": licence("k_v1", "g1", terms), "k_v2": licence("k_v2", "g1", terms)})

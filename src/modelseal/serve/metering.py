@@ -105,7 +105,9 @@ class Metering:
         licence for any of them."""
         licences = self.meter.licences
         if self._charged_for is not licences:  # a new answer from the agent: one grant, one key
-            first: dict[str, str] = {}
+            # a grant keeps the key it is charged to while the agent states it: requests in flight and
+            # counts not yet handed over are held under that key
+            first = {licences[k].grant_id: k for k in set(self._charged.values()) if k in licences}
             for key_id in sorted(licences):
                 first.setdefault(licences[key_id].grant_id, key_id)
             self._charged = {key_id: first[lic.grant_id] for key_id, lic in licences.items()}
