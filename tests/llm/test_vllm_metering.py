@@ -170,6 +170,55 @@ def metered_model(tmp_path: Path, terms: dict[str, Any]) -> Iterator[tuple[meter
             agent.stop()
 
 
+def body(data: bytes, chunk: int = 7) -> Any:
+    """An ASGI ``receive`` handing out ``data`` in chunks, as a server does."""
+    parts = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
+
+    async def receive() -> dict[str, Any]:
+        part = parts.pop(0) if parts else b""
+        return {"type": "http.request", "body": part, "more_body": bool(parts)}
+
+    return receive
+
+
+def test_a_request_counts_its_prompts_times_n() -> None:
+    assert metering.engine_requests(b'{"prompt": "hi", "n": 3}') == 3
+    assert metering.engine_requests(b'{"prompt": ["a", "b", "c"], "n": 2}') == 6
+    assert metering.engine_requests(b'{"prompt": [1, 2, 3]}') == 1  # one prompt of token ids
+    assert metering.engine_requests(b'{"prompt": [[1, 2], [3]]}') == 2
+    assert metering.engine_requests(b'{"messages": [{"role": "user", "content": "x"}], "n": 4}') == 4
+    for bad in (b"not json", b"[]", b'{"n": true}', b'{"n": -2}', b'{"n": 100000000}'):
+        assert metering.engine_requests(bad) == 1
+
+
+def test_quota_middleware_weighs_a_request_by_its_prompts_and_sees_the_whole_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One HTTP request with many prompts and n > 1 used to be admitted as one (the second review)."""
+    with metered_model(tmp_path, {"max_requests": 5}) as (meter, _, _):
+        monkeypatch.setitem(metering._meterings, "demo", meter)
+        seen: list[bytes] = []
+
+        async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+            seen.append((await receive())["body"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+
+        def post(data: bytes) -> int:
+            sent: list[MutableMapping[str, Any]] = []
+
+            async def send(message: MutableMapping[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/completions", "client": ("10.0.0.3", 1)}
+            asyncio.run(metering.QuotaMiddleware(app)(scope, body(data), send))
+            return int(sent[0]["status"])
+
+        many = b'{"prompt": ["a", "b", "c"], "n": 2}'
+        assert post(many) == 429 and seen == []
+        assert post(b'{"prompt": "one"}') == 200 and seen == [b'{"prompt": "one"}']  # the body, whole, replayed
+        meter.close()
+
+
 def test_quota_middleware_reserves_the_requests_it_admitted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Concurrent requests against 3 left: 3 admitted, the others refused while those run (the review
     found 50 of 50 admitted)."""
@@ -190,7 +239,7 @@ def test_quota_middleware_reserves_the_requests_it_admitted(tmp_path: Path, monk
                     sent.append(message)
 
                 scope = {"type": "http", "method": "POST", "path": "/v1/completions", "client": ("10.0.0.9", 1)}
-                await metering.QuotaMiddleware(app)(scope, None, send)  # type: ignore[arg-type]
+                await metering.QuotaMiddleware(app)(scope, body(b'{"prompt": "hi"}'), send)
                 return int(sent[0]["status"])
 
             calls = [asyncio.create_task(one()) for _ in range(8)]
@@ -219,7 +268,7 @@ def test_quota_middleware_rate_limits_per_client_and_reports_at_close(
                 sent.append(message)
 
             scope = {"type": "http", "method": method, "path": path, "client": (client, 5000)}
-            asyncio.run(metering.QuotaMiddleware(app)(scope, None, send))  # type: ignore[arg-type]
+            asyncio.run(metering.QuotaMiddleware(app)(scope, body(b"{}"), send))
             return sent
 
         assert call("/v1/completions", "10.0.0.1") == [] and served == ["/v1/completions"]

@@ -106,11 +106,11 @@ class Metering:
                 return
         self.meter.record(self.key_id, usage)
 
-    def admit(self, client: str) -> None:
-        """Raise :class:`LimitExceeded` when a request now would pass the licence's limits (a request has
-        at least one prompt token, so a token quota used up exactly refuses the next one), counting the
-        admitted requests still running as if each were one more; pair with :meth:`release`. Until the
-        agent has stated the licence, nothing is admitted (fail closed)."""
+    def admit(self, client: str, weight: int = 1) -> None:
+        """Raise :class:`LimitExceeded` when an HTTP request that makes ``weight`` engine requests (prompts
+        times ``n``) would pass the licence's limits now (each has at least one prompt token, so a token
+        quota used up exactly refuses the next one), counting the admitted ones still running as well;
+        pair with :meth:`release`. Until the agent has stated the licence, nothing is admitted."""
         if self.key_id is None:
             raise LimitExceeded("licence", "the model's licence is not known yet (the agent has not answered)", 1.0)
         licence = self.meter.licences.get(self.key_id)
@@ -118,15 +118,15 @@ class Metering:
             raise LimitExceeded("licence", "the model is licensed metered, but the agent keeps no usage log", 60.0)
         with self._lock:
             running = self._running
-        k = running + 1
+        k = running + weight
         self.meter.admit(self.key_id, client, Usage(requests=k, items=k, input_tokens=k))
         with self._lock:
-            self._running += 1
+            self._running += weight
 
-    def release(self) -> None:
+    def release(self, weight: int = 1) -> None:
         """An admitted request ended (its usage is counted by the stat logger as it runs)."""
         with self._lock:
-            self._running = max(0, self._running - 1)
+            self._running = max(0, self._running - weight)
 
     def used(self) -> Usage | None:
         return None if self.key_id is None else self.meter.used(self.key_id)
@@ -224,28 +224,88 @@ class QuotaMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") == "http" and scope.get("method") == "POST" and scope.get("path") not in NOT_INFERENCE:
             client = scope.get("client")
+            body = await _body(receive)
+            if body is None:
+                await _refuse(send, LimitExceeded("size", f"a request body is at most {MAX_BODY} bytes here", 1.0))
+                return
+            weight = engine_requests(body)
             admitted: list[Metering] = []
             try:
                 for metering in list(_meterings.values()):
-                    metering.admit(str(client[0]) if client else "unknown")
+                    metering.admit(str(client[0]) if client else "unknown", weight)
                     admitted.append(metering)
             except LimitExceeded as exc:
                 for metering in admitted:
-                    metering.release()
+                    metering.release(weight)
                 await _refuse(send, exc)
                 return
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, _replay(body, receive), send)
             finally:
                 for metering in admitted:
-                    metering.release()
+                    metering.release(weight)
             return
         await self.app(scope, receive, send)
 
 
+MAX_BODY = 64 << 20  # what the quota middleware reads of a request body to count its prompts
+MAX_N = 1 << 14
+
+
+def engine_requests(body: bytes) -> int:
+    """How many engine requests an OpenAI request body makes: its prompts (a completion's ``prompt`` may
+    be a list of strings or of token lists; a chat is one) times ``n``; 1 for a body it cannot read
+    (vLLM answers that with a 400)."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return 1
+    if not isinstance(request, dict):
+        return 1
+    n = request.get("n", 1)
+    n = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_N else 1
+    prompt = request.get("prompt")
+    prompts = 1
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        prompts = len(prompt)  # several prompts (strings, or lists of token ids); a flat list is one
+    return prompts * n
+
+
+async def _body(receive: Receive) -> bytes | None:
+    """The whole request body (None past :data:`MAX_BODY`)."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message.get("type") != "http.request":
+            break
+        chunk = bytes(message.get("body", b""))
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+        more = bool(message.get("more_body", False))
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app the body already read, then whatever the connection says next."""
+    sent = False
+
+    async def replayed() -> MutableMapping[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
 async def _refuse(send: Send, exc: LimitExceeded) -> None:
-    kind = {"rate": "rate_limit_exceeded", "licence": "service_unavailable"}.get(exc.kind, "quota_exceeded")
-    status = 503 if exc.kind == "licence" else 429
+    kind = {"rate": "rate_limit_exceeded", "licence": "service_unavailable", "size": "request_too_large"}.get(
+        exc.kind, "quota_exceeded"
+    )
+    status = {"licence": 503, "size": 413}.get(exc.kind, 429)
     body = json.dumps({"error": {"message": str(exc), "type": kind, "param": None, "code": status}}).encode()
     headers = [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
