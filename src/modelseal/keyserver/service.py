@@ -468,11 +468,11 @@ class KeyService:
         terms = Terms.from_json(grant.terms)
         lease_usage: dict[str, Any] = {}
         if terms.metered:
-            problem = check_metered(tx, grant, terms, usage, t)
+            used = tx.usage_of(gid, terms.period_start(t))
+            problem = check_metered(grant, terms, usage, used, t)
             if problem:
                 code, message = problem.split(": ", 1)
                 raise Refused(403, code, message)
-            used = tx.usage_of(gid, terms.period_start(t))
             seq = usage.head.seq if usage.head is not None else 0
             lease_usage = {"period_start": terms.period_start(t), "used": used.capped().to_json(), "seq": seq}
         if grant.policy:

@@ -94,10 +94,7 @@ def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes
     if head.log != log:
         raise ReportRejected(f"the usage report names log {log} but its entries are log {head.log}")
     current_at = t if pending == 0 or stored is None else stored.current_at
-    record = UsageHeadRecord(
-        peer.spki, head.log, head.key, head.seq, b64e(head.digest), head.at, t, current_at,
-        {g: u.to_json() for g, u in sorted(head.totals.items())},
-    )  # fmt: skip
+    record = UsageHeadRecord(**head.to_json(), reported_at=t, current_at=current_at)  # head.host: this peer
     tx.put_usage_head(record)
     if entries:
         counted = tx.add_usage(rows)
@@ -109,9 +106,9 @@ def accept_report(tx: Transaction, peer: PeerIdentity, report: Any, nonce: bytes
     return UsageState(record, pending)
 
 
-def check_metered(tx: Transaction, grant: GrantRecord, terms: Terms, state: UsageState, t: int) -> str | None:
+def check_metered(grant: GrantRecord, terms: Terms, state: UsageState, used: Usage, t: int) -> str | None:
     """Why a metered grant refuses this release (code ``usage_required``, ``usage_overdue`` or
-    ``quota_exceeded`` first, then the message), or None.
+    ``quota_exceeded`` first, then the message), or None; ``used``: the grant's usage this period.
 
     Every release of a metered key carries the releasing agent's own report: an agent without a usage log
     never gets one, whatever other agents of the same host report. Its log may hold entries back (a
@@ -128,12 +125,8 @@ def check_metered(tx: Transaction, grant: GrantRecord, terms: Terms, state: Usag
             f"usage_overdue: grant {gid} is metered and this host's agent has held back usage entries for {behind} "
             f"s ({state.pending} now; grace {terms.report_grace_s} s)"
         )
-    problem = terms.exceeded(period_usage(tx, gid, terms, t))
+    problem = terms.exceeded(used)
     return f"quota_exceeded: grant {gid}: {problem}" if problem else None
-
-
-def period_usage(tx: Transaction, grant_id: str, terms: Terms, t: int) -> Usage:
-    return tx.usage_of(grant_id, terms.period_start(t))
 
 
 def policy_usage(tx: Transaction, grant_id: str, terms: Terms, t: int) -> dict[str, int]:

@@ -99,10 +99,6 @@ class Entry:
     def delta(self) -> Usage:
         return Usage.from_json(self.body.get("delta", {}))
 
-    @property
-    def total(self) -> Usage:
-        return Usage.from_json(self.body.get("total", {}))
-
 
 @dataclass
 class Head:
