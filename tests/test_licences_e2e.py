@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 from modelseal.devstack import Agent, KeyServer
 from modelseal.encoding import b64e
 from modelseal.errors import KeyReleaseError
-from modelseal.pki import identity_of_cert_file
+from modelseal.pki import client_context, identity_of_cert_file
 from modelseal.release.meter import LimitExceeded, Meter
 from modelseal.release.terms import Usage
 from modelseal.release.usage import ChainVerifier
@@ -242,3 +242,16 @@ def test_counts_kept_through_a_failed_report_all_arrive_at_the_next(stack: Stack
     verifier.add_all(stack.log.read_bytes().splitlines())
     grant = meter.licences[key_id].grant_id
     assert verifier.head.totals[grant] == Usage(requests=5, items=5)
+
+
+def test_the_admin_usage_query_refuses_malformed_parameters(stack: Stack) -> None:
+    """A NUL in a grant id reached PostgreSQL in the first review (a 500); every parameter is checked."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {stack.server.token}"}
+    with httpx.Client(base_url=stack.server.url, verify=client_context(stack.server.ca), headers=headers) as admin:
+        for query in ("grant=g_%00x", "model=../etc", "since=x", "until=-1", "since=10&until=5", "period=fortnight",
+                      "period=3", "since=" + "9" * 40):  # fmt: skip
+            answer = admin.get(f"/v1/admin/usage?{query}")
+            assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", query
+        assert admin.get("/v1/admin/usage", headers={"Authorization": "Bearer wrong"}).status_code == 401

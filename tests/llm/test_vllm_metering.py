@@ -216,6 +216,8 @@ def test_quota_middleware_weighs_a_request_by_its_prompts_and_sees_the_whole_bod
         many = b'{"prompt": ["a", "b", "c"], "n": 2}'
         assert post(many) == 429 and seen == []
         assert post(b'{"prompt": "one"}') == 200 and seen == [b'{"prompt": "one"}']  # the body, whole, replayed
+        monkeypatch.setattr(metering, "MAX_BODY", 16)
+        assert post(b'{"prompt": "seventeen bytes and more"}') == 413 and len(seen) == 1  # not read without end
         meter.close()
 
 
