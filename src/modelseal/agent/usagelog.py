@@ -165,15 +165,9 @@ class UsageLog:
         self._recent.append((seq, at, body["grant"], delta))
         self.licensed[body["key_id"]] = (body["grant"], body["model"])
 
-    def _check_totals(self, counted: list[Counted]) -> None:
-        totals = dict(self.head.totals)
-        for c in counted:
-            totals[c.grant] = totals.get(c.grant, Usage()) + c.usage
-            if any(v >= MAX_COUNT for v in totals[c.grant].to_json().values()):
-                raise UsageLogFullError(f"the counts would take grant {c.grant}'s total past 2**53: not logged")
-
     def _append(self, bodies: list[dict[str, Any]]) -> None:
-        """Sign, chain, write and fsync ``bodies`` (one write), then update the head."""
+        """Sign, chain, write and fsync ``bodies`` (one write), then update the head; nothing is written if
+        a running total would pass 2**53 (:class:`UsageLogFullError`: no report could verify again)."""
         key, at = self._key(), max(int(self.clock()), self.head.at)
         head = dataclasses.replace(self.head, totals=dict(self.head.totals))
         lines: list[bytes] = []
@@ -183,6 +177,8 @@ class UsageLog:
                 head.key, head.host, head.log = body["key"], body["host"], body["log"]
             else:
                 total = head.totals.get(body["grant"], Usage()) + Usage.from_json(body["delta"])
+                if any(v >= MAX_COUNT for v in total.to_json().values()):
+                    raise UsageLogFullError(f"the counts would take grant {body['grant']}'s total past 2**53")
                 entry["total"] = total.to_json()
                 head.totals[body["grant"]] = total
             line = sign_entry(entry, key)
@@ -224,7 +220,6 @@ class UsageLog:
             ]  # fmt: skip
             if not bodies:
                 return 0
-            self._check_totals(fresh)
             first = self.head.seq + 1
             self._append(bodies)
             for seq, body, c in zip(range(first, first + len(bodies)), bodies, fresh, strict=True):
