@@ -61,14 +61,18 @@ def test_forked_child_loads_after_parent_used_the_pool(
         assert f.read() == b"ok"
 
 
-def test_few_jobs_run_one_on_the_calling_thread() -> None:
-    """With no more jobs than threads the caller runs the first; the rest still run in the pool."""
+def test_the_calling_thread_works_beside_the_pool() -> None:
+    """The caller takes jobs from the same queue as the pool (no hand-over and wait): two jobs that
+    each wait for the other to start run on the caller and on one pool thread, at the same time."""
+    both = threading.Barrier(2, timeout=10)
     where: dict[int, int] = {}
-    parallel.run_all(lambda i: where.__setitem__(i, threading.get_ident()), [0, 1], workers=2)
-    assert where[0] == threading.get_ident() and where[1] != threading.get_ident()
-    where.clear()
-    parallel.run_all(lambda i: where.__setitem__(i, threading.get_ident()), range(5), workers=2)
-    assert threading.get_ident() not in where.values()  # many jobs: all handed over, the caller waits
+
+    def job(i: int) -> None:
+        both.wait()
+        where[i] = threading.get_ident()
+
+    parallel.run_all(job, [0, 1], workers=2)
+    assert threading.get_ident() in where.values() and len(set(where.values())) == 2
 
 
 def test_a_failing_job_on_the_calling_thread_waits_for_the_pool() -> None:

@@ -22,7 +22,11 @@ import numpy as np
 
 from modelseal.errors import FormatError
 
-_CHUNK = 1 << 22  # bytes scanned per numpy step: bounded memory whatever the document's size
+_CHUNK = 1 << 22  # brackets summed per numpy step: bounded memory whatever the document's size
+_SHORT = 512  # up to this many brackets a Python loop is quicker than numpy's per-call cost
+_STRING = re.compile(rb'"[^"]*"')  # once escapes are gone, a string has no quote inside
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_OPEN = (ord("["), ord("{"))
 _MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")  # an escape or character of one
 _STEP = np.zeros(256, dtype=np.int8)
 _STEP[[ord("["), ord("{")]] = 1
@@ -43,20 +47,29 @@ def json_depth(data: str | bytes) -> int:
     """The deepest bracket nesting of ``data`` outside strings (exact for valid JSON).
 
     Escapes are removed first (``\\\\`` pairs, then ``\\"``), so every remaining ``"`` opens or closes a
-    string, and the running parity of quotes tells which bytes lie inside strings. Outside strings ``[``
-    and ``{`` count +1, ``]`` and ``}`` -1: the running sum is the depth. numpy takes both sums in fixed
-    chunks, so time is linear (about a second for 100 MB) and memory bounded, with no recursion. Inside an
-    unterminated string nothing counts; ``json.loads`` then refuses that string without recursing.
+    string; an unterminated last string is cut off (inside it nothing counts, and ``json.loads`` then
+    refuses it without recursing). Strings are dropped and every byte but a bracket deleted, all in C,
+    which leaves a short string of brackets (a few per tensor of a header): its running sum, ``[`` and
+    ``{`` +1, ``]`` and ``}`` -1, is the depth, taken in Python for a short string and in fixed numpy
+    chunks for a long one (bounded memory, no recursion, linear time however deep the document).
     """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     plain = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    quotes = depth = deepest = 0
-    for at in range(0, len(plain), _CHUNK):
-        chunk = np.frombuffer(plain, dtype=np.uint8, count=min(_CHUNK, len(plain) - at), offset=at)
-        in_string = (np.cumsum(chunk == ord('"'), dtype=np.uint8) + quotes) & 1  # parity survives a wrap
-        levels = np.cumsum(np.where(in_string, 0, _STEP[chunk]), dtype=np.int32) + depth
+    if plain.count(b'"') % 2:
+        plain = plain[: plain.rindex(b'"')]
+    brackets = _STRING.sub(b"", plain).translate(None, _NOT_BRACKET)
+    if len(brackets) <= _SHORT:
+        depth = deepest = 0
+        for b in brackets:
+            depth += 1 if b in _OPEN else -1
+            deepest = max(deepest, depth)
+        return deepest
+    depth = deepest = 0
+    for at in range(0, len(brackets), _CHUNK):
+        chunk = np.frombuffer(brackets, dtype=np.uint8, count=min(_CHUNK, len(brackets) - at), offset=at)
+        levels = np.cumsum(_STEP[chunk], dtype=np.int32) + depth
         deepest = max(deepest, int(levels.max()))
-        quotes, depth = int(in_string[-1]), int(levels[-1])
+        depth = int(levels[-1])
     return deepest
 
 
@@ -121,7 +134,9 @@ def loads_bounded(
         ) from None
     except ValueError as exc:  # NaN/Infinity, duplicate keys, integers over Python's digit limit
         raise JSONLimitError("malformed_json", f"{what} is not valid JSON: {exc}") from None
-    if _MAYBE_SURROGATE.search(text) and not _all_text(value):
+    # text decoded from UTF-8 holds no surrogate character (the codec refuses them), only escapes of one
+    maybe = "\\u" in text or (isinstance(data, str) and not text.isascii())
+    if maybe and _MAYBE_SURROGATE.search(text) and not _all_text(value):
         raise JSONLimitError("malformed_json", f"{what} holds a string with a lone UTF-16 surrogate (not Unicode text)")
     return value
 

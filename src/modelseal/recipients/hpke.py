@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from modelseal.encoding import b64d, b64e
@@ -26,9 +25,6 @@ from modelseal.recipients.base import Stanza
 
 if TYPE_CHECKING:
     from modelseal.recipients.registry import Registry
-
-_RAW = (ser.Encoding.Raw, ser.PublicFormat.Raw)
-
 
 @dataclass(frozen=True)
 class _Kem:
@@ -95,12 +91,12 @@ class HpkeIdentity:
         try:
             if kem is X25519:
                 self._key: object = x25519.X25519PrivateKey.from_private_bytes(secret)
-                public_raw = self._key.public_key().public_bytes(*_RAW)  # type: ignore[attr-defined]
+                public_raw = self._key.public_key().public_bytes_raw()  # type: ignore[attr-defined]
             else:
                 mk = mlkem.MLKEM768PrivateKey.from_seed_bytes(secret[:64])
                 xk = x25519.X25519PrivateKey.from_private_bytes(secret[64:])
                 self._key = hpke.MLKEM768X25519PrivateKey(mk, xk)
-                public_raw = mk.public_key().public_bytes(*_RAW) + xk.public_key().public_bytes(*_RAW)
+                public_raw = mk.public_key().public_bytes_raw() + xk.public_key().public_bytes_raw()
         except ValueError:
             raise KeyFileError(f"malformed {kem.name} identity") from None
         self.recipient = HpkeRecipient(kem, public_raw)

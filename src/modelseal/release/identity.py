@@ -5,7 +5,6 @@ from __future__ import annotations
 from modelseal.errors import FormatError, KeyReleaseError
 from modelseal.recipients.base import Stanza
 from modelseal.recipients.registry import Registry
-from modelseal.release.wire import ask
 
 
 class AgentIdentity:
@@ -28,6 +27,8 @@ class AgentIdentity:
         key_id, model = stanza.get("key_id"), stanza.get("model")
         if not isinstance(key_id, str) or not isinstance(model, str):
             raise FormatError("malformed keyserver stanza: key_id and model must be strings")
+        from modelseal.release.wire import ask  # the socket protocol: imported by the first key asked for
+
         _answer, key = ask(self.socket_path, {"op": "key", "key_id": key_id, "model": model})
         if len(key) != 32:
             raise KeyReleaseError("agent_unavailable", "the agent sent a malformed key")
