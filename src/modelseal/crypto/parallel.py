@@ -1,10 +1,9 @@
 """Run segment jobs on all cores.
 
-``cryptography`` >= 50 releases the GIL inside its one-shot AES-GCM calls (not its streaming
-interface: see ``format/ciphertext.py``), and ``pread`` and ``madvise`` release it too, so plain threads
-scale across cores. A failed job stops the jobs that have not started yet, and :func:`run_all` waits
-for the running ones before it re-raises, so the caller can wipe every output buffer knowing no
-thread still writes into it.
+``cryptography`` >= 50 releases the GIL inside AES-GCM (``pread`` and ``madvise`` release it too), so
+plain threads scale across cores. A failed job stops the jobs that have not started yet, and
+:func:`run_all` waits for the running ones before it re-raises, so the caller can wipe every output
+buffer knowing no thread still writes into it.
 
 The cyclic garbage collector is paused while jobs run. Each segment allocates a few Python objects,
 and in a process holding PyTorch's hundreds of thousands of objects the full collection that these

@@ -8,10 +8,10 @@ because every artifact has its own payload key (see ``keys.py``). The AAD binds 
 version, entry name, segment index and a last-segment flag, so swapping, reordering, truncating or
 extending segments, entries or models is detected.
 
-Decryption writes each segment's plaintext once, into its final buffer: the loader reads the
-segment's ciphertext and tag into a reused buffer (``pread`` from the page cache) and the one-shot
-AEAD call, which releases the GIL, decrypts from there (``format/ciphertext.py`` says why not the
-streaming interface). No plaintext copy is made besides the destination.
+Decryption runs in place: the loader reads a segment's ciphertext straight into its final buffer
+(``pread`` from the page cache) and OpenSSL's streaming GCM interface, which releases the GIL and
+takes the tag separately, turns it into plaintext there. No other copy of the data is made. (OpenSSL
+documents exact in-place operation as supported; only partial overlap is undefined.)
 """
 
 from __future__ import annotations
@@ -107,28 +107,11 @@ class SegmentCipher:
         self._aead.encrypt_into(nonce(seg.ordinal, seg.index), plaintext, self._aad(seg), sealed)
         return sealed
 
-    def decrypt_into(self, seg: Segment, sealed: memoryview, out: memoryview) -> None:
-        """Authenticate one segment and write its plaintext into ``out``.
-
-        ``sealed`` holds the segment's ciphertext followed by its tag (``seg.length + TAG_SIZE``
-        bytes), ``out`` takes ``seg.length`` bytes and may be the front of ``sealed`` (in place). This
-        is the one-shot AEAD call, which releases the GIL, so workers decrypt on all cores at once.
-        On a bad tag ``out`` is zeroed before :class:`AuthenticationError` is raised (OpenSSL has
-        written unauthenticated plaintext there by then), so none survives.
-        """
-        try:
-            self._aead.decrypt_into(nonce(seg.ordinal, seg.index), sealed, self._aad(seg), out)
-        except InvalidTag:
-            wipe(out)
-            raise _failed(seg) from None
-
     def decrypt_in_place(self, seg: Segment, buf: memoryview, tag: bytes) -> None:
-        """Turn one segment's ciphertext in ``buf`` into plaintext there, checking ``tag``.
+        """Turn one segment's ciphertext in ``buf`` into plaintext and check its tag.
 
-        OpenSSL's streaming interface takes the tag apart from the ciphertext, so no buffer besides
-        ``buf`` is needed, but it holds the GIL throughout: for a thread decrypting alone (a load of
-        one segment), where a buffer for :meth:`decrypt_into` would be fresh memory to fault in. On a
-        bad tag ``buf`` is zeroed before :class:`AuthenticationError` is raised.
+        On a bad tag ``buf`` is zeroed before :class:`AuthenticationError` is raised, so no
+        unauthenticated plaintext survives.
         """
         n = len(buf)
         dec = Cipher(algorithms.AES(self._key), modes.GCM(nonce(seg.ordinal, seg.index), tag)).decryptor()
@@ -145,11 +128,7 @@ class SegmentCipher:
             dec.finalize()
         except InvalidTag:
             wipe(buf)
-            raise _failed(seg) from None
-
-
-def _failed(seg: Segment) -> AuthenticationError:
-    return AuthenticationError(
-        f"entry {seg.name!r} segment {seg.index} failed authentication: the file is corrupt, "
-        "tampered with, truncated, or belongs to another model or version"
-    )
+            raise AuthenticationError(
+                f"entry {seg.name!r} segment {seg.index} failed authentication: the file is corrupt, "
+                "tampered with, truncated, or belongs to another model or version"
+            ) from None

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from modelseal import atomicfile
 from modelseal.crypto import keys
 from modelseal.crypto.parallel import run_all, worker_count
@@ -27,7 +25,6 @@ from modelseal.crypto.segments import TAG_SIZE, Segment, SegmentCipher, plan_ent
 from modelseal.encoding import b64d, b64e
 from modelseal.errors import FormatError, ModelsealError, NotSealedError, SignatureError, UsageError
 from modelseal.format import schema
-from modelseal.format.ciphertext import segment_buffer
 from modelseal.format.envelope import Envelope, EnvelopeBuilder
 from modelseal.recipients.base import Identity, Recipient
 
@@ -270,11 +267,12 @@ def _join(threads: list[threading.Thread], stop: threading.Event) -> None:
 # --------------------------------------------------------------------------------------------- reading
 
 def _warm_aes_gcm() -> None:
-    """Decrypt one empty segment at import. OpenSSL fetches and initialises the algorithm on first use,
+    """Make one AES-GCM context at import. OpenSSL fetches and initialises the algorithm on first use,
     which measured 2.5 ms here: paid inside the first load it was the largest part of a small load's fixed
     cost; paid once per process at import, it is not paid by any load."""
-    aead = AESGCM(bytes(32))
-    aead.decrypt_into(bytes(12), aead.encrypt(bytes(12), b"", None), None, bytearray())
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # loaded by segments.py already
+
+    Cipher(algorithms.AES(bytes(32)), modes.GCM(bytes(12), bytes(16))).decryptor()
 
 
 class ByteSource(Protocol):
@@ -427,34 +425,12 @@ class Artifact:
         assert self._tags is not None
         return self._tags[seg.tag_index * TAG_SIZE : (seg.tag_index + 1) * TAG_SIZE]
 
-    def _decrypt(
-        self, cipher: SegmentCipher, seg: Segment, out: memoryview, prepare: Prepare | None = None, alone: bool = False
-    ) -> None:
-        """Read one segment's ciphertext into ``out`` and decrypt it there.
-
-        Workers running side by side read the ciphertext and tag into a reused buffer and decrypt from
-        it, releasing the GIL; a thread decrypting ``alone`` reads straight into ``out`` and decrypts in
-        place (``segments.py``), with no buffer to fault in.
-        """
-        offset = self.payload_offset + seg.offset
+    def _decrypt(self, cipher: SegmentCipher, seg: Segment, out: memoryview, prepare: Prepare | None = None) -> None:
+        """Read one segment's ciphertext into ``out`` and decrypt it there (see ``segments.py``)."""
         if prepare is not None:
             prepare(out)
-        if alone:
-            self._src.read_into(out, offset)
-            cipher.decrypt_in_place(seg, out, self._tag(seg))
-            return
-        with segment_buffer(seg.length) as sealed:
-            self._src.read_into(sealed[: seg.length], offset)
-            sealed[seg.length :] = self._tag(seg)
-            cipher.decrypt_into(seg, sealed, out)
-
-    def _decrypt_arrived(self, cipher: SegmentCipher, seg: Segment, out: memoryview) -> None:
-        """Decrypt one segment whose ciphertext a source has already written into ``out`` (a ranged read
-        lands in the destination): it is copied next to its tag, then decrypted back into ``out``."""
-        with segment_buffer(seg.length) as sealed:
-            sealed[: seg.length] = out
-            sealed[seg.length :] = self._tag(seg)
-            cipher.decrypt_into(seg, sealed, out)
+        self._src.read_into(out, self.payload_offset + seg.offset)
+        cipher.decrypt_in_place(seg, out, self._tag(seg))
 
     def decrypt_many(
         self, jobs: list[tuple[Entry, memoryview]], progress: Progress | None = None, prepare: Prepare | None = None
@@ -492,17 +468,15 @@ class Artifact:
                 if a < b or (lo == hi == start == 0 and seg.length == 0):
                     work.append((seg, out[a - lo : b - lo], a - start))
         local = threading.local()
-        parts = _group(work, self._src.part_size)
-        alone = len(parts) <= 1 or (self._src.workers or worker_count()) <= 1
 
         def one(item: tuple[Segment, memoryview, int]) -> None:
             seg, out, skip = item
             if len(out) == seg.length:
-                self._decrypt(cipher, seg, out, prepare, alone)
+                self._decrypt(cipher, seg, out, prepare)
                 return
             scratch = memoryview(self._scratch(local, seg.length))[: seg.length]
             try:
-                self._decrypt(cipher, seg, scratch, alone=alone)
+                self._decrypt(cipher, seg, scratch)
                 out[:] = scratch[skip : skip + len(out)]
             finally:
                 keys.wipe(scratch)
@@ -519,10 +493,7 @@ class Artifact:
 
             def done(i: int) -> None:
                 seg, out, _skip = items[i]
-                if alone:
-                    cipher.decrypt_in_place(seg, out, self._tag(seg))
-                else:
-                    self._decrypt_arrived(cipher, seg, out)
+                cipher.decrypt_in_place(seg, out, self._tag(seg))
 
             self._src.read_parts(self.payload_offset + items[0][0].offset, outs, done)
 
@@ -532,7 +503,7 @@ class Artifact:
                     self._read_tags()
                 run_all(
                     part,
-                    parts,
+                    _group(work, self._src.part_size),
                     (lambda items: progress(sum(len(i[1]) for i in items))) if progress else None,
                     workers=self._src.workers,
                 )
@@ -589,7 +560,7 @@ class Artifact:
             for s in self.plan(entry):
                 out = view[: s.length]
                 with naming(self.path):
-                    self._decrypt(cipher, s, out, alone=True)
+                    self._decrypt(cipher, s, out)
                 yield out
         finally:
             keys.wipe(buf)
@@ -600,13 +571,11 @@ class Artifact:
         if cipher is None:
             raise UsageError("artifact is locked: call unlock() with an identity first")
         local = threading.local()
-        segments = self._all_segments()
-        alone = len(segments) <= 1 or (self._src.workers or worker_count()) <= 1
 
         def one(seg: Segment) -> None:
             out = memoryview(self._scratch(local, seg.length))[: seg.length]
             try:
-                self._decrypt(cipher, seg, out, alone=alone)
+                self._decrypt(cipher, seg, out)
             finally:
                 keys.wipe(out)
                 out.release()
@@ -614,7 +583,7 @@ class Artifact:
         with naming(self.path):
             self._read_tags()
             tick = (lambda s: progress(s.length)) if progress else None
-            run_all(one, segments, tick, workers=self._src.workers)
+            run_all(one, self._all_segments(), tick, workers=self._src.workers)
 
     def verify_signature(self, trusted: list[str], progress: Progress | None = None) -> str:
         """Check the publisher signature against ``trusted`` keys; needs no data key. Returns the signer."""
