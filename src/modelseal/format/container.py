@@ -700,38 +700,63 @@ def _group(work: list[_Work], part_size: int | None) -> list[list[_Work]]:
 
 @dataclass
 class SourceFile:
-    """A sealed file held open twice: mapped (header, tags, signature pass) and as a descriptor.
+    """A sealed file held open as a descriptor, read with ``pread``; mapped only for a signature pass.
 
-    Bulk decryption reads through the descriptor with ``pread`` straight into the destination
-    buffers: the kernel copies from the page cache, the file is never mapped page by page into the
-    process (its peak memory is the tensors, not tensors plus file), and a failing disk is an error,
-    not a SIGBUS.
+    Bulk decryption reads through the descriptor straight into the destination buffers: the kernel
+    copies from the page cache, the file is never mapped page by page into the process (its peak
+    memory is the tensors, not tensors plus file), and a failing disk is an error, not a SIGBUS. The
+    header and tags are small reads too; only :meth:`Artifact.verify_signature` hashes the ciphertext
+    in place through a mapping, made on first use (mapping and unmapping cost a small load more than
+    its header reads).
     """
 
     path: str
-    mm: mmap.mmap
     fd: int
+    size: int
     part_size: int | None = None  # pread costs no round trip: segment by segment
     workers: int | None = None  # one per core
+    _mm: mmap.mmap | None = None
 
     @property
-    def size(self) -> int:
-        return len(self.mm)
+    def mm(self) -> mmap.mmap:
+        """The whole file mapped read-only (made on first use)."""
+        if self._mm is None:
+            try:
+                self._mm = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
+        return self._mm
 
     def region(self, offset: int, length: int) -> bytes:
-        return self.mm[offset : offset + length]
+        parts, length = [], max(0, min(length, self.size - offset))
+        try:
+            while length > 0:
+                chunk = os.pread(self.fd, length, offset)
+                if not chunk:  # the file shrank since it was opened: the caller finds the bytes missing
+                    break
+                parts.append(chunk)
+                offset, length = offset + len(chunk), length - len(chunk)
+        except OSError as exc:
+            raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
+        return b"".join(parts)
 
     def read_into(self, out: memoryview, offset: int) -> None:
         """Fill ``out`` from ``offset`` of the file."""
+        if self._fill(out, offset) < len(out):
+            raise FormatError(f"{self.path} is shorter than its header says (was it truncated?)")
+
+    def _fill(self, out: memoryview, offset: int) -> int:
+        """Read into ``out`` from ``offset`` until it is full or the file ends; the bytes read."""
         pos = 0
         try:
             while pos < len(out):
                 got = os.preadv(self.fd, [out[pos:]], offset + pos)
                 if got == 0:
-                    raise FormatError(f"{self.path} is shorter than its header says (was it truncated?)")
+                    break
                 pos += got
         except OSError as exc:
             raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
+        return pos
 
     def read_parts(self, offset: int, outs: Sequence[memoryview], done: Callable[[int], None]) -> None:
         for i, out in enumerate(outs):
@@ -748,9 +773,9 @@ class SourceFile:
         """
         first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
         last = (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
+        if last > first and self._mm is not None:
             try:
-                self.mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+                self._mm.madvise(mmap.MADV_DONTNEED, first, last - first)
             except (AttributeError, OSError):  # pragma: no cover - platforms without madvise
                 pass
 
@@ -758,10 +783,11 @@ class SourceFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            self.mm.close()
-        except BufferError:  # a caller still holds a view; the mapping closes when it is released
-            pass
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a caller still holds a view; the mapping closes when it is released
+                pass
 
 
 def map_file(path: str | os.PathLike[str]) -> SourceFile:
@@ -784,13 +810,12 @@ def map_file(path: str | os.PathLike[str]) -> SourceFile:
             raise FormatError(f"{path} is not a sealed modelseal file (not a regular file)")
         if info.st_size == 0:
             raise NotSealedError(f"{path} is not a sealed modelseal file (it is empty)")
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     except BaseException as exc:
         os.close(fd)
         if isinstance(exc, OSError) and not isinstance(exc, ModelsealError):
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
         raise
-    return SourceFile(str(path), mm, fd)
+    return SourceFile(str(path), fd, info.st_size)
 
 
 _warm_aes_gcm()
