@@ -108,10 +108,10 @@ def run_all(
     ``workers`` (default :func:`worker_count`) is how many run at once, the calling thread included: a
     remote source asks for more threads than cores, since each waits on the network most of the time
     (AES-GCM releases the GIL too). The calling thread takes items from the same queue as the pool's
-    threads, so work starts at once, not after a thread has started or woken up (starting the pool's
-    threads on a process's first load measured 1.5 ms). Ctrl-C lands in the calling thread and may cut
-    its current job short; the pool's jobs finish, and nothing is returned or raised before they have:
-    callers wipe every output on any exception.
+    threads, so work starts at once, not after every job was handed over and a thread started or woke
+    up for it (which showed in a small model's first-load profile: docs/benchmarks.md, "Small loads").
+    Ctrl-C lands in the calling thread and may cut its current job short; the pool's jobs finish, and
+    nothing is returned or raised before they have: callers wipe every output on any exception.
     """
     items = list(items)
     wanted = workers if workers and workers > 0 else worker_count()
