@@ -10,6 +10,7 @@ the RIM step, by version, and its measurements differ from those RIMs at named i
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import subprocess
@@ -132,8 +133,8 @@ def test_any_bit_change_in_the_certificate_chain_is_refused_cleanly(data: st.Dat
     damaged[data.draw(st.integers(0, len(damaged) - 1))] ^= 1 << data.draw(st.integers(0, 7))
     try:
         cert = x509.load_der_x509_certificate(bytes(damaged))
-    except ValueError:
-        return  # no longer a certificate: the chain's PEM loader refuses it (test below)
+    except (ValueError, x509.InvalidVersion):
+        return  # no longer a certificate: the chain's PEM loader refuses it (tests below)
     chain = [*CHAIN[:which], cert, *CHAIN[which + 1 :]]
     with pytest.raises(EvidenceError):
         VERIFIER.authenticate(REPORT, chain, AT)
@@ -142,6 +143,20 @@ def test_any_bit_change_in_the_certificate_chain_is_refused_cleanly(data: st.Dat
 def test_a_damaged_pem_chain_is_a_clean_refusal() -> None:
     with pytest.raises(EvidenceError, match="not a PEM certificate chain"):
         load_pem_chain(CHAIN_PEM.replace(b"MII", b"MIJ", 1), "GPU certificate chain")
+
+
+def test_a_certificate_with_a_damaged_version_is_a_clean_refusal() -> None:
+    """cryptography raises x509.InvalidVersion, which is no ValueError, for a version field out of range
+    (found by the bit-flip property test above): a host's evidence must never turn it into a traceback."""
+    ders = [c.public_bytes(serialization.Encoding.DER) for c in CHAIN]
+    v3 = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2: X.509 v3
+    assert v3 in ders[0]
+    ders[0] = ders[0].replace(v3, b"\xa0\x03\x02\x01\x05", 1)
+    pem = b"".join(
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n" for der in ders
+    )
+    with pytest.raises(EvidenceError, match="not a PEM certificate chain"):
+        load_pem_chain(pem, "GPU certificate chain")
 
 
 def test_the_chain_must_end_at_the_pinned_root() -> None:

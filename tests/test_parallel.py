@@ -73,3 +73,58 @@ def test_a_failure_stops_the_queue_and_is_raised_after_the_workers_stopped() -> 
     finished = len(done)
     time.sleep(0.05)
     assert len(done) == finished < 20  # nothing ran on after the raise, and the rest never started
+
+
+def test_ctrl_c_twice_while_waiting_still_waits_for_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review H1/M1: a second Ctrl-C landing while run_all waits for the pool used to escape that wait,
+    and the caller wiped and freed tensors a worker was still decrypting into. Both interrupts now
+    land while it waits, and it still raises only once no job runs."""
+    monkeypatch.setenv("MODELSEAL_THREADS", "2")
+    lock = threading.Lock()
+    running: set[int] = set()
+    pool_started, first_done = threading.Event(), threading.Event()
+
+    def job(item: int) -> None:
+        with lock:
+            running.add(item)
+        try:
+            if threading.current_thread() is threading.main_thread():
+                assert pool_started.wait(10)  # the caller's job ends once the pool's is under way
+                first_done.set()  # and the caller goes on to wait for it
+                return
+            pool_started.set()
+            time.sleep(0.6)  # the pool's job: still running when both interrupts come
+        finally:
+            with lock:
+                running.discard(item)
+
+    def press_twice() -> None:
+        first_done.wait(10)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_twice, daemon=True)
+    presser.start()
+    with pytest.raises(KeyboardInterrupt):
+        parallel.run_all(job, [0, 1])
+    assert not running
+    presser.join(10)
+
+
+def test_a_finished_call_does_not_wait_behind_another_calls_jobs() -> None:
+    """Review L4: a call whose items all ran on its own thread cancels its queued pool task instead of
+    waiting for another call's jobs to free the shared pool (a slow remote load held up a local one)."""
+    release = threading.Event()
+    slow = threading.Thread(target=parallel.run_all, args=(lambda _i: release.wait(20), range(4)), kwargs={"workers": 3})  # noqa: E501
+    slow.start()
+    try:
+        time.sleep(0.2)  # the slow call holds every thread of the shared pool
+        done = threading.Event()
+        fast = threading.Thread(target=lambda: (parallel.run_all(lambda _i: None, range(2), workers=3), done.set()))
+        fast.start()
+        assert done.wait(10), "the finished call waited for the other call's jobs"
+    finally:
+        release.set()
+        slow.join()

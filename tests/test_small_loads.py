@@ -128,3 +128,48 @@ def test_loading_safetensors_imports_no_sealing_or_bundle_code() -> None:
         " if m in sys.modules))\n"
     )
     assert _python(code) == "[]"
+
+
+def test_a_byte_view_keeps_its_tensor_alive() -> None:
+    """Review H1: the writable view a decryption worker fills must own the tensor's memory, so a worker
+    still writing after its load failed never writes into freed memory."""
+    import gc
+    import weakref
+
+    import torch
+
+    from modelseal.load.tensors import memory_of
+
+    tensor = torch.empty(1024, dtype=torch.bfloat16)
+    alive = weakref.ref(tensor)
+    view = memory_of(tensor)
+    del tensor
+    gc.collect()
+    assert alive() is not None and view.nbytes == 2048 and not view.readonly
+    view[:] = b"\x01" * 2048
+    assert bool((alive().view(torch.uint8) == 1).all())  # type: ignore[union-attr]
+    view.release()
+    gc.collect()
+    assert alive() is None
+
+
+def test_an_empty_tensor_with_huge_dimensions_loads(tmp_path: Path) -> None:
+    """Review L2: a zero-size tensor whose shape holds dimensions no tensor could have strides for
+    ([0, 2**62, 2**62]) is valid safetensors; it loads as an empty tensor of that shape (torch.empty of
+    the shape itself raised a bare RuntimeError)."""
+    import json
+    import struct
+
+    import modelseal
+    from modelseal.recipients.hpke import KEMS, HpkeIdentity
+    from modelseal.torch import load_file
+
+    host = HpkeIdentity.generate(KEMS["x25519"])
+    header = json.dumps({"z": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]},
+                         "x": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}}).encode()  # fmt: skip
+    header += b" " * (-len(header) % 8)
+    plain, sealed = tmp_path / "p.safetensors", tmp_path / "s.safetensors"
+    plain.write_bytes(struct.pack("<Q", len(header)) + header + bytes(range(8)))
+    modelseal.seal(plain, sealed, [host.recipient])
+    got = load_file(sealed, identity=host)
+    assert tuple(got["z"].shape) == (0, 2**62, 2**62) and got["x"].tolist() == list(range(8))

@@ -22,8 +22,9 @@ import numpy as np
 
 from modelseal.errors import FormatError
 
-_CHUNK = 1 << 22  # brackets summed per numpy step: bounded memory whatever the document's size
-_SHORT = 512  # up to this many brackets a Python loop is quicker than numpy's per-call cost
+_CHUNK = 1 << 22  # bytes scanned per numpy step: bounded memory whatever the document's size
+_SMALL = 64 << 10  # documents up to this size have their strings dropped first (one regex pass)
+_FEW = 512  # up to this many brackets are summed in Python, more by numpy
 _STRING = re.compile(rb'"[^"]*"')  # once escapes are gone, a string has no quote inside
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 _OPEN = (ord("["), ord("{"))
@@ -47,29 +48,42 @@ def json_depth(data: str | bytes) -> int:
     """The deepest bracket nesting of ``data`` outside strings (exact for valid JSON).
 
     Escapes are removed first (``\\\\`` pairs, then ``\\"``), so every remaining ``"`` opens or closes a
-    string; an unterminated last string is cut off (inside it nothing counts, and ``json.loads`` then
-    refuses it without recursing). Strings are dropped and every byte but a bracket deleted, all in C,
-    which leaves a short string of brackets (a few per tensor of a header): its running sum, ``[`` and
-    ``{`` +1, ``]`` and ``}`` -1, is the depth, taken in Python for a short string and in fixed numpy
-    chunks for a long one (bounded memory, no recursion, linear time however deep the document).
+    string; inside an unterminated last string nothing counts (``json.loads`` then refuses it without
+    recursing). Outside strings ``[`` and ``{`` count +1, ``]`` and ``}`` -1: the running sum is the
+    depth. No recursion, linear time, bounded memory, however deep the document.
     """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     plain = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return _depth_of_small(plain) if len(plain) <= _SMALL else _depth_of_large(plain)
+
+
+def _depth_of_small(plain: bytes) -> int:
+    """For a document of a few KiB (a header, a request): strings dropped and every byte but a
+    bracket deleted, in C; the few brackets left (a handful per tensor) summed in Python. numpy's
+    per-call cost was most of a small load's header check."""
     if plain.count(b'"') % 2:
-        plain = plain[: plain.rindex(b'"')]
+        plain = plain[: plain.rindex(b'"')]  # the unterminated last string
     brackets = _STRING.sub(b"", plain).translate(None, _NOT_BRACKET)
-    if len(brackets) <= _SHORT:
-        depth = deepest = 0
-        for b in brackets:
-            depth += 1 if b in _OPEN else -1
-            deepest = max(deepest, depth)
-        return deepest
+    if len(brackets) > _FEW:  # a document of brackets: numpy, once
+        return max(0, int(np.cumsum(_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int32).max()))
     depth = deepest = 0
-    for at in range(0, len(brackets), _CHUNK):
-        chunk = np.frombuffer(brackets, dtype=np.uint8, count=min(_CHUNK, len(brackets) - at), offset=at)
-        levels = np.cumsum(_STEP[chunk], dtype=np.int32) + depth
+    for b in brackets:
+        depth += 1 if b in _OPEN else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _depth_of_large(plain: bytes) -> int:
+    """For a large document: the parity of the quotes so far tells which bytes lie inside strings, in
+    fixed numpy chunks (one regex match per string would cost several times as much on a body of
+    many short strings)."""
+    quotes = depth = deepest = 0
+    for at in range(0, len(plain), _CHUNK):
+        chunk = np.frombuffer(plain, dtype=np.uint8, count=min(_CHUNK, len(plain) - at), offset=at)
+        in_string = (np.cumsum(chunk == ord('"'), dtype=np.uint8) + quotes) & 1  # parity survives a wrap
+        levels = np.cumsum(np.where(in_string, 0, _STEP[chunk]), dtype=np.int32) + depth
         deepest = max(deepest, int(levels.max()))
-        depth = int(levels[-1])
+        quotes, depth = int(in_string[-1]), int(levels[-1])
     return deepest
 
 

@@ -23,7 +23,14 @@ from modelseal.errors import UsageError
 MAX_CHAIN = 8
 MAX_CERTIFICATE = 8 * 1024  # NVIDIA's, AMD's and Intel's are 0.5-2 KiB
 # what cryptography raises on a damaged certificate's lazily parsed fields (extensions, names, keys)
-MALFORMED = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+MALFORMED = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    x509.InvalidVersion,  # a damaged version field: raised while loading, and not a ValueError
+)
 MAX_PEM = 64 * 1024
 
 
@@ -74,7 +81,7 @@ def load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
         raise EvidenceError(f"the {what} is {len(pem)} bytes, more than {MAX_PEM}")
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise EvidenceError(f"the {what} is not a PEM certificate chain: {exc}") from None
     if len(certs) > MAX_CHAIN:
         raise EvidenceError(f"the {what} has {len(certs)} certificates, more than {MAX_CHAIN}")

@@ -387,7 +387,7 @@ def _read_pem_setting(settings: Mapping[str, Any], name: str, base: Path | None,
         x509.load_pem_x509_certificate(data)
     except OSError as exc:
         raise UsageError(f"[attestation] {name}: cannot read {path}: {exc.strerror}") from None
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise UsageError(f"[attestation] {name}: {path} is not a PEM certificate") from None
     return data
 

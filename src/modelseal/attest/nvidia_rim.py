@@ -220,7 +220,7 @@ def _certificates(signature: Any, what: str) -> list[x509.Certificate]:
             if len(der) > MAX_CERTIFICATE:
                 raise ValueError(f"{len(der)} bytes, more than {MAX_CERTIFICATE}")
             certs.append(x509.load_der_x509_certificate(der))
-        except (binascii.Error, ValueError) as exc:
+        except (binascii.Error, ValueError, x509.InvalidVersion) as exc:
             raise EvidenceError(f"{what}: certificate {n} in the signature is malformed ({one_line(exc)})") from None
     return certs
 

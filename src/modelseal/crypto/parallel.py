@@ -122,14 +122,14 @@ def run_all(
             if progress:
                 progress(item)
         return
-    stop = threading.Event()
+    stopped = [False]  # one store, which a signal cannot cut in half (Event.set runs Python code)
     errors: list[BaseException] = []
     queue = iter(items)
     taking = threading.Lock()
 
     def drain() -> None:
         """Run items off the shared queue until it is empty or some job failed."""
-        while not stop.is_set():
+        while not stopped[0]:
             with taking:
                 item = next(queue, _END)
             if item is _END:
@@ -140,21 +140,31 @@ def run_all(
                     progress(item)  # type: ignore[arg-type]
             except BaseException as exc:
                 errors.append(exc)
-                stop.set()
+                stopped[0] = True
                 return
 
+    interrupted: BaseException | None = None
     with _collector_paused():
         pool = _executor(wanted - 1)  # one pool per width asked for, whatever the number of items
         futures = [pool.submit(drain) for _ in range(width - 1)]
         try:
-            drain()
-        finally:  # the queue is empty, a job failed or Ctrl-C came: stop handing out items, let jobs end
-            stop.set()
+            try:
+                drain()
+            finally:  # the queue is empty, a job failed or Ctrl-C came: hand out no more items
+                stopped[0] = True
+                # one still queued (behind another load's jobs) has nothing left to do: cancelled, it never
+                # runs, and is not waited for (wait() counts it done only once a worker has dequeued it)
+                futures = [future for future in futures if not future.cancel()]
+        except BaseException as exc:  # Ctrl-C outside a job
+            interrupted = exc
+        while True:  # never leave while a job runs: the caller may close the file or wipe its buffers next
             try:
                 wait(futures)
-            except BaseException:
-                wait(futures)  # the caller may close the file or wipe the buffer these jobs write into
-                raise
+                break
+            except BaseException as exc:  # Ctrl-C again while waiting: keep waiting, raise it afterwards
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
     if errors:
         raise errors[0]
 

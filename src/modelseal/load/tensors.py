@@ -66,18 +66,16 @@ def memory_of(tensor: Any) -> memoryview:
 
     ``tensor.view(torch.uint8).numpy()`` costs three torch calls per tensor, and each kind of call pays
     a one-time set-up in a fresh process (about 0.3 ms in all for a small model's first load). The view
-    does not keep the tensor alive: callers hold the tensor for as long as they use it.
+    is of a ctypes array over the tensor's memory that holds a reference to the tensor, so the memory
+    outlives every view of it: a decryption worker still writing when its load has already failed
+    never writes into freed memory.
     """
     nbytes = tensor.nbytes
     if nbytes == 0:
         return memoryview(bytearray())
-    return _memory_from_pointer(tensor.data_ptr(), nbytes, _PYBUF_WRITE)
-
-
-_PYBUF_WRITE = 0x200
-_memory_from_pointer = ctypes.pythonapi.PyMemoryView_FromMemory
-_memory_from_pointer.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
-_memory_from_pointer.restype = ctypes.py_object
+    array = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
+    array._owner = tensor  # type: ignore[attr-defined]
+    return memoryview(array).cast("B")
 
 
 def allocate(entries: Sequence[Entry], framework: str, pin: bool = False) -> list[tuple[Any, memoryview]]:
@@ -102,6 +100,9 @@ def allocate(entries: Sequence[Entry], framework: str, pin: bool = False) -> lis
     if buf is None:  # the usual case: one allocation per tensor, already of its dtype and shape
         made = []
         for e in entries:
+            if not e.length:  # an empty tensor: its shape may hold huge dimensions beside a 0 (no strides)
+                made.append(_with_view(e, torch.empty(0, dtype=torch.uint8, device="cpu"), "pt"))
+                continue
             t = torch.empty(e.info["shape"], dtype=_torch_dtype(e.info["dtype"]), device="cpu", pin_memory=pin)
             made.append((t, memory_of(t)))
         return made
