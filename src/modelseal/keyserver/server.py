@@ -158,7 +158,7 @@ def public_url(cfg: KeyServerConfig) -> str:
     try:
         cert = x509.load_pem_x509_certificate(cfg.tls_cert.read_bytes()) if cfg.tls_cert else None
         names = list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value) if cert else []
-    except (OSError, ValueError, x509.ExtensionNotFound):
+    except (OSError, ValueError, x509.InvalidVersion, x509.ExtensionNotFound):
         names = []
     covered = [str(n.value) for n in names if isinstance(n, (x509.DNSName, x509.IPAddress))]
     covered = [n for n in covered if not n.startswith("*")]  # a wildcard names no host to print
