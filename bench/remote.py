@@ -1,14 +1,16 @@
 """Loading over loopback from an HTTP range server and an S3-compatible server, same run, interleaved.
 
 Servers (real processes): ``tests/remote_servers.py`` (aiohttp; honest answers use aiohttp's own
-FileResponse with Range and sendfile; ``--rate`` shapes it to a bandwidth) and ``moto_server`` (S3).
-Each load runs in a fresh child process, timed inside it from the first request to every tensor
-materialised (the identity or key is ready before). Methods:
+FileResponse with Range and sendfile; ``--rate`` shapes it to a bandwidth) and, for S3, ``moto_server`` or
+npm's s3rver (``--s3rver PATH``). Each load runs in a fresh child process, timed inside it from the first
+request to every tensor materialised (the identity or key is ready before), and must return every tensor of
+the file. Methods:
 
 - ``plain``: plaintext safetensors fetched whole (httpx GET / boto3 get_object) and loaded
   (``safetensors.torch.load``: the tensors are copies, materialised);
 - ``modelseal``: ``modelseal.torch.load_file(URL)``: sealed, streamed by ranges, decrypted in place;
-- ``tensorizer``: tensorizer 2.12.1's encrypted file streamed from the same server (its curl stream);
+- ``tensorizer``: tensorizer 2.12.1's encrypted file streamed from the same server (its curl stream; for
+  ``s3://``, its own S3 support: ``open_stream`` with the same endpoint and keys presigns a URL for that stream);
 - ``runai``: runai-model-streamer 0.17.1, plaintext safetensors, S3 only (it has no HTTP backend).
 
 Ratios are each load's time over the plain load of the same round and server; medians over rounds.
@@ -201,17 +203,21 @@ def start_s3(root: Path, files: list[str], s3rver: str = "") -> tuple[subprocess
     return proc, "s3://bench/"
 
 
-def run_child(method: str, url: str, secret: str, env: dict[str, str] | None = None) -> float:
-    return child_times(method, url, secret, env)[0]
+def run_child(method: str, url: str, secret: str, env: dict[str, str] | None = None, tensors: int = -1) -> float:
+    return child_times(method, url, secret, env, tensors)[0]
 
 
-def child_times(method: str, url: str, secret: str, env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of all the child's threads) of one timed load or upload."""
+def child_times(method: str, url: str, secret: str, env: dict[str, str] | None = None,
+                tensors: int = -1) -> tuple[float, float]:  # fmt: skip
+    """(wall seconds, CPU seconds of all the child's threads) of one timed load or upload; a load must return
+    ``tensors`` tensors when that is given."""
     proc = subprocess.run([sys.executable, "-c", CHILD, method, url, secret], capture_output=True, text=True,
                           timeout=900, env={**os.environ, **(env or {})})  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"{method} {url}: {proc.stderr.strip().splitlines()[-1:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if tensors >= 0 and out["tensors"] != tensors:
+        raise RuntimeError(f"{method} {url}: {out['tensors']} tensors, not {tensors}")
     return float(out["seconds"]), float(out["cpu"])
 
 
@@ -281,7 +287,7 @@ def main() -> None:
                                 env = {"MODELSEAL_REMOTE_PART_SIZE": args.s3_part_size,
                                        "MODELSEAL_REMOTE_CONCURRENCY": args.s3_concurrency}  # fmt: skip
                             try:
-                                got[m] = run_child(m, url, secret, env)
+                                got[m] = run_child(m, url, secret, env, max(1, size // 16))
                             except RuntimeError as exc:  # reported, and not tried again on this server
                                 print(f"# {exc}", file=sys.stderr)
                                 failed.add((server, m))
