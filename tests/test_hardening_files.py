@@ -182,8 +182,11 @@ def test_full_disk_leaves_nothing(work: Path, tmp_path: Path, sealed_file: Path,
 
 SIGNAL_CHILD = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
+    # as a fresh login would have them: a test run started under nohup passes SIGHUP on ignored
+    for name in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGALRM"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
     from modelseal.sealing.operations import open_to_disk
     from modelseal.sealing.writer import seal
 
