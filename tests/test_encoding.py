@@ -24,7 +24,7 @@ def _reference(text: str) -> bytes | None:
     return raw if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == text else None
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/= \n.é", max_size=24))
 def test_decoder_agrees_with_the_reference(text: str) -> None:
     expected = _reference(text)

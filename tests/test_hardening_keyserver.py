@@ -524,7 +524,7 @@ def test_json_depth_scan_is_exact_and_strings_do_not_count(value: Any) -> None:
     assert loads_bounded(text, max_bytes=1 << 20, max_depth=_depth(value), what="doc") == value
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(value=_JSON, junk=st.text(alphabet='[]{}"\\ab', max_size=12))
 def test_json_depth_small_and_large_scans_agree(value: Any, junk: str) -> None:
     """A header or request (up to 64 KiB) is scanned by dropping its strings; a larger body by the
