@@ -64,8 +64,8 @@ def _depth_of_small(plain: bytes) -> int:
     if plain.count(b'"') % 2:
         plain = plain[: plain.rindex(b'"')]  # the unterminated last string
     brackets = _STRING.sub(b"", plain).translate(None, _NOT_BRACKET)
-    if len(brackets) > _FEW:  # a document of brackets: numpy, once
-        return max(0, int(np.cumsum(_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int32).max()))
+    if len(brackets) > _FEW:  # a document of brackets: numpy (no quotes are left, so no string either)
+        return _depth_of_large(brackets)
     depth = deepest = 0
     for b in brackets:
         depth += 1 if b in _OPEN else -1

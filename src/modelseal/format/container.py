@@ -728,17 +728,10 @@ class SourceFile:
         return self._mm
 
     def region(self, offset: int, length: int) -> bytes:
-        parts, length = [], max(0, min(length, self.size - offset))
-        try:
-            while length > 0:
-                chunk = os.pread(self.fd, length, offset)
-                if not chunk:  # the file shrank since it was opened: the caller finds the bytes missing
-                    break
-                parts.append(chunk)
-                offset, length = offset + len(chunk), length - len(chunk)
-        except OSError as exc:
-            raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
-        return b"".join(parts)
+        buf = bytearray(max(0, min(length, self.size - offset)))
+        with memoryview(buf) as view:
+            got = self._fill(view, offset)  # short only if the file shrank since it was opened
+        return bytes(buf[:got])
 
     def read_into(self, out: memoryview, offset: int) -> None:
         """Fill ``out`` from ``offset`` of the file."""

@@ -26,6 +26,7 @@ from modelseal.recipients.base import Stanza
 if TYPE_CHECKING:
     from modelseal.recipients.registry import Registry
 
+
 @dataclass(frozen=True)
 class _Kem:
     name: str  # recipient-string prefix and stanza type
