@@ -506,3 +506,19 @@ def test_pki_issue_does_not_write_through_a_planted_link(tmp_path: Path, planted
         pki.issue(tmp_path / "ca", "host", force=True)
     assert victim.read_text() == "do not touch"
     assert not [p.name for p in (tmp_path / "ca").iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_file_cut_short_after_it_was_opened_is_a_clean_error(tmp_path: Path, host: HpkeIdentity) -> None:
+    """The sealed file is read with pread only (no mapping, which would SIGBUS on the missing pages): a
+    file truncated between open and load is a FormatError naming it, and no tensor is returned."""
+    from modelseal.errors import FormatError
+    from modelseal.load.artifacts import open_artifact
+    from modelseal.load.tensors import decrypt_tensors
+
+    plain, sealed = tmp_path / "p.safetensors", tmp_path / "s.safetensors"
+    save_file({"w": np.arange(1 << 18, dtype=np.float32)}, str(plain))
+    modelseal.seal(plain, sealed, [host.recipient])
+    with open_artifact(sealed, host) as art:
+        os.truncate(sealed, art.payload_offset + 4096)
+        with pytest.raises(FormatError, match="shorter than its header says"):
+            decrypt_tensors(art, art.entries, "np")  # type: ignore[arg-type]
