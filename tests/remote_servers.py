@@ -174,6 +174,95 @@ def range_server(root: Path, behaviour: Behaviour | None = None,
         loop.close()
 
 
+Answer = Any  # Callable[[socket.socket, bytes, int], bool]: (connection, request head, n-th request on it)
+
+
+@contextmanager
+def scripted_server(answer: Answer) -> Iterator[str]:
+    """A raw HTTP/1.1 server on a free loopback port whose answers are written byte by byte by ``answer``
+    (wrong, trickled, cut off or kept alive as a test needs): its base URL. ``answer`` gets each request's
+    head (request line and headers) and how many requests came before it on the same connection, and returns
+    whether to keep the connection for another request."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            buf, n = b"", 0
+            while not stop.is_set():
+                while b"\r\n\r\n" not in buf:
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                try:
+                    if not answer(conn, head, n):
+                        return
+                except OSError:  # the client hung up (a test's deadline, say)
+                    return
+                n += 1
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _addr = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        stop.set()
+        listener.close()
+
+
+@contextmanager
+def forward_proxy(credentials: str, log: Path) -> Iterator[str]:
+    """proxy.py (a real forward proxy from the package index: ``CONNECT`` tunnels and absolute-form requests)
+    on a free loopback port, requiring HTTP Basic ``credentials`` (``user:password``); its access log goes to
+    ``log``. Its URL, without the credentials."""
+    import subprocess
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port), "--basic-auth",
+           credentials, "--num-workers", "1", "--num-acceptors", "1"]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise RuntimeError(f"proxy.py exited at start: {log.read_text()[-2000:]}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def went_through(log: Path, line: str) -> bool:
+    """Whether proxy.py logged ``line``. It logs a connection when the connection ends, so this process's
+    kept-alive range connections are closed first."""
+    from modelseal.load.remote.config import settings
+    from modelseal.load.remote.http import pool
+
+    pool(settings()).close()
+    for _ in range(100):
+        if line in log.read_text():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @contextmanager
 def s3_server() -> Iterator[str]:
     """moto's S3 server (``ThreadedMotoServer``) on a free loopback port: its endpoint URL."""

@@ -28,7 +28,7 @@ import modelseal.numpy
 from modelseal.errors import UsageError
 from modelseal.recipients.hpke import HpkeIdentity
 
-from .remote_servers import Behaviour, range_server
+from .remote_servers import Behaviour, forward_proxy, range_server, went_through
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cr3t-token-value"  # a test token
@@ -117,7 +117,8 @@ def same(got: dict[str, np.ndarray]) -> None:
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, pki: Pki) -> Iterator[pytest.MonkeyPatch]:
     for name in ("MODELSEAL_HTTP_BEARER_TOKEN", "MODELSEAL_HTTP_TOKEN_FILE", "MODELSEAL_HTTP_TOKEN_HOSTS",
-                 "MODELSEAL_HTTP_CLIENT_CERT", "MODELSEAL_HTTP_CLIENT_KEY", "HTTPS_PROXY", "https_proxy"):
+                 "MODELSEAL_HTTP_CLIENT_CERT", "MODELSEAL_HTTP_CLIENT_KEY", "HTTPS_PROXY", "https_proxy", "NO_PROXY",
+                 "no_proxy"):
         monkeypatch.delenv(name, raising=False)  # fmt: skip
     monkeypatch.setenv("MODELSEAL_HTTP_CA_BUNDLE", str(pki.ca))
     monkeypatch.setenv("MODELSEAL_REMOTE_RETRIES", "1")
@@ -199,3 +200,28 @@ def test_an_untrusted_server_certificate_is_one_line(site: Path, pki: Pki, host:
         with pytest.raises(UsageError, match="TLS certificate does not name this host"):
             modelseal.numpy.load_file(url.replace("127.0.0.1", "localhost") + "w.sealed.safetensors", identity=host)
         assert behaviour.auth_seen == []
+
+
+def test_https_through_a_connect_proxy(site: Path, pki: Pki, host: HpkeIdentity, env: pytest.MonkeyPatch,
+                                       tmp_path: Path) -> None:  # fmt: skip
+    """$HTTPS_PROXY: a CONNECT tunnel through proxy.py (a real proxy), with its credentials. The server's
+    certificate is still checked against the target's name, so the proxy cannot stand in for the server, and
+    the bearer token only ever travels inside the tunnel."""
+    log = tmp_path / "proxy.log"
+    with range_server(site, Behaviour(token=TOKEN), tls=pki.server_context(False)) as (url, behaviour), \
+            forward_proxy("bob:pw", log) as proxy:  # fmt: skip
+        env.setenv("MODELSEAL_HTTP_TOKEN_HOSTS", host_port(url))
+        env.setenv("MODELSEAL_HTTP_BEARER_TOKEN", TOKEN)
+        env.setenv("https_proxy", proxy.replace("//", "//bob:pw@"))
+        same(modelseal.numpy.load_file(url + "w.sealed.safetensors", identity=host))
+        assert set(behaviour.auth_seen) == {f"Bearer {TOKEN}"}
+        assert went_through(log, f"CONNECT {host_port(url)}")
+        assert TOKEN not in log.read_text()
+        env.setenv("MODELSEAL_HTTP_CA_BUNDLE", str(pki.rogue_ca))
+        with pytest.raises(UsageError, match="TLS certificate is not trusted"):
+            modelseal.numpy.load_file(url + "w.sealed.safetensors", identity=host)
+        env.setenv("MODELSEAL_HTTP_CA_BUNDLE", str(pki.ca))
+        env.setenv("https_proxy", proxy.replace("//", "//bob:nope@"))
+        with pytest.raises(UsageError, match=r"the proxy wants credentials \(HTTP 407\)") as e:
+            modelseal.numpy.load_file(url + "w.sealed.safetensors", identity=host)
+        assert "nope" not in str(e.value) and "retries" not in str(e.value)

@@ -53,7 +53,7 @@ def open_source(path: str | os.PathLike[str]) -> ByteSource:
     """A local file (mapped) or, for ``s3://``, ``https://`` and ``http://`` strings, a remote object
     (``load/remote``: its header read into memory, its payload by ranges)."""
     if is_remote(path):
-        from modelseal.load.remote.source import RemoteSource  # httpx is imported only for a URL
+        from modelseal.load.remote.source import RemoteSource  # imported only for a URL
 
         return RemoteSource(str(path))
     return map_file(path)  # refuses FIFOs, devices and directories without blocking on them

@@ -1,4 +1,4 @@
-"""Range GETs over HTTP(S) with httpx: checked, retried, written straight into the caller's buffers.
+"""Range GETs over HTTP(S): checked, retried, read straight into the caller's buffers.
 
 Every response must be exactly the range asked for: ``206 Partial Content`` whose ``Content-Range`` names
 the same first and last byte and the same object size as every earlier response, a ``Content-Length``
@@ -8,34 +8,44 @@ URL, so a misbehaving server or proxy is an error, never bytes at the wrong plac
 are authenticated anyway, segment by segment, when they are decrypted.)
 
 Transient failures (a connection refused or reset, a timeout, a body cut off, 408, 429 and 5xx answers)
-are retried with bounded exponential backoff; a retry resumes at the first byte not yet received.
+are retried with bounded exponential backoff; a retry resumes at the first byte not yet received. The
+connections, proxies and the per-request deadline are ``connections.py``'s.
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import random
 import re
 import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from urllib.parse import urlsplit
-
-import httpx
+from typing import NoReturn
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from modelseal.errors import FormatError, UsageError
 from modelseal.load.remote.config import CA_BUNDLE_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV, TOKEN_ENV, RemoteSettings
+from modelseal.load.remote.connections import Exchange, Origin, Pool, deadlines
+from modelseal.version import __version__
 
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20})")  # int() of 5,000 digits raises
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _BACKOFF_CAP = 2.0  # seconds; the first retry waits about 0.1 s
+_URL_SAFE = "/%!$&'()*+,;=:@-._~?"  # what a request target may hold as it is; anything else is %-escaped
 MIN_RATE = 256 << 10  # bytes/s: a range arriving slower than this (after the timeout's allowance) is retried
+_PROXY_HINT = "give them in the proxy's URL ($HTTPS_PROXY or $HTTP_PROXY: http://user:password@host:port)"
 UrlFor = Callable[[], str]
 """The URL to request now (an S3 source presigns again when its URL gets old)."""
 
 
 class _TransientError(Exception):
     """A failure worth retrying (its message says what happened)."""
+
+
+class _StaleConnectionError(Exception):
+    """A kept-alive connection the server had closed just before the request went out: try a new one."""
 
 
 def _ssl_context(s: RemoteSettings) -> ssl.SSLContext:
@@ -51,7 +61,7 @@ def _ssl_context(s: RemoteSettings) -> ssl.SSLContext:
 
 def _tls_refusal(exc: BaseException, name: str, has_cert: bool) -> UsageError | None:
     """One line for a failed TLS handshake, saying which side refused and what to set; None if it was not
-    one. The ``ssl`` error is found in the exception's chain (httpx wraps httpcore's, which wraps it)."""
+    one. The ``ssl`` error is looked for in the exception's chain as well."""
     seen: BaseException | None = exc
     tls: ssl.SSLError | None = None
     while seen is not None and tls is None:
@@ -77,22 +87,16 @@ def _tls_refusal(exc: BaseException, name: str, has_cert: bool) -> UsageError | 
     return None
 
 
-_clients: dict[RemoteSettings, httpx.Client] = {}
-_clients_lock = threading.Lock()
+_pools: dict[RemoteSettings, Pool] = {}
+_pools_lock = threading.Lock()
 
 
-def client(s: RemoteSettings) -> httpx.Client:
-    """The process's pooled client for these settings (kept connections serve every later load)."""
-    with _clients_lock:
-        found = _clients.get(s)
+def pool(s: RemoteSettings) -> Pool:
+    """The process's connection pool for these settings (kept connections serve every later load)."""
+    with _pools_lock:
+        found = _pools.get(s)
         if found is None:
-            found = _clients[s] = httpx.Client(
-                verify=_ssl_context(s),
-                timeout=httpx.Timeout(s.timeout),
-                limits=httpx.Limits(max_connections=s.concurrency + 4, max_keepalive_connections=s.concurrency + 4),
-                follow_redirects=False,  # a redirect is refused: it could downgrade to http:// or reach inside
-                trust_env=True,  # HTTPS_PROXY / NO_PROXY as usual
-            )
+            found = _pools[s] = Pool(lambda: _ssl_context(s), s.timeout, keep=s.concurrency + 4)
         return found
 
 
@@ -103,6 +107,44 @@ def _origin(parts: object) -> str:
     return f"{host}:{port}" if port else host
 
 
+def _where(parts: SplitResult, name: str) -> tuple[Origin, str]:
+    """The origin and request target (path and query, escaped where they must be) of a URL."""
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"cannot read {name}: the URL has an invalid port") from None
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"cannot read {name}: not an http:// or https:// URL with a host")
+    query = f"?{quote(parts.query, safe=_URL_SAFE)}" if parts.query else ""
+    target = quote(parts.path or "/", safe=_URL_SAFE) + query
+    return Origin(scheme, parts.hostname, port or (443 if scheme == "https" else 80)), target
+
+
+class _Cursor:
+    """Where the next received byte goes: consecutive buffers filled in order, ``done(i)`` called as
+    buffer ``i`` completes. A retry resumes at :attr:`offset`."""
+
+    def __init__(self, outs: Sequence[memoryview], done: Callable[[int], None] | None = None) -> None:
+        self.outs, self._done = outs, done
+        self.index = self.filled = self.offset = 0
+        self._next()
+
+    def space(self) -> memoryview:
+        return self.outs[self.index][self.filled :]
+
+    def advance(self, n: int) -> None:
+        self.filled += n
+        self.offset += n
+        self._next()
+
+    def _next(self) -> None:
+        while self.index < len(self.outs) and self.filled == len(self.outs[self.index]):
+            if self._done is not None:
+                self._done(self.index)
+            self.index, self.filled = self.index + 1, 0
+
+
 class RangeReader:
     """Ranged reads of one object at ``url()``; its size is learnt from the first answer and held to."""
 
@@ -110,59 +152,89 @@ class RangeReader:
         self._url = url
         self.name = name
         self._settings = s
-        self._client = client(s)
-        self._headers = {"Accept-Encoding": "identity", **(headers or {})}
+        self._pool = pool(s)
+        self._headers = {"Accept-Encoding": "identity", "User-Agent": f"modelseal/{__version__}", **(headers or {})}
         target = urlsplit(url())
         self._https = target.scheme.lower() == "https"
         if s.token and target.scheme.lower() == "https" and _origin(target) in s.token_hosts:
             self._headers["Authorization"] = f"Bearer {s.token}"
+        elif target.username is not None:  # credentials in the URL: HTTP Basic, as browsers and curl send them
+            pair = f"{unquote(target.username)}:{unquote(target.password or '')}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
         self.size: int | None = None
 
     # -- one request
-    def _get(self, first: int, last: int, sink: Callable[[memoryview], None], clamp: bool) -> tuple[int, int]:
-        """GET bytes ``first..last`` (inclusive) and feed the body to ``sink``; (first, last) received.
+    def _get(self, first: int, last: int, into: _Cursor, clamp: bool) -> None:
+        """GET bytes ``first..last`` (inclusive) into ``into``.
 
         With ``clamp`` the server may end the range early at the end of the object (the first read,
         before the size is known); otherwise it must be exactly the range asked for.
         """
-        started = time.monotonic()
+        origin, target = _where(urlsplit(self._url()), self.name)
+        # the whole request is bounded: a server trickling a byte a second would never hit a read timeout
+        deadline = time.monotonic() + self._settings.timeout + (last - first + 1) / MIN_RATE
         try:
-            with self._client.stream(
-                "GET", self._url(), headers={**self._headers, "Range": f"bytes={first}-{last}"}
-            ) as r:
-                got = self._check(r, first, last, clamp)
-                want = got[1] - got[0] + 1
-                # the timeout is between bytes: a server trickling a byte a second would never time out
-                deadline = started + self._settings.timeout + want / MIN_RATE
-                n = 0
-                for chunk in r.iter_raw():
-                    n += len(chunk)
-                    if n > want:
-                        raise FormatError(f"{self.name}: the server sent more bytes than the range it announced")
-                    sink(memoryview(chunk))
-                    if time.monotonic() > deadline:
-                        raise _TransientError(f"the server sent bytes {got[0]}-{got[1]} slower than "
-                                              f"{MIN_RATE >> 10} KiB/s")  # fmt: skip
-                if n < want:
-                    raise FormatError(
-                        f"{self.name}: the server's answer for bytes {got[0]}-{got[1]} ended after {n} of {want} bytes"
-                    )
-                return got
-        except httpx.TransportError as exc:
-            refused = _tls_refusal(exc, self.name, bool(self._settings.client_cert))
-            if refused is not None:  # a TLS refusal is not transient: retrying cannot change the certificates
-                raise refused from None
-            what = type(exc).__name__ + (f" ({exc})" if str(exc) else "")
-            if isinstance(exc, httpx.RemoteProtocolError) and self._https and not self._settings.client_cert:
-                # TLS 1.3: a server that wants a client certificate checks it after the handshake and hangs up
-                what += (f"; if the server requires a client certificate (mTLS), set ${CLIENT_CERT_ENV} and "
-                         f"${CLIENT_KEY_ENV}")  # fmt: skip
-            raise _TransientError(what) from None
-        except httpx.HTTPError as exc:  # not a transport failure (a malformed URL or answer): one line
+            try:
+                self._exchange(self._pool.open(origin, target), origin, first, last, into, clamp, deadline)
+            except _StaleConnectionError:
+                self._exchange(self._pool.open(origin, target, fresh=True), origin, first, last, into, clamp,
+                               deadline)  # fmt: skip
+        except (OSError, http.client.HTTPException) as exc:
+            self._failed(exc)
+        except ValueError as exc:  # a URL or header http.client refuses to send (control characters, non-Latin-1)
             raise UsageError(f"cannot read {self.name}: {type(exc).__name__}") from None
 
-    def _check(self, r: httpx.Response, first: int, last: int, clamp: bool) -> tuple[int, int]:
-        status = r.status_code
+    def _failed(self, exc: OSError | http.client.HTTPException) -> NoReturn:
+        refused = _tls_refusal(exc, self.name, bool(self._settings.client_cert))
+        if refused is not None:  # a TLS refusal is not transient: retrying cannot change the certificates
+            raise refused from None
+        if str(exc).startswith("Tunnel connection failed: 407"):  # http.client's words for a refused CONNECT
+            raise UsageError(f"cannot read {self.name}: the proxy wants credentials (HTTP 407): {_PROXY_HINT}")
+        what = type(exc).__name__ + (f" ({str(exc)[:200]})" if str(exc) else "")
+        if isinstance(exc, ConnectionError) and self._https and not self._settings.client_cert:
+            # TLS 1.3: a server that wants a client certificate checks it after the handshake and hangs up
+            what += (f"; if the server requires a client certificate (mTLS), set ${CLIENT_CERT_ENV} and "
+                     f"${CLIENT_KEY_ENV}")  # fmt: skip
+        raise _TransientError(what) from None
+
+    def _exchange(self, ex: Exchange, origin: Origin, first: int, last: int, into: _Cursor, clamp: bool,
+                  deadline: float) -> None:  # fmt: skip
+        """One request and its answer on ``ex``'s connection, which goes back to the pool only if the answer
+        was read to its end and the deadline did not cut it."""
+        assert ex.conn.sock is not None  # open() connects
+        token = deadlines.watch(ex.conn.sock, deadline)
+        try:
+            headers = {**self._headers, **ex.proxy_headers, "Range": f"bytes={first}-{last}"}
+            try:
+                ex.conn.request("GET", ex.target, headers=headers)
+                r = ex.conn.getresponse()
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                if not ex.reused:
+                    raise
+                raise _StaleConnectionError from None
+            got = self._check(r, first, last, clamp)
+            want, n = got[1] - got[0] + 1, 0
+            while n < want:
+                k = r.readinto(into.space()[: want - n])
+                if not k:
+                    raise _TransientError(f"the answer for bytes {got[0]}-{got[1]} was cut off after {n} of "
+                                          f"{want} bytes")  # fmt: skip
+                into.advance(k)
+                n += k
+            if r.read(1):  # nothing may follow (a body without a length, or chunked, ends here)
+                raise FormatError(f"{self.name}: the server sent more bytes than the range it announced")
+        except BaseException as exc:
+            cut = deadlines.clear(token)
+            ex.conn.close()
+            if cut and isinstance(exc, Exception):
+                raise _TransientError(f"the server sent bytes {first}-{last} slower than {MIN_RATE >> 10} KiB/s "
+                                      "(after the timeout's allowance)") from None  # fmt: skip
+            raise
+        cut = deadlines.clear(token)
+        self._pool.release(origin, ex.conn, reusable=not cut)
+
+    def _check(self, r: http.client.HTTPResponse, first: int, last: int, clamp: bool) -> tuple[int, int]:
+        status = r.status
         if status in _RETRY_STATUS:
             raise _TransientError(f"HTTP {status}")
         if status == 200:
@@ -175,6 +247,8 @@ class RangeReader:
         if status in (401, 403):
             hint = "check the AWS credentials" if self.name.startswith("s3://") else f"set ${TOKEN_ENV} or mTLS"
             raise UsageError(f"{self.name}: access denied (HTTP {status}): {hint}")
+        if status == 407:
+            raise UsageError(f"{self.name}: the proxy wants credentials (HTTP 407): {_PROXY_HINT}")
         if 300 <= status < 400:
             raise UsageError(f"{self.name}: the server redirects (HTTP {status}); modelseal does not follow "
                              "redirects (one could lead to http:// or an internal address): give the final URL")
@@ -196,9 +270,10 @@ class RangeReader:
             raise FormatError(
                 f"{self.name}: asked for bytes {first}-{last}, the server sent {a}-{b} of {total} (wrong range)"
             )
-        length = r.headers.get("content-length")
-        if length is not None and length.strip() != str(b - a + 1):
-            raise FormatError(f"{self.name}: Content-Length {length.strip()[:20]} does not match its range {a}-{b}")
+        lengths = {v.strip() for v in r.headers.get_all("content-length") or []}
+        length = lengths.pop() if len(lengths) == 1 else None if not lengths else "(several)"
+        if length is not None and length != str(b - a + 1):
+            raise FormatError(f"{self.name}: Content-Length {length[:20]} does not match its range {a}-{b}")
         self.size = total
         return a, b
 
@@ -218,43 +293,24 @@ class RangeReader:
     # -- reads
     def head(self, length: int) -> bytes:
         """The first ``length`` bytes, or the whole object if shorter; sets :attr:`size`."""
-        buf = bytearray()
+        into = _Cursor([memoryview(bytearray(length))])
 
         def attempt() -> None:
-            buf.clear()
-            self._get(0, length - 1, buf.extend, clamp=True)
+            end = length if self.size is None else min(length, self.size)
+            if into.offset < end:
+                self._get(into.offset, end - 1, into, clamp=self.size is None)
 
         self._retrying(attempt)
-        return bytes(buf)
+        return bytes(into.outs[0][: into.offset])
 
     def read_parts(self, offset: int, outs: Sequence[memoryview], done: Callable[[int], None] | None = None) -> None:
         """Fill ``outs`` (consecutive bytes from ``offset``) with one range request, calling ``done(i)``
         as each buffer completes; a retry resumes where the failed answer stopped."""
-        state = [0, 0]  # buffer index, bytes filled in it
-
-        def advance() -> None:
-            while state[0] < len(outs) and state[1] == len(outs[state[0]]):
-                if done is not None:
-                    done(state[0])
-                state[0], state[1] = state[0] + 1, 0
-
-        def sink(chunk: memoryview) -> None:
-            while chunk:
-                i, filled = state
-                out = outs[i]
-                n = min(len(chunk), len(out) - filled)
-                out[filled : filled + n] = chunk[:n]
-                state[1] = filled + n
-                chunk = chunk[n:]
-                advance()
-
+        into = _Cursor(outs, done)
         end = offset + sum(len(o) for o in outs)
 
         def attempt() -> None:
-            advance()
-            pos = end - sum(len(o) for o in outs[state[0] :]) + state[1]
-            if pos < end:
-                self._get(pos, end - 1, sink, clamp=False)
-            advance()
+            if offset + into.offset < end:
+                self._get(offset + into.offset, end - 1, into, clamp=False)
 
         self._retrying(attempt)

@@ -3,7 +3,7 @@
 boto3 is used for what it is good at: finding credentials (environment, profiles, SSO, instance and
 container roles), the bucket's region and endpoint (``AWS_ENDPOINT_URL_S3`` for S3-compatible stores),
 ``HeadObject`` errors with their AWS codes, listing a prefix, and SigV4 signing. The bytes are then
-fetched with presigned ``GET`` URLs through the same httpx range reader as ``https://`` (``http.py``).
+fetched with presigned ``GET`` URLs through the same range reader as ``https://`` (``http.py``).
 
 Why not ``get_object(Range=...)`` per range: each call pays boto3's request machinery in Python (event
 hooks, signing, response parsing: about a millisecond of CPU per call here, measured in bench/remote.py's
