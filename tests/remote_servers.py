@@ -178,16 +178,22 @@ Answer = Any  # Callable[[socket.socket, bytes, int], bool]: (connection, reques
 
 
 @contextmanager
-def scripted_server(answer: Answer) -> Iterator[str]:
+def scripted_server(answer: Answer, tls: ssl.SSLContext | None = None) -> Iterator[str]:
     """A raw HTTP/1.1 server on a free loopback port whose answers are written byte by byte by ``answer``
     (wrong, trickled, cut off or kept alive as a test needs): its base URL. ``answer`` gets each request's
     head (request line and headers) and how many requests came before it on the same connection, and returns
-    whether to keep the connection for another request."""
+    whether to keep the connection for another request. With ``tls`` (a server context) it speaks https."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     stop = threading.Event()
 
     def serve(conn: socket.socket) -> None:
+        if tls is not None:
+            try:
+                conn = tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
         with conn:
             buf, n = b"", 0
             while not stop.is_set():
@@ -217,7 +223,7 @@ def scripted_server(answer: Answer) -> Iterator[str]:
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}/"
     finally:
         stop.set()
         listener.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import modelseal.numpy
 from modelseal.errors import UsageError
 from modelseal.recipients.hpke import HpkeIdentity
 
-from .remote_servers import Behaviour, forward_proxy, range_server, went_through
+from .remote_servers import Behaviour, forward_proxy, range_server, scripted_server, went_through
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cr3t-token-value"  # a test token
@@ -225,3 +226,31 @@ def test_https_through_a_connect_proxy(site: Path, pki: Pki, host: HpkeIdentity,
         with pytest.raises(UsageError, match=r"the proxy wants credentials \(HTTP 407\)") as e:
             modelseal.numpy.load_file(url + "w.sealed.safetensors", identity=host)
         assert "nope" not in str(e.value) and "retries" not in str(e.value)
+
+
+def test_a_damaged_tls_record_mid_body_is_retried(pki: Pki, env: pytest.MonkeyPatch) -> None:
+    """Review of the http.client reader (L1): every TLS error was taken for a refused handshake, so one bad
+    record in the middle of an answer (a flaky middlebox, one injected packet) failed the load for good. Only
+    the handshake, and a certificate refusal, are final; this is retried and the load completes."""
+    import socket
+
+    from modelseal.load.remote.config import settings
+    from modelseal.load.remote.http import RangeReader
+
+    answers: list[int] = []
+
+    def answer(conn: socket.socket, head: bytes, n: int) -> bool:
+        answers.append(n)
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-99/100\r\nContent-Length: 100\r\n\r\n"
+                     + b"x" * 10)  # fmt: skip
+        if len(answers) == 1:  # an application-data record that does not authenticate, under the TLS layer
+            socket.socket.send(conn, b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+            time.sleep(0.5)
+            return False
+        conn.sendall(b"x" * 90)
+        return True
+
+    with scripted_server(answer, tls=pki.server_context(False)) as url:
+        got = bytearray(100)
+        RangeReader(lambda: url + "x", url + "x", settings()).read_parts(0, [memoryview(got)])
+    assert bytes(got) == b"x" * 100 and len(answers) == 2

@@ -9,9 +9,11 @@ the buffer it is decrypted in and authenticated there. Nothing is written to dis
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
 
 SCHEMES = ("s3://", "https://", "http://")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def is_remote(location: object) -> bool:
@@ -20,8 +22,13 @@ def is_remote(location: object) -> bool:
 
 
 def display(url: str) -> str:
-    """``url`` without credentials, query or fragment: what messages and logs may show."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    """``url`` without credentials, query or fragment: what messages and logs may show. Never raises (a
+    malformed URL shows as such), and control characters are escaped (a message stays one line)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return url.partition("://")[0][:10] + "://(a malformed URL)"
+    netloc = f"{host}:{port}" if port else host
+    shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], shown)

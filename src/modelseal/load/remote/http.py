@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import ipaddress
 import random
 import re
 import ssl
@@ -23,16 +24,24 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
-from urllib.parse import SplitResult, quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from modelseal.errors import FormatError, UsageError
 from modelseal.load.remote.config import CA_BUNDLE_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV, TOKEN_ENV, RemoteSettings
-from modelseal.load.remote.connections import Exchange, Origin, Pool, deadlines
+from modelseal.load.remote.connections import (
+    DeadlinePassedError,
+    Exchange,
+    Origin,
+    Pool,
+    ProxyRefusedError,
+    deadlines,
+)
 from modelseal.version import __version__
 
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20})")  # int() of 5,000 digits raises
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _BACKOFF_CAP = 2.0  # seconds; the first retry waits about 0.1 s
+_HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")  # after IDNA: letters, digits, hyphens (and _)
 _URL_SAFE = "/%!$&'()*+,;=:@-._~?"  # what a request target may hold as it is; anything else is %-escaped
 MIN_RATE = 256 << 10  # bytes/s: a range arriving slower than this (after the timeout's allowance) is retried
 _PROXY_HINT = "give them in the proxy's URL ($HTTPS_PROXY or $HTTP_PROXY: http://user:password@host:port)"
@@ -59,9 +68,11 @@ def _ssl_context(s: RemoteSettings) -> ssl.SSLContext:
     return ctx
 
 
-def _tls_refusal(exc: BaseException, name: str, has_cert: bool) -> UsageError | None:
+def _tls_refusal(exc: BaseException, name: str, has_cert: bool, handshake: bool) -> UsageError | None:
     """One line for a failed TLS handshake, saying which side refused and what to set; None if it was not
-    one. The ``ssl`` error is looked for in the exception's chain as well."""
+    one. The ``ssl`` error is looked for in the exception's chain as well. After the ``handshake`` only a
+    certificate refusal counts (TLS 1.3 checks the client's certificate then); any other TLS failure later
+    (a damaged record) is worth a retry."""
     seen: BaseException | None = exc
     tls: ssl.SSLError | None = None
     while seen is not None and tls is None:
@@ -78,6 +89,8 @@ def _tls_refusal(exc: BaseException, name: str, has_cert: bool) -> UsageError | 
             or "BAD_CERTIFICATE" in upper or "CERTIFICATE_UNKNOWN" in upper:  # fmt: skip
         return UsageError(f"cannot read {name}: the server refused the TLS handshake (it wants a client certificate "
                           f"it trusts: set ${CLIENT_CERT_ENV} and ${CLIENT_KEY_ENV})")  # fmt: skip
+    if not handshake:
+        return None
     if "UNEXPECTED_EOF" in upper:  # the server hung up inside the handshake, without saying why
         hint = "does it trust this client certificate?" if has_cert else \
             f"if it requires a client certificate (mTLS), set ${CLIENT_CERT_ENV} and ${CLIENT_KEY_ENV}"  # fmt: skip
@@ -107,18 +120,36 @@ def _origin(parts: object) -> str:
     return f"{host}:{port}" if port else host
 
 
-def _where(parts: SplitResult, name: str) -> tuple[Origin, str]:
-    """The origin and request target (path and query, escaped where they must be) of a URL."""
-    scheme = parts.scheme.lower()
+def _ascii_host(host: str, name: str) -> str:
+    """The host as it may appear in a request (IDNA for a non-ASCII name); anything else is refused, so no
+    URL can put spaces or control characters into a request or ``CONNECT`` line."""
+    if ":" in host:  # an IPv6 literal (urlsplit took its brackets off)
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise UsageError(f"cannot read {name}: the URL's IPv6 address is not valid") from None
     try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_host = ""
+    if not _HOST.fullmatch(ascii_host):
+        raise UsageError(f"cannot read {name}: the URL's host name is not valid")
+    return ascii_host
+
+
+def _where(url: str, name: str) -> tuple[Origin, str]:
+    """The origin and request target (path and query, escaped where they must be) of a URL."""
+    try:
+        parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise UsageError(f"cannot read {name}: the URL has an invalid port") from None
+        raise UsageError(f"cannot read {name}: not a valid URL (its port or address)") from None
+    scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"cannot read {name}: not an http:// or https:// URL with a host")
     query = f"?{quote(parts.query, safe=_URL_SAFE)}" if parts.query else ""
     target = quote(parts.path or "/", safe=_URL_SAFE) + query
-    return Origin(scheme, parts.hostname, port or (443 if scheme == "https" else 80)), target
+    return Origin(scheme, _ascii_host(parts.hostname, name), port or (443 if scheme == "https" else 80)), target
 
 
 class _Cursor:
@@ -154,6 +185,7 @@ class RangeReader:
         self._settings = s
         self._pool = pool(s)
         self._headers = {"Accept-Encoding": "identity", "User-Agent": f"modelseal/{__version__}", **(headers or {})}
+        _where(url(), name)  # a malformed URL is one clear line here, before anything else reads it
         target = urlsplit(url())
         self._https = target.scheme.lower() == "https"
         if s.token and target.scheme.lower() == "https" and _origin(target) in s.token_hosts:
@@ -170,41 +202,52 @@ class RangeReader:
         With ``clamp`` the server may end the range early at the end of the object (the first read,
         before the size is known); otherwise it must be exactly the range asked for.
         """
-        origin, target = _where(urlsplit(self._url()), self.name)
+        origin, target = _where(self._url(), self.name)
         # the whole request is bounded: a server trickling a byte a second would never hit a read timeout
         deadline = time.monotonic() + self._settings.timeout + (last - first + 1) / MIN_RATE
+        stage = ["connect"]  # how far the request got: connect, answer (fresh or reused connection), body
         try:
             try:
-                self._exchange(self._pool.open(origin, target), origin, first, last, into, clamp, deadline)
+                self._exchange(self._pool.open(origin, target, deadline), first, last, into, clamp, stage)
             except _StaleConnectionError:
-                self._exchange(self._pool.open(origin, target, fresh=True), origin, first, last, into, clamp,
-                               deadline)  # fmt: skip
+                stage[0] = "connect"
+                self._exchange(self._pool.open(origin, target, deadline, fresh=True), first, last, into, clamp,
+                               stage)  # fmt: skip
+        except DeadlinePassedError:
+            raise _TransientError(f"the server sent bytes {first}-{last} slower than {MIN_RATE >> 10} KiB/s (after "
+                                  "the timeout's allowance)") from None  # fmt: skip
+        except ProxyRefusedError as exc:
+            if exc.status == 407:
+                raise UsageError(f"cannot read {self.name}: the proxy wants credentials (HTTP 407): {_PROXY_HINT}") \
+                    from None  # fmt: skip
+            if exc.status in _RETRY_STATUS:
+                raise _TransientError(str(exc)) from None
+            raise UsageError(f"cannot read {self.name}: {exc}") from None
         except (OSError, http.client.HTTPException) as exc:
-            self._failed(exc)
-        except ValueError as exc:  # a URL or header http.client refuses to send (control characters, non-Latin-1)
+            self._failed(exc, stage[0])
+        except ValueError as exc:  # a header http.client refuses to send (non-Latin-1 characters in a token)
             raise UsageError(f"cannot read {self.name}: {type(exc).__name__}") from None
 
-    def _failed(self, exc: OSError | http.client.HTTPException) -> NoReturn:
-        refused = _tls_refusal(exc, self.name, bool(self._settings.client_cert))
+    def _failed(self, exc: OSError | http.client.HTTPException, stage: str) -> NoReturn:
+        refused = _tls_refusal(exc, self.name, bool(self._settings.client_cert), handshake=stage == "connect")
         if refused is not None:  # a TLS refusal is not transient: retrying cannot change the certificates
             raise refused from None
-        if str(exc).startswith("Tunnel connection failed: 407"):  # http.client's words for a refused CONNECT
-            raise UsageError(f"cannot read {self.name}: the proxy wants credentials (HTTP 407): {_PROXY_HINT}")
-        what = type(exc).__name__ + (f" ({str(exc)[:200]})" if str(exc) else "")
-        if isinstance(exc, ConnectionError) and self._https and not self._settings.client_cert:
+        text = "" if isinstance(exc, http.client.InvalidURL) else ascii(str(exc)[:200])[1:-1]
+        what = type(exc).__name__ + (f" ({text})" if text else "")
+        hung_up = isinstance(exc, (ConnectionError, ssl.SSLEOFError))
+        if hung_up and stage == "answer-fresh" and self._https and not self._settings.client_cert:
             # TLS 1.3: a server that wants a client certificate checks it after the handshake and hangs up
             what += (f"; if the server requires a client certificate (mTLS), set ${CLIENT_CERT_ENV} and "
                      f"${CLIENT_KEY_ENV}")  # fmt: skip
         raise _TransientError(what) from None
 
-    def _exchange(self, ex: Exchange, origin: Origin, first: int, last: int, into: _Cursor, clamp: bool,
-                  deadline: float) -> None:  # fmt: skip
+    def _exchange(self, ex: Exchange, first: int, last: int, into: _Cursor, clamp: bool, stage: list[str]) -> None:
         """One request and its answer on ``ex``'s connection, which goes back to the pool only if the answer
         was read to its end and the deadline did not cut it."""
-        assert ex.conn.sock is not None  # open() connects
-        token = deadlines.watch(ex.conn.sock, deadline)
         try:
-            headers = {**self._headers, **ex.proxy_headers, "Range": f"bytes={first}-{last}"}
+            stage[0] = "answer-reused" if ex.reused else "answer-fresh"
+            headers = {**self._headers, **ex.proxy_headers, "Host": ex.route[0].authority(),
+                       "Range": f"bytes={first}-{last}"}  # fmt: skip
             try:
                 ex.conn.request("GET", ex.target, headers=headers)
                 r = ex.conn.getresponse()
@@ -212,6 +255,7 @@ class RangeReader:
                 if not ex.reused:
                     raise
                 raise _StaleConnectionError from None
+            stage[0] = "body"
             got = self._check(r, first, last, clamp)
             want, n = got[1] - got[0] + 1, 0
             while n < want:
@@ -221,17 +265,19 @@ class RangeReader:
                                           f"{want} bytes")  # fmt: skip
                 into.advance(k)
                 n += k
-            if r.read(1):  # nothing may follow (a body without a length, or chunked, ends here)
+            # nothing may follow: a chunked or read-to-close body must end here (a Content-Length body has;
+            # anything sent past it is dropped with the answer's buffer). readinto, never read(n): a chunk
+            # size the server chose must not become an allocation
+            if r.readinto(bytearray(1)):
                 raise FormatError(f"{self.name}: the server sent more bytes than the range it announced")
         except BaseException as exc:
-            cut = deadlines.clear(token)
+            cut = deadlines.clear(ex.watch)
             ex.conn.close()
             if cut and isinstance(exc, Exception):
-                raise _TransientError(f"the server sent bytes {first}-{last} slower than {MIN_RATE >> 10} KiB/s "
-                                      "(after the timeout's allowance)") from None  # fmt: skip
+                raise DeadlinePassedError from None
             raise
-        cut = deadlines.clear(token)
-        self._pool.release(origin, ex.conn, reusable=not cut)
+        cut = deadlines.clear(ex.watch)
+        self._pool.release(ex, reusable=not cut)
 
     def _check(self, r: http.client.HTTPResponse, first: int, last: int, clamp: bool) -> tuple[int, int]:
         status = r.status
@@ -258,7 +304,12 @@ class RangeReader:
             raise UsageError(f"{self.name}: unexpected answer HTTP {status}")
         coding = r.headers.get("content-encoding", "identity").strip().lower()
         if coding not in ("", "identity"):
-            raise FormatError(f"{self.name}: the server sent the range {coding}-encoded; it must send it as stored")
+            raise FormatError(f"{self.name}: the server sent the range with Content-Encoding {coding[:40]!r} "
+                              "(encoded); it must send it as stored")  # fmt: skip
+        framing = [v.strip().lower() for v in r.headers.get_all("transfer-encoding") or []]
+        if framing not in ([], ["chunked"]):  # http.client would read "gzip, chunked" as a raw body
+            raise FormatError(f"{self.name}: the server sent the range with Transfer-Encoding "
+                              f"{', '.join(framing)[:40]!r}; only chunked framing is read")  # fmt: skip
         m = _CONTENT_RANGE.fullmatch(r.headers.get("content-range", "").strip())
         if m is None:
             raise FormatError(f"{self.name}: a 206 answer without a valid Content-Range")
