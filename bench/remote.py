@@ -27,6 +27,7 @@ each write in a fresh process timed from the first byte read to the object compl
   uploaded as they fill (``MODELSEAL_REMOTE_PART_SIZE``, ``MODELSEAL_REMOTE_CONCURRENCY``).
 
     python bench/remote.py [--sizes 1024] [--rounds 3] [--throttle 1000] [--throttle-size 256] [--json]
+    python bench/remote.py ... --json --plot docs/remote.png > run.json; python bench/remote.py --rows run.json
     python bench/remote.py --uploads --servers s3 --skip plain,modelseal,tensorizer,runai --sizes 1024
 """
 
@@ -247,7 +248,13 @@ def main() -> None:
     ap.add_argument("--upload-part-size", default="16M", help="part size of both uploads")
     ap.add_argument("--upload-concurrency", default="4", help="parts in flight in both uploads")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--plot", type=Path, help="write a PNG of each method's load time over plaintext")
+    ap.add_argument("--rows", type=Path, help="measure nothing: print (and plot) an earlier --json run")
     args = ap.parse_args()
+    if args.rows:
+        rows = json.loads(args.rows.read_text())["rows"]
+        report(rows, args.plot)
+        return
     if args.uploads and "s3" not in args.servers:
         ap.error("--uploads needs the s3 server (--servers s3 or http,s3)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers and remove the files on kill
@@ -313,12 +320,57 @@ def main() -> None:
                 proc.wait(10)
     if args.json:
         print(json.dumps({"machine": machine(), "rounds": args.rounds, "rows": rows}, indent=2))
+        if args.plot:
+            plot(rows, args.plot)
         return
+    report(rows, args.plot)
+
+
+def report(rows: list[dict[str, Any]], path: Path | None) -> None:
     print(f"{'MiB':>5} {'server':10} {'method':11} {'median s':>9} {'x plain':>8}   all")
     for r in rows:
         ratio = f"{r['x_plain']:.2f}" if r["x_plain"] is not None else "-"
         print(f"{r['size_mb']:>5} {r['server']:10} {r['method']:11} {r['seconds']:9.3f} {ratio:>8}   "
               + " ".join(f"{t:.2f}" for t in r["all"]))  # fmt: skip
+    if path:
+        plot(rows, path)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Bars of each method's load time over the plaintext fetch-and-load (median of per-round ratios), one
+    group per server and size, with the issue's 1.1x line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'modelseal[bench]'): no plot", file=sys.stderr)
+        return
+    loads = [r for r in rows if r["method"] not in ("plain", "transfer") and not r["server"].startswith("s3-up")
+             and r["x_plain"] is not None]  # fmt: skip
+    groups = list(dict.fromkeys((r["server"], r["size_mb"]) for r in loads))
+    methods = list(dict.fromkeys(r["method"] for r in loads))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(3.6 + 1.5 * len(groups), 4))
+    for i, method in enumerate(methods):
+        xs, ys = [], []
+        for g, (server, size) in enumerate(groups):
+            found = [r["x_plain"] for r in loads if (r["server"], r["size_mb"], r["method"]) == (server, size, method)]
+            if found:
+                xs.append(g + (i - (len(methods) - 1) / 2) * width)
+                ys.append(found[0])
+        ax.bar(xs, ys, width, label=method)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.axhline(1.1, color="red", linewidth=0.8, linestyle="--", label="target for modelseal (1.1x)")
+    labels = [f"{server}\n{size // 1024} GiB" if size >= 1024 else f"{server}\n{size} MiB" for server, size in groups]
+    ax.set_xticks(range(len(groups)), labels)
+    ax.set_ylabel("load time / plaintext (median of rounds)")
+    ax.set_title("Remote loads over loopback (throttled: against the bare transfer)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def uploads(root: Path, args: argparse.Namespace, server: tuple[subprocess.Popen[bytes], str],
