@@ -244,6 +244,8 @@ class Pool:
         try:
             conn.sock = _dial(*((proxy.host, proxy.port) if proxy else (origin.host, origin.port)), self._timeout,
                               deadline)  # fmt: skip
+            if time.monotonic() >= deadline:  # it fired while there was no socket to cut: cut nothing, stop here
+                raise DeadlinePassedError
             if origin.scheme == "https":
                 if proxy is not None:
                     _tunnel(conn.sock, origin, proxy)

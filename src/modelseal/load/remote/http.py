@@ -324,7 +324,7 @@ class RangeReader:
         lengths = {v.strip() for v in r.headers.get_all("content-length") or []}
         length = lengths.pop() if len(lengths) == 1 else None if not lengths else "(several)"
         if length is not None and length != str(b - a + 1):
-            raise FormatError(f"{self.name}: Content-Length {ascii(length[:20])} does not match its range {a}-{b}")
+            raise FormatError(f"{self.name}: Content-Length {length[:20]!a} does not match its range {a}-{b}")
         self.size = total
         return a, b
 
