@@ -39,7 +39,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 from urllib.request import getproxies_environment, proxy_bypass
 
 from modelseal.errors import UsageError
@@ -141,11 +141,16 @@ def proxy_for(origin: Origin) -> Proxy | None:
         port = parts.port or 80
     except ValueError:
         raise UsageError(f"{name} has an invalid port") from None
-    authorization = None
-    if parts.username is not None:
-        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-        authorization = "Basic " + base64.b64encode(pair).decode("ascii")
-    return Proxy(parts.hostname, port, authorization)
+    return Proxy(parts.hostname, port, basic_authorization(parts))
+
+
+def basic_authorization(parts: SplitResult) -> str | None:
+    """The HTTP Basic authorization for credentials in a URL's user part (as browsers and curl send them),
+    or None without them: for a proxy's URL and for the object's own."""
+    if parts.username is None:
+        return None
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 def _dropped(sock: socket.socket) -> bool:

@@ -14,7 +14,6 @@ connections, proxies and the per-request deadline are ``connections.py``'s.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import ipaddress
 import random
@@ -24,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, urlsplit
 
 from modelseal.errors import FormatError, UsageError
 from modelseal.load.remote.config import CA_BUNDLE_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV, TOKEN_ENV, RemoteSettings
@@ -34,6 +33,7 @@ from modelseal.load.remote.connections import (
     Origin,
     Pool,
     ProxyRefusedError,
+    basic_authorization,
     deadlines,
 )
 from modelseal.version import __version__
@@ -185,14 +185,15 @@ class RangeReader:
         self._settings = s
         self._pool = pool(s)
         self._headers = {"Accept-Encoding": "identity", "User-Agent": f"modelseal/{__version__}", **(headers or {})}
-        _where(url(), name)  # a malformed URL is one clear line here, before anything else reads it
-        target = urlsplit(url())
+        first = url()
+        _where(first, name)  # a malformed URL is one clear line here, before anything else reads it
+        target = urlsplit(first)
         self._https = target.scheme.lower() == "https"
-        if s.token and target.scheme.lower() == "https" and _origin(target) in s.token_hosts:
+        basic = basic_authorization(target)
+        if s.token and self._https and _origin(target) in s.token_hosts:
             self._headers["Authorization"] = f"Bearer {s.token}"
-        elif target.username is not None:  # credentials in the URL: HTTP Basic, as browsers and curl send them
-            pair = f"{unquote(target.username)}:{unquote(target.password or '')}".encode()
-            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        elif basic is not None:
+            self._headers["Authorization"] = basic
         self.size: int | None = None
 
     # -- one request
